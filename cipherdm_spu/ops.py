@@ -1,0 +1,151 @@
+"""The nonlinear ops of a diffusion model, as JAX primitives whose kernels the protocol set chooses.
+
+Each op binds a primitive carrying ``impl``, the kernel name chosen by the active protocol set at trace
+time (see `cipherdm_spu.registry`). The primitive's lowering emits that kernel's JAX code, so SPU
+compiles ordinary HLO; with no protocol set active the vanilla JAX form is used, so a model built on
+these ops also runs unchanged under plain ``jax.jit`` and ``jax.grad``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.interpreters import ad, batching, mlir
+
+try:  # jax >= 0.4.36 moved Primitive here
+    from jax.extend.core import Primitive
+except ImportError:  # pragma: no cover - depends on the jax version
+    from jax.core import Primitive
+from jax.core import ShapedArray
+
+from . import registry
+
+_PRIMITIVES: dict[str, Primitive] = {}
+
+
+def _define(op: str, *, axis_param: bool = False) -> Primitive:
+    """Create the primitive for ``op`` with impl, abstract-eval, lowering, JVP and batching rules."""
+    prim = Primitive(f"cipherdm_{op}")
+
+    def kernel_fn(impl, params):
+        return functools.partial(registry.kernel(op, impl), **params)
+
+    def impl_rule(x, *, impl, **params):
+        return kernel_fn(impl, params)(x)
+
+    def abstract_eval(x, *, impl, **params):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"cipherdm_spu.ops.{op} needs a floating-point input, got {x.dtype}")
+        return ShapedArray(x.shape, x.dtype)
+
+    def lowering(ctx, x, *, impl, **params):
+        return mlir.lower_fun(kernel_fn(impl, params), multiple_results=False)(ctx, x)
+
+    def jvp(primals, tangents, *, impl, **params):
+        tangent = ad.instantiate_zeros(tangents[0])
+        return jax.jvp(kernel_fn(impl, params), primals, (tangent,))
+
+    def batch(args, dims, *, impl, **params):
+        (x,), (d,) = args, dims
+        if axis_param:  # keep the batch dimension in front and shift the reduction axis past it
+            x = batching.moveaxis(x, d, 0)
+            params = dict(params, axis=params["axis"] + 1)
+            d = 0
+        return prim.bind(x, impl=impl, **params), d
+
+    prim.def_impl(impl_rule)
+    prim.def_abstract_eval(abstract_eval)
+    mlir.register_lowering(prim, lowering)
+    ad.primitive_jvps[prim] = jvp
+    batching.primitive_batchers[prim] = batch
+    _PRIMITIVES[op] = prim
+    return prim
+
+
+_silu_p = _define("silu")
+_mish_p = _define("mish")
+_gelu_p = _define("gelu")
+_sigmoid_p = _define("sigmoid")
+_softmax_p = _define("softmax", axis_param=True)
+_exp_p = _define("exp")
+_reciprocal_p = _define("reciprocal")
+_rsqrt_p = _define("rsqrt")
+
+
+def _bind(prim: Primitive, op: str, x, **params):
+    return prim.bind(jnp.asarray(x), impl=registry.active_impl(op), **params)
+
+
+def silu(x):
+    """x * sigmoid(x) (a.k.a. swish)."""
+    return _bind(_silu_p, "silu", x)
+
+
+def mish(x):
+    """x * tanh(softplus(x))."""
+    return _bind(_mish_p, "mish", x)
+
+
+def gelu(x, approximate: bool = False):
+    """Gaussian error linear unit; ``approximate`` selects the tanh form, as in jax.nn.gelu."""
+    return _bind(_gelu_p, "gelu", x, approximate=bool(approximate))
+
+
+def sigmoid(x):
+    return _bind(_sigmoid_p, "sigmoid", x)
+
+
+def softmax(x, axis: int = -1):
+    """Softmax over one axis."""
+    x = jnp.asarray(x)
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"softmax axis {axis} out of range for an array of rank {x.ndim}")
+    return _bind(_softmax_p, "softmax", x, axis=axis % x.ndim)
+
+
+def exp(x):
+    return _bind(_exp_p, "exp", x)
+
+
+def reciprocal(x):
+    """1 / x (for x > 0 in the approximate kernels: norms and softmax denominators)."""
+    return _bind(_reciprocal_p, "reciprocal", x)
+
+
+def rsqrt(x):
+    """1 / sqrt(x) for x > 0."""
+    return _bind(_rsqrt_p, "rsqrt", x)
+
+
+def relu(x):
+    """max(x, 0): one comparison in every protocol set, so it needs no registered kernel."""
+    return jnp.maximum(x, 0.0)
+
+
+def primitive(op: str) -> Primitive:
+    """The JAX primitive behind ``op`` (to find it in a jaxpr)."""
+    return _PRIMITIVES[op]
+
+
+# ----------------------------------------------------------------------------------------------
+# the vanilla kernels: what SPU compiles when the model asks JAX for the op directly
+
+
+def _mish_jax(x):
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
+for _op, _fn in {
+    "silu": jax.nn.silu,
+    "mish": _mish_jax,
+    "gelu": lambda x, approximate: jax.nn.gelu(x, approximate=approximate),
+    "sigmoid": jax.nn.sigmoid,
+    "softmax": lambda x, axis: jax.nn.softmax(x, axis=axis),
+    "exp": jnp.exp,
+    "reciprocal": lambda x: 1.0 / x,
+    "rsqrt": lax.rsqrt,
+}.items():
+    registry.register_kernel(_op, registry.VANILLA, _fn)

@@ -1,0 +1,194 @@
+"""Cost reports parsed from SPU's own profiler log.
+
+SPU 0.9.5 exposes no link statistics to Python; with ``enable_pphlo_profile`` / ``enable_hal_profile``
+each party logs, after every run, one line per op and a ``Link details`` total. In one process the
+three parties' lines interleave and carry no party id, so the parties profile at different levels:
+
+* party 0: pphlo and HAL (+ MPC) lines, party 1: pphlo lines only, party 2: HAL (+ MPC) lines only.
+
+Each level's lines add up to that party's link total (all traffic happens inside some op; HAL and MPC
+each count it once). With S the sum of the three ``Link details`` lines, A the sum of pphlo lines
+(parties 0+1) and B half the sum of HAL+MPC lines (parties 0+2)::
+
+    s0 = A + B - S,   s1 = S - B,   s2 = S - A
+
+and every recovered value must equal one of the three logged totals, which is checked.
+The per-op breakdown (``kernels``) is taken from the pphlo lines of parties 0 and 1, averaged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import spu.libspu as libspu
+
+#: (enable_pphlo_profile, enable_hal_profile) per party; see the module docstring.
+PARTY_PROFILE_FLAGS = [(True, True), (True, False), (False, True)]
+
+_OP_LINE = re.compile(
+    r"- (?P<name>\S+), executed (?P<calls>\d+) times, duration (?P<secs>[0-9.eE+-]+)s, "
+    r"send bytes (?P<sb>\d+) recv bytes (?P<rb>\d+), send actions (?P<sa>\d+), recv actions (?P<ra>\d+)"
+)
+_LINK_LINE = re.compile(
+    r"Link details: total send bytes (?P<sb>\d+), recv bytes (?P<rb>\d+), "
+    r"send actions (?P<sa>\d+), recv actions (?P<ra>\d+)"
+)
+
+
+class ProfileParseError(RuntimeError):
+    """The SPU log did not hold the lines one run should have produced."""
+
+
+@dataclasses.dataclass
+class KernelStats:
+    """Cost of one pphlo op over a run, per party (mean of the parties that report it)."""
+
+    calls: int
+    seconds: float
+    bytes_sent: float
+    send_actions: float
+
+
+@dataclasses.dataclass
+class RunStats:
+    """Cost of one secure run. Bytes and actions are exact, from SPU's link counters."""
+
+    seconds: float
+    bytes_sent: int
+    bytes_recv: int
+    bytes_sent_per_party: List[int]
+    bytes_recv_per_party: List[int]
+    send_actions: int  # the most of any one party: the proxy for communication rounds
+    send_actions_per_party: List[int]
+    kernels: Dict[str, KernelStats]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def zero(cls) -> "RunStats":
+        return cls(0.0, 0, 0, [0, 0, 0], [0, 0, 0], 0, [0, 0, 0], {})
+
+    def __add__(self, other: "RunStats") -> "RunStats":
+        kernels = {k: dataclasses.replace(v) for k, v in self.kernels.items()}
+        for name, k in other.kernels.items():
+            if name in kernels:
+                mine = kernels[name]
+                kernels[name] = KernelStats(
+                    mine.calls + k.calls, mine.seconds + k.seconds,
+                    mine.bytes_sent + k.bytes_sent, mine.send_actions + k.send_actions,
+                )
+            else:
+                kernels[name] = dataclasses.replace(k)
+        add = lambda a, b: [x + y for x, y in zip(a, b)]  # noqa: E731
+        return RunStats(
+            self.seconds + other.seconds,
+            self.bytes_sent + other.bytes_sent,
+            self.bytes_recv + other.bytes_recv,
+            add(self.bytes_sent_per_party, other.bytes_sent_per_party),
+            add(self.bytes_recv_per_party, other.bytes_recv_per_party),
+            self.send_actions + other.send_actions,
+            add(self.send_actions_per_party, other.send_actions_per_party),
+            kernels,
+        )
+
+
+def _per_party(link_totals: List[int], hlo_sum: int, lower_sum: int, what: str) -> List[int]:
+    total = sum(link_totals)
+    if lower_sum % 2:
+        raise ProfileParseError(f"HAL and MPC {what} do not add up to twice a total ({lower_sum})")
+    b = lower_sum // 2
+    parties = [hlo_sum + b - total, total - b, total - hlo_sum]
+    if sorted(parties) != sorted(link_totals):
+        raise ProfileParseError(
+            f"cannot attribute {what} to parties: levels give {parties}, link totals are {link_totals}"
+        )
+    return parties
+
+
+def parse_run(text: str, seconds: float) -> RunStats:
+    """RunStats from the log lines written by one run of the three parties."""
+    links = [m for m in _LINK_LINE.finditer(text)]
+    if len(links) != 3:
+        raise ProfileParseError(f"expected 3 'Link details' lines for one run, found {len(links)}")
+    hlo = {"sb": 0, "rb": 0, "sa": 0}
+    lower = {"sb": 0, "rb": 0, "sa": 0}
+    kernels: Dict[str, KernelStats] = {}
+    for m in _OP_LINE.finditer(text):
+        name = m.group("name")
+        bucket = hlo if name.startswith("pphlo.") else lower
+        for key in bucket:
+            bucket[key] += int(m.group(key))
+        if name.startswith("pphlo.") and name != "pphlo.free":
+            op = name[len("pphlo."):]
+            k = kernels.setdefault(op, KernelStats(0, 0.0, 0.0, 0.0))
+            # Two parties report pphlo lines: accumulate halves for a per-party mean.
+            k.calls += int(m.group("calls"))
+            k.seconds += float(m.group("secs")) / 2
+            k.bytes_sent += int(m.group("sb")) / 2
+            k.send_actions += int(m.group("sa")) / 2
+    for k in kernels.values():
+        k.calls //= 2
+    totals = {key: [int(m.group(key)) for m in links] for key in ("sb", "rb", "sa")}
+    sent = _per_party(totals["sb"], hlo["sb"], lower["sb"], "bytes sent")
+    recv = _per_party(totals["rb"], hlo["rb"], lower["rb"], "bytes received")
+    actions = _per_party(totals["sa"], hlo["sa"], lower["sa"], "send actions")
+    return RunStats(
+        seconds=seconds,
+        bytes_sent=sum(sent),
+        bytes_recv=sum(recv),
+        bytes_sent_per_party=sent,
+        bytes_recv_per_party=recv,
+        send_actions=max(actions),
+        send_actions_per_party=actions,
+        kernels=dict(sorted(kernels.items(), key=lambda kv: -kv[1].bytes_sent)),
+    )
+
+
+class SpuLog:
+    """SPU's process-wide log, sent to a file; hands out the text each run appended.
+
+    SPU's logger is global to the process, so there is one SpuLog; sessions run one at a time.
+    """
+
+    _instance: Optional["SpuLog"] = None
+    _lock = threading.Lock()
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+        opts = libspu.logging.LogOptions()
+        opts.enable_console_logger = False
+        opts.system_log_path = str(self.path)
+        opts.max_log_file_size = 1 << 40  # no rotation: offsets must stay valid
+        libspu.logging.setup_logging(opts)
+
+    @classmethod
+    def get(cls, path: Optional[os.PathLike] = None) -> "SpuLog":
+        """The process's SpuLog, redirected to ``path`` if one is given."""
+        with cls._lock:
+            if path is not None:
+                path = Path(path).resolve()
+                if cls._instance is None or cls._instance.path != path:
+                    cls._instance = SpuLog(path)
+            elif cls._instance is None:
+                default = os.environ.get("CIPHERDM_SPU_LOG") or os.path.join(
+                    tempfile.gettempdir(), f"cipherdm-spu-{os.getpid()}.log"
+                )
+                cls._instance = SpuLog(Path(default))
+            return cls._instance
+
+    def offset(self) -> int:
+        return self.path.stat().st_size
+
+    def read_from(self, offset: int) -> str:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", errors="replace")

@@ -1,0 +1,243 @@
+"""The intrinsic registry: kernel implementations and the protocol sets that choose among them.
+
+Every nonlinear op in `cipherdm_spu.ops` has several implementations ("impls"), each a plain JAX
+function. A *protocol set* names one impl per op plus the SPU runtime/compiler options it needs; it is
+described by a JSON file in ``configs/protocols/`` (or registered from Python). The active protocol set
+is chosen with :func:`use_protocol` and read when an op is *traced*, so the same model code compiles
+to different SPU programs under different sets.
+
+Registering a new kernel from outside the package takes a few lines::
+
+    from cipherdm_spu import registry
+
+    @registry.register_kernel("silu", "relu-only")
+    def silu_relu_only(x):
+        return jnp.maximum(x, 0.0)
+
+    with registry.use_protocol("cipherdm", overrides={"silu": "relu-only"}):
+        ...  # trace / compile here
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Mapping, Optional, Union
+
+#: The ops every protocol set must provide, and the impl name of their vanilla JAX form.
+OPS = ("silu", "mish", "gelu", "sigmoid", "softmax", "exp", "reciprocal", "rsqrt")
+VANILLA = "jax"
+
+_KERNELS: Dict[str, Dict[str, Callable]] = {op: {} for op in OPS}
+_PROTOCOL_SETS: Dict[str, "ProtocolSet"] = {}
+_ACTIVE: contextvars.ContextVar[Optional["ProtocolSet"]] = contextvars.ContextVar(
+    "cipherdm_active_protocol", default=None
+)
+
+
+class ProtocolError(ValueError):
+    """A protocol set, kernel or override that does not exist or does not fit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolSet:
+    """One impl per op, plus the SPU options the impls assume.
+
+    runtime: fields of ``spu.RuntimeConfig`` (enum values by name, e.g. ``"EXP_PADE"``).
+    compiler: fields of ``spu.CompilerOptions``.
+    """
+
+    name: str
+    kernels: Mapping[str, str]
+    runtime: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    compiler: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+    def key(self) -> tuple:
+        """A hashable fingerprint: two sets with equal keys compile to the same program."""
+        return (
+            self.name,
+            tuple(sorted(self.kernels.items())),
+            tuple(sorted((k, str(v)) for k, v in self.runtime.items())),
+            tuple(sorted((k, str(v)) for k, v in self.compiler.items())),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+
+
+def register_kernel(op: str, impl: str, fn: Optional[Callable] = None):
+    """Register ``fn`` as implementation ``impl`` of ``op``; usable as a decorator."""
+    if op not in _KERNELS:
+        raise ProtocolError(f"unknown op {op!r}; known ops: {', '.join(OPS)}")
+
+    def _register(f: Callable) -> Callable:
+        _KERNELS[op][impl] = f
+        return f
+
+    return _register(fn) if fn is not None else _register
+
+
+def kernel(op: str, impl: str) -> Callable:
+    """The function registered as ``impl`` of ``op``."""
+    _load_builtin_kernels()
+    try:
+        return _KERNELS[op][impl]
+    except KeyError:
+        known = ", ".join(sorted(_KERNELS.get(op, {}))) or "none"
+        raise ProtocolError(f"no kernel {impl!r} registered for op {op!r} (registered: {known})") from None
+
+
+def kernels(op: str) -> Dict[str, Callable]:
+    """All registered impls of ``op``, by name."""
+    _load_builtin_kernels()
+    return dict(_KERNELS[op])
+
+
+_BUILTINS_LOADED = False
+
+
+def _load_builtin_kernels() -> None:
+    # The kernels live in the `protocols` package, which imports this module: load it lazily.
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        import protocols  # noqa: F401  (registers on import)
+
+
+# ----------------------------------------------------------------------------------------------
+# protocol sets
+
+
+def protocol_dirs() -> list[Path]:
+    """Where protocol-set JSON files are looked up, first match wins."""
+    dirs = [Path(p) for p in os.environ.get("CIPHERDM_PROTOCOLS_PATH", "").split(os.pathsep) if p]
+    dirs.append(Path(__file__).resolve().parent.parent / "configs" / "protocols")  # source checkout
+    dirs.append(Path(sys.prefix) / "share" / "cipherdm-spu" / "protocols")  # wheel install
+    return dirs
+
+
+def load_protocol_file(path: Union[str, Path]) -> ProtocolSet:
+    """Parse and validate one protocol-set JSON file (see configs/protocols/README.md)."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"cannot read protocol set {path}: {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("kernels"), dict):
+        raise ProtocolError(f"{path}: a protocol set is an object with a 'kernels' object")
+    unknown = set(spec) - {"name", "description", "kernels", "runtime", "compiler"}
+    if unknown:
+        raise ProtocolError(f"{path}: unknown keys {sorted(unknown)}")
+    return ProtocolSet(
+        name=spec.get("name", path.stem),
+        kernels=dict(spec["kernels"]),
+        runtime=dict(spec.get("runtime", {})),
+        compiler=dict(spec.get("compiler", {})),
+        description=spec.get("description", ""),
+    )
+
+
+def register_protocol_set(pset: ProtocolSet) -> ProtocolSet:
+    """Make ``pset`` selectable by name (replaces a set of the same name)."""
+    validate(pset)
+    _PROTOCOL_SETS[pset.name] = pset
+    return pset
+
+
+def validate(pset: ProtocolSet) -> None:
+    """Refuse a set that misses an op or names an unregistered kernel or SPU option."""
+    _load_builtin_kernels()
+    missing = [op for op in OPS if op not in pset.kernels]
+    if missing:
+        raise ProtocolError(f"protocol set {pset.name!r} names no kernel for {missing}")
+    for op, impl in pset.kernels.items():
+        if op not in _KERNELS:
+            raise ProtocolError(f"protocol set {pset.name!r}: unknown op {op!r}")
+        if impl not in _KERNELS[op]:
+            raise ProtocolError(
+                f"protocol set {pset.name!r}: no kernel {impl!r} for op {op!r} "
+                f"(registered: {', '.join(sorted(_KERNELS[op]))})"
+            )
+    from . import spu_config  # local: keeps `import cipherdm_spu.registry` free of spu
+
+    spu_config.check_options(pset)
+
+
+def protocol_set(name: str) -> ProtocolSet:
+    """The protocol set called ``name``: registered in Python, or a JSON file on protocol_dirs()."""
+    if name in _PROTOCOL_SETS:
+        return _PROTOCOL_SETS[name]
+    for d in protocol_dirs():
+        f = d / f"{name}.json"
+        if f.is_file():
+            return register_protocol_set(load_protocol_file(f))
+    raise ProtocolError(f"unknown protocol set {name!r}; available: {', '.join(available_protocol_sets())}")
+
+
+def available_protocol_sets() -> list[str]:
+    names = set(_PROTOCOL_SETS)
+    for d in protocol_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.json"))
+    return sorted(names)
+
+
+def resolve(protocol: Union[str, ProtocolSet], overrides: Optional[Mapping[str, str]] = None) -> ProtocolSet:
+    """A protocol set with per-op overrides applied.
+
+    An override value is either a kernel name registered for that op or the name of another protocol
+    set, whose kernel for that op is taken: ``{"softmax": "spu"}``.
+    """
+    pset = protocol if isinstance(protocol, ProtocolSet) else protocol_set(protocol)
+    if not overrides:
+        return pset
+    kernels_ = dict(pset.kernels)
+    for op, choice in overrides.items():
+        if op not in _KERNELS:
+            raise ProtocolError(f"override for unknown op {op!r}; known ops: {', '.join(OPS)}")
+        _load_builtin_kernels()
+        if choice in _KERNELS[op]:
+            kernels_[op] = choice
+        elif choice in available_protocol_sets():
+            kernels_[op] = protocol_set(choice).kernels[op]
+        else:
+            raise ProtocolError(
+                f"override {op}={choice!r} is neither a kernel of {op!r} "
+                f"({', '.join(sorted(_KERNELS[op]))}) nor a protocol set"
+            )
+    label = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    return dataclasses.replace(pset, name=f"{pset.name}[{label}]", kernels=kernels_)
+
+
+# ----------------------------------------------------------------------------------------------
+# the active set
+
+
+@contextlib.contextmanager
+def use_protocol(
+    protocol: Union[str, ProtocolSet, None], overrides: Optional[Mapping[str, str]] = None
+) -> Iterator[Optional[ProtocolSet]]:
+    """Trace the ops inside this block with ``protocol``'s kernels (None: vanilla JAX)."""
+    pset = None if protocol is None else resolve(protocol, overrides)
+    token = _ACTIVE.set(pset)
+    try:
+        yield pset
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_protocol() -> Optional[ProtocolSet]:
+    return _ACTIVE.get()
+
+
+def active_impl(op: str) -> str:
+    """The impl of ``op`` that the active protocol set chooses (vanilla JAX when none is active)."""
+    pset = _ACTIVE.get()
+    return VANILLA if pset is None else pset.kernels[op]

@@ -1,0 +1,1 @@
+"""Flax ports of the diffusers UNets and the DDPM/DDIM samplers."""
