@@ -32,7 +32,7 @@ import spu.libspu as libspu
 PARTY_PROFILE_FLAGS = [(True, True), (True, False), (False, True)]
 
 _OP_LINE = re.compile(
-    r"- (?P<name>\S+), executed (?P<calls>\d+) times, duration (?P<secs>[0-9.eE+-]+)s, "
+    r"- (?P<name>[^,]+?), executed (?P<calls>\d+) times, duration (?P<secs>[0-9.eE+-]+)s, "
     r"send bytes (?P<sb>\d+) recv bytes (?P<rb>\d+), send actions (?P<sa>\d+), recv actions (?P<ra>\d+)"
 )
 _LINK_LINE = re.compile(

@@ -1,0 +1,168 @@
+"""Fit the polynomial coefficients of the `cipherdm` kernels and write protocols/coefficients.py.
+
+Each activation f in {silu, gelu, mish, sigmoid} is written as f(x) = step(x) + R_sign(min(|x|, T)),
+with R_+(a) = f(a) - step-part and R_-(a) = f(-a) - step-part for a >= 0 (step-part: a for
+silu/gelu/mish, 1 for sigmoid). Each R is a degree-4 polynomial fitted by minimax (a linear program)
+on [0, T] *including the clamped tail* (|x| > T maps to R(T)), so the error bound holds on the
+whole real line. T is chosen per function to minimise the bound. The polynomial is then converted to
+Knuth's adapted coefficients, which evaluate a quartic with two secret multiplications.
+
+Also fits the initial guesses of the rsqrt/reciprocal Newton iterations on their normalised ranges.
+
+    python scripts/fit_kernels.py            # rewrite protocols/coefficients.py
+    python scripts/fit_kernels.py --check    # exit 1 if the committed file differs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import linprog
+from scipy.special import erf
+
+OUT = Path(__file__).resolve().parent.parent / "protocols" / "coefficients.py"
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _mish(x):
+    return x * np.tanh(np.logaddexp(x, 0.0))
+
+
+#: name: (R_+(a), R_-(a)) for a >= 0, and the polynomial form:
+#:   "quartic": R(a) = p4(a) (2 secret multiplications)
+#:   "a*quartic": R(a) = a * p4(a), degree 5 with R(0) = 0 (3 secret multiplications)
+FORMS = {"silu": "quartic", "gelu": "quartic", "mish": "a*quartic", "sigmoid": "quartic"}
+RESIDUALS = {
+    "silu": (lambda a: a * _sigmoid(a) - a, lambda a: -a * _sigmoid(-a)),
+    "gelu": (lambda a: 0.5 * a * (1 + erf(a / np.sqrt(2))) - a, lambda a: -0.5 * a * (1 + erf(-a / np.sqrt(2)))),
+    "mish": (lambda a: _mish(a) - a, lambda a: _mish(-a)),
+    "sigmoid": (lambda a: _sigmoid(a) - 1.0, lambda a: _sigmoid(-a)),
+}
+THRESHOLDS = np.arange(2.0, 9.01, 0.25)
+
+
+def minimax(a: np.ndarray, target: np.ndarray, basis: np.ndarray, weight=None):
+    """Coefficients c minimising max |w (basis @ c - target)|, and that max."""
+    w = np.ones_like(target) if weight is None else weight
+    n = basis.shape[1]
+    wb = basis * w[:, None]
+    A = np.block([[wb, -np.ones((len(a), 1))], [-wb, -np.ones((len(a), 1))]])
+    b = np.concatenate([w * target, -w * target])
+    res = linprog(np.r_[np.zeros(n), 1.0], A_ub=A, b_ub=b, bounds=[(None, None)] * n + [(0, None)], method="highs")
+    if not res.success:
+        raise RuntimeError(res.message)
+    return res.x[:n], res.x[n]
+
+
+def fit_clamped(residual, form: str, T: float):
+    """Quartic coefficients (increasing degree) of R on min(a, T), and the max error."""
+    a = np.concatenate([np.linspace(0.0, T, 3001), np.geomspace(T, 1e4, 3001)])
+    basis = np.vander(np.minimum(a, T), 6, increasing=True)
+    basis = basis[:, :5] if form == "quartic" else basis[:, 1:]
+    return minimax(a, residual(a), basis)
+
+
+def knuth_quartic(c):
+    """(alpha0..alpha4) with p(a) = alpha4 * ((y + a + alpha2) * y + alpha3), y = (a + alpha0) * a + alpha1."""
+    c0, c1, c2, c3, c4 = c
+    b3, b2, b1, b0 = c3 / c4, c2 / c4, c1 / c4, c0 / c4
+    a0 = (b3 - 1.0) / 2.0
+    a1 = b1 - a0 * (b2 - a0 * a0 - a0)
+    a2 = b2 - a0 * a0 - 2.0 * a1 - a0
+    a3 = b0 - a1 * a1 - a2 * a1
+    return [a0, a1, a2, a3, c4]
+
+
+def eval_knuth(al, a):
+    y = (a + al[0]) * a + al[1]
+    return al[4] * ((y + a + al[2]) * y + al[3])
+
+
+def fit_activation(name: str):
+    plus, minus = RESIDUALS[name]
+    form = FORMS[name]
+    a = np.linspace(0.0, 5.0, 101)
+    even = np.allclose(plus(a), minus(a), atol=1e-12)
+    best = None
+    for T in THRESHOLDS:
+        cp, ep = fit_clamped(plus, form, T)
+        cm, em = (cp, ep) if even else fit_clamped(minus, form, T)
+        if best is None or max(ep, em) < best[0]:
+            best = (max(ep, em), T, cp, cm)
+    err, T, cp, cm = best
+    kp, km = knuth_quartic(cp), knuth_quartic(cm)
+    a = np.linspace(0, T, 1001)
+    assert np.allclose(eval_knuth(kp, a), np.polyval(cp[::-1], a), atol=1e-9)
+    assert np.allclose(eval_knuth(km, a), np.polyval(cm[::-1], a), atol=1e-9)
+    return {"T": float(T), "form": form, "plus": kp, "minus": None if even else km, "err": float(err)}
+
+
+def fit_inverse_root(power: float, lo: float, hi: float, deg: int):
+    """Relative-minimax polynomial guess for m**-power on [lo, hi]."""
+    m = np.linspace(lo, hi, 4001)
+    target = m ** -power
+    coef, err = minimax(m, target, np.vander(m, deg + 1, increasing=True), weight=1.0 / target)
+    return [float(c) for c in coef], float(err)
+
+
+def render() -> str:
+    acts = {name: fit_activation(name) for name in RESIDUALS}
+    rsqrt_guess, rsqrt_err = fit_inverse_root(0.5, 1.0, 4.0, 2)
+    recip_guess, recip_err = fit_inverse_root(1.0, 1.0, 2.0, 2)
+    lines = [
+        '"""Coefficients of the `cipherdm` kernels, in one place.',
+        "",
+        "GENERATED by scripts/fit_kernels.py (minimax fits by linear programming); do not edit by hand.",
+        "Activations: f(x) = step(x) + R(min(|x|, T)) with R = R_plus for x > 0 and R_minus otherwise;",
+        "each R is a quartic in Knuth's adapted form (alpha0..alpha4), or a times one ('a*quartic'),",
+        "see protocols.cipherdm. minus=None: R is even (R_minus = R_plus), one polynomial serves both signs.",
+        "err: the fit's max abs error in float64 over the whole real line (clamped tail included).",
+        '"""',
+        "",
+        "ACTIVATIONS = {",
+    ]
+    for name, f in acts.items():
+        minus = None if f["minus"] is None else [float(v) for v in f["minus"]]
+        lines.append(f"    {name!r}: {{")
+        lines.append(f"        'T': {f['T']!r},")
+        lines.append(f"        'form': {f['form']!r},")
+        lines.append(f"        'plus': {[float(v) for v in f['plus']]!r},")
+        lines.append(f"        'minus': {minus!r},")
+        lines.append(f"        'err': {f['err']:.6g},")
+        lines.append("    },")
+    lines += [
+        "}",
+        "",
+        "# Initial guess of m**-0.5 on [1, 4) (power series, increasing degree); max relative error:",
+        f"RSQRT_GUESS = {rsqrt_guess!r}",
+        f"RSQRT_GUESS_REL_ERR = {rsqrt_err:.6g}",
+        "# Initial guess of 1/m on [1, 2); max relative error:",
+        f"RECIPROCAL_GUESS = {recip_guess!r}",
+        f"RECIPROCAL_GUESS_REL_ERR = {recip_err:.6g}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="compare with the committed file instead of writing")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        same = OUT.exists() and OUT.read_text() == text
+        print("up to date" if same else f"{OUT} differs from a fresh fit")
+        return 0 if same else 1
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
