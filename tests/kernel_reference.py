@@ -1,0 +1,35 @@
+"""float64 references and input grids shared by the kernel tests and the kernel benchmark."""
+
+import numpy as np
+from scipy.special import erf
+
+
+def sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+REFERENCES = {
+    "silu": lambda x: x * sigmoid(x),
+    "mish": lambda x: x * np.tanh(np.logaddexp(x, 0.0)),
+    "gelu": lambda x: 0.5 * x * (1.0 + erf(x / np.sqrt(2.0))),
+    "sigmoid": sigmoid,
+    "exp": np.exp,
+}
+EXTREMES = np.array([-1e4, -1e3, -100.0, -30.0, -20.0, 20.0, 30.0, 100.0, 1e3, 1e4])
+
+
+def activation_inputs(n_grid: int = 2001) -> np.ndarray:
+    """A dense grid on [-20, 20] plus extreme values, as float32."""
+    return np.concatenate([np.linspace(-20, 20, n_grid), EXTREMES]).astype(np.float32)
+
+
+def softmax(x, axis=-1):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def encoded(x, fraction_bits: int = 18):
+    """The value SPU's Io actually shares for x (its fixed-point encoding floors)."""
+    scale = 2.0**fraction_bits
+    return np.floor(np.asarray(x, np.float64) * scale) / scale

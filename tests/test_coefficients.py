@@ -1,0 +1,22 @@
+"""protocols/coefficients.py is what scripts/fit_kernels.py produces, and its fits hold."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from protocols.coefficients import ACTIVATIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_committed_coefficients_match_a_fresh_fit():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "fit_kernels.py"), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_fit_is_within_1e2_in_float64():
+    for name, fit in ACTIVATIONS.items():
+        assert fit["err"] < 1e-2, name
+        assert fit["T"] > 0 and len(fit["plus"]) == 5

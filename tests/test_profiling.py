@@ -1,0 +1,40 @@
+"""Parsing SPU's profiler log into per-party costs."""
+
+import pytest
+
+from cipherdm_spu.profiling import ProfileParseError, parse_run
+
+
+def _op(name, sb, sa=1, calls=1):
+    return f"x [info] [api.cc:printProfilingData:223] - {name}, executed {calls} times, duration 0.001s, send bytes {sb} recv bytes {sb}, send actions {sa}, recv actions {sa}"
+
+
+def _link(sb, sa):
+    return f"x [info] [api.cc:printProfilingData:233] Link details: total send bytes {sb}, recv bytes {sb}, send actions {sa}, recv actions {sa}"
+
+
+def test_per_party_totals_are_recovered_from_interleaved_lines():
+    # party 0: pphlo + HAL + MPC lines (100 B, 4 actions); party 1: pphlo only (70 B, 3);
+    # party 2: HAL + MPC (40 B, 2). Lines of the three parties interleave.
+    lines = [
+        _op("pphlo.multiply", 60, 2), _op("f_less", 40, 2), _op("pphlo.less", 70, 3),
+        _op("pphlo.custom_call: spu.prefer_a", 40, 2), _op("f_mul", 100, 4), _op("trunc_a", 40, 2),
+        _op("mul_aa", 100, 4), _link(70, 3), _link(40, 2), _link(100, 4),
+    ]
+    stats = parse_run("\n".join(lines), seconds=1.5)
+    assert stats.bytes_sent_per_party == [100, 70, 40]
+    assert stats.send_actions_per_party == [4, 3, 2]
+    assert stats.bytes_sent == 210 and stats.send_actions == 4
+    assert stats.kernels["multiply"].bytes_sent == 30  # per-party mean over the two pphlo-level parties
+    assert "custom_call: spu.prefer_a" in stats.kernels
+
+
+def test_inconsistent_log_is_reported():
+    lines = [_op("pphlo.multiply", 10), _op("f_mul", 10), _op("mul_aa", 10), _link(5, 1), _link(5, 1), _link(5, 1)]
+    with pytest.raises(ProfileParseError):
+        parse_run("\n".join(lines), seconds=0.1)
+
+
+def test_missing_lines_are_reported():
+    with pytest.raises(ProfileParseError, match="expected 3"):
+        parse_run(_link(1, 1), seconds=0.1)

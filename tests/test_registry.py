@@ -1,0 +1,79 @@
+"""The intrinsic registry: protocol sets, overrides, outside registration, plaintext behaviour."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cipherdm_spu import ProtocolError, SecureSession, ops, registry
+
+from .conftest import PROTOCOL_SETS
+
+
+@pytest.mark.parametrize("name", PROTOCOL_SETS)
+def test_every_op_has_a_registered_kernel_in_every_set(name):
+    pset = registry.protocol_set(name)
+    registry.validate(pset)
+    for op in registry.OPS:
+        assert callable(registry.kernel(op, pset.kernels[op]))
+
+
+def test_override_by_set_name_and_by_kernel_name():
+    pset = registry.resolve("cipherdm", {"softmax": "spu", "silu": "cipherdm-paper"})
+    assert pset.kernels["softmax"] == "jax"
+    assert pset.kernels["silu"] == "cipherdm-paper"
+    assert pset.kernels["gelu"] == "cipherdm"
+
+
+@pytest.mark.parametrize(
+    "protocol, overrides",
+    [("no-such-set", None), ("cipherdm", {"nosuchop": "spu"}), ("cipherdm", {"silu": "no-such-kernel"})],
+)
+def test_unknown_names_are_refused(protocol, overrides):
+    with pytest.raises(ProtocolError):
+        registry.resolve(protocol, overrides)
+
+
+def test_protocol_file_with_unknown_runtime_option_is_refused(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"kernels": {"silu": "jax"}, "runtime": {"not_an_option": 1}}')
+    with pytest.raises(ProtocolError):
+        registry.register_protocol_set(registry.load_protocol_file(bad))
+
+
+def test_a_kernel_registered_from_outside_is_used_by_the_session():
+    """How to add a kernel: register it, then select it with an override."""
+
+    @registry.register_kernel("silu", "test-relu-only")
+    def relu_only(x):
+        return jnp.maximum(x, 0.0)
+
+    x = np.linspace(-3, 3, 13).astype(np.float32)
+    with SecureSession("cipherdm", overrides={"silu": "test-relu-only"}) as session:
+        y = session.run(ops.silu, x)
+        assert "pphlo.exponential" not in session.compile(ops.silu, x).mlir
+    np.testing.assert_allclose(y, np.maximum(x, 0), atol=1e-4)
+
+
+def test_ops_run_under_plain_jit_grad_and_vmap_as_jax_nn():
+    x = jnp.linspace(-4, 4, 9)
+    np.testing.assert_allclose(jax.jit(ops.silu)(x), jax.nn.silu(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda v: ops.gelu(v).sum())(x), jax.grad(lambda v: jax.nn.gelu(v, approximate=False).sum())(x), rtol=1e-5)
+    logits = jnp.arange(24.0).reshape(2, 3, 4) / 7
+    np.testing.assert_allclose(jax.vmap(lambda r: ops.softmax(r, axis=0))(logits), jax.nn.softmax(logits, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(ops.rsqrt(jnp.array([4.0])), [0.5])
+
+
+def test_active_protocol_changes_the_traced_kernel():
+    x = jnp.linspace(-3, 3, 7)
+    with registry.use_protocol("cipherdm"):
+        jaxpr = jax.make_jaxpr(ops.silu)(x)
+        approx = ops.silu(x)
+    assert "impl=cipherdm" in str(jaxpr)
+    assert not np.allclose(approx, jax.nn.silu(x), atol=1e-6)  # the approximation, simulated in float
+    np.testing.assert_allclose(approx, jax.nn.silu(x), atol=1e-2)
+
+
+def test_integer_input_is_refused():
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.silu(jnp.arange(3))
