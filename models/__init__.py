@@ -1,1 +1,1 @@
-"""Flax ports of the diffusers UNets and the DDPM/DDIM samplers."""
+"""Flax ports of the diffusers UNets (in progress) and the DDPM/DDIM samplers (`models.schedulers`)."""
