@@ -127,7 +127,7 @@ def _scale(bits, factors):
 
 @register_kernel("rsqrt", NAME)
 def rsqrt(x):
-    """1/sqrt(x) for x > 0 in ~25 send actions (SPU's: ~53): normalise, guess, one Newton step."""
+    """1/sqrt(x) for x > 0 in ~32 send actions (SPU's: ~49; measured): normalise, guess, one Newton step."""
     js = RSQRT_EXPONENTS
     bits = _normalising_bits(x, 4.0 ** js)
     m = x * _scale(bits, 4.0 ** -js)  # in [1, 4) for 4**js[0] <= x < 4**(js[-1] + 1)

@@ -5,7 +5,7 @@ in fixed point. The only nonlinear call is `ops.rsqrt`, on one value per (sample
 
 Deviations are scaled by DEVIATION_SCALE before squaring, so the variance is held with
 DEVIATION_SCALE**2 more fixed-point resolution (a variance of 1e-4 is ~26 units of 2**-18 otherwise);
-the scale is exact (a power of two) and keeps squares of deviations up to ~2800 inside the ring.
+the scale is exact (a power of two); the squares stay inside the ring for deviations up to ~2800.
 """
 
 from __future__ import annotations
