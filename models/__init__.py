@@ -1,1 +1,14 @@
-"""Flax ports of the diffusers UNets (in progress) and the DDPM/DDIM samplers (`models.schedulers`)."""
+"""Flax ports of the diffusers UNets and the DDPM/DDIM samplers.
+
+Every nonlinear call goes through `cipherdm_spu.ops`, so the protocol set in force decides the kernels.
+"""
+
+from .config import ConfigError, UNet2DConditionConfig, UNet2DConfig
+from .schedulers import DDIMSampler, DDPMSampler, ScheduleConfig
+from .unet_2d import UNet2DModel
+from .unet_2d_condition import UNet2DConditionModel
+
+__all__ = [
+    "ConfigError", "DDIMSampler", "DDPMSampler", "ScheduleConfig", "UNet2DConditionConfig", "UNet2DConditionModel",
+    "UNet2DConfig", "UNet2DModel",
+]

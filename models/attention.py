@@ -1,0 +1,146 @@
+"""Attention layers of the diffusers UNets, channels-last: spatial self-attention blocks (UNet2DModel)
+and the cross-attention transformer (UNet2DConditionModel). The softmax is the registered op."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cipherdm_spu import ops
+
+from .normalization import GroupNorm, LayerNorm
+from .resnet import conv
+
+
+def attend(q, k, v, heads: int):
+    """softmax(q k^T / sqrt(d)) v over ``heads`` heads, for (N, L, heads*d) inputs."""
+    n, lq, inner = q.shape
+    d = inner // heads
+    q = (q * d**-0.5).reshape(n, lq, heads, d)  # the scale folded into q: one public product
+    k = k.reshape(n, k.shape[1], heads, d)
+    v = v.reshape(n, v.shape[1], heads, d)
+    probs = ops.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k), axis=-1)
+    return jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, lq, inner)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0)."""
+
+    heads: int
+    dim_head: int
+    out_dim: int
+    qkv_bias: bool = False
+
+    def setup(self):
+        inner = self.heads * self.dim_head
+        self.to_q = nn.Dense(inner, use_bias=self.qkv_bias)
+        self.to_k = nn.Dense(inner, use_bias=self.qkv_bias)
+        self.to_v = nn.Dense(inner, use_bias=self.qkv_bias)
+        self.to_out_0 = nn.Dense(self.out_dim)
+
+    def __call__(self, x, context=None):
+        context = x if context is None else context
+        return self.to_out_0(attend(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class SpatialSelfAttention(Attention):
+    """UNet2DModel's attention block: group norm, self-attention over pixels, residual, rescale
+    (heads = channels / dim_head, out_dim = channels; parameters group_norm, to_q, ... as in diffusers)."""
+
+    norm_groups: int | None = None
+    eps: float = 1e-5
+    rescale_output_factor: float = 1.0
+    qkv_bias: bool = True
+
+    def setup(self):
+        super().setup()
+        if self.norm_groups is not None:
+            self.group_norm = GroupNorm(self.norm_groups, self.eps)
+
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        y = self.group_norm(x) if self.norm_groups is not None else x
+        y = super().__call__(y.reshape(n, h * w, c)).reshape(n, h, w, c)
+        out = y + x
+        return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
+
+
+class GEGLU(nn.Module):
+    """proj -> split -> value * gelu(gate) (exact GeLU, through the registered op)."""
+
+    inner_dim: int
+
+    def setup(self):
+        self.proj = nn.Dense(2 * self.inner_dim)
+
+    def __call__(self, x):
+        value, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return value * ops.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: net.0 (GEGLU), net.2 (Linear); net.1 is torch's dropout."""
+
+    dim: int
+    mult: int = 4
+
+    def setup(self):
+        self.net_0 = GEGLU(self.dim * self.mult)
+        self.net_2 = nn.Dense(self.dim)
+
+    def __call__(self, x):
+        return self.net_2(self.net_0(x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each with a residual."""
+
+    dim: int
+    heads: int
+    dim_head: int
+
+    def setup(self):
+        self.norm1 = LayerNorm()
+        self.attn1 = Attention(self.heads, self.dim_head, self.dim)
+        self.norm2 = LayerNorm()
+        self.attn2 = Attention(self.heads, self.dim_head, self.dim)
+        self.norm3 = LayerNorm()
+        self.ff = FeedForward(self.dim)
+
+    def __call__(self, x, context):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class Transformer2D(nn.Module):
+    """diffusers' Transformer2DModel for continuous input: norm, proj_in, blocks, proj_out, residual."""
+
+    heads: int
+    dim_head: int
+    channels: int
+    num_layers: int
+    norm_groups: int
+    use_linear_projection: bool
+
+    def setup(self):
+        inner = self.heads * self.dim_head
+        self.norm = GroupNorm(self.norm_groups, eps=1e-6)
+        self.proj_in = nn.Dense(inner) if self.use_linear_projection else conv(inner, kernel=1)
+        self.transformer_blocks = [BasicTransformerBlock(inner, self.heads, self.dim_head) for _ in range(self.num_layers)]
+        self.proj_out = nn.Dense(self.channels) if self.use_linear_projection else conv(self.channels, kernel=1)
+
+    def __call__(self, x, context):
+        n, h, w, c = x.shape
+        y = self.norm(x)
+        if self.use_linear_projection:
+            y = self.proj_in(y.reshape(n, h * w, c))
+        else:
+            y = self.proj_in(y).reshape(n, h * w, -1)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.use_linear_projection:
+            y = self.proj_out(y).reshape(n, h, w, c)
+        else:
+            y = self.proj_out(y.reshape(n, h, w, -1))
+        return y + x

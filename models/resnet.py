@@ -1,0 +1,89 @@
+"""ResNet blocks and resamplers of the diffusers UNets, channels-last.
+
+A ResNet block's time input is split out: `ResnetBlock2D.project_time` maps the time embedding to the
+block's additive (or scale/shift) term, and `__call__` takes that term ready-made. The term depends only
+on the public timestep and the owner's weights, so the owner can compute it in plaintext and share it.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from .activations import get_activation
+from .normalization import GroupNorm
+
+
+def conv(features: int, kernel: int = 3, stride: int = 1, padding: int | None = None, use_bias: bool = True):
+    """A torch-style Conv2d (symmetric padding, default 'same' for odd kernels) on NHWC input."""
+    pad = (kernel - 1) // 2 if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)), use_bias=use_bias)
+
+
+class ResnetBlock2D(nn.Module):
+    """norm1 -> act -> conv1 (+ time term) -> norm2 -> act -> conv2, plus the (1x1-projected) input."""
+
+    out_channels: int
+    groups: int
+    eps: float
+    act_fn: str
+    time_scale_shift: bool = False
+    output_scale_factor: float = 1.0
+    skip_time_act: bool = False
+    has_time: bool = True
+
+    def setup(self):
+        self.norm1 = GroupNorm(self.groups, self.eps)
+        self.conv1 = conv(self.out_channels)
+        if self.has_time:
+            self.time_emb_proj = nn.Dense(self.out_channels * (2 if self.time_scale_shift else 1))
+        self.norm2 = GroupNorm(self.groups, self.eps)
+        self.conv2 = conv(self.out_channels)
+        self.conv_shortcut = conv(self.out_channels, kernel=1)
+        self.act = get_activation(self.act_fn)
+
+    def project_time(self, temb):
+        """The block's time term from the time embedding: time_emb_proj(act(temb))."""
+        return self.time_emb_proj(temb if self.skip_time_act else self.act(temb))
+
+    def __call__(self, x, time_term):
+        h = self.conv1(self.act(self.norm1(x)))
+        if self.time_scale_shift:
+            scale, shift = jnp.split(time_term[:, None, None, :], 2, axis=-1)
+            h = self.norm2(h) * (1.0 + scale) + shift
+        else:
+            if time_term is not None:
+                h = h + time_term[:, None, None, :]
+            h = self.norm2(h)
+        h = self.conv2(self.act(h))
+        shortcut = self.conv_shortcut(x) if x.shape[-1] != self.out_channels else x
+        out = shortcut + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 convolution; padding 0 pads one row/column at the bottom/right first, as diffusers does."""
+
+    channels: int
+    padding: int = 1
+
+    def setup(self):
+        self.conv = conv(self.channels, stride=2, padding=self.padding)
+
+    def __call__(self, x):
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
+
+    channels: int
+
+    def setup(self):
+        self.conv = conv(self.channels)
+
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x)
