@@ -1,0 +1,141 @@
+"""Diffusion sampling under MPC: who shares what, one compiled step for all steps, and the plaintext twin.
+
+Roles (all played by this process in an embedded session; see `cipherdm_spu.cluster` for real ones):
+- the model owner secret-shares the UNet weights once (`SecureDiffusion.__init__`); they stay resident
+  for every step and sample. Per step the owner computes, in plaintext, the part of the network that
+  depends only on the public timestep and its own weights (time MLP, class table, the ResNets' time
+  projections) and shares the result;
+- the user secret-shares the initial noise, the requested labels (one-hot) and, for DDPM or DDIM with
+  eta > 0, every step's noise, all up front;
+- the timestep and the schedule are public: the step coefficients enter as public inputs, so one SPU
+  executable serves every step. x_t stays secret between steps; only the final image is revealed,
+  to the user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import schedulers
+
+from .profiling import RunStats
+from .session import Public, SecureSession
+
+# parameters of the time path: used by the owner in plaintext, never shared
+TIME_PATH_PARAMS = ("time_embedding", "class_embedding", "time_emb_proj")
+
+
+def secure_params(params):
+    """The weights the secure computation needs: everything but the time path."""
+
+    def strip(tree):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in tree.items() if k not in TIME_PATH_PARAMS}
+
+    return strip(params)
+
+
+def needs_noise(sampler: schedulers.Sampler) -> bool:
+    """Whether the sampler adds fresh noise per step (DDPM, or DDIM with eta > 0)."""
+    return isinstance(sampler, schedulers.DDPMSampler) or getattr(sampler, "eta", 0.0) > 0
+
+
+def draw_noise(seed: int, sampler: schedulers.Sampler, shape) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The user's noise: x_T and (if the sampler needs it) one noise array per step, from one seed."""
+    rng = np.random.default_rng(seed)
+    x_t = rng.standard_normal(shape).astype(np.float32)
+    steps = rng.standard_normal((sampler.num_steps, *shape)).astype(np.float32) if needs_noise(sampler) else None
+    return x_t, steps
+
+
+def one_hot(labels, num_classes: Optional[int]) -> Optional[np.ndarray]:
+    if num_classes is None:
+        return None
+    return np.eye(num_classes, dtype=np.float32)[np.asarray(labels)]
+
+
+@dataclasses.dataclass
+class StepReport:
+    timestep: int
+    seconds: float
+    bytes_sent: int
+    send_actions: int
+
+
+class SecureDiffusion:
+    """Sampling with a class-conditional or unconditional UNet2DModel inside a `SecureSession`."""
+
+    def __init__(self, session: SecureSession, model, params, sampler: schedulers.Sampler):
+        self.session, self.model, self.sampler = session, model, sampler
+        self.num_classes = model.config.num_class_embeds
+        self._owner_params = params
+        self._time_terms = jax.jit(lambda p, t: model.apply(p, t, method=model.time_terms))
+        self._weights = session.share(secure_params(params))  # the owner's, once
+        clip = sampler.clip_range
+
+        def denoise_step(weights, x, labels, terms, coefficients, noise):
+            eps = model.apply(weights, x, class_labels=labels, time_terms=terms)
+            return schedulers.step(x, eps, coefficients, noise, clip)
+
+        self._step = denoise_step  # one function object: one cached executable for every step
+
+    def time_terms(self, timestep: int):
+        """The owner's plaintext time terms for one public timestep."""
+        return jax.tree_util.tree_map(np.asarray, self._time_terms(self._owner_params, int(timestep)))
+
+    def sample(self, x_t: np.ndarray, labels=None, step_noise: Optional[np.ndarray] = None,
+               on_step: Optional[Callable[[StepReport], None]] = None) -> tuple[np.ndarray, RunStats, List[StepReport]]:
+        """Run every step under MPC; returns (final image revealed to the user, total cost, per-step cost)."""
+        session = self.session
+        if needs_noise(self.sampler) and step_noise is None:
+            raise ValueError("this sampler adds noise each step: pass step_noise (one array per step)")
+        labels_1h = one_hot(labels, self.num_classes)
+        x = session.share(x_t)  # the user's
+        user_labels = session.share(labels_1h) if labels_1h is not None else None
+        noise = session.share(list(step_noise)) if needs_noise(self.sampler) else None
+        coefficients = self.sampler.coefficient_table()
+        total, reports = RunStats.zero(), []
+        try:
+            for i, t in enumerate(self.sampler.timesteps):
+                terms = session.share(self.time_terms(t))  # the owner's, per step
+                new_x = session.run(self._step, self._weights, x, user_labels, terms, Public(coefficients[i]),
+                                    noise[i] if noise is not None else None, reveal=False)
+                session.delete([x, terms])
+                x = new_x
+                stats = session.last_stats
+                total = total + stats
+                report = StepReport(int(t), stats.seconds, stats.bytes_sent, stats.send_actions)
+                reports.append(report)
+                if on_step is not None:
+                    on_step(report)
+            image = session.reveal(x)  # the only reveal: the final image, to the user
+        finally:
+            session.delete([x, user_labels, noise])
+        return image, total, reports
+
+    def close(self) -> None:
+        """Drop the shared weights from the parties."""
+        self.session.delete(self._weights)
+
+
+def sample_plaintext(model, params, sampler: schedulers.Sampler, x_t, labels=None, step_noise=None, progress=None):
+    """The same sampling loop in plain JAX (float32), from the same noise: the reference for PSNR/SSIM."""
+    clip = sampler.clip_range
+    labels = None if labels is None else jnp.asarray(labels)
+
+    @jax.jit
+    def step(x, t, coefficients, noise):
+        eps = model.apply(params, x, t, class_labels=labels)
+        return schedulers.step(x, eps, coefficients, noise, clip)
+
+    coefficients = sampler.coefficient_table()
+    x = jnp.asarray(x_t)
+    for i, t in enumerate(sampler.timesteps):
+        x = step(x, int(t), coefficients[i], None if step_noise is None else step_noise[i])
+        if progress is not None:
+            progress(i)
+    return np.asarray(x)
