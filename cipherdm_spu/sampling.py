@@ -58,6 +58,16 @@ def one_hot(labels, num_classes: Optional[int]) -> Optional[np.ndarray]:
     return np.eye(num_classes, dtype=np.float32)[np.asarray(labels)]
 
 
+def make_denoise_step(model, clip_range: Optional[float]):
+    """The function compiled once and run every step: UNet on precomputed time terms, then the update."""
+
+    def denoise_step(weights, x, labels, terms, coefficients, noise):
+        eps = model.apply(weights, x, class_labels=labels, time_terms=terms)
+        return schedulers.step(x, eps, coefficients, noise, clip_range)
+
+    return denoise_step
+
+
 @dataclasses.dataclass
 class StepReport:
     timestep: int
@@ -75,13 +85,7 @@ class SecureDiffusion:
         self._owner_params = params
         self._time_terms = jax.jit(lambda p, t: model.apply(p, t, method=model.time_terms))
         self._weights = session.share(secure_params(params))  # the owner's, once
-        clip = sampler.clip_range
-
-        def denoise_step(weights, x, labels, terms, coefficients, noise):
-            eps = model.apply(weights, x, class_labels=labels, time_terms=terms)
-            return schedulers.step(x, eps, coefficients, noise, clip)
-
-        self._step = denoise_step  # one function object: one cached executable for every step
+        self._step = make_denoise_step(model, sampler.clip_range)  # one object: one cached executable
 
     def time_terms(self, timestep: int):
         """The owner's plaintext time terms for one public timestep."""

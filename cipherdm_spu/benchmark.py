@@ -1,0 +1,145 @@
+"""Benchmark harness: one denoising step per protocol set, its kernel breakdown, and network estimates.
+
+- `StepCase` is a UNet step with fixed inputs: it runs under a session (weights and inputs secret, the
+  owner's time terms shared, coefficients public) and in plaintext float32 for the error.
+- `kernel_breakdown` finds every registered op the step calls (op, shape, parameters, from the jaxpr)
+  and runs exactly those calls on their own under the same session: the bytes and send actions of each
+  kernel at the model's shapes. What the step costs beyond their sum is the linear part (convolutions,
+  matmuls, the norms' arithmetic) and the sampler update.
+- `linear_floor` is a protocol set whose every kernel is the identity: not a correct network, only a
+  lower bound on what any kernel design could reach.
+- `estimate_latency`: measured seconds (three parties in one process, memory links) plus the busiest
+  party's bytes over the bandwidth plus one one-way latency (RTT/2) per send action of the busiest party;
+  ABY3 parties send one message per round, so send actions count rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Callable, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import ops, registry
+from .profiling import RunStats
+from .session import Public, SecureSession
+
+NETWORKS = {"LAN": (5e9, 0.4e-3), "WAN": (400e6, 40e-3)}  # bits per second, round-trip seconds
+IDENTITY = "identity"
+
+for _op in registry.OPS:
+    registry.register_kernel(_op, IDENTITY, lambda x, **params: x)
+
+
+def linear_floor(base: str = "spu") -> registry.ProtocolSet:
+    """``base`` with every nonlinear kernel replaced by the identity (a lower bound, not a model)."""
+    pset = registry.resolve(base, {op: IDENTITY for op in registry.OPS})
+    return dataclasses.replace(pset, name="linear-floor", description="every kernel replaced by the identity")
+
+
+def estimate_latency(stats: RunStats, network: str) -> float:
+    bandwidth, rtt = NETWORKS[network]
+    return stats.seconds + max(stats.bytes_sent_per_party) * 8 / bandwidth + stats.send_actions * rtt / 2
+
+
+@dataclasses.dataclass
+class StepCase:
+    """One denoising step: ``secure_fn(weights, *inputs)``, run secret; ``plain_fn`` the float reference."""
+
+    name: str
+    weights: object  # the owner's parameters as the secure function takes them
+    inputs: tuple  # leaves are arrays (secret) or Public
+    secure_fn: Callable
+    plain_fn: Callable[[], np.ndarray]
+
+
+def _unwrap(tree):
+    return jax.tree_util.tree_map(lambda v: v.value if isinstance(v, Public) else v, tree,
+                                  is_leaf=lambda v: isinstance(v, Public))
+
+
+def nonlinear_calls(fn, *args) -> List[tuple]:
+    """(op, shape, params) of every registered-op call in ``fn(*args)``, nested jaxprs included."""
+    names = {f"cipherdm_{op}": op for op in registry.OPS}
+    calls = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in names:
+                params = {k: v for k, v in eqn.params.items() if k != "impl"}
+                calls.append((names[eqn.primitive.name], tuple(eqn.invars[0].aval.shape), params))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else [value]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*_unwrap(args)).jaxpr)
+    return calls
+
+
+def kernel_breakdown(session: SecureSession, calls: List[tuple], seed: int = 0) -> Dict[str, RunStats]:
+    """Each op's calls run on their own, at their shapes, under ``session``: cost per kernel."""
+    rng = np.random.default_rng(seed)
+    by_op: Dict[str, List[tuple]] = {}
+    for op, shape, params in calls:
+        by_op.setdefault(op, []).append((shape, params))
+    costs = {}
+    for op, items in by_op.items():
+        inputs = [np.abs(rng.standard_normal(shape)).astype(np.float32) + 0.5 for shape, _ in items]
+
+        def run_all(*xs, _op=op, _params=[p for _, p in items]):
+            return [getattr(ops, _op)(x, **p) for x, p in zip(xs, _params)]
+
+        session.run(run_all, *inputs)
+        costs[op] = session.last_stats
+    return costs
+
+
+def measure_step(session: SecureSession, case: StepCase, repeat: int = 1, breakdown: bool = True) -> dict:
+    """Cost and error of one step under ``session`` (median seconds over ``repeat`` runs)."""
+    weights = session.share(case.weights)
+    try:
+        runs = []
+        for _ in range(repeat):
+            out = session.run(case.secure_fn, weights, *case.inputs)
+            runs.append(session.last_stats)
+    finally:
+        session.delete(weights)
+    stats = dataclasses.replace(runs[0], seconds=statistics.median(r.seconds for r in runs))
+    err = np.abs(np.asarray(out, np.float64) - case.plain_fn())
+    row = {
+        "seconds": stats.seconds,
+        "bytes_sent": stats.bytes_sent,
+        "bytes_sent_per_party": stats.bytes_sent_per_party,
+        "send_actions": stats.send_actions,
+        "max_abs_err": float(err.max()),
+        "mean_abs_err": float(err.mean()),
+        "estimated_seconds": {net: estimate_latency(stats, net) for net in NETWORKS},
+    }
+    if breakdown:
+        with registry.use_protocol(session.protocol):
+            calls = nonlinear_calls(case.secure_fn, case.weights, *case.inputs)
+        costs = kernel_breakdown(session, calls)
+        row["kernels"] = {op: {"calls": sum(c[0] == op for c in calls),
+                               "elements": int(sum(np.prod(c[1]) for c in calls if c[0] == op)),
+                               "bytes_sent": s.bytes_sent, "send_actions": s.send_actions, "seconds": s.seconds}
+                          for op, s in costs.items()}
+    return row
+
+
+def ratios(rows: Dict[str, dict], baseline: str = "spu") -> None:
+    """Add x-fold reductions against ``baseline`` (bytes, seconds, send actions, estimated latency)."""
+    base = rows.get(baseline)
+    if base is None:
+        return
+    for row in rows.values():
+        row["vs_" + baseline] = {
+            "bytes": base["bytes_sent"] / row["bytes_sent"],
+            "seconds": base["seconds"] / row["seconds"],
+            "send_actions": base["send_actions"] / row["send_actions"],
+            **{net: base["estimated_seconds"][net] / row["estimated_seconds"][net] for net in NETWORKS},
+        }

@@ -1,0 +1,61 @@
+"""Benchmark harness: call discovery, the linear floor, latency estimates, and one measured step."""
+
+import jax
+import numpy as np
+import pytest
+
+from cipherdm_spu import Public, RunStats, SecureSession, ops, registry
+from cipherdm_spu.benchmark import StepCase, estimate_latency, linear_floor, measure_step, nonlinear_calls, ratios
+from models import UNet2DModel
+
+from .test_sampling import TINY
+
+
+def test_nonlinear_calls_finds_every_op_with_shape_and_params():
+    def f(x, w):
+        h = ops.silu(x @ w)
+        return ops.softmax(h, axis=0) + jax.vmap(ops.gelu)(h)
+
+    calls = nonlinear_calls(f, np.ones((3, 4), np.float32), Public(np.ones((4, 5), np.float32)))
+    assert [(c[0], c[1]) for c in calls] == [("silu", (3, 5)), ("softmax", (3, 5)), ("gelu", (3, 5))]
+    assert calls[1][2] == {"axis": 0} and calls[2][2] == {"approximate": False}
+
+
+def test_linear_floor_is_identity_everywhere():
+    floor = linear_floor()
+    assert set(floor.kernels.values()) == {"identity"} and set(floor.kernels) == set(registry.OPS)
+    with registry.use_protocol(floor):
+        x = np.linspace(-3, 3, 7).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(jax.jit(ops.silu)(x)), x)
+
+
+def test_latency_estimate_arithmetic():
+    stats = RunStats(2.0, 3_000_000, 3_000_000, [1_000_000, 2_000_000, 0], [0, 0, 0], 100, [100, 90, 80], {})
+    assert estimate_latency(stats, "WAN") == pytest.approx(2.0 + 2e6 * 8 / 400e6 + 100 * 0.020)
+    assert estimate_latency(stats, "LAN") == pytest.approx(2.0 + 2e6 * 8 / 5e9 + 100 * 0.0002)
+
+
+def test_measure_step_on_a_tiny_unet():
+    model = UNet2DModel.from_config(TINY)
+    params = model.init_params(jax.random.PRNGKey(0))
+    x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    labels = np.eye(10, dtype=np.float32)[[2]]
+    terms = jax.tree_util.tree_map(np.asarray, model.apply(params, 100, method=model.time_terms))
+
+    def step(weights, x, labels, terms):
+        return model.apply(weights, x, class_labels=labels, time_terms=terms)
+
+    case = StepCase("tiny", params, (x, labels, terms), step, lambda: np.asarray(step(params, x, labels, terms)))
+    rows = {}
+    for name in ("spu", "cipherdm"):
+        with SecureSession(name) as session:
+            rows[name] = measure_step(session, case)
+    ratios(rows)
+    for name, row in rows.items():
+        assert row["max_abs_err"] < 0.1, name
+        kernels = row["kernels"]
+        assert set(kernels) == {"silu", "rsqrt", "softmax"}
+        assert kernels["softmax"]["calls"] == 4  # AttnDownBlock2D (1 layer), mid block (1), AttnUpBlock2D (2 layers)
+        assert 0 < sum(k["bytes_sent"] for k in kernels.values()) < row["bytes_sent"]
+    assert rows["spu"]["vs_spu"]["bytes"] == 1.0
+    assert rows["cipherdm"]["vs_spu"]["bytes"] > 1.0  # our kernels send less than SPU's
