@@ -61,3 +61,19 @@ def test_encoder_hidden_states_are_checked(pair):
     x, context = _inputs(config)
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         model.apply(params, jnp.asarray(x), 1, jnp.asarray(context[..., :-1]))
+
+
+def test_classifier_free_guidance_matches_two_diffusers_passes(pair):
+    from models.guidance import guided_prediction
+
+    config, torch_model, model, params = pair
+    x, context = _inputs(config)
+    uncond = np.zeros_like(context)
+    want_u = torch_forward(torch_model, x, 300, uncond)
+    want_c = torch_forward(torch_model, x, 300, context)
+    got = guided_prediction(model, params, jnp.asarray(x), jnp.asarray(uncond), jnp.asarray(context), 7.5, timestep=300)
+    np.testing.assert_allclose(np.asarray(got), want_u + 7.5 * (want_c - want_u), atol=1e-3, rtol=0)
+    terms = model.apply(params, 300, method=model.time_terms)
+    via_terms = guided_prediction(model, params, jnp.asarray(x), jnp.asarray(uncond), jnp.asarray(context), 7.5,
+                                  time_terms=terms)
+    np.testing.assert_allclose(np.asarray(via_terms), np.asarray(got), atol=1e-4)
