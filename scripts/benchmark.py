@@ -82,9 +82,9 @@ def sd_case(seed: int, tokens: int = 77) -> StepCase:
 
 def run_steps(args) -> list:
     cases = []
-    for act in args.models:
+    for model_dir in args.models:
         for b in args.batches:
-            cases.append(lambda act=act, b=b: mnist_case(CHECKPOINTS / f"mnist-ddpm-{act}", b, args.seed))
+            cases.append(lambda model_dir=model_dir, b=b: mnist_case(model_dir, b, args.seed))
     if not args.quick:
         cases.append(lambda: sd_case(args.seed))
     results = []
@@ -101,7 +101,7 @@ def run_steps(args) -> list:
 
 
 def run_samples(args) -> list:
-    model_dir = CHECKPOINTS / "mnist-ddpm-silu"
+    model_dir = args.sample_model
     model, params = UNet2DModel.from_pretrained(model_dir)
     sampler = DDIMSampler(ScheduleConfig.from_file(model_dir), args.sample_steps)
     labels = list(range(args.sample_batch))
@@ -128,7 +128,7 @@ def run_samples(args) -> list:
             "plaintext_conditional_accuracy": quality.conditional_accuracy(plain_probs, labels),
         }
     ratios(rows)
-    return [{"case": f"mnist-ddpm-silu DDIM-{args.sample_steps}, batch {len(labels)}", "rows": rows}]
+    return [{"case": f"{model_dir.name} DDIM-{args.sample_steps}, batch {len(labels)}", "rows": rows}]
 
 
 def _estimate(stats, wall, net):
@@ -239,7 +239,11 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", choices=["kernels", "step", "sample"], default=["kernels", "step", "sample"],
                    help="which rows to measure (default: all)")
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS), help="protocol sets (default: all four)")
-    p.add_argument("--models", nargs="+", choices=["silu", "mish"], default=["silu", "mish"], help="MNIST models for step rows")
+    p.add_argument("--models", nargs="+", type=Path,
+                   default=[CHECKPOINTS / "mnist-ddpm-silu", CHECKPOINTS / "mnist-ddpm-mish"],
+                   help="MNIST model directories for the step rows (default: the two shipped checkpoints)")
+    p.add_argument("--sample-model", type=Path, default=CHECKPOINTS / "mnist-ddpm-silu",
+                   help="model of the sample rows (default: the shipped SiLU checkpoint)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="MNIST batch sizes for step rows (default: 1 8)")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sample rows (default: 50)")
     p.add_argument("--sample-batch", type=int, default=4, help="samples in the sample rows (default: 4)")
@@ -253,7 +257,7 @@ def main(argv=None) -> int:
     if args.repeat < 1 or args.sample_steps < 1 or not 1 <= args.sample_batch <= 64 or any(b < 1 for b in args.batches):
         p.error("--repeat, --sample-steps, --batches must be positive and --sample-batch in 1..64")
     if args.quick:
-        args.models, args.batches, args.sample_steps, args.sample_batch = ["silu"], [1], 2, 1
+        args.models, args.batches, args.sample_steps, args.sample_batch = args.models[:1], [1], 2, 1
     command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     import os
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
@@ -100,11 +101,12 @@ def main(argv=None) -> int:
     state = {"params": params, "opt_state": optimizer.init(params), "ema": params, "step": jnp.zeros((), jnp.int32)}
     ckpt = args.out / "train_state.msgpack"
     log_path = args.out / "train_log.json"
-    log = {"losses": [], "seconds": 0.0}
+    log = {"losses": [], "seconds": 0.0, "runs": []}
     if ckpt.exists():
         state = serialization.from_bytes(state, ckpt.read_bytes())
         log = json.loads(log_path.read_text())
         print(f"resuming from step {int(state['step'])}", file=sys.stderr)
+    log.setdefault("runs", []).append({"command": _command(), "from_step": int(state["step"])})
     args.out.mkdir(parents=True, exist_ok=True)
     train_step = make_train_step(model, optimizer, schedule, args.ema)
     steps_per_epoch = len(labels) // args.batch
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
 
 def write_model_card(args, log, model):
     n_params = sum(int(np.prod(s)) for s in _param_shapes(model))
-    command = "python scripts/train_ddpm_mnist.py " + shlex.join(sys.argv[1:])
+    runs = log.get("runs") or [{"command": _command(), "from_step": 0}]
+    history = "\n".join(f"  - from step {r['from_step']}: `{r['command']}`" for r in runs)
     final_loss = log["losses"][-1][1] if log["losses"] else float("nan")
     (args.out / "README.md").write_text(f"""# MNIST class-conditional DDPM ({args.act_fn})
 
@@ -146,15 +149,21 @@ trained by cipherdm-spu's own script on the 4,000 training digits of `cipherdm_s
 5,000 MNIST digits minus the fixed 1,000 held-out ones). Epsilon objective, T=1000, linear betas
 1e-4..0.02 (diffusers `DDPMScheduler` defaults). The weights are the EMA (decay {args.ema}).
 
-- Command: `{command}`
+- Command(s) (a run resumes from its directory's last checkpoint; a resumed run with a larger --steps
+  continues on that run's learning-rate schedule):
+{history}
 - Seed: {args.seed}; steps: {args.steps}; batch: {args.batch}; peak lr: {args.lr} (AdamW, warm-up {min(args.warmup, args.steps // 10)}, cosine to 5 %)
 - Training time: {log["seconds"] / 60:.1f} min on {jax.devices()[0].platform.upper()}
-  (2 cores; the time includes compilation)
+  ({os.cpu_count()} CPU cores; the time includes compilation)
 - Final training loss (mean of the last 50 steps): {final_loss:.4f}
 
 Load with `models.UNet2DModel.from_pretrained(dir)` or `diffusers.UNet2DModel.from_pretrained(dir)`.
 Sample quality: docs/results/mnist_quality.md.
 """)
+
+
+def _command() -> str:
+    return " ".join(["python scripts/train_ddpm_mnist.py", shlex.join(sys.argv[1:])]).strip()
 
 
 def _param_shapes(model):
