@@ -216,14 +216,15 @@ def charts(results: dict, out: Path) -> None:
     fig.savefig(out / "benchmark_bytes_time.png", dpi=110)
     plt.close(fig)
     fig, axes = plt.subplots(1, len(blocks), figsize=(4 * len(blocks), 4), squeeze=False)
+    all_ops = sorted({op for b in blocks for r in b["rows"].values() for op in r.get("kernels", {})}) + ["rest"]
+    colours = {op: plt.cm.tab10(i) for i, op in enumerate(all_ops)}
     for i, block in enumerate(blocks):
         rows = {n: r for n, r in block["rows"].items() if "kernels" in r}
-        ops = sorted({op for r in rows.values() for op in r["kernels"]})
         bottom = np.zeros(len(rows))
-        for op in ops + ["rest"]:
+        for op in all_ops:
             vals = np.array([(r["bytes_sent"] - sum(k["bytes_sent"] for k in r["kernels"].values())) if op == "rest"
                              else r["kernels"].get(op, {}).get("bytes_sent", 0) for r in rows.values()]) / 1e6
-            axes[0][i].bar(list(rows), vals, bottom=bottom, label=op)
+            axes[0][i].bar(list(rows), vals, bottom=bottom, label=op, color=colours[op])
             bottom += vals
         axes[0][i].set_title(block["case"], fontsize=8)
         axes[0][i].set_ylabel("MB sent (all parties)")
