@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the shipped weights (default: 0.995)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, batches, noise (default: 0)")
     p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default: 250)")
+    p.add_argument("--export-only", action="store_true",
+                   help="write the diffusers files and model card from the last checkpoint, without training (e.g. mid-run)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.checkpoint_every < 1:
         p.error("--steps, --batch and --checkpoint-every must be positive")
@@ -102,17 +104,21 @@ def main(argv=None) -> int:
     ckpt = args.out / "train_state.msgpack"
     log_path = args.out / "train_log.json"
     log = {"losses": [], "seconds": 0.0, "runs": []}
+    if args.export_only and not ckpt.exists():
+        print(f"error: no checkpoint {ckpt} to export", file=sys.stderr)
+        return 2
     if ckpt.exists():
         state = serialization.from_bytes(state, ckpt.read_bytes())
         log = json.loads(log_path.read_text())
         print(f"resuming from step {int(state['step'])}", file=sys.stderr)
-    log.setdefault("runs", []).append({"command": _command(), "from_step": int(state["step"])})
+    if not args.export_only:
+        log.setdefault("runs", []).append({"command": _command(), "from_step": int(state["step"])})
     args.out.mkdir(parents=True, exist_ok=True)
     train_step = make_train_step(model, optimizer, schedule, args.ema)
     steps_per_epoch = len(labels) // args.batch
     start = int(state["step"])
     order = None
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"train {args.act_fn}")
+    bar = tqdm(range(start, start if args.export_only else args.steps), initial=start, total=args.steps, desc=f"train {args.act_fn}")
     window = []
     for step in bar:
         epoch, pos = divmod(step, steps_per_epoch)
@@ -133,11 +139,11 @@ def main(argv=None) -> int:
     model.save_pretrained({"params": state["ema"]["params"]}, args.out)
     scheduler = {"_class_name": "DDPMScheduler", **dataclasses.asdict(schedule)}
     (args.out / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-    write_model_card(args, log, model)
+    write_model_card(args, log, model, trained=int(state["step"]))
     return 0
 
 
-def write_model_card(args, log, model):
+def write_model_card(args, log, model, trained: int):
     n_params = sum(int(np.prod(s)) for s in _param_shapes(model))
     runs = log.get("runs") or [{"command": _command(), "from_step": 0}]
     history = "\n".join(f"  - from step {r['from_step']}: `{r['command']}`" for r in runs)
@@ -152,10 +158,10 @@ trained by cipherdm-spu's own script on the 4,000 training digits of `cipherdm_s
 - Command(s) (a run resumes from its directory's last checkpoint; a resumed run with a larger --steps
   continues on that run's learning-rate schedule):
 {history}
-- Seed: {args.seed}; steps: {args.steps}; batch: {args.batch}; peak lr: {args.lr} (AdamW, warm-up {min(args.warmup, args.steps // 10)}, cosine to 5 %)
+- Seed: {args.seed}; steps trained: {trained} of {args.steps} planned{" (TRAINING IN PROGRESS: exported mid-run)" if trained < args.steps else ""}; batch: {args.batch}; peak lr: {args.lr} (AdamW, warm-up {min(args.warmup, args.steps // 10)}, cosine to 5 %)
 - Training time: {log["seconds"] / 60:.1f} min on {jax.devices()[0].platform.upper()}
   ({os.cpu_count()} CPU cores; the time includes compilation)
-- Final training loss (mean of the last 50 steps): {final_loss:.4f}
+- Training loss at the exported step (mean of the last 50 steps): {final_loss:.4f}
 
 Load with `models.UNet2DModel.from_pretrained(dir)` or `diffusers.UNet2DModel.from_pretrained(dir)`.
 Sample quality: docs/results/mnist_quality.md.
