@@ -4,6 +4,10 @@ Each op binds a primitive carrying ``impl``, the kernel name chosen by the activ
 time (see `cipherdm_spu.registry`). The primitive's lowering emits that kernel's JAX code, so SPU
 compiles ordinary HLO; with no protocol set active the vanilla JAX form is used, so a model built on
 these ops also runs unchanged under plain ``jax.jit`` and ``jax.grad``.
+
+Caution: ``jax.jit`` caches a trace per function object, not per active protocol set, so a function
+jitted under one set keeps that set's kernels when called under another; `SecureSession` traces a
+fresh wrapper per compile, and plain-JAX users should jit one wrapper per protocol set.
 """
 
 from __future__ import annotations

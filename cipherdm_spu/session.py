@@ -124,7 +124,7 @@ class SecureSession:
         self.id = uuid.uuid4().hex[:12]
         self.last_stats: Optional[RunStats] = None
         self.total_stats = RunStats.zero()
-        self._log = SpuLog.get(log_file)
+        SpuLog.get(log_file)  # SPU's log is process-wide: the newest session's log_file wins
         self._io = spu.Io(WORLD_SIZE, self.config)
         self._cache: Dict[tuple, CompiledFunction] = {}
         self._names = itertools.count()
@@ -190,11 +190,12 @@ class SecureSession:
         )
         try:
             with _RUN_LOCK:
-                offset = self._log.offset()
+                log = SpuLog.get()  # wherever SPU logs now (a later session may have moved it)
+                offset = log.offset()
                 start = time.perf_counter()
                 self._on_parties(lambda rank: self._runtimes[rank].run(executable))
                 seconds = time.perf_counter() - start
-                self.last_stats = parse_run(self._log.read_from(offset), seconds)
+                self.last_stats = parse_run(log.read_from(offset), seconds)
             self.total_stats = self.total_stats + self.last_stats
         finally:
             self.delete(temporaries)

@@ -106,3 +106,13 @@ def test_output_structure_and_dtypes_follow_the_function(sessions):
     assert set(out) == {"sum", "pair"}
     np.testing.assert_allclose(out["sum"], -1.0, atol=1e-4)
     assert out["pair"][1].dtype == np.bool_ and out["pair"][1].tolist() == [True, False]
+
+
+def test_cost_report_survives_a_later_session_moving_the_spu_log(tmp_path):
+    """SPU's log is process-wide: an older session keeps reporting after a newer one redirects it."""
+    x = np.ones(8, np.float32)
+    with SecureSession("spu") as older:
+        with SecureSession("spu", log_file=str(tmp_path / "elsewhere.log")):
+            pass
+        older.run(lambda v: v * v, x)
+        assert older.last_stats.bytes_sent > 0

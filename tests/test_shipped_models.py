@@ -32,12 +32,12 @@ def test_checkpoint_loads_in_both_and_agrees(act_fn):
 
 @pytest.fixture(scope="module")
 def secure_and_plain():
-    """protocol `cipherdm`, DDIM 10 steps, fixed noise: secure samples and plaintext samples of the same noise."""
+    """protocol `cipherdm`, DDIM 10 steps, fixed noise (the run_ddim defaults): secure and plaintext samples."""
     directory = CHECKPOINTS / "mnist-ddpm-silu"
     model, params = UNet2DModel.from_pretrained(directory)
     sampler = DDIMSampler(ScheduleConfig.from_file(directory), 10)
-    labels = [1, 7]
-    x_t, _ = draw_noise(0, sampler, (2, 1, 28, 28))
+    labels = [1, 4, 7]  # the run_ddim defaults
+    x_t, _ = draw_noise(0, sampler, (3, 1, 28, 28))
     plain = sample_plaintext(model, params, sampler, x_t, labels)
     with SecureSession("cipherdm") as session:
         diffusion = SecureDiffusion(session, model, params, sampler)
@@ -47,10 +47,13 @@ def secure_and_plain():
 
 
 @pytest.mark.slow
-def test_secure_samples_classify_like_plaintext(secure_and_plain):
+def test_secure_samples_match_plaintext(secure_and_plain):
+    """Same noise, same result: close in PSNR/SSIM, and the same label wherever the classifier is sure."""
     _, secure, plain, secure_probs, plain_probs = secure_and_plain
-    assert secure_probs.argmax(1).tolist() == plain_probs.argmax(1).tolist()
-    assert quality.psnr(secure, plain) > 20
+    assert quality.psnr(secure, plain) > 25 and quality.ssim(secure, plain) > 0.85
+    sure = plain_probs.max(1) >= quality.CONFIDENCE
+    assert sure.any()  # with this seed the classifier is sure of at least one plaintext sample
+    assert (secure_probs.argmax(1)[sure] == plain_probs.argmax(1)[sure]).all()
 
 
 @pytest.mark.slow
