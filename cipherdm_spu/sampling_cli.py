@@ -20,7 +20,7 @@ from tqdm import tqdm
 from models import ConfigError, DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
 from models.schedulers import SchedulerConfigError
 
-from . import quality
+from . import quality, registry
 from .registry import ProtocolError, available_protocol_sets
 from .sampling import SecureDiffusion, draw_noise, sample_plaintext
 from .session import SecureSession
@@ -128,6 +128,10 @@ def prepare(args):
         sampler = DDPMSampler(schedule, args.steps)
     labels, batch = _labels(args, model.config.num_class_embeds)
     overrides = _parse_overrides(args.override)
+    try:
+        registry.validate(registry.resolve(args.protocol, overrides))
+    except ProtocolError as err:
+        raise UsageError(str(err)) from None
     return model, params, sampler, labels, batch, overrides
 
 
@@ -169,10 +173,7 @@ def run(args) -> dict:
     model, params, sampler, labels, batch, overrides = prepare(args)
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = args.out / "spu.log"
-    try:
-        session = SecureSession(args.protocol, overrides, log_file=str(log_file))
-    except ProtocolError as err:
-        raise UsageError(str(err)) from None
+    session = SecureSession(args.protocol, overrides, log_file=str(log_file))
     shape = (batch, model.config.in_channels, *_sample_size(model))
     x_t, step_noise = draw_noise(args.seed, sampler, shape)
     started = time.perf_counter()

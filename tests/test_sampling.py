@@ -73,7 +73,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_model, tmp_path, capsys
     argv = ["--model", str(tiny_model), "--out", str(tmp_path / "out")] + args
     assert main("ddim", argv) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "out" / "report.json").exists() and not (tmp_path / "out" / "samples.npy").exists()
+    assert not (tmp_path / "out").exists()  # refused before anything was created
 
 
 def test_malformed_model_directory(tiny_model, tmp_path, capsys):
