@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--export-only", action="store_true",
                    help="write the diffusers files and model card from the last checkpoint, without training (e.g. mid-run)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.steps < 1 or args.batch < 1 or args.checkpoint_every < 1:
         p.error("--steps, --batch and --checkpoint-every must be positive")
     return args
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         log = json.loads(log_path.read_text())
         print(f"resuming from step {int(state['step'])}", file=sys.stderr)
     if not args.export_only:
-        log.setdefault("runs", []).append({"command": _command(), "from_step": int(state["step"])})
+        log.setdefault("runs", []).append({"command": _command(args), "from_step": int(state["step"])})
     args.out.mkdir(parents=True, exist_ok=True)
     train_step = make_train_step(model, optimizer, schedule, args.ema)
     steps_per_epoch = len(labels) // args.batch
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
 
 def write_model_card(args, log, model, trained: int):
     n_params = sum(int(np.prod(s)) for s in _param_shapes(model))
-    runs = log.get("runs") or [{"command": _command(), "from_step": 0}]
+    runs = log.get("runs") or [{"command": _command(args), "from_step": 0}]
     history = "\n".join(f"  - from step {r['from_step']}: `{r['command']}`" for r in runs)
     final_loss = log["losses"][-1][1] if log["losses"] else float("nan")
     (args.out / "README.md").write_text(f"""# MNIST class-conditional DDPM ({args.act_fn})
@@ -168,8 +169,8 @@ Sample quality: docs/results/mnist_quality.md.
 """)
 
 
-def _command() -> str:
-    return " ".join(["python scripts/train_ddpm_mnist.py", shlex.join(sys.argv[1:])]).strip()
+def _command(args) -> str:
+    return " ".join(["python scripts/train_ddpm_mnist.py", shlex.join(args.argv)]).strip()
 
 
 def _param_shapes(model):

@@ -24,7 +24,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     card = (tmp_path / "b" / "README.md").read_text()
-    assert "from step 0" in card and "from step 1" in card and "steps trained: 2 of 2" in card
+    assert "from step 0: `python scripts/train_ddpm_mnist.py --out" in card and "from step 1" in card
+    assert "steps trained: 2 of 2" in card
 
     from diffusers import UNet2DModel
 
