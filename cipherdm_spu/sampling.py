@@ -102,14 +102,14 @@ class SecureDiffusion:
         user_labels = session.share(labels_1h) if labels_1h is not None else None
         noise = session.share(list(step_noise)) if needs_noise(self.sampler) else None
         coefficients = self.sampler.coefficient_table()
-        total, reports = RunStats.zero(), []
+        total, reports, terms = RunStats.zero(), [], None
         try:
             for i, t in enumerate(self.sampler.timesteps):
                 terms = session.share(self.time_terms(t))  # the owner's, per step
                 new_x = session.run(self._step, self._weights, x, user_labels, terms, Public(coefficients[i]),
                                     noise[i] if noise is not None else None, reveal=False)
                 session.delete([x, terms])
-                x = new_x
+                x, terms = new_x, None
                 stats = session.last_stats
                 total = total + stats
                 report = StepReport(int(t), stats.seconds, stats.bytes_sent, stats.send_actions)
@@ -118,7 +118,7 @@ class SecureDiffusion:
                     on_step(report)
             image = session.reveal(x)  # the only reveal: the final image, to the user
         finally:
-            session.delete([x, user_labels, noise])
+            session.delete([x, terms, user_labels, noise])  # also on failure: nothing stays resident
         return image, total, reports
 
     def close(self) -> None:

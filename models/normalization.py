@@ -8,6 +8,13 @@ import jax.numpy as jnp
 from protocols import norms
 
 
+def _affine(module: nn.Module, channels: int):
+    """torch's affine norm parameters: weight (here ``scale``) = 1, bias = 0."""
+    scale = module.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = module.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    return scale, bias
+
+
 class GroupNorm(nn.Module):
     """torch.nn.GroupNorm with affine parameters, over channels-last input."""
 
@@ -16,9 +23,7 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        scale, bias = _affine(self, x.shape[-1])
         return norms.group_norm(x, self.num_groups, scale, bias, self.eps)
 
 
@@ -29,7 +34,5 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        scale, bias = _affine(self, x.shape[-1])
         return norms.layer_norm(x, scale, bias, self.eps)

@@ -20,7 +20,9 @@ and send actions (see cipherdm_spu/benchmark.py). Ratios are against `spu` in th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import shlex
 import sys
@@ -36,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from cipherdm_spu import Public, SecureSession, quality  # noqa: E402
-from cipherdm_spu.benchmark import NETWORKS, StepCase, linear_floor, measure_step, ratios  # noqa: E402
+from cipherdm_spu.benchmark import NETWORKS, StepCase, estimate_latency, linear_floor, measure_step, ratios  # noqa: E402
 from cipherdm_spu.sampling import SecureDiffusion, draw_noise, make_denoise_step, sample_plaintext, secure_params  # noqa: E402
 from models import DDIMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers  # noqa: E402
 
@@ -104,8 +106,7 @@ def run_samples(args) -> list:
     model_dir = args.sample_model
     model, params = UNet2DModel.from_pretrained(model_dir)
     sampler = DDIMSampler(ScheduleConfig.from_file(model_dir), args.sample_steps)
-    labels = list(range(args.sample_batch))
-    labels = [v % 10 for v in labels]
+    labels = [i % 10 for i in range(args.sample_batch)]
     x_t, _ = draw_noise(args.seed, sampler, (len(labels), 1, 28, 28))
     plain = sample_plaintext(model, params, sampler, x_t, labels)
     judge = quality.DigitJudge.load()
@@ -122,20 +123,13 @@ def run_samples(args) -> list:
         rows[name] = {
             "seconds": wall, "bytes_sent": total.bytes_sent, "bytes_sent_per_party": total.bytes_sent_per_party,
             "send_actions": total.send_actions,
-            "estimated_seconds": {net: _estimate(total, wall, net) for net in NETWORKS},
+            "estimated_seconds": {net: estimate_latency(dataclasses.replace(total, seconds=wall), net) for net in NETWORKS},
             "psnr_vs_plaintext": quality.psnr(images, plain), "ssim_vs_plaintext": quality.ssim(images, plain),
             "conditional_accuracy": quality.conditional_accuracy(probs, labels),
             "plaintext_conditional_accuracy": quality.conditional_accuracy(plain_probs, labels),
         }
     ratios(rows)
     return [{"case": f"{model_dir.name} DDIM-{args.sample_steps}, batch {len(labels)}", "rows": rows}]
-
-
-def _estimate(stats, wall, net):
-    from cipherdm_spu.benchmark import estimate_latency
-    import dataclasses
-
-    return estimate_latency(dataclasses.replace(stats, seconds=wall), net)
 
 
 def run_kernels(args) -> dict:
@@ -260,8 +254,6 @@ def main(argv=None) -> int:
     if args.quick:
         args.models, args.batches, args.sample_steps, args.sample_batch = args.models[:1], [1], 2, 1
     command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    import os
-
     results = {"command": command.strip(), "cpus": os.cpu_count()}
     if "kernels" in args.rows:
         results["kernels"] = run_kernels(args)
