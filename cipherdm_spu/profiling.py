@@ -151,6 +151,51 @@ def parse_run(text: str, seconds: float) -> RunStats:
     )
 
 
+def parse_party_run(text: str) -> dict:
+    """One party's own cost of one run, from its own log (a party in its own process, pphlo profile on).
+
+    Returns plain numbers (it travels over the control channel): link totals and per-op costs.
+    """
+    links = list(_LINK_LINE.finditer(text))
+    if len(links) != 1:
+        raise ProfileParseError(f"expected 1 'Link details' line in a party's run, found {len(links)}")
+    kernels: Dict[str, list] = {}
+    for m in _OP_LINE.finditer(text):
+        name = m.group("name")
+        if name.startswith("pphlo.") and name != "pphlo.free":
+            k = kernels.setdefault(name[len("pphlo."):], [0, 0.0, 0, 0])
+            k[0] += int(m.group("calls"))
+            k[1] += float(m.group("secs"))
+            k[2] += int(m.group("sb"))
+            k[3] += int(m.group("sa"))
+    link = links[0]
+    return {
+        "bytes_sent": int(link.group("sb")), "bytes_recv": int(link.group("rb")),
+        "send_actions": int(link.group("sa")), "kernels": kernels,
+    }
+
+
+def combine_party_runs(parties: List[dict], seconds: float) -> RunStats:
+    """RunStats from the three parties' `parse_party_run` reports (kernels: the mean over parties)."""
+    kernels: Dict[str, KernelStats] = {}
+    n = len(parties)
+    for report in parties:
+        for op, (calls, secs, sent, actions) in report["kernels"].items():
+            k = kernels.setdefault(op, KernelStats(0, 0.0, 0.0, 0.0))
+            k.calls = max(k.calls, calls)
+            k.seconds += secs / n
+            k.bytes_sent += sent / n
+            k.send_actions += actions / n
+    sent = [r["bytes_sent"] for r in parties]
+    recv = [r["bytes_recv"] for r in parties]
+    actions = [r["send_actions"] for r in parties]
+    return RunStats(
+        seconds=seconds, bytes_sent=sum(sent), bytes_recv=sum(recv), bytes_sent_per_party=sent,
+        bytes_recv_per_party=recv, send_actions=max(actions), send_actions_per_party=actions,
+        kernels=dict(sorted(kernels.items(), key=lambda kv: -kv[1].bytes_sent)),
+    )
+
+
 class SpuLog:
     """SPU's process-wide log, sent to a file; hands out the text each run appended.
 

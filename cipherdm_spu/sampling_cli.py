@@ -1,6 +1,7 @@
 """The command line of scripts/run_ddim.py and scripts/run_ddpm.py: validate, sample securely, report.
 
-Outputs (in --out): samples.png (a grid), samples.npy, report.json, spu.log (SPU's own log), and with
+Outputs (in --out): samples.png (a grid), samples.npy, report.json, spu.log (SPU's own log; with
+--cluster each party keeps its own), and with
 --compare plaintext.png / plaintext.npy. Everything is validated before anything is shared; the result
 files are written only when sampling has finished.
 """
@@ -20,10 +21,10 @@ from tqdm import tqdm
 from models import ConfigError, DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
 from models.schedulers import SchedulerConfigError
 
-from . import quality, registry
+from . import cluster_config, quality, registry
 from .registry import ProtocolError, available_protocol_sets
 from .sampling import SecureDiffusion, draw_noise, sample_plaintext
-from .session import SecureSession
+from .session import SecureSession, SessionError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "checkpoints" / "mnist-ddpm-silu"
@@ -61,6 +62,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    help=f"protocol set: {' | '.join(available_protocol_sets())} (default: cipherdm)")
     p.add_argument("--override", action="append", default=[], metavar="OP=KERNEL",
                    help="per-op kernel override, e.g. --override softmax=jax or --override silu=cipherdm-paper (repeatable)")
+    p.add_argument("--cluster", type=Path, default=None, metavar="CONFIG",
+                   help="run on the three-party cluster of this config (started with spu-launch) "
+                        "instead of three parties in this process")
     p.add_argument("--out", type=Path, default=Path("runs") / kind, help=f"output directory (default: runs/{kind})")
     p.add_argument("--compare", action="store_true",
                    help="also sample in plaintext from the same noise and report PSNR/SSIM and classifier labels")
@@ -132,6 +136,11 @@ def prepare(args):
         registry.validate(registry.resolve(args.protocol, overrides))
     except ProtocolError as err:
         raise UsageError(str(err)) from None
+    if args.cluster is not None:
+        try:
+            args.cluster = cluster_config.load(args.cluster)
+        except cluster_config.ClusterConfigError as err:
+            raise UsageError(f"--cluster: {err}") from None
     return model, params, sampler, labels, batch, overrides
 
 
@@ -172,8 +181,10 @@ def _write_atomic(path: Path, write) -> None:
 def run(args) -> dict:
     model, params, sampler, labels, batch, overrides = prepare(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    log_file = args.out / "spu.log"
-    session = SecureSession(args.protocol, overrides, log_file=str(log_file))
+    if args.cluster is None:
+        session = SecureSession(args.protocol, overrides, log_file=str(args.out / "spu.log"))
+    else:  # each party logs on its own host
+        session = SecureSession(args.protocol, overrides, cluster=args.cluster)
     shape = (batch, model.config.in_channels, *_sample_size(model))
     x_t, step_noise = draw_noise(args.seed, sampler, shape)
     started = time.perf_counter()
@@ -190,6 +201,7 @@ def run(args) -> dict:
     wall = time.perf_counter() - started
     report = {
         "sampler": args.kind, "protocol": session.protocol.name, "overrides": overrides, "model": str(args.model),
+        "parties": "embedded (one process)" if args.cluster is None else f"cluster {args.cluster.source}",
         "steps": sampler.num_steps, "timesteps": [int(t) for t in sampler.timesteps], "batch": batch,
         "seed": args.seed, "requested_labels": labels,
         "seconds": round(wall, 3), "mpc_seconds": round(total.seconds, 3),
@@ -239,6 +251,9 @@ def main(kind: str, argv=None) -> int:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+    except SessionError as err:  # a cluster party unreachable, mismatched or lost mid-run
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
     summary = f"{report['batch']} samples, {report['steps']} steps, {report['seconds']:.0f} s, " \
               f"{report['bytes_sent'] / 1e9:.2f} GB sent (all parties) -> {args.out}"
     if "psnr_vs_plaintext" in report:

@@ -1,4 +1,4 @@
-"""SecureSession: three SPU parties in one process, over SPU's in-memory link.
+"""SecureSession: three SPU parties, in this process (SPU's in-memory link) or a `spu-launch` cluster.
 
 It compiles a JAX function to an SPU executable once per (function, input shapes and visibilities),
 secret-shares inputs with SPU's Io, keeps values resident in the parties by name between runs, and
@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -96,8 +97,71 @@ def _canonical_array(value, what: str) -> np.ndarray:
     return np.ascontiguousarray(arr.astype(dtype, copy=False))
 
 
+class LocalParties:
+    """The three parties as SPU runtimes in this process, over SPU's in-memory link."""
+
+    def __init__(self, config, session_id: str, recv_timeout_s: float, log_file: Optional[str]):
+        SpuLog.get(log_file)  # SPU's log is process-wide: the newest session's log_file wins
+        self._pool = cf.ThreadPoolExecutor(WORLD_SIZE, thread_name_prefix=f"spu-party-{session_id}")
+        desc = libspu.link.Desc()
+        desc.id = f"cipherdm-{session_id}"
+        desc.recv_timeout_ms = int(recv_timeout_s * 1000)
+        for rank in range(WORLD_SIZE):
+            desc.add_party(f"party{rank}", f"mem:{session_id}:{rank}")
+
+        def start_party(rank: int) -> spu.Runtime:
+            cfg = libspu.RuntimeConfig(config)
+            cfg.enable_pphlo_profile, cfg.enable_hal_profile = PARTY_PROFILE_FLAGS[rank]
+            return spu.Runtime(libspu.link.create_mem(desc, rank), cfg)
+
+        self._runtimes: List[spu.Runtime] = self._on_parties(start_party)
+
+    def put(self, name: str, shares) -> None:
+        """Give party i its share i only."""
+        for rt, share in zip(self._runtimes, shares):
+            rt.set_var(name, share)
+
+    def fetch(self, name: str) -> list:
+        return [rt.get_var(name) for rt in self._runtimes]
+
+    def delete(self, names: Sequence[str]) -> None:
+        for rt in self._runtimes:
+            for name in names:
+                rt.del_var(name)
+
+    def run(self, executable) -> RunStats:
+        with _RUN_LOCK:
+            log = SpuLog.get()  # wherever SPU logs now (a later session may have moved it)
+            offset = log.offset()
+            start = time.perf_counter()
+            self._on_parties(lambda rank: self._runtimes[rank].run(executable))
+            seconds = time.perf_counter() - start
+            return parse_run(log.read_from(offset), seconds)
+
+    def close(self) -> None:
+        self._runtimes = []
+        self._pool.shutdown(wait=True)
+
+    def _on_parties(self, job: Callable[[int], Any]) -> List[Any]:
+        """Run ``job(rank)`` for the three parties concurrently; raise the first failure."""
+        futures = [self._pool.submit(job, rank) for rank in range(WORLD_SIZE)]
+        results, errors = [], []
+        for rank, fut in enumerate(futures):
+            try:
+                results.append(fut.result())
+            except Exception as e:  # noqa: BLE001 - re-raised below with the party named
+                errors.append((rank, e))
+        if errors:
+            rank, err = errors[0]
+            raise SessionError(f"party {rank} failed: {err}") from err
+        return results
+
+
 class SecureSession:
-    """Three SPU parties (ABY3, FM64, 18 fraction bits by default) sharing one process.
+    """Three SPU parties (ABY3, FM64, 18 fraction bits by default): in this process, or a cluster.
+
+    With ``cluster=`` (a config path or `ClusterConfig`) the parties are the cluster's processes
+    (`spu-launch`), and the config's protocol, ring and precision apply.
 
     >>> session = SecureSession(protocol="cipherdm")
     >>> y = session.run(lambda x: ops.silu(x) * 2.0, np.ones(4, np.float32))
@@ -114,9 +178,17 @@ class SecureSession:
         fraction_bits: int = 18,
         log_file: Optional[str] = None,
         recv_timeout_s: float = 600.0,
+        cluster: Union[None, str, os.PathLike, "ClusterConfig"] = None,
     ):
         self.protocol = registry.resolve(protocol, overrides)
         registry.validate(self.protocol)
+        if cluster is not None:  # the cluster config fixes protocol, ring and precision for every party
+            from . import cluster_config as cc
+
+            cluster_config = cluster if isinstance(cluster, cc.ClusterConfig) else cc.load(cluster)
+            spu_protocol, field, fraction_bits = (
+                cluster_config.protocol, cluster_config.field, cluster_config.fraction_bits
+            )
         self.config = spu_config.runtime_config(
             self.protocol.runtime, protocol=spu_protocol, field=field, fraction_bits=fraction_bits
         )
@@ -124,25 +196,16 @@ class SecureSession:
         self.id = uuid.uuid4().hex[:12]
         self.last_stats: Optional[RunStats] = None
         self.total_stats = RunStats.zero()
-        SpuLog.get(log_file)  # SPU's log is process-wide: the newest session's log_file wins
         self._io = spu.Io(WORLD_SIZE, self.config)
         self._cache: Dict[tuple, CompiledFunction] = {}
         self._names = itertools.count()
         self._resident: Dict[str, Secret] = {}
-        self._pool = cf.ThreadPoolExecutor(WORLD_SIZE, thread_name_prefix=f"spu-party-{self.id}")
+        if cluster is None:
+            self._parties = LocalParties(self.config, self.id, recv_timeout_s, log_file)
+        else:
+            from .driver import ClusterParties
 
-        desc = libspu.link.Desc()
-        desc.id = f"cipherdm-{self.id}"
-        desc.recv_timeout_ms = int(recv_timeout_s * 1000)
-        for rank in range(WORLD_SIZE):
-            desc.add_party(f"party{rank}", f"mem:{self.id}:{rank}")
-
-        def start_party(rank: int) -> spu.Runtime:
-            cfg = libspu.RuntimeConfig(self.config)
-            cfg.enable_pphlo_profile, cfg.enable_hal_profile = PARTY_PROFILE_FLAGS[rank]
-            return spu.Runtime(libspu.link.create_mem(desc, rank), cfg)
-
-        self._runtimes: Optional[List[spu.Runtime]] = self._on_parties(start_party)
+            self._parties = ClusterParties(cluster_config, self.config, self.id)
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -189,13 +252,7 @@ class SecureSession:
             name=compiled.name, input_names=input_names, output_names=output_names, code=compiled.code
         )
         try:
-            with _RUN_LOCK:
-                log = SpuLog.get()  # wherever SPU logs now (a later session may have moved it)
-                offset = log.offset()
-                start = time.perf_counter()
-                self._on_parties(lambda rank: self._runtimes[rank].run(executable))
-                seconds = time.perf_counter() - start
-                self.last_stats = parse_run(log.read_from(offset), seconds)
+            self.last_stats = self._parties.run(executable)
             self.total_stats = self.total_stats + self.last_stats
         finally:
             self.delete(temporaries)
@@ -221,9 +278,8 @@ class SecureSession:
     def delete(self, handles) -> None:
         """Drop resident values from every party."""
         for h in jax.tree_util.tree_leaves(handles, is_leaf=_is_leaf):
-            if isinstance(h, Secret) and self._resident.pop(h.name, None) is not None and self._runtimes:
-                for rt in self._runtimes:
-                    rt.del_var(h.name)
+            if isinstance(h, Secret) and self._resident.pop(h.name, None) is not None and self._parties:
+                self._parties.delete([h.name])
 
     def compile(self, fn: Callable, *args) -> CompiledFunction:
         """Compile (or fetch from the cache) ``fn`` for inputs shaped like ``args``; shares nothing."""
@@ -238,10 +294,10 @@ class SecureSession:
         return list(self._resident.values())
 
     def close(self) -> None:
-        if self._runtimes is not None:
-            self._runtimes = None
+        if self._parties is not None:
+            parties, self._parties = self._parties, None
             self._resident.clear()
-            self._pool.shutdown(wait=True)
+            parties.close()
 
     def __enter__(self) -> "SecureSession":
         return self
@@ -256,7 +312,7 @@ class SecureSession:
     # internals
 
     def _check_open(self) -> None:
-        if self._runtimes is None:
+        if self._parties is None:
             raise SessionError("this SecureSession is closed")
 
     def _check_handle(self, h) -> Secret:
@@ -329,27 +385,10 @@ class SecureSession:
         name = name or self._fresh_name("val")
         if name in self._resident:
             raise InputError(f"a resident value is already called {name!r}")
-        shares = self._io.make_shares(arr, _VIS[visibility])
-        for rt, share in zip(self._runtimes, shares):
-            rt.set_var(name, share)
+        self._parties.put(name, self._io.make_shares(arr, _VIS[visibility]))
         handle = Secret(name, tuple(arr.shape), arr.dtype, visibility, self.id)
         self._resident[name] = handle
         return handle
 
     def _reconstruct(self, h: Secret) -> np.ndarray:
-        shares = [rt.get_var(h.name) for rt in self._runtimes]
-        return np.asarray(self._io.reconstruct(shares)).reshape(h.shape)
-
-    def _on_parties(self, job: Callable[[int], Any]) -> List[Any]:
-        """Run ``job(rank)`` for the three parties concurrently; raise the first failure."""
-        futures = [self._pool.submit(job, rank) for rank in range(WORLD_SIZE)]
-        results, errors = [], []
-        for rank, fut in enumerate(futures):
-            try:
-                results.append(fut.result())
-            except Exception as e:  # noqa: BLE001 - re-raised below with the party named
-                errors.append((rank, e))
-        if errors:
-            rank, err = errors[0]
-            raise SessionError(f"party {rank} failed: {err}") from err
-        return results
+        return np.asarray(self._io.reconstruct(self._parties.fetch(h.name))).reshape(h.shape)
