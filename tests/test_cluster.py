@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -255,3 +256,45 @@ def test_shipped_config_is_valid_and_launcher_refuses_bad_files(tmp_path, capsys
     (tmp_path / "bad.json").write_text("{")
     assert launch_main(["--config", str(tmp_path / "bad.json")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def make_tls(directory):
+    """A CA and one certificate per party (for 127.0.0.1), made with the openssl command line."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-keyout", str(directory / "ca.key"), "-out", str(directory / "ca.pem"))
+    ext = directory / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    parties = {}
+    for i in range(3):
+        key, csr, cert = (directory / f"P{i}.{suffix}" for suffix in ("key", "csr", "pem"))
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=P{i}", "-keyout", str(key), "-out", str(csr))
+        openssl("x509", "-req", "-in", str(csr), "-CA", str(directory / "ca.pem"), "-CAkey", str(directory / "ca.key"),
+                "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(cert))
+        parties[f"P{i}"] = {"cert": cert.name, "key": key.name}
+    return {"ca_cert": "ca.pem", "parties": parties}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command to make test certificates")
+def test_cluster_with_tls_on_both_channels(tmp_path):
+    config = write_config(tmp_path / "3pc.json", free_ports(6))
+    raw = json.loads(config.read_text())
+    raw["tls"] = make_tls(tmp_path)
+    config.write_text(json.dumps(raw))
+    launcher = start(config, tmp_path / "logs")
+    try:
+        wait_up(config, [launcher])
+        with SecureSession("spu", cluster=config) as session:
+            x = np.arange(4, dtype=np.float32)
+            np.testing.assert_allclose(session.run(lambda v: v * v, x), x * x, atol=1e-3)
+        # a client without the cluster's certificates is refused
+        plain = json.loads(config.read_text())
+        plain["tls"] = None
+        (tmp_path / "plain.json").write_text(json.dumps(plain))
+        with pytest.raises(ClusterError, match="unreachable|not ready"):
+            SecureSession("spu", cluster=cc.from_dict({**plain, "timeouts": {"connect_s": 2, "recv_s": RECV_S}}))
+    finally:
+        stop([launcher])
