@@ -69,7 +69,11 @@ class UNet2DModel(PretrainedMixin, UNetTimePath, nn.Module):
         self.conv_in = conv(channels[0])
         self.time_embedding = TimestepEmbedding(c.time_embed_dim)
         if c.num_class_embeds:
-            self.class_embedding = nn.Embed(c.num_class_embeds, c.time_embed_dim)
+            # N(0, 1) like torch's nn.Embedding (diffusers' init): flax's default (std 1/sqrt(dim)) starts
+            # the class signal ~10x weaker than the time embedding's, and training then learns to ignore it.
+            self.class_embedding = nn.Embed(
+                c.num_class_embeds, c.time_embed_dim, embedding_init=nn.initializers.normal(stddev=1.0)
+            )
         resnet = ResnetSpec(c.norm_num_groups, c.norm_eps, c.act_fn, c.resnet_time_scale_shift == "scale_shift")
 
         def attention(ch, groups=c.norm_num_groups, rescale=1.0):

@@ -142,3 +142,11 @@ def test_small_unet_under_mpc_matches_plaintext(sessions, tmp_path):
     err = np.abs(secure - plain).max()
     assert err < 0.05 * max(1.0, np.abs(plain).max()), err
     assert session.last_stats.bytes_sent > 0
+
+
+def test_class_embedding_starts_like_diffusers():
+    """N(0, 1), as torch's nn.Embedding: a weaker start made training ignore the requested class."""
+    model = UNet2DModel.from_config(CONFIGS["class-conditional, attention, silu"])
+    table = np.asarray(model.init_params(jax.random.PRNGKey(0))["params"]["class_embedding"]["embedding"])
+    assert table.shape == (10, model.config.time_embed_dim)
+    assert 0.85 < table.std() < 1.15 and abs(table.mean()) < 0.1
