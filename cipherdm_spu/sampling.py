@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import schedulers
+from models import UNet2DConditionModel, schedulers
+from models.guidance import guided_prediction
 
 from .profiling import RunStats
 from .session import Public, SecureSession
@@ -58,14 +59,40 @@ def one_hot(labels, num_classes: Optional[int]) -> Optional[np.ndarray]:
     return np.eye(num_classes, dtype=np.float32)[np.asarray(labels)]
 
 
-def make_denoise_step(model, clip_range: Optional[float]):
+def is_text_conditional(model) -> bool:
+    return isinstance(model, UNet2DConditionModel)
+
+
+def predict_noise(model, params, x, condition, guidance_scale: float = 1.0, timestep=None, time_terms=None):
+    """The UNet's prediction for either model kind.
+
+    ``condition`` is the one-hot labels (or None) for a `UNet2DModel`; for a `UNet2DConditionModel` it
+    is ``(uncond_context, cond_context)`` with classifier-free guidance (scale > 1, one 2N batch), or
+    ``(cond_context,)`` without it.
+    """
+    if not is_text_conditional(model):
+        return model.apply(params, x, timestep, class_labels=condition, time_terms=time_terms)
+    if len(condition) == 2:
+        return guided_prediction(model, params, x, *condition, guidance_scale, timestep=timestep, time_terms=time_terms)
+    return model.apply(params, x, timestep, condition[0], time_terms=time_terms)
+
+
+def make_denoise_step(model, clip_range: Optional[float], guidance_scale: float = 1.0):
     """The function compiled once and run every step: UNet on precomputed time terms, then the update."""
 
-    def denoise_step(weights, x, labels, terms, coefficients, noise):
-        eps = model.apply(weights, x, class_labels=labels, time_terms=terms)
+    def denoise_step(weights, x, condition, terms, coefficients, noise):
+        eps = predict_noise(model, weights, x, condition, guidance_scale, time_terms=terms)
         return schedulers.step(x, eps, coefficients, noise, clip_range)
 
     return denoise_step
+
+
+def text_condition(uncond_context, cond_context, guidance_scale: float):
+    """The user's condition input for a text-conditional model: both contexts only when guidance is on."""
+    cond = np.asarray(cond_context, np.float32)
+    if guidance_scale > 1.0:
+        return (np.asarray(uncond_context, np.float32), cond)
+    return (cond,)
 
 
 @dataclasses.dataclass
@@ -77,29 +104,38 @@ class StepReport:
 
 
 class SecureDiffusion:
-    """Sampling with a class-conditional or unconditional UNet2DModel inside a `SecureSession`."""
+    """Sampling inside a `SecureSession` with a `UNet2DModel` (class-conditional or not) or a
+    `UNet2DConditionModel` (text contexts from the user, classifier-free guidance inside MPC)."""
 
-    def __init__(self, session: SecureSession, model, params, sampler: schedulers.Sampler):
+    def __init__(self, session: SecureSession, model, params, sampler: schedulers.Sampler, guidance_scale: float = 1.0):
         self.session, self.model, self.sampler = session, model, sampler
-        self.num_classes = model.config.num_class_embeds
+        self.num_classes = None if is_text_conditional(model) else model.config.num_class_embeds
         self._owner_params = params
         self._time_terms = jax.jit(lambda p, t: model.apply(p, t, method=model.time_terms))
         self._weights = session.share(secure_params(params))  # the owner's, once
-        self._step = make_denoise_step(model, sampler.clip_range)  # one object: one cached executable
+        # one function object: one cached executable (the guidance scale is a public constant in it)
+        self._step = make_denoise_step(model, sampler.clip_range, guidance_scale)
 
     def time_terms(self, timestep: int):
         """The owner's plaintext time terms for one public timestep."""
         return jax.tree_util.tree_map(np.asarray, self._time_terms(self._owner_params, int(timestep)))
 
     def sample(self, x_t: np.ndarray, labels=None, step_noise: Optional[np.ndarray] = None,
-               on_step: Optional[Callable[[StepReport], None]] = None) -> tuple[np.ndarray, RunStats, List[StepReport]]:
-        """Run every step under MPC; returns (final image revealed to the user, total cost, per-step cost)."""
+               on_step: Optional[Callable[[StepReport], None]] = None,
+               context=None) -> tuple[np.ndarray, RunStats, List[StepReport]]:
+        """Run every step under MPC; returns (final sample revealed to the user, total cost, per-step cost).
+
+        ``labels`` for a class-conditional UNet2DModel; ``context`` (from `text_condition`) for a
+        UNet2DConditionModel. Both are the user's and are secret-shared.
+        """
         session = self.session
         if needs_noise(self.sampler) and step_noise is None:
             raise ValueError("this sampler adds noise each step: pass step_noise (one array per step)")
-        labels_1h = one_hot(labels, self.num_classes)
+        if is_text_conditional(self.model) and context is None:
+            raise ValueError("a text-conditional UNet needs context= (the encoded prompt)")
+        condition = context if context is not None else one_hot(labels, self.num_classes)
         x = session.share(x_t)  # the user's
-        user_labels = session.share(labels_1h) if labels_1h is not None else None
+        user_labels = session.share(condition) if condition is not None else None
         noise = session.share(list(step_noise)) if needs_noise(self.sampler) else None
         coefficients = self.sampler.coefficient_table()
         total, reports, terms = RunStats.zero(), [], None
@@ -126,14 +162,18 @@ class SecureDiffusion:
         self.session.delete(self._weights)
 
 
-def sample_plaintext(model, params, sampler: schedulers.Sampler, x_t, labels=None, step_noise=None, progress=None):
+def sample_plaintext(model, params, sampler: schedulers.Sampler, x_t, labels=None, step_noise=None, progress=None,
+                     context=None, guidance_scale: float = 1.0):
     """The same sampling loop in plain JAX (float32), from the same noise: the reference for PSNR/SSIM."""
     clip = sampler.clip_range
-    labels = None if labels is None else jnp.asarray(labels)
+    if context is not None:
+        condition = tuple(jnp.asarray(c) for c in context)
+    else:
+        condition = None if labels is None else jnp.asarray(labels)
 
     @jax.jit
     def step(x, t, coefficients, noise):
-        eps = model.apply(params, x, t, class_labels=labels)
+        eps = predict_noise(model, params, x, condition, guidance_scale, timestep=t)
         return schedulers.step(x, eps, coefficients, noise, clip)
 
     coefficients = sampler.coefficient_table()
