@@ -3,7 +3,7 @@
 A party has an id, an address for SPU's brpc link (party to party) and an address for its control
 service (driver to party, gRPC). The runtime section fixes what every party must agree on: the MPC
 protocol, the ring and the fixed-point precision. TLS is optional and, when given, secures both
-channels with the same certificates.
+channels with mutual TLS: one CA, a certificate per party, and one for the driver (the user's side).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class PartyConfig:
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     parties: Tuple[PartyConfig, ...]
+    #: the driver's (the user's) client certificate for the control channels, when the cluster uses TLS
+    driver_tls: Optional[TlsFiles] = None
     protocol: str = "ABY3"
     field: str = "FM64"
     fraction_bits: int = 18
@@ -155,7 +157,8 @@ def from_dict(raw: dict, source: str = "<dict>", base: Optional[Path] = None) ->
     _only(timeouts, {"connect_s", "recv_s"}, f"{source}: timeouts")
     connect = _positive(timeouts.get("connect_s", 20.0), f"{source}: timeouts.connect_s")
     recv = _positive(timeouts.get("recv_s", 120.0), f"{source}: timeouts.recv_s")
-    return ClusterConfig(tuple(parties), protocol, field, bits, connect, recv, source)
+    driver_tls = _tls_files(tls_raw, "driver", source, base) if tls_raw is not None and "driver" in tls_raw else None
+    return ClusterConfig(tuple(parties), driver_tls, protocol, field, bits, connect, recv, source)
 
 
 def _party(raw, rank: int, source: str, tls_raw, base) -> PartyConfig:
@@ -171,21 +174,25 @@ def _party(raw, rank: int, source: str, tls_raw, base) -> PartyConfig:
         raise ClusterConfigError(f"{where}: id must be a non-empty name of letters, digits, '-' or '_', got {party_id!r}")
     split_address(raw["spu_address"], f"{where} ({party_id}) spu_address")
     split_address(raw["control_address"], f"{where} ({party_id}) control_address")
-    tls = None
-    if tls_raw is not None:
-        _only(tls_raw, {"ca_cert", "parties"}, f"{source}: tls")
-        own = (tls_raw.get("parties") or {}).get(party_id)
-        if not isinstance(own, dict) or "ca_cert" not in tls_raw:
-            raise ClusterConfigError(f"{source}: tls needs 'ca_cert' and parties.{party_id} with 'cert' and 'key'")
-        _only(own, {"cert", "key"}, f"{source}: tls.parties.{party_id}")
-        files = {"ca_cert": tls_raw["ca_cert"], "cert": own.get("cert"), "key": own.get("key")}
-        for key, value in files.items():
-            if not isinstance(value, str):
-                raise ClusterConfigError(f"{source}: tls {key} of party {party_id} must be a file path")
-            resolved = Path(value) if base is None or Path(value).is_absolute() else Path(base) / value
-            files[key] = str(resolved)
-        tls = TlsFiles(**files)
+    tls = _tls_files(tls_raw, party_id, source, base) if tls_raw is not None else None
     return PartyConfig(party_id, rank, raw["spu_address"], raw["control_address"], tls)
+
+
+def _tls_files(tls_raw: dict, who: str, source: str, base) -> TlsFiles:
+    """The CA and ``who``'s certificate and key ("driver" or a party id) from the tls section."""
+    _only(tls_raw, {"ca_cert", "parties", "driver"}, f"{source}: tls")
+    own = tls_raw.get("driver") if who == "driver" else (tls_raw.get("parties") or {}).get(who)
+    where = "driver" if who == "driver" else f"parties.{who}"
+    if not isinstance(own, dict) or "ca_cert" not in tls_raw:
+        raise ClusterConfigError(f"{source}: tls needs 'ca_cert' and {where} with 'cert' and 'key'")
+    _only(own, {"cert", "key"}, f"{source}: tls.{where}")
+    files = {"ca_cert": tls_raw["ca_cert"], "cert": own.get("cert"), "key": own.get("key")}
+    for key, value in files.items():
+        if not isinstance(value, str):
+            raise ClusterConfigError(f"{source}: tls {key} of {where} must be a file path")
+        resolved = Path(value) if base is None or Path(value).is_absolute() else Path(base) / value
+        files[key] = str(resolved)
+    return TlsFiles(**files)
 
 
 def check_tls_files(party: PartyConfig) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 import grpc
 import msgpack
 
-from .cluster_config import PartyConfig
+from .cluster_config import ClusterConfigError, PartyConfig, TlsFiles
 
 SERVICE = "cipherdm_spu.Party"
 #: hello, the two-phase session open (drop, then open), values in and out, runs, and the share audit
@@ -44,11 +44,13 @@ def server_credentials(party: PartyConfig) -> Optional[grpc.ServerCredentials]:
     )
 
 
-def channel(party: PartyConfig, client_tls: Optional[PartyConfig] = None) -> grpc.Channel:
-    """A channel to ``party``'s control service (TLS with ``client_tls``'s files when the cluster uses TLS)."""
+def channel(party: PartyConfig, driver_tls: Optional[TlsFiles]) -> grpc.Channel:
+    """The driver's channel to ``party``'s control service (mutual TLS when the cluster uses TLS)."""
     if party.tls is None:
         return grpc.insecure_channel(party.control_address, options=CHANNEL_OPTIONS)
-    own = (client_tls or party).tls
+    if driver_tls is None:
+        raise ClusterConfigError("the cluster uses TLS but its config has no tls.driver certificate and key")
+    own = driver_tls
     creds = grpc.ssl_channel_credentials(
         root_certificates=Path(own.ca_cert).read_bytes(),
         private_key=Path(own.key).read_bytes(),

@@ -37,8 +37,8 @@ class ClusterParties:
     def __init__(self, cluster: ClusterConfig, runtime_config, session_id: str):
         self.cluster = cluster
         self.session_id = f"cipherdm-{session_id}"
+        self._channels = [control.channel(p, cluster.driver_tls) for p in cluster.parties]
         self._pool = cf.ThreadPoolExecutor(3, thread_name_prefix=f"cluster-{session_id}")
-        self._channels = [control.channel(p, client_tls=p) for p in cluster.parties]
         self._broken: Optional[str] = None
         self.sent: List[List[str]] = [[] for _ in cluster.parties]  # sha256 of what each party was sent
         try:
@@ -140,7 +140,7 @@ def _describe(error: BaseException, party: PartyConfig, method: str) -> str:
 
 def hello(cluster: ClusterConfig, channels=None, timeout: Optional[float] = None) -> List[dict]:
     """Each party's hello (or {"party": id, "error": why} for one that does not answer)."""
-    channels = channels or [control.channel(p, client_tls=p) for p in cluster.parties]
+    channels = channels or [control.channel(p, cluster.driver_tls) for p in cluster.parties]
     timeout = cluster.connect_timeout_s if timeout is None else timeout
     replies = []
     for party, channel in zip(cluster.parties, channels):

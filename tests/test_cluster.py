@@ -239,6 +239,8 @@ def test_a_party_killed_mid_run_fails_the_run_and_the_others_recover(tmp_path):
     (lambda r: r["timeouts"].update(recv_s=-1), "timeouts.recv_s"),
     (lambda r: r.update(extra=1), "unknown field(s) extra"),
     (lambda r: r.update(tls={"ca_cert": "ca.pem", "parties": {}}), "parties.P0 with 'cert' and 'key'"),
+    (lambda r: r.update(tls={"ca_cert": "ca.pem", "parties": {f"P{i}": {"cert": "c", "key": "k"} for i in range(3)},
+                             "driver": {"cert": "c"}}), "tls key of driver must be a file path"),
 ])
 def test_bad_configs_are_refused(tmp_path, edit, message):
     raw = json.loads(write_config(tmp_path / "c.json", [1001, 1002, 1003, 1004, 1005, 1006]).read_text())
@@ -267,14 +269,15 @@ def make_tls(directory):
             "-keyout", str(directory / "ca.key"), "-out", str(directory / "ca.pem"))
     ext = directory / "san.cnf"
     ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    parties = {}
-    for i in range(3):
-        key, csr, cert = (directory / f"P{i}.{suffix}" for suffix in ("key", "csr", "pem"))
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=P{i}", "-keyout", str(key), "-out", str(csr))
+    files = {}
+    for who in ("P0", "P1", "P2", "driver"):
+        key, csr, cert = (directory / f"{who}.{suffix}" for suffix in ("key", "csr", "pem"))
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", str(key), "-out", str(csr))
         openssl("x509", "-req", "-in", str(csr), "-CA", str(directory / "ca.pem"), "-CAkey", str(directory / "ca.key"),
                 "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(cert))
-        parties[f"P{i}"] = {"cert": cert.name, "key": key.name}
-    return {"ca_cert": "ca.pem", "parties": parties}
+        files[who] = {"cert": cert.name, "key": key.name}
+    driver = files.pop("driver")
+    return {"ca_cert": "ca.pem", "parties": files, "driver": driver}
 
 
 @pytest.mark.slow
@@ -290,7 +293,12 @@ def test_cluster_with_tls_on_both_channels(tmp_path):
         with SecureSession("spu", cluster=config) as session:
             x = np.arange(4, dtype=np.float32)
             np.testing.assert_allclose(session.run(lambda v: v * v, x), x * x, atol=1e-3)
-        # a client without the cluster's certificates is refused
+        # the driver needs its own certificate; a client without the cluster's certificates is refused
+        no_driver = json.loads(config.read_text())
+        del no_driver["tls"]["driver"]
+        (tmp_path / "no_driver.json").write_text(json.dumps(no_driver))
+        with pytest.raises(cc.ClusterConfigError, match="no tls.driver certificate"):
+            SecureSession("spu", cluster=tmp_path / "no_driver.json")
         plain = json.loads(config.read_text())
         plain["tls"] = None
         (tmp_path / "plain.json").write_text(json.dumps(plain))
