@@ -1,8 +1,9 @@
 """One party of the cluster: an SPU runtime on SPU's brpc link, driven over a gRPC control service.
 
 The party holds only its own shares. A driver opens a session (every party starts a worker process
-with a fresh brpc link and runtime for it, so a run that failed half-way leaves nothing behind), sends this party its shares
-of the inputs, runs compiled executables, and fetches this party's shares of the outputs. The party
+with a fresh brpc link and runtime for it, so a run that failed half-way leaves nothing behind),
+sends this party its shares of the inputs, runs compiled executables, and fetches this party's shares
+of the outputs. The party
 never sees another party's share: the driver sends each share to its owner only, and `audit` lets a
 test check exactly what arrived.
 
@@ -332,7 +333,7 @@ def _handler(service: PartyService):
     )
 
 
-def serve(cluster: ClusterConfig, party_id: str, log_dir: Path, ready: Optional[threading.Event] = None) -> int:
+def serve(cluster: ClusterConfig, party_id: str, log_dir: Path) -> int:
     """Run one party until SIGINT/SIGTERM; returns the process exit code."""
     party = cluster.party(party_id)
     check_tls_files(party)
@@ -355,8 +356,6 @@ def serve(cluster: ClusterConfig, party_id: str, log_dir: Path, ready: Optional[
         signal.signal(sig, lambda *_: stop.set())
     print(f"party {party.id} ready: control {party.control_address}, SPU link {party.spu_address}, "
           f"config {cluster.fingerprint}", flush=True)
-    if ready is not None:
-        ready.set()
     stop.wait()
     print(f"party {party.id}: shutting down", flush=True)
     service.shutdown()  # first, so that a run blocked inside SPU ends and its gRPC call returns
