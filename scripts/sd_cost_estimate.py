@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""What one secure Stable Diffusion v1.5 UNet step costs: measured on reduced models, extrapolated.
+
+SD v1.5's UNet (860 M parameters, 64x64x4 latents, 77 tokens, guidance as a batch of 2) cannot be
+secret-shared on this machine (its shares alone exceed the memory). So:
+
+1. two SD-architecture UNets of reduced width are run for real under MPC, at two sizes (small, medium),
+   with the kernel breakdown (bytes of every registered nonlinear op at the step's own shapes);
+2. the cost model: each nonlinear op's bytes scale with its element count; the rest (convolutions,
+   matmuls, the norms' arithmetic, the update: ABY3 reshares and truncates every output element)
+   scales with the output elements of the convolutions and matmuls; send actions scale with the
+   number of nonlinear calls. Element counts come from the jaxpr of each model, the full one included
+   (traced abstractly, never materialised);
+3. the model is checked by extrapolating small -> medium and comparing with medium's measurement
+   (the error is reported), then applied medium -> SD v1.5.
+
+Seconds are not extrapolated (local compute scales with FLOPs, not bytes); the network time on the
+LAN/WAN of `cipherdm_spu.benchmark.NETWORKS` is, from bytes and send actions.
+
+    python scripts/sd_cost_estimate.py --out docs/results/sd_cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cipherdm_spu import Public, SecureSession  # noqa: E402
+from cipherdm_spu.benchmark import NETWORKS, measure_step, nonlinear_calls, StepCase  # noqa: E402
+from cipherdm_spu.sampling import make_denoise_step, secure_params  # noqa: E402
+from models import DDIMSampler, ScheduleConfig, UNet2DConditionModel  # noqa: E402
+
+#: SD v1.5's UNet config (the published diffusers config.json of runwayml/stable-diffusion-v1-5)
+SD15 = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+#: reduced SD-architecture UNets (same block kinds, fewer channels and levels) that do run here
+SMALL = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
+             down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+             cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
+MEDIUM = dict(SMALL, sample_size=16, block_out_channels=[32, 64, 64],
+              down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+              up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+TOKENS = 77
+GUIDANCE = 7.5
+LINEAR_PRIMITIVES = ("dot_general", "conv_general_dilated")
+
+
+def step_case(config: dict, seed: int, abstract: bool = False):
+    """(StepCase or its abstract twin, model) of one guided DDIM step at batch 1 (2 with guidance)."""
+    model = UNet2DConditionModel.from_config(config)
+    sampler = DDIMSampler(ScheduleConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         clip_sample=False, steps_offset=1), 50)
+    size, dim = config["sample_size"], config["cross_attention_dim"]
+    step = make_denoise_step(model, sampler.clip_range, GUIDANCE)
+    coefficients = sampler.coefficient_table()[25]
+    if abstract:
+        params = jax.eval_shape(model.init_params, jax.random.PRNGKey(seed))
+        terms = jax.eval_shape(lambda p: model.apply(p, 500, method=model.time_terms), params)
+        spec = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)  # noqa: E731
+        inputs = (spec(1, 4, size, size), (spec(1, TOKENS, dim), spec(1, TOKENS, dim)), terms, Public(coefficients), None)
+        return StepCase(f"SD ({size}x{size})", secure_params(params), inputs, step, None)
+    params = model.init_params(jax.random.PRNGKey(seed))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, 4, size, size)).astype(np.float32)
+    context = tuple(rng.standard_normal((1, TOKENS, dim)).astype(np.float32) for _ in range(2))
+    terms = jax.tree_util.tree_map(np.asarray, model.apply(params, int(sampler.timesteps[25]), method=model.time_terms))
+    return StepCase(f"SD-architecture {size}x{size}", secure_params(params), (x, context, terms, Public(coefficients), None),
+                    step, lambda: np.asarray(step(params, x, context, terms, coefficients, None)))
+
+
+def counts(case: StepCase) -> dict:
+    """Element counts the cost model scales with: per nonlinear op, linear outputs, nonlinear calls."""
+    from cipherdm_spu import registry
+
+    with registry.use_protocol("cipherdm"):
+        calls = nonlinear_calls(case.secure_fn, case.weights, *case.inputs)
+        closed = jax.make_jaxpr(case.secure_fn)(
+            *jax.tree_util.tree_map(lambda v: v.value if isinstance(v, Public) else v, (case.weights, *case.inputs),
+                                    is_leaf=lambda v: isinstance(v, Public)))
+    linear = 0
+
+    def walk(jaxpr):
+        nonlocal linear
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in LINEAR_PRIMITIVES:
+                linear += int(np.prod(eqn.outvars[0].aval.shape))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else [value]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(closed.jaxpr)
+    per_op = {}
+    for op, shape, _ in calls:
+        per_op[op] = per_op.get(op, 0) + int(np.prod(shape))
+    return {"ops": per_op, "linear_outputs": linear, "nonlinear_calls": len(calls)}
+
+
+def extrapolate(measured: dict, source: dict, target: dict) -> dict:
+    """Bytes and send actions of ``target`` from a ``measured`` step of ``source``'s shape."""
+    kernel_bytes = {op: k["bytes_sent"] for op, k in measured["kernels"].items()}
+    rest = measured["bytes_sent"] - sum(kernel_bytes.values())
+    by_op = {op: b * target["ops"].get(op, 0) / source["ops"][op] for op, b in kernel_bytes.items()}
+    linear = rest * target["linear_outputs"] / source["linear_outputs"]
+    total = sum(by_op.values()) + linear
+    actions = measured["send_actions"] * target["nonlinear_calls"] / source["nonlinear_calls"]
+    busiest = max(measured["bytes_sent_per_party"]) / measured["bytes_sent"] * total
+    return {
+        "bytes_sent": total, "bytes_by_op": by_op, "bytes_linear_and_rest": linear, "send_actions": actions,
+        "network_seconds": {net: busiest * 8 / bw + actions * rtt / 2 for net, (bw, rtt) in NETWORKS.items()},
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sets", nargs="+", default=["spu", "cipherdm"], help="protocol sets (default: spu cipherdm)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("docs/results/sd_cost"), help="writes OUT.json and OUT.md")
+    args = p.parse_args(argv)
+
+    small_case, medium_case = step_case(SMALL, args.seed), step_case(MEDIUM, args.seed)
+    shapes = {"small": counts(small_case), "medium": counts(medium_case), "sd15": counts(step_case(SD15, args.seed, abstract=True))}
+    result = {"command": "python scripts/sd_cost_estimate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "guidance_scale": GUIDANCE, "tokens": TOKENS, "counts": shapes, "sets": {}}
+    for name in tqdm(args.sets, desc="protocol sets"):
+        with SecureSession(name) as session:
+            small = measure_step(session, small_case)
+            medium = measure_step(session, medium_case)
+        check = extrapolate(small, shapes["small"], shapes["medium"])
+        result["sets"][name] = {
+            "measured_small": small, "measured_medium": medium,
+            "check_small_to_medium": {
+                "estimated_bytes": check["bytes_sent"], "measured_bytes": medium["bytes_sent"],
+                "relative_error": check["bytes_sent"] / medium["bytes_sent"] - 1,
+                "estimated_send_actions": check["send_actions"], "measured_send_actions": medium["send_actions"],
+            },
+            "sd15_step": extrapolate(medium, shapes["medium"], shapes["sd15"]),
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    args.out.with_suffix(".md").write_text(report(result))
+    print(report(result))
+    return 0
+
+
+def report(result: dict) -> str:
+    lines = [
+        "# Secure Stable Diffusion v1.5 UNet step: extrapolated cost", "",
+        f"Command: `{result['command']}`", "",
+        "ABY3, FM64, 18 fraction bits; one DDIM step with classifier-free guidance (scale "
+        f"{result['guidance_scale']}, batch 2), {result['tokens']} tokens, 64x64x4 latent (512x512 px). "
+        "**Extrapolated, not measured**: SD v1.5 cannot be secret-shared on this machine. Two reduced "
+        "SD-architecture UNets were measured; bytes scale per nonlinear op with its element count and for "
+        "the rest with the convolution/matmul output elements; send actions with the number of nonlinear "
+        "calls (see scripts/sd_cost_estimate.py). The check row extrapolates small -> medium and compares.", "",
+        "| protocol set | small: measured GB | medium: measured GB | check: small->medium GB (error) | "
+        "check: send actions est. / measured | SD v1.5 step: GB (all parties) | send actions | network time LAN / WAN (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in result["sets"].items():
+        check, sd = row["check_small_to_medium"], row["sd15_step"]
+        lines.append(
+            f"| {name} | {row['measured_small']['bytes_sent'] / 1e9:.3f} | {row['measured_medium']['bytes_sent'] / 1e9:.3f} | "
+            f"{check['estimated_bytes'] / 1e9:.3f} ({check['relative_error']:+.0%}) | "
+            f"{check['estimated_send_actions']:,.0f} / {check['measured_send_actions']:,} | {sd['bytes_sent'] / 1e9:,.0f} | "
+            f"{sd['send_actions']:,.0f} | {sd['network_seconds']['LAN']:,.0f} / {sd['network_seconds']['WAN']:,.0f} |"
+        )
+    sets = result["sets"]
+    if "spu" in sets and "cipherdm" in sets:
+        ratio = sets["spu"]["sd15_step"]["bytes_sent"] / sets["cipherdm"]["sd15_step"]["bytes_sent"]
+        lines += ["", f"Extrapolated bytes, vanilla SPU / cipherdm: {ratio:.2f}x."]
+        top = sorted(sets["cipherdm"]["sd15_step"]["bytes_by_op"].items(), key=lambda kv: -kv[1])
+        lines += ["", "cipherdm's extrapolated SD v1.5 step by op (GB): "
+                  + ", ".join(f"{op} {b / 1e9:,.0f}" for op, b in top)
+                  + f", linear layers and the rest {sets['cipherdm']['sd15_step']['bytes_linear_and_rest'] / 1e9:,.0f}."]
+    counts = result["counts"]["sd15"]
+    lines += ["", "Where it goes: self-attention over 64x64 = 4,096 latent positions makes softmax rows of 4,096 "
+              "and 1.46 G softmax elements per step; at these sizes every softmax kernel design pays per element, "
+              "so the SD v1.5 step is dominated by attention, not by SiLU as the MNIST step is. Network time "
+              "counts bytes of the busiest party over the bandwidth plus one one-way latency per send action; "
+              "local compute (which scales with FLOPs) is not included."]
+    lines += ["", "Element counts of the SD v1.5 step (from its jaxpr): "
+              + ", ".join(f"{op} {n:,}" for op, n in sorted(counts["ops"].items()))
+              + f"; conv/matmul outputs {counts['linear_outputs']:,}; nonlinear calls {counts['nonlinear_calls']:,}.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
