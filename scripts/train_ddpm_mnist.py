@@ -177,8 +177,8 @@ trained by cipherdm-spu's own script on the 4,000 training digits of `cipherdm_s
 5,000 MNIST digits minus the fixed 1,000 held-out ones). Epsilon objective ({weighting}), T=1000,
 linear betas 1e-4..0.02 (diffusers `DDPMScheduler` defaults). The weights are the EMA (decay {args.ema}).
 
-- Command(s) (a run resumes from its directory's last checkpoint; a resumed run with a larger --steps
-  continues on that run's learning-rate schedule):
+- Command(s) (a run resumes from its directory's last checkpoint; the learning rate follows the
+  schedule of the --steps given, so resuming with a larger --steps is a warm restart of the cosine):
 {history}
 - Seed: {args.seed}; steps trained: {trained} of {args.steps} planned{" (TRAINING IN PROGRESS: exported mid-run)" if trained < args.steps else ""}; batch: {args.batch}; peak lr: {args.lr} (AdamW, warm-up {min(args.warmup, args.steps // 10)}, cosine to 5 %)
 - Training time: {log["seconds"] / 60:.1f} min on {jax.devices()[0].platform.upper()}
