@@ -1,18 +1,19 @@
-"""GroupNorm / LayerNorm helpers: torch-like semantics, fixed-point safe at small variances."""
+"""GroupNorm / LayerNorm helpers: torch-like semantics, fixed-point safe at small and large variances, cheap."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from protocols import group_norm, layer_norm
+from protocols.norms import _mean_of_sums
 
 
-def _group_norm_ref(x, groups, eps):
+def _group_norm_ref(x, groups, eps, scale=1.0, bias=0.0):
     n, c = x.shape[0], x.shape[-1]
     g = x.reshape(n, -1, groups, c // groups).astype(np.float64)
     mean = g.mean(axis=(1, 3), keepdims=True)
     var = g.var(axis=(1, 3), keepdims=True)
-    return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape)
+    return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
 
 
 def test_group_norm_matches_reference_in_plaintext(rng):
@@ -39,3 +40,40 @@ def test_group_norm_under_mpc_with_small_and_large_variances(sessions, rng, prot
 def test_group_norm_refuses_indivisible_channels():
     with pytest.raises(ValueError, match="groups"):
         group_norm(jnp.zeros((1, 2, 2, 6)), 4)
+
+
+@pytest.mark.parametrize("channels", [8, 64])  # 8 channels on 28x28 pixels: the Gram path; 64 on 4x4: elementwise
+def test_group_norm_under_mpc_large_groups_offsets_and_affine(sessions, rng, channels):
+    side = 28 if channels == 8 else 4
+    x = rng.normal(0, 1, (2, side, side, channels)).astype(np.float32)
+    x[0] = x[0] * 100.0 + 300.0  # variance 1e4 around a large mean: a 1/count rounded to 2**-18 would show here
+    x[1] = x[1] * 0.01 - 3.0  # variance 1e-4
+    scale = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    bias = rng.normal(0, 1, channels).astype(np.float32)
+    y = sessions["cipherdm"].run(lambda v, s, b: group_norm(v, 2, s, b, eps=1e-6), x, scale, bias)
+    assert np.abs(y - _group_norm_ref(x, 2, 1e-6, scale, bias)).max() <= 3e-2
+
+
+def test_layer_norm_under_mpc(sessions, rng):
+    x = (rng.normal(0, 1, (4, 320)) * np.array([[100.0], [1.0], [0.1], [10.0]]) + 50.0).astype(np.float32)
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.astype(np.float64).var(-1, keepdims=True) + 1e-6)
+    y = sessions["cipherdm"].run(lambda v: layer_norm(v, eps=1e-6), x)
+    assert np.abs(y - ref).max() <= 3e-2
+
+
+@pytest.mark.parametrize("runs", [1, 64])
+def test_mean_of_sums_keeps_the_divisor_precise_and_large_means_in_range(sessions, rng, runs):
+    x = (rng.normal(0, 10, (3, runs, 40960 // runs)) + np.array([[[37.0]], [[-3.0]], [[30000.0]]])).astype(np.float32)
+    mean = sessions["cipherdm"].run(lambda v: _mean_of_sums(v.sum(-1), 40960), x)
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean((1, 2)), rtol=1e-4)  # 1/40960 as a constant: 6 % low
+
+
+def test_group_norm_costs_about_one_secret_product_per_element(sessions, rng):
+    """Squares summed as a Gram diagonal and the affine scale folded into the per-group factor:
+    what is left per element is the deviation times that factor."""
+    x = rng.normal(0, 1, (1, 16, 16, 32)).astype(np.float32)
+    session = sessions["cipherdm"]
+    session.run(lambda v: v * v, x)
+    product = session.last_stats.bytes_sent
+    session.run(lambda v, s, b: group_norm(v, 8, s, b), x, np.ones(32, np.float32), np.zeros(32, np.float32))
+    assert session.last_stats.bytes_sent <= 1.5 * product
