@@ -178,7 +178,8 @@ trained by cipherdm-spu's own script on the 4,000 training digits of `cipherdm_s
 linear betas 1e-4..0.02 (diffusers `DDPMScheduler` defaults). The weights are the EMA (decay {args.ema}).
 
 - Command(s) (a run resumes from its directory's last checkpoint; the learning rate follows the
-  schedule of the --steps given, so resuming with a larger --steps is a warm restart of the cosine):
+  schedule of the --steps given, so resuming with another --steps moves it onto that schedule at the
+  resume step: a larger one is a warm restart of the cosine, a smaller one anneals sooner):
 {history}
 - Seed: {args.seed}; steps trained: {trained} of {args.steps} planned{" (TRAINING IN PROGRESS: exported mid-run)" if trained < args.steps else ""}; batch: {args.batch}; peak lr: {args.lr} (AdamW, warm-up {min(args.warmup, args.steps // 10)}, cosine to 5 %)
 - Training time: {log["seconds"] / 60:.1f} min on {jax.devices()[0].platform.upper()}
