@@ -29,22 +29,25 @@ from cipherdm_spu import ops
 
 
 VARIANCE_SCALE = 16  # a power of four: its square root is applied as two doublings
+VARIANCE_HEADROOM_BITS = 5  # variances averaged at 2**-23 resolution; the 1/count constant then keeps 14 bits
 GRAM_MAX_SHARE = 0.25  # use the Gram diagonal when its channels^2 outputs are at most this share of the elements
 
 
-def _mean_of_sums(sums, count: int):
+def _mean_of_sums(sums, count: int, headroom_bits: int = 0):
     """sum(sums, axis=-1) / count for exact partial sums, keeping precision and range in fixed point.
 
     A public 1/count is itself a fixed-point number (1/6272 encodes 1.9 % low, 1/40960 6 % low), and
-    two constant products in a row are folded into one by the compiler. So the sums are first halved
-    exactly, by 2**-k with 2**k >= count, then dotted with 2**k / count, which lies in [1, 2) and
-    keeps 18 significant bits; the dot's result is the mean itself, so its products at twice the
-    fraction bits stay inside the ring for means up to 2**27. Error: about 2**-18 + 2**-19 * |mean|."""
-    shift = math.ceil(math.log2(count))
+    two constant products in a row are folded into one by the compiler. So the sums are first scaled
+    exactly, by 2**(headroom_bits - k) with 2**k >= count, then dotted with 2**(k - headroom_bits) / count,
+    in [2**-headroom_bits, 2**(1 - headroom_bits)); the dot's result is the mean itself, so its products at
+    twice the fraction bits stay inside the ring for means up to 2**27. Error: about 2**-(18 + headroom_bits)
+    from the scaled sums plus 2**-(19 - headroom_bits) * |mean| from the constant. Headroom suits means
+    whose relative error matters (variances); an offset subtracted from the data wants none."""
+    shift = math.ceil(math.log2(count)) - headroom_bits
     if shift > 18:
         raise ValueError(f"cannot average {count} values in fixed point with 18 fraction bits")
-    halved = sums * 2.0**-shift if shift else sums
-    return halved @ jnp.full((sums.shape[-1],), 2.0**shift / count, sums.dtype)
+    scaled = sums * 2.0**-shift if shift else sums
+    return scaled @ jnp.full((sums.shape[-1],), 2.0**shift / count, sums.dtype)
 
 
 def _times_root_variance_scale(d):
@@ -76,7 +79,7 @@ def group_norm(x, num_groups: int, scale=None, bias=None, eps: float = 1e-5):
     mean = _mean_of_sums(jnp.sum(grouped, axis=1), count)  # pixel sums are free and exact
     d = grouped - mean[:, None, :, None]
     sums = _scaled_channel_sums_of_squares(d.reshape(n, pixels, c)).reshape(n, num_groups, per_group)
-    factor = ops.rsqrt(_mean_of_sums(sums, count) + VARIANCE_SCALE * eps)[:, None, :, None]  # (N, 1, G, 1)
+    factor = ops.rsqrt(_mean_of_sums(sums, count, VARIANCE_HEADROOM_BITS) + VARIANCE_SCALE * eps)[:, None, :, None]  # (N, 1, G, 1)
     if scale is not None:
         factor = factor * jnp.reshape(scale, (num_groups, per_group))  # (N, 1, G, C/G): tiny
     y = (_times_root_variance_scale(d) * factor).reshape(x.shape)
@@ -94,7 +97,7 @@ def layer_norm(x, scale=None, bias=None, eps: float = 1e-5):
     """LayerNorm over the last axis."""
     count = x.shape[-1]
     d = _times_root_variance_scale(x - _mean_of_sums(_partial_sums(x), count)[..., None])
-    y = d * ops.rsqrt(_mean_of_sums(_partial_sums(d * d), count)[..., None] + VARIANCE_SCALE * eps)
+    y = d * ops.rsqrt(_mean_of_sums(_partial_sums(d * d), count, VARIANCE_HEADROOM_BITS)[..., None] + VARIANCE_SCALE * eps)
     if scale is not None:
         y = y * scale
     return y if bias is None else y + bias
