@@ -8,17 +8,13 @@ from cipherdm_spu import ops
 from .kernel_reference import REFERENCES, activation_inputs, encoded, softmax
 
 
-@pytest.mark.parametrize("op", ["silu", "mish", "gelu"])
-def test_activations_within_1e2_on_the_whole_line(sessions, op):
+@pytest.mark.parametrize("op", ["silu", "mish", "gelu", "sigmoid"])
+def test_activations_within_1_5e2_on_the_whole_line_and_3e3_on_the_bulk(sessions, op):
+    """The fits trade a little tail accuracy for accuracy where activations mostly lie (scripts/fit_kernels.py)."""
     x = activation_inputs()
-    y = sessions["cipherdm"].run(getattr(ops, op), x)
-    assert np.abs(y - REFERENCES[op](x.astype(np.float64))).max() <= 1e-2
-
-
-def test_sigmoid_within_1e2(sessions):
-    x = activation_inputs()
-    y = sessions["cipherdm"].run(ops.sigmoid, x)
-    assert np.abs(y - REFERENCES["sigmoid"](x.astype(np.float64))).max() <= 1e-2
+    err = np.abs(sessions["cipherdm"].run(getattr(ops, op), x) - REFERENCES[op](x.astype(np.float64)))
+    assert err.max() <= 1.5e-2
+    assert err[np.abs(x) <= 2].max() <= 3e-3
 
 
 def test_exp_on_softmax_domain_reaches_the_right_limit(sessions):
