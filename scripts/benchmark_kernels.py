@@ -151,11 +151,11 @@ def render_markdown(results: dict, command: str) -> str:
         "Notes: SPU's Io encodes inputs by flooring to 2^-18, so a variance of 1e-4 arrives with up to 2 % error",
         "before any kernel runs; `relative_vs_encoded_input` is the kernel's own error. The norm helpers",
         "(protocols/norms.py) pre-scale deviations so that their variances do not suffer this.",
-        "`cipherdm`'s SiLU, Mish and sigmoid fits are weighted towards the bulk: there they err ~5x less than an",
-        "unweighted fit would (SiLU 2.1e-3 vs 7.4e-3), in the tail up to ~2x more. End to end this is what counts: the",
-        "unweighted SiLU's bias near 0 (-7.4e-3 at x = 0) put DDIM-10 samples of the shipped SiLU model, drawn in",
-        "float32 with our kernels, at 28-35 dB PSNR from exact sampling (3 seeds x 10 digits); the weighted one puts",
-        "them at 51-53 dB. Secure runs of the same: docs/results/secure_sampling.md.",
+        "`cipherdm`'s SiLU and Mish fits are weighted towards the bulk, held to 9.5e-3 on the whole line: SiLU errs",
+        "3.7e-3 on |x| <= 2 where an unweighted fit errs 7.4e-3 (-7.4e-3 at x = 0). End to end this is what counts:",
+        "the unweighted SiLU's bias near 0 put DDIM-10 samples of the shipped SiLU model, drawn in float32 with our",
+        "kernels, at 28-35 dB PSNR from exact sampling (3 seeds x 10 digits); the weighted one puts them at 46-49 dB",
+        "(Mish model: 29 -> 38-41 dB). Secure runs of the same: docs/results/secure_sampling.md.",
         "",
     ]
     return "\n".join(lines)

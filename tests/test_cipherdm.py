@@ -9,12 +9,12 @@ from .kernel_reference import REFERENCES, activation_inputs, encoded, softmax
 
 
 @pytest.mark.parametrize("op", ["silu", "mish", "gelu", "sigmoid"])
-def test_activations_within_1_5e2_on_the_whole_line_and_3e3_on_the_bulk(sessions, op):
-    """The fits trade a little tail accuracy for accuracy where activations mostly lie (scripts/fit_kernels.py)."""
+def test_activations_within_1e2_on_the_whole_line_and_5e3_on_the_bulk(sessions, op):
+    """The fits favour |x| <= 2, where activations mostly lie, within the 1e-2 contract (scripts/fit_kernels.py)."""
     x = activation_inputs()
     err = np.abs(sessions["cipherdm"].run(getattr(ops, op), x) - REFERENCES[op](x.astype(np.float64)))
-    assert err.max() <= 1.5e-2
-    assert err[np.abs(x) <= 2].max() <= 3e-3
+    assert err.max() <= 1e-2
+    assert err[np.abs(x) <= 2].max() <= 5e-3
 
 
 def test_exp_on_softmax_domain_reaches_the_right_limit(sessions):

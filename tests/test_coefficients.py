@@ -16,8 +16,8 @@ def test_committed_coefficients_match_a_fresh_fit():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_fit_is_within_1_5e2_everywhere_and_2_5e3_on_the_bulk_in_float64():
+def test_every_fit_is_within_1e2_everywhere_and_4_5e3_on_the_bulk_in_float64():
     for name, fit in ACTIVATIONS.items():
-        assert fit["err"] < 1.5e-2, name
-        assert fit["bulk_err"] < 2.5e-3, name
+        assert fit["err"] < 1e-2, name
+        assert fit["bulk_err"] < 4.5e-3, name
         assert fit["T"] > 0 and len(fit["plus"]) == 5
