@@ -6,6 +6,7 @@ Each run is exactly `python scripts/run_ddim.py --compare --protocol P --out run
 actions, PSNR/SSIM against plaintext sampling from the same noise, and the classifier's verdicts.
 
     python scripts/secure_sampling_report.py
+    python scripts/secure_sampling_report.py --reuse spu spu-pade   # re-run only what changed
 """
 
 from __future__ import annotations
@@ -24,23 +25,38 @@ from cipherdm_spu.sampling_cli import main as run_sampling  # noqa: E402
 SETS = ("spu", "spu-pade", "cipherdm-paper", "cipherdm")
 
 
+def _shown(path: Path) -> str:
+    """path relative to the repository where it lies inside it (reports do not name this machine's paths)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS), help="protocol sets (default: all four)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "secure_sampling", help="where the runs go")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="where the report goes")
+    p.add_argument("--reuse", nargs="+", choices=SETS, default=[], metavar="SET",
+                   help="sets whose earlier run under --runs is gathered as it is instead of run again")
     args = p.parse_args(argv)
+    missing = [name for name in args.reuse if not (args.runs / name / "report.json").is_file()]
+    if missing:
+        p.error(f"--reuse: no earlier run of {missing} under {args.runs}")
     reports = {}
     for name in args.sets:
         out = args.runs / name
-        if run_sampling("ddim", ["--compare", "--protocol", name, "--out", str(out)]) != 0:
+        if name not in args.reuse and run_sampling("ddim", ["--compare", "--protocol", name, "--out", str(out)]) != 0:
             return 1
         reports[name] = json.loads((out / "report.json").read_text())
         shutil.copy(out / "samples.png", args.out / f"secure_sampling_{name}.png")
     shutil.copy(args.runs / args.sets[-1] / "plaintext.png", args.out / "secure_sampling_plaintext.png")
     first = next(iter(reports.values()))
+    command = " ".join(["python scripts/secure_sampling_report.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [
         "# Secure sampling: one default run per protocol set", "",
+        f"Command: `{command}`" + (f" (rows {', '.join(args.reuse)} gathered from earlier runs under "
+                                  f"{_shown(args.runs)}/; each row's seconds were measured under its own run's machine "
+                                  "load, so compare bytes, not seconds, across rows)" if args.reuse else ""), "",
         "Each row is `python scripts/run_ddim.py --compare --protocol P` (gathered by "
         "`python scripts/secure_sampling_report.py`): the shipped model `checkpoints/mnist-ddpm-silu`, "
         f"DDIM {first['steps']} steps, eta 0, batch {first['batch']}, labels {first['requested_labels']}, seed {first['seed']}, "
