@@ -2,9 +2,10 @@
 
 Each activation f in {silu, gelu, mish, sigmoid} is written as f(x) = step(x) + R_sign(min(|x|, T)),
 with R_+(a) = f(a) - step-part and R_-(a) = f(-a) - step-part for a >= 0 (step-part: a for
-silu/gelu/mish, 1 for sigmoid). Each R is a degree-4 polynomial fitted by minimax (a linear program)
-on [0, T] *including the clamped tail* (|x| > T maps to R(T)), so the error bound holds on the
-whole real line. T is chosen per function to minimise the bound. The polynomial is then converted to
+silu/gelu/mish, 1 for sigmoid). Each R is a degree-4 polynomial (Mish: a times one) fitted by minimax
+(a linear program) on [0, T] *including the clamped tail* (|x| > T maps to R(T)), so the error bound
+holds on the whole real line; the error is weighted towards small |x| and capped at ERR_CAP everywhere
+(see BULK_WEIGHT). T is chosen per function to minimise the weighted bound. The polynomial is then converted to
 Knuth's adapted coefficients, which evaluate a quartic with two secret multiplications.
 
 Also fits the initial guesses of the rsqrt/reciprocal Newton iterations on their normalised ranges.
