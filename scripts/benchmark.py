@@ -183,7 +183,8 @@ def render(results: dict, command: str) -> str:
             lines.append(f"| {op} | " + " | ".join(f"{results['kernels'][s][op]['cost']['bytes_per_element_per_party']:.0f}"
                                                      for s in results["kernels"]) + " |")
         lines.append("")
-    lines += ["Charts: benchmark_bytes_time.png (bytes and seconds per protocol), benchmark_kernels.png (bytes by kernel)."]
+    if results.get("step"):  # charts() draws the step rows only
+        lines += ["Charts: benchmark_bytes_time.png (bytes and seconds per protocol), benchmark_kernels.png (bytes by kernel)."]
     return "\n".join(lines) + "\n"
 
 

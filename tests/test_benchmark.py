@@ -1,5 +1,9 @@
 """Benchmark harness: call discovery, the linear floor, latency estimates, and one measured step."""
 
+import json
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -8,7 +12,9 @@ from cipherdm_spu import Public, RunStats, SecureSession, ops, registry
 from cipherdm_spu.benchmark import StepCase, estimate_latency, linear_floor, measure_step, nonlinear_calls, ratios
 from models import UNet2DModel
 
-from .test_sampling import TINY
+from .test_sampling import TINY, tiny_model  # noqa: F401 - the fixture
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 def test_nonlinear_calls_finds_every_op_with_shape_and_params():
@@ -60,3 +66,29 @@ def test_measure_step_on_a_tiny_unet():
         assert 0 < sum(k["bytes_sent"] for k in kernels.values()) < row["bytes_sent"]
     assert rows["spu"]["vs_spu"]["bytes"] == 1.0
     assert rows["cipherdm"]["vs_spu"]["bytes"] > 1.0  # our kernels send less than SPU's
+
+
+@pytest.mark.slow
+def test_benchmark_script_quick_mode_writes_every_row(tiny_model, tmp_path):  # noqa: F811
+    """scripts/benchmark.py --quick end to end (kernel, step and sample rows) on a tiny model."""
+    import benchmark as script
+
+    out = tmp_path / "bench"
+    assert script.main(["--quick", "--sets", "spu", "cipherdm", "--models", str(tiny_model),
+                        "--sample-model", str(tiny_model), "--out", str(out)]) == 0
+    results = json.loads((out / "benchmark.json").read_text())
+    assert set(results["kernels"]) == {"spu", "cipherdm"}
+    assert results["kernels"]["cipherdm"]["silu"]["grid"]["max_abs_err"] < 1e-2
+    (step,) = results["step"]
+    assert set(step["rows"]) == {"spu", "cipherdm", "linear-floor"}
+    assert step["rows"]["spu"]["vs_spu"]["bytes"] == 1.0
+    assert step["rows"]["cipherdm"]["bytes_sent"] < step["rows"]["spu"]["bytes_sent"]
+    assert step["rows"]["linear-floor"]["bytes_sent"] < step["rows"]["cipherdm"]["bytes_sent"]
+    assert step["rows"]["cipherdm"]["max_abs_err"] < 0.1
+    (sample,) = results["sample"]
+    for row in sample["rows"].values():
+        assert row["psnr_vs_plaintext"] > 20 and 0 <= row["conditional_accuracy"] <= 1
+        assert row["estimated_seconds"]["WAN"] > row["seconds"]
+    markdown = (out / "benchmark.md").read_text()
+    assert "Command: `python scripts/benchmark.py --quick" in markdown and "DDIM-2" in markdown
+    assert (out / "benchmark_bytes_time.png").stat().st_size > 0 and (out / "benchmark_kernels.png").stat().st_size > 0
