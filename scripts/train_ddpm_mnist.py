@@ -60,6 +60,9 @@ def parse_args(argv=None):
                    help="Min-SNR loss weighting min(SNR, gamma)/SNR (Hang et al. 2023); 0 = plain epsilon MSE (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, batches, noise (default: 0)")
     p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default: 250)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start a new run from the weights of this diffusers-format directory (e.g. a shipped "
+                        "checkpoint) instead of a random init; the optimizer state starts fresh")
     p.add_argument("--export-only", action="store_true",
                    help="write the diffusers files and model card from the last checkpoint, without training (e.g. mid-run)")
     args = p.parse_args(argv)
@@ -121,13 +124,19 @@ def main(argv=None) -> int:
     optimizer = optax.adamw(lr, weight_decay=1e-4)
     key = jax.random.PRNGKey(args.seed)
     params = model.init_params(key)
-    state = {"params": params, "opt_state": optimizer.init(params), "ema": params, "step": jnp.zeros((), jnp.int32)}
     ckpt = args.out / "train_state.msgpack"
     log_path = args.out / "train_log.json"
     log = {"losses": [], "seconds": 0.0, "runs": []}
     if args.export_only and not ckpt.exists():
         print(f"error: no checkpoint {ckpt} to export", file=sys.stderr)
         return 2
+    if args.init_from is not None and not ckpt.exists():
+        try:
+            params, log["init"] = load_initial_weights(args.init_from, model)
+        except ValueError as e:
+            print(f"error: --init-from {args.init_from}: {e}", file=sys.stderr)
+            return 2
+    state = {"params": params, "opt_state": optimizer.init(params), "ema": params, "step": jnp.zeros((), jnp.int32)}
     if ckpt.exists():
         state = serialization.from_bytes(state, ckpt.read_bytes())
         log = json.loads(log_path.read_text())
@@ -164,6 +173,50 @@ def main(argv=None) -> int:
     return 0
 
 
+def load_initial_weights(directory: Path, model) -> tuple[dict, dict]:
+    """Params of a diffusers-format directory with our architecture, and its training history for the card."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ValueError("no config.json there")
+    config = json.loads(config_path.read_text())
+    expected = dataclasses.asdict(model.config)
+    differing = sorted(k for k, v in expected.items() if k in config and _as_json(config[k]) != _as_json(v))
+    if differing:
+        raise ValueError(f"its architecture differs from the one trained here in {', '.join(differing)}")
+    _, params = UNet2DModel.from_pretrained(directory)
+    history = {"from": str(directory), "steps": 0, "seconds": 0.0, "runs": []}
+    log_path = directory / "train_log.json"
+    if log_path.is_file():
+        earlier = json.loads(log_path.read_text())
+        history.update(steps=earlier["losses"][-1][0] if earlier.get("losses") else 0,
+                       seconds=earlier.get("seconds", 0.0), runs=earlier.get("runs", []),
+                       init=earlier.get("init"))
+    return params, history
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value))
+
+
+def _init_history(init) -> str:
+    """Card lines for the run(s) whose weights a --init-from run started from (recursively)."""
+    if not init:
+        return ""
+    lines = [f"- Initialised from the weights then in `{init['from']}` (fresh optimizer state), which were trained "
+             f"{init['steps']} steps in {init['seconds'] / 60:.1f} min by:"]
+    lines += [f"  - from step {r['from_step']}: `{r['command']}`" for r in init["runs"]]
+    earlier = _init_history(init.get("init"))
+    return "\n".join(lines) + ("\n" + earlier if earlier else "") + "\n"
+
+
+def _total_steps(init, trained: int) -> str:
+    """' (N in all, ...)' when the run started from earlier weights."""
+    earlier = 0
+    while init:
+        earlier, init = earlier + init["steps"], init.get("init")
+    return f" ({earlier + trained} in all, with the {earlier} behind the initial weights)" if earlier else ""
+
+
 def write_model_card(args, log, model, trained: int):
     n_params = sum(int(np.prod(s)) for s in _param_shapes(model))
     runs = log.get("runs") or [{"command": _command(args), "from_step": 0}]
@@ -181,9 +234,9 @@ linear betas 1e-4..0.02 (diffusers `DDPMScheduler` defaults). The weights are th
   schedule of the --steps given, so resuming with another --steps moves it onto that schedule at the
   resume step: a larger one is a warm restart of the cosine, a smaller one anneals sooner):
 {history}
-- Seed: {args.seed}; steps trained: {trained} of {args.steps} planned{" (TRAINING IN PROGRESS: exported mid-run)" if trained < args.steps else ""}; batch: {args.batch}; peak lr: {args.lr} (AdamW, warm-up {min(args.warmup, args.steps // 10)}, cosine to 5 %)
+{_init_history(log.get("init"))}- Seed: {args.seed}; steps trained: {trained} of {args.steps} planned{_total_steps(log.get("init"), trained)}{" (TRAINING IN PROGRESS: exported mid-run)" if trained < args.steps else ""}; batch: {args.batch}; peak lr: {args.lr} (AdamW, warm-up {min(args.warmup, args.steps // 10)}, cosine to 5 %)
 - Training time: {log["seconds"] / 60:.1f} min on {jax.devices()[0].platform.upper()}
-  ({os.cpu_count()} CPU cores; the time includes compilation)
+  (CPU cores available to it: {len(os.sched_getaffinity(0))}; the time includes compilation)
 - Training loss at the exported step (mean of the last 50 steps, as weighted): {final_loss:.4f}
 
 Load with `models.UNet2DModel.from_pretrained(dir)` or `diffusers.UNet2DModel.from_pretrained(dir)`.

@@ -30,3 +30,23 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     from diffusers import UNet2DModel
 
     assert UNet2DModel.from_pretrained(tmp_path / "b").config.num_class_embeds == 10
+
+
+@pytest.mark.slow
+def test_init_from_starts_at_the_given_weights_and_refuses_another_architecture(tmp_path):
+    common = ["--batch", "2", "--seed", "1"]
+    assert train_ddpm_mnist.main(["--out", str(tmp_path / "a"), "--steps", "1", *common]) == 0
+    # A zero learning rate leaves the weights where they started: the export must equal the init's weights.
+    assert train_ddpm_mnist.main(["--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"),
+                                  "--steps", "1", "--lr", "0", *common]) == 0
+    a = safetensors.numpy.load_file(str(tmp_path / "a" / "diffusion_pytorch_model.safetensors"))
+    b = safetensors.numpy.load_file(str(tmp_path / "b" / "diffusion_pytorch_model.safetensors"))
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-7, err_msg=key)  # EMA arithmetic rounds
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert f"Initialised from the weights then in `{tmp_path / 'a'}`" in card and "trained 1 steps" in card
+
+    assert train_ddpm_mnist.main(["--out", str(tmp_path / "c"), "--act-fn", "mish",
+                                  "--init-from", str(tmp_path / "a"), *common]) == 2
+    assert train_ddpm_mnist.main(["--out", str(tmp_path / "c"), "--init-from", str(tmp_path / "missing"), *common]) == 2
+    assert not (tmp_path / "c").exists()
