@@ -142,7 +142,8 @@ def main(argv=None) -> int:
         log = json.loads(log_path.read_text())
         print(f"resuming from step {int(state['step'])}", file=sys.stderr)
     if not args.export_only:
-        log.setdefault("runs", []).append({"command": _command(args), "from_step": int(state["step"])})
+        log.setdefault("runs", []).append({"command": _command(args), "from_step": int(state["step"]),
+                                           "cpu_cores": len(os.sched_getaffinity(0))})
     args.out.mkdir(parents=True, exist_ok=True)
     train_step = make_train_step(model, optimizer, schedule, args.ema, args.min_snr_gamma)
     steps_per_epoch = len(labels) // args.batch
@@ -199,14 +200,15 @@ def _as_json(value):
 
 
 def _init_history(init) -> str:
-    """Card lines for the run(s) whose weights a --init-from run started from (recursively)."""
-    if not init:
-        return ""
-    lines = [f"- Initialised from the weights then in `{init['from']}` (fresh optimizer state), which were trained "
-             f"{init['steps']} steps in {init['seconds'] / 60:.1f} min by:"]
-    lines += [f"  - from step {r['from_step']}: `{r['command']}`" for r in init["runs"]]
-    earlier = _init_history(init.get("init"))
-    return "\n".join(lines) + ("\n" + earlier if earlier else "") + "\n"
+    """Card lines for the run(s) whose weights a --init-from run started from, earliest last."""
+    lines = []
+    while init:
+        lead = "Initialised" if not lines else "Those weights were in turn initialised"
+        lines.append(f"- {lead} from the weights then in `{init['from']}` (fresh optimizer state), which were "
+                     f"trained {init['steps']} steps in {init['seconds'] / 60:.1f} min by:")
+        lines += [f"  - from step {r['from_step']}: `{r['command']}`" for r in init["runs"]]
+        init = init.get("init")
+    return "".join(line + "\n" for line in lines)
 
 
 def _total_steps(init, trained: int) -> str:
@@ -236,7 +238,7 @@ linear betas 1e-4..0.02 (diffusers `DDPMScheduler` defaults). The weights are th
 {history}
 {_init_history(log.get("init"))}- Seed: {args.seed}; steps trained: {trained} of {args.steps} planned{_total_steps(log.get("init"), trained)}{" (TRAINING IN PROGRESS: exported mid-run)" if trained < args.steps else ""}; batch: {args.batch}; peak lr: {args.lr} (AdamW, warm-up {min(args.warmup, args.steps // 10)}, cosine to 5 %)
 - Training time: {log["seconds"] / 60:.1f} min on {jax.devices()[0].platform.upper()}
-  (CPU cores available to it: {len(os.sched_getaffinity(0))}; the time includes compilation)
+  (CPU cores available to it: {runs[-1].get("cpu_cores", len(os.sched_getaffinity(0)))}; the time includes compilation)
 - Training loss at the exported step (mean of the last 50 steps, as weighted): {final_loss:.4f}
 
 Load with `models.UNet2DModel.from_pretrained(dir)` or `diffusers.UNet2DModel.from_pretrained(dir)`.

@@ -9,6 +9,7 @@ import safetensors.numpy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+import evaluate_mnist  # noqa: E402
 import train_ddpm_mnist  # noqa: E402
 
 
@@ -45,6 +46,13 @@ def test_init_from_starts_at_the_given_weights_and_refuses_another_architecture(
         np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-7, err_msg=key)  # EMA arithmetic rounds
     card = (tmp_path / "b" / "README.md").read_text()
     assert f"Initialised from the weights then in `{tmp_path / 'a'}`" in card and "trained 1 steps" in card
+    # A second generation keeps the whole history on its card and in its step count.
+    assert train_ddpm_mnist.main(["--out", str(tmp_path / "d"), "--init-from", str(tmp_path / "b"),
+                                  "--steps", "1", *common]) == 0
+    card = (tmp_path / "d" / "README.md").read_text()
+    assert f"Those weights were in turn initialised from the weights then in `{tmp_path / 'a'}`" in card
+    assert "(3 in all, with the 2 behind the initial weights)" in card and "CPU cores available to it: " in card
+    assert evaluate_mnist.trained_steps(tmp_path / "d") == 3
 
     assert train_ddpm_mnist.main(["--out", str(tmp_path / "c"), "--act-fn", "mish",
                                   "--init-from", str(tmp_path / "a"), *common]) == 2
