@@ -22,12 +22,14 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cipherdm_spu import quality  # noqa: E402
 from cipherdm_spu.mnist import load_digits  # noqa: E402
 from cipherdm_spu.sampling import draw_noise, sample_plaintext  # noqa: E402
 from cipherdm_spu.sampling_cli import image_grid  # noqa: E402
 from models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel  # noqa: E402
+from train_ddpm_mnist import steps_before  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = [("DDPM", 1000), ("DDIM", 100), ("DDIM", 50), ("DDIM", 20), ("DDIM", 10)]
@@ -37,11 +39,7 @@ TARGET_DDIM50_ACCURACY = 0.9  # the bar the shipped models are meant to reach (i
 def trained_steps(model_dir: Path) -> int:
     """Optimizer steps behind a checkpoint (its own and those of the weights it started from), from its training log."""
     log = json.loads((model_dir / "train_log.json").read_text())
-    steps = log["losses"][-1][0] if log["losses"] else 0
-    init = log.get("init")  # a run started from earlier weights (train_ddpm_mnist.py --init-from)
-    while init:
-        steps, init = steps + init["steps"], init.get("init")
-    return steps
+    return (log["losses"][-1][0] if log["losses"] else 0) + steps_before(log.get("init"))
 
 
 def main(argv=None) -> int:

@@ -176,15 +176,11 @@ def main(argv=None) -> int:
 
 def load_initial_weights(directory: Path, model) -> tuple[dict, dict]:
     """Params of a diffusers-format directory with our architecture, and its training history for the card."""
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ValueError("no config.json there")
-    config = json.loads(config_path.read_text())
-    expected = dataclasses.asdict(model.config)
-    differing = sorted(k for k, v in expected.items() if k in config and _as_json(config[k]) != _as_json(v))
+    loaded, params = UNet2DModel.from_pretrained(directory)  # a ConfigError (ValueError) names what is missing
+    differing = [f.name for f in dataclasses.fields(model.config)
+                 if getattr(loaded.config, f.name) != getattr(model.config, f.name)]
     if differing:
         raise ValueError(f"its architecture differs from the one trained here in {', '.join(differing)}")
-    _, params = UNet2DModel.from_pretrained(directory)
     history = {"from": str(directory), "steps": 0, "seconds": 0.0, "runs": []}
     log_path = directory / "train_log.json"
     if log_path.is_file():
@@ -195,8 +191,12 @@ def load_initial_weights(directory: Path, model) -> tuple[dict, dict]:
     return params, history
 
 
-def _as_json(value):
-    return json.loads(json.dumps(value))
+def steps_before(init) -> int:
+    """Optimizer steps behind the weights a run was initialised from (--init-from), over the whole chain."""
+    steps = 0
+    while init:
+        steps, init = steps + init["steps"], init.get("init")
+    return steps
 
 
 def _init_history(init) -> str:
@@ -213,9 +213,7 @@ def _init_history(init) -> str:
 
 def _total_steps(init, trained: int) -> str:
     """' (N in all, ...)' when the run started from earlier weights."""
-    earlier = 0
-    while init:
-        earlier, init = earlier + init["steps"], init.get("init")
+    earlier = steps_before(init)
     return f" ({earlier + trained} in all, with the {earlier} behind the initial weights)" if earlier else ""
 
 
