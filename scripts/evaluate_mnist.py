@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     heldout, _ = load_digits("heldout")
     _, heldout_features = judge(heldout)
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
     for model_dir in args.models:
         model, params = UNet2DModel.from_pretrained(model_dir)
         trained = trained_steps(model_dir)
@@ -84,11 +85,9 @@ def main(argv=None) -> int:
             })
             print(rows[-1], file=sys.stderr)
             if kind == "DDIM" and steps == 50:
-                args.out.mkdir(parents=True, exist_ok=True)
                 image_grid(images[:40], columns=10, scale=3).save(args.out / f"mnist_ddim50_{model.config.act_fn}.png")
     command = "python scripts/evaluate_mnist.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     reference = quality.fid(heldout_features[::2], heldout_features[1::2])
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mnist_quality.json").write_text(json.dumps({"command": command.strip(), "rows": rows,
                                                              "heldout_split_half_fid": reference}, indent=2) + "\n")
     lines = [
