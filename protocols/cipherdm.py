@@ -4,11 +4,16 @@ Costs below are bytes sent per element per party under ABY3/FM64 in SPU 0.9.5, m
 session's profiler: a comparison costs ~36 B, a select ~20 B (8 B when its predicate is already
 arithmetic), a secret product ~17 B, a public product ~9 B (its truncation).
 
-Activations (SiLU, GeLU, Mish, sigmoid) use f(x) = step(x) + R(min(|x|, T)):
+Activations use f(x) = step(x) + R(min(|x|, T)):
   one comparison gives sign(x); one select gives relu(x) and, for free, |x| = 2 relu(x) - x;
   a second comparison clamps |x| to T *before* any power is taken, so no intermediate can wrap the
-  ring for any input; R is a quartic in Knuth's adapted form (2 secret products), fitted by minimax
-  over the whole real line including the clamped tail (scripts/fit_kernels.py).
+  ring for any input; R is fitted by minimax over the whole real line including the clamped tail
+  (scripts/fit_kernels.py).
+  SiLU and Mish (the UNets' activations, where bytes decide): R is a quartic in Knuth's adapted form
+  (2 secret products), error <= 1e-2.
+  GeLU and sigmoid (to beat SPU's Pade-based kernels, ~1.6e-5): R is a degree-13 polynomial (sigmoid:
+  two pieces, degrees 9 and 7, split by one more comparison in the same batch) evaluated by Horner
+  with a scaled accumulator, error ~1e-5 in MPC, most of it the input's own encoding.
 SoftMax subtracts the row max, takes exp by a clamped squaring scheme, and one reciprocal per row.
 rsqrt normalises its input by powers of 4 found in *one* batched comparison (few rounds), then a
 quadratic guess and one Newton step.
@@ -23,7 +28,7 @@ import numpy as np
 
 from cipherdm_spu.registry import register_kernel
 
-from .coefficients import ACTIVATIONS, RECIPROCAL_GUESS, RSQRT_GUESS
+from .coefficients import ACTIVATIONS, HORNER_ACTIVATIONS, HORNER_SCALE, RECIPROCAL_GUESS, RSQRT_GUESS
 
 NAME = "cipherdm"
 
@@ -39,6 +44,12 @@ RSQRT_EXPONENTS = np.arange(-9, 9)
 
 # ----------------------------------------------------------------------------------------------
 # building blocks
+
+
+def _batched_bits(x, thresholds):
+    """(len(thresholds), *x.shape) booleans x >= threshold_j, from one batched comparison."""
+    t = jnp.asarray(thresholds, dtype=x.dtype).reshape((-1,) + (1,) * x.ndim)
+    return x[None] - t >= 0
 
 
 def _quartic(a, alpha):
@@ -61,14 +72,49 @@ def _relu_and_clamped_abs(x, T: float):
     return positive, relu, jnp.where(magnitude < T, magnitude, T)
 
 
-def _step_plus_residual(x, name: str, step_is_relu: bool):
+def _relu_plus_quartic(x, name: str):
     c = ACTIVATIONS[name]
     positive, relu, a = _relu_and_clamped_abs(x, c["T"])
-    r_plus = _residual(a, c["form"], c["plus"])
-    if step_is_relu:
-        r = r_plus if c["minus"] is None else jnp.where(positive, r_plus, _residual(a, c["form"], c["minus"]))
+    r = _residual(a, c["form"], c["plus"])
+    if c["minus"] is not None:
+        r = jnp.where(positive, r, _residual(a, c["form"], c["minus"]))
+    return relu + r
+
+
+def _horner_scaled(v, coef):
+    """sum_k coef[k] v^k by Horner, the accumulator kept times HORNER_SCALE: each product's truncation
+    error (one unit of 2^-18) then weighs 1 / HORNER_SCALE in the result, however large |v|^k grows."""
+    p = jnp.full(v.shape, HORNER_SCALE * coef[-1], v.dtype)
+    for c in coef[-2::-1]:
+        p = p * v + HORNER_SCALE * c
+    return p * (1.0 / HORNER_SCALE)
+
+
+def _piecewise_horner(x, name: str):
+    """step(x) + R(|x|) with R piecewise (one or two pieces); the bits |x| < T and |x| < (split) come
+    from one batched comparison, and each piece sees |x| clamped to its own interval."""
+    fit = HORNER_ACTIVATIONS[name]
+    pieces = fit["pieces"]
+    if len(pieces) > 2:
+        raise NotImplementedError(f"{name}: more than two pieces")
+    positive = x > 0
+    relu = jnp.where(positive, x, 0.0)
+    magnitude = relu + relu - x
+    bounds = [pieces[-1]["hi"]] + [p["hi"] for p in pieces[:-1]]
+    below = _batched_bits(-magnitude, [-b for b in bounds])  # |x| <= bound
+    a = jnp.where(below[0], magnitude, bounds[0])
+    if len(pieces) == 1:
+        r = _horner_scaled(a - pieces[0]["center"], pieces[0]["coef"])
+    else:
+        first, second = pieces
+        in_first = below[1]
+        a_first = jnp.where(in_first, a, first["hi"])
+        a_second = a + first["hi"] - a_first  # max(a, split)
+        r = jnp.where(in_first, _horner_scaled(a_first - first["center"], first["coef"]),
+                      _horner_scaled(a_second - second["center"], second["coef"]))
+    if fit["step"] == "relu":
         return relu + r
-    return jnp.where(positive, 1.0 + r_plus, _residual(a, c["form"], c["minus"]))
+    return jnp.where(positive, 1.0 - r, r)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,24 +123,23 @@ def _step_plus_residual(x, name: str, step_is_relu: bool):
 
 @register_kernel("silu", NAME)
 def silu(x):
-    return _step_plus_residual(x, "silu", step_is_relu=True)
+    return _relu_plus_quartic(x, "silu")
 
 
 @register_kernel("mish", NAME)
 def mish(x):
-    return _step_plus_residual(x, "mish", step_is_relu=True)
+    return _relu_plus_quartic(x, "mish")
 
 
 @register_kernel("gelu", NAME)
 def gelu(x, approximate: bool = False):
-    """Fitted to the exact (erf) GeLU; the tanh form differs from it by < 5e-4, inside the fit's error."""
-    del approximate
-    return _step_plus_residual(x, "gelu", step_is_relu=True)
+    """The exact (erf) GeLU, or its tanh form with ``approximate`` (they differ by up to 5e-4)."""
+    return _piecewise_horner(x, "gelu_tanh" if approximate else "gelu")
 
 
 @register_kernel("sigmoid", NAME)
 def sigmoid(x):
-    return _step_plus_residual(x, "sigmoid", step_is_relu=False)
+    return _piecewise_horner(x, "sigmoid")
 
 
 @register_kernel("exp", NAME)
@@ -112,12 +157,6 @@ def exp_nonpositive(x):
     return p
 
 
-def _normalising_bits(x, thresholds):
-    """(len(thresholds), *x.shape) bits x >= threshold_j, from one batched comparison."""
-    t = jnp.asarray(thresholds, dtype=x.dtype).reshape((-1,) + (1,) * x.ndim)
-    return (x[None] - t >= 0).astype(x.dtype)
-
-
 def _scale(bits, factors):
     """factors[0] + sum_j bits_j * (factors[j] - factors[j-1]): the factor of the highest bit set."""
     f = np.asarray(factors, dtype=np.float64)
@@ -129,7 +168,7 @@ def _scale(bits, factors):
 def rsqrt(x):
     """1/sqrt(x) for x > 0 in ~32 send actions (SPU's: ~49; measured): normalise, guess, one Newton step."""
     js = RSQRT_EXPONENTS
-    bits = _normalising_bits(x, 4.0 ** js)
+    bits = _batched_bits(x, 4.0 ** js).astype(x.dtype)
     m = x * _scale(bits, 4.0 ** -js)  # in [1, 4) for 4**js[0] <= x < 4**(js[-1] + 1)
     c0, c1, c2 = RSQRT_GUESS
     r = (c2 * m + c1) * m + c0
@@ -144,7 +183,7 @@ def reciprocal_in_range(x, lo: float, hi: float):
     (Newton from a poor guess) but never wraps.
     """
     js = np.arange(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1)
-    bits = _normalising_bits(x, 2.0 ** js)
+    bits = _batched_bits(x, 2.0 ** js).astype(x.dtype)
     m = x * _scale(bits, 2.0 ** -js)  # in [1, 2)
     c0, c1, c2 = RECIPROCAL_GUESS
     r = (c2 * m + c1) * m + c0

@@ -1,12 +1,16 @@
 """Fit the polynomial coefficients of the `cipherdm` kernels and write protocols/coefficients.py.
 
-Each activation f in {silu, gelu, mish, sigmoid} is written as f(x) = step(x) + R_sign(min(|x|, T)),
-with R_+(a) = f(a) - step-part and R_-(a) = f(-a) - step-part for a >= 0 (step-part: a for
-silu/gelu/mish, 1 for sigmoid). Each R is a degree-4 polynomial (Mish: a times one) fitted by minimax
+Every activation is written as f(x) = step(x) + R_sign(min(|x|, T)), with R_+(a) = f(a) - step-part and
+R_-(a) = f(-a) - step-part for a >= 0 (step-part: a for silu/gelu/mish, 1 for sigmoid), fitted by minimax
 (a linear program) on [0, T] *including the clamped tail* (|x| > T maps to R(T)), so the error bound
-holds on the whole real line; the error is weighted towards small |x| and capped at ERR_CAP everywhere
-(see BULK_WEIGHT). T is chosen per function to minimise the weighted bound. The polynomial is then converted to
-Knuth's adapted coefficients, which evaluate a quartic with two secret multiplications.
+holds on the whole real line. Two families:
+
+- SiLU and Mish, the UNets' activations, where bytes decide: R is a degree-4 polynomial (Mish: a times
+  one), its error weighted towards small |x| and capped at ERR_CAP everywhere (see BULK_WEIGHT), T chosen
+  to minimise the weighted bound; converted to Knuth's adapted coefficients (two secret multiplications).
+- GeLU and sigmoid, where the `cipherdm` set must beat SPU's own Pade-based kernels on error (~1.6e-5) at
+  lower cost: R is a piecewise polynomial of high degree (HORNER_DESIGNS), fitted to ~2e-6 and evaluated
+  by Horner around each piece's centre with a scaled accumulator (HORNER_SCALE).
 
 Also fits the initial guesses of the rsqrt/reciprocal Newton iterations on their normalised ranges.
 
@@ -35,15 +39,17 @@ def _mish(x):
     return x * np.tanh(np.logaddexp(x, 0.0))
 
 
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
 #: name: (R_+(a), R_-(a)) for a >= 0, and the polynomial form:
 #:   "quartic": R(a) = p4(a) (2 secret multiplications)
 #:   "a*quartic": R(a) = a * p4(a), degree 5 with R(0) = 0 (3 secret multiplications)
-FORMS = {"silu": "quartic", "gelu": "quartic", "mish": "a*quartic", "sigmoid": "quartic"}
+FORMS = {"silu": "quartic", "mish": "a*quartic"}
 RESIDUALS = {
     "silu": (lambda a: a * _sigmoid(a) - a, lambda a: -a * _sigmoid(-a)),
-    "gelu": (lambda a: 0.5 * a * (1 + erf(a / np.sqrt(2))) - a, lambda a: -0.5 * a * (1 + erf(-a / np.sqrt(2)))),
     "mish": (lambda a: _mish(a) - a, lambda a: _mish(-a)),
-    "sigmoid": (lambda a: _sigmoid(a) - 1.0, lambda a: _sigmoid(-a)),
 }
 THRESHOLDS = np.arange(2.0, 9.01, 0.25)
 # The fit's weight: 1 + BULK_WEIGHT * exp(-a^2 / (2 BULK_SCALE^2)). A model's activations (normalised, then
@@ -148,6 +154,69 @@ def fit_activation(name: str):
             "err": max(ep, em), "bulk_err": max(bp, bm)}
 
 
+# GeLU (erf and tanh forms) and sigmoid, to beat SPU's Pade-based kernels (max error ~1.6e-5 in MPC) on error:
+#: name: (step, R(a) for a >= 0, breakpoints 0 = b0 < b1 < ... < T, degree per piece).
+#: step "relu": f(x) = relu(x) + R(|x|) (R even: f(x) - relu(x) = f(-|x|)); step "heaviside": f(x) = R(|x|)
+#: for x <= 0 and 1 - R(|x|) for x > 0 (R(a) = sigmoid(-a)). T: where the tail is within ~1e-6 of the limit.
+#: Degrees and breakpoints are the cheapest found by a sweep with every piece's fit <= ~2e-6 (GeLU: degree 13
+#: on [0, 5]; 12 on any T errs >= 4e-6. Sigmoid: one piece needs degree ~26 on [0, 12.5], two need 9 + 7).
+HORNER_DESIGNS = {
+    "gelu": ("relu", lambda a: -0.5 * a * (1 + erf(-a / np.sqrt(2))), (0.0, 5.0), (13,)),
+    "gelu_tanh": ("relu", lambda a: _gelu_tanh(-a), (0.0, 5.0), (13,)),
+    "sigmoid": ("heaviside", lambda a: _sigmoid(-a), (0.0, 5.0, 12.5), (9, 7)),
+}
+# Horner's truncation errors grow by |v|^k (v = a - centre, |v| <= 2.5 for degree 13); the kernels keep the
+# accumulator multiplied by HORNER_SCALE, so that even aligned they add up to < 1 unit (2^-18) of the result
+# (GeLU: sum_k 2.5^k / 2^18 = 0.95; at 2^16 it was 3.8 units).
+HORNER_SCALE = 2.0**18
+# ... while every secret product stays below this (FM64 holds products of two 18-fraction-bit values up to 2^27).
+HORNER_PRODUCT_BOUND = 2.0**20
+
+
+def fit_piece(residual, lo: float, hi: float, degree: int, last: bool):
+    """Minimax coefficients of R(a) in powers of v = a - (lo + hi) / 2 on [lo, hi] (the last piece also over the
+    clamped tail up to 1e4), its max error, and the largest secret product the scaled Horner scheme forms."""
+    a = np.linspace(lo, hi, 4001)
+    if last:
+        a = np.concatenate([a, np.geomspace(hi, 1e4, 2001)])
+    v = np.minimum(a, hi) - (lo + hi) / 2
+    coef, err = minimax(a, residual(a), np.vander(v, degree + 1, increasing=True))
+    partial, largest = np.full_like(v, coef[-1]), 0.0
+    for c in coef[-2::-1]:
+        largest = max(largest, float(np.abs(HORNER_SCALE * partial * v).max()))
+        partial = partial * v + c
+    return coef, err, largest
+
+
+def eval_horner_design(fit, x):
+    """The fitted function in float64 on x (what the kernel computes, without fixed-point effects)."""
+    a = np.abs(x)
+    r = np.zeros_like(a)
+    for i, piece in enumerate(fit["pieces"]):
+        last = i == len(fit["pieces"]) - 1
+        inside = (a >= piece["lo"]) & ((a < piece["hi"]) | last)
+        v = np.minimum(a, piece["hi"]) - piece["center"]
+        r = np.where(inside, np.polyval(piece["coef"][::-1], v), r)
+    if fit["step"] == "relu":
+        return np.maximum(x, 0.0) + r
+    return np.where(x > 0, 1.0 - r, r)
+
+
+def fit_horner(name: str, reference):
+    step, residual, breaks, degrees = HORNER_DESIGNS[name]
+    pieces = []
+    for i, degree in enumerate(degrees):
+        lo, hi = breaks[i], breaks[i + 1]
+        coef, _, largest = fit_piece(residual, lo, hi, degree, last=i == len(degrees) - 1)
+        if largest >= HORNER_PRODUCT_BOUND:
+            raise RuntimeError(f"{name}: a Horner product reaches {largest:.3g} >= {HORNER_PRODUCT_BOUND:.3g}")
+        pieces.append({"lo": lo, "hi": hi, "center": (lo + hi) / 2, "coef": [float(c) for c in coef]})
+    fit = {"step": step, "pieces": pieces}
+    x = np.concatenate([np.linspace(-40, 40, 160001), np.geomspace(40, 1e4, 2001), -np.geomspace(40, 1e4, 2001)])
+    err = np.abs(eval_horner_design(fit, x) - reference(x))
+    return {**fit, "err": float(err.max()), "bulk_err": float(err[np.abs(x) <= BULK].max())}
+
+
 def fit_inverse_root(power: float, lo: float, hi: float, deg: int):
     """Relative-minimax polynomial guess for m**-power on [lo, hi]."""
     m = np.linspace(lo, hi, 4001)
@@ -158,17 +227,22 @@ def fit_inverse_root(power: float, lo: float, hi: float, deg: int):
 
 def render() -> str:
     acts = {name: fit_activation(name) for name in RESIDUALS}
+    references = {"gelu": lambda x: 0.5 * x * (1 + erf(x / np.sqrt(2))), "gelu_tanh": _gelu_tanh, "sigmoid": _sigmoid}
+    horner = {name: fit_horner(name, references[name]) for name in HORNER_DESIGNS}
     rsqrt_guess, rsqrt_err = fit_inverse_root(0.5, 1.0, 4.0, 2)
     recip_guess, recip_err = fit_inverse_root(1.0, 1.0, 2.0, 2)
     lines = [
         '"""Coefficients of the `cipherdm` kernels, in one place.',
         "",
         "GENERATED by scripts/fit_kernels.py (minimax fits by linear programming); do not edit by hand.",
-        "Activations: f(x) = step(x) + R(min(|x|, T)) with R = R_plus for x > 0 and R_minus otherwise;",
-        "each R is a quartic in Knuth's adapted form (alpha0..alpha4), or a times one ('a*quartic'),",
+        "ACTIVATIONS (SiLU, Mish): f(x) = step(x) + R(min(|x|, T)) with R = R_plus for x > 0 and R_minus",
+        "otherwise; each R is a quartic in Knuth's adapted form (alpha0..alpha4), or a times one ('a*quartic'),",
         "see protocols.cipherdm. minus=None: R is even (R_minus = R_plus), one polynomial serves both signs.",
         "Fitted by minimax weighted towards |x| < ~2, where activations mostly lie, held to ERR_CAP everywhere",
         "(see BULK_WEIGHT there).",
+        "HORNER_ACTIVATIONS (GeLU, sigmoid): f(x) = relu(x) + R(|x|) (step 'relu') or R(|x|) for x <= 0 and",
+        "1 - R(|x|) for x > 0 (step 'heaviside'); R is piecewise, each piece a polynomial in powers of",
+        "v = min(|x|, hi) - center (increasing degree) for lo <= |x| < hi, the last piece also beyond its hi.",
         "err: the fit's max abs error in float64 over the whole real line (clamped tail included);",
         "bulk_err: the same on |x| <= 2.",
         '"""',
@@ -182,6 +256,24 @@ def render() -> str:
         lines.append(f"        'form': {f['form']!r},")
         lines.append(f"        'plus': {[float(v) for v in f['plus']]!r},")
         lines.append(f"        'minus': {minus!r},")
+        lines.append(f"        'err': {f['err']:.6g},")
+        lines.append(f"        'bulk_err': {f['bulk_err']:.6g},")
+        lines.append("    },")
+    lines += [
+        "}",
+        "",
+        "# Horner accumulators are kept multiplied by this (fixed-point precision; see scripts/fit_kernels.py).",
+        f"HORNER_SCALE = {HORNER_SCALE!r}",
+        "HORNER_ACTIVATIONS = {",
+    ]
+    for name, f in horner.items():
+        lines.append(f"    {name!r}: {{")
+        lines.append(f"        'step': {f['step']!r},")
+        lines.append("        'pieces': [")
+        for piece in f["pieces"]:
+            lines.append(f"            {{'lo': {piece['lo']!r}, 'hi': {piece['hi']!r}, 'center': {piece['center']!r},")
+            lines.append(f"             'coef': {piece['coef']!r}}},")
+        lines.append("        ],")
         lines.append(f"        'err': {f['err']:.6g},")
         lines.append(f"        'bulk_err': {f['bulk_err']:.6g},")
         lines.append("    },")

@@ -8,6 +8,11 @@ def sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
+def gelu_tanh(x):
+    """GeLU's tanh form (jax.nn.gelu(approximate=True))."""
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
 REFERENCES = {
     "silu": lambda x: x * sigmoid(x),
     "mish": lambda x: x * np.tanh(np.logaddexp(x, 0.0)),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocols.coefficients import ACTIVATIONS
+from protocols.coefficients import ACTIVATIONS, HORNER_ACTIVATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,3 +21,12 @@ def test_every_fit_is_within_1e2_everywhere_and_4_5e3_on_the_bulk_in_float64():
         assert fit["err"] < 1e-2, name
         assert fit["bulk_err"] < 4.5e-3, name
         assert fit["T"] > 0 and len(fit["plus"]) == 5
+
+
+def test_horner_fits_are_within_2e6_and_their_pieces_tile_the_half_line():
+    for name, fit in HORNER_ACTIVATIONS.items():
+        assert fit["err"] < 2e-6, name
+        pieces = fit["pieces"]
+        assert pieces[0]["lo"] == 0.0
+        assert all(p["hi"] == q["lo"] for p, q in zip(pieces, pieces[1:])), name
+        assert all(p["center"] == (p["lo"] + p["hi"]) / 2 for p in pieces), name
