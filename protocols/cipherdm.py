@@ -64,11 +64,16 @@ def _residual(a, form: str, alpha):
     return a * q if form == "a*quartic" else q
 
 
-def _relu_and_clamped_abs(x, T: float):
-    """(x > 0, relu(x), min(|x|, T)) with two comparisons and two selects."""
+def _relu_and_abs(x):
+    """(x > 0, relu(x), |x|) with one comparison and one select."""
     positive = x > 0
     relu = jnp.where(positive, x, 0.0)
-    magnitude = relu + relu - x
+    return positive, relu, relu + relu - x
+
+
+def _relu_and_clamped_abs(x, T: float):
+    """(x > 0, relu(x), min(|x|, T)) with two comparisons and two selects."""
+    positive, relu, magnitude = _relu_and_abs(x)
     return positive, relu, jnp.where(magnitude < T, magnitude, T)
 
 
@@ -91,7 +96,8 @@ def _polynomial(m, coef):
 
 def _horner_scaled(v, coef):
     """sum_k coef[k] v^k by Horner, the accumulator kept times HORNER_SCALE: each product's truncation
-    error (one unit of 2^-18) then weighs 1 / HORNER_SCALE in the result, however large |v|^k grows."""
+    error (one unit of 2^-18) weighs 1 / HORNER_SCALE in the result before later steps multiply it by
+    |v|^k (scripts/fit_kernels.py checks that these add up to less than one unit)."""
     p = jnp.full(v.shape, HORNER_SCALE * coef[-1], v.dtype)
     for c in coef[-2::-1]:
         p = p * v + HORNER_SCALE * c
@@ -99,15 +105,13 @@ def _horner_scaled(v, coef):
 
 
 def _piecewise_horner(x, name: str):
-    """step(x) + R(|x|) with R piecewise (one or two pieces); the bits |x| < T and |x| < (split) come
+    """step(x) + R(|x|) with R piecewise (one or two pieces); the bits |x| <= T and |x| <= split come
     from one batched comparison, and each piece sees |x| clamped to its own interval."""
     fit = HORNER_ACTIVATIONS[name]
     pieces = fit["pieces"]
     if len(pieces) > 2:
         raise NotImplementedError(f"{name}: more than two pieces")
-    positive = x > 0
-    relu = jnp.where(positive, x, 0.0)
-    magnitude = relu + relu - x
+    positive, relu, magnitude = _relu_and_abs(x)
     bounds = [pieces[-1]["hi"]] + [p["hi"] for p in pieces[:-1]]
     below = _batched_bits(-magnitude, [-b for b in bounds])  # |x| <= bound
     a = jnp.where(below[0], magnitude, bounds[0])

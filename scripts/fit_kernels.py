@@ -167,10 +167,17 @@ HORNER_DESIGNS = {
 }
 # Horner's truncation errors grow by |v|^k (v = a - centre, |v| <= 2.5 for degree 13); the kernels keep the
 # accumulator multiplied by HORNER_SCALE, so that even aligned they add up to < 1 unit (2^-18) of the result
-# (GeLU: sum_k 2.5^k / 2^18 = 0.95; at 2^16 it was 3.8 units).
+# (GeLU: sum_k 2.5^k / 2^18 = 0.38; at 2^16 it was 1.5 units), checked by horner_error_units.
 HORNER_SCALE = 2.0**18
 # ... while every secret product stays below this (FM64 holds products of two 18-fraction-bit values up to 2^27).
 HORNER_PRODUCT_BOUND = 2.0**20
+
+
+def horner_error_units(lo: float, hi: float, degree: int) -> float:
+    """The scaled Horner scheme's truncation errors, all aligned, in units of 2^-18 of the result:
+    sum_{k=0..degree-1} max|v|^k / HORNER_SCALE, plus the final unscaling's one unit."""
+    half = (hi - lo) / 2
+    return sum(half**k for k in range(degree)) / HORNER_SCALE + 1.0
 
 
 def fit_piece(residual, lo: float, hi: float, degree: int, last: bool):
@@ -210,6 +217,8 @@ def fit_horner(name: str, reference):
         coef, _, largest = fit_piece(residual, lo, hi, degree, last=i == len(degrees) - 1)
         if largest >= HORNER_PRODUCT_BOUND:
             raise RuntimeError(f"{name}: a Horner product reaches {largest:.3g} >= {HORNER_PRODUCT_BOUND:.3g}")
+        if horner_error_units(lo, hi, degree) >= 2.0:
+            raise RuntimeError(f"{name}: Horner truncation errors could reach {horner_error_units(lo, hi, degree):.2f} units")
         pieces.append({"lo": lo, "hi": hi, "center": (lo + hi) / 2, "coef": [float(c) for c in coef]})
     fit = {"step": step, "pieces": pieces}
     x = np.concatenate([np.linspace(-40, 40, 160001), np.geomspace(40, 1e4, 2001), -np.geomspace(40, 1e4, 2001)])
