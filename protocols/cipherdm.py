@@ -98,10 +98,7 @@ def _horner_scaled(v, coef):
     """sum_k coef[k] v^k by Horner, the accumulator kept times HORNER_SCALE: each product's truncation
     error (one unit of 2^-18) weighs 1 / HORNER_SCALE in the result before later steps multiply it by
     |v|^k (scripts/fit_kernels.py checks that these add up to less than one unit)."""
-    p = jnp.full(v.shape, HORNER_SCALE * coef[-1], v.dtype)
-    for c in coef[-2::-1]:
-        p = p * v + HORNER_SCALE * c
-    return p * (1.0 / HORNER_SCALE)
+    return _polynomial(v, [HORNER_SCALE * c for c in coef]) * (1.0 / HORNER_SCALE)
 
 
 def _piecewise_horner(x, name: str):
