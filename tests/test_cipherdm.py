@@ -57,3 +57,19 @@ def test_ours_beat_the_paper_on_error(sessions):
         ref = REFERENCES[op](x.astype(np.float64))
         err = {name: np.abs(sessions[name].run(getattr(ops, op), x) - ref).max() for name in ("cipherdm", "cipherdm-paper")}
         assert err["cipherdm"] < err["cipherdm-paper"], (op, err)
+
+
+def test_bit_times_is_exact_under_spu_and_in_float(sessions):
+    """The integer-product select behind relu and the clamps: exact for any |v| in the 64-bit ring, and
+    exact in plain float too (v's own bits or +0.0), so the kernels stay checkable outside SPU."""
+    import jax
+
+    from protocols.cipherdm import _bit_times, _indicator
+
+    x = np.array([-3e4, -1e4, -8192.5, -2.5, -1e-5, 0.0, 1e-5, 2.5, 8192.5, 1e4, 3e4], dtype=np.float32)
+
+    def relu(v):
+        return _bit_times(_indicator(v > 0), v)
+
+    np.testing.assert_array_equal(np.asarray(jax.jit(relu)(x)), np.maximum(x, 0))
+    np.testing.assert_allclose(sessions["cipherdm"].run(relu, x), np.maximum(encoded(x), 0), atol=0)
