@@ -38,6 +38,7 @@ _PROTOCOL_SETS: Dict[str, "ProtocolSet"] = {}
 _ACTIVE: contextvars.ContextVar[Optional["ProtocolSet"]] = contextvars.ContextVar(
     "cipherdm_active_protocol", default=None
 )
+_FIXED_POINT: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("cipherdm_fixed_point", default=None)
 
 
 class ProtocolError(ValueError):
@@ -231,6 +232,23 @@ def use_protocol(
         yield pset
     finally:
         _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def fixed_point(fraction_bits: Optional[int]) -> Iterator[Optional[int]]:
+    """Lower the ops inside this block for SPU's fixed point with ``fraction_bits`` (`SecureSession` sets
+    it around its compiles). Kernels that work on the ring encoding of constants read it with
+    :func:`fixed_point_bits`; outside such a block they compute the same values in float."""
+    token = _FIXED_POINT.set(None if fraction_bits is None else int(fraction_bits))
+    try:
+        yield fraction_bits
+    finally:
+        _FIXED_POINT.reset(token)
+
+
+def fixed_point_bits() -> Optional[int]:
+    """The fraction bits of the SPU compile in progress, or None when lowering for plain JAX."""
+    return _FIXED_POINT.get()
 
 
 def active_protocol() -> Optional[ProtocolSet]:

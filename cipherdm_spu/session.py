@@ -352,16 +352,17 @@ class SecureSession:
         flat_fn.__name__ = getattr(fn, "__name__", type(fn).__name__)
         abstract = [jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for shape, dtype, _ in specs]
         try:
-            executable, out_info = spu_fe.compile(
-                spu_fe.Kind.JAX,
-                flat_fn,
-                abstract,
-                {},
-                [f"in{i}" for i in range(len(specs))],
-                [_VIS[vis] for _, _, vis in specs],
-                lambda outs: [f"out{i}" for i in range(len(outs))],
-                copts=self.compiler_options,
-            )
+            with registry.fixed_point(self.config.fxp_fraction_bits):
+                executable, out_info = spu_fe.compile(
+                    spu_fe.Kind.JAX,
+                    flat_fn,
+                    abstract,
+                    {},
+                    [f"in{i}" for i in range(len(specs))],
+                    [_VIS[vis] for _, _, vis in specs],
+                    lambda outs: [f"out{i}" for i in range(len(outs))],
+                    copts=self.compiler_options,
+                )
         except (TypeError, ValueError) as e:
             shapes = ", ".join(f"{dtype}{list(shape)}" for shape, dtype, _ in specs)
             raise InputError(f"{flat_fn.__name__} cannot be traced on inputs ({shapes}): {e}") from e

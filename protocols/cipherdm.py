@@ -11,10 +11,12 @@ Activations use f(x) = step(x) + R(min(|x|, T)):
   ring for any input; R is fitted by minimax over the whole real line including the clamped tail
   (scripts/fit_kernels.py).
   SiLU and Mish (the UNets' activations, where bytes decide): R is a quartic in Knuth's adapted form
-  (2 secret products), error <= 1e-2.
+  (2 secret products), error <= 1e-2; Mish's two quartics (x > 0, x <= 0) are one, its coefficients
+  picked by the sign bit (`_pick`: local, on the ring encodings).
   GeLU and sigmoid (to beat SPU's Pade-based kernels, ~1.6e-5): R is a degree-13 polynomial (sigmoid:
-  two pieces, degrees 9 and 7, split by one more comparison in the same batch) evaluated by Horner
-  with a scaled accumulator, error ~1e-5 in MPC, most of it the input's own encoding.
+  two pieces, degrees 9 and 7, split by one more comparison in the same batch, one Horner chain with
+  picked coefficients) evaluated by Horner with a scaled accumulator, error ~1e-5 in MPC, most of it the
+  input's own encoding.
 SoftMax subtracts the row max, takes exp by a clamped squaring scheme, and one reciprocal per row.
 rsqrt normalises its input by powers of 4 found in *one* batched comparison (few rounds), then a
 cubic guess and one Newton step.
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cipherdm_spu import registry
 from cipherdm_spu.registry import register_kernel
 
 from .coefficients import ACTIVATIONS, HORNER_ACTIVATIONS, HORNER_SCALE, RECIPROCAL_GUESS, RSQRT_GUESS
@@ -66,6 +69,9 @@ def _residual(a, form: str, alpha):
     return a * q if form == "a*quartic" else q
 
 
+_INT_OF_FLOAT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}  # the integer type a float's bits are cast to
+
+
 def _indicator(pred):
     """A comparison's result as an arithmetic 0/1 integer: SPU converts the bit once (B2A, ~11 B/elem)
     and `_bit_times` then reuses it, where every `jnp.where` on the boolean would convert it again."""
@@ -79,7 +85,7 @@ def _bit_times(bit, v):
     for any |v|), cheaper than a select's product (measured: relu 54.7 against 57.3 B/elem); in plain
     JAX it is exact too (v's own bits or +0.0), so the kernels still run, and can be checked, in float.
     """
-    as_int = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(v.dtype).itemsize]
+    as_int = _INT_OF_FLOAT[jnp.dtype(v.dtype).itemsize]
     product = bit.astype(as_int) * jax.lax.bitcast_convert_type(v, as_int)
     return jax.lax.bitcast_convert_type(product, v.dtype)
 
@@ -87,6 +93,37 @@ def _bit_times(bit, v):
 def _select(bit, when_one, when_zero):
     """where(bit, when_one, when_zero) for a 0/1 integer bit, as one `_bit_times`."""
     return when_zero + _bit_times(bit, when_one - when_zero)
+
+
+def _pick(bit, when_one, when_zero, dtype):
+    """Per element, the public constant ``when_one`` where the 0/1 integer bit is 1, else ``when_zero``:
+    local, no communication (a select would convert the bit again and multiply).
+
+    Under SPU (`registry.fixed_point_bits()` set while a session compiles) it is built on the ring: the
+    encoding of when_zero plus the bit times the difference of encodings, both encoded as SPU encodes a
+    public constant (c * 2**f truncated toward zero), assembled from 16-bit limbs so that no int constant
+    overflows and XLA cannot fold two of them into one. In plain JAX, the same selection in float.
+    """
+    fraction_bits = registry.fixed_point_bits()
+    if fraction_bits is None:
+        return jnp.where(bit == 1, jnp.asarray(when_one, dtype), jnp.asarray(when_zero, dtype))
+    as_int = _INT_OF_FLOAT[jnp.dtype(dtype).itemsize]
+    scale = 2.0**fraction_bits
+    zero = int(np.trunc(when_zero * scale))
+    diff = int(np.trunc(when_one * scale)) - zero
+    limbs = []  # (diff limb, zero limb), least significant first; the last ones keep the signs
+    for _ in range(3):
+        diff, d = divmod(diff, 1 << 16)
+        zero, z = divmod(zero, 1 << 16)
+        limbs.append((d, z))
+    limbs.append((diff, zero))
+    if max(abs(diff), abs(zero)) >= 1 << 15:
+        raise ValueError(f"cannot encode {when_one} / {when_zero} with {fraction_bits} fraction bits in the ring")
+    ring = None
+    for d, z in reversed(limbs):
+        term = bit.astype(as_int) * as_int(d) + as_int(z)
+        ring = term if ring is None else jnp.left_shift(ring, as_int(16)) + term
+    return jax.lax.bitcast_convert_type(ring, dtype)
 
 
 def _relu_and_abs(x):
@@ -103,12 +140,14 @@ def _relu_and_clamped_abs(x, T: float):
 
 
 def _relu_plus_quartic(x, name: str):
+    """relu(x) + R(min(|x|, T)); where R differs by sign (Mish), the sign bit picks its coefficients, so one
+    quartic is evaluated instead of two."""
     c = ACTIVATIONS[name]
     positive, relu, a = _relu_and_clamped_abs(x, c["T"])
-    r = _residual(a, c["form"], c["plus"])
+    alpha = c["plus"]
     if c["minus"] is not None:
-        r = _select(positive, r, _residual(a, c["form"], c["minus"]))
-    return relu + r
+        alpha = [_pick(positive, p, m, x.dtype) for p, m in zip(c["plus"], c["minus"])]
+    return relu + _residual(a, c["form"], alpha)
 
 
 def _polynomial(m, coef):
@@ -128,7 +167,8 @@ def _horner_scaled(v, coef):
 
 def _piecewise_horner(x, name: str):
     """step(x) + R(|x|) with R piecewise (one or two pieces); the bits |x| <= T and |x| <= split come
-    from one batched comparison, and each piece sees |x| clamped to its own interval."""
+    from one batched comparison. With two pieces the split bit picks the centre and the coefficients, so
+    one Horner chain (of the higher degree) serves both."""
     fit = HORNER_ACTIVATIONS[name]
     pieces = fit["pieces"]
     if len(pieces) > 2:
@@ -142,10 +182,11 @@ def _piecewise_horner(x, name: str):
     else:
         first, second = pieces
         in_first = _indicator(below[1])
-        a_first = _select(in_first, a, first["hi"])
-        a_second = a + first["hi"] - a_first  # max(a, split)
-        r = _select(in_first, _horner_scaled(a_first - first["center"], first["coef"]),
-                    _horner_scaled(a_second - second["center"], second["coef"]))
+        degree = max(len(first["coef"]), len(second["coef"]))
+        coefs = [list(p["coef"]) + [0.0] * (degree - len(p["coef"])) for p in pieces]
+        v = a - _pick(in_first, first["center"], second["center"], x.dtype)
+        scaled = [_pick(in_first, HORNER_SCALE * c1, HORNER_SCALE * c2, x.dtype) for c1, c2 in zip(*coefs)]
+        r = _polynomial(v, scaled) * (1.0 / HORNER_SCALE)
     if fit["step"] == "relu":
         return relu + r
     return r + _bit_times(positive, 1.0 - r - r)

@@ -160,7 +160,8 @@ def fit_activation(name: str):
 #: for x <= 0 and 1 - R(|x|) for x > 0 (R(a) = sigmoid(-a)). T: where the tail is within ~1e-6 of the limit.
 #: Degrees and breakpoints are the cheapest found by a sweep with every piece's fit <= ~2e-6 (GeLU: degree 13
 #: on [0, 5]; degree 12 errs >= 4e-6, tail included, for T in 4.5..5.25. Sigmoid: two pieces, 9 + 7; one piece
-#: would need degree ~26 on [0, 12.5] by the Chebyshev bound from sigmoid's poles at +-i pi).
+#: would need degree ~26 on [0, 12.5] by the Chebyshev bound from sigmoid's poles at +-i pi). The sweep counted
+#: the pieces' degrees together; the kernel now runs one chain of the higher degree with picked coefficients.
 HORNER_DESIGNS = {
     "gelu": ("relu", lambda a: -0.5 * a * (1 + erf(-a / np.sqrt(2))), (0.0, 5.0), (13,)),
     "gelu_tanh": ("relu", lambda a: _gelu_tanh(-a), (0.0, 5.0), (13,)),

@@ -73,3 +73,49 @@ def test_bit_times_is_exact_under_spu_and_in_float(sessions):
 
     np.testing.assert_array_equal(np.asarray(jax.jit(relu)(x)), np.maximum(x, 0))
     np.testing.assert_allclose(sessions["cipherdm"].run(relu, x), np.maximum(encoded(x), 0), atol=0)
+
+
+def test_pick_is_the_encoded_constant_under_spu_and_the_constant_in_float(sessions):
+    """Sign- or piece-picked coefficients (Mish, sigmoid): exact ring encodings, large and tiny ones."""
+    import jax
+
+    from protocols.cipherdm import _indicator, _pick
+
+    pairs = [(1.2308648, -21821.234), (-0.0012855, -0.0003433), (3.0e4, -7.5)]
+    x = np.array([-2.0, -0.5, 0.5, 2.0], dtype=np.float32)
+
+    def picks(v):
+        bit = _indicator(v > 0)
+        return [_pick(bit, one, zero, v.dtype) for one, zero in pairs]
+
+    for (one, zero), got in zip(pairs, sessions["cipherdm"].run(picks, x)):
+        want = np.where(x > 0, np.trunc(one * 2.0**18), np.trunc(zero * 2.0**18)) / 2.0**18
+        np.testing.assert_allclose(got, want, rtol=2.0**-23, atol=0)  # exact but for the float32 output
+    for (one, zero), got in zip(pairs, jax.jit(picks)(x)):
+        np.testing.assert_array_equal(got, np.where(x > 0, np.float32(one), np.float32(zero)))
+
+
+@pytest.mark.parametrize("op", ["mish", "sigmoid"])
+def test_picked_kernels_agree_in_float_and_under_spu(sessions, op):
+    """Outside SPU the same kernels run in float (the approximation, simulated): they agree with the
+    secure run to within its fixed-point rounding."""
+    import jax
+
+    from cipherdm_spu import registry
+
+    x = activation_inputs(401)
+    with registry.use_protocol("cipherdm"):
+        plain = np.asarray(jax.jit(getattr(ops, op))(x), np.float64)
+    secure = sessions["cipherdm"].run(getattr(ops, op), x)
+    tolerance = 1e-3 if op == "mish" else 2e-5
+    assert np.abs(plain - secure)[np.abs(x) < 1e3].max() <= tolerance
+
+
+def test_pick_refuses_a_constant_the_ring_cannot_hold():
+    import jax
+
+    from cipherdm_spu import registry
+    from protocols.cipherdm import _indicator, _pick
+
+    with registry.fixed_point(18), pytest.raises(ValueError, match="cannot encode"):
+        jax.make_jaxpr(lambda v: _pick(_indicator(v > 0), 1e15, 0.0, v.dtype))(np.zeros(3, np.float32))
