@@ -2,12 +2,13 @@
 """What SPU's building blocks cost under ABY3/FM64, and what that implies for the cheapest SiLU.
 
 Measures, in one three-party session, bytes per element per party (all parties' bytes / 3 / n) and
-send actions of: a comparison with a public constant, a select / bit-times-value product, a secret
-product (reshare + truncation), a product with a public constant (truncation only), a secret product of
-integers (reshare only, no truncation), and our SiLU. From these it writes the accounting of the
-`cipherdm` SiLU (relu + clamped quartic) and the lower bound of that design family: two comparisons
-(sign and clamp), two bit products, four reshares and three truncations; fewer truncations cannot keep
-the quartic's precision in 64-bit fixed point with 18 fraction bits (see docs/results/primitives.md).
+send actions of: a comparison with a public constant, its bit converted to an arithmetic integer, a
+select, the integer product of that bit and a value (`_bit_times`), a secret product (reshare +
+truncation), a product with a public constant (truncation only), a secret product of integers (reshare
+only), and our SiLU. From these it writes the accounting of the `cipherdm` SiLU (relu + clamped quartic)
+and the floor of that design family: two comparisons (sign and clamp), two conversions, four reshares
+and three truncations; fewer truncations cannot keep the quartic's precision in 64-bit fixed point with
+18 fraction bits (see docs/results/primitives.md).
 
     python scripts/primitive_costs.py --out docs/results/primitives
 """
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cipherdm_spu import SecureSession, ops  # noqa: E402
+from protocols.cipherdm import _bit_times, _indicator  # noqa: E402
 
 
 def _as_int(x):
@@ -36,8 +38,11 @@ def _as_int(x):
 
 PRIMITIVES = {
     "compare": ("x < 6 (one MSB extraction)", lambda x: x < 6.0),
-    "relu": ("where(x > 0, x, 0): compare + bit-times-value", lambda x: jnp.where(x > 0, x, 0.0)),
-    "clamp": ("where(x < 6, x, 6): compare + select", lambda x: jnp.where(x < 6.0, x, 6.0)),
+    "indicator": ("where(x > 0, 1, 0) as an integer: compare + conversion to arithmetic", lambda x: _indicator(x > 0)),
+    "select_relu": ("where(x > 0, x, 0): compare + select (its own conversion and product)",
+                    lambda x: jnp.where(x > 0, x, 0.0)),
+    "relu": ("relu as _bit_times(indicator, x): compare + conversion + integer product",
+             lambda x: _bit_times(_indicator(x > 0), x)),
     "secret_product": ("x * x (reshare + truncation)", lambda x: x * x),
     "public_product": ("x * 0.3 (truncation)", lambda x: x * 0.3),
     "integer_product": ("int(x) * int(x) (reshare, no truncation)", lambda x: _as_int(x) * _as_int(x)),
@@ -64,11 +69,12 @@ def accounting(rows: dict) -> dict:
     """Split the cipherdm SiLU into measured parts; the floor of its design family from the same parts."""
     b = {k: v["bytes_per_element_per_party"] for k, v in rows.items()}
     truncation = b["public_product"]
-    reshare = b["secret_product"] - truncation
-    bit_product = b["relu"] - b["compare"]  # B2A of the bit + one reshare
+    reshare = b["integer_product"]
+    conversion = b["indicator"] - b["compare"]  # B2A of the bit
     parts = {
         "2 comparisons (sign, clamp)": 2 * b["compare"],
-        "2 bit products (relu, clamp select)": 2 * bit_product,
+        "2 conversions of their bits to arithmetic": 2 * conversion,
+        "2 integer bit products (relu, clamp)": 2 * (b["relu"] - b["indicator"]),
         "2 secret products of the quartic (reshare + truncation)": 2 * b["secret_product"],
         "1 public product (leading coefficient)": truncation,
     }
@@ -78,6 +84,7 @@ def accounting(rows: dict) -> dict:
         "measured": b["silu"],
         "truncation": truncation,
         "reshare": reshare,
+        "conversion": conversion,
     }
 
 
@@ -96,7 +103,7 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float) -> st
         lines.append(f"| {name} | {r['what']} | {r['bytes_per_element_per_party']:.1f} | {r['send_actions']} |")
     lines += [
         "",
-        "## Accounting of the `cipherdm` SiLU (relu(x) + R(min(|x|, 6)), R a quartic in Knuth's form)",
+        "## Accounting of the `cipherdm` SiLU (relu(x) + R(min(|x|, T)), R a quartic in Knuth's form)",
         "",
         "| part | B/elem/party |",
         "|---|---:|",
@@ -114,21 +121,25 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float) -> st
         "all designs):",
         "",
         "- Two comparisons are needed: the sign (relu outside the window) and the window |x| < T (without it",
-        "  the polynomial is wrong for large |x|). Each bit then multiplies a value (relu; the clamp select or,",
-        "  equivalently, the window indicator times R): two B2A conversions and two reshares.",
-        f"- A truncation costs {acc['truncation']:.1f} B and sheds exactly 18 fraction bits; a reshare costs",
-        f"  {acc['reshare']:.1f} B. A quartic carries 4 x 18 = 72 fraction bits and its leading coefficient",
-        "  (about 1/300) another >= 8 for 0.4 % precision; the output keeps 18. Truncating y = (a + a0) a",
-        "  before squaring sheds 2 x 18, and the other two truncations 18 each: three truncations are the",
-        "  fewest that keep a and y at >= 10 fraction bits (two would leave y with at most 5). Integer",
-        "  products of the bit-cast ring elements (row `integer_product`: a reshare without truncation) move",
-        "  truncations around but do not remove one.",
-        "- A quadratic R (one product and one truncation fewer, ~140 B) errs 0.051 at best (minimax over T, tail",
+        "  the polynomial is wrong for large |x|). Each bit is converted to arithmetic once",
+        f"  ({acc['conversion']:.1f} B) and multiplied into a value as an integer product (relu; the clamp), a",
+        f"  reshare of {acc['reshare']:.1f} B with no truncation (a select costs more: row `select_relu`).",
+        f"- A truncation costs {acc['truncation']:.1f} B and sheds exactly 18 fraction bits. A quartic carries",
+        "  4 x 18 = 72 fraction bits and its leading coefficient (about 1/240) another >= 8 for 0.4 % precision;",
+        "  the output keeps 18. Three truncations are the fewest that keep a at 18 fraction bits. Tried: two",
+        "  truncations with the quartic monic in u = a * alpha4^(1/4) held at 9 fraction bits (its first product",
+        "  an integer product; ~144 B): u's resolution moves a by up to 0.0077 where SiLU's slope is 0.5, and",
+        "  with the best fits found it errs 0.0100-0.012, over the 1e-2 bound.",
+        "- The relu product and the last product could share one reshare as a dot product (measured 17.3 B for",
+        "  two products), but SPU 0.9.5 runs a batched dot as one matmul per element: thousands of send actions.",
+        "- Selecting the polynomial's coefficients by the window bit instead of clamping its input costs the",
+        "  same (a conversion and a secret product in place of an integer product and a public product).",
+        "- A quadratic R (one product and one truncation fewer) errs 0.051 at best (minimax over T, tail",
         "  included), five times the 1e-2 bound; a polynomial in x instead of |x| (no sign comparison) still errs",
         "  0.019 at degree 8 on [-6, 6] (Chebyshev fit).",
         "",
-        "So the relu + clamped-quartic SiLU sits at its floor (2 comparisons + 2 bit products + 4 reshares +",
-        "3 truncations); a 4x SiLU would need a cheaper comparison than SPU 0.9.5's ABY3 MSB extraction.",
+        "So the relu + clamped-quartic SiLU sits at its floor (2 comparisons + 2 conversions + 4 reshares +",
+        "3 truncations); a 4x SiLU would need a cheaper comparison or conversion than SPU 0.9.5's ABY3 ones.",
         "",
     ]
     return "\n".join(lines)
