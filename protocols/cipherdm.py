@@ -111,14 +111,15 @@ def _pick(bit, when_one, when_zero, dtype):
     scale = 2.0**fraction_bits
     zero = int(np.trunc(when_zero * scale))
     diff = int(np.trunc(when_one * scale)) - zero
-    limbs = []  # (diff limb, zero limb), least significant first; the last ones keep the signs
-    for _ in range(3):
+    if max(abs(zero), abs(zero + diff)) >= 1 << 62:
+        raise ValueError(f"cannot encode {when_one} / {when_zero} with {fraction_bits} fraction bits in the ring")
+    limit = 1 << (8 * jnp.dtype(as_int).itemsize - 1)
+    limbs = []  # (diff limb, zero limb), least significant first; the last pair keeps the signs
+    while not (-limit <= diff < limit and -limit <= zero < limit):
         diff, d = divmod(diff, 1 << 16)
         zero, z = divmod(zero, 1 << 16)
         limbs.append((d, z))
     limbs.append((diff, zero))
-    if max(abs(diff), abs(zero)) >= 1 << 15:
-        raise ValueError(f"cannot encode {when_one} / {when_zero} with {fraction_bits} fraction bits in the ring")
     ring = None
     for d, z in reversed(limbs):
         term = bit.astype(as_int) * as_int(d) + as_int(z)
