@@ -64,7 +64,7 @@ def decode_latents(path: Path, latents: np.ndarray) -> np.ndarray:
 
     vae = AutoencoderKL.from_pretrained(path / "vae").eval()
     with torch.no_grad():
-        images = vae.decode(torch.from_numpy(latents) / vae.config.scaling_factor).sample
+        images = vae.decode(torch.tensor(np.asarray(latents)) / vae.config.scaling_factor).sample  # a copy: revealed arrays are read-only
     return images.clamp(-1, 1).numpy()
 
 
