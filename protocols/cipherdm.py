@@ -250,7 +250,8 @@ def _scale(bits, factors):
 
 @register_kernel("rsqrt", NAME)
 def rsqrt(x):
-    """1/sqrt(x) for x > 0 in ~35 send actions (SPU's: ~49; measured): normalise, guess, one Newton step."""
+    """1/sqrt(x) for x > 0 in ~33 send actions (SPU's: ~48; docs/results/kernels.md): normalise, guess,
+    one Newton step."""
     js = RSQRT_EXPONENTS
     bits = _octave_bits(x, 4.0 ** js)
     m = x * _scale(bits, 4.0 ** -js)  # in [1, 4) for 4**js[0] <= x < 4**(js[-1] + 1)
