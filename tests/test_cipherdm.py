@@ -1,9 +1,11 @@
 """Accuracy of our kernels (protocol set `cipherdm`) under the three-party session, vs float64."""
 
+import jax
 import numpy as np
 import pytest
 
-from cipherdm_spu import ops
+from cipherdm_spu import ops, registry
+from protocols.cipherdm import _bit_times, _indicator, _pick
 
 from .kernel_reference import REFERENCES, activation_inputs, encoded, gelu_tanh, softmax
 
@@ -62,10 +64,6 @@ def test_ours_beat_the_paper_on_error(sessions):
 def test_bit_times_is_exact_under_spu_and_in_float(sessions):
     """The integer-product select behind relu and the clamps: exact for any |v| in the 64-bit ring, and
     exact in plain float too (v's own bits or +0.0), so the kernels stay checkable outside SPU."""
-    import jax
-
-    from protocols.cipherdm import _bit_times, _indicator
-
     x = np.array([-3e4, -1e4, -8192.5, -2.5, -1e-5, 0.0, 1e-5, 2.5, 8192.5, 1e4, 3e4], dtype=np.float32)
 
     def relu(v):
@@ -77,10 +75,6 @@ def test_bit_times_is_exact_under_spu_and_in_float(sessions):
 
 def test_pick_is_the_encoded_constant_under_spu_and_the_constant_in_float(sessions):
     """Sign- or piece-picked coefficients (Mish, sigmoid): exact ring encodings, large and tiny ones."""
-    import jax
-
-    from protocols.cipherdm import _indicator, _pick
-
     pairs = [(1.2308648, -21821.234), (-0.0012855, -0.0003433), (3.0e4, -7.5)]
     x = np.array([-2.0, -0.5, 0.5, 2.0], dtype=np.float32)
 
@@ -99,10 +93,6 @@ def test_pick_is_the_encoded_constant_under_spu_and_the_constant_in_float(sessio
 def test_picked_kernels_agree_in_float_and_under_spu(sessions, op):
     """Outside SPU the same kernels run in float (the approximation, simulated): they agree with the
     secure run to within its fixed-point rounding."""
-    import jax
-
-    from cipherdm_spu import registry
-
     x = activation_inputs(401)
     with registry.use_protocol("cipherdm"):
         plain = np.asarray(jax.jit(getattr(ops, op))(x), np.float64)
@@ -112,10 +102,5 @@ def test_picked_kernels_agree_in_float_and_under_spu(sessions, op):
 
 
 def test_pick_refuses_a_constant_the_ring_cannot_hold():
-    import jax
-
-    from cipherdm_spu import registry
-    from protocols.cipherdm import _indicator, _pick
-
     with registry.fixed_point(18), pytest.raises(ValueError, match="cannot encode"):
         jax.make_jaxpr(lambda v: _pick(_indicator(v > 0), 1e15, 0.0, v.dtype))(np.zeros(3, np.float32))
