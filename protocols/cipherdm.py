@@ -134,6 +134,10 @@ def _relu_and_abs(x):
     return positive, relu, relu + relu - x
 
 
+def _relu(x):
+    return _relu_and_abs(x)[1]
+
+
 def _relu_and_clamped_abs(x, T: float):
     """(sign bit, relu(x), min(|x|, T)) with two comparisons and two integer products."""
     positive, relu, magnitude = _relu_and_abs(x)
@@ -226,8 +230,7 @@ def exp_nonpositive(x):
     beyond x ~ 17: callers must subtract a max first.
     """
     n = 2 ** EXP_SQUARINGS
-    z = x * (1.0 / n) + 1.0
-    z = _bit_times(_indicator(z > 0), z)
+    z = _relu(x * (1.0 / n) + 1.0)
     p = (z * (z * z + 3.0) + 2.0) * (1.0 / 6.0)
     for _ in range(EXP_SQUARINGS):
         p = p * p
