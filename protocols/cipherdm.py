@@ -10,9 +10,11 @@ Activations use f(x) = step(x) + R(min(|x|, T)):
   a second comparison clamps |x| to T *before* any power is taken, so no intermediate can wrap the
   ring for any input; R is fitted by minimax over the whole real line including the clamped tail
   (scripts/fit_kernels.py).
-  SiLU and Mish (the UNets' activations, where bytes decide): R is a quartic in Knuth's adapted form
-  (2 secret products), error <= 1e-2; Mish's two quartics (x > 0, x <= 0) are one, its coefficients
-  picked by the sign bit (`_pick`: local, on the ring encodings).
+  SiLU and Mish (the UNets' activations, where bytes decide), error <= 1e-2. SiLU: R is a quartic
+  with 2 truncations ("half-square": u = c * a rounded to 9 fraction bits, so (u + beta0) * u is an
+  integer product, and the linear term rides in the last product's truncation). Mish: a times a quartic
+  in Knuth's adapted form, its two quartics (x > 0, x <= 0) one, with coefficients picked by the sign
+  bit (`_pick`: local, on the ring encodings).
   GeLU and sigmoid (to beat SPU's Pade-based kernels, ~1.6e-5): R is a degree-13 polynomial (sigmoid:
   two pieces, degrees 9 and 7, split by one more comparison in the same batch, one Horner chain with
   picked coefficients) evaluated by Horner with a scaled accumulator, error ~1e-5 in MPC, most of it the
@@ -62,11 +64,6 @@ def _quartic(a, alpha):
     a0, a1, a2, a3, a4 = alpha
     y = (a + a0) * a + a1
     return ((y + a + a2) * y + a3) * a4
-
-
-def _residual(a, form: str, alpha):
-    q = _quartic(a, alpha)
-    return a * q if form == "a*quartic" else q
 
 
 _INT_OF_FLOAT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}  # the integer type a float's bits are cast to
@@ -144,15 +141,59 @@ def _relu_and_clamped_abs(x, T: float):
     return positive, relu, _select(_indicator(magnitude < T), magnitude, T)
 
 
-def _relu_plus_quartic(x, name: str):
-    """relu(x) + R(min(|x|, T)); where R differs by sign (Mish), the sign bit picks its coefficients, so one
-    quartic is evaluated instead of two."""
+def _relu_plus_a_quartic(x, name: str):
+    """relu(x) + a * quartic(a), a = min(|x|, T); the sign bit picks the quartic's coefficients (R differs by
+    sign), so one quartic is evaluated instead of two."""
     c = ACTIVATIONS[name]
     positive, relu, a = _relu_and_clamped_abs(x, c["T"])
-    alpha = c["plus"]
-    if c["minus"] is not None:
-        alpha = [_pick(positive, p, m, x.dtype) for p, m in zip(c["plus"], c["minus"])]
-    return relu + _residual(a, c["form"], alpha)
+    alpha = [_pick(positive, p, m, x.dtype) for p, m in zip(c["plus"], c["minus"])]
+    return relu + a * _quartic(a, alpha)
+
+
+def _rounded_integer(a, scale: int):
+    """round(a * scale) as an integer array, with one truncation: under SPU the public product of a by
+    scale * 2**-f, whose ring element *is* a * scale (SPU's truncation errs by < 1 unit, measured)."""
+    as_int = _INT_OF_FLOAT[jnp.dtype(a.dtype).itemsize]
+    fraction_bits = registry.fixed_point_bits()
+    if fraction_bits is None:
+        return jnp.round(a * scale).astype(as_int)
+    return jax.lax.bitcast_convert_type(a * (scale * 2.0**-fraction_bits), as_int)
+
+
+def _from_integer(n, bits: int, dtype):
+    """The integer n read as a fixed-point number with ``bits`` fraction bits: under SPU, local (a shift to
+    the session's fraction bits, by an integer product with a public power of two, and a reinterpretation)."""
+    fraction_bits = registry.fixed_point_bits()
+    if fraction_bits is None:
+        return n.astype(dtype) * 2.0**-bits
+    if fraction_bits < bits:
+        raise NotImplementedError(f"needs at least {bits} fraction bits; the session has {fraction_bits}")
+    return jax.lax.bitcast_convert_type(n * n.dtype.type(2 ** (fraction_bits - bits)), dtype)
+
+
+def _product_plus_linear(p, q, v, s: float):
+    """p * q + s * v with one truncation: under SPU the integer product of p's and q's encodings (2f fraction
+    bits) plus v's encoding times the integer s * 2**f, then one truncation by f bits (a public product by
+    2**-f). A separate s * v would cost a truncation of its own."""
+    fraction_bits = registry.fixed_point_bits()
+    if fraction_bits is None:
+        return p * q + s * v
+    as_int = _INT_OF_FLOAT[jnp.dtype(p.dtype).itemsize]
+    encoding = lambda t: jax.lax.bitcast_convert_type(t, as_int)  # noqa: E731
+    wide = encoding(p) * encoding(q) + encoding(v) * as_int(round(s * 2.0**fraction_bits))
+    return jax.lax.bitcast_convert_type(wide, p.dtype) * 2.0**-fraction_bits
+
+
+def _relu_plus_half_square(x, name: str):
+    """relu(x) + (z + gamma1) * z + s * a + gamma0, a = min(|x|, T), z = (u + beta0) * u, u = c * a rounded
+    to ``bits`` = 9 fraction bits: z is an integer product at 18 bits (no truncation), so the quartic costs
+    two truncations (u's and the last product's) where Knuth's form costs three. u's rounding is part of
+    the fit (scripts/fit_kernels.py); the exact a carries R's linear term, so it moves R by < 4.4e-3."""
+    c = ACTIVATIONS[name]
+    _, relu, a = _relu_and_clamped_abs(x, c["T"])
+    u = _rounded_integer(a, c["scale"])  # u * 2**bits
+    z = _from_integer((u + c["beta0"]) * u, 2 * c["bits"], x.dtype)
+    return relu + _product_plus_linear(z + c["gamma1"], z, a, c["linear"]) + c["gamma0"]
 
 
 def _polynomial(m, coef):
@@ -203,12 +244,12 @@ def _piecewise_horner(x, name: str):
 
 @register_kernel("silu", NAME)
 def silu(x):
-    return _relu_plus_quartic(x, "silu")
+    return _relu_plus_half_square(x, "silu")
 
 
 @register_kernel("mish", NAME)
 def mish(x):
-    return _relu_plus_quartic(x, "mish")
+    return _relu_plus_a_quartic(x, "mish")
 
 
 @register_kernel("gelu", NAME)

@@ -44,9 +44,10 @@ def _gelu_tanh(x):
 
 
 #: name: (R_+(a), R_-(a)) for a >= 0, and the polynomial form:
-#:   "quartic": R(a) = p4(a) (2 secret multiplications)
+#:   "half-square": R(a) = (z + gamma1) * z + s * a + gamma0 with z = (u + beta0) * u, u = c * a held at
+#:     HALF_BITS fraction bits (2 truncations; see fit_half_square)
 #:   "a*quartic": R(a) = a * p4(a), degree 5 with R(0) = 0 (3 secret multiplications)
-FORMS = {"silu": "quartic", "mish": "a*quartic"}
+FORMS = {"silu": "half-square", "mish": "a*quartic"}
 RESIDUALS = {
     "silu": (lambda a: a * _sigmoid(a) - a, lambda a: -a * _sigmoid(-a)),
     "mish": (lambda a: _mish(a) - a, lambda a: _mish(-a)),
@@ -64,18 +65,20 @@ ERR_CAP = 0.0095
 BULK = 2.0  # 'bulk_err' below: the max error on |x| <= BULK
 
 
-def minimax(a: np.ndarray, target: np.ndarray, basis: np.ndarray, weight=None, cap=None):
+def minimax(a: np.ndarray, target: np.ndarray, basis: np.ndarray, weight=None, cap=None, capped=None):
     """Coefficients c minimising max |w (basis @ c - target)|, and that max; with `cap`, subject to
-    |basis @ c - target| <= cap everywhere (RuntimeError if no polynomial of the basis meets it)."""
+    |basis @ c - target| <= cap everywhere, or on the rows ``capped = (basis, target)`` where given
+    (RuntimeError if no polynomial of the basis meets it)."""
     w = np.ones_like(target) if weight is None else weight
     n = basis.shape[1]
     wb = basis * w[:, None]
     A = np.block([[wb, -np.ones((len(a), 1))], [-wb, -np.ones((len(a), 1))]])
     b = np.concatenate([w * target, -w * target])
     if cap is not None:
-        zero = np.zeros((len(a), 1))
-        A = np.vstack([A, np.block([[basis, zero], [-basis, zero]])])
-        b = np.concatenate([b, target + cap, cap - target])
+        cap_basis, cap_target = (basis, target) if capped is None else capped
+        zero = np.zeros((len(cap_target), 1))
+        A = np.vstack([A, np.block([[cap_basis, zero], [-cap_basis, zero]])])
+        b = np.concatenate([b, cap_target + cap, cap - cap_target])
     res = linprog(np.r_[np.zeros(n), 1.0], A_ub=A, b_ub=b, bounds=[(None, None)] * n + [(0, None)], method="highs")
     if not res.success:
         raise RuntimeError(res.message)
@@ -89,8 +92,9 @@ def spu_constant(c: float, fraction_bits: int = 18) -> float:
 
 
 def _clamped_basis(a, form: str, T: float):
-    basis = np.vander(np.minimum(a, T), 6, increasing=True)
-    return basis[:, :5] if form == "quartic" else basis[:, 1:]
+    if form != "a*quartic":
+        raise ValueError(f"no clamped polynomial basis for form {form!r}")
+    return np.vander(np.minimum(a, T), 6, increasing=True)[:, 1:]
 
 
 def fit_clamped(residual, form: str, T: float, bulk_weight: float):
@@ -108,6 +112,80 @@ def fit_clamped(residual, form: str, T: float, bulk_weight: float):
     coef = np.r_[rest, lead]
     err = np.abs(basis @ coef - residual(a))
     return coef, weighted, float(err.max()), float(err[a <= BULK].max())
+
+
+# SiLU, the UNets' most frequent activation: R(a) = (z + gamma1) * z + s * a + gamma0 with z = (u + beta0) * u
+# and u = c * a held at HALF_BITS fraction bits, half the session's 18. Then z is an *integer* product of u's
+# encodings (no truncation, 18 fraction bits); s * a rides in the last product's one truncation; c * a is the
+# other truncation: 2 where a quartic in Knuth's form needs 3 (its leading coefficient's public product).
+# c = scale / 2**HALF_BITS and beta0 = beta0 / 2**HALF_BITS are integers over 2**HALF_BITS, searched; gamma1,
+# s, gamma0 by the LP. u's rounding is part of the fit: SPU's truncation errs by less than one unit either way
+# (measured: within (-0.99, 0.99) units, mean ~0), so every point is held to ERR_CAP with u off by -1, 0 and
+# +1 units of 2**-HALF_BITS, while the weighted objective (the bias a model accumulates) is the rounding-free
+# error. With s * a exact, u's rounding moves R by at most ~4.4e-3 (near a = 0).
+HALF_BITS = 9
+HALF_THRESHOLDS = (5.5, 5.75, 6.0)  # below 5.5 the clamped tail alone errs > ERR_CAP; above 6.0 the cap fails
+HALF_SCALES = range(110, 151)  # c * 2**9 around (R's leading coefficient)**(1/4) * 2**9 ~ 130
+HALF_BETA0 = range(-1300, -599)
+
+
+def _half_square_rows(residual, T: float, scale: int, beta0: int, offsets):
+    """Basis [z, a, 1] and target R(a) - z^2 on a grid of [0, T] and the clamped tail (|x| > T, where a = T),
+    with u off its exact value by each of ``offsets`` units of 2**-HALF_BITS; and the true |x| of each row."""
+    inside = np.linspace(0.0, T, 601)
+    tail = np.geomspace(T, 1e4, 121)
+    a = np.concatenate([inside, np.full_like(tail, T)])
+    x = np.concatenate([inside, tail])
+    rows, targets = [], []
+    for off in offsets:
+        u = (a * scale + off) / 2.0**HALF_BITS
+        z = (u + beta0 / 2.0**HALF_BITS) * u
+        rows.append(np.stack([z, a, np.ones_like(a)], 1))
+        targets.append(residual(x) - z * z)
+    return np.concatenate(rows), np.concatenate(targets), np.tile(x, len(offsets))
+
+
+def _fit_half_square_at(residual, T: float, scale: int, beta0: int):
+    """(gamma1, s, gamma0) and the weighted rounding-free max error; inf where ERR_CAP cannot be met."""
+    basis, target, x = _half_square_rows(residual, T, scale, beta0, [0.0])
+    rounded = _half_square_rows(residual, T, scale, beta0, [-0.999, 0.0, 0.999])[:2]
+    weight = 1.0 + BULK_WEIGHT * np.exp(-(x / BULK_SCALE) ** 2 / 2)
+    try:
+        return minimax(x, target, basis, weight=weight, cap=ERR_CAP, capped=rounded)
+    except RuntimeError:
+        return None, np.inf
+
+
+def fit_half_square(residual):
+    """The "half-square" fit: over HALF_THRESHOLDS, a coarse then a fine search of (scale, beta0)."""
+    best = (np.inf,)
+    for T in HALF_THRESHOLDS:
+        coarse = [(k, b) for k in HALF_SCALES[::4] for b in HALF_BETA0[::32]]
+        for grid in (coarse, None):
+            if grid is None:  # refine around this T's best coarse point
+                k0, b0 = best_here[1:3]
+                grid = [(k, b) for k in range(k0 - 3, k0 + 4) for b in range(b0 - 30, b0 + 31, 2)]
+            best_here = (np.inf, 0, 0)
+            for k, b in grid:
+                coef, weighted = _fit_half_square_at(residual, T, k, b)
+                if weighted < best_here[0] - 1e-12:
+                    best_here = (weighted, k, b, coef)
+            if best_here[0] == np.inf:
+                break
+        if best_here[0] < best[0] - 1e-12:
+            best = (*best_here, T)
+    if best[0] == np.inf:
+        raise RuntimeError("no half-square SiLU fit meets ERR_CAP")
+    _, scale, beta0, (gamma1, s, gamma0), T = best
+    coef = np.array([gamma1, s, gamma0])
+    basis, target, x = _half_square_rows(residual, T, scale, beta0, [0.0])
+    err = np.abs(basis @ coef - target)
+    rbasis, rtarget, rx = _half_square_rows(residual, T, scale, beta0, [-0.999, 0.0, 0.999])
+    rerr = np.abs(rbasis @ coef - rtarget)
+    return {"T": float(T), "form": "half-square", "bits": HALF_BITS, "scale": int(scale), "beta0": int(beta0),
+            "gamma1": float(gamma1), "linear": float(s), "gamma0": float(gamma0),
+            "err": float(rerr.max()), "bulk_err": float(err[x <= BULK].max()),
+            "rounded_bulk_err": float(rerr[rx <= BULK].max())}
 
 
 def knuth_quartic(c):
@@ -133,6 +211,9 @@ def fit_activation(name: str):
     form = FORMS[name]
     a = np.linspace(0.0, 5.0, 101)
     even = np.allclose(plus(a), minus(a), atol=1e-12)
+    if form == "half-square":
+        assert even, f"{name}: the half-square form serves both signs with one fit"
+        return fit_half_square(plus)
     fits = []
     for bulk_weight in (0.0, BULK_WEIGHT):
         best = None
@@ -246,11 +327,12 @@ def render() -> str:
         '"""Coefficients of the `cipherdm` kernels, in one place.',
         "",
         "GENERATED by scripts/fit_kernels.py (minimax fits by linear programming); do not edit by hand.",
-        "ACTIVATIONS (SiLU, Mish): f(x) = step(x) + R(min(|x|, T)) with R = R_plus for x > 0 and R_minus",
-        "otherwise; each R is a quartic in Knuth's adapted form (alpha0..alpha4), or a times one ('a*quartic'),",
-        "see protocols.cipherdm. minus=None: R is even (R_minus = R_plus), one polynomial serves both signs.",
+        "ACTIVATIONS (SiLU, Mish): f(x) = relu(x) + R(a), a = min(|x|, T). Mish ('a*quartic'): R = a times a",
+        "quartic in Knuth's adapted form (alpha0..alpha4), R_plus for x > 0 and R_minus otherwise. SiLU",
+        "('half-square', R even): R = (z + gamma1) * z + linear * a + gamma0, z = (u + beta0 / 2**bits) * u,",
+        "u = round(scale * a) / 2**bits; see protocols.cipherdm.",
         "Fitted by minimax weighted towards |x| < ~2, where activations mostly lie, held to ERR_CAP everywhere",
-        "(see BULK_WEIGHT there).",
+        "(see BULK_WEIGHT there); SiLU's err includes u's rounding (rounded_bulk_err likewise, bulk_err not).",
         "HORNER_ACTIVATIONS (GeLU, sigmoid): f(x) = relu(x) + R(|x|) (step 'relu') or R(|x|) for x <= 0 and",
         "1 - R(|x|) for x > 0 (step 'heaviside'); R is piecewise, each piece a polynomial in powers of",
         "v = min(|x|, hi) - center (increasing degree) for lo <= |x| < hi, the last piece also beyond its hi.",
@@ -261,14 +343,14 @@ def render() -> str:
         "ACTIVATIONS = {",
     ]
     for name, f in acts.items():
-        minus = None if f["minus"] is None else [float(v) for v in f["minus"]]
         lines.append(f"    {name!r}: {{")
-        lines.append(f"        'T': {f['T']!r},")
-        lines.append(f"        'form': {f['form']!r},")
-        lines.append(f"        'plus': {[float(v) for v in f['plus']]!r},")
-        lines.append(f"        'minus': {minus!r},")
-        lines.append(f"        'err': {f['err']:.6g},")
-        lines.append(f"        'bulk_err': {f['bulk_err']:.6g},")
+        for key, value in f.items():
+            if key.endswith("err"):
+                lines.append(f"        {key!r}: {value:.6g},")
+            elif key in ("plus", "minus") and value is not None:
+                lines.append(f"        {key!r}: {[float(v) for v in value]!r},")
+            else:
+                lines.append(f"        {key!r}: {value!r},")
         lines.append("    },")
     lines += [
         "}",

@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""What SPU's building blocks cost under ABY3/FM64, and what that implies for the cheapest SiLU.
+"""What SPU's building blocks cost under ABY3/FM64, and how they add up to our SiLU.
 
 Measures, in one three-party session, bytes per element per party (all parties' bytes / 3 / n) and
 send actions of: a comparison with a public constant, its bit converted to an arithmetic integer, a
 select, the integer product of that bit and a value (`_bit_times`), a secret product (reshare +
-truncation), a product with a public constant (truncation only), a secret product of integers (reshare
-only), and our SiLU. From these it writes the accounting of the `cipherdm` SiLU (relu + clamped quartic)
-and the floor of that design family: two comparisons (sign and clamp), two conversions, four reshares
-and three truncations; fewer truncations cannot keep the quartic's precision in 64-bit fixed point with
-18 fraction bits (see docs/results/primitives.md).
+truncation), a product with a public constant (truncation only), the same with a constant whose encoding
+is below 4 (SPU truncates those with extra precision, at a higher cost), a secret product of integers
+(reshare only), and our SiLU. From these it writes the accounting of the `cipherdm` SiLU (relu + clamped
+"half-square" quartic: two comparisons, two conversions, four integer products, two truncations) and what
+else was tried against it (docs/results/primitives.md).
 
     python scripts/primitive_costs.py --out docs/results/primitives
 """
@@ -45,6 +45,7 @@ PRIMITIVES = {
              lambda x: _bit_times(_indicator(x > 0), x)),
     "secret_product": ("x * x (reshare + truncation)", lambda x: x * x),
     "public_product": ("x * 0.3 (truncation)", lambda x: x * 0.3),
+    "tiny_public_product": ("x * 2**-18 (encoding 1: SPU's extra-precision truncation)", lambda x: x * 2.0**-18),
     "integer_product": ("int(x) * int(x) (reshare, no truncation)", lambda x: _as_int(x) * _as_int(x)),
     "silu": ("ops.silu under the protocol set", ops.silu),
 }
@@ -66,7 +67,7 @@ def measure(protocol: str, n: int) -> dict:
 
 
 def accounting(rows: dict) -> dict:
-    """Split the cipherdm SiLU into measured parts; the floor of its design family from the same parts."""
+    """Split the cipherdm SiLU into measured parts."""
     b = {k: v["bytes_per_element_per_party"] for k, v in rows.items()}
     truncation = b["public_product"]
     reshare = b["integer_product"]
@@ -75,8 +76,9 @@ def accounting(rows: dict) -> dict:
         "2 comparisons (sign, clamp)": 2 * b["compare"],
         "2 conversions of their bits to arithmetic": 2 * conversion,
         "2 integer bit products (relu, clamp)": 2 * (b["relu"] - b["indicator"]),
-        "2 secret products of the quartic (reshare + truncation)": 2 * b["secret_product"],
-        "1 public product (leading coefficient)": truncation,
+        "1 public product (u = c * a, rounded to 9 fraction bits)": truncation,
+        "2 integer products (z = (u + beta0) * u; (z + gamma1) * z + s * a before truncation)": 2 * reshare,
+        "1 truncation of that by 18 bits (a public product by 2**-18)": b["tiny_public_product"],
     }
     return {
         "parts": parts,
@@ -90,7 +92,7 @@ def accounting(rows: dict) -> dict:
 
 def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float) -> str:
     lines = [
-        "# SPU building blocks, and the cost floor of our SiLU",
+        "# SPU building blocks, and how they add up to our SiLU",
         "",
         f"Command: `{command}`  ",
         f"ABY3, FM64, 18 fraction bits, three parties in one process, {n} elements; bytes per element per party",
@@ -103,7 +105,10 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float) -> st
         lines.append(f"| {name} | {r['what']} | {r['bytes_per_element_per_party']:.1f} | {r['send_actions']} |")
     lines += [
         "",
-        "## Accounting of the `cipherdm` SiLU (relu(x) + R(min(|x|, T)), R a quartic in Knuth's form)",
+        "## Accounting of the `cipherdm` SiLU",
+        "",
+        "relu(x) + R(a), a = min(|x|, T), R(a) = (z + gamma1) * z + s * a + gamma0 with z = (u + beta0) * u and",
+        "u = c * a rounded to 9 fraction bits (protocols/cipherdm.py, scripts/fit_kernels.py).",
         "",
         "| part | B/elem/party |",
         "|---|---:|",
@@ -117,30 +122,27 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float) -> st
         f"Vanilla SPU SiLU (the `spu` set) in this run: {spu_silu:.1f} B, so the 4x target of issue 3 needs",
         f"<= {spu_silu / 4:.1f} B; ours is {acc['measured']:.1f} B ({spu_silu / acc['measured']:.2f}x).",
         "",
-        "Why this design family cannot reach 4x here (a derivation from the measured parts, not a proof over",
-        "all designs):",
+        "How the parts were chosen (each measured in the rows above):",
         "",
         "- Two comparisons are needed: the sign (relu outside the window) and the window |x| < T (without it",
         "  the polynomial is wrong for large |x|). Each bit is converted to arithmetic once",
         f"  ({acc['conversion']:.1f} B) and multiplied into a value as an integer product (relu; the clamp), a",
         f"  reshare of {acc['reshare']:.1f} B with no truncation (a select costs more: row `select_relu`).",
-        f"- A truncation costs {acc['truncation']:.1f} B and sheds exactly 18 fraction bits. A quartic carries",
-        "  4 x 18 = 72 fraction bits and its leading coefficient (about 1/240) another >= 8 for 0.4 % precision;",
-        "  the output keeps 18. Three truncations are the fewest that keep a at 18 fraction bits. Tried: two",
-        "  truncations with the quartic monic in u = a * alpha4^(1/4) held at 9 fraction bits (its first product",
-        "  an integer product; ~144 B): u's resolution moves a by up to 0.0077 where SiLU's slope is 0.5, and",
-        "  with the best fits found it errs 0.0100-0.012, over the 1e-2 bound.",
-        "- The relu product and the last product could share one reshare as a dot product (measured 17.3 B for",
-        "  two products), but SPU 0.9.5 runs a batched dot as one matmul per element: thousands of send actions.",
-        "- Letting the window bit pick the leading coefficient (0 outside, a local pick) instead of clamping the",
-        "  input costs the same: the last product becomes a secret product in place of the clamp's integer",
-        "  product plus the public product (the bit's conversion is needed either way).",
-        "- A quadratic R (one product and one truncation fewer) errs 0.051 at best (minimax over T, tail",
-        "  included), five times the 1e-2 bound; a polynomial in x instead of |x| (no sign comparison) still errs",
-        "  0.019 at degree 8 on [-6, 6] (Chebyshev fit).",
-        "",
-        "So the relu + clamped-quartic SiLU sits at its floor (2 comparisons + 2 conversions + 4 reshares +",
-        "3 truncations); a 4x SiLU would need a cheaper comparison or conversion than SPU 0.9.5's ABY3 ones.",
+        f"- A truncation costs {acc['truncation']:.1f} B and sheds 18 fraction bits. A quartic in Knuth's form at",
+        "  18 fraction bits needs three (two products and its small leading coefficient, ~1/240; 153.3 B in",
+        "  all, 3.98x). Ours needs two: u = c * a with c^4 the leading coefficient makes the quartic monic, and",
+        "  u held at 9 fraction bits makes (u + beta0) * u an integer product landing on 18 bits; the linear term",
+        "  s * a is added to the last integer product before its truncation. That truncation is a product by",
+        "  2**-18, whose encoding (1) SPU truncates with extra precision: row `tiny_public_product`, 4 B more",
+        "  than a plain truncation (constants encoded >= 4 take the plain path; 2 fewer bits would need u at",
+        "  8 fraction bits, whose rounding breaks the error bound).",
+        "- u's rounding (SPU's truncation errs by < 1 unit of 2^-9) moves R by up to 4.4e-3 near a = 0; the fit",
+        "  holds every point to 9.5e-3 with u off by -1, 0, +1 units, and keeps the linear term on the exact a,",
+        "  where a first try (all of R in u, session 13) erred 0.0100-0.012.",
+        "- Also tried: the relu and last products as one dot product (17.3 B for two products, but SPU 0.9.5",
+        "  runs a batched dot as one matmul per element: thousands of send actions); both bits converted in one",
+        "  2-bit conversion (18.7 B for two, but the two bits cannot then be separated without a product); a",
+        "  quadratic R (errs 0.051 at best) and a polynomial in x instead of |x| (0.019 at degree 8 on [-6, 6]).",
         "",
     ]
     return "\n".join(lines)

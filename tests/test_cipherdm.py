@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cipherdm_spu import ops, registry
-from protocols.cipherdm import _indicator, _pick, _relu
+from protocols.cipherdm import _from_integer, _indicator, _pick, _product_plus_linear, _relu, _rounded_integer
 
 from .kernel_reference import REFERENCES, activation_inputs, encoded, gelu_tanh, softmax
 
@@ -96,6 +96,38 @@ def test_picked_kernels_agree_in_float_and_under_spu(sessions, op):
     secure = sessions["cipherdm"].run(getattr(ops, op), x)
     tolerance = 1e-3 if op == "mish" else 2e-5
     assert np.abs(plain - secure)[np.abs(x) < 1e3].max() <= tolerance
+
+
+def test_silu_agrees_in_float_and_under_spu_up_to_the_rounding_of_u(sessions):
+    """SiLU's u is rounded to 9 fraction bits (in float: to nearest; under SPU: within one unit either way),
+    which moves the result by < 4.5e-3 (the fit's bound); all else is exact or 2^-18 rounding."""
+    x = activation_inputs(401)
+    with registry.use_protocol("cipherdm"):
+        plain = np.asarray(jax.jit(ops.silu)(x), np.float64)
+    secure = sessions["cipherdm"].run(ops.silu, x)
+    assert np.abs(plain - secure)[np.abs(x) < 1e3].max() <= 4.5e-3
+
+
+def test_half_square_building_blocks_under_spu_and_in_float(sessions):
+    """round(a * scale) in one truncation (within one unit), an integer read at 18 fraction bits (exact),
+    and p * q + s * v with one truncation (within a few units of 2^-18)."""
+    a = np.linspace(0.0, 6.0, 997).astype(np.float32)
+    ref = encoded(a).astype(np.float64)
+
+    def blocks(v):
+        n = _rounded_integer(v, 130)
+        return n, _from_integer(n * n, 18, v.dtype), _product_plus_linear(v + 1.5, v, v, 0.0625)
+
+    for (n, square, fused), exact in ((sessions["cipherdm"].run(blocks, a), False), (jax.jit(blocks)(a), True)):
+        n = np.asarray(n, np.float64)
+        assert np.abs(n - ref * 130).max() <= (0.5 if exact else 1.0)
+        np.testing.assert_allclose(square, n * n / 2.0**18, rtol=2.0**-23, atol=0)
+        assert np.abs(np.asarray(fused, np.float64) - ((ref + 1.5) * ref + 0.0625 * ref)).max() <= 4 * 2.0**-18 * 16
+
+
+def test_from_integer_refuses_fewer_fraction_bits_than_it_reads():
+    with registry.fixed_point(16), pytest.raises(NotImplementedError, match="at least 18 fraction bits"):
+        jax.make_jaxpr(lambda v: _from_integer(v, 18, np.float32))(np.zeros(3, np.int32))
 
 
 def test_pick_refuses_a_constant_the_ring_cannot_hold():

@@ -20,7 +20,26 @@ def test_every_fit_is_within_1e2_everywhere_and_4_5e3_on_the_bulk_in_float64():
     for name, fit in ACTIVATIONS.items():
         assert fit["err"] < 1e-2, name
         assert fit["bulk_err"] < 4.5e-3, name
-        assert fit["T"] > 0 and len(fit["plus"]) == 5
+        assert fit["T"] > 0
+    assert len(ACTIVATIONS["mish"]["plus"]) == len(ACTIVATIONS["mish"]["minus"]) == 5
+
+
+def test_half_square_silu_holds_its_bound_with_u_rounded_either_way():
+    """The fit's claim, re-checked here independently of its LP: with u = c * a off its exact value by up
+    to one unit of 2^-bits (SPU's truncation), SiLU errs < 1e-2 on the whole line and < 5e-3 on |x| <= 2."""
+    fit = ACTIVATIONS["silu"]
+    x = np.concatenate([np.linspace(0.0, 20.0, 20001), np.geomspace(20.0, 1e4, 500)])
+    a = np.minimum(x, fit["T"])
+    silu = x / (1.0 + np.exp(-x))
+    worst = np.zeros_like(x)
+    for off in np.linspace(-1.0, 1.0, 9):
+        u = (a * fit["scale"] + off) / 2.0 ** fit["bits"]
+        z = (u + fit["beta0"] / 2.0 ** fit["bits"]) * u
+        r = (z + fit["gamma1"]) * z + fit["linear"] * a + fit["gamma0"]
+        # the same on the negative side: silu(-x) = silu(x) - x, relu(-x) = 0
+        worst = np.maximum(worst, np.maximum(np.abs(x + r - silu), np.abs(r - (silu - x))))
+    assert worst.max() < 1e-2
+    assert worst[x <= 2].max() < 5e-3
 
 
 def test_horner_fits_are_within_2e6_and_their_pieces_tile_the_half_line():
