@@ -20,8 +20,8 @@ Activations use f(x) = step(x) + R(min(|x|, T)):
   picked coefficients) evaluated by Horner with a scaled accumulator, error ~1e-5 in MPC, most of it the
   input's own encoding.
 SoftMax subtracts the row max, takes exp by a clamped squaring scheme, and one reciprocal per row.
-rsqrt normalises its input by powers of 4 found in *one* batched comparison (few rounds), then a
-cubic guess and one Newton step.
+rsqrt normalises its input by powers of 4 read off the bits of its encoding (one conversion to boolean
+shares and a prefix OR, instead of a comparison per power), then a cubic guess and one Newton step.
 """
 
 from __future__ import annotations
@@ -279,44 +279,65 @@ def exp_nonpositive(x):
 
 
 def _octave_bits(x, bases):
-    """Bits x >= bases[j] for j >= 1, from one batched comparison (below bases[1], all are 0), converted
-    to arithmetic once: both `_scale`s of a kernel reuse them (a boolean's astype would convert per use)."""
-    return _indicator(_batched_bits(x, bases[1:])).astype(x.dtype)
+    """Bits x >= bases[j] for j >= 1, x > 0, for bases that are powers of two (below bases[1], all are 0).
+
+    Under SPU, from x's encoding E = x * 2**f: x >= 2**k iff E has a bit at or above k + f. One conversion
+    of E to boolean shares (a shift), a prefix OR (six ORs of whole words: 6 ANDs) and local shifts give
+    every threshold's bit at once, where a batched comparison pays one MSB extraction (~36 B) per threshold
+    (rsqrt's 17: 793 B against 160 B, measured). The bits stay boolean: `_scale` converts them once. In
+    plain JAX, the comparisons themselves.
+    """
+    fraction_bits = registry.fixed_point_bits()
+    if fraction_bits is None:
+        return _batched_bits(x, bases[1:]).astype(jnp.int32)
+    exponents = np.log2(np.asarray(bases[1:], dtype=np.float64)) + fraction_bits
+    if not np.all(exponents == np.round(exponents)) or exponents.min() < 0:
+        raise ValueError(f"octave bases must be powers of two representable with {fraction_bits} fraction bits")
+    shifts = exponents.astype(int) - int(exponents.min())
+    as_int = _INT_OF_FLOAT[jnp.dtype(x.dtype).itemsize]
+    shift = lambda v, k: jax.lax.shift_right_logical(v, as_int(k))  # noqa: E731
+    above = shift(jax.lax.bitcast_convert_type(x, as_int), int(exponents.min()))
+    for k in (1, 2, 4, 8, 16, 16):  # bit i becomes the OR of bits i .. i + 47
+        above = above | shift(above, k)
+    return jnp.stack([shift(above, int(k)) & 1 for k in shifts])
 
 
-def _scale(bits, factors):
-    """factors[0] + sum_j bits_j * (factors[j+1] - factors[j]): the factor of the highest bit set
-    (bits from _octave_bits, one fewer than factors)."""
-    f = np.asarray(factors, dtype=np.float64)
-    steps = jnp.asarray(f[1:] - f[:-1], dtype=bits.dtype)
-    return f[0] + jnp.tensordot(steps, bits, axes=1)
+def _scale(bits, dtype, *factor_tables):
+    """For each table, factors[k] with k = sum(bits) the octave of x (bits from _octave_bits, one fewer than
+    factors): factors[-1] + sum_j [x < bases[j+1]] * (factors[j] - factors[j+1]). For monotone tables the
+    terms share a sign, so the float simulation cannot cancel (f[0] plus steps down from 4**9 did); all
+    tables come from one product with the bits, so SPU converts each bit to arithmetic once."""
+    f = np.asarray(factor_tables, dtype=np.float64)
+    steps = jnp.asarray(f[:, :-1] - f[:, 1:], dtype=dtype)
+    scales = jnp.tensordot(steps, (1 - bits).astype(dtype), axes=1)
+    return tuple(scales + f[:, -1].reshape((-1,) + (1,) * (bits.ndim - 1)).astype(dtype))
 
 
 @register_kernel("rsqrt", NAME)
 def rsqrt(x):
-    """1/sqrt(x) for x > 0 in ~33 send actions (SPU's: ~48; docs/results/kernels.md): normalise, guess,
-    one Newton step."""
+    """1/sqrt(x) for x > 0: normalise, guess, one Newton step. 481 B and 39 send actions per element against
+    SPU's 516 B and ~50 (docs/results/kernels.md)."""
     js = RSQRT_EXPONENTS
-    bits = _octave_bits(x, 4.0 ** js)
-    m = x * _scale(bits, 4.0 ** -js)  # in [1, 4) for 4**js[0] <= x < 4**(js[-1] + 1)
+    to_m, to_result = _scale(_octave_bits(x, 4.0 ** js), x.dtype, 4.0 ** -js, 2.0 ** -js)
+    m = x * to_m  # in [1, 4) for 4**js[0] <= x < 4**(js[-1] + 1)
     r = _polynomial(m, RSQRT_GUESS)
     r = r * (1.5 - 0.5 * m * (r * r))
-    return r * _scale(bits, 2.0 ** -js)
+    return r * to_result
 
 
 def reciprocal_in_range(x, lo: float, hi: float):
-    """1/x for x in [lo, hi] (lo > 0): normalise by powers of 2 in one batched comparison, guess, Newton.
+    """1/x for x in [lo, hi] (lo > 0): normalise by powers of 2 (`_octave_bits`), guess, two Newton steps.
 
     Used for softmax denominators, which lie in [1, row length]; outside [lo, hi] it degrades smoothly
     (Newton from a poor guess) but never wraps.
     """
     js = np.arange(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1)
-    bits = _octave_bits(x, 2.0 ** js)
-    m = x * _scale(bits, 2.0 ** -js)  # in [1, 2)
+    (scale,) = _scale(_octave_bits(x, 2.0 ** js), x.dtype, 2.0 ** -js)
+    m = x * scale  # in [1, 2)
     r = _polynomial(m, RECIPROCAL_GUESS)
     r = r * (2.0 - m * r)
     r = r * (2.0 - m * r)
-    return r * _scale(bits, 2.0 ** -js)
+    return r * scale
 
 
 @register_kernel("softmax", NAME)

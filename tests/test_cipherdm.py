@@ -5,7 +5,16 @@ import numpy as np
 import pytest
 
 from cipherdm_spu import ops, registry
-from protocols.cipherdm import _from_integer, _indicator, _pick, _product_plus_linear, _relu, _rounded_integer
+from protocols.cipherdm import (
+    RSQRT_EXPONENTS,
+    _from_integer,
+    _indicator,
+    _octave_bits,
+    _pick,
+    _product_plus_linear,
+    _relu,
+    _rounded_integer,
+)
 
 from .kernel_reference import REFERENCES, activation_inputs, encoded, gelu_tanh, softmax
 
@@ -59,6 +68,31 @@ def test_ours_beat_the_paper_on_error(sessions):
         ref = REFERENCES[op](x.astype(np.float64))
         err = {name: np.abs(sessions[name].run(getattr(ops, op), x) - ref).max() for name in ("cipherdm", "cipherdm-paper")}
         assert err["cipherdm"] < err["cipherdm-paper"], (op, err)
+
+
+def test_octave_bits_from_the_encoding_are_the_comparisons_they_replace(sessions):
+    """x >= 4**j read off the bits of x's encoding under SPU (a prefix OR), compared with x >= 4**j in
+    float64 on the encoded input, including every boundary and its neighbours."""
+    bases = 4.0 ** RSQRT_EXPONENTS
+    x = np.concatenate([np.geomspace(5e-6, 2e5, 301), bases[1:], bases[1:] * (1 - 2.0**-20), bases[1:] * (1 + 2.0**-20)])
+    x = x.astype(np.float32)
+    want = (encoded(x)[None, :] >= bases[1:, None]).astype(np.int32)
+    np.testing.assert_array_equal(sessions["cipherdm"].run(lambda v: _octave_bits(v, bases), x), want)
+    np.testing.assert_array_equal(jax.jit(lambda v: _octave_bits(v, bases))(x), (x[None, :] >= bases[1:, None]))
+
+
+def test_rsqrt_in_float_holds_over_its_whole_range():
+    """The plain-JAX simulation of our rsqrt (the octave's factor summed without cancellation) across the
+    octaves it covers, 4**-9 .. 4**9."""
+    v = np.geomspace(4.0**-9, 4.0**9 * 0.999, 2001).astype(np.float32)
+    with registry.use_protocol("cipherdm"):
+        y = np.asarray(jax.jit(ops.rsqrt)(v), np.float64)
+    assert np.abs(y * np.sqrt(v.astype(np.float64)) - 1).max() <= 1e-3
+
+
+def test_octave_bits_refuse_bases_that_are_not_powers_of_two():
+    with registry.fixed_point(18), pytest.raises(ValueError, match="powers of two"):
+        jax.make_jaxpr(lambda v: _octave_bits(v, [1.0, 3.0]))(np.ones(3, np.float32))
 
 
 def test_bit_times_is_exact_under_spu_and_in_float(sessions):
