@@ -21,7 +21,8 @@ Activations use f(x) = step(x) + R(min(|x|, T)):
   input's own encoding.
 SoftMax subtracts the row max, takes exp by a clamped squaring scheme, and one reciprocal per row.
 rsqrt normalises its input by powers of 4 read off the bits of its encoding (one conversion to boolean
-shares and a prefix OR, instead of a comparison per power), then a cubic guess and one Newton step.
+shares and a prefix OR, instead of a comparison per power), then a cubic guess and one Newton step; its
+variant `cipherdm-low-round` (an override) finds the power by comparisons: more bytes, fewer rounds.
 """
 
 from __future__ import annotations
@@ -278,17 +279,18 @@ def exp_nonpositive(x):
     return p
 
 
-def _octave_bits(x, bases):
+def _octave_bits(x, bases, *, by_comparison: bool = False):
     """Bits x >= bases[j] for j >= 1, x > 0, for bases that are powers of two (below bases[1], all are 0).
 
     Under SPU, from x's encoding E = x * 2**f: x >= 2**k iff E has a bit at or above k + f. One conversion
     of E to boolean shares (a shift), a prefix OR (six ORs of whole words: 6 ANDs) and local shifts give
     every threshold's bit at once, where a batched comparison pays one MSB extraction (~36 B) per threshold
-    (rsqrt's 17: 793 B against 160 B, measured). The bits stay boolean: `_scale` converts them once. In
-    plain JAX, the comparisons themselves.
+    (rsqrt's 17: 793 B against 160 B, measured) but takes 7 fewer send actions: ``by_comparison`` chooses
+    that, for callers where rounds matter more than bytes. The bits stay boolean: `_scale` converts them
+    once. In plain JAX, the comparisons themselves.
     """
     fraction_bits = registry.fixed_point_bits()
-    if fraction_bits is None:
+    if by_comparison or fraction_bits is None:
         return _batched_bits(x, bases[1:]).astype(jnp.int32)
     exponents = np.log2(np.asarray(bases[1:], dtype=np.float64)) + fraction_bits
     if not np.all(exponents == np.round(exponents)) or exponents.min() < 0:
@@ -313,26 +315,42 @@ def _scale(bits, dtype, *factor_tables):
     return tuple(scales + f[:, -1].reshape((-1,) + (1,) * (bits.ndim - 1)).astype(dtype))
 
 
-@register_kernel("rsqrt", NAME)
-def rsqrt(x):
-    """1/sqrt(x) for x > 0: normalise, guess, one Newton step. 481 B and 39 send actions per element against
-    SPU's 516 B and ~50 (docs/results/kernels.md)."""
+def _rsqrt(x, by_comparison: bool):
     js = RSQRT_EXPONENTS
-    to_m, to_result = _scale(_octave_bits(x, 4.0 ** js), x.dtype, 4.0 ** -js, 2.0 ** -js)
+    bits = _octave_bits(x, 4.0 ** js, by_comparison=by_comparison)
+    to_m, to_result = _scale(bits, x.dtype, 4.0 ** -js, 2.0 ** -js)
     m = x * to_m  # in [1, 4) for 4**js[0] <= x < 4**(js[-1] + 1)
     r = _polynomial(m, RSQRT_GUESS)
     r = r * (1.5 - 0.5 * m * (r * r))
     return r * to_result
 
 
-def reciprocal_in_range(x, lo: float, hi: float):
-    """1/x for x in [lo, hi] (lo > 0): normalise by powers of 2 (`_octave_bits`), guess, two Newton steps.
+@register_kernel("rsqrt", NAME)
+def rsqrt(x):
+    """1/sqrt(x) for x > 0: normalise, guess, one Newton step. 481 B and 39 send actions per element against
+    SPU's 516 B and ~50 (docs/results/kernels.md)."""
+    return _rsqrt(x, by_comparison=False)
 
-    Used for softmax denominators, which lie in [1, row length]; outside [lo, hi] it degrades smoothly
-    (Newton from a poor guess) but never wraps.
+
+@register_kernel("rsqrt", f"{NAME}-low-round")
+def rsqrt_low_round(x):
+    """The same with its octave found by one batched comparison: 933 B but 32 send actions. The norms call
+    rsqrt once per group, where its bytes are a rounding error of a step's and its rounds add to every
+    norm's latency: choose it where the network's round trips dominate,
+    ``SecureSession("cipherdm", overrides={"rsqrt": "cipherdm-low-round"})``."""
+    return _rsqrt(x, by_comparison=True)
+
+
+def reciprocal_in_range(x, lo: float, hi: float):
+    """1/x for x in [lo, hi] (lo > 0): normalise by powers of 2 found in one batched comparison, guess, two
+    Newton steps.
+
+    Used for softmax denominators, which lie in [1, row length]: one per row, so its bytes spread over the
+    row and its rounds do not (hence comparisons rather than the encoding's bits, see `_octave_bits`);
+    outside [lo, hi] it degrades smoothly (Newton from a poor guess) but never wraps.
     """
     js = np.arange(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1)
-    (scale,) = _scale(_octave_bits(x, 2.0 ** js), x.dtype, 2.0 ** -js)
+    (scale,) = _scale(_octave_bits(x, 2.0 ** js, by_comparison=True), x.dtype, 2.0 ** -js)
     m = x * scale  # in [1, 2)
     r = _polynomial(m, RECIPROCAL_GUESS)
     r = r * (2.0 - m * r)
