@@ -285,8 +285,8 @@ def _octave_bits(x, bases, *, by_comparison: bool = False):
     Under SPU, from x's encoding E = x * 2**f: x >= 2**k iff E has a bit at or above k + f. One conversion
     of E to boolean shares (a shift), a prefix OR (six ORs of whole words: 6 ANDs) and local shifts give
     every threshold's bit at once, where a batched comparison pays one MSB extraction (~36 B) per threshold
-    (rsqrt's 17: 793 B against 160 B, measured) but takes 7 fewer send actions: ``by_comparison`` chooses
-    that, for callers where rounds matter more than bytes. The bits stay boolean: `_scale` converts them
+    (rsqrt's 17, converted to arithmetic: 341 B against 793 B, measured) but takes ~5 fewer send actions:
+    ``by_comparison`` chooses that, for callers where rounds matter more than bytes. The bits stay boolean: `_scale` converts them
     once. In plain JAX, the comparisons themselves.
     """
     fraction_bits = registry.fixed_point_bits()
@@ -328,14 +328,14 @@ def _rsqrt(x, by_comparison: bool):
 
 @register_kernel("rsqrt", NAME)
 def rsqrt(x):
-    """1/sqrt(x) for x > 0: normalise, guess, one Newton step. 472 B and ~37 send actions per element against
+    """1/sqrt(x) for x > 0: normalise, guess, one Newton step. 472 B and ~36 send actions per element against
     SPU's 516 B and ~50 (docs/results/kernels.md)."""
     return _rsqrt(x, by_comparison=False)
 
 
 @register_kernel("rsqrt", f"{NAME}-low-round")
 def rsqrt_low_round(x):
-    """The same with its octave found by one batched comparison: 924 B but ~32 send actions. The norms call
+    """The same with its octave found by one batched comparison: 924 B but ~31 send actions. The norms call
     rsqrt once per group, where its bytes are a rounding error of a step's and its rounds add to every
     norm's latency: choose it where the network's round trips dominate,
     ``SecureSession("cipherdm", overrides={"rsqrt": "cipherdm-low-round"})``."""
