@@ -7,7 +7,9 @@ holds on the whole real line. Two families:
 
 - SiLU and Mish, the UNets' activations, where bytes decide: R is a degree-4 polynomial (Mish: a times
   one), its error weighted towards small |x| and capped at ERR_CAP everywhere (see BULK_WEIGHT), T chosen
-  to minimise the weighted bound; converted to Knuth's adapted coefficients (two secret multiplications).
+  to minimise the weighted bound. Mish's is converted to Knuth's adapted coefficients (two secret
+  multiplications); SiLU's is fitted in the "half-square" form (two truncations, its variable rounded to
+  9 fraction bits, the rounding part of the fit: see fit_half_square).
 - GeLU and sigmoid, where the `cipherdm` set must beat SPU's own Pade-based kernels on error (~1.6e-5) at
   lower cost: R is a piecewise polynomial of high degree (HORNER_DESIGNS), fitted to ~2e-6 and evaluated
   by Horner around each piece's centre with a scaled accumulator (HORNER_SCALE).
