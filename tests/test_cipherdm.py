@@ -147,13 +147,13 @@ def test_half_square_building_blocks_under_spu_and_in_float(sessions):
     """round(a * scale) in one truncation (within one unit), an integer read at 18 fraction bits (exact),
     and p * q + s * v with one truncation (within a few units of 2^-18)."""
     a = np.linspace(0.0, 6.0, 997).astype(np.float32)
-    ref = encoded(a).astype(np.float64)
 
     def blocks(v):
         n = _rounded_integer(v, 130)
         return n, _from_integer(n * n, 18, v.dtype), _product_plus_linear(v + 1.5, v, v, 0.0625)
 
-    for (n, square, fused), exact in ((sessions["cipherdm"].run(blocks, a), False), (jax.jit(blocks)(a), True)):
+    secure, plain = sessions["cipherdm"].run(blocks, a), jax.jit(blocks)(a)
+    for (n, square, fused), ref, exact in ((secure, encoded(a), False), (plain, a.astype(np.float64), True)):
         n = np.asarray(n, np.float64)
         assert np.abs(n - ref * 130).max() <= (0.5 if exact else 1.0)
         np.testing.assert_allclose(square, n * n / 2.0**18, rtol=2.0**-23, atol=0)

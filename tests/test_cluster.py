@@ -111,7 +111,11 @@ def test_sampling_on_the_cluster_matches_the_embedded_session(cluster, tiny_mode
             results[where] = (image, total)
             assert not session.resident
     (embedded, stats_e), (remote, stats_c) = results["embedded"], results["cluster"]
-    np.testing.assert_allclose(remote, embedded, atol=0.02)  # fixed point, different random shares
+    # Fixed point with different random shares: SPU's truncation rounds at random, and our SiLU's u at 9 fraction
+    # bits takes that rounding (up to 4.4e-3 per activation, either way), so two runs differ by more than the
+    # 2^-18 noise of a plain product; each run holds its own bound against plaintext (tests/test_sampling.py).
+    difference = np.abs(remote - embedded)
+    assert difference.max() <= 0.05 and difference.mean() <= 0.005, (difference.max(), difference.mean())
     # the same protocol sends the same traffic, as counted by each party's own SPU profiler
     assert all(b > 0 for b in stats_c.bytes_sent_per_party)
     assert abs(stats_c.bytes_sent - stats_e.bytes_sent) <= 0.01 * stats_e.bytes_sent
