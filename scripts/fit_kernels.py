@@ -158,24 +158,29 @@ def _fit_half_square_at(residual, T: float, scale: int, beta0: int):
         return None, np.inf
 
 
+def _best_half_square_on(residual, T: float, grid):
+    """(weighted error, scale, beta0, coef) of the best fit over grid's (scale, beta0) pairs at this T."""
+    best = (np.inf, 0, 0, None)
+    for scale, beta0 in grid:
+        coef, weighted = _fit_half_square_at(residual, T, scale, beta0)
+        if weighted < best[0] - 1e-12:
+            best = (weighted, scale, beta0, coef)
+    return best
+
+
 def fit_half_square(residual):
-    """The "half-square" fit: over HALF_THRESHOLDS, a coarse then a fine search of (scale, beta0)."""
+    """The "half-square" fit: for each T in HALF_THRESHOLDS, a coarse search of (scale, beta0), then a fine
+    one around its best point; the best over all."""
     best = (np.inf,)
     for T in HALF_THRESHOLDS:
-        coarse = [(k, b) for k in HALF_SCALES[::4] for b in HALF_BETA0[::32]]
-        for grid in (coarse, None):
-            if grid is None:  # refine around this T's best coarse point
-                k0, b0 = best_here[1:3]
-                grid = [(k, b) for k in range(k0 - 3, k0 + 4) for b in range(b0 - 30, b0 + 31, 2)]
-            best_here = (np.inf, 0, 0)
-            for k, b in grid:
-                coef, weighted = _fit_half_square_at(residual, T, k, b)
-                if weighted < best_here[0] - 1e-12:
-                    best_here = (weighted, k, b, coef)
-            if best_here[0] == np.inf:
-                break
-        if best_here[0] < best[0] - 1e-12:
-            best = (*best_here, T)
+        coarse = _best_half_square_on(residual, T, [(k, b) for k in HALF_SCALES[::4] for b in HALF_BETA0[::32]])
+        if coarse[0] == np.inf:
+            continue
+        k0, b0 = coarse[1:3]
+        near = [(k, b) for k in range(k0 - 3, k0 + 4) for b in range(b0 - 30, b0 + 31, 2)]
+        fine = _best_half_square_on(residual, T, near)
+        if fine[0] < best[0] - 1e-12:
+            best = (*fine, T)
     if best[0] == np.inf:
         raise RuntimeError("no half-square SiLU fit meets ERR_CAP")
     _, scale, beta0, (gamma1, s, gamma0), T = best
