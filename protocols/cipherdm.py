@@ -70,6 +70,15 @@ def _quartic(a, alpha):
 _INT_OF_FLOAT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}  # the integer type a float's bits are cast to
 
 
+def _int_type(dtype):
+    return _INT_OF_FLOAT[jnp.dtype(dtype).itemsize]
+
+
+def _encoding(v):
+    """v's bits as an integer of its width: under SPU its ring element (the fixed-point encoding), free."""
+    return jax.lax.bitcast_convert_type(v, _int_type(v.dtype))
+
+
 def _indicator(pred):
     """A comparison's result as an arithmetic 0/1 integer: SPU converts the bit once (B2A, ~11 B/elem)
     and `_bit_times` then reuses it, where every `jnp.where` on the boolean would convert it again."""
@@ -83,8 +92,7 @@ def _bit_times(bit, v):
     for any |v|), cheaper than a select's product (measured: relu 54.7 against 57.3 B/elem); in plain
     JAX it is exact too (v's own bits or +0.0), so the kernels still run, and can be checked, in float.
     """
-    as_int = _INT_OF_FLOAT[jnp.dtype(v.dtype).itemsize]
-    product = bit.astype(as_int) * jax.lax.bitcast_convert_type(v, as_int)
+    product = bit.astype(_int_type(v.dtype)) * _encoding(v)
     return jax.lax.bitcast_convert_type(product, v.dtype)
 
 
@@ -105,7 +113,7 @@ def _pick(bit, when_one, when_zero, dtype):
     fraction_bits = registry.fixed_point_bits()
     if fraction_bits is None:
         return jnp.where(bit == 1, jnp.asarray(when_one, dtype), jnp.asarray(when_zero, dtype))
-    as_int = _INT_OF_FLOAT[jnp.dtype(dtype).itemsize]
+    as_int = _int_type(dtype)
     scale = 2.0**fraction_bits
     zero = int(np.trunc(when_zero * scale))
     diff = int(np.trunc(when_one * scale)) - zero
@@ -154,11 +162,10 @@ def _relu_plus_a_quartic(x, name: str):
 def _rounded_integer(a, scale: int):
     """round(a * scale) as an integer array, with one truncation: under SPU the public product of a by
     scale * 2**-f, whose ring element *is* a * scale (SPU's truncation errs by < 1 unit, measured)."""
-    as_int = _INT_OF_FLOAT[jnp.dtype(a.dtype).itemsize]
     fraction_bits = registry.fixed_point_bits()
     if fraction_bits is None:
-        return jnp.round(a * scale).astype(as_int)
-    return jax.lax.bitcast_convert_type(a * (scale * 2.0**-fraction_bits), as_int)
+        return jnp.round(a * scale).astype(_int_type(a.dtype))
+    return _encoding(a * (scale * 2.0**-fraction_bits))
 
 
 def _from_integer(n, bits: int, dtype):
@@ -179,9 +186,7 @@ def _product_plus_linear(p, q, v, s: float):
     fraction_bits = registry.fixed_point_bits()
     if fraction_bits is None:
         return p * q + s * v
-    as_int = _INT_OF_FLOAT[jnp.dtype(p.dtype).itemsize]
-    encoding = lambda t: jax.lax.bitcast_convert_type(t, as_int)  # noqa: E731
-    wide = encoding(p) * encoding(q) + encoding(v) * as_int(round(s * 2.0**fraction_bits))
+    wide = _encoding(p) * _encoding(q) + _encoding(v) * _int_type(p.dtype)(round(s * 2.0**fraction_bits))
     return jax.lax.bitcast_convert_type(wide, p.dtype) * 2.0**-fraction_bits
 
 
@@ -296,9 +301,9 @@ def _octave_bits(x, bases, *, by_comparison: bool = False):
     if not np.all(exponents == np.round(exponents)) or exponents.min() < 0:
         raise ValueError(f"octave bases must be powers of two representable with {fraction_bits} fraction bits")
     shifts = exponents.astype(int) - int(exponents.min())
-    as_int = _INT_OF_FLOAT[jnp.dtype(x.dtype).itemsize]
+    as_int = _int_type(x.dtype)
     shift = lambda v, k: jax.lax.shift_right_logical(v, as_int(k))  # noqa: E731
-    above = shift(jax.lax.bitcast_convert_type(x, as_int), int(exponents.min()))
+    above = shift(_encoding(x), int(exponents.min()))
     for k in (1, 2, 4, 8, 16, 16):  # bit i becomes the OR of bits i .. i + 47
         above = above | shift(above, k)
     return jnp.stack([shift(above, int(k)) & 1 for k in shifts])

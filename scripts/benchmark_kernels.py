@@ -145,10 +145,9 @@ def render_markdown(results: dict, command: str) -> str:
             )
     lines += ["", "| kernel | set | B/elem/party | bytes ratio | send actions | actions ratio | max rel err (true input) | max rel err (encoded input) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for s in sets:
-        rows_ = [(s, results["sets"][s]["rsqrt"])]
-        if "low_round" in rows_[0][1]:
-            rows_.append((f"{s}, rsqrt=cipherdm-low-round", rows_[0][1]["low_round"]))
-        for label, r in rows_:
+        rsqrt = results["sets"][s]["rsqrt"]
+        variants = [(s, rsqrt)] + ([(f"{s}, rsqrt=cipherdm-low-round", rsqrt["low_round"])] if "low_round" in rsqrt else [])
+        for label, r in variants:
             c, b = r["cost"], base["rsqrt"]["cost"]
             lines.append(
                 f"| rsqrt | {label} | {c['bytes_per_element_per_party']:.1f} | {b['bytes_sent'] / c['bytes_sent']:.2f}x | "
@@ -162,7 +161,7 @@ def render_markdown(results: dict, command: str) -> str:
         "(protocols/norms.py) pre-scale deviations so that their variances do not suffer this.",
         "`cipherdm`'s rsqrt finds its input's power of 4 from the bits of its encoding (one conversion to boolean",
         "shares and a prefix OR); the override `rsqrt=cipherdm-low-round` finds it by one batched comparison per",
-        "power instead: about twice the bytes, 7 fewer send actions (the norms run rsqrt once per group, where",
+        "power instead: about twice the bytes, ~5 fewer send actions (the norms run rsqrt once per group, where",
         "rounds weigh more than bytes on a slow network).",
         "`cipherdm`'s SiLU and Mish fits are weighted towards the bulk, held to 9.5e-3 on the whole line (SiLU's with",
         "the rounding of its u to 9 fraction bits included, see docs/results/primitives.md): SiLU's fit errs 4.1e-3",
