@@ -109,7 +109,7 @@ def _load_builtin_kernels() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        import protocols  # noqa: F401  (registers on import)
+        from cipherdm_spu import protocols  # noqa: F401  (registers on import)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import UNet2DConditionModel, schedulers
-from models.guidance import guided_prediction
+from cipherdm_spu.models import UNet2DConditionModel, schedulers
+from cipherdm_spu.models.guidance import guided_prediction
 
 from .profiling import RunStats
 from .session import Public, SecureSession

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from models import ConfigError, DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
-from models.schedulers import SchedulerConfigError
+from cipherdm_spu.models import ConfigError, DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
+from cipherdm_spu.models.schedulers import SchedulerConfigError
 
 from . import cluster_config, quality, registry
 from .registry import ProtocolError, available_protocol_sets

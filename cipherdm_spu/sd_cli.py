@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from models import ConfigError, DDIMSampler, ScheduleConfig, UNet2DConditionModel
-from models.schedulers import SchedulerConfigError
+from cipherdm_spu.models import ConfigError, DDIMSampler, ScheduleConfig, UNet2DConditionModel
+from cipherdm_spu.models.schedulers import SchedulerConfigError
 
 from . import cluster_config, quality, registry, stable_diffusion
 from .registry import ProtocolError, available_protocol_sets

@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from protocols import norms
+from cipherdm_spu.protocols import norms
 
 
 def _affine(module: nn.Module, channels: int):

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from cipherdm_spu import Public, SecureSession, quality  # noqa: E402
 from cipherdm_spu.benchmark import NETWORKS, StepCase, estimate_latency, linear_floor, measure_step, ratios  # noqa: E402
 from cipherdm_spu.sampling import SecureDiffusion, draw_noise, make_denoise_step, sample_plaintext, secure_params  # noqa: E402
-from models import DDIMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers  # noqa: E402
+from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers  # noqa: E402
 
 SETS = ("spu", "spu-pade", "cipherdm-paper", "cipherdm")
 CHECKPOINTS = ROOT / "checkpoints"

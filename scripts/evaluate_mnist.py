@@ -28,7 +28,7 @@ from cipherdm_spu import quality  # noqa: E402
 from cipherdm_spu.mnist import load_digits  # noqa: E402
 from cipherdm_spu.sampling import draw_noise, sample_plaintext  # noqa: E402
 from cipherdm_spu.sampling_cli import image_grid  # noqa: E402
-from models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel  # noqa: E402
+from cipherdm_spu.models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel  # noqa: E402
 from train_ddpm_mnist import steps_before  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cipherdm_spu import SecureSession, ops  # noqa: E402
-from protocols.cipherdm import _bit_times, _indicator  # noqa: E402
+from cipherdm_spu.protocols.cipherdm import _bit_times, _indicator  # noqa: E402
 
 
 def _as_int(x):

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from cipherdm_spu import Public, SecureSession  # noqa: E402
 from cipherdm_spu.benchmark import NETWORKS, measure_step, nonlinear_calls, StepCase  # noqa: E402
 from cipherdm_spu.sampling import make_denoise_step, secure_params  # noqa: E402
-from models import DDIMSampler, ScheduleConfig, UNet2DConditionModel  # noqa: E402
+from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DConditionModel  # noqa: E402
 
 #: SD v1.5's UNet config (the published diffusers config.json of runwayml/stable-diffusion-v1-5)
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,

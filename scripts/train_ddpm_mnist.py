@@ -33,8 +33,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cipherdm_spu.mnist import load_digits  # noqa: E402
-from models import ScheduleConfig, UNet2DModel  # noqa: E402
-from models.schedulers import alphas_cumprod  # noqa: E402
+from cipherdm_spu.models import ScheduleConfig, UNet2DModel  # noqa: E402
+from cipherdm_spu.models.schedulers import alphas_cumprod  # noqa: E402
 
 
 def mnist_unet_config(act_fn: str) -> dict:
@@ -249,7 +249,7 @@ def _command(args) -> str:
 
 
 def _param_shapes(model):
-    from models.pretrained import expected_params
+    from cipherdm_spu.models.pretrained import expected_params
 
     return [s.shape for s in expected_params(model, *model.example_inputs()).values()]
 

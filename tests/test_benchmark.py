@@ -10,7 +10,7 @@ import pytest
 
 from cipherdm_spu import Public, RunStats, SecureSession, ops, registry
 from cipherdm_spu.benchmark import StepCase, estimate_latency, linear_floor, measure_step, nonlinear_calls, ratios
-from models import UNet2DModel
+from cipherdm_spu.models import UNet2DModel
 
 from .test_sampling import TINY, tiny_model  # noqa: F401 - the fixture
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cipherdm_spu import ops, registry
-from protocols.cipherdm import (
+from cipherdm_spu.protocols.cipherdm import (
     RSQRT_EXPONENTS,
     _from_integer,
     _indicator,

@@ -19,7 +19,7 @@ from cipherdm_spu.cluster import main as launch_main
 from cipherdm_spu.driver import ClusterError, hello
 from cipherdm_spu.sampling import SecureDiffusion, draw_noise
 from cipherdm_spu.sampling_cli import main as sampling_main
-from models import DDIMSampler, ScheduleConfig, UNet2DModel
+from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DModel
 
 from .test_sampling import tiny_model  # noqa: F401 - the fixture
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocols.coefficients import ACTIVATIONS, HORNER_ACTIVATIONS
+from cipherdm_spu.protocols.coefficients import ACTIVATIONS, HORNER_ACTIVATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 

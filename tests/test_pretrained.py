@@ -7,8 +7,8 @@ import pytest
 import safetensors.numpy
 from diffusers import UNet2DModel as TorchUNet2DModel
 
-from models import ConfigError, UNet2DConditionModel, UNet2DModel
-from models.pretrained import WEIGHTS_NAME
+from cipherdm_spu.models import ConfigError, UNet2DConditionModel, UNet2DModel
+from cipherdm_spu.models.pretrained import WEIGHTS_NAME
 
 from .diffusers_models import save_random
 

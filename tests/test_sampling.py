@@ -11,7 +11,7 @@ from cipherdm_spu import Public, SecureSession
 from cipherdm_spu.ir_audit import declassifications
 from cipherdm_spu.sampling import SecureDiffusion, draw_noise, sample_plaintext
 from cipherdm_spu.sampling_cli import main
-from models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
+from cipherdm_spu.models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
 
 TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
             down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from cipherdm_spu import Public
-from models.schedulers import DDIMSampler, DDPMSampler, ScheduleConfig, SchedulerConfigError, step
+from cipherdm_spu.models.schedulers import DDIMSampler, DDPMSampler, ScheduleConfig, SchedulerConfigError, step
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")

@@ -10,7 +10,7 @@ from diffusers import UNet2DModel as TorchUNet2DModel
 
 from cipherdm_spu import SecureSession, quality
 from cipherdm_spu.sampling import SecureDiffusion, draw_noise, sample_plaintext
-from models import DDIMSampler, ScheduleConfig, UNet2DModel
+from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DModel
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 

@@ -7,7 +7,7 @@ import pytest
 from diffusers import UNet2DModel as TorchUNet2DModel
 
 from cipherdm_spu import Public
-from models import UNet2DModel
+from cipherdm_spu.models import UNet2DModel
 
 from .diffusers_models import save_random, torch_forward
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from diffusers import UNet2DConditionModel as TorchUNet2DConditionModel
 
-from models import UNet2DConditionModel
+from cipherdm_spu.models import UNet2DConditionModel
 
 from .diffusers_models import save_random, torch_forward
 
@@ -64,7 +64,7 @@ def test_encoder_hidden_states_are_checked(pair):
 
 
 def test_classifier_free_guidance_matches_two_diffusers_passes(pair):
-    from models.guidance import guided_prediction
+    from cipherdm_spu.models.guidance import guided_prediction
 
     config, torch_model, model, params = pair
     x, context = _inputs(config)
