@@ -7,6 +7,8 @@ from typing import Mapping
 import spu
 import spu.libspu as libspu
 
+from .errors import ProtocolError
+
 #: RuntimeConfig fields whose values are enums, and how to parse their names.
 _ENUM_FIELDS = {
     "fxp_exp_mode": spu.parse_exp_mode,
@@ -23,8 +25,6 @@ FIELDS = {"FM32": libspu.FieldType.FM32, "FM64": libspu.FieldType.FM64, "FM128":
 
 def check_options(pset) -> None:
     """Raise ProtocolError when a set names an SPU option that does not exist or has a bad value."""
-    from .registry import ProtocolError
-
     probe = libspu.RuntimeConfig()
     for key, value in pset.runtime.items():
         if key in _SESSION_FIELDS or not hasattr(probe, key):

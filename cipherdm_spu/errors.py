@@ -1,0 +1,49 @@
+"""Every exception the project raises, in one module at the bottom of the layers (it imports nothing).
+
+Each names what was refused; the modules that raise them re-export nothing else. Built-in bases say how a
+caller may treat them: ValueError for a bad input, configuration or choice; RuntimeError for a run that failed.
+"""
+
+
+class ProtocolError(ValueError):
+    """A protocol set, kernel, override or SPU option that does not exist or does not fit (`registry`)."""
+
+
+class ConfigError(ValueError):
+    """A model config option the ports do not implement, or a malformed one (`models.config`)."""
+
+
+class SchedulerConfigError(ValueError):
+    """A diffusers scheduler config the samplers cannot follow (`models.schedulers`)."""
+
+
+class StableDiffusionDirError(ValueError):
+    """The model directory is not a usable diffusers Stable Diffusion layout (`stable_diffusion`)."""
+
+
+class ProfileParseError(RuntimeError):
+    """The SPU log did not hold the lines one run should have produced (`profiling`)."""
+
+
+class SessionError(RuntimeError):
+    """A secure run failed inside SPU, or the session was used after close() (`session`)."""
+
+
+class InputError(ValueError):
+    """An input was refused before anything was shared: NaN/inf, an unsupported dtype, untraceable (`session`)."""
+
+
+class ClusterConfigError(ValueError):
+    """The cluster config is missing something or has a bad value; the message names it (`cluster_config`)."""
+
+
+class ClusterError(SessionError):
+    """A party is unreachable, disagrees with the driver, or failed during a run (`driver`)."""
+
+
+class PartyError(RuntimeError):
+    """A request the party refuses (wrong session, busy, mismatched config), sent back to the driver (`party`)."""
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported with the script's usage and exit status 2 (`sampling_cli`, `sd_cli`)."""
