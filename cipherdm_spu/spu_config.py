@@ -1,4 +1,8 @@
-"""Turn a protocol set's option dictionaries into SPU's RuntimeConfig and CompilerOptions."""
+"""Turn a protocol set's option dictionaries into SPU's RuntimeConfig and CompilerOptions.
+
+Here "SPU protocol" is SPU's MPC protocol (ABY3, SEMI2K, REF2K: how shares are held and combined), never a
+protocol set (the kernels `cipherdm_spu.registry` chooses).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ _ENUM_FIELDS = {
 #: Fields a protocol set may not change: they are the session's (protocol, ring, precision, profiling).
 _SESSION_FIELDS = {"protocol", "field", "fxp_fraction_bits", "enable_hal_profile", "enable_pphlo_profile"}
 
-PROTOCOLS = {"ABY3": libspu.ProtocolKind.ABY3, "SEMI2K": libspu.ProtocolKind.SEMI2K, "REF2K": libspu.ProtocolKind.REF2K}
+#: SPU's MPC protocols, by the name a config uses.
+SPU_PROTOCOLS = {"ABY3": libspu.ProtocolKind.ABY3, "SEMI2K": libspu.ProtocolKind.SEMI2K, "REF2K": libspu.ProtocolKind.REF2K}
 FIELDS = {"FM32": libspu.FieldType.FM32, "FM64": libspu.FieldType.FM64, "FM128": libspu.FieldType.FM128}
 
 
@@ -48,14 +53,14 @@ def _set_runtime(cfg: libspu.RuntimeConfig, key: str, value) -> None:
 def runtime_config(
     runtime_options: Mapping[str, object], *, protocol: str = "ABY3", field: str = "FM64", fraction_bits: int = 18
 ) -> libspu.RuntimeConfig:
-    """The RuntimeConfig every party runs with."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown SPU protocol {protocol!r}; use one of {sorted(PROTOCOLS)}")
+    """The RuntimeConfig every party runs with; ``protocol`` is SPU's MPC protocol (a key of SPU_PROTOCOLS)."""
+    if protocol not in SPU_PROTOCOLS:
+        raise ValueError(f"unknown SPU protocol {protocol!r}; use one of {sorted(SPU_PROTOCOLS)}")
     if field not in FIELDS:
         raise ValueError(f"unknown SPU field {field!r}; use one of {sorted(FIELDS)}")
     if not 1 <= int(fraction_bits) <= 40:
         raise ValueError(f"fraction_bits must be in 1..40, got {fraction_bits}")
-    cfg = libspu.RuntimeConfig(protocol=PROTOCOLS[protocol], field=FIELDS[field], fxp_fraction_bits=int(fraction_bits))
+    cfg = libspu.RuntimeConfig(protocol=SPU_PROTOCOLS[protocol], field=FIELDS[field], fxp_fraction_bits=int(fraction_bits))
     for key, value in runtime_options.items():
         _set_runtime(cfg, key, value)
     return cfg
