@@ -20,8 +20,14 @@ _ENUM_FIELDS = {
     "sigmoid_mode": spu.parse_sigmoid_mode,
     "sort_method": spu.parse_sort_method,
 }
-#: Fields a protocol set may not change: they are the session's (protocol, ring, precision, profiling).
-_SESSION_FIELDS = {"protocol", "field", "fxp_fraction_bits", "enable_hal_profile", "enable_pphlo_profile"}
+#: The only RuntimeConfig fields a protocol set may set: how SPU approximates its own nonlinear functions.
+#: Everything else is the party's: the ring and precision (the cluster config), profiling, and the fields
+#: that would hurt secrecy if a client could choose them (runtime snapshots that dump shares to disk, traces,
+#: a public random seed, the beaver source, the truncation's error tolerance).
+APPROXIMATION_FIELDS = frozenset({
+    "fxp_exp_mode", "fxp_exp_iters", "fxp_log_mode", "fxp_log_iters", "fxp_log_orders", "fxp_div_goldschmidt_iters",
+    "sigmoid_mode", "enable_lower_accuracy_rsqrt", "sine_cosine_iters",
+})
 
 #: SPU's MPC protocols, by the name a config uses.
 SPU_PROTOCOLS = {"ABY3": libspu.ProtocolKind.ABY3, "SEMI2K": libspu.ProtocolKind.SEMI2K, "REF2K": libspu.ProtocolKind.REF2K}
@@ -32,8 +38,11 @@ def check_options(pset) -> None:
     """Raise ProtocolError when a set names an SPU option that does not exist or has a bad value."""
     probe = libspu.RuntimeConfig()
     for key, value in pset.runtime.items():
-        if key in _SESSION_FIELDS or not hasattr(probe, key):
-            raise ProtocolError(f"protocol set {pset.name!r}: runtime option {key!r} is not settable here")
+        if key not in APPROXIMATION_FIELDS:
+            raise ProtocolError(
+                f"protocol set {pset.name!r}: runtime option {key!r} is not settable by a protocol set "
+                f"(allowed: {', '.join(sorted(APPROXIMATION_FIELDS))})"
+            )
         try:
             _set_runtime(probe, key, value)
         except (TypeError, ValueError) as e:
@@ -50,16 +59,21 @@ def _set_runtime(cfg: libspu.RuntimeConfig, key: str, value) -> None:
     setattr(cfg, key, value)
 
 
+def check_ring(field, fraction_bits) -> None:
+    """Raise ValueError unless ``field`` names an SPU ring and ``fraction_bits`` is an integer in 1..40."""
+    if field not in FIELDS:
+        raise ValueError(f"field must be one of {sorted(FIELDS)}, got {field!r}")
+    if isinstance(fraction_bits, bool) or not isinstance(fraction_bits, int) or not 1 <= fraction_bits <= 40:
+        raise ValueError(f"fraction_bits must be an integer in 1..40, got {fraction_bits!r}")
+
+
 def runtime_config(
     runtime_options: Mapping[str, object], *, protocol: str = "ABY3", field: str = "FM64", fraction_bits: int = 18
 ) -> libspu.RuntimeConfig:
     """The RuntimeConfig every party runs with; ``protocol`` is SPU's MPC protocol (a key of SPU_PROTOCOLS)."""
     if protocol not in SPU_PROTOCOLS:
         raise ValueError(f"unknown SPU protocol {protocol!r}; use one of {sorted(SPU_PROTOCOLS)}")
-    if field not in FIELDS:
-        raise ValueError(f"unknown SPU field {field!r}; use one of {sorted(FIELDS)}")
-    if not 1 <= int(fraction_bits) <= 40:
-        raise ValueError(f"fraction_bits must be in 1..40, got {fraction_bits}")
+    check_ring(field, fraction_bits)
     cfg = libspu.RuntimeConfig(protocol=SPU_PROTOCOLS[protocol], field=FIELDS[field], fxp_fraction_bits=int(fraction_bits))
     for key, value in runtime_options.items():
         _set_runtime(cfg, key, value)
