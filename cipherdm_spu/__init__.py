@@ -1,15 +1,17 @@
 """cipherdm-spu: diffusion sampling under three-party secure computation on SecretFlow SPU.
 
-Runtime core: the secure session (`SecureSession`), the intrinsic registry (`registry`, `ops`) and
-the cost reports (`profiling`).
+The public API: the secure session (`SecureSession`), the kernel registry (`registry`, `ops`,
+`register_kernel`, `use_protocol`) and the cost reports (`RunStats`). The imports below go up the layers
+(README, "Layout"): core, then the built-in kernels (which register with the registry), then the runtime.
 """
 
 from . import ops, registry
+from . import protocols  # noqa: F401  (registers the built-in kernels)
+from ._version import __version__
+from .errors import ProtocolError
 from .profiling import KernelStats, RunStats
-from .registry import ProtocolError, ProtocolSet, register_kernel, register_protocol_set, use_protocol
+from .registry import ProtocolSet, register_kernel, register_protocol_set, use_protocol
 from .session import InputError, Public, Secret, SecureSession, SessionError
-
-__version__ = "0.1.0"
 
 __all__ = [
     "InputError",
@@ -21,6 +23,7 @@ __all__ = [
     "Secret",
     "SecureSession",
     "SessionError",
+    "__version__",
     "ops",
     "register_kernel",
     "register_protocol_set",

@@ -1,8 +1,9 @@
 """The nonlinear ops of a diffusion model, as JAX primitives whose kernels the protocol set chooses.
 
-Each op binds a primitive carrying ``impl``, the kernel name chosen by the active protocol set at trace
-time (see `cipherdm_spu.registry`). The primitive's lowering emits that kernel's JAX code, so SPU
-compiles ordinary HLO; with no protocol set active the vanilla JAX form is used, so a model built on
+Each op binds a primitive carrying ``impl``, the kernel name chosen by the protocol set in force at trace
+time (see `cipherdm_spu.registry`); softmax also carries ``exp_impl``, the set's exp, which every softmax
+kernel uses. The primitive's lowering emits that kernel's JAX code, so SPU compiles ordinary HLO; with no
+protocol set in force the vanilla kernels (`cipherdm_spu.protocols.vanilla`) are used, so a model built on
 these ops also runs unchanged under plain ``jax.jit`` and ``jax.grad``.
 
 Caution: ``jax.jit`` caches a trace per function object, not per active protocol set, so a function
@@ -16,7 +17,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.interpreters import ad, batching, mlir
 
 try:  # jax >= 0.4.36 moved Primitive here
@@ -31,7 +31,7 @@ _PRIMITIVES: dict[str, Primitive] = {}
 
 
 def _define(op: str, *, axis_param: bool = False) -> Primitive:
-    """Create the primitive for ``op`` with impl, abstract-eval, lowering, JVP and batching rules."""
+    """Create the primitive for ``op`` with eager, abstract-eval, lowering, JVP and batching rules."""
     prim = Primitive(f"cipherdm_{op}")
 
     def kernel_fn(impl, params):
@@ -73,7 +73,6 @@ _gelu_p = _define("gelu")
 _sigmoid_p = _define("sigmoid")
 _softmax_p = _define("softmax", axis_param=True)
 _exp_p = _define("exp")
-_reciprocal_p = _define("reciprocal")
 _rsqrt_p = _define("rsqrt")
 
 
@@ -108,16 +107,11 @@ def softmax(x, axis: int = -1):
     x = jnp.asarray(x)
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"softmax axis {axis} out of range for an array of rank {x.ndim}")
-    return _bind(_softmax_p, "softmax", x, axis=axis % x.ndim)
+    return _bind(_softmax_p, "softmax", x, axis=axis % x.ndim, exp_impl=registry.active_impl("exp"))
 
 
 def exp(x):
     return _bind(_exp_p, "exp", x)
-
-
-def reciprocal(x):
-    """1 / x (for x > 0 in the approximate kernels: norms and softmax denominators)."""
-    return _bind(_reciprocal_p, "reciprocal", x)
 
 
 def rsqrt(x):
@@ -131,26 +125,5 @@ def relu(x):
 
 
 def primitive(op: str) -> Primitive:
-    """The JAX primitive behind ``op`` (to find it in a jaxpr)."""
+    """The JAX primitive behind ``op``: how a jaxpr names it, and how to bind a recorded call again."""
     return _PRIMITIVES[op]
-
-
-# ----------------------------------------------------------------------------------------------
-# the vanilla kernels: what SPU compiles when the model asks JAX for the op directly
-
-
-def _mish_jax(x):
-    return x * jnp.tanh(jax.nn.softplus(x))
-
-
-for _op, _fn in {
-    "silu": jax.nn.silu,
-    "mish": _mish_jax,
-    "gelu": lambda x, approximate: jax.nn.gelu(x, approximate=approximate),
-    "sigmoid": jax.nn.sigmoid,
-    "softmax": lambda x, axis: jax.nn.softmax(x, axis=axis),
-    "exp": jnp.exp,
-    "reciprocal": lambda x: 1.0 / x,
-    "rsqrt": lax.rsqrt,
-}.items():
-    registry.register_kernel(_op, registry.VANILLA, _fn)

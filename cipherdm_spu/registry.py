@@ -1,10 +1,17 @@
-"""The intrinsic registry: kernel implementations and the protocol sets that choose among them.
+"""The kernel registry: the kernels of each op, and the protocol sets that choose among them.
 
-Every nonlinear op in `cipherdm_spu.ops` has several implementations ("impls"), each a plain JAX
-function. A *protocol set* names one impl per op plus the SPU runtime/compiler options it needs; it is
-described by a JSON file in ``configs/protocols/`` (or registered from Python). The active protocol set
-is chosen with :func:`use_protocol` and read when an op is *traced*, so the same model code compiles
-to different SPU programs under different sets.
+Words: a *kernel* is one implementation of an op of `cipherdm_spu.ops`, a plain JAX function registered
+under a name (``"jax"``, ``"cipherdm"``, ...); a *protocol set* names one kernel per op plus the SPU
+runtime/compiler options they assume (``configs/protocols/NAME.json``, or registered from Python); SPU's
+*MPC protocol* (ABY3) is the session's, never a set's. The built-in kernels live in `cipherdm_spu.protocols`
+and register when the package is imported; this module imports nothing above it.
+
+The protocol set in force is chosen with :func:`use_protocol` and read when an op is *traced*, so the same
+model code compiles to different SPU programs under different sets.
+
+A protocol-set JSON file is an object with ``kernels`` (op -> kernel name, every op of OPS), and optionally
+``name`` (default: the file's stem), ``description``, ``runtime`` (fields of ``spu.RuntimeConfig``, enum
+values by name, e.g. ``"EXP_PADE"``) and ``compiler`` (boolean fields of ``spu.CompilerOptions``).
 
 Registering a new kernel from outside the package takes a few lines::
 
@@ -29,9 +36,16 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Mapping, Optional, Union
 
-#: The ops every protocol set must provide, and the impl name of their vanilla JAX form.
-OPS = ("silu", "mish", "gelu", "sigmoid", "softmax", "exp", "reciprocal", "rsqrt")
+from . import spu_config
+from .errors import ProtocolError
+
+#: The ops every protocol set must provide, and the kernel name of their vanilla JAX form.
+OPS = ("silu", "mish", "gelu", "sigmoid", "softmax", "exp", "rsqrt")
 VANILLA = "jax"
+#: The protocol sets configs/protocols ships, in the order every table lists them: vanilla SPU first, ours last.
+SHIPPED_SETS = ("spu", "spu-pade", "cipherdm-paper", "cipherdm")
+#: The protocol set every measurement is compared against: vanilla SPU.
+BASELINE = SHIPPED_SETS[0]
 
 _KERNELS: Dict[str, Dict[str, Callable]] = {op: {} for op in OPS}
 _PROTOCOL_SETS: Dict[str, "ProtocolSet"] = {}
@@ -41,13 +55,9 @@ _ACTIVE: contextvars.ContextVar[Optional["ProtocolSet"]] = contextvars.ContextVa
 _FIXED_POINT: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("cipherdm_fixed_point", default=None)
 
 
-class ProtocolError(ValueError):
-    """A protocol set, kernel or override that does not exist or does not fit."""
-
-
 @dataclasses.dataclass(frozen=True)
 class ProtocolSet:
-    """One impl per op, plus the SPU options the impls assume.
+    """One kernel name per op, plus the SPU options the kernels assume.
 
     runtime: fields of ``spu.RuntimeConfig`` (enum values by name, e.g. ``"EXP_PADE"``).
     compiler: fields of ``spu.CompilerOptions``.
@@ -59,22 +69,13 @@ class ProtocolSet:
     compiler: Mapping[str, object] = dataclasses.field(default_factory=dict)
     description: str = ""
 
-    def key(self) -> tuple:
-        """A hashable fingerprint: two sets with equal keys compile to the same program."""
-        return (
-            self.name,
-            tuple(sorted(self.kernels.items())),
-            tuple(sorted((k, str(v)) for k, v in self.runtime.items())),
-            tuple(sorted((k, str(v)) for k, v in self.compiler.items())),
-        )
-
 
 # ----------------------------------------------------------------------------------------------
 # kernels
 
 
 def register_kernel(op: str, impl: str, fn: Optional[Callable] = None):
-    """Register ``fn`` as implementation ``impl`` of ``op``; usable as a decorator."""
+    """Register ``fn`` as the kernel named ``impl`` of ``op``; usable as a decorator."""
     if op not in _KERNELS:
         raise ProtocolError(f"unknown op {op!r}; known ops: {', '.join(OPS)}")
 
@@ -86,30 +87,12 @@ def register_kernel(op: str, impl: str, fn: Optional[Callable] = None):
 
 
 def kernel(op: str, impl: str) -> Callable:
-    """The function registered as ``impl`` of ``op``."""
-    _load_builtin_kernels()
+    """The kernel registered as ``impl`` of ``op``."""
     try:
         return _KERNELS[op][impl]
     except KeyError:
         known = ", ".join(sorted(_KERNELS.get(op, {}))) or "none"
         raise ProtocolError(f"no kernel {impl!r} registered for op {op!r} (registered: {known})") from None
-
-
-def kernels(op: str) -> Dict[str, Callable]:
-    """All registered impls of ``op``, by name."""
-    _load_builtin_kernels()
-    return dict(_KERNELS[op])
-
-
-_BUILTINS_LOADED = False
-
-
-def _load_builtin_kernels() -> None:
-    # The kernels live in the `protocols` package, which imports this module: load it lazily.
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        from cipherdm_spu import protocols  # noqa: F401  (registers on import)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +108,7 @@ def protocol_dirs() -> list[Path]:
 
 
 def load_protocol_file(path: Union[str, Path]) -> ProtocolSet:
-    """Parse and validate one protocol-set JSON file (see configs/protocols/README.md)."""
+    """Parse one protocol-set JSON file (its keys: this module's docstring)."""
     path = Path(path)
     try:
         spec = json.loads(path.read_text())
@@ -154,7 +137,6 @@ def register_protocol_set(pset: ProtocolSet) -> ProtocolSet:
 
 def validate(pset: ProtocolSet) -> None:
     """Refuse a set that misses an op or names an unregistered kernel or SPU option."""
-    _load_builtin_kernels()
     missing = [op for op in OPS if op not in pset.kernels]
     if missing:
         raise ProtocolError(f"protocol set {pset.name!r} names no kernel for {missing}")
@@ -166,8 +148,6 @@ def validate(pset: ProtocolSet) -> None:
                 f"protocol set {pset.name!r}: no kernel {impl!r} for op {op!r} "
                 f"(registered: {', '.join(sorted(_KERNELS[op]))})"
             )
-    from . import spu_config  # local: keeps `import cipherdm_spu.registry` free of spu
-
     spu_config.check_options(pset)
 
 
@@ -183,11 +163,13 @@ def protocol_set(name: str) -> ProtocolSet:
 
 
 def available_protocol_sets() -> list[str]:
+    """The names of every protocol set, registered in Python or a JSON file on protocol_dirs(): the shipped ones
+    in SHIPPED_SETS' order, then the others sorted."""
     names = set(_PROTOCOL_SETS)
     for d in protocol_dirs():
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.json"))
-    return sorted(names)
+    return [n for n in SHIPPED_SETS if n in names] + sorted(names - set(SHIPPED_SETS))
 
 
 def resolve(protocol: Union[str, ProtocolSet], overrides: Optional[Mapping[str, str]] = None) -> ProtocolSet:
@@ -203,7 +185,6 @@ def resolve(protocol: Union[str, ProtocolSet], overrides: Optional[Mapping[str, 
     for op, choice in overrides.items():
         if op not in _KERNELS:
             raise ProtocolError(f"override for unknown op {op!r}; known ops: {', '.join(OPS)}")
-        _load_builtin_kernels()
         if choice in _KERNELS[op]:
             kernels_[op] = choice
         elif choice in available_protocol_sets():
@@ -251,11 +232,7 @@ def fixed_point_bits() -> Optional[int]:
     return _FIXED_POINT.get()
 
 
-def active_protocol() -> Optional[ProtocolSet]:
-    return _ACTIVE.get()
-
-
 def active_impl(op: str) -> str:
-    """The impl of ``op`` that the active protocol set chooses (vanilla JAX when none is active)."""
+    """The kernel name of ``op`` that the protocol set in force chooses (vanilla JAX when none is)."""
     pset = _ACTIVE.get()
     return VANILLA if pset is None else pset.kernels[op]

@@ -1,11 +1,114 @@
-"""GroupNorm and LayerNorm modules (torch's parameter names) on `protocols.norms`, whose rsqrt is registered."""
+"""GroupNorm and LayerNorm: their fixed-point arithmetic (`group_norm`, `layer_norm`) and the Flax modules with
+torch's parameter names. The same arithmetic in every protocol set; only its rsqrt is a registered kernel.
+
+Both use a two-pass variance, mean((x - mean)^2): Flax's E[x^2] - E[x]^2 cancels catastrophically
+in fixed point. The only nonlinear call is `ops.rsqrt`, on one value per (sample, group).
+
+Under MPC a norm costs its secret products, each a reshare and a truncation per output element, so
+GroupNorm keeps them few:
+- the squares are summed per channel as the diagonal of the Gram matrix D^T D (D: pixels x channels),
+  one matmul with channels^2 outputs instead of a product per element, where channels are few enough
+  for that to be cheaper (GRAM_MAX_SHARE); otherwise squared elementwise;
+- the variance is held as VARIANCE_SCALE * variance, so a variance of 1e-4 keeps ~400 units of
+  2**-18 rather than ~26 (elementwise squares are taken of 4 * deviation for the same reason);
+- means divide by the count precisely and inside the ring (`_mean_of_sums`);
+- the affine scale is folded into the per-(sample, group) factor before it meets the activations,
+  which leaves one secret product per element: the (exactly doubled) deviation times that factor.
+
+Range: a channel's squares add up at twice the fraction bits before their one truncation, so
+pixels * variance must stay below 2**(63 - 2*18) = 2**27 per channel: variances up to 3e4 at 64x64
+pixels (SD's largest latent), 1.7e5 at 28x28.
+"""
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cipherdm_spu.protocols import norms
+from cipherdm_spu import ops
+
+
+
+
+VARIANCE_SCALE = 16  # a power of four: its square root is applied as two doublings
+VARIANCE_HEADROOM_BITS = 5  # variances averaged at 2**-23 resolution; the 1/count constant then keeps 14 bits
+GRAM_MAX_SHARE = 0.25  # use the Gram diagonal when its channels^2 outputs are at most this share of the elements
+
+
+def _mean_of_sums(sums, count: int, headroom_bits: int = 0):
+    """sum(sums, axis=-1) / count for exact partial sums, keeping precision and range in fixed point.
+
+    A public 1/count is itself a fixed-point number (1/6272 encodes 1.9 % low, 1/40960 6 % low), and
+    two constant products in a row are folded into one by the compiler. So the sums are first scaled
+    exactly, by 2**(headroom_bits - k) with 2**k >= count, then dotted with 2**(k - headroom_bits) / count,
+    in [2**-headroom_bits, 2**(1 - headroom_bits)); the dot's result is the mean itself, so its products at
+    twice the fraction bits stay inside the ring for means up to 2**27. Error: about 2**-(18 + headroom_bits)
+    from the scaled sums plus 2**-(19 - headroom_bits) * |mean| from the constant. Headroom suits means
+    whose relative error matters (variances); an offset subtracted from the data wants none."""
+    shift = math.ceil(math.log2(count)) - headroom_bits
+    if shift > 18:
+        raise ValueError(f"cannot average {count} values in fixed point with 18 fraction bits")
+    scaled = sums * 2.0**-shift if shift else sums
+    return scaled @ jnp.full((sums.shape[-1],), 2.0**shift / count, sums.dtype)
+
+
+def _times_root_variance_scale(d):
+    """d * sqrt(VARIANCE_SCALE) = 4 d, by two doublings (free and exact under MPC)."""
+    d = d + d
+    return d + d
+
+
+def _scaled_channel_sums_of_squares(d):
+    """VARIANCE_SCALE * sum over pixels of d*d per channel, for d shaped (N, pixels, C)."""
+    pixels, channels = d.shape[1], d.shape[2]
+    if channels * channels > GRAM_MAX_SHARE * pixels * channels:
+        d = _times_root_variance_scale(d)  # each truncated square then keeps 16x resolution
+        return jnp.sum(d * d, axis=1)
+    gram = jnp.einsum("npc,npd->ncd", d, d)  # one truncation per output: the diagonal sums stay exact until then
+    diagonal = gram.reshape(d.shape[0], channels * channels)[:, :: channels + 1]  # a strided slice: free
+    return _times_root_variance_scale(_times_root_variance_scale(diagonal))
+
+
+def group_norm(x, num_groups: int, scale=None, bias=None, eps: float = 1e-5):
+    """GroupNorm over a channels-last array (N, ..., C), as torch.nn.GroupNorm computes it."""
+    n, c = x.shape[0], x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"{c} channels cannot be split into {num_groups} groups")
+    per_group = c // num_groups
+    grouped = x.reshape(n, -1, num_groups, per_group)
+    pixels = grouped.shape[1]
+    count = pixels * per_group
+    mean = _mean_of_sums(jnp.sum(grouped, axis=1), count)  # pixel sums are free and exact
+    d = grouped - mean[:, None, :, None]
+    sums = _scaled_channel_sums_of_squares(d.reshape(n, pixels, c)).reshape(n, num_groups, per_group)
+    factor = ops.rsqrt(_mean_of_sums(sums, count, VARIANCE_HEADROOM_BITS) + VARIANCE_SCALE * eps)[:, None, :, None]  # (N, 1, G, 1)
+    if scale is not None:
+        factor = factor * jnp.reshape(scale, (num_groups, per_group))  # (N, 1, G, C/G): tiny
+    y = (_times_root_variance_scale(d) * factor).reshape(x.shape)
+    return y if bias is None else y + bias
+
+
+def _partial_sums(x, width: int = 16):
+    """Sums over consecutive runs of the last axis (free and exact), leaving an axis for the dot in `_mean_of_sums`."""
+    c = x.shape[-1]
+    run = max(r for r in range(1, min(c, width) + 1) if c % r == 0)
+    return jnp.sum(x.reshape(*x.shape[:-1], c // run, run), axis=-1)
+
+
+def layer_norm(x, scale=None, bias=None, eps: float = 1e-5):
+    """LayerNorm over the last axis."""
+    count = x.shape[-1]
+    d = _times_root_variance_scale(x - _mean_of_sums(_partial_sums(x), count)[..., None])
+    y = d * ops.rsqrt(_mean_of_sums(_partial_sums(d * d), count, VARIANCE_HEADROOM_BITS)[..., None] + VARIANCE_SCALE * eps)
+    if scale is not None:
+        y = y * scale
+    return y if bias is None else y + bias
+
+
+# ----------------------------------------------------------------------------------------------
+# the modules
 
 
 def _affine(module: nn.Module, channels: int):
@@ -24,7 +127,7 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale, bias = _affine(self, x.shape[-1])
-        return norms.group_norm(x, self.num_groups, scale, bias, self.eps)
+        return group_norm(x, self.num_groups, scale, bias, self.eps)
 
 
 class LayerNorm(nn.Module):
@@ -35,4 +138,4 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale, bias = _affine(self, x.shape[-1])
-        return norms.layer_norm(x, scale, bias, self.eps)
+        return layer_norm(x, scale, bias, self.eps)

@@ -365,9 +365,10 @@ def reciprocal_in_range(x, lo: float, hi: float):
 
 
 @register_kernel("softmax", NAME)
-def softmax(x, axis: int):
-    """Max subtraction, clamped exp, one reciprocal per row (over [1, row length])."""
+def softmax(x, axis: int, exp_impl: str):
+    """Max subtraction, the set's exp (`exp_nonpositive` in the `cipherdm` set), one reciprocal per row
+    (over [1, row length])."""
     shifted = x - jnp.max(x, axis=axis, keepdims=True)
-    e = exp_nonpositive(shifted)
+    e = registry.kernel("exp", exp_impl)(shifted)
     total = jnp.sum(e, axis=axis, keepdims=True)  # in [1, n]: the max entry contributes exactly 1
     return e * reciprocal_in_range(total, 1.0, float(x.shape[axis]))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from cipherdm_spu.registry import register_kernel
+from cipherdm_spu.registry import kernel, register_kernel
 
 NAME = "cipherdm-paper"
 
@@ -86,7 +86,8 @@ def exp(x):
 
 
 @register_kernel("softmax", NAME)
-def softmax(x, axis: int):
+def softmax(x, axis: int, exp_impl: str):
+    """Max subtraction, the set's exp (this module's in the `cipherdm-paper` set), division by the row sum."""
     shifted = x - jnp.max(x, axis=axis, keepdims=True)
-    e = exp(shifted)
+    e = kernel("exp", exp_impl)(shifted)
     return e / jnp.sum(e, axis=axis, keepdims=True)

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 
 from cipherdm_spu import SecureSession
-
-PROTOCOL_SETS = ("spu", "spu-pade", "cipherdm-paper", "cipherdm")
+from cipherdm_spu.registry import SHIPPED_SETS as PROTOCOL_SETS
 
 
 @pytest.fixture(scope="session")

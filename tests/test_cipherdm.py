@@ -15,8 +15,7 @@ from cipherdm_spu.protocols.cipherdm import (
     _relu,
     _rounded_integer,
 )
-
-from .kernel_reference import REFERENCES, activation_inputs, encoded, gelu_tanh, softmax
+from cipherdm_spu.protocols.reference import REFERENCES, activation_inputs, encoded, gelu_tanh, softmax
 
 
 @pytest.mark.parametrize("op", ["silu", "mish", "gelu", "sigmoid"])

@@ -3,8 +3,7 @@
 import numpy as np
 
 from cipherdm_spu import ops, registry
-
-from .kernel_reference import REFERENCES
+from cipherdm_spu.protocols.reference import REFERENCES
 
 
 def test_paper_silu_has_its_documented_jump_at_6():

@@ -4,8 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cipherdm_spu.protocols import group_norm, layer_norm
-from cipherdm_spu.protocols.norms import _mean_of_sums
+from cipherdm_spu.models.normalization import _mean_of_sums, group_norm, layer_norm
 
 
 def _group_norm_ref(x, groups, eps, scale=1.0, bias=0.0):

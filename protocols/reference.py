@@ -1,11 +1,25 @@
-"""float64 references and input grids shared by the kernel tests and the kernel benchmark."""
+"""The float64 references every kernel is measured against, and the inputs that probe them.
+
+Shared by the kernel tests (tests/test_cipherdm*.py) and the kernel table (scripts/benchmark_kernels.py,
+docs/results/kernels.md); the fits (scripts/fit_kernels.py) minimise the error against the same functions.
+"""
+
+from __future__ import annotations
+
+import math
 
 import numpy as np
-from scipy.special import erf
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
 def sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def gelu(x):
+    """GeLU, exact: x * Phi(x) with the Gaussian CDF Phi (jax.nn.gelu(approximate=False))."""
+    return 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))
 
 
 def gelu_tanh(x):
@@ -16,10 +30,11 @@ def gelu_tanh(x):
 REFERENCES = {
     "silu": lambda x: x * sigmoid(x),
     "mish": lambda x: x * np.tanh(np.logaddexp(x, 0.0)),
-    "gelu": lambda x: 0.5 * x * (1.0 + erf(x / np.sqrt(2.0))),
+    "gelu": gelu,
     "sigmoid": sigmoid,
     "exp": np.exp,
 }
+#: Inputs far outside a model's activations, where a kernel may wrap the ring or saturate wrongly.
 EXTREMES = np.array([-1e4, -1e3, -100.0, -30.0, -20.0, 20.0, 30.0, 100.0, 1e3, 1e4])
 
 

@@ -1,0 +1,37 @@
+"""The vanilla kernels (name ``jax``, the `spu` and `spu-pade` sets): each op as plain ``jax.nn`` / ``lax``.
+
+Under SPU these compile to SPU's own kernels (its exp mode, its division and rsqrt), so they are the
+baseline every measurement is compared against; with no protocol set in force they are what the ops run.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cipherdm_spu.registry import VANILLA, kernel, register_kernel
+
+
+def _mish(x):
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
+def _softmax(x, axis: int, exp_impl: str):
+    """jax.nn.softmax's arithmetic (max with initial -inf, exp of the shift, division by the row sum) with
+    the protocol set's exp."""
+    shifted = x - jnp.max(x, axis, initial=-jnp.inf, keepdims=True)
+    e = kernel("exp", exp_impl)(shifted)
+    return e / jnp.sum(e, axis, keepdims=True)
+
+
+for _op, _fn in {
+    "silu": jax.nn.silu,
+    "mish": _mish,
+    "gelu": lambda x, approximate: jax.nn.gelu(x, approximate=approximate),
+    "sigmoid": jax.nn.sigmoid,
+    "softmax": _softmax,
+    "exp": jnp.exp,
+    "rsqrt": lax.rsqrt,
+}.items():
+    register_kernel(_op, VANILLA, _fn)
