@@ -1,4 +1,9 @@
-"""Benchmark harness: one denoising step per protocol set, its kernel breakdown, and network estimates.
+"""Benchmark harness: every kernel per protocol set, one denoising step per set, its kernel breakdown, and
+network estimates.
+
+- `measure_kernels` runs every op of one protocol set on its own under the session: bytes per element per
+  party, send actions, and the error against the float64 references of `cipherdm_spu.protocols.reference`
+  (docs/results/kernels.md, scripts/benchmark_kernels.py).
 
 - `StepCase` is a UNet step with fixed inputs: it runs under a session (weights and inputs secret, the
   owner's time terms shared, coefficients public) and in plaintext float32 for the error.
@@ -17,16 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import ops, registry
 from .profiling import RunStats
+from .protocols.reference import EXTREMES, REFERENCES, encoded, softmax
 from .session import Public, SecureSession
 
+ACTIVATIONS = ("silu", "mish", "gelu", "sigmoid")
+SOFTMAX_ROWS = {16: 4.0, 64: 6.0, 256: 3.0, 1024: 2.0}  # row width: standard deviation of its logits
 NETWORKS = {"LAN": (5e9, 0.4e-3), "WAN": (400e6, 40e-3)}  # bits per second, round-trip seconds
 IDENTITY = "identity"
 
@@ -34,7 +41,7 @@ for _op in registry.OPS:
     registry.register_kernel(_op, IDENTITY, lambda x, **params: x)
 
 
-def linear_floor(base: str = "spu") -> registry.ProtocolSet:
+def linear_floor(base: str = registry.BASELINE) -> registry.ProtocolSet:
     """``base`` with every nonlinear kernel replaced by the identity (a lower bound, not a model)."""
     pset = registry.resolve(base, {op: IDENTITY for op in registry.OPS})
     return dataclasses.replace(pset, name="linear-floor", description="every kernel replaced by the identity")
@@ -62,15 +69,15 @@ def _unwrap(tree):
 
 
 def nonlinear_calls(fn, *args) -> List[tuple]:
-    """(op, shape, params) of every registered-op call in ``fn(*args)``, nested jaxprs included."""
-    names = {f"cipherdm_{op}": op for op in registry.OPS}
+    """(op, shape, params) of every registered-op call in ``fn(*args)``, nested jaxprs included; params hold
+    the kernel names the protocol set in force chose."""
+    names = {ops.primitive(op).name: op for op in registry.OPS}
     calls = []
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
             if eqn.primitive.name in names:
-                params = {k: v for k, v in eqn.params.items() if k != "impl"}
-                calls.append((names[eqn.primitive.name], tuple(eqn.invars[0].aval.shape), params))
+                calls.append((names[eqn.primitive.name], tuple(eqn.invars[0].aval.shape), dict(eqn.params)))
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (list, tuple)) else [value]:
                     inner = getattr(sub, "jaxpr", sub)
@@ -82,7 +89,7 @@ def nonlinear_calls(fn, *args) -> List[tuple]:
 
 
 def kernel_breakdown(session: SecureSession, calls: List[tuple], seed: int = 0) -> Dict[str, RunStats]:
-    """Each op's calls run on their own, at their shapes, under ``session``: cost per kernel."""
+    """Each op's calls run on their own, at their shapes and with their kernels, under ``session``: cost per op."""
     rng = np.random.default_rng(seed)
     by_op: Dict[str, List[tuple]] = {}
     for op, shape, params in calls:
@@ -91,8 +98,8 @@ def kernel_breakdown(session: SecureSession, calls: List[tuple], seed: int = 0) 
     for op, items in by_op.items():
         inputs = [np.abs(rng.standard_normal(shape)).astype(np.float32) + 0.5 for shape, _ in items]
 
-        def run_all(*xs, _op=op, _params=[p for _, p in items]):
-            return [getattr(ops, _op)(x, **p) for x, p in zip(xs, _params)]
+        def run_all(*xs, _prim=ops.primitive(op), _params=[p for _, p in items]):
+            return [_prim.bind(x, **p) for x, p in zip(xs, _params)]
 
         session.run(run_all, *inputs)
         costs[op] = session.last_stats
@@ -131,7 +138,7 @@ def measure_step(session: SecureSession, case: StepCase, repeat: int = 1, breakd
     return row
 
 
-def ratios(rows: Dict[str, dict], baseline: str = "spu") -> None:
+def ratios(rows: Dict[str, dict], baseline: str = registry.BASELINE) -> None:
     """Add x-fold reductions against ``baseline`` (bytes, seconds, send actions, estimated latency)."""
     base = rows.get(baseline)
     if base is None:
@@ -143,3 +150,81 @@ def ratios(rows: Dict[str, dict], baseline: str = "spu") -> None:
             "send_actions": base["send_actions"] / row["send_actions"],
             **{net: base["estimated_seconds"][net] / row["estimated_seconds"][net] for net in NETWORKS},
         }
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel rows
+
+
+def activation_categories(rng, n: int) -> dict:
+    """The inputs an activation is measured on: a grid over [-20, 20], the bulk (a grid over [-2, 2], where
+    normalised activations mostly lie), activation-like samples (normal, std 1..8, Student-t tails), extremes."""
+    samples = np.concatenate(
+        [rng.normal(0, s, n // 8) for s in (1, 2, 4, 8)] + [rng.standard_t(2, n // 2) * 2]
+    )
+    return {
+        "grid": np.linspace(-20, 20, n + 1),
+        "bulk": np.linspace(-2, 2, n + 1),
+        "samples": samples,
+        "extremes": np.concatenate([EXTREMES, -EXTREMES / 7]),
+    }
+
+
+def _errors(y, ref) -> dict:
+    err = np.abs(np.asarray(y, np.float64) - ref)
+    return {"max_abs_err": float(err.max()), "mean_abs_err": float(err.mean())}
+
+
+def _cost(stats: RunStats, n_elements: int) -> dict:
+    return {
+        "bytes_per_element_per_party": stats.bytes_sent / 3 / n_elements,
+        "bytes_sent": stats.bytes_sent,
+        "send_actions": stats.send_actions,
+        "seconds": stats.seconds,
+        "elements": n_elements,
+    }
+
+
+def _rsqrt_row(session: SecureSession, fn, v) -> dict:
+    y = np.asarray(session.run(fn, v), np.float64)
+    rel_true = np.abs(y * np.sqrt(v.astype(np.float64)) - 1)
+    rel_enc = np.abs(y * np.sqrt(encoded(v)) - 1)
+    return {
+        "relative_vs_true_input": {"max_rel_err": float(rel_true.max()), "mean_rel_err": float(rel_true.mean())},
+        "relative_vs_encoded_input": {"max_rel_err": float(rel_enc.max()), "mean_rel_err": float(rel_enc.mean())},
+        "cost": _cost(session.last_stats, v.size),
+    }
+
+
+def measure_kernels(name: str, rng, n: int, rows: int) -> dict:
+    """Cost and error of every op under protocol set ``name``: activations on `activation_categories` (cost on
+    the samples), exp on its softmax domain x <= 0, rsqrt by relative error over variances 1e-4..1e4 (the
+    `cipherdm` set also with its low-round override), softmax on ``rows`` rows of each width, one extreme logit."""
+    out = {}
+    with SecureSession(name) as session:
+        cats = activation_categories(rng, n)
+        for op in ACTIVATIONS:
+            fn = getattr(ops, op)
+            row = {}
+            for cat, x in cats.items():
+                x = x.astype(np.float32)
+                y = session.run(fn, x)
+                row[cat] = _errors(y, REFERENCES[op](x.astype(np.float64)))
+                if cat == "samples":
+                    row["cost"] = _cost(session.last_stats, x.size)
+            out[op] = row
+        x = np.concatenate([np.linspace(-20, 0, n + 1), [-1e4, -1e3, -100, -30]]).astype(np.float32)
+        y = session.run(ops.exp, x)
+        out["exp"] = {"domain_le_0": _errors(y, np.exp(x.astype(np.float64))), "cost": _cost(session.last_stats, x.size)}
+        v = np.geomspace(1e-4, 1e4, n + 1).astype(np.float32)
+        out["rsqrt"] = _rsqrt_row(session, ops.rsqrt, v)
+        if name == "cipherdm":
+            out["rsqrt"]["low_round"] = _rsqrt_row(session, registry.kernel("rsqrt", "cipherdm-low-round"), v)
+        for width, spread in SOFTMAX_ROWS.items():
+            logits = (rng.standard_normal((rows, width)) * spread).astype(np.float32)
+            logits[0, 1] = 1e4
+            y = session.run(lambda v: ops.softmax(v, axis=-1), logits)
+            errs = _errors(y, softmax(logits))
+            errs["max_row_sum_err"] = float(np.abs(np.asarray(y, np.float64).sum(-1) - 1).max())
+            out[f"softmax{width}"] = {"rows": errs, "cost": _cost(session.last_stats, logits.size)}
+    return out

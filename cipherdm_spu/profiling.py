@@ -28,6 +28,8 @@ from typing import Dict, List, Optional
 
 import spu.libspu as libspu
 
+from .errors import ProfileParseError
+
 #: (enable_pphlo_profile, enable_hal_profile) per party; see the module docstring.
 PARTY_PROFILE_FLAGS = [(True, True), (True, False), (False, True)]
 
@@ -39,10 +41,6 @@ _LINK_LINE = re.compile(
     r"Link details: total send bytes (?P<sb>\d+), recv bytes (?P<rb>\d+), "
     r"send actions (?P<sa>\d+), recv actions (?P<ra>\d+)"
 )
-
-
-class ProfileParseError(RuntimeError):
-    """The SPU log did not hold the lines one run should have produced."""
 
 
 @dataclasses.dataclass
@@ -76,16 +74,10 @@ class RunStats:
         return cls(0.0, 0, 0, [0, 0, 0], [0, 0, 0], 0, [0, 0, 0], {})
 
     def __add__(self, other: "RunStats") -> "RunStats":
-        kernels = {k: dataclasses.replace(v) for k, v in self.kernels.items()}
-        for name, k in other.kernels.items():
-            if name in kernels:
-                mine = kernels[name]
-                kernels[name] = KernelStats(
-                    mine.calls + k.calls, mine.seconds + k.seconds,
-                    mine.bytes_sent + k.bytes_sent, mine.send_actions + k.send_actions,
-                )
-            else:
-                kernels[name] = dataclasses.replace(k)
+        kernels: Dict[str, KernelStats] = {}
+        for stats in (self, other):
+            for op, k in stats.kernels.items():
+                _accumulate(kernels, op, k.calls, k.seconds, k.bytes_sent, k.send_actions)
         add = lambda a, b: [x + y for x, y in zip(a, b)]  # noqa: E731
         return RunStats(
             self.seconds + other.seconds,
@@ -97,6 +89,24 @@ class RunStats:
             add(self.send_actions_per_party, other.send_actions_per_party),
             kernels,
         )
+
+
+def _accumulate(kernels: Dict[str, KernelStats], op: str, calls: int, seconds: float, bytes_sent: float,
+                send_actions: float) -> None:
+    """Add one report's cost of ``op`` to ``kernels``."""
+    k = kernels.setdefault(op, KernelStats(0, 0.0, 0.0, 0.0))
+    k.calls += calls
+    k.seconds += seconds
+    k.bytes_sent += bytes_sent
+    k.send_actions += send_actions
+
+
+def _pphlo_ops(text: str):
+    """(op without the ``pphlo.`` prefix, its line's match) for every pphlo op line of a profile, ``free`` left out."""
+    for m in _OP_LINE.finditer(text):
+        name = m.group("name")
+        if name.startswith("pphlo.") and name != "pphlo.free":
+            yield name[len("pphlo."):], m
 
 
 def _per_party(link_totals: List[int], hlo_sum: int, lower_sum: int, what: str) -> List[int]:
@@ -121,18 +131,12 @@ def parse_run(text: str, seconds: float) -> RunStats:
     lower = {"sb": 0, "rb": 0, "sa": 0}
     kernels: Dict[str, KernelStats] = {}
     for m in _OP_LINE.finditer(text):
-        name = m.group("name")
-        bucket = hlo if name.startswith("pphlo.") else lower
+        bucket = hlo if m.group("name").startswith("pphlo.") else lower
         for key in bucket:
             bucket[key] += int(m.group(key))
-        if name.startswith("pphlo.") and name != "pphlo.free":
-            op = name[len("pphlo."):]
-            k = kernels.setdefault(op, KernelStats(0, 0.0, 0.0, 0.0))
-            # Two parties report pphlo lines: accumulate halves for a per-party mean.
-            k.calls += int(m.group("calls"))
-            k.seconds += float(m.group("secs")) / 2
-            k.bytes_sent += int(m.group("sb")) / 2
-            k.send_actions += int(m.group("sa")) / 2
+    for op, m in _pphlo_ops(text):  # two parties report pphlo lines: halves make a per-party mean
+        _accumulate(kernels, op, int(m.group("calls")), float(m.group("secs")) / 2, int(m.group("sb")) / 2,
+                    int(m.group("sa")) / 2)
     for k in kernels.values():
         k.calls //= 2
     totals = {key: [int(m.group(key)) for m in links] for key in ("sb", "rb", "sa")}
@@ -160,14 +164,12 @@ def parse_party_run(text: str) -> dict:
     if len(links) != 1:
         raise ProfileParseError(f"expected 1 'Link details' line in a party's run, found {len(links)}")
     kernels: Dict[str, list] = {}
-    for m in _OP_LINE.finditer(text):
-        name = m.group("name")
-        if name.startswith("pphlo.") and name != "pphlo.free":
-            k = kernels.setdefault(name[len("pphlo."):], [0, 0.0, 0, 0])
-            k[0] += int(m.group("calls"))
-            k[1] += float(m.group("secs"))
-            k[2] += int(m.group("sb"))
-            k[3] += int(m.group("sa"))
+    for op, m in _pphlo_ops(text):
+        k = kernels.setdefault(op, [0, 0.0, 0, 0])
+        k[0] += int(m.group("calls"))
+        k[1] += float(m.group("secs"))
+        k[2] += int(m.group("sb"))
+        k[3] += int(m.group("sa"))
     link = links[0]
     return {
         "bytes_sent": int(link.group("sb")), "bytes_recv": int(link.group("rb")),
@@ -181,11 +183,9 @@ def combine_party_runs(parties: List[dict], seconds: float) -> RunStats:
     n = len(parties)
     for report in parties:
         for op, (calls, secs, sent, actions) in report["kernels"].items():
-            k = kernels.setdefault(op, KernelStats(0, 0.0, 0.0, 0.0))
-            k.calls = max(k.calls, calls)
-            k.seconds += secs / n
-            k.bytes_sent += sent / n
-            k.send_actions += actions / n
+            _accumulate(kernels, op, calls, secs / n, sent / n, actions / n)
+    for k in kernels.values():  # every party reports every call
+        k.calls //= n
     sent = [r["bytes_sent"] for r in parties]
     recv = [r["bytes_recv"] for r in parties]
     actions = [r["send_actions"] for r in parties]

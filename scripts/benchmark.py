@@ -8,7 +8,8 @@ Rows (select with --rows):
            2 levels, cross-attention over 77 tokens), per protocol set, plus the linear floor
            (every kernel the identity), with a per-kernel breakdown and the error against plaintext
   sample   a full DDIM sample of the MNIST SiLU model per protocol set, with quality beside the cost
-Protocol sets: spu (SPU defaults), spu-pade (CipherDM code's baseline), cipherdm-paper, cipherdm.
+Protocol sets: every available one (configs/protocols: spu, SPU's defaults; spu-pade, CipherDM code's baseline;
+cipherdm-paper; cipherdm).
 Latency on LAN (5 Gbps, 0.4 ms RTT) and WAN (400 Mbps, 40 ms RTT) is estimated from the measured bytes
 and send actions (see cipherdm_spu/benchmark.py). Ratios are against `spu` in the same run.
 
@@ -33,16 +34,15 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from cipherdm_spu import Public, SecureSession, quality
+from cipherdm_spu.benchmark import (NETWORKS, StepCase, estimate_latency, linear_floor, measure_kernels, measure_step,
+                                    ratios)
+from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
+from cipherdm_spu.registry import BASELINE, available_protocol_sets
+from cipherdm_spu.results import markdown_table
+from cipherdm_spu.sampling import SecureDiffusion, draw_noise, make_denoise_step, sample_plaintext, secure_params
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from cipherdm_spu import Public, SecureSession, quality  # noqa: E402
-from cipherdm_spu.benchmark import NETWORKS, StepCase, estimate_latency, linear_floor, measure_step, ratios  # noqa: E402
-from cipherdm_spu.sampling import SecureDiffusion, draw_noise, make_denoise_step, sample_plaintext, secure_params  # noqa: E402
-from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers  # noqa: E402
-
-SETS = ("spu", "spu-pade", "cipherdm-paper", "cipherdm")
 CHECKPOINTS = ROOT / "checkpoints"
 SD_SHAPED = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
@@ -133,11 +133,9 @@ def run_samples(args) -> list:
 
 
 def run_kernels(args) -> dict:
-    import benchmark_kernels
-
     rng = np.random.default_rng(args.seed)
     n, rows = (2000, 8) if args.quick else (20000, 64)
-    return {name: benchmark_kernels.measure_set(name, rng, n, rows) for name in tqdm(args.sets, desc="kernels")}
+    return {name: measure_kernels(name, rng, n, rows) for name in tqdm(args.sets, desc="kernels")}
 
 
 def render(results: dict, command: str) -> str:
@@ -148,10 +146,7 @@ def render(results: dict, command: str) -> str:
              "add the busiest party's bytes over the bandwidth and RTT/2 per send action "
              "(LAN 5 Gbps / 0.4 ms RTT, WAN 400 Mbps / 40 ms RTT).", ""]
     for block in results.get("step", []) + results.get("sample", []):
-        lines += [f"## {block['case']}", "",
-                  "| protocol | seconds | MB sent (all parties) | send actions | est. LAN s | est. WAN s | bytes vs spu | "
-                  "time vs spu | WAN vs spu | max abs err vs plaintext | extra |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        rows = []
         for name, r in block["rows"].items():
             v = r.get("vs_spu", {})
             extra = ""
@@ -159,29 +154,29 @@ def render(results: dict, command: str) -> str:
                 extra = (f"PSNR {r['psnr_vs_plaintext']:.1f} dB, cond. acc. {100 * r['conditional_accuracy']:.0f} % "
                          f"(plaintext {100 * r['plaintext_conditional_accuracy']:.0f} %)")
             err = f"{r['max_abs_err']:.3g}" if "max_abs_err" in r and name != "linear-floor" else "n/a"
-            lines.append(f"| {name} | {r['seconds']:.2f} | {r['bytes_sent'] / 1e6:.1f} | {r['send_actions']} | "
-                         f"{r['estimated_seconds']['LAN']:.2f} | {r['estimated_seconds']['WAN']:.1f} | "
-                         f"{v.get('bytes', 0):.2f}x | {v.get('seconds', 0):.2f}x | {v.get('WAN', 0):.2f}x | {err} | {extra} |")
+            rows.append([name, f"{r['seconds']:.2f}", f"{r['bytes_sent'] / 1e6:.1f}", r["send_actions"],
+                         f"{r['estimated_seconds']['LAN']:.2f}", f"{r['estimated_seconds']['WAN']:.1f}",
+                         f"{v.get('bytes', 0):.2f}x", f"{v.get('seconds', 0):.2f}x", f"{v.get('WAN', 0):.2f}x", err, extra])
+        lines += [f"## {block['case']}", ""] + markdown_table(
+            ["protocol", "seconds", "MB sent (all parties)", "send actions", "est. LAN s", "est. WAN s", "bytes vs spu",
+             "time vs spu", "WAN vs spu", "max abs err vs plaintext", "extra"], rows, align="lrrrrrrrrrl")
         kernel_rows = [(n, r["kernels"]) for n, r in block["rows"].items() if "kernels" in r]
         if kernel_rows:
             ops = sorted({op for _, k in kernel_rows for op in k})
             lines += ["", "Per-kernel bytes (MB, all parties; each op's calls run alone at the model's shapes) and the rest "
-                      "(linear layers, norms' arithmetic, sampler update):", "",
-                      "| protocol | " + " | ".join(ops) + " | rest |", "|---|" + "---:|" * (len(ops) + 1)]
-            for name, k in kernel_rows:
-                total = block["rows"][name]["bytes_sent"]
-                rest = total - sum(v["bytes_sent"] for v in k.values())
-                lines.append(f"| {name} | " + " | ".join(f"{k[o]['bytes_sent'] / 1e6:.1f}" if o in k else "-" for o in ops)
-                             + f" | {rest / 1e6:.1f} |")
+                      "(linear layers, norms' arithmetic, sampler update):", ""]
+            lines += markdown_table(
+                ["protocol", *ops, "rest"],
+                [[name, *(f"{k[o]['bytes_sent'] / 1e6:.1f}" if o in k else "-" for o in ops),
+                  f"{(block['rows'][name]['bytes_sent'] - sum(v['bytes_sent'] for v in k.values())) / 1e6:.1f}"]
+                 for name, k in kernel_rows])
         lines.append("")
     if "kernels" in results:
+        sets = list(results["kernels"])
         lines += ["## Kernels", "", "Bytes per element per party (activation samples; exp on x <= 0; softmax rows); "
-                  "full tables with errors: docs/results/kernels.md.", "",
-                  "| kernel | " + " | ".join(results["kernels"]) + " |", "|---|" + "---:|" * len(results["kernels"])]
-        first = next(iter(results["kernels"].values()))
-        for op in first:
-            lines.append(f"| {op} | " + " | ".join(f"{results['kernels'][s][op]['cost']['bytes_per_element_per_party']:.0f}"
-                                                     for s in results["kernels"]) + " |")
+                  "full tables with errors: docs/results/kernels.md.", ""]
+        lines += markdown_table(["kernel", *sets], [[op, *(f"{results['kernels'][s][op]['cost']['bytes_per_element_per_party']:.0f}" for s in sets)]
+                                                    for op in results["kernels"][sets[0]]])
         lines.append("")
     if results.get("step"):  # charts() draws the step rows only
         lines += ["Charts: benchmark_bytes_time.png (bytes and seconds per protocol), benchmark_kernels.png (bytes by kernel)."]
@@ -234,7 +229,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", choices=["kernels", "step", "sample"], default=["kernels", "step", "sample"],
                    help="which rows to measure (default: all)")
-    p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS), help="protocol sets (default: all four)")
+    available = available_protocol_sets()
+    p.add_argument("--sets", nargs="+", choices=available, default=available, help="protocol sets (default: all)")
     p.add_argument("--models", nargs="+", type=Path,
                    default=[CHECKPOINTS / "mnist-ddpm-silu", CHECKPOINTS / "mnist-ddpm-mish"],
                    help="MNIST model directories for the step rows (default: the two shipped checkpoints)")
@@ -248,8 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: batch 1, SiLU model only, small kernel sizes, 2 sample steps")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="output directory (default: docs/results)")
     args = p.parse_args(argv)
-    if "spu" not in args.sets:
-        p.error("--sets must include spu: every ratio is against it")
+    if BASELINE not in args.sets:
+        p.error(f"--sets must include {BASELINE}: every ratio is against it")
     if args.repeat < 1 or args.sample_steps < 1 or not 1 <= args.sample_batch <= 64 or any(b < 1 for b in args.batches):
         p.error("--repeat, --sample-steps, --batches must be positive and --sample-batch in 1..64")
     if args.quick:

@@ -21,15 +21,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cipherdm_spu import quality  # noqa: E402
-from cipherdm_spu.mnist import load_digits  # noqa: E402
-from cipherdm_spu.sampling import draw_noise, sample_plaintext  # noqa: E402
-from cipherdm_spu.sampling_cli import image_grid  # noqa: E402
-from cipherdm_spu.models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel  # noqa: E402
-from train_ddpm_mnist import steps_before  # noqa: E402
+from cipherdm_spu import quality
+from cipherdm_spu.mnist import load_digits, steps_before
+from cipherdm_spu.sampling import draw_noise, sample_plaintext
+from cipherdm_spu.sampling_cli import image_grid
+from cipherdm_spu.models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
+from cipherdm_spu.results import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = [("DDPM", 1000), ("DDIM", 100), ("DDIM", 50), ("DDIM", 20), ("DDIM", 10)]
@@ -99,12 +97,12 @@ def main(argv=None) -> int:
         f"share with top-class probability >= {quality.CONFIDENCE}.",
         "", f"For scale: FID between the two halves of the held-out set is {reference:.2f} (a floor; "
         "it shrinks as sets grow, and FID on 100-200 samples is biased upwards).", "",
-        "| model | trained steps | sampler | steps | samples | FID | conditional accuracy | confident share | seconds |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['trained_steps']} | {r['sampler']} | {r['steps']} | {r['samples']} | {r['fid']:.2f} | "
-                     f"{100 * r['conditional_accuracy']:.1f} % | {100 * r['confident_share']:.1f} % | {r['seconds']:.0f} |")
+    lines += markdown_table(
+        ["model", "trained steps", "sampler", "steps", "samples", "FID", "conditional accuracy", "confident share", "seconds"],
+        [[r["model"], r["trained_steps"], r["sampler"], r["steps"], r["samples"], f"{r['fid']:.2f}",
+          f"{100 * r['conditional_accuracy']:.1f} %", f"{100 * r['confident_share']:.1f} %", f"{r['seconds']:.0f}"]
+         for r in rows], align="lrl")
     short = [r["model"] for r in rows if r["sampler"] == "DDIM" and r["steps"] == 50
              and r["conditional_accuracy"] < TARGET_DDIM50_ACCURACY]
     if short:

@@ -20,20 +20,14 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cipherdm_spu import SecureSession, ops
+from cipherdm_spu.protocols.cipherdm import _bit_times, _encoding, _indicator
+from cipherdm_spu.results import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cipherdm_spu import SecureSession, ops  # noqa: E402
-from cipherdm_spu.protocols.cipherdm import _bit_times, _indicator  # noqa: E402
-
-
-def _as_int(x):
-    """The ring element of a fixed-point value, as an integer (free: a reinterpretation)."""
-    return jax.lax.bitcast_convert_type(x, jnp.int32)
 
 
 PRIMITIVES = {
@@ -46,7 +40,7 @@ PRIMITIVES = {
     "secret_product": ("x * x (reshare + truncation)", lambda x: x * x),
     "public_product": ("x * 0.3 (truncation)", lambda x: x * 0.3),
     "tiny_public_product": ("x * 2**-18 (encoding 1: SPU's extra-precision truncation)", lambda x: x * 2.0**-18),
-    "integer_product": ("int(x) * int(x) (reshare, no truncation)", lambda x: _as_int(x) * _as_int(x)),
+    "integer_product": ("int(x) * int(x) (reshare, no truncation)", lambda x: _encoding(x) * _encoding(x)),
     "silu": ("ops.silu under the protocol set", ops.silu),
 }
 
@@ -98,11 +92,10 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float) -> st
         f"ABY3, FM64, 18 fraction bits, three parties in one process, {n} elements; bytes per element per party",
         "(all parties' bytes / 3 / elements), send actions of the busiest party.",
         "",
-        "| block | what | B/elem/party | send actions |",
-        "|---|---|---:|---:|",
     ]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['what']} | {r['bytes_per_element_per_party']:.1f} | {r['send_actions']} |")
+    lines += markdown_table(["block", "what", "B/elem/party", "send actions"],
+                            [[name, r["what"], f"{r['bytes_per_element_per_party']:.1f}", r["send_actions"]]
+                             for name, r in rows.items()], align="ll")
     lines += [
         "",
         "## Accounting of the `cipherdm` SiLU",
@@ -110,14 +103,11 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float) -> st
         "relu(x) + R(a), a = min(|x|, T), R(a) = (z + gamma1) * z + s * a + gamma0 with z = (u + beta0) * u and",
         "u = c * a rounded to 9 fraction bits (protocols/cipherdm.py, scripts/fit_kernels.py).",
         "",
-        "| part | B/elem/party |",
-        "|---|---:|",
     ]
-    for part, v in acc["parts"].items():
-        lines.append(f"| {part} | {v:.1f} |")
+    lines += markdown_table(["part", "B/elem/party"],
+                            [[part, f"{v:.1f}"] for part, v in acc["parts"].items()]
+                            + [["**sum of parts**", f"**{acc['predicted']:.1f}**"], ["measured SiLU", f"{acc['measured']:.1f}"]])
     lines += [
-        f"| **sum of parts** | **{acc['predicted']:.1f}** |",
-        f"| measured SiLU | {acc['measured']:.1f} |",
         "",
         f"Vanilla SPU SiLU (the `spu` set) in this run: {spu_silu:.1f} B, so the 4x target of issue 3 needs",
         f"<= {spu_silu / 4:.1f} B; ours is {acc['measured']:.1f} B ({spu_silu / acc['measured']:.2f}x).",

@@ -31,13 +31,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cipherdm_spu import Public, SecureSession
+from cipherdm_spu.benchmark import NETWORKS, measure_step, nonlinear_calls, StepCase
+from cipherdm_spu.sampling import make_denoise_step, secure_params
+from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DConditionModel
+from cipherdm_spu.results import markdown_table
 
-from cipherdm_spu import Public, SecureSession  # noqa: E402
-from cipherdm_spu.benchmark import NETWORKS, measure_step, nonlinear_calls, StepCase  # noqa: E402
-from cipherdm_spu.sampling import make_denoise_step, secure_params  # noqa: E402
-from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DConditionModel  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 #: SD v1.5's UNet config (the published diffusers config.json of runwayml/stable-diffusion-v1-5)
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
@@ -165,18 +165,17 @@ def report(result: dict) -> str:
         "SD-architecture UNets were measured; bytes scale per nonlinear op with its element count and for "
         "the rest with the convolution/matmul output elements; send actions with the number of nonlinear "
         "calls (see scripts/sd_cost_estimate.py). The check row extrapolates small -> medium and compares.", "",
-        "| protocol set | small: measured GB | medium: measured GB | check: small->medium GB (error) | "
-        "check: send actions est. / measured | SD v1.5 step: GB (all parties) | send actions | network time LAN / WAN (s) |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, row in result["sets"].items():
-        check, sd = row["check_small_to_medium"], row["sd15_step"]
-        lines.append(
-            f"| {name} | {row['measured_small']['bytes_sent'] / 1e9:.3f} | {row['measured_medium']['bytes_sent'] / 1e9:.3f} | "
-            f"{check['estimated_bytes'] / 1e9:.3f} ({check['relative_error']:+.0%}) | "
-            f"{check['estimated_send_actions']:,.0f} / {check['measured_send_actions']:,} | {sd['bytes_sent'] / 1e9:,.0f} | "
-            f"{sd['send_actions']:,.0f} | {sd['network_seconds']['LAN']:,.0f} / {sd['network_seconds']['WAN']:,.0f} |"
-        )
+    lines += markdown_table(
+        ["protocol set", "small: measured GB", "medium: measured GB", "check: small->medium GB (error)",
+         "check: send actions est. / measured", "SD v1.5 step: GB (all parties)", "send actions",
+         "network time LAN / WAN (s)"],
+        [[name, f"{row['measured_small']['bytes_sent'] / 1e9:.3f}", f"{row['measured_medium']['bytes_sent'] / 1e9:.3f}",
+          f"{check['estimated_bytes'] / 1e9:.3f} ({check['relative_error']:+.0%})",
+          f"{check['estimated_send_actions']:,.0f} / {check['measured_send_actions']:,}", f"{sd['bytes_sent'] / 1e9:,.0f}",
+          f"{sd['send_actions']:,.0f}", f"{sd['network_seconds']['LAN']:,.0f} / {sd['network_seconds']['WAN']:,.0f}"]
+         for name, row in result["sets"].items()
+         for check, sd in [(row["check_small_to_medium"], row["sd15_step"])]], align="l" * 8)
     sets = result["sets"]
     if "spu" in sets and "cipherdm" in sets:
         ratio = sets["spu"]["sd15_step"]["bytes_sent"] / sets["cipherdm"]["sd15_step"]["bytes_sent"]

@@ -17,12 +17,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from cipherdm_spu.registry import BASELINE, available_protocol_sets
+from cipherdm_spu.results import markdown_table
+from cipherdm_spu.sampling_cli import main as run_sampling
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cipherdm_spu.sampling_cli import main as run_sampling  # noqa: E402
-
-SETS = ("spu", "spu-pade", "cipherdm-paper", "cipherdm")
 
 
 def _shown(path: Path) -> str:
@@ -33,10 +32,11 @@ def _shown(path: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS), help="protocol sets (default: all four)")
+    sets = available_protocol_sets()
+    p.add_argument("--sets", nargs="+", choices=sets, default=sets, help="protocol sets (default: all)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "secure_sampling", help="where the runs go")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="where the report goes")
-    p.add_argument("--reuse", nargs="+", choices=SETS, default=[], metavar="SET",
+    p.add_argument("--reuse", nargs="+", choices=sets, default=[], metavar="SET",
                    help="sets whose earlier run under --runs is gathered as it is instead of run again")
     args = p.parse_args(argv)
     missing = [name for name in args.reuse if not (args.runs / name / "report.json").is_file()]
@@ -63,17 +63,15 @@ def main(argv=None) -> int:
         "embedded three-party session (ABY3, FM64) on this machine's CPUs. Seconds are wall time of the whole "
         "secure sampling, compilation included; MB are all parties' bytes sent. PSNR/SSIM compare the revealed "
         "secure samples with plaintext float32 sampling from the same noise (images in [-1, 1]).", "",
-        "| protocol | seconds | MB sent | send actions | PSNR vs plaintext (dB) | SSIM | classifier labels (secure) | "
-        "classifier labels (plaintext) | bytes vs spu |",
-        "|---|---:|---:|---:|---:|---:|---|---|---:|",
     ]
-    base = reports.get("spu")
-    for name, r in reports.items():
-        ratio = f"{base['bytes_sent'] / r['bytes_sent']:.2f}x" if base else "n/a"
-        lines.append(
-            f"| {name} | {r['seconds']:.0f} | {r['bytes_sent'] / 1e6:.0f} | {r['send_actions']} | "
-            f"{r['psnr_vs_plaintext']:.1f} | {r['ssim_vs_plaintext']:.3f} | {r['secure']['classifier_labels']} | "
-            f"{r['plaintext']['classifier_labels']} | {ratio} |")
+    base = reports.get(BASELINE)
+    lines += markdown_table(
+        ["protocol", "seconds", "MB sent", "send actions", "PSNR vs plaintext (dB)", "SSIM", "classifier labels (secure)",
+         "classifier labels (plaintext)", f"bytes vs {BASELINE}"],
+        [[name, f"{r['seconds']:.0f}", f"{r['bytes_sent'] / 1e6:.0f}", r["send_actions"], f"{r['psnr_vs_plaintext']:.1f}",
+          f"{r['ssim_vs_plaintext']:.3f}", r["secure"]["classifier_labels"], r["plaintext"]["classifier_labels"],
+          f"{base['bytes_sent'] / r['bytes_sent']:.2f}x" if base else "n/a"]
+         for name, r in reports.items()], align="lrrrrrllr")
     wanted = first["requested_labels"]
     drawn = first["plaintext"]["classifier_labels"]
     missed = sum(a != b for a, b in zip(wanted, drawn))

@@ -30,11 +30,10 @@ import optax
 from flax import serialization
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cipherdm_spu.mnist import load_digits  # noqa: E402
-from cipherdm_spu.models import ScheduleConfig, UNet2DModel  # noqa: E402
-from cipherdm_spu.models.schedulers import alphas_cumprod  # noqa: E402
+from cipherdm_spu.mnist import load_digits, steps_before
+from cipherdm_spu.models import ScheduleConfig, UNet2DModel
+from cipherdm_spu.models.schedulers import alphas_cumprod
 
 
 def mnist_unet_config(act_fn: str) -> dict:
@@ -189,14 +188,6 @@ def load_initial_weights(directory: Path, model) -> tuple[dict, dict]:
                        seconds=earlier.get("seconds", 0.0), runs=earlier.get("runs", []),
                        init=earlier.get("init"))
     return params, history
-
-
-def steps_before(init) -> int:
-    """Optimizer steps behind the weights a run was initialised from (--init-from), over the whole chain."""
-    steps = 0
-    while init:
-        steps, init = steps + init["steps"], init.get("init")
-    return steps
 
 
 def _init_history(init) -> str:

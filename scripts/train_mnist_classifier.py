@@ -17,15 +17,13 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cipherdm_spu.mnist import load_digits  # noqa: E402
-from cipherdm_spu.quality import CLASSIFIER_DIR, DigitJudge, MnistClassifier  # noqa: E402
+from cipherdm_spu.mnist import load_digits
+from cipherdm_spu.quality import CLASSIFIER_DIR, DigitJudge, MnistClassifier
 
 
 def shift(images, rng, max_shift=2):

@@ -1,8 +1,6 @@
 """Benchmark harness: call discovery, the linear floor, latency estimates, and one measured step."""
 
 import json
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,9 +10,8 @@ from cipherdm_spu import Public, RunStats, SecureSession, ops, registry
 from cipherdm_spu.benchmark import StepCase, estimate_latency, linear_floor, measure_step, nonlinear_calls, ratios
 from cipherdm_spu.models import UNet2DModel
 
+from .scripts import load_script
 from .test_sampling import TINY, tiny_model  # noqa: F401 - the fixture
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 def test_nonlinear_calls_finds_every_op_with_shape_and_params():
@@ -24,7 +21,8 @@ def test_nonlinear_calls_finds_every_op_with_shape_and_params():
 
     calls = nonlinear_calls(f, np.ones((3, 4), np.float32), Public(np.ones((4, 5), np.float32)))
     assert [(c[0], c[1]) for c in calls] == [("silu", (3, 5)), ("softmax", (3, 5)), ("gelu", (3, 5))]
-    assert calls[1][2] == {"axis": 0} and calls[2][2] == {"approximate": False}
+    assert calls[1][2] == {"impl": "jax", "axis": 0, "exp_impl": "jax"}
+    assert calls[2][2] == {"impl": "jax", "approximate": False}
 
 
 def test_linear_floor_is_identity_everywhere():
@@ -71,8 +69,7 @@ def test_measure_step_on_a_tiny_unet():
 @pytest.mark.slow
 def test_benchmark_script_quick_mode_writes_every_row(tiny_model, tmp_path):  # noqa: F811
     """scripts/benchmark.py --quick end to end (kernel, step and sample rows) on a tiny model."""
-    import benchmark as script
-
+    script = load_script("benchmark")
     out = tmp_path / "bench"
     assert script.main(["--quick", "--sets", "spu", "cipherdm", "--models", str(tiny_model),
                         "--sample-model", str(tiny_model), "--out", str(out)]) == 0

@@ -1,20 +1,15 @@
 """scripts/primitive_costs.py: the measured building blocks add up to the measured SiLU."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "primitive_costs.py"
+from .scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def primitive_costs():
-    spec = importlib.util.spec_from_file_location("primitive_costs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("primitive_costs")
 
 
 def test_silu_is_the_sum_of_its_parts(primitive_costs, tmp_path):

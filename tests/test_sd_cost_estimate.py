@@ -1,13 +1,10 @@
 """The SD v1.5 cost extrapolation: the cost model on known inputs, and the full model's element counts."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from .scripts import load_script
 
-import sd_cost_estimate as estimate  # noqa: E402
+estimate = load_script("sd_cost_estimate")
 
 MEASURED = {"bytes_sent": 1000, "bytes_sent_per_party": [400, 300, 300], "send_actions": 50,
             "kernels": {"silu": {"bytes_sent": 600}, "softmax": {"bytes_sent": 300}}}

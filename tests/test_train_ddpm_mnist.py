@@ -1,16 +1,14 @@
 """The training script: resumable, deterministic with a seed, writes a diffusers-format model and card."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.numpy
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from .scripts import load_script
 
-import evaluate_mnist  # noqa: E402
-import train_ddpm_mnist  # noqa: E402
+evaluate_mnist = load_script("evaluate_mnist")
+train_ddpm_mnist = load_script("train_ddpm_mnist")
 
 
 @pytest.mark.slow

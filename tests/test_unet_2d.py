@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from diffusers import UNet2DModel as TorchUNet2DModel
 
-from cipherdm_spu import Public
 from cipherdm_spu.models import UNet2DModel
 
 from .diffusers_models import save_random, torch_forward
