@@ -103,7 +103,7 @@ def sigmoid(x):
 
 
 def softmax(x, axis: int = -1):
-    """Softmax over one axis."""
+    """exp(x - max) / sum(exp(x - max)) over one axis; its exp is the protocol set's (op ``exp``)."""
     x = jnp.asarray(x)
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"softmax axis {axis} out of range for an array of rank {x.ndim}")
@@ -111,6 +111,7 @@ def softmax(x, axis: int = -1):
 
 
 def exp(x):
+    """e^x; the secure kernels are built for softmax's domain, x <= 0."""
     return _bind(_exp_p, "exp", x)
 
 

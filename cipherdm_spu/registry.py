@@ -50,7 +50,7 @@ BASELINE = SHIPPED_SETS[0]
 _KERNELS: Dict[str, Dict[str, Callable]] = {op: {} for op in OPS}
 _PROTOCOL_SETS: Dict[str, "ProtocolSet"] = {}
 _ACTIVE: contextvars.ContextVar[Optional["ProtocolSet"]] = contextvars.ContextVar(
-    "cipherdm_active_protocol", default=None
+    "cipherdm_protocol_set", default=None
 )
 _FIXED_POINT: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("cipherdm_fixed_point", default=None)
 
@@ -99,7 +99,7 @@ def kernel(op: str, impl: str) -> Callable:
 # protocol sets
 
 
-def protocol_dirs() -> list[Path]:
+def protocol_set_dirs() -> list[Path]:
     """Where protocol-set JSON files are looked up, first match wins."""
     dirs = [Path(p) for p in os.environ.get("CIPHERDM_PROTOCOLS_PATH", "").split(os.pathsep) if p]
     dirs.append(Path(__file__).resolve().parent.parent / "configs" / "protocols")  # source checkout
@@ -152,10 +152,10 @@ def validate(pset: ProtocolSet) -> None:
 
 
 def protocol_set(name: str) -> ProtocolSet:
-    """The protocol set called ``name``: registered in Python, or a JSON file on protocol_dirs()."""
+    """The protocol set called ``name``: registered in Python, or a JSON file on protocol_set_dirs()."""
     if name in _PROTOCOL_SETS:
         return _PROTOCOL_SETS[name]
-    for d in protocol_dirs():
+    for d in protocol_set_dirs():
         f = d / f"{name}.json"
         if f.is_file():
             return register_protocol_set(load_protocol_file(f))
@@ -163,10 +163,10 @@ def protocol_set(name: str) -> ProtocolSet:
 
 
 def available_protocol_sets() -> list[str]:
-    """The names of every protocol set, registered in Python or a JSON file on protocol_dirs(): the shipped ones
+    """The names of every protocol set, registered in Python or a JSON file on protocol_set_dirs(): the shipped ones
     in SHIPPED_SETS' order, then the others sorted."""
     names = set(_PROTOCOL_SETS)
-    for d in protocol_dirs():
+    for d in protocol_set_dirs():
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.json"))
     return [n for n in SHIPPED_SETS if n in names] + sorted(names - set(SHIPPED_SETS))
@@ -206,7 +206,7 @@ def resolve(protocol: Union[str, ProtocolSet], overrides: Optional[Mapping[str, 
 def use_protocol(
     protocol: Union[str, ProtocolSet, None], overrides: Optional[Mapping[str, str]] = None
 ) -> Iterator[Optional[ProtocolSet]]:
-    """Trace the ops inside this block with ``protocol``'s kernels (None: vanilla JAX)."""
+    """Trace the ops inside this block with the kernels of protocol set ``protocol`` (None: vanilla JAX)."""
     pset = None if protocol is None else resolve(protocol, overrides)
     token = _ACTIVE.set(pset)
     try:

@@ -1,24 +1,28 @@
 """Our secure kernels: the `cipherdm` protocol set.
 
-Costs below are bytes sent per element per party under ABY3/FM64 in SPU 0.9.5, measured with the
-session's profiler: a comparison costs ~36 B, converting its bit to arithmetic ~11 B, a select ~21 B
-(its own conversion and product), the product of an arithmetic bit and a value 8 B (`_bit_times`: an
-integer product, no truncation), a secret product ~17 B, a public product ~9 B (its truncation).
+One step away: their coefficients (`coefficients`, written by scripts/fit_kernels.py), the float64 functions
+they approximate (`reference`), their measured bytes, send actions and errors (docs/results/kernels.md,
+`python scripts/benchmark_kernels.py`) and what SPU's building blocks cost under ABY3/FM64
+(docs/results/primitives.md, `python scripts/primitive_costs.py`). The designs rest on how those blocks
+rank: a comparison (an MSB extraction) costs most, then converting its bit to arithmetic, then a select (its
+own conversion and product); the product of an arithmetic bit and a value (`_bit_times`: an integer product,
+one reshare, no truncation) costs least, below a secret product (reshare and truncation) and a public
+product (a truncation).
 
 Activations use f(x) = step(x) + R(min(|x|, T)):
   one comparison gives sign(x); one bit product gives relu(x) and, for free, |x| = 2 relu(x) - x;
   a second comparison clamps |x| to T *before* any power is taken, so no intermediate can wrap the
   ring for any input; R is fitted by minimax over the whole real line including the clamped tail
   (scripts/fit_kernels.py).
-  SiLU and Mish (the UNets' activations, where bytes decide), error <= 1e-2. SiLU: R is a quartic
+  SiLU and Mish (the UNets' activations, where bytes decide), fitted error <= 9.5e-3. SiLU: R is a quartic
   with 2 truncations ("half-square": u = c * a rounded to 9 fraction bits, so (u + beta0) * u is an
   integer product, and the linear term rides in the last product's truncation). Mish: a times a quartic
   in Knuth's adapted form, its two quartics (x > 0, x <= 0) one, with coefficients picked by the sign
   bit (`_pick`: local, on the ring encodings).
-  GeLU and sigmoid (to beat SPU's Pade-based kernels, ~1.6e-5): R is a degree-13 polynomial (sigmoid:
+  GeLU and sigmoid (to beat SPU's Pade-based kernels on error): R is a degree-13 polynomial (sigmoid:
   two pieces, degrees 9 and 7, split by one more comparison in the same batch, one Horner chain with
-  picked coefficients) evaluated by Horner with a scaled accumulator, error ~1e-5 in MPC, most of it the
-  input's own encoding.
+  picked coefficients) evaluated by Horner with a scaled accumulator; the fit errs < 2e-6 in float64, so
+  what remains under MPC is mostly the input's own 2^-18 encoding.
 SoftMax subtracts the row max, takes exp by a clamped squaring scheme, and one reciprocal per row.
 rsqrt normalises its input by powers of 4 read off the bits of its encoding (one conversion to boolean
 shares and a prefix OR, instead of a comparison per power), then a cubic guess and one Newton step; its
@@ -80,7 +84,7 @@ def _encoding(v):
 
 
 def _indicator(pred):
-    """A comparison's result as an arithmetic 0/1 integer: SPU converts the bit once (B2A, ~11 B/elem)
+    """A comparison's result as an arithmetic 0/1 integer: SPU converts the bit once (B2A)
     and `_bit_times` then reuses it, where every `jnp.where` on the boolean would convert it again."""
     return jnp.where(pred, jnp.int32(1), jnp.int32(0))
 
@@ -88,8 +92,8 @@ def _indicator(pred):
 def _bit_times(bit, v):
     """bit * v for a 0/1 integer bit: the product of ``bit`` and v's bits reinterpreted as an integer.
 
-    Under SPU that is an integer product of ring elements (one reshare, 8 B/elem, no truncation, exact
-    for any |v|), cheaper than a select's product (measured: relu 54.7 against 57.3 B/elem); in plain
+    Under SPU that is an integer product of ring elements (one reshare, no truncation, exact for any |v|),
+    cheaper than a select's product (rows `relu` and `select_relu` of docs/results/primitives.md); in plain
     JAX it is exact too (v's own bits or +0.0), so the kernels still run, and can be checked, in float.
     """
     product = bit.astype(_int_type(v.dtype)) * _encoding(v)
@@ -161,7 +165,7 @@ def _relu_plus_a_quartic(x, name: str):
 
 def _rounded_integer(a, scale: int):
     """round(a * scale) as an integer array, with one truncation: under SPU the public product of a by
-    scale * 2**-f, whose ring element *is* a * scale (SPU's truncation errs by < 1 unit, measured)."""
+    scale * 2**-f, whose ring element *is* a * scale (SPU's probabilistic truncation errs by < 1 unit)."""
     fraction_bits = registry.fixed_point_bits()
     if fraction_bits is None:
         return jnp.round(a * scale).astype(_int_type(a.dtype))
@@ -289,10 +293,9 @@ def _octave_bits(x, bases, *, by_comparison: bool = False):
 
     Under SPU, from x's encoding E = x * 2**f: x >= 2**k iff E has a bit at or above k + f. One conversion
     of E to boolean shares (a shift), a prefix OR (six ORs of whole words: 6 ANDs) and local shifts give
-    every threshold's bit at once, where a batched comparison pays one MSB extraction (~36 B) per threshold
-    (rsqrt's 17, converted to arithmetic: 341 B against 793 B, measured) but takes ~5 fewer send actions:
-    ``by_comparison`` chooses that, for callers where rounds matter more than bytes. The bits stay boolean: `_scale` converts them
-    once. In plain JAX, the comparisons themselves.
+    every threshold's bit at once, where a batched comparison pays one MSB extraction per threshold (rsqrt's
+    17) but takes fewer send actions: ``by_comparison`` chooses that, for callers where rounds matter more
+    than bytes. The bits stay boolean: `_scale` converts them once. In plain JAX, the comparisons themselves.
     """
     fraction_bits = registry.fixed_point_bits()
     if by_comparison or fraction_bits is None:
@@ -333,14 +336,15 @@ def _rsqrt(x, by_comparison: bool):
 
 @register_kernel("rsqrt", NAME)
 def rsqrt(x):
-    """1/sqrt(x) for x > 0: normalise, guess, one Newton step. 472 B and ~36 send actions per element against
-    SPU's 516 B and ~50 (docs/results/kernels.md)."""
+    """1/sqrt(x) for x > 0: normalise (by the encoding's bits), guess, one Newton step. Fewer bytes and send
+    actions than SPU's rsqrt (docs/results/kernels.md)."""
     return _rsqrt(x, by_comparison=False)
 
 
 @register_kernel("rsqrt", f"{NAME}-low-round")
 def rsqrt_low_round(x):
-    """The same with its octave found by one batched comparison: 924 B but ~31 send actions. The norms call
+    """The same with its octave found by one batched comparison: about twice the bytes, fewer send actions
+    (docs/results/kernels.md, row `rsqrt=cipherdm-low-round`). The norms call
     rsqrt once per group, where its bytes are a rounding error of a step's and its rounds add to every
     norm's latency: choose it where the network's round trips dominate,
     ``SecureSession("cipherdm", overrides={"rsqrt": "cipherdm-low-round"})``."""

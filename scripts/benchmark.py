@@ -94,8 +94,7 @@ def run_steps(args) -> list:
         case = make()
         rows = {}
         for name in tqdm(list(args.sets) + ["linear-floor"], desc=case.name):
-            protocol = linear_floor() if name == "linear-floor" else name
-            with SecureSession(protocol) as session:
+            with SecureSession(linear_floor() if name == "linear-floor" else name) as session:
                 rows[name] = measure_step(session, case, repeat=args.repeat, breakdown=name != "linear-floor")
         ratios(rows)
         results.append({"case": case.name, "rows": rows})
@@ -158,7 +157,7 @@ def render(results: dict, command: str) -> str:
                          f"{r['estimated_seconds']['LAN']:.2f}", f"{r['estimated_seconds']['WAN']:.1f}",
                          f"{v.get('bytes', 0):.2f}x", f"{v.get('seconds', 0):.2f}x", f"{v.get('WAN', 0):.2f}x", err, extra])
         lines += [f"## {block['case']}", ""] + markdown_table(
-            ["protocol", "seconds", "MB sent (all parties)", "send actions", "est. LAN s", "est. WAN s", "bytes vs spu",
+            ["protocol set", "seconds", "MB sent (all parties)", "send actions", "est. LAN s", "est. WAN s", "bytes vs spu",
              "time vs spu", "WAN vs spu", "max abs err vs plaintext", "extra"], rows, align="lrrrrrrrrrl")
         kernel_rows = [(n, r["kernels"]) for n, r in block["rows"].items() if "kernels" in r]
         if kernel_rows:
@@ -166,7 +165,7 @@ def render(results: dict, command: str) -> str:
             lines += ["", "Per-kernel bytes (MB, all parties; each op's calls run alone at the model's shapes) and the rest "
                       "(linear layers, norms' arithmetic, sampler update):", ""]
             lines += markdown_table(
-                ["protocol", *ops, "rest"],
+                ["protocol set", *ops, "rest"],
                 [[name, *(f"{k[o]['bytes_sent'] / 1e6:.1f}" if o in k else "-" for o in ops),
                   f"{(block['rows'][name]['bytes_sent'] - sum(v['bytes_sent'] for v in k.values())) / 1e6:.1f}"]
                  for name, k in kernel_rows])
@@ -179,7 +178,7 @@ def render(results: dict, command: str) -> str:
                                                     for op in results["kernels"][sets[0]]])
         lines.append("")
     if results.get("step"):  # charts() draws the step rows only
-        lines += ["Charts: benchmark_bytes_time.png (bytes and seconds per protocol), benchmark_kernels.png (bytes by kernel)."]
+        lines += ["Charts: benchmark_bytes_time.png (bytes and seconds per protocol set), benchmark_kernels.png (bytes by kernel)."]
     return "\n".join(lines) + "\n"
 
 

@@ -45,10 +45,10 @@ PRIMITIVES = {
 }
 
 
-def measure(protocol: str, n: int) -> dict:
+def measure(protocol_set: str, n: int) -> dict:
     x = np.linspace(-20, 20, n).astype(np.float32)
     rows = {}
-    with SecureSession(protocol) as session:
+    with SecureSession(protocol_set) as session:
         for name, (what, fn) in PRIMITIVES.items():
             session.run(fn, x)
             s = session.last_stats

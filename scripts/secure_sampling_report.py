@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     ]
     base = reports.get(BASELINE)
     lines += markdown_table(
-        ["protocol", "seconds", "MB sent", "send actions", "PSNR vs plaintext (dB)", "SSIM", "classifier labels (secure)",
+        ["protocol set", "seconds", "MB sent", "send actions", "PSNR vs plaintext (dB)", "SSIM", "classifier labels (secure)",
          "classifier labels (plaintext)", f"bytes vs {BASELINE}"],
         [[name, f"{r['seconds']:.0f}", f"{r['bytes_sent'] / 1e6:.0f}", r["send_actions"], f"{r['psnr_vs_plaintext']:.1f}",
           f"{r['ssim_vs_plaintext']:.3f}", r["secure"]["classifier_labels"], r["plaintext"]["classifier_labels"],

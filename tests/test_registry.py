@@ -1,4 +1,6 @@
-"""The intrinsic registry: protocol sets, overrides, outside registration, plaintext behaviour."""
+"""The kernel registry: protocol sets, overrides, outside registration, plaintext behaviour."""
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -77,3 +79,20 @@ def test_active_protocol_changes_the_traced_kernel():
 def test_integer_input_is_refused():
     with pytest.raises(TypeError, match="floating-point"):
         ops.silu(jnp.arange(3))
+
+
+def test_shipped_sets_are_the_config_files_in_table_order():
+    shipped = {p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "protocols").glob("*.json")}
+    assert set(registry.SHIPPED_SETS) == shipped
+    assert registry.available_protocol_sets()[: len(shipped)] == list(registry.SHIPPED_SETS)
+
+
+@pytest.mark.parametrize("name", PROTOCOL_SETS)
+def test_softmax_takes_the_sets_exp(name):
+    """Every setting acts: overriding exp changes softmax (the paper's exp errs ~0.05 near 0, see cipherdm_paper)."""
+    logits = jnp.linspace(-3.0, 3.0, 8).reshape(2, 4)
+    with registry.use_protocol(name):
+        own = ops.softmax(logits)
+    with registry.use_protocol(name, overrides={"exp": "cipherdm-paper" if name != "cipherdm-paper" else "spu"}):
+        other = ops.softmax(logits)
+    assert np.abs(np.asarray(own) - np.asarray(other)).max() > 1e-3
