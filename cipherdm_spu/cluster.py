@@ -1,17 +1,22 @@
-"""spu-launch: start the parties of a three-party cluster from its config, or ask which are up.
+"""spu-launch: the cluster's command line: certificates, parties, status, and the owner's upload.
 
+    spu-launch --config configs/3pc.json certs        # a development PKI where the config expects it
     spu-launch --config configs/3pc.json              # every party whose host is this machine
     spu-launch --config configs/3pc.json --party P2   # one party (on its own host)
-    spu-launch --config configs/3pc.json status       # which parties are up
+    spu-launch --config configs/3pc.json status       # which parties are up (as client "user")
+    spu-launch --config configs/3pc.json upload --model checkpoints/mnist-ddpm-silu --model-id mnist-silu
+                                                      # the model owner shares its model (as "owner")
 
 Each party is its own OS process (see `cipherdm_spu.party`). Started together, the launcher supervises
 them: Ctrl-C or SIGTERM stops all of them cleanly; a party that fails to start stops the others; a
-party that dies later is reported and the others keep serving.
+party that dies later is reported and the others keep serving. Users sample with
+`scripts/run_ddim.py --cluster CONFIG --model-id ID` (or run_ddpm.py, run_sd.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import socket
 import subprocess
@@ -22,8 +27,13 @@ import time
 from pathlib import Path
 from typing import List
 
+from tqdm import tqdm
+
 from . import cluster_config
-from .cluster_config import ClusterConfig, ClusterConfigError
+from .client import PartyClients
+from .cluster_config import ClusterConfig
+from .errors import ClusterConfigError, ClusterError, ConfigError, InputError, PartyError, SchedulerConfigError
+from .plan import NAME, Policy
 
 DEFAULT_CONFIG = "configs/3pc.json"
 STARTUP_TIMEOUT_S = 60.0
@@ -48,12 +58,22 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="spu-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("command", nargs="?", choices=["start", "status"], default="start",
-                   help="start parties (default) or report which parties are up")
+    p.add_argument("command", nargs="?", choices=["start", "status", "certs", "upload"], default="start",
+                   help="start parties (default), report which are up, make development certificates, or "
+                        "upload a model as its owner")
     p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help=f"cluster config (default: {DEFAULT_CONFIG})")
-    p.add_argument("--party", help="start only this party (its id in the config)")
+    p.add_argument("--party", help="start: only this party (its id in the config)")
     p.add_argument("--log-dir", type=Path, default=None,
-                   help="where each party writes SPU's log (default: a temporary folder)")
+                   help="start: a private folder for the parties' SPU logs (default: a new temporary folder, 0700)")
+    p.add_argument("--as", dest="identity", default=None,
+                   help="status/upload: the client identity in tls.clients (default: user for status, owner for upload)")
+    p.add_argument("--clients", default="owner,user",
+                   help="certs: the client identities to make certificates for (default: owner,user)")
+    p.add_argument("--model", type=Path, help="upload: a local diffusers model directory (or a pipeline with unet/)")
+    p.add_argument("--model-id", help="upload: the id users will sample with")
+    p.add_argument("--policy", type=Path, default=None,
+                   help="upload: a JSON policy file {users, protocol_sets, max_batch, max_steps} (default: any user, "
+                        "any installed protocol set, batch <= 64)")
     return p.parse_args(argv)
 
 
@@ -62,38 +82,75 @@ def main(argv=None) -> int:
     try:
         cluster = cluster_config.load(args.config)
         if args.command == "status":
-            return status(cluster)
-        log_dir = args.log_dir or Path(tempfile.gettempdir()) / "cipherdm-spu-cluster"
-        log_dir.mkdir(parents=True, exist_ok=True)
+            return status(cluster, args.identity or "user")
+        if args.command == "certs":
+            from .pki import make_development_pki
+
+            written = make_development_pki(cluster, [c.strip() for c in args.clients.split(",") if c.strip()])
+            print(f"wrote {len(written)} files (keys 0600) under {written[0].parent}; the CAs' keys are not kept")
+            return 0
+        if args.command == "upload":
+            return upload(cluster, args)
         if args.party:
-            from .party import PartyError, serve
+            from .jobs import SamplingCatalog
+            from .party import serve
 
-            try:
-                return serve(cluster, args.party, log_dir)
-            except PartyError as e:
-                print(f"spu-launch: {e}", file=sys.stderr)
-                return 2
-        return supervise(args.config, cluster, log_dir)
-    except ClusterConfigError as e:
+            log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="cipherdm-spu-"))
+            return serve(cluster, args.party, SamplingCatalog(), log_dir)
+        return supervise(args.config, cluster, args.log_dir or Path(tempfile.mkdtemp(prefix="cipherdm-spu-")))
+    except (ClusterConfigError, PartyError, ClusterError, InputError, ConfigError, SchedulerConfigError) as e:
         print(f"spu-launch: {e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, (ClusterConfigError, PartyError, ValueError)) else 1
 
 
-def status(cluster: ClusterConfig) -> int:
+def status(cluster: ClusterConfig, identity: str) -> int:
     """Print one line per party; exit 0 when all three are up."""
-    from .driver import hello
-
     up = 0
-    for party, reply in zip(cluster.parties, hello(cluster, timeout=min(cluster.connect_timeout_s, 5.0))):
-        if "error" in reply:
-            print(f"{party.id}  DOWN  {reply['error']}")
+    with PartyClients(cluster, identity) as clients:
+        replies = clients.hello(timeout=min(cluster.connect_timeout_s, 5.0))
+    for party, reply in zip(cluster.parties, replies):
+        if isinstance(reply, str):
+            print(f"{party.id}  DOWN  {reply}")
             continue
         up += 1
-        state = "busy" if reply["busy"] else ("in session " + reply["session"] if reply["session"] else "idle")
-        agrees = "" if reply["config"] == cluster.fingerprint else "  (started with a DIFFERENT config)"
-        print(f"{party.id}  UP    {party.control_address}  {state}  cipherdm-spu {reply['package']}, spu {reply['spu']}{agrees}")
+        state = "busy" if reply.busy else "idle"
+        agrees = "" if reply.config == cluster.fingerprint else "  (started with a DIFFERENT config)"
+        print(f"{party.id}  UP    {party.control_address}  {state}  cipherdm-spu {reply.package}, spu {reply.spu}{agrees}")
     print(f"{up}/3 parties up")
     return 0 if up == len(cluster.parties) else 1
+
+
+def upload(cluster: ClusterConfig, args) -> int:
+    """The model owner's upload: share the model under --model-id, with --policy."""
+    from .jobs import load_owner_model, upload_model
+
+    if args.model is None or args.model_id is None:
+        raise ClusterConfigError("upload needs --model DIR and --model-id ID")
+    if not NAME.fullmatch(args.model_id):
+        raise ClusterConfigError(f"--model-id {args.model_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    policy = Policy()
+    if args.policy is not None:
+        try:
+            policy = Policy.from_dict(json.loads(args.policy.read_text()))
+        except (OSError, ValueError) as e:
+            raise ClusterConfigError(f"--policy {args.policy}: {e}") from None
+    if not args.model.is_dir():
+        raise ClusterConfigError(f"--model {args.model} is not a directory")
+    try:
+        model, params, scheduler = load_owner_model(args.model)
+    except (OSError, ValueError) as e:
+        raise ClusterConfigError(f"cannot load --model {args.model}: {e}") from None
+    with PartyClients(cluster, args.identity or "owner") as clients:
+        bar = tqdm(desc=f"uploading {args.model_id}", unit="tensor")
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        digest = upload_model(clients, args.model_id, model, params, scheduler, policy, progress)
+        bar.close()
+    print(f"model {args.model_id} shared with the three parties (manifest {digest[:16]})")
+    return 0
 
 
 def supervise(config_path: Path, cluster: ClusterConfig, log_dir: Path) -> int:

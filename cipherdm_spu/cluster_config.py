@@ -1,37 +1,58 @@
 """The three-party cluster description (configs/3pc.json), validated before anything starts.
 
 A party has an id, an address for SPU's brpc link (party to party) and an address for its control
-service (driver to party, gRPC). The runtime section fixes what every party must agree on: the MPC
-protocol, the ring and the fixed-point precision. TLS is optional and, when given, secures both
-channels with mutual TLS: one CA, a certificate per party, and one for the driver (the user's side).
+service (clients to party, gRPC). The runtime section fixes what every party must agree on: the MPC
+protocol, the ring and the fixed-point precision. TLS is required: two CAs keep the roles apart.
+``party_ca`` signs the parties' certificates (the SPU link trusts only it, so only parties join a
+link); ``client_ca`` signs the clients' (the control services trust only it, so a party can never act
+as a client of another). A client's role is the common name of its certificate: ``owner`` or
+``owner-NAME`` (the model owner), ``user`` or ``user-NAME`` (a user). Every host reads the same file
+and needs only its own certificate and key, plus the CAs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import json
+import math
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from . import spu_config
+from .errors import ClusterConfigError
 
 #: the protocols that run with exactly three parties
 THREE_PARTY_PROTOCOLS = ("ABY3", "SEMI2K")
+#: client roles, read from the common name of a client certificate ("owner", "user-alice", ...)
+ROLES = ("owner", "user")
+#: the longest timeout a config may set (one day): a bound, so that every wait ends
+MAX_TIMEOUT_S = 86400.0
 
 
-class ClusterConfigError(ValueError):
-    """The cluster config is missing something or has a bad value; the message names it."""
+def role_of(common_name: str) -> Optional[str]:
+    """The role a client certificate's common name grants ("owner", "user"), or None."""
+    for role in ROLES:
+        if common_name == role or (common_name.startswith(role + "-") and len(common_name) > len(role) + 1):
+            return role
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
-class TlsFiles:
-    """PEM files: the CA every party trusts, and this party's certificate and key."""
+class Credentials:
+    """One identity's PEM files: the CA it trusts for its peers, its certificate and its key."""
 
-    ca_cert: str
+    trusted_ca: str
     cert: str
     key: str
+
+    def check_files(self, who: str) -> None:
+        """Refuse, naming the file, where one of them is missing (checked on the host that uses them)."""
+        for what, value in dataclasses.asdict(self).items():
+            if not Path(value).is_file():
+                raise ClusterConfigError(f"{who}: TLS {what} file {value} does not exist (make them with `spu-launch certs`)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +61,10 @@ class PartyConfig:
     rank: int
     spu_address: str
     control_address: str
-    tls: Optional[TlsFiles] = None
+    #: the party's certificate; ``trusted_ca`` is the party CA (its SPU link peers)
+    tls: Credentials
+    #: the CA of the clients this party's control service accepts
+    client_ca: str
 
     @property
     def control_host(self) -> str:
@@ -50,13 +74,15 @@ class PartyConfig:
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     parties: Tuple[PartyConfig, ...]
-    #: the driver's (the user's) client certificate for the control channels, when the cluster uses TLS
-    driver_tls: Optional[TlsFiles] = None
+    #: client identities by name (e.g. "owner", "user"); ``trusted_ca`` is the party CA
+    clients: Dict[str, Credentials]
     protocol: str = "ABY3"
     field: str = "FM64"
     fraction_bits: int = 18
     connect_timeout_s: float = 20.0
     recv_timeout_s: float = 120.0
+    #: a session with no request from its user for this long is dropped with its shares
+    session_idle_s: float = 600.0
     source: str = "<dict>"
 
     def party(self, party_id: str) -> PartyConfig:
@@ -65,13 +91,20 @@ class ClusterConfig:
                 return p
         raise ClusterConfigError(f"{self.source}: no party {party_id!r} (parties: {', '.join(p.id for p in self.parties)})")
 
+    def client(self, name: str) -> Credentials:
+        """The credentials of client ``name`` (a key of tls.clients), refused clearly when absent."""
+        if name not in self.clients:
+            known = ", ".join(sorted(self.clients)) or "none"
+            raise ClusterConfigError(f"{self.source}: tls.clients has no identity {name!r} (it has: {known})")
+        return self.clients[name]
+
     @property
     def fingerprint(self) -> str:
-        """What every party and the driver must agree on: addresses, protocol, ring, precision, timeouts."""
+        """What every party and client must agree on: addresses, protocol, ring, precision, timeouts."""
         agreed = {
-            "parties": [[p.id, p.spu_address, p.control_address, p.tls is not None] for p in self.parties],
+            "parties": [[p.id, p.spu_address, p.control_address] for p in self.parties],
             "runtime": [self.protocol, self.field, self.fraction_bits],
-            "recv_timeout_s": self.recv_timeout_s,
+            "timeouts": [self.recv_timeout_s, self.session_idle_s],
         }
         return hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -99,6 +132,14 @@ def split_address(address, where: str) -> Tuple[str, int]:
     return host, number
 
 
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def load(path: os.PathLike) -> ClusterConfig:
     """Read and validate a cluster config file; relative TLS paths are taken from the file's folder."""
     path = Path(path)
@@ -106,6 +147,8 @@ def load(path: os.PathLike) -> ClusterConfig:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ClusterConfigError(f"cluster config {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClusterConfigError(f"cannot read cluster config {path}: {e}") from None
     except json.JSONDecodeError as e:
         raise ClusterConfigError(f"{path}: not valid JSON ({e})") from None
     return from_dict(raw, source=str(path), base=path.parent)
@@ -119,10 +162,15 @@ def from_dict(raw: dict, source: str = "<dict>", base: Optional[Path] = None) ->
     parties_raw = raw.get("parties")
     if not isinstance(parties_raw, list) or not parties_raw:
         raise ClusterConfigError(f"{source}: 'parties' must be a list of three parties")
-    tls_raw = raw.get("tls")
-    if tls_raw is not None and not isinstance(tls_raw, dict):
-        raise ClusterConfigError(f"{source}: 'tls' must be an object or null")
-    parties = [_party(p, rank, source, tls_raw, base) for rank, p in enumerate(parties_raw)]
+    tls = raw.get("tls")
+    if not isinstance(tls, dict):
+        raise ClusterConfigError(
+            f"{source}: 'tls' is required (an object with party_ca, client_ca, parties and clients): every control "
+            "call is authenticated by its certificate; make a development set with `spu-launch certs`"
+        )
+    _only(tls, {"party_ca", "client_ca", "parties", "clients"}, f"{source}: tls")
+    party_ca, client_ca = (_path(tls.get(k), f"{source}: tls.{k}", base) for k in ("party_ca", "client_ca"))
+    parties = [_party(p, rank, source, tls, party_ca, client_ca, base) for rank, p in enumerate(parties_raw)]
     if len(parties) != 3:
         raise ClusterConfigError(
             f"{source}: a three-party cluster needs exactly 3 parties, found {len(parties)}"
@@ -138,6 +186,16 @@ def from_dict(raw: dict, source: str = "<dict>", base: Optional[Path] = None) ->
                     f"{source}: duplicate address {address}: party {p.id} {kind} and {endpoints[key]}"
                 )
             endpoints[key] = f"{p.id} {kind}"
+    clients_raw = tls.get("clients", {})
+    if not isinstance(clients_raw, dict):
+        raise ClusterConfigError(f"{source}: tls.clients must be an object of name -> {{cert, key}}")
+    clients = {}
+    for name, files in clients_raw.items():
+        if role_of(name) is None:
+            raise ClusterConfigError(
+                f"{source}: tls.clients.{name}: a client is named for its role: owner, owner-NAME, user or user-NAME"
+            )
+        clients[name] = _credentials(files, party_ca, f"{source}: tls.clients.{name}", base)
     runtime = raw.get("runtime", {})
     if not isinstance(runtime, dict):
         raise ClusterConfigError(f"{source}: 'runtime' must be an object")
@@ -146,22 +204,22 @@ def from_dict(raw: dict, source: str = "<dict>", base: Optional[Path] = None) ->
     if protocol not in THREE_PARTY_PROTOCOLS:
         raise ClusterConfigError(f"{source}: runtime.protocol must be one of {THREE_PARTY_PROTOCOLS}, got {protocol!r}")
     field = runtime.get("field", "FM64")
-    if field not in spu_config.FIELDS:
-        raise ClusterConfigError(f"{source}: runtime.field must be one of {sorted(spu_config.FIELDS)}, got {field!r}")
     bits = runtime.get("fraction_bits", 18)
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 40:
-        raise ClusterConfigError(f"{source}: runtime.fraction_bits must be an integer in 1..40, got {bits!r}")
+    try:
+        spu_config.check_ring(field, bits)
+    except ValueError as e:
+        raise ClusterConfigError(f"{source}: runtime: {e}") from None
     timeouts = raw.get("timeouts", {})
     if not isinstance(timeouts, dict):
         raise ClusterConfigError(f"{source}: 'timeouts' must be an object")
-    _only(timeouts, {"connect_s", "recv_s"}, f"{source}: timeouts")
-    connect = _positive(timeouts.get("connect_s", 20.0), f"{source}: timeouts.connect_s")
-    recv = _positive(timeouts.get("recv_s", 120.0), f"{source}: timeouts.recv_s")
-    driver_tls = _tls_files(tls_raw, "driver", source, base) if tls_raw is not None and "driver" in tls_raw else None
-    return ClusterConfig(tuple(parties), driver_tls, protocol, field, bits, connect, recv, source)
+    _only(timeouts, {"connect_s", "recv_s", "session_idle_s"}, f"{source}: timeouts")
+    connect = _seconds(timeouts.get("connect_s", 20.0), f"{source}: timeouts.connect_s")
+    recv = _seconds(timeouts.get("recv_s", 120.0), f"{source}: timeouts.recv_s")
+    idle = _seconds(timeouts.get("session_idle_s", 600.0), f"{source}: timeouts.session_idle_s")
+    return ClusterConfig(tuple(parties), clients, protocol, field, bits, connect, recv, idle, source)
 
 
-def _party(raw, rank: int, source: str, tls_raw, base) -> PartyConfig:
+def _party(raw, rank: int, source: str, tls: dict, party_ca: str, client_ca: str, base) -> PartyConfig:
     where = f"{source}: parties[{rank}]"
     if not isinstance(raw, dict):
         raise ClusterConfigError(f"{where} must be an object")
@@ -172,36 +230,28 @@ def _party(raw, rank: int, source: str, tls_raw, base) -> PartyConfig:
     party_id = raw["id"]
     if not isinstance(party_id, str) or not party_id or not party_id.replace("-", "").replace("_", "").isalnum():
         raise ClusterConfigError(f"{where}: id must be a non-empty name of letters, digits, '-' or '_', got {party_id!r}")
+    if role_of(party_id) is not None:
+        raise ClusterConfigError(f"{where}: a party may not be named like a client role ({party_id!r})")
     split_address(raw["spu_address"], f"{where} ({party_id}) spu_address")
     split_address(raw["control_address"], f"{where} ({party_id}) control_address")
-    tls = _tls_files(tls_raw, party_id, source, base) if tls_raw is not None else None
-    return PartyConfig(party_id, rank, raw["spu_address"], raw["control_address"], tls)
+    parties_tls = tls.get("parties")
+    if not isinstance(parties_tls, dict) or party_id not in parties_tls:
+        raise ClusterConfigError(f"{source}: tls.parties needs {party_id} with 'cert' and 'key'")
+    creds = _credentials(parties_tls[party_id], party_ca, f"{source}: tls.parties.{party_id}", base)
+    return PartyConfig(party_id, rank, raw["spu_address"], raw["control_address"], creds, client_ca)
 
 
-def _tls_files(tls_raw: dict, who: str, source: str, base) -> TlsFiles:
-    """The CA and ``who``'s certificate and key ("driver" or a party id) from the tls section."""
-    _only(tls_raw, {"ca_cert", "parties", "driver"}, f"{source}: tls")
-    own = tls_raw.get("driver") if who == "driver" else (tls_raw.get("parties") or {}).get(who)
-    where = "driver" if who == "driver" else f"parties.{who}"
-    if not isinstance(own, dict) or "ca_cert" not in tls_raw:
-        raise ClusterConfigError(f"{source}: tls needs 'ca_cert' and {where} with 'cert' and 'key'")
-    _only(own, {"cert", "key"}, f"{source}: tls.{where}")
-    files = {"ca_cert": tls_raw["ca_cert"], "cert": own.get("cert"), "key": own.get("key")}
-    for key, value in files.items():
-        if not isinstance(value, str):
-            raise ClusterConfigError(f"{source}: tls {key} of {where} must be a file path")
-        resolved = Path(value) if base is None or Path(value).is_absolute() else Path(base) / value
-        files[key] = str(resolved)
-    return TlsFiles(**files)
+def _credentials(raw, trusted_ca: str, where: str, base) -> Credentials:
+    if not isinstance(raw, dict):
+        raise ClusterConfigError(f"{where} must be an object with 'cert' and 'key'")
+    _only(raw, {"cert", "key"}, where)
+    return Credentials(trusted_ca, _path(raw.get("cert"), f"{where}.cert", base), _path(raw.get("key"), f"{where}.key", base))
 
 
-def check_tls_files(party: PartyConfig) -> None:
-    """Refuse a party whose TLS files are missing (checked where the party runs, not by the driver)."""
-    if party.tls is None:
-        return
-    for key, value in dataclasses.asdict(party.tls).items():
-        if not Path(value).is_file():
-            raise ClusterConfigError(f"party {party.id}: TLS {key} file {value} does not exist")
+def _path(value, where: str, base) -> str:
+    if not isinstance(value, str) or not value:
+        raise ClusterConfigError(f"{where} must be a file path, got {value!r}")
+    return str(Path(value) if base is None or Path(value).is_absolute() else Path(base) / value)
 
 
 def _canonical_host_port(address: str, where: str) -> Tuple[str, int]:
@@ -224,7 +274,8 @@ def _unique(values: List[str], what: str, source: str) -> None:
         seen.add(v)
 
 
-def _positive(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ClusterConfigError(f"{where} must be a positive number of seconds, got {value!r}")
+def _seconds(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= MAX_TIMEOUT_S:
+        raise ClusterConfigError(f"{where} must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {value!r}")
     return float(value)

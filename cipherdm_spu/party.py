@@ -1,21 +1,30 @@
-"""One party of the cluster: an SPU runtime on SPU's brpc link, driven over a gRPC control service.
+"""One party of the cluster: its own trust domain, serving authenticated clients over mutual TLS.
 
-The party holds only its own shares. A driver opens a session (every party starts a worker process
-with a fresh brpc link and runtime for it, so a run that failed half-way leaves nothing behind),
-sends this party its shares of the inputs, runs compiled executables, and fetches this party's shares
-of the outputs. The party
-never sees another party's share: the driver sends each share to its owner only, and `audit` lets a
-test check exactly what arrived.
+A party holds only its own shares and runs only programs it built itself:
+- the model owner (a client whose certificate names it ``owner``/``owner-*``) uploads this party's
+  shares of a model's tensors under a model id, with a public manifest (model and scheduler config,
+  the owner's policy). Nobody can read them back; only their owner can delete them.
+- a user (``user``/``user-*``) opens a sampling session on a model: the party builds the step program
+  from the manifest and the user's public job description (`plan.JobCatalog`), compiles it, audits
+  the compiled IR (no secret may become public), checks the job against the owner's policy, then
+  starts a worker process with a fresh SPU link (peers authenticated by the party CA) and runtime,
+  configured from this party's own cluster config and the protocol set's approximation options.
+  The user shares its inputs into named slots, runs the steps in order, and alone receives this
+  party's share of the final result.
+- nothing else: no method returns a weight, an input or an intermediate share, and none takes code.
 
-Sessions open in two phases, ``drop`` on all parties then ``open`` on all parties, so no party can
-connect its new link to another's old one.
+One session at a time; no session can be taken over by another client, and one whose user goes
+silent for ``timeouts.session_idle_s`` is dropped with its shares. Long jobs (compiling, a step)
+run in the background: a call waits at most `messages.POLL_S` and the client calls again, so every
+call has a deadline and a party that stops answering is named at once.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
+import dataclasses
 import hashlib
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -24,21 +33,60 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import grpc
+import numpy as np
 import spu
 import spu.libspu as libspu
 
-from . import __version__, control
-from .cluster_config import ClusterConfig, PartyConfig, check_tls_files, split_address
+from . import ir_audit, messages, spu_config
+from ._version import __version__
+from .cluster_config import ClusterConfig, PartyConfig, split_address
+from .errors import PartyError
+from .messages import METHODS, POLL_S
+from .pki import peer_identity
+from .plan import NAME, JobCatalog, Policy, StepProgram, names_of
 from .profiling import SpuLog, parse_party_run
 
 log = logging.getLogger("cipherdm_spu.party")
 
+#: models one party keeps at once (each holds its shares in memory)
+MAX_MODELS = 8
 
-class PartyError(RuntimeError):
-    """A request the party refuses (wrong session, busy, mismatched config), sent back to the driver."""
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """An authenticated client: the common name of its certificate and the role it grants."""
+
+    name: str
+    role: str
+
+
+@dataclasses.dataclass
+class _Model:
+    owner: str
+    manifest: str
+    digest: str
+    policy: Policy
+    expected: Dict[str, tuple]
+    shares: Dict[str, tuple] = dataclasses.field(default_factory=dict)  # name -> (meta, chunks)
+    sealed: bool = False
+
+
+@dataclasses.dataclass
+class _Session:
+    id: str
+    user: str
+    model_id: str
+    last_seen: float
+    job: Optional[cf.Future] = None  # the open or step job in flight
+    job_index: int = -1  # what the job in flight is: -1 the opening, i step i
+    program: Optional[StepProgram] = None
+    worker: Optional["_Worker"] = None
+    slots: set = dataclasses.field(default_factory=set)
+    reports: list = dataclasses.field(default_factory=list)
+    open_report: dict = dataclasses.field(default_factory=dict)
 
 
 def check_port_free(address: str, what: str) -> None:
@@ -54,132 +102,347 @@ def check_port_free(address: str, what: str) -> None:
 
 
 class PartyService:
-    """The state of one party: at most one session, whose SPU runtime lives in a worker process.
+    """The state of one party: the models it holds shares of, and at most one session."""
 
-    SPU's brpc link ends the whole process when it cannot deliver to a dead peer, so the runtime of
-    a session runs in a child process: a lost peer ends the session, never the party.
-    """
+    def __init__(self, cluster: ClusterConfig, party: PartyConfig, catalog: JobCatalog, log_path: Path):
+        self.cluster, self.party, self.catalog, self.log_path = cluster, party, catalog, log_path
+        self.models: Dict[str, _Model] = {}
+        self.session: Optional[_Session] = None
+        self.lock = threading.RLock()
+        self.jobs = cf.ThreadPoolExecutor(1, thread_name_prefix=f"party-{party.id}-job")
+        # programs are compiled in a process of their own: SPU's compiler holds the GIL for seconds, which
+        # would stall this process's control service (and its deadlines) meanwhile
+        self.compiler = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+        self._io = spu.Io(3, cluster.runtime_config())
+        self._stop = threading.Event()
+        threading.Thread(target=self._drop_idle_sessions, daemon=True, name=f"party-{party.id}-idle").start()
 
-    def __init__(self, cluster: ClusterConfig, party: PartyConfig, log_path: Path):
-        self.cluster = cluster
-        self.party = party
-        self.log_path = log_path
-        self.session_id: Optional[str] = None
-        self.worker: Optional[_Worker] = None
-        self.busy = threading.Lock()  # held while the worker runs a job, or a session opens
-        self.received = []  # (session, name, sha256 of the share) of every share this party was sent
+    # -- every client ---------------------------------------------------------------------------
 
-    # -- methods of the control service (each takes and returns a dict) ------------------------
+    def hello(self, caller: Caller, msg: messages.Empty) -> messages.HelloReply:
+        return messages.HelloReply(
+            party=self.party.id, rank=self.party.rank, package=__version__, spu=spu.__version__,
+            config=self.cluster.fingerprint, client=caller.name, role=caller.role, busy=self.session is not None,
+        )
 
-    def hello(self, msg: dict) -> dict:
-        return {
-            "party": self.party.id, "rank": self.party.rank, "package": __version__, "spu": spu.__version__,
-            "config": self.cluster.fingerprint, "session": self.session_id, "busy": self.busy.locked(),
-        }
+    # -- the model owner ------------------------------------------------------------------------
 
-    def drop(self, msg: dict) -> dict:
-        """Phase one of opening a session: end the old one (refused while its run is still going)."""
-        with self._exclusive():
-            self._drop_session()
-        return {}
+    def model_begin(self, caller: Caller, msg: messages.ModelBegin) -> messages.Empty:
+        _check_name(msg.model_id, "model id")
+        with self.lock:
+            if msg.model_id in self.models:
+                raise PartyError(f"model {msg.model_id!r} exists; its owner must delete it before uploading again")
+            if len(self.models) >= MAX_MODELS:
+                raise PartyError(f"party {self.party.id} holds {MAX_MODELS} models already; delete one first")
+            try:
+                manifest = json.loads(msg.manifest)
+                policy = Policy.from_dict(manifest.get("policy") if isinstance(manifest, dict) else None)
+                expected = dict(self.catalog.model_tensors(msg.manifest))
+            except ValueError as e:
+                raise PartyError(f"model {msg.model_id!r}: bad manifest: {e}") from None
+            digest = hashlib.sha256(msg.manifest.encode()).hexdigest()
+            self.models[msg.model_id] = _Model(caller.name, msg.manifest, digest, policy, expected)
+        log.info("party %s: %s began uploading model %s", self.party.id, caller.name, msg.model_id)
+        return messages.Empty()
 
-    def open(self, msg: dict) -> dict:
-        """Phase two: a worker with a fresh brpc link and runtime for session ``msg['session']``."""
-        config = libspu.RuntimeConfig()
-        config.ParseFromString(msg["runtime_config"])
-        self._check_agreed(config)
-        config.enable_pphlo_profile = True  # this party's own cost report (a process of its own)
-        config.enable_hal_profile = False
-        with self._exclusive():
-            self._drop_session()
-            worker = _Worker(self.cluster, self.party, self.log_path, msg["session"], config.SerializeToString())
-            worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
-            self.worker, self.session_id = worker, msg["session"]
-        log.info("party %s: session %s open", self.party.id, self.session_id)
-        return {}
+    def model_put(self, caller: Caller, msg: messages.ModelPut) -> messages.Empty:
+        if not len(msg.names) == len(msg.metas) == len(msg.chunks):
+            raise PartyError("model_put: names, metas and chunks differ in length")
+        with self.lock:
+            model = self._owned_model(caller, msg.model_id)
+            if model.sealed:
+                raise PartyError(f"model {msg.model_id!r} is sealed; delete it to upload again")
+            for name, meta, chunks in zip(msg.names, msg.metas, msg.chunks):
+                if name not in model.expected:
+                    raise PartyError(f"model {msg.model_id!r} has no tensor {name!r}")
+                if name in model.shares:
+                    raise PartyError(f"model {msg.model_id!r}: tensor {name!r} was already uploaded")
+                self._check_share(meta, model.expected[name], f"tensor {name!r}")
+                model.shares[name] = (meta, list(chunks))
+                log.info("party %s: received %s sha256=%s", self.party.id, name, _digest(meta, chunks))
+        return messages.Empty()
 
-    def set_var(self, msg: dict) -> dict:
-        self._check_session(msg)
-        digest = hashlib.sha256(msg["meta"] + b"".join(msg["chunks"])).hexdigest()
-        self.received.append((msg["session"], msg["name"], digest))
-        self._call("set_var", (msg["name"], msg["meta"], list(msg["chunks"])))
-        return {}
+    def model_seal(self, caller: Caller, msg: messages.ModelRef) -> messages.ModelInfo:
+        with self.lock:
+            model = self._owned_model(caller, msg.model_id)
+            missing = sorted(set(model.expected) - set(model.shares))
+            if missing:
+                raise PartyError(f"model {msg.model_id!r} misses {len(missing)} tensor(s): {names_of(missing)}")
+            model.sealed = True
+        log.info("party %s: model %s sealed", self.party.id, msg.model_id)
+        return self._info(msg.model_id, model)
 
-    def get_var(self, msg: dict) -> dict:
-        self._check_session(msg)
-        meta, chunks = self._call("get_var", msg["name"])
-        return {"meta": meta, "chunks": chunks}
+    def model_delete(self, caller: Caller, msg: messages.ModelRef) -> messages.Empty:
+        with self.lock:
+            self._owned_model(caller, msg.model_id)
+            if self.session is not None and self.session.model_id == msg.model_id:
+                raise PartyError(f"model {msg.model_id!r} is in use by a session; try again when it ends")
+            del self.models[msg.model_id]
+        log.info("party %s: model %s deleted", self.party.id, msg.model_id)
+        return messages.Empty()
 
-    def del_var(self, msg: dict) -> dict:
-        self._check_session(msg)
-        self._call("del_var", list(msg["names"]))
-        return {}
+    def model_info(self, caller: Caller, msg: messages.ModelRef) -> messages.ModelInfo:
+        with self.lock:
+            model = self.models.get(msg.model_id)
+            visible = model is not None and (
+                model.owner == caller.name
+                or (caller.role == messages.USER and model.sealed
+                    and (model.policy.users is None or caller.name in model.policy.users)))
+            if not visible:
+                raise PartyError(f"party {self.party.id} has no model {msg.model_id!r} for {caller.name}")
+            return self._info(msg.model_id, model)
 
-    def run(self, msg: dict) -> dict:
-        self._check_session(msg)
-        with self._exclusive():
-            return self._call("run", (msg["name"], msg["code"], list(msg["inputs"]), list(msg["outputs"])))
+    # -- a user ---------------------------------------------------------------------------------
 
-    def close(self, msg: dict) -> dict:
-        if msg.get("session") == self.session_id:
-            with self._exclusive():
-                self._drop_session()
-        return {}
+    def session_open(self, caller: Caller, msg: messages.SessionOpen) -> messages.Progress:
+        _check_name(msg.session_id, "session id")
+        with self.lock:
+            session = self.session
+            if session is not None:
+                if session.id != msg.session_id or session.user != caller.name or session.model_id != msg.model_id:
+                    raise PartyError(f"party {self.party.id} is busy with another session; try again later")
+            else:
+                model = self.models.get(msg.model_id)
+                if model is None or not model.sealed:
+                    raise PartyError(f"party {self.party.id} has no model {msg.model_id!r}")
+                if model.policy.users is not None and caller.name not in model.policy.users:
+                    raise PartyError(f"the model owner's policy does not list user {caller.name!r}")
+                session = self.session = _Session(msg.session_id, caller.name, msg.model_id, time.monotonic())
+                session.job = self.jobs.submit(self._open, session, model, msg.job)
+                log.info("party %s: session %s opening for %s on model %s", self.party.id, session.id,
+                         caller.name, msg.model_id)
+            session.last_seen = time.monotonic()
+            if session.program is not None:  # already open
+                return messages.Progress("done", json.dumps(session.open_report))
+        return self._progress(session, lambda: session.open_report)
 
-    def audit(self, msg: dict) -> dict:
-        return {"received": [list(r) for r in self.received]}
+    def session_put(self, caller: Caller, msg: messages.SessionPut) -> messages.Empty:
+        with self.lock:
+            session = self._user_session(caller, msg.session_id, ready=True)
+            spec = session.program.slots.get(msg.slot)
+            if spec is None:
+                raise PartyError(f"this session's job has no input slot {msg.slot!r} "
+                                 f"(slots: {names_of(sorted(session.program.slots))})")
+            if msg.slot in session.slots:
+                raise PartyError(f"input slot {msg.slot!r} was already given")
+            self._check_share(msg.meta, spec, f"input slot {msg.slot!r}")
+            session.worker.call("set_vars", [(_slot(msg.slot), msg.meta, list(msg.chunks))])
+            session.slots.add(msg.slot)
+        log.info("party %s: received %s sha256=%s", self.party.id, msg.slot, _digest(msg.meta, msg.chunks))
+        return messages.Empty()
+
+    def session_step(self, caller: Caller, msg: messages.SessionStep) -> messages.Progress:
+        with self.lock:
+            session = self._user_session(caller, msg.session_id, ready=True)
+            if session.job is not None and session.job_index != msg.index:
+                self._settle(session, wait=False)
+            program = session.program
+            done = len(session.reports)
+            if 0 <= msg.index < done:
+                return messages.Progress("done", json.dumps(session.reports[msg.index]))
+            if msg.index != done or msg.index >= len(program.steps):
+                raise PartyError(f"step {msg.index} cannot run now: {done} of {len(program.steps)} steps are done")
+            if session.job is None:
+                missing = sorted(set(program.slots) - session.slots)
+                if missing:
+                    raise PartyError(f"the job's input slots {names_of(missing)} were not given")
+                session.job_index = msg.index
+                session.job = self.jobs.submit(self._step, session, msg.index)
+        return self._progress(session, lambda: session.reports[msg.index])
+
+    def session_result(self, caller: Caller, msg: messages.SessionRef) -> messages.Share:
+        with self.lock:
+            session = self._user_session(caller, msg.session_id, ready=True)
+            if session.job is not None:
+                self._settle(session, wait=False)
+            if len(session.reports) != len(session.program.steps):
+                raise PartyError(f"the result is released only after the last step "
+                                 f"({len(session.reports)} of {len(session.program.steps)} done)")
+            meta, chunks = session.worker.call("get_var", session.program.result)
+        log.info("party %s: released its share of session %s's result to %s", self.party.id, session.id, caller.name)
+        return messages.Share(meta, chunks)
+
+    def session_close(self, caller: Caller, msg: messages.SessionRef) -> messages.Empty:
+        with self.lock:
+            session = self.session
+            if session is not None and session.id == msg.session_id and session.user == caller.name:
+                self._drop_session("closed by its user")
+        return messages.Empty()
 
     def shutdown(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
+        self._stop.set()
+        with self.lock:
+            self._drop_session("the party is shutting down")
+        self.jobs.shutdown(wait=False, cancel_futures=True)
+        self.compiler.shutdown(wait=False, cancel_futures=True)
 
-    # -- helpers -------------------------------------------------------------------------------
+    # -- jobs (run in the background; their errors end the session) -------------------------------
 
-    def _call(self, op: str, payload):
-        """One job for the worker; if it fails the session is over (the link is out of step)."""
+    def _open(self, session: _Session, model: _Model, job: str) -> None:
+        started = time.perf_counter()
         try:
-            return self.worker.call(op, payload)
-        except PartyError:
-            self._drop_session()
+            program = self.compiler.submit(self.catalog.program, model.manifest, job, self.cluster.fraction_bits).result()
+        except ValueError as e:
+            raise PartyError(f"party {self.party.id} refuses the job: {e}") from None
+        refusal = model.policy.refusal(session.user, program)
+        if refusal:
+            raise PartyError(f"party {self.party.id} refuses the job: {refusal}")
+        try:
+            ir_audit.audit(program.code.decode("utf-8"))
+        except ValueError as e:
+            raise PartyError(f"party {self.party.id} refuses to run the compiled step: {e}") from None
+        compiled_s = time.perf_counter() - started
+        config = self.cluster.runtime_config(program.runtime_options)
+        config.enable_pphlo_profile, config.enable_hal_profile = True, False  # this party's own cost report
+        worker = _Worker(self.cluster, self.party, self.log_path, session.id, config.SerializeToString())
+        try:
+            worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
+            worker.call("set_vars", [(_tensor(n), *model.shares[n]) for n in program.resident])
+        except Exception:
+            worker.stop()
             raise
+        with self.lock:
+            if self.session is not session:  # dropped meanwhile
+                worker.stop()
+                raise PartyError("the session ended while it opened")
+            session.program, session.worker = program, worker
+            session.open_report = {
+                "executable_sha256": hashlib.sha256(program.code).hexdigest(), "compile_seconds": round(compiled_s, 3),
+                "slots": {k: [list(s), d] for k, (s, d) in program.slots.items()}, "steps": len(program.steps),
+                "protocol_set": program.protocol_set, **program.description,
+            }
+        log.info("party %s: session %s open (%s)", self.party.id, session.id, session.open_report["executable_sha256"][:16])
 
-    @contextlib.contextmanager
-    def _exclusive(self):
-        if not self.busy.acquire(blocking=False):
-            raise PartyError(
-                f"party {self.party.id} is still running a job (a run whose peer was lost ends within "
-                f"the receive timeout, {self.cluster.recv_timeout_s:g} s); try again then"
-            )
+    def _step(self, session: _Session, index: int) -> None:
+        program, worker = session.program, session.worker
+        step = program.steps[index]
+        model = self.models[session.model_id]
+        values = [(_tensor(n), *model.shares[n]) for n in step.model_tensors]
+        for name, value in step.public.items():
+            share = self._io.make_shares(np.asarray(value), libspu.Visibility.VIS_PUBLIC)[self.party.rank]
+            values.append((name, share.meta, list(share.share_chunks)))
+        worker.call("set_vars", values)
+        inputs = [_runtime_name(n) for n in step.inputs]
+        report = worker.call("run", (program.name, program.code, inputs, [step.output]))
+        worker.call("del_vars", [name for name, _, _ in values] + [_runtime_name(n) for n in step.frees])
+        with self.lock:
+            session.reports.append(report)
+
+    def _progress(self, session: _Session, report: Callable[[], dict]) -> messages.Progress:
+        """Wait up to POLL_S for the session's job; then "done" with its report, or "running"."""
+        if not self._settle(session, wait=True):
+            return messages.Progress("running", "{}")
+        return messages.Progress("done", json.dumps(report()))
+
+    def _settle(self, session: _Session, wait: bool) -> bool:
+        """Whether the session's job has ended (waiting up to POLL_S); a failed job ends the session."""
+        job = session.job
+        if job is None:
+            return True
         try:
-            yield
-        finally:
-            self.busy.release()
+            job.result(timeout=POLL_S if wait else 0)
+        except cf.TimeoutError:
+            if not wait:
+                raise PartyError(f"the session's {'opening' if session.job_index < 0 else f'step {session.job_index}'}"
+                                 " is still running") from None
+            return False
+        except Exception as e:  # noqa: BLE001 - the job failed: the session is over
+            with self.lock:
+                if self.session is session:
+                    self._drop_session(f"its job failed: {e}")
+            if isinstance(e, PartyError):
+                raise
+            raise PartyError(f"party {self.party.id}: {_first_lines(e)}") from None
+        with self.lock:
+            if session.job is job:
+                session.job = None
+        return True
 
-    def _check_session(self, msg: dict) -> None:
-        if self.worker is None or msg.get("session") != self.session_id:
-            raise PartyError(
-                f"party {self.party.id} has no session {msg.get('session')!r}"
-                f" (its session: {self.session_id!r}; a failed run or a newer driver ends a session)"
-            )
+    # -- helpers --------------------------------------------------------------------------------
 
-    def _check_agreed(self, config) -> None:
-        mine = self.cluster.runtime_config()
-        for key in ("protocol", "field", "fxp_fraction_bits"):
-            if getattr(config, key) != getattr(mine, key):
-                raise PartyError(
-                    f"party {self.party.id}: the driver asks for {key}={getattr(config, key)}, "
-                    f"this party's cluster config says {getattr(mine, key)}"
-                )
+    def _owned_model(self, caller: Caller, model_id: str) -> _Model:
+        model = self.models.get(model_id)
+        if model is None or model.owner != caller.name:
+            raise PartyError(f"party {self.party.id} has no model {model_id!r} owned by {caller.name}")
+        return model
 
-    def _drop_session(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
-        self.worker = None
-        self.session_id = None
+    def _user_session(self, caller: Caller, session_id: str, ready: bool) -> _Session:
+        session = self.session
+        if session is None or session.id != session_id or session.user != caller.name:
+            raise PartyError(f"party {self.party.id} has no session {session_id!r} of {caller.name} "
+                             "(a failed job, a close or a long silence ends a session)")
+        session.last_seen = time.monotonic()
+        if ready and session.program is None:
+            raise PartyError(f"session {session_id!r} is still opening")
+        return session
+
+    def _check_share(self, meta: bytes, spec: tuple, what: str) -> None:
+        shape, dtype = spec
+        value = libspu.ValueMeta()
+        try:
+            value.ParseFromString(meta)
+        except Exception:  # noqa: BLE001 - anything unparsable is refused
+            raise PartyError(f"{what}: not an SPU share") from None
+        got_shape = tuple(value.shape.dims)
+        field = self.cluster.field
+        if value.visibility != libspu.Visibility.VIS_SECRET or field not in value.storage_type:
+            raise PartyError(f"{what}: must be a secret share on {field} (got {value.visibility}, {value.storage_type})")
+        if got_shape != tuple(shape) or str(value.data_type) != f"DataType.DT_{_SPU_DTYPES[dtype]}":
+            raise PartyError(f"{what}: expected {dtype}{list(shape)}, got {value.data_type} {list(got_shape)}")
+
+    def _info(self, model_id: str, model: _Model) -> messages.ModelInfo:
+        return messages.ModelInfo(model_id, model.manifest, model.sealed, model.digest)
+
+    def _drop_session(self, why: str) -> None:
+        session, self.session = self.session, None
+        if session is None:
+            return
+        if session.worker is not None:
+            session.worker.stop()
+        log.info("party %s: session %s dropped: %s", self.party.id, session.id, why)
+
+    def _drop_idle_sessions(self) -> None:
+        while not self._stop.wait(1.0):
+            with self.lock:
+                session = self.session
+                if session is None or (session.job is not None and not session.job.done()):
+                    continue
+                if time.monotonic() - session.last_seen > self.cluster.session_idle_s:
+                    self._drop_session(f"no request from {session.user} for {self.cluster.session_idle_s:g} s")
+
+
+_SPU_DTYPES = {"float32": "F32", "float64": "F64", "int32": "I32", "int64": "I64", "bool": "I1"}
+
+
+def _check_name(name: str, what: str) -> None:
+    if not NAME.fullmatch(name):
+        raise PartyError(f"{what} {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+
+
+def _tensor(name: str) -> str:
+    return f"model/{name}"
+
+
+def _slot(name: str) -> str:
+    return f"slot/{name}"
+
+
+def _runtime_name(name: str) -> str:
+    """A program's value name as held in the runtime (model tensors and slots are namespaced)."""
+    kind, _, rest = name.partition(":")
+    return {"model": _tensor, "slot": _slot}.get(kind, lambda n: name)(rest)
+
+
+def _digest(meta: bytes, chunks) -> str:
+    return hashlib.sha256(meta + b"".join(chunks)).hexdigest()
 
 
 class _Worker:
-    """A child process holding one session's SPU link and runtime, driven over a pipe."""
+    """A child process holding one session's SPU link and runtime, driven over a pipe.
+
+    SPU's brpc link ends the whole process when it cannot deliver to a lost peer, so the runtime of a
+    session lives in a child: a lost peer ends the session, never the party.
+    """
 
     def __init__(self, cluster, party, log_path, session_id: str, runtime_config: bytes):
         self.party = party
@@ -222,7 +485,7 @@ class _Worker:
 
 
 def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str, session_id: str, runtime_config: bytes):
-    """The worker process: build the link and runtime, then serve jobs until the pipe closes."""
+    """The worker process: build the link and runtime, then serve the party's jobs until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the party process decides when this one ends
     _die_with_parent()
     spu_log = SpuLog.get(log_path)
@@ -236,10 +499,9 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
         desc.connect_retry_times = max(1, int(cluster.connect_timeout_s / 0.2))
         for p in cluster.parties:
             desc.add_party(p.id, p.spu_address)
-        if party.tls is not None:
-            _enable_link_tls(desc, party)
+        _enable_link_tls(desc, party)
         runtime = spu.Runtime(libspu.link.create_brpc(desc, party.rank), config)
-    except Exception as e:  # noqa: BLE001 - reported to the driver through the party
+    except Exception as e:  # noqa: BLE001 - reported to the client through the party
         conn.send(("error", f"cannot open the SPU link: {_first_lines(e)}"))
         return
     conn.send(("ok", None))
@@ -249,16 +511,16 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
         except EOFError:
             return
         try:
-            if op == "set_var":
-                name, meta, chunks = payload
-                share = libspu.Share()
-                share.meta, share.share_chunks = meta, chunks
-                runtime.set_var(name, share)
+            if op == "set_vars":
+                for name, meta, chunks in payload:
+                    share = libspu.Share()
+                    share.meta, share.share_chunks = meta, chunks
+                    runtime.set_var(name, share)
                 result = None
             elif op == "get_var":
                 share = runtime.get_var(payload)
                 result = (share.meta, list(share.share_chunks))
-            elif op == "del_var":
+            elif op == "del_vars":
                 for name in payload:
                     runtime.del_var(name)
                 result = None
@@ -272,7 +534,7 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
                 result["seconds"] = seconds
             else:
                 raise ValueError(f"unknown job {op!r}")
-        except Exception as e:  # noqa: BLE001 - reported to the driver through the party
+        except Exception as e:  # noqa: BLE001 - reported to the client through the party
             reply = ("error", f"{op} failed: {_first_lines(e)}")
         else:
             reply = ("ok", result)
@@ -308,44 +570,72 @@ def _first_lines(error: BaseException) -> str:
 
 
 def _enable_link_tls(desc, party: PartyConfig) -> None:
+    """The SPU link over mutual TLS: peers must hold a certificate of the party CA (clients' do not)."""
     desc.enable_ssl = True
     for opts in (desc.server_ssl_opts, desc.client_ssl_opts):
         opts.cert.certificate_path = party.tls.cert
         opts.cert.private_key_path = party.tls.key
         opts.verify.verify_depth = 1
-        opts.verify.ca_file_path = party.tls.ca_cert
+        opts.verify.ca_file_path = party.tls.trusted_ca
 
 
 def _handler(service: PartyService):
-    def wrap(method):
+    """gRPC handlers: decode the typed request, authenticate the caller, authorise by role, answer."""
+
+    def wrap(method: messages.Method):
+        implementation = getattr(service, method.name)
+
         def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+            name, role = peer_identity(context.auth_context())
+            if role is None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                              f"party {service.party.id}: a client certificate of the client CA is required, "
+                              f"named owner[-NAME] or user[-NAME] (got {name!r})")
+            if role not in method.roles:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"party {service.party.id}: {method.name} is not allowed to the {role} role ({name})")
             try:
-                return control.encode(method(control.decode(request)))
+                reply = implementation(Caller(name, role), method.request.decode(request))
+                return reply.encode()
+            except messages.MessageError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"party {service.party.id}: {e}")
             except PartyError as e:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-            except Exception as e:  # noqa: BLE001 - any other error goes back to the driver, the party named
+            except Exception as e:  # noqa: BLE001 - any other error goes back to the client, the party named
+                log.exception("party %s: %s failed", service.party.id, method.name)
                 context.abort(grpc.StatusCode.INTERNAL, f"party {service.party.id}: {_first_lines(e)}")
 
         return grpc.unary_unary_rpc_method_handler(call)
 
-    return grpc.method_handlers_generic_handler(
-        control.SERVICE, {name: wrap(getattr(service, name)) for name in control.METHODS}
+    return grpc.method_handlers_generic_handler(messages.SERVICE, {m.name: wrap(m) for m in METHODS.values()})
+
+
+def server_credentials(party: PartyConfig) -> grpc.ServerCredentials:
+    """Mutual TLS for the control service: this party's certificate; clients must hold the client CA's."""
+    read = lambda p: Path(p).read_bytes()  # noqa: E731
+    return grpc.ssl_server_credentials(
+        [(read(party.tls.key), read(party.tls.cert))], root_certificates=read(party.client_ca),
+        require_client_auth=True,
     )
 
 
-def serve(cluster: ClusterConfig, party_id: str, log_dir: Path) -> int:
+def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: Path) -> int:
     """Run one party until SIGINT/SIGTERM; returns the process exit code."""
     party = cluster.party(party_id)
-    check_tls_files(party)
+    handler = logging.FileHandler(private_log_file(log_dir, f"party-{party.id}.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    party.tls.check_files(f"party {party.id}")
+    if not Path(party.client_ca).is_file():
+        raise PartyError(f"party {party.id}: the client CA file {party.client_ca} does not exist")
     check_port_free(party.spu_address, f"party {party.id}: SPU link address")
     check_port_free(party.control_address, f"party {party.id}: control address")
-    service = PartyService(cluster, party, Path(log_dir) / f"spu-{party.id}.log")
-    server = grpc.server(cf.ThreadPoolExecutor(max_workers=8), options=control.CHANNEL_OPTIONS)
+    service = PartyService(cluster, party, catalog, private_log_file(log_dir, f"spu-{party.id}.log"))
+    server = grpc.server(cf.ThreadPoolExecutor(max_workers=8), options=messages.CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers((_handler(service),))
-    creds = control.server_credentials(party)
     try:
-        bound = (server.add_secure_port(party.control_address, creds) if creds
-                 else server.add_insecure_port(party.control_address))
+        bound = server.add_secure_port(party.control_address, server_credentials(party))
     except RuntimeError as e:
         raise PartyError(f"party {party.id}: cannot listen on {party.control_address}: {e}") from None
     if not bound:
@@ -361,3 +651,17 @@ def serve(cluster: ClusterConfig, party_id: str, log_dir: Path) -> int:
     service.shutdown()  # first, so that a run blocked inside SPU ends and its gRPC call returns
     server.stop(grace=2).wait()
     return 0
+
+
+def private_log_file(log_dir: Path, name: str) -> Path:
+    """``log_dir/name``, created 0600 in a folder of this user's that no one else can write into."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = os.lstat(log_dir)
+    if not os.path.isdir(log_dir) or os.path.islink(log_dir) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise PartyError(f"log folder {log_dir} must be a folder of this user that others cannot write into")
+    path = log_dir / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    os.close(fd)
+    return path

@@ -1,6 +1,7 @@
-"""SecureSession: three SPU parties, in this process (SPU's in-memory link) or a `spu-launch` cluster.
+"""SecureSession: three SPU parties in this process, over SPU's in-memory link.
 
-It compiles a JAX function to an SPU executable once per (function, input shapes and visibilities),
+The one-process form of the three parties, for development, tests and benchmarks: this process plays
+every role, so it is no deployment (a `spu-launch` cluster is; see `cipherdm_spu.party`). It compiles a JAX function to an SPU executable once per (function, input shapes and visibilities),
 secret-shares inputs with SPU's Io, keeps values resident in the parties by name between runs, and
 reveals outputs only when asked. Every run leaves a cost report in ``session.last_stats``.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import itertools
-import os
 import threading
 import time
 import uuid
@@ -23,19 +23,12 @@ import spu.libspu as libspu
 from spu.utils import frontend as spu_fe
 
 from . import registry, spu_config
+from .errors import InputError, SessionError
 from .profiling import PARTY_PROFILE_FLAGS, RunStats, SpuLog, parse_run
 
 WORLD_SIZE = 3
 # SPU's logger is process-wide, so runs that parse it must not overlap.
 _RUN_LOCK = threading.Lock()
-
-
-class SessionError(RuntimeError):
-    """A secure run failed inside SPU, or the session was used after close()."""
-
-
-class InputError(ValueError):
-    """An input was refused before anything was shared."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +150,45 @@ class LocalParties:
         return results
 
 
-class SecureSession:
-    """Three SPU parties (ABY3, FM64, 18 fraction bits by default): in this process, or a cluster.
+def compile_function(fn: Callable, in_tree, specs, protocol_set: registry.ProtocolSet,
+                     fraction_bits: int) -> CompiledFunction:
+    """Compile ``fn`` to an SPU executable for flat inputs ``specs`` ((shape, dtype, visibility) each,
+    arranged by ``in_tree``), with ``protocol_set``'s kernels and compiler options. Deterministic: the
+    same function and inputs give the same bytes in any process (the parties of a cluster rely on it)."""
 
-    With ``cluster=`` (a config path or `ClusterConfig`) the parties are the cluster's processes
-    (`spu-launch`), and the config's protocol, ring and precision apply.
+    def flat_fn(*flat):
+        with registry.use_protocol(protocol_set):
+            return fn(*jax.tree_util.tree_unflatten(in_tree, flat))
+
+    flat_fn.__name__ = getattr(fn, "__name__", type(fn).__name__)
+    abstract = [jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for shape, dtype, _ in specs]
+    try:
+        with registry.fixed_point(fraction_bits):
+            executable, out_info = spu_fe.compile(
+                spu_fe.Kind.JAX,
+                flat_fn,
+                abstract,
+                {},
+                [f"in{i}" for i in range(len(specs))],
+                [_VIS[vis] for _, _, vis in specs],
+                lambda outs: [f"out{i}" for i in range(len(outs))],
+                copts=spu_config.compiler_options(protocol_set.compiler),
+            )
+    except (TypeError, ValueError) as e:
+        shapes = ", ".join(f"{dtype}{list(shape)}" for shape, dtype, _ in specs)
+        raise InputError(f"{flat_fn.__name__} cannot be traced on inputs ({shapes}): {e}") from e
+    out_flat, out_tree = jax.tree_util.tree_flatten(out_info)
+    return CompiledFunction(
+        name=flat_fn.__name__,
+        code=executable.code,
+        in_specs=specs,
+        out_tree=out_tree,
+        out_avals=[jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out_flat],
+    )
+
+
+class SecureSession:
+    """Three SPU parties (ABY3, FM64, 18 fraction bits by default) in this process.
 
     >>> session = SecureSession(protocol="cipherdm")
     >>> y = session.run(lambda x: ops.silu(x) * 2.0, np.ones(4, np.float32))
@@ -178,21 +205,12 @@ class SecureSession:
         fraction_bits: int = 18,
         log_file: Optional[str] = None,
         recv_timeout_s: float = 600.0,
-        cluster: Union[None, str, os.PathLike, "ClusterConfig"] = None,
     ):
         self.protocol = registry.resolve(protocol, overrides)
         registry.validate(self.protocol)
-        if cluster is not None:  # the cluster config fixes protocol, ring and precision for every party
-            from . import cluster_config as cc
-
-            cluster_config = cluster if isinstance(cluster, cc.ClusterConfig) else cc.load(cluster)
-            spu_protocol, field, fraction_bits = (
-                cluster_config.protocol, cluster_config.field, cluster_config.fraction_bits
-            )
         self.config = spu_config.runtime_config(
             self.protocol.runtime, protocol=spu_protocol, field=field, fraction_bits=fraction_bits
         )
-        self.compiler_options = spu_config.compiler_options(self.protocol.compiler)
         self.id = uuid.uuid4().hex[:12]
         self.last_stats: Optional[RunStats] = None
         self.total_stats = RunStats.zero()
@@ -200,12 +218,7 @@ class SecureSession:
         self._cache: Dict[tuple, CompiledFunction] = {}
         self._names = itertools.count()
         self._resident: Dict[str, Secret] = {}
-        if cluster is None:
-            self._parties = LocalParties(self.config, self.id, recv_timeout_s, log_file)
-        else:
-            from .driver import ClusterParties
-
-            self._parties = ClusterParties(cluster_config, self.config, self.id)
+        self._parties = LocalParties(self.config, self.id, recv_timeout_s, log_file)
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -343,37 +356,7 @@ class SecureSession:
             cached, key = None, None
         if cached is not None:
             return cached
-        pset = self.protocol
-
-        def flat_fn(*flat):
-            with registry.use_protocol(pset):
-                return fn(*jax.tree_util.tree_unflatten(in_tree, flat))
-
-        flat_fn.__name__ = getattr(fn, "__name__", type(fn).__name__)
-        abstract = [jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for shape, dtype, _ in specs]
-        try:
-            with registry.fixed_point(self.config.fxp_fraction_bits):
-                executable, out_info = spu_fe.compile(
-                    spu_fe.Kind.JAX,
-                    flat_fn,
-                    abstract,
-                    {},
-                    [f"in{i}" for i in range(len(specs))],
-                    [_VIS[vis] for _, _, vis in specs],
-                    lambda outs: [f"out{i}" for i in range(len(outs))],
-                    copts=self.compiler_options,
-                )
-        except (TypeError, ValueError) as e:
-            shapes = ", ".join(f"{dtype}{list(shape)}" for shape, dtype, _ in specs)
-            raise InputError(f"{flat_fn.__name__} cannot be traced on inputs ({shapes}): {e}") from e
-        out_flat, out_tree = jax.tree_util.tree_flatten(out_info)
-        compiled = CompiledFunction(
-            name=flat_fn.__name__,
-            code=executable.code,
-            in_specs=specs,
-            out_tree=out_tree,
-            out_avals=[jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out_flat],
-        )
+        compiled = compile_function(fn, in_tree, specs, self.protocol, self.config.fxp_fraction_bits)
         if key is not None:
             self._cache[key] = compiled
         return compiled

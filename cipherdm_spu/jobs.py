@@ -1,0 +1,393 @@
+"""Secure sampling on a cluster: what the model owner uploads, what the parties build, what a user runs.
+
+- The owner (`upload_model`) loads its checkpoint in plaintext, refuses NaN/inf naming the tensor,
+  computes everything that depends only on its weights and the public timesteps (the time terms of
+  every training timestep), and uploads the shares of the weights and time terms under a model id,
+  with a public manifest: the model and scheduler configs and the owner's policy.
+- Each party (`SamplingCatalog`) derives from the manifest which tensors the model consists of, and
+  from a user's public job (sampler, steps, eta, batch, protocol set, guidance) the step program: the
+  same `make_denoise_step` the embedded session runs, compiled by the party itself, one executable for
+  every step, with the public step coefficients made by the party.
+- The user (`sample_on_cluster`) shares its inputs (x_T, the one-hot labels or the text embeddings,
+  each step's noise) into the job's slots, runs the steps, and alone receives the result's shares.
+
+Program value names (see `plan.Step`): ``model:NAME`` is a model tensor, ``slot:NAME`` a user's input,
+anything else a value the program makes (``x/i`` the latent after step i, ``public/...`` public inputs).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+import spu
+import spu.libspu as libspu
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from . import registry
+from .client import PartyClients, require_role
+from .errors import ClusterError, ConfigError, InputError, ProtocolError, SchedulerConfigError
+from .messages import ModelBegin, ModelPut, ModelRef, SessionOpen, SessionPut, SessionRef, SessionStep
+from .models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
+from .plan import Policy, Step, StepProgram
+from .profiling import RunStats, combine_party_runs
+from .sampling import StepReport, make_denoise_step, needs_noise, secure_params
+from .session import compile_function
+
+MANIFEST_FORMAT = "cipherdm-spu/model-1"
+MODEL_KINDS = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+#: tensors per upload call (each call is one message to each party)
+UPLOAD_BATCH = 256
+JOB_FIELDS = {"sampler", "steps", "eta", "batch", "protocol_set", "overrides", "guidance_scale", "tokens"}
+
+
+# -- the manifest and the tensors of a model ----------------------------------------------------
+
+
+def _model(manifest: Mapping):
+    kind = manifest.get("kind")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+    try:
+        return MODEL_KINDS[kind].from_config(manifest.get("config") or {})
+    except (ConfigError, TypeError) as e:
+        raise ValueError(f"model config: {e}") from None
+
+
+def _schedule(manifest: Mapping) -> ScheduleConfig:
+    try:
+        return ScheduleConfig.from_dict(manifest.get("scheduler") or {})
+    except (SchedulerConfigError, TypeError) as e:
+        raise ValueError(f"scheduler config: {e}") from None
+
+
+def parse_manifest(text: str) -> dict:
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"a manifest is an object with format {MANIFEST_FORMAT!r}")
+    unknown = set(manifest) - {"format", "kind", "config", "scheduler", "policy"}
+    if unknown:
+        raise ValueError(f"unknown manifest fields {sorted(unknown)}")
+    Policy.from_dict(manifest.get("policy"))
+    return manifest
+
+
+def weight_names(tree) -> Dict[str, object]:
+    """Model tensors of the weights the secure step uses, by name (``w/...``)."""
+    return {"w/" + "/".join(path): leaf for path, leaf in flatten_dict(secure_params(tree)).items()}
+
+
+def time_term_names(tree, timestep: int) -> Dict[str, object]:
+    """Model tensors of one timestep's time terms, by name (``t/TIMESTEP/...``)."""
+    return {f"t/{timestep}/" + "/".join(map(str, path)): leaf for path, leaf in _flat_terms(tree).items()}
+
+
+def _flat_terms(tree) -> dict:
+    paths, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {tuple(_key(k) for k in path): leaf for path, leaf in paths}
+
+
+def _key(k) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes(manifest_text: str):
+    """(model, schedule, weight shapes, time-term shapes of one timestep), without allocating weights."""
+    manifest = parse_manifest(manifest_text)
+    model, schedule = _model(manifest), _schedule(manifest)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *model.example_inputs()))
+    terms = jax.eval_shape(lambda p: model.apply(p, 0, method=model.time_terms), params)
+    return model, schedule, params, terms
+
+
+class SamplingCatalog:
+    """The party's `plan.JobCatalog` for diffusion sampling with this project's UNet ports."""
+
+    def model_tensors(self, manifest: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+        _, schedule, params, terms = _shapes(manifest)
+        specs = {name: (tuple(s.shape), str(s.dtype)) for name, s in weight_names(params).items()}
+        for t in range(schedule.num_train_timesteps):
+            specs.update({name: (tuple(s.shape), str(s.dtype)) for name, s in time_term_names(terms, t).items()})
+        return specs
+
+    def program(self, manifest: str, job: str, fraction_bits: int) -> StepProgram:
+        return _program(manifest, job, fraction_bits)
+
+
+@functools.lru_cache(maxsize=4)
+def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
+    """The step program of ``job`` (cached: compiling a UNet step takes SPU's compiler many seconds)."""
+    model, schedule, params, terms = _shapes(manifest)
+    spec = parse_job(job, model, schedule)
+    sampler = make_sampler(spec, schedule)
+    pset = registry.resolve(spec["protocol_set"], spec["overrides"])
+    batch, text = spec["batch"], isinstance(model, UNet2DConditionModel)
+    guidance = spec["guidance_scale"] if text else 1.0
+    slots = {"x": ((batch, *sample_shape(model)), "float32")}
+    if text:
+        context = (batch, spec["tokens"], model.config.cross_attention_dim)
+        slots.update({f"condition/{k}": (context, "float32") for k in range(2 if guidance > 1.0 else 1)})
+    elif model.config.num_class_embeds:
+        slots["condition/0"] = ((batch, model.config.num_class_embeds), "float32")
+    noisy = needs_noise(sampler)
+    if noisy:
+        slots.update({f"noise/{i}": ((batch, *sample_shape(model)), "float32") for i in range(sampler.num_steps)})
+    condition_slots = sorted(k for k in slots if k.startswith("condition/"))
+
+    # The step's arguments, as the names of the values bound to them (flattened in the same order)
+    weights = {name: _Named("model:" + name) for name in weight_names(params)}
+    weight_tree = _unflatten_like(secure_params(params), weights)
+
+    def arguments(i: int, t: int):
+        x = _Named("slot:x" if i == 0 else f"x/{i}")
+        if condition_slots:
+            condition = tuple(_Named("slot:" + k) for k in condition_slots)
+            condition = condition if text else condition[0]
+        else:
+            condition = None
+        term_tree = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(terms), [_Named("model:" + n) for n in time_term_names(terms, t)])
+        noise = _Named(f"slot:noise/{i}") if noisy else None
+        return (weight_tree, x, condition, term_tree, _Named("public/coefficients"), noise)
+
+    t0 = int(sampler.timesteps[0])
+    leaves, in_tree = jax.tree_util.tree_flatten(arguments(0, t0), is_leaf=_is_named)
+    known = {"model:" + n: (tuple(v.shape), str(v.dtype))
+             for n, v in {**weight_names(params), **time_term_names(terms, t0)}.items()}
+    known.update({"slot:" + n: spec for n, spec in slots.items()})
+    known["public/coefficients"] = ((len(schedulers.COEFFICIENTS),), "float32")
+    specs = tuple((*known[leaf.name], "public" if leaf.name.startswith("public/") else "secret") for leaf in leaves)
+    step_fn = make_denoise_step(model, sampler.clip_range, guidance)
+    try:
+        compiled = compile_function(step_fn, in_tree, specs, pset, fraction_bits)
+    except InputError as e:
+        raise ValueError(str(e)) from None
+    coefficients = sampler.coefficient_table()
+    steps = []
+    for i, t in enumerate(sampler.timesteps):
+        names, _ = jax.tree_util.tree_flatten(arguments(i, int(t)), is_leaf=_is_named)
+        frees = ("slot:x" if i == 0 else f"x/{i}",) + ((f"slot:noise/{i}",) if noisy else ())
+        steps.append(Step(
+            inputs=tuple(n.name for n in names),
+            model_tensors=tuple(time_term_names(terms, int(t))),
+            public={"public/coefficients": coefficients[i]},
+            output=f"x/{i + 1}", frees=frees,
+        ))
+    return StepProgram(
+        code=compiled.code, name=compiled.name, protocol_set=spec["protocol_set"],
+        runtime_options=dict(pset.runtime), batch=batch, slots=slots, resident=tuple(weights),
+        steps=tuple(steps), result=f"x/{sampler.num_steps}",
+        description={"sampler": spec["sampler"], "timesteps": [int(t) for t in sampler.timesteps],
+                     "kernels": pset.name},
+    )
+
+
+class _Named:
+    """A placeholder leaf: the name of the value bound to an argument."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _is_named(x) -> bool:
+    return isinstance(x, _Named)
+
+
+def _unflatten_like(tree, named: Dict[str, _Named]):
+    return unflatten_dict({path: named["w/" + "/".join(path)] for path in flatten_dict(tree)})
+
+
+def sample_shape(model) -> Tuple[int, int, int]:
+    size = model.config.sample_size
+    if size is None:
+        raise ValueError("the model config has no sample_size")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return model.config.in_channels, h, w
+
+
+def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
+    """The user's job description, validated (ValueError naming the field)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the job is not JSON: {e}") from None
+    if not isinstance(raw, dict) or set(raw) - JOB_FIELDS:
+        raise ValueError(f"a job is an object with fields {sorted(JOB_FIELDS)}")
+    job = {"sampler": raw.get("sampler", "ddim"), "steps": raw.get("steps"), "eta": raw.get("eta", 0.0),
+           "batch": raw.get("batch"), "protocol_set": raw.get("protocol_set", "cipherdm"),
+           "overrides": raw.get("overrides") or {}, "guidance_scale": raw.get("guidance_scale", 1.0),
+           "tokens": raw.get("tokens", 77)}
+    if job["sampler"] not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler must be ddim or ddpm, got {job['sampler']!r}")
+    for key, low, high in (("steps", 1, schedule.num_train_timesteps), ("batch", 1, 1024), ("tokens", 1, 1024)):
+        value = job[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{key} must be an integer in {low}..{high}, got {value!r}")
+    for key, low in (("eta", 0.0), ("guidance_scale", 0.0)):
+        value = job[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+            raise ValueError(f"{key} must be a finite number >= {low:g}, got {value!r}")
+    if not isinstance(job["overrides"], dict) or not all(isinstance(v, str) for v in job["overrides"].values()):
+        raise ValueError("overrides must map ops to kernel names")
+    try:
+        registry.validate(registry.resolve(job["protocol_set"], job["overrides"]))
+    except ProtocolError as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(model, UNet2DConditionModel) and job["guidance_scale"] != 1.0:
+        raise ValueError("guidance_scale is for text-conditional models only")
+    return job
+
+
+def make_sampler(job: dict, schedule: ScheduleConfig):
+    if job["sampler"] == "ddim":
+        return DDIMSampler(schedule, job["steps"], eta=float(job["eta"]))
+    if job["eta"]:
+        raise ValueError("eta is a DDIM option")
+    return DDPMSampler(schedule, job["steps"])
+
+
+# -- the model owner ----------------------------------------------------------------------------
+
+
+def build_manifest(model, schedule_config: Mapping, policy: Policy) -> str:
+    return json.dumps({
+        "format": MANIFEST_FORMAT, "kind": type(model).__name__, "config": model.config.to_dict(),
+        "scheduler": dict(schedule_config), "policy": policy.to_dict(),
+    }, sort_keys=True)
+
+
+def owner_tensors(model, params, num_train_timesteps: int) -> Dict[str, np.ndarray]:
+    """Every tensor the owner uploads: the secure weights and the time terms of every training timestep."""
+    tensors = {name: np.asarray(v, np.float32) for name, v in weight_names(params).items()}
+    time_terms = jax.jit(jax.vmap(lambda t: model.apply(params, t, method=model.time_terms)))
+    all_terms = time_terms(np.arange(num_train_timesteps))
+    for t in range(num_train_timesteps):
+        one = jax.tree_util.tree_map(lambda a: np.asarray(a[t], np.float32), all_terms)
+        tensors.update(time_term_names(one, t))
+    for name, value in tensors.items():
+        if not np.all(np.isfinite(value)):
+            raise InputError(f"model tensor {name} contains NaN or infinity; refusing to share it")
+    return tensors
+
+
+def upload_model(clients: PartyClients, model_id: str, model, params, schedule_config: Mapping, policy: Policy,
+                 progress: Optional[Callable[[int, int], None]] = None) -> str:
+    """Share the model under ``model_id`` (party i receives share i only); returns the manifest digest."""
+    require_role(clients, "owner")
+    for name, leaf in flatten_dict(params).items():  # refuse before anything is shared
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise InputError(f"weight {'/'.join(name)} contains NaN or infinity; refusing to share it")
+    schedule = ScheduleConfig.from_dict(dict(schedule_config))
+    manifest = build_manifest(model, schedule_config, policy)
+    tensors = owner_tensors(model, params, schedule.num_train_timesteps)
+    clients.check_ready()
+    io = spu.Io(3, clients.cluster.runtime_config())
+    clients.call_all("model_begin", ModelBegin(model_id, manifest))
+    names = sorted(tensors)
+    for start in range(0, len(names), UPLOAD_BATCH):
+        batch = names[start:start + UPLOAD_BATCH]
+        shares = [io.make_shares(tensors[n], libspu.Visibility.VIS_SECRET) for n in batch]
+        clients.call_all("model_put", lambda rank: ModelPut(
+            model_id, batch, [s[rank].meta for s in shares], [list(s[rank].share_chunks) for s in shares]))
+        if progress is not None:
+            progress(min(start + UPLOAD_BATCH, len(names)), len(names))
+    infos = clients.call_all("model_seal", ModelRef(model_id))
+    digests = {info.digest for info in infos}
+    if len(digests) != 1:
+        raise ClusterError(f"the parties sealed different manifests for {model_id!r}")
+    return digests.pop()
+
+
+# -- a user -------------------------------------------------------------------------------------
+
+
+def model_manifest(clients: PartyClients, model_id: str) -> dict:
+    """The model's public manifest, checked to be the same on the three parties."""
+    infos = clients.call_all("model_info", ModelRef(model_id))
+    if len({info.digest for info in infos}) != 1:
+        raise ClusterError(f"the parties hold different models under {model_id!r}")
+    return parse_manifest(infos[0].manifest)
+
+
+def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.ndarray, condition=None,
+                      step_noise: Optional[np.ndarray] = None,
+                      on_step: Optional[Callable[[StepReport], None]] = None) -> tuple[np.ndarray, RunStats, List[StepReport]]:
+    """Run a sampling job as the user; returns (the result, revealed to this user only, cost, per-step cost).
+
+    ``condition``: the one-hot labels, or the tuple of text contexts (`sampling.text_condition`).
+    """
+    require_role(clients, "user")
+    clients.check_ready()
+    session_id = uuid.uuid4().hex[:16]
+    open_request = SessionOpen(session_id, model_id, json.dumps(job, sort_keys=True))
+    try:
+        opened = clients.until_done("session_open", open_request, "opening the session")
+        if len({o["executable_sha256"] for o in opened}) != 1:
+            raise ClusterError("the parties compiled different executables for the same job; refusing to run")
+        slots = opened[0]["slots"]
+        values = {"x": x_t}
+        if condition is not None:
+            parts = condition if isinstance(condition, tuple) else (condition,)
+            values.update({f"condition/{k}": v for k, v in enumerate(parts)})
+        if step_noise is not None:
+            values.update({f"noise/{i}": v for i, v in enumerate(step_noise)})
+        if set(values) != set(slots):
+            raise InputError(f"the job takes inputs {sorted(slots)}, given {sorted(values)}")
+        io = spu.Io(3, clients.cluster.runtime_config())
+        for slot, value in values.items():
+            shape, dtype = slots[slot]
+            array = np.ascontiguousarray(np.asarray(value, dtype=dtype))
+            if array.shape != tuple(shape):
+                raise InputError(f"input {slot}: expected shape {tuple(shape)}, got {array.shape}")
+            if not np.all(np.isfinite(array)):
+                raise InputError(f"input {slot} contains NaN or infinity; refusing to share it")
+            shares = io.make_shares(array, libspu.Visibility.VIS_SECRET)
+            clients.put_shares("session_put", shares, lambda rank, s, slot=slot: SessionPut(
+                session_id, slot, s.meta, list(s.share_chunks)))
+        total, reports = RunStats.zero(), []
+        timesteps = opened[0]["timesteps"]
+        for i in range(opened[0]["steps"]):
+            party_runs = clients.until_done("session_step", SessionStep(session_id, i), f"step {i}")
+            stats = combine_party_runs(party_runs, max(r["seconds"] for r in party_runs))
+            total = total + stats
+            report = StepReport(int(timesteps[i]), stats.seconds, stats.bytes_sent, stats.send_actions)
+            reports.append(report)
+            if on_step is not None:
+                on_step(report)
+        shares = clients.call_all("session_result", SessionRef(session_id))
+        result = []
+        for share in shares:
+            s = libspu.Share()
+            s.meta, s.share_chunks = share.meta, list(share.chunks)
+            result.append(s)
+        image = np.asarray(io.reconstruct(result)).reshape(x_t.shape)
+    finally:
+        try:
+            clients.call_all("session_close", SessionRef(session_id))
+        except ClusterError:
+            pass  # a party that is gone has nothing to close; the others drop the session when idle
+    return image, total, reports
+
+
+def load_owner_model(model_dir: Path):
+    """(model, params, scheduler config dict) from a local diffusers directory (or a pipeline's unet/)."""
+    unet_dir = model_dir / "unet" if (model_dir / "unet").is_dir() else model_dir
+    scheduler = (model_dir / "scheduler" / "scheduler_config.json" if (model_dir / "unet").is_dir()
+                 else model_dir / "scheduler_config.json")
+    config = json.loads((unet_dir / "config.json").read_text())
+    cls = UNet2DConditionModel if config.get("cross_attention_dim") else UNet2DModel
+    model, params = cls.from_pretrained(unet_dir)
+    return model, params, json.loads(scheduler.read_text())

@@ -1,0 +1,198 @@
+"""The control channel's wire format: one typed message per request and reply, and who may call what.
+
+Every method of a party's control service takes one message and returns one, msgpack-encoded (bytes
+stay bytes). Each message is a frozen dataclass; `decode` refuses a message with a missing, extra or
+wrongly typed field, so a party never acts on a malformed request. `METHODS` lists every method with
+its request and reply types and the client roles allowed to call it: the model owner uploads and
+deletes its models; a user opens a sampling session on a model, shares its inputs, runs the steps
+and alone receives its session's result shares. No method returns a weight share or an intermediate
+value, and none takes code: the parties compile what they run (see `cipherdm_spu.party`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Dict, List
+
+import msgpack
+
+SERVICE = "cipherdm_spu.Party"
+#: no size limit on messages: a weight share can exceed gRPC's 4 MB default
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+#: the longest a party holds a call open while a job it started runs; the client then calls again
+POLL_S = 5.0
+
+
+class MessageError(ValueError):
+    """A message that does not match its declared type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """Base of every request and reply: typed fields, msgpack on the wire."""
+
+    def encode(self) -> bytes:
+        return msgpack.packb(dataclasses.asdict(self), use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes):
+        try:
+            raw = msgpack.unpackb(data, raw=False)
+        except Exception as e:  # noqa: BLE001 - msgpack raises several types for garbage
+            raise MessageError(f"{cls.__name__}: not a msgpack message ({type(e).__name__})") from None
+        if not isinstance(raw, dict):
+            raise MessageError(f"{cls.__name__}: expected a map")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        if set(raw) != set(names):
+            raise MessageError(f"{cls.__name__}: fields {sorted(raw)}, expected {sorted(names)}")
+        for name in names:
+            if not _matches(raw[name], hints[name]):
+                raise MessageError(f"{cls.__name__}.{name}: expected {hints[name]}, got {type(raw[name]).__name__}")
+        return cls(**raw)
+
+
+def _matches(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (list, List):
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Empty(Message):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class HelloReply(Message):
+    party: str
+    rank: int
+    package: str
+    spu: str
+    #: the cluster config's fingerprint: what parties and clients must agree on
+    config: str
+    #: the caller as this party authenticated it
+    client: str
+    role: str
+    busy: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBegin(Message):
+    """Start an upload: the public manifest (model config, scheduler, policy, tensor list) as JSON."""
+
+    model_id: str
+    manifest: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPut(Message):
+    """This party's shares of some of the model's tensors (names from the manifest's tensor list)."""
+
+    model_id: str
+    names: List[str]
+    metas: List[bytes]
+    chunks: List[List[bytes]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef(Message):
+    model_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo(Message):
+    model_id: str
+    manifest: str
+    sealed: bool
+    #: sha256 of the manifest: the three parties must hold the same model
+    digest: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionOpen(Message):
+    """Open a sampling session: the job (sampler, steps, batch, protocol set...) as JSON."""
+
+    session_id: str
+    model_id: str
+    job: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionPut(Message):
+    """This party's share of one of the job's input slots ("x", "condition/0", "noise/3", ...)."""
+
+    session_id: str
+    slot: str
+    meta: bytes
+    chunks: List[bytes]
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionStep(Message):
+    session_id: str
+    index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionRef(Message):
+    session_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress(Message):
+    """A long job's state: "running" (call again) or "done", with its report as JSON."""
+
+    state: str
+    report: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Share(Message):
+    meta: bytes
+    chunks: List[bytes]
+
+
+# -- methods -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    request: type
+    reply: type
+    roles: frozenset
+    #: whether a call may take long (a transfer or a poll): its deadline grows accordingly
+    long: bool = False
+
+    @property
+    def path(self) -> str:
+        return f"/{SERVICE}/{self.name}"
+
+
+OWNER, USER = "owner", "user"
+
+METHODS: Dict[str, Method] = {m.name: m for m in (
+    Method("hello", Empty, HelloReply, frozenset({OWNER, USER})),
+    Method("model_begin", ModelBegin, Empty, frozenset({OWNER})),
+    Method("model_put", ModelPut, Empty, frozenset({OWNER}), long=True),
+    Method("model_seal", ModelRef, ModelInfo, frozenset({OWNER})),
+    Method("model_delete", ModelRef, Empty, frozenset({OWNER})),
+    Method("model_info", ModelRef, ModelInfo, frozenset({OWNER, USER})),
+    Method("session_open", SessionOpen, Progress, frozenset({USER}), long=True),
+    Method("session_put", SessionPut, Empty, frozenset({USER}), long=True),
+    Method("session_step", SessionStep, Progress, frozenset({USER}), long=True),
+    Method("session_result", SessionRef, Share, frozenset({USER}), long=True),
+    Method("session_close", SessionRef, Empty, frozenset({USER})),
+)}
+

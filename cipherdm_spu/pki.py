@@ -1,0 +1,134 @@
+"""Certificates for a cluster, and the identity a control call arrives with.
+
+Two certificate authorities keep the roles apart (see `cluster_config`): the party CA signs the three
+parties' certificates (common name and DNS name = the party id, plus the party's hosts), which serve
+the SPU link both ways and the control services; the client CA signs the clients' (common name = the
+client's name, whose prefix is its role). `make_development_pki` writes a complete set for one
+config, for development and tests; a deployment's operators run their own CAs and give each host only
+its own key.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .cluster_config import ClusterConfig, is_ip, role_of, split_address
+from .errors import ClusterConfigError
+
+#: how long development certificates are valid
+DEVELOPMENT_DAYS = 30
+
+
+def make_development_pki(cluster: ClusterConfig, clients: Iterable[str] = ("owner", "user")) -> list[Path]:
+    """Write the CAs, the parties' and the named clients' certificates where ``cluster`` expects them.
+
+    Keys are written 0600 (and never over an existing file), so a second run refuses rather than
+    replacing a deployment's keys. Returns the paths written.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    for name in clients:
+        cluster.client(name)  # refuses a name the config does not list
+    party_ca_path = Path(cluster.parties[0].tls.trusted_ca)
+    client_ca_path = Path(cluster.parties[0].client_ca)
+    planned = [party_ca_path, client_ca_path]
+    for p in cluster.parties:
+        planned += [Path(p.tls.cert), Path(p.tls.key)]
+    for name in clients:
+        planned += [Path(cluster.clients[name].cert), Path(cluster.clients[name].key)]
+    existing = [str(p) for p in planned if p.exists()]
+    if existing:
+        raise ClusterConfigError(f"refusing to overwrite existing TLS files: {', '.join(existing)}")
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(common_name, key, issuer_name, issuer_key, *, ca=False, names=(), usage=()):
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(issuer_name or subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=DEVELOPMENT_DAYS))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+        if usage:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(list(usage)), critical=False)
+        from cryptography.hazmat.primitives import hashes
+
+        return builder.sign(issuer_key or key, hashes.SHA256())
+
+    def new_key():
+        return ec.generate_private_key(ec.SECP256R1())
+
+    written = []
+
+    def write(path: Path, data: bytes, private: bool) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        written.append(path)
+
+    from cryptography.hazmat.primitives import serialization
+
+    def pem_key(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    def pem_cert(cert) -> bytes:
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    cas = {}
+    for label, path in (("party", party_ca_path), ("client", client_ca_path)):
+        key = new_key()
+        cert = certificate(f"cipherdm-spu {label} CA", key, None, None, ca=True)
+        cas[label] = (cert, key)
+        write(path, pem_cert(cert), private=False)  # the CA's key is not kept: nothing more can be signed
+
+    party_cert, party_key = cas["party"]
+    for p in cluster.parties:
+        hosts = {split_address(a, p.id)[0] for a in (p.spu_address, p.control_address)}
+        names = [x509.DNSName(p.id)] + [_general_name(h) for h in sorted(hosts)]
+        key = new_key()
+        cert = certificate(p.id, key, party_cert.subject, party_key, names=names,
+                           usage=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH))
+        write(Path(p.tls.key), pem_key(key), private=True)
+        write(Path(p.tls.cert), pem_cert(cert), private=False)
+    client_cert, client_key = cas["client"]
+    for name in clients:
+        key = new_key()
+        cert = certificate(name, key, client_cert.subject, client_key, usage=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+        write(Path(cluster.clients[name].key), pem_key(key), private=True)
+        write(Path(cluster.clients[name].cert), pem_cert(cert), private=False)
+    return written
+
+
+def _general_name(host: str):
+    import ipaddress
+
+    from cryptography import x509
+
+    return x509.IPAddress(ipaddress.ip_address(host)) if is_ip(host) else x509.DNSName(host)
+
+
+def peer_identity(auth_context: dict) -> tuple[Optional[str], Optional[str]]:
+    """(name, role) of a control call's client, from gRPC's auth context of a mutual-TLS channel.
+
+    The name is the common name of the client certificate, which the control service has already
+    verified against the client CA; the role is what that name grants (None: no role, refused).
+    """
+    if auth_context.get("transport_security_type") != [b"ssl"]:
+        return None, None
+    names = auth_context.get("x509_common_name") or []
+    if len(names) != 1:
+        return None, None
+    name = names[0].decode("utf-8", "replace")
+    return name, role_of(name)

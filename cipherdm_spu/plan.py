@@ -1,0 +1,130 @@
+"""What a party agrees to run: the owner's policy for a model, and the step program of a session.
+
+A party never runs code it is sent. For each session it builds the program itself, from the model
+owner's public manifest and the user's public job description (`JobCatalog`, provided by the
+application that the party serves), compiles it, audits the compiled IR, and checks the job against
+the owner's policy. The same inputs give all three parties the same executable, so a client can
+compare their digests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Mapping, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+
+#: names of models and sessions: short, printable, no path or separator characters
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+TensorSpec = Tuple[Tuple[int, ...], str]  # (shape, numpy dtype name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The model owner's terms, part of the public manifest (``"policy"``).
+
+    users: client names allowed to sample (None: every user); protocol_sets: the protocol sets a
+    session may use (None: any installed one); max_batch / max_steps: bounds on one session.
+    """
+
+    users: Optional[Tuple[str, ...]] = None
+    protocol_sets: Optional[Tuple[str, ...]] = None
+    max_batch: int = 64
+    max_steps: int = 1000
+
+    @classmethod
+    def from_dict(cls, raw) -> "Policy":
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict) or set(raw) - {"users", "protocol_sets", "max_batch", "max_steps"}:
+            raise ValueError("policy must be an object with users, protocol_sets, max_batch, max_steps")
+        values = {}
+        for key in ("users", "protocol_sets"):
+            if raw.get(key) is not None:
+                if not isinstance(raw[key], list) or not all(isinstance(v, str) and v for v in raw[key]):
+                    raise ValueError(f"policy.{key} must be a list of names or null")
+                values[key] = tuple(raw[key])
+        for key in ("max_batch", "max_steps"):
+            if key in raw:
+                if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
+                    raise ValueError(f"policy.{key} must be a positive integer")
+                values[key] = raw[key]
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return {
+            "users": None if self.users is None else list(self.users),
+            "protocol_sets": None if self.protocol_sets is None else list(self.protocol_sets),
+            "max_batch": self.max_batch, "max_steps": self.max_steps,
+        }
+
+    def refusal(self, user: str, program: "StepProgram") -> Optional[str]:
+        """Why ``user`` may not run ``program`` on this model (None: allowed)."""
+        if self.users is not None and user not in self.users:
+            return f"the model owner's policy does not list user {user!r}"
+        if self.protocol_sets is not None and program.protocol_set not in self.protocol_sets:
+            return (f"the model owner's policy allows protocol sets {', '.join(self.protocol_sets)}, "
+                    f"not {program.protocol_set!r}")
+        if program.batch > self.max_batch:
+            return f"batch {program.batch} is above the policy's max_batch {self.max_batch}"
+        if len(program.steps) > self.max_steps:
+            return f"{len(program.steps)} steps are above the policy's max_steps {self.max_steps}"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One run of the executable: its inputs by name, in the executable's order, and its output.
+
+    Names are resident values: model tensors (``model_tensors`` are loaded for this step only),
+    the user's slots, public values the party makes itself (``public``), and earlier outputs.
+    """
+
+    inputs: Tuple[str, ...]
+    model_tensors: Tuple[str, ...]
+    public: Mapping[str, np.ndarray]
+    output: str
+    #: values no longer needed after this step (earlier outputs, slots used once)
+    frees: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """A session's approved program: one executable, run once per step; one result, to the user."""
+
+    code: bytes
+    name: str
+    protocol_set: str
+    #: the protocol set's SPU runtime options (approximation knobs only; see `spu_config`)
+    runtime_options: Mapping[str, object]
+    batch: int
+    #: the user's inputs, by slot name
+    slots: Mapping[str, TensorSpec]
+    #: model tensors resident for the whole session (the weights)
+    resident: Tuple[str, ...]
+    steps: Tuple[Step, ...]
+    #: the value whose shares go to the user after the last step
+    result: str
+    #: public facts about the job for reports (timesteps, sampler, ...)
+    description: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+
+class JobCatalog(Protocol):
+    """What the application tells a party about the programs it may run."""
+
+    def model_tensors(self, manifest: str) -> Mapping[str, TensorSpec]:
+        """The tensors a model with this manifest consists of; ValueError for a manifest it cannot serve."""
+
+    def program(self, manifest: str, job: str, fraction_bits: int) -> StepProgram:
+        """Build and compile the step program of ``job`` on this model; ValueError for a bad job."""
+
+
+def public_policy(manifest: Mapping) -> Policy:
+    """The policy of a parsed manifest."""
+    return Policy.from_dict(manifest.get("policy"))
+
+
+def names_of(values: Sequence[str]) -> str:
+    return ", ".join(values[:3]) + (f" and {len(values) - 3} more" if len(values) > 3 else "")
