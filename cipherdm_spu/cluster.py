@@ -32,7 +32,9 @@ from tqdm import tqdm
 from . import cluster_config
 from .client import PartyClients
 from .cluster_config import ClusterConfig
-from .errors import ClusterConfigError, ClusterError, ConfigError, InputError, PartyError, SchedulerConfigError
+from .errors import ClusterConfigError, ClusterError, InputError, PartyError
+from .models import ConfigError
+from .models.schedulers import SchedulerConfigError
 from .plan import NAME, Policy
 
 DEFAULT_CONFIG = "configs/3pc.json"
@@ -122,7 +124,8 @@ def status(cluster: ClusterConfig, identity: str) -> int:
 
 def upload(cluster: ClusterConfig, args) -> int:
     """The model owner's upload: share the model under --model-id, with --policy."""
-    from .jobs import load_owner_model, upload_model
+    from .cli_common import load_model_dir
+    from .jobs import upload_model
 
     if args.model is None or args.model_id is None:
         raise ClusterConfigError("upload needs --model DIR and --model-id ID")
@@ -137,7 +140,7 @@ def upload(cluster: ClusterConfig, args) -> int:
     if not args.model.is_dir():
         raise ClusterConfigError(f"--model {args.model} is not a directory")
     try:
-        model, params, scheduler = load_owner_model(args.model)
+        model, params, scheduler = load_model_dir(args.model)
     except (OSError, ValueError) as e:
         raise ClusterConfigError(f"cannot load --model {args.model}: {e}") from None
     with PartyClients(cluster, args.identity or "owner") as clients:

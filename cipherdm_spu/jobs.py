@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import uuid
-from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
@@ -30,9 +29,11 @@ import spu
 import spu.libspu as libspu
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from . import registry
+from . import registry, spu_config
 from .client import PartyClients, require_role
-from .errors import ClusterError, ConfigError, InputError, ProtocolError, SchedulerConfigError
+from .errors import ClusterError, InputError, ProtocolError
+from .models import ConfigError
+from .models.schedulers import SchedulerConfigError
 from .messages import ModelBegin, ModelPut, ModelRef, SessionOpen, SessionPut, SessionRef, SessionStep
 from .models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
 from .plan import Policy, Step, StepProgram
@@ -224,8 +225,10 @@ def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"the job is not JSON: {e}") from None
-    if not isinstance(raw, dict) or set(raw) - JOB_FIELDS:
+    if not isinstance(raw, dict):
         raise ValueError(f"a job is an object with fields {sorted(JOB_FIELDS)}")
+    if set(raw) - JOB_FIELDS:
+        raise ValueError(f"unknown job fields {sorted(set(raw) - JOB_FIELDS)} (a job has {sorted(JOB_FIELDS)})")
     job = {"sampler": raw.get("sampler", "ddim"), "steps": raw.get("steps"), "eta": raw.get("eta", 0.0),
            "batch": raw.get("batch"), "protocol_set": raw.get("protocol_set", "cipherdm"),
            "overrides": raw.get("overrides") or {}, "guidance_scale": raw.get("guidance_scale", 1.0),
@@ -259,6 +262,14 @@ def make_sampler(job: dict, schedule: ScheduleConfig):
     return DDPMSampler(schedule, job["steps"])
 
 
+def check_shareable(array: np.ndarray, what: str, limit: float) -> None:
+    """Refuse, naming the value, NaN/inf and values beyond the fixed-point range, before anything is shared."""
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{what} contains NaN or infinity; refusing to share it")
+    if array.size and np.max(np.abs(array)) >= limit:
+        raise InputError(f"{what} holds values beyond the fixed-point range (|x| < {limit:.3g}); refusing to share it")
+
+
 # -- the model owner ----------------------------------------------------------------------------
 
 
@@ -277,9 +288,6 @@ def owner_tensors(model, params, num_train_timesteps: int) -> Dict[str, np.ndarr
     for t in range(num_train_timesteps):
         one = jax.tree_util.tree_map(lambda a: np.asarray(a[t], np.float32), all_terms)
         tensors.update(time_term_names(one, t))
-    for name, value in tensors.items():
-        if not np.all(np.isfinite(value)):
-            raise InputError(f"model tensor {name} contains NaN or infinity; refusing to share it")
     return tensors
 
 
@@ -287,12 +295,14 @@ def upload_model(clients: PartyClients, model_id: str, model, params, schedule_c
                  progress: Optional[Callable[[int, int], None]] = None) -> str:
     """Share the model under ``model_id`` (party i receives share i only); returns the manifest digest."""
     require_role(clients, "owner")
-    for name, leaf in flatten_dict(params).items():  # refuse before anything is shared
-        if not np.all(np.isfinite(np.asarray(leaf))):
-            raise InputError(f"weight {'/'.join(name)} contains NaN or infinity; refusing to share it")
+    limit = spu_config.largest_magnitude(clients.cluster.field, clients.cluster.fraction_bits)
+    for name, leaf in flatten_dict(params).items():  # refuse before anything is computed or shared
+        check_shareable(np.asarray(leaf), f"weight {'/'.join(name)}", limit)
     schedule = ScheduleConfig.from_dict(dict(schedule_config))
     manifest = build_manifest(model, schedule_config, policy)
     tensors = owner_tensors(model, params, schedule.num_train_timesteps)
+    for name, value in tensors.items():
+        check_shareable(value, f"model tensor {name}", limit)
     clients.check_ready()
     io = spu.Io(3, clients.cluster.runtime_config())
     clients.call_all("model_begin", ModelBegin(model_id, manifest))
@@ -347,13 +357,13 @@ def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.n
         if set(values) != set(slots):
             raise InputError(f"the job takes inputs {sorted(slots)}, given {sorted(values)}")
         io = spu.Io(3, clients.cluster.runtime_config())
+        limit = spu_config.largest_magnitude(clients.cluster.field, clients.cluster.fraction_bits)
         for slot, value in values.items():
             shape, dtype = slots[slot]
             array = np.ascontiguousarray(np.asarray(value, dtype=dtype))
             if array.shape != tuple(shape):
                 raise InputError(f"input {slot}: expected shape {tuple(shape)}, got {array.shape}")
-            if not np.all(np.isfinite(array)):
-                raise InputError(f"input {slot} contains NaN or infinity; refusing to share it")
+            check_shareable(array, f"input {slot}", limit)
             shares = io.make_shares(array, libspu.Visibility.VIS_SECRET)
             clients.put_shares("session_put", shares, lambda rank, s, slot=slot: SessionPut(
                 session_id, slot, s.meta, list(s.share_chunks)))
@@ -380,14 +390,3 @@ def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.n
         except ClusterError:
             pass  # a party that is gone has nothing to close; the others drop the session when idle
     return image, total, reports
-
-
-def load_owner_model(model_dir: Path):
-    """(model, params, scheduler config dict) from a local diffusers directory (or a pipeline's unet/)."""
-    unet_dir = model_dir / "unet" if (model_dir / "unet").is_dir() else model_dir
-    scheduler = (model_dir / "scheduler" / "scheduler_config.json" if (model_dir / "unet").is_dir()
-                 else model_dir / "scheduler_config.json")
-    config = json.loads((unet_dir / "config.json").read_text())
-    cls = UNet2DConditionModel if config.get("cross_attention_dim") else UNet2DModel
-    model, params = cls.from_pretrained(unet_dir)
-    return model, params, json.loads(scheduler.read_text())

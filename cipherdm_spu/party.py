@@ -112,7 +112,7 @@ class PartyService:
         self.jobs = cf.ThreadPoolExecutor(1, thread_name_prefix=f"party-{party.id}-job")
         # programs are compiled in a process of their own: SPU's compiler holds the GIL for seconds, which
         # would stall this process's control service (and its deadlines) meanwhile
-        self.compiler = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+        self.compiler = _compiler_process()
         self._io = spu.Io(3, cluster.runtime_config())
         self._stop = threading.Event()
         threading.Thread(target=self._drop_idle_sessions, daemon=True, name=f"party-{party.id}-idle").start()
@@ -284,6 +284,9 @@ class PartyService:
             program = self.compiler.submit(self.catalog.program, model.manifest, job, self.cluster.fraction_bits).result()
         except ValueError as e:
             raise PartyError(f"party {self.party.id} refuses the job: {e}") from None
+        except cf.process.BrokenProcessPool:
+            self.compiler = _compiler_process()
+            raise PartyError(f"party {self.party.id}: its compiler process died compiling the job") from None
         refusal = model.policy.refusal(session.user, program)
         if refusal:
             raise PartyError(f"party {self.party.id} refuses the job: {refusal}")
@@ -311,7 +314,8 @@ class PartyService:
                 "slots": {k: [list(s), d] for k, (s, d) in program.slots.items()}, "steps": len(program.steps),
                 "protocol_set": program.protocol_set, **program.description,
             }
-        log.info("party %s: session %s open (%s)", self.party.id, session.id, session.open_report["executable_sha256"][:16])
+        log.info("party %s: session %s open (executable %s, SPU worker pid %d)", self.party.id, session.id,
+                 session.open_report["executable_sha256"][:16], worker.process.pid)
 
     def _step(self, session: _Session, index: int) -> None:
         program, worker = session.program, session.worker
@@ -409,6 +413,10 @@ class PartyService:
                     continue
                 if time.monotonic() - session.last_seen > self.cluster.session_idle_s:
                     self._drop_session(f"no request from {session.user} for {self.cluster.session_idle_s:g} s")
+
+
+def _compiler_process() -> cf.ProcessPoolExecutor:
+    return cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
 
 
 _SPU_DTYPES = {"float32": "F32", "float64": "F64", "int32": "I32", "int64": "I64", "bool": "I1"}

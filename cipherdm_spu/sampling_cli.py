@@ -1,30 +1,27 @@
 """The command line of scripts/run_ddim.py and scripts/run_ddpm.py: validate, sample securely, report.
 
-Outputs (in --out): samples.png (a grid), samples.npy, report.json, spu.log (SPU's own log; with
---cluster each party keeps its own), and with
---compare plaintext.png / plaintext.npy. Everything is validated before anything is shared; the result
-files are written only when sampling has finished.
+Outputs (in --out, created 0700; files 0600): samples.png (a grid), samples.npy, report.json, spu.log
+(SPU's own log; embedded runs only: each cluster party keeps its own), and with --compare plaintext.png /
+plaintext.npy. Everything is validated before anything is shared; the result files are written only when
+sampling has finished. With --cluster this process is the user only (see `cli_common`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from cipherdm_spu.models import ConfigError, DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
-from cipherdm_spu.models.schedulers import SchedulerConfigError
-
-from . import cluster_config, quality, registry
-from .registry import ProtocolError, available_protocol_sets
-from .sampling import SecureDiffusion, draw_noise, sample_plaintext
-from .session import SecureSession, SessionError
+from . import quality
+from .cli_common import (add_secure_options, check_finite, check_secure_options, cluster_model, model_dirs, private_output_dir,
+                         run_main, secure_sample, write_array, write_json, write_private)
+from .errors import UsageError
+from .models import ConfigError
+from .models.schedulers import SchedulerConfigError
+from .models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
+from .sampling import draw_noise, sample_plaintext
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "checkpoints" / "mnist-ddpm-silu"
@@ -33,10 +30,6 @@ DEFAULTS = {  # chosen so that a default run takes a few minutes on 2 cores (see
     "ddim": {"steps": 10, "labels": "1,4,7"},
     "ddpm": {"steps": 20, "labels": "2,8"},
 }
-
-
-class UsageError(ValueError):
-    """Bad command-line input: reported with the script's usage and exit status 2."""
 
 
 def build_parser(kind: str) -> argparse.ArgumentParser:
@@ -57,35 +50,11 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d["steps"], help=f"sampling steps (default: {d['steps']})")
     if kind == "ddim":
         p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; > 0 adds user-supplied noise per step (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the user's noise (default: 0)")
-    p.add_argument("--protocol", default="cipherdm",
-                   help=f"protocol set: {' | '.join(available_protocol_sets())} (default: cipherdm)")
-    p.add_argument("--override", action="append", default=[], metavar="OP=KERNEL",
-                   help="per-op kernel override, e.g. --override softmax=jax or --override silu=cipherdm-paper (repeatable)")
-    p.add_argument("--cluster", type=Path, default=None, metavar="CONFIG",
-                   help="run on the three-party cluster of this config (started with spu-launch) "
-                        "instead of three parties in this process")
-    p.add_argument("--out", type=Path, default=Path("runs") / kind, help=f"output directory (default: runs/{kind})")
+    add_secure_options(p, kind)
     p.add_argument("--compare", action="store_true",
-                   help="also sample in plaintext from the same noise and report PSNR/SSIM and classifier labels")
+                   help="also sample in plaintext from the same noise and report PSNR/SSIM and classifier labels "
+                        "(embedded runs: it needs the owner's weights)")
     return p
-
-
-def _parse_overrides(items) -> dict:
-    overrides = {}
-    for item in items:
-        op, sep, kernel = item.partition("=")
-        if not sep or not op or not kernel:
-            raise UsageError(f"--override expects OP=KERNEL, got {item!r}")
-        overrides[op.strip()] = kernel.strip()
-    return overrides
-
-
-def _model_dirs(path: Path) -> tuple[Path, Path]:
-    """(unet directory, scheduler config) for a model directory or a diffusers pipeline directory."""
-    if (path / "unet").is_dir():
-        return path / "unet", path / "scheduler" / "scheduler_config.json"
-    return path, path / "scheduler_config.json"
 
 
 def _labels(args, num_classes) -> tuple[list | None, int]:
@@ -110,38 +79,34 @@ def _labels(args, num_classes) -> tuple[list | None, int]:
 
 
 def prepare(args):
-    """Validate everything; returns (model, params, sampler, labels, batch, session overrides)."""
-    unet_dir, scheduler_path = _model_dirs(args.model)
-    try:
-        model, params = UNet2DModel.from_pretrained(unet_dir)
-    except ConfigError as err:
-        raise UsageError(f"cannot load --model {args.model}: {err}") from None
-    if not scheduler_path.is_file():
-        raise UsageError(f"no scheduler config at {scheduler_path}")
-    try:
-        schedule = ScheduleConfig.from_file(scheduler_path)
-    except SchedulerConfigError as err:
-        raise UsageError(str(err)) from None
+    """Validate everything; returns (model, params or None on a cluster, sampler, labels, batch, overrides, job)."""
+    overrides = check_secure_options(args)
+    if args.cluster is None:
+        unet_dir, scheduler_path = model_dirs(args.model)
+        try:
+            model, params = UNet2DModel.from_pretrained(unet_dir)
+        except ConfigError as err:
+            raise UsageError(f"cannot load --model {args.model}: {err}") from None
+        if not scheduler_path.is_file():
+            raise UsageError(f"no scheduler config at {scheduler_path}")
+        try:
+            schedule = ScheduleConfig.from_file(scheduler_path)
+        except SchedulerConfigError as err:
+            raise UsageError(str(err)) from None
+    else:  # the user holds no weights: the public manifest says what the model is
+        manifest, model = cluster_model(args)
+        if not isinstance(model, UNet2DModel):
+            raise UsageError(f"model {args.model_id} is a {manifest['kind']}; use run_sd.py for it")
+        params, schedule = None, ScheduleConfig.from_dict(manifest["scheduler"])
     if not 1 <= args.steps <= schedule.num_train_timesteps:
         raise UsageError(f"--steps must be in 1..{schedule.num_train_timesteps}, got {args.steps}")
-    if args.kind == "ddim":
-        if args.eta < 0:
-            raise UsageError(f"--eta must be >= 0, got {args.eta}")
-        sampler = DDIMSampler(schedule, args.steps, eta=args.eta)
-    else:
-        sampler = DDPMSampler(schedule, args.steps)
+    eta = getattr(args, "eta", 0.0)
+    check_finite("--eta", eta, low=0.0)
+    sampler = DDIMSampler(schedule, args.steps, eta=eta) if args.kind == "ddim" else DDPMSampler(schedule, args.steps)
     labels, batch = _labels(args, model.config.num_class_embeds)
-    overrides = _parse_overrides(args.override)
-    try:
-        registry.validate(registry.resolve(args.protocol, overrides))
-    except ProtocolError as err:
-        raise UsageError(str(err)) from None
-    if args.cluster is not None:
-        try:
-            args.cluster = cluster_config.load(args.cluster)
-        except cluster_config.ClusterConfigError as err:
-            raise UsageError(f"--cluster: {err}") from None
-    return model, params, sampler, labels, batch, overrides
+    job = {"sampler": args.kind, "steps": args.steps, "eta": eta, "batch": batch, "protocol_set": args.protocol,
+           "overrides": overrides}
+    return model, params, sampler, labels, batch, overrides, job
 
 
 def image_grid(images: np.ndarray, columns: int = 8, scale: int = 4):
@@ -172,36 +137,18 @@ def _judge(images, labels) -> dict | None:
     return verdict
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def run(args) -> dict:
-    model, params, sampler, labels, batch, overrides = prepare(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.cluster is None:
-        session = SecureSession(args.protocol, overrides, log_file=str(args.out / "spu.log"))
-    else:  # each party logs on its own host
-        session = SecureSession(args.protocol, overrides, cluster=args.cluster)
+    model, params, sampler, labels, batch, overrides, job = prepare(args)
+    private_output_dir(args.out)
     shape = (batch, model.config.in_channels, *_sample_size(model))
     x_t, step_noise = draw_noise(args.seed, sampler, shape)
     started = time.perf_counter()
-    with session:
-        diffusion = SecureDiffusion(session, model, params, sampler)
-        bar = tqdm(total=sampler.num_steps, desc=f"secure {args.kind} ({session.protocol.name})", unit="step")
-
-        def on_step(report):
-            bar.set_postfix_str(f"{report.seconds:.1f} s/step, {report.bytes_sent / 1e6:.0f} MB sent")
-            bar.update()
-
-        images, total, steps = diffusion.sample(x_t, labels, step_noise, on_step=on_step)
-        bar.close()
+    images, total, steps, where = secure_sample(
+        args, f"secure {args.kind} ({args.protocol})", sampler, x_t, overrides, job, model, params, labels, step_noise)
     wall = time.perf_counter() - started
     report = {
-        "sampler": args.kind, "protocol": session.protocol.name, "overrides": overrides, "model": str(args.model),
-        "parties": "embedded (one process)" if args.cluster is None else f"cluster {args.cluster.source}",
+        "sampler": args.kind, "protocol": args.protocol, "overrides": overrides,
+        "model": args.model_id if args.cluster is not None else str(args.model), "parties": where,
         "steps": sampler.num_steps, "timesteps": [int(t) for t in sampler.timesteps], "batch": batch,
         "seed": args.seed, "requested_labels": labels,
         "seconds": round(wall, 3), "mpc_seconds": round(total.seconds, 3),
@@ -217,6 +164,8 @@ def run(args) -> dict:
         report["secure"] = secure_verdict
     plain = None
     if args.compare:
+        from tqdm import tqdm
+
         with tqdm(total=sampler.num_steps, desc="plaintext", unit="step") as pbar:
             plain = sample_plaintext(model, params, sampler, x_t, labels, step_noise, progress=lambda i: pbar.update())
         report["psnr_vs_plaintext"] = quality.psnr(images, plain)
@@ -225,12 +174,12 @@ def run(args) -> dict:
         plain_verdict = _judge(plain, labels)
         if plain_verdict:
             report["plaintext"] = plain_verdict
-    _write_atomic(args.out / "samples.npy", lambda p: np.save(open(p, "wb"), images))
-    _write_atomic(args.out / "samples.png", lambda p: image_grid(images).save(p, format="PNG"))
+    write_array(args.out / "samples.npy", images)
+    write_private(args.out / "samples.png", lambda p: image_grid(images).save(p, format="PNG"))
     if plain is not None:
-        _write_atomic(args.out / "plaintext.npy", lambda p: np.save(open(p, "wb"), plain))
-        _write_atomic(args.out / "plaintext.png", lambda p: image_grid(plain).save(p, format="PNG"))
-    _write_atomic(args.out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+        write_array(args.out / "plaintext.npy", plain)
+        write_private(args.out / "plaintext.png", lambda p: image_grid(plain).save(p, format="PNG"))
+    write_json(args.out / "report.json", report)
     return report
 
 
@@ -245,18 +194,12 @@ def main(kind: str, argv=None) -> int:
     parser = build_parser(kind)
     args = parser.parse_args(argv)
     args.kind = kind
-    try:
-        report = run(args)
-    except UsageError as err:
-        parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    except SessionError as err:  # a cluster party unreachable, mismatched or lost mid-run
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 1
-    summary = f"{report['batch']} samples, {report['steps']} steps, {report['seconds']:.0f} s, " \
-              f"{report['bytes_sent'] / 1e9:.2f} GB sent (all parties) -> {args.out}"
-    if "psnr_vs_plaintext" in report:
-        summary += f"; PSNR vs plaintext {report['psnr_vs_plaintext']:.1f} dB"
-    print(summary)
-    return 0
+
+    def summary(report: dict) -> str:
+        text = (f"{report['batch']} samples, {report['steps']} steps, {report['seconds']:.0f} s, "
+                f"{report['bytes_sent'] / 1e9:.2f} GB sent (all parties) -> {args.out}")
+        if "psnr_vs_plaintext" in report:
+            text += f"; PSNR vs plaintext {report['psnr_vs_plaintext']:.1f} dB"
+        return text
+
+    return run_main(parser, run, args, summary)

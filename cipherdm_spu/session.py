@@ -75,7 +75,7 @@ def _is_leaf(x) -> bool:
     return isinstance(x, (Secret, Public))
 
 
-def _canonical_array(value, what: str) -> np.ndarray:
+def _canonical_array(value, what: str, limit: float = float("inf")) -> np.ndarray:
     """The numpy array JAX would see for ``value``, after refusing what SPU cannot take."""
     try:
         arr = np.asarray(value)
@@ -86,6 +86,8 @@ def _canonical_array(value, what: str) -> np.ndarray:
         raise InputError(f"{what}: dtype {arr.dtype} is not supported (use float, int or bool)")
     if kind == "f" and not np.all(np.isfinite(arr)):
         raise InputError(f"{what}: contains NaN or infinity; refusing to share it")
+    if arr.size and kind in "fiu" and np.max(np.abs(arr.astype(np.float64))) >= limit:
+        raise InputError(f"{what}: holds values beyond the fixed-point range (|x| < {limit:.3g}); refusing to share it")
     dtype = jax.dtypes.canonicalize_dtype(arr.dtype)
     return np.ascontiguousarray(arr.astype(dtype, copy=False))
 
@@ -215,6 +217,7 @@ class SecureSession:
         self.last_stats: Optional[RunStats] = None
         self.total_stats = RunStats.zero()
         self._io = spu.Io(WORLD_SIZE, self.config)
+        self._limit = spu_config.largest_magnitude(field, fraction_bits)
         self._cache: Dict[tuple, CompiledFunction] = {}
         self._names = itertools.count()
         self._resident: Dict[str, Secret] = {}
@@ -234,7 +237,7 @@ class SecureSession:
         vis = "public" if public else "secret"
         handles = []
         for i, leaf in enumerate(leaves):
-            arr = _canonical_array(leaf, f"value {i}")
+            arr = _canonical_array(leaf, f"value {i}", self._limit)
             handles.append(self._put(arr, vis, name))
         return jax.tree_util.tree_unflatten(tree, handles)
 
@@ -343,9 +346,9 @@ class SecureSession:
             self._check_handle(leaf)
             return (leaf.shape, str(leaf.dtype), leaf.visibility), leaf
         if isinstance(leaf, Public):
-            arr = _canonical_array(leaf.value, f"input {index} (public)")
+            arr = _canonical_array(leaf.value, f"input {index} (public)", self._limit)
             return (arr.shape, str(arr.dtype), "public"), arr
-        arr = _canonical_array(leaf, f"input {index}")
+        arr = _canonical_array(leaf, f"input {index}", self._limit)
         return (arr.shape, str(arr.dtype), "secret"), arr
 
     def _compile(self, fn: Callable, in_tree, specs) -> CompiledFunction:

@@ -67,6 +67,16 @@ def check_ring(field, fraction_bits) -> None:
         raise ValueError(f"fraction_bits must be an integer in 1..40, got {fraction_bits!r}")
 
 
+RING_BITS = {"FM32": 32, "FM64": 64, "FM128": 128}
+
+
+def largest_magnitude(field: str, fraction_bits: int) -> float:
+    """The largest |x| SPU encodes faithfully in this ring: 2^(ring bits - 2 - fraction bits). SPU clamps
+    anything larger to it without a word (FM64, 18 fraction bits: 2^44, about 1.8e13), so inputs beyond
+    it are refused rather than shared wrong."""
+    return 2.0 ** (RING_BITS[field] - 2 - fraction_bits)
+
+
 def runtime_config(
     runtime_options: Mapping[str, object], *, protocol: str = "ABY3", field: str = "FM64", fraction_bits: int = 18
 ) -> libspu.RuntimeConfig:

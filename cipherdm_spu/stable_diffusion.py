@@ -15,16 +15,21 @@ import numpy as np
 
 #: what a diffusers Stable Diffusion directory must hold for this split
 PARTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+#: the parts a user of a cluster needs on its own machine
+USER_PARTS = ("text_encoder", "tokenizer", "vae")
 
 
 class StableDiffusionDirError(ValueError):
     """The model directory is not a usable diffusers Stable Diffusion layout."""
 
 
-def check_directory(path: Path) -> None:
+def check_directory(path: Path, user_only: bool = False) -> None:
+    """Refuse a directory without the parts needed: all of them, or (``user_only``, a cluster's user) the
+    user's own: the prompt encoder and the VAE (the UNet is the model owner's, held by the parties)."""
     if not path.is_dir():
         raise StableDiffusionDirError(f"model directory {path} does not exist")
-    missing = [part for part in PARTS if not (path / part).is_dir()]
+    needed = USER_PARTS if user_only else PARTS
+    missing = [part for part in needed if not (path / part).is_dir()]
     if missing:
         raise StableDiffusionDirError(
             f"{path} is not a diffusers Stable Diffusion directory: missing {', '.join(p + '/' for p in missing)}"

@@ -23,6 +23,36 @@ def free_ports(n):
         return [s.getsockname()[1] for s in socks]
 
 
+TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
+            down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+            norm_num_groups=4, attention_head_dim=8, num_class_embeds=10)
+#: the job every cluster test runs (the parties compile it once and keep it)
+TINY_JOB = {"sampler": "ddim", "steps": 2, "batch": 2, "protocol_set": "cipherdm"}
+
+
+def tiny_unet():
+    """(model, params, scheduler config) of a tiny class-conditional UNet with random weights."""
+    import dataclasses
+
+    import jax
+
+    from cipherdm_spu.models import ScheduleConfig, UNet2DModel
+
+    model = UNet2DModel.from_config(TINY)
+    scheduler = {"_class_name": "DDPMScheduler", **dataclasses.asdict(ScheduleConfig())}
+    return model, model.init_params(jax.random.PRNGKey(0)), scheduler
+
+
+def tiny_inputs(labels=(3, 8)):
+    """The user's inputs for TINY_JOB: x_T and one-hot labels."""
+    from cipherdm_spu.models import DDIMSampler, ScheduleConfig
+    from cipherdm_spu.sampling import draw_noise, one_hot
+
+    sampler = DDIMSampler(ScheduleConfig(), TINY_JOB["steps"])
+    x_t, _ = draw_noise(0, sampler, (len(labels), 1, 8, 8))
+    return sampler, x_t, one_hot(list(labels), 10)
+
+
 def tls_section(clients=("owner", "user")):
     return {
         "party_ca": "tls/party-ca.pem", "client_ca": "tls/client-ca.pem",
@@ -31,7 +61,7 @@ def tls_section(clients=("owner", "user")):
     }
 
 
-def write_config(path, ports=None, clients=("owner", "user"), **timeouts):
+def write_config(path, ports=None, clients=("owner", "user", "user-bob", "user-carol"), **timeouts):
     ports = ports or free_ports(6)
     raw = {
         "parties": [
@@ -46,7 +76,7 @@ def write_config(path, ports=None, clients=("owner", "user"), **timeouts):
     return path
 
 
-def make_certs(config, clients="owner,user"):
+def make_certs(config, clients="owner,user,user-bob,user-carol"):
     assert launch_main(["--config", str(config), "certs", "--clients", clients]) == 0
 
 

@@ -17,3 +17,22 @@ def sessions():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A three-process cluster on loopback, started as the README says (certificates, then spu-launch),
+    with the tiny UNet of tests/cluster_fixtures.py uploaded by its owner as model "tiny"."""
+    from cipherdm_spu import cluster_config
+    from cipherdm_spu.client import PartyClients
+    from cipherdm_spu.jobs import upload_model
+    from cipherdm_spu.plan import Policy
+
+    from .cluster_fixtures import running_cluster, tiny_unet
+
+    directory = tmp_path_factory.mktemp("cluster")
+    with running_cluster(directory, session_idle_s=12) as (config, launcher):
+        model, params, scheduler = tiny_unet()
+        with PartyClients(cluster_config.load(config), "owner") as owner:
+            upload_model(owner, "tiny", model, params, scheduler, Policy(users=["user", "user-bob"]))
+        yield config, launcher

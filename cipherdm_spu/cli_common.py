@@ -1,0 +1,206 @@
+"""What the sampling command lines share: the secure-run options, where the parties are, the progress
+bar, private output files, and one error convention (usage errors exit 2, failed runs exit 1).
+
+Embedded (default): this process plays the owner, the user and the three parties (`SecureSession`).
+With ``--cluster CONFIG --model-id ID``: this process is the user only; the model is the one its owner
+uploaded (`spu-launch upload`), and this machine holds neither its weights nor any share but its own
+result's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from . import cluster_config, registry
+from .errors import ClusterConfigError, ClusterError, InputError, ProtocolError, SessionError, UsageError
+from .plan import NAME
+from .registry import available_protocol_sets
+from .sampling import SecureDiffusion, is_text_conditional, one_hot
+
+#: the largest seed numpy's generator takes from the command line here
+MAX_SEED = 2**32 - 1
+
+
+def add_secure_options(p: argparse.ArgumentParser, out_default: str) -> None:
+    p.add_argument("--seed", type=int, default=0, help=f"seed of the user's noise, 0..{MAX_SEED} (default: 0)")
+    p.add_argument("--protocol", default="cipherdm",
+                   help=f"protocol set: {' | '.join(available_protocol_sets())} (default: cipherdm)")
+    p.add_argument("--override", action="append", default=[], metavar="OP=KERNEL",
+                   help="per-op kernel override, e.g. --override softmax=spu or --override silu=cipherdm-paper (repeatable)")
+    p.add_argument("--cluster", type=Path, default=None, metavar="CONFIG",
+                   help="sample on the three-party cluster of this config (spu-launch) as a user, with --model-id, "
+                        "instead of playing every role in this process")
+    p.add_argument("--model-id", default=None, help="with --cluster: the id under which the owner uploaded the model")
+    p.add_argument("--as", dest="identity", default="user",
+                   help="with --cluster: this user's identity in the config's tls.clients (default: user)")
+    p.add_argument("--out", type=Path, default=Path("runs") / out_default,
+                   help=f"output directory, created private (0700) (default: runs/{out_default})")
+
+
+def parse_overrides(items) -> dict:
+    overrides = {}
+    for item in items:
+        op, sep, kernel = item.partition("=")
+        if not sep or not op.strip() or not kernel.strip():
+            raise UsageError(f"--override expects OP=KERNEL, got {item!r}")
+        overrides[op.strip()] = kernel.strip()
+    return overrides
+
+
+def check_secure_options(args) -> dict:
+    """Validate the shared options; returns the overrides. Loads --cluster into a ClusterConfig."""
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    overrides = parse_overrides(args.override)
+    try:
+        registry.validate(registry.resolve(args.protocol, overrides))
+    except ProtocolError as err:
+        raise UsageError(str(err)) from None
+    if args.cluster is None:
+        if args.model_id is not None:
+            raise UsageError("--model-id is for --cluster runs")
+        return overrides
+    if args.model_id is None or not NAME.fullmatch(args.model_id):
+        raise UsageError("--cluster needs --model-id ID (1-64 letters, digits, '.', '_' or '-')")
+    if getattr(args, "compare", False):
+        raise UsageError("--compare needs the owner's weights, which a user of a cluster does not hold")
+    try:
+        args.cluster = cluster_config.load(args.cluster)
+        args.cluster.client(args.identity)
+    except ClusterConfigError as err:
+        raise UsageError(f"--cluster: {err}") from None
+    return overrides
+
+
+def check_finite(name: str, value: float, low: Optional[float] = None) -> None:
+    if not np.isfinite(value) or (low is not None and value < low):
+        raise UsageError(f"{name} must be a finite number{'' if low is None else f' >= {low:g}'}, got {value}")
+
+
+@contextlib.contextmanager
+def user_clients(args):
+    """The user's channels to the cluster of ``args.cluster``."""
+    from .client import PartyClients
+
+    with PartyClients(args.cluster, args.identity) as clients:
+        yield clients
+
+
+def cluster_model(args) -> tuple[dict, object]:
+    """(manifest, model) of ``--model-id`` as the parties hold it: the public config, no weights."""
+    from .jobs import MODEL_KINDS, model_manifest
+
+    with user_clients(args) as clients:
+        manifest = model_manifest(clients, args.model_id)
+    return manifest, MODEL_KINDS[manifest["kind"]].from_config(manifest["config"])
+
+
+def secure_sample(args, desc: str, sampler, x_t, overrides: dict, job: dict, model=None, params=None,
+                  condition=None, step_noise=None, guidance_scale: float = 1.0):
+    """Sample under MPC where ``args`` says, with a progress bar; returns (result, total cost, per-step, where).
+
+    Embedded: this process shares ``params`` as the owner. Cluster: ``job`` is sent to the parties,
+    who build the step themselves from the owner's upload. ``condition``: class labels (integers) for a
+    `UNet2DModel`, the text contexts (`sampling.text_condition`) for a `UNet2DConditionModel`.
+    """
+    bar = tqdm(total=sampler.num_steps, desc=desc, unit="step")
+
+    def on_step(report):
+        bar.set_postfix_str(f"{report.seconds:.1f} s/step, {report.bytes_sent / 1e6:.0f} MB sent")
+        bar.update()
+
+    try:
+        if args.cluster is None:
+            from .session import SecureSession
+
+            with SecureSession(args.protocol, overrides, log_file=str(args.out / "spu.log")) as session:
+                diffusion = SecureDiffusion(session, model, params, sampler, guidance_scale=guidance_scale)
+                result, total, steps = diffusion.sample(x_t, step_noise=step_noise, on_step=on_step,
+                                                        **_condition_argument(model, condition))
+                diffusion.close()
+            return result, total, steps, "embedded (one process)"
+        from .jobs import sample_on_cluster
+
+        if condition is not None and not is_text_conditional(model):
+            condition = one_hot(condition, model.config.num_class_embeds)
+        with user_clients(args) as clients:
+            result, total, steps = sample_on_cluster(clients, args.model_id, job, x_t, condition, step_noise, on_step)
+        return result, total, steps, f"cluster {args.cluster.source} (as {args.identity}, model {args.model_id})"
+    finally:
+        bar.close()
+
+
+def _condition_argument(model, condition) -> dict:
+    return {"context": condition} if is_text_conditional(model) else {"labels": condition}
+
+
+def model_dirs(path: Path) -> tuple[Path, Path]:
+    """(unet directory, scheduler config) of a model directory or of a diffusers pipeline directory."""
+    if (path / "unet").is_dir():
+        return path / "unet", path / "scheduler" / "scheduler_config.json"
+    return path, path / "scheduler_config.json"
+
+
+def load_model_dir(path: Path):
+    """(model, params, scheduler config dict) from a local diffusers directory; the owner's side."""
+    from .models import UNet2DConditionModel, UNet2DModel
+
+    unet_dir, scheduler = model_dirs(path)
+    config = json.loads((unet_dir / "config.json").read_text())
+    cls = UNet2DConditionModel if config.get("cross_attention_dim") else UNet2DModel
+    model, params = cls.from_pretrained(unet_dir)
+    return model, params, json.loads(scheduler.read_text())
+
+
+def private_output_dir(path: Path) -> Path:
+    """The output folder, created 0700 (an existing one keeps its mode; files in it are written 0600)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def write_private(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` atomically and 0600: the result is the user's alone."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.close(fd)
+    write(tmp)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def write_array(path: Path, array: np.ndarray) -> None:
+    def save(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.save(f, array)
+
+    write_private(path, save)
+
+
+def write_json(path: Path, report: dict) -> None:
+    write_private(path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+
+
+def run_main(parser: argparse.ArgumentParser, run: Callable, args, summary: Callable[[dict], str]) -> int:
+    """Run a command: usage errors print the usage and exit 2; failed secure runs exit 1."""
+    try:
+        report = run(args)
+    except (UsageError, InputError) as err:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except (SessionError, ClusterError) as err:  # a party unreachable, refusing, or lost mid-run
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
+    print(summary(report))
+    return 0

@@ -1,0 +1,239 @@
+"""Attacks on a cluster started as the README says (certificates, spu-launch, an owner's upload), each refused.
+
+Threat model (SECURITY.md): semi-honest parties with an honest majority; no client, local process or
+single party trusted. Every test plays one attack that worked against the earlier cluster.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from cipherdm_spu import cluster_config as cc
+from cipherdm_spu import registry
+from cipherdm_spu.client import PartyClients
+from cipherdm_spu.errors import ClusterError, PartyError, ProtocolError
+from cipherdm_spu.jobs import sample_on_cluster
+from cipherdm_spu.messages import (CHANNEL_OPTIONS, METHODS, SERVICE, Empty, ModelBegin, ModelPut, ModelRef, SessionOpen,
+                                   SessionRef, SessionStep)
+from cipherdm_spu.party import private_log_file
+from cipherdm_spu.registry import ProtocolSet
+
+from .cluster_fixtures import TINY_JOB, make_certs, tiny_inputs, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def channel(config: Path, party: int, cert=None, key=None, ca=None, secure=True):
+    """A raw gRPC channel to one party's control service, with whatever credentials an attacker has."""
+    cluster = cc.load(config)
+    p = cluster.parties[party]
+    if not secure:
+        return grpc.insecure_channel(p.control_address, options=CHANNEL_OPTIONS)
+    read = lambda f: Path(f).read_bytes() if f else None  # noqa: E731
+    creds = grpc.ssl_channel_credentials(read(ca or p.tls.trusted_ca), read(key), read(cert))
+    return grpc.secure_channel(p.control_address, creds,
+                               options=CHANNEL_OPTIONS + [("grpc.ssl_target_name_override", p.id)])
+
+
+def raw_call(ch, method: str, payload: bytes, timeout=10.0) -> bytes:
+    return ch.unary_unary(f"/{SERVICE}/{method}")(payload, timeout=timeout)
+
+
+def refused(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def test_no_client_without_a_client_certificate(cluster):
+    config, _ = cluster
+    tls = config.parent / "tls"
+    attempts = {
+        "plaintext": channel(config, 0, secure=False),
+        "TLS without a client certificate": channel(config, 0),
+        "a party's own certificate as a client": channel(config, 1, cert=tls / "P1.pem", key=tls / "P1.key"),
+    }
+    for what, ch in attempts.items():
+        for method in ("hello", "model_info", "session_result"):
+            code = refused(lambda: raw_call(ch, method, Empty().encode(), timeout=5))
+            assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED), (what, method, code)
+
+
+def test_a_certificate_of_another_ca_named_owner_is_refused(cluster, tmp_path):
+    config, _ = cluster
+    rogue = write_config(tmp_path / "rogue.json")  # the attacker's own CAs, with an "owner" client
+    make_certs(rogue, clients="owner")
+    ch = channel(config, 0, cert=tmp_path / "tls" / "owner.pem", key=tmp_path / "tls" / "owner.key",
+                 ca=config.parent / "tls" / "party-ca.pem")
+    assert refused(lambda: raw_call(ch, "model_delete", ModelRef("tiny").encode(), timeout=5)) in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+
+
+def test_no_method_returns_or_runs_anything_but_what_roles_allow(cluster):
+    config, _ = cluster
+    with PartyClients(cc.load(config), "user") as user, PartyClients(cc.load(config), "owner") as owner:
+        # the old driver's methods are gone: no value fetch, no audit of names, no executables
+        for method in ("get_var", "set_var", "run", "audit", "drop", "open"):
+            assert refused(lambda: raw_call(user._channels[0], method, b"\x80")) == grpc.StatusCode.UNIMPLEMENTED
+        # a user cannot upload, replace or delete a model; the owner cannot run or receive a session's result
+        for method, request in (("model_begin", ModelBegin("evil", "{}")), ("model_delete", ModelRef("tiny")),
+                                ("model_put", ModelPut("tiny", [], [], []))):
+            assert refused(lambda: user.call(0, method, request)) == grpc.StatusCode.PERMISSION_DENIED
+        for method, request in (("session_result", SessionRef("x")), ("session_open", SessionOpen("x", "tiny", "{}")),
+                                ("session_step", SessionStep("x", 0))):
+            assert refused(lambda: owner.call(0, method, request)) == grpc.StatusCode.PERMISSION_DENIED
+        # every method names its roles; none is open to a party
+        assert all(m.roles <= {"owner", "user"} for m in METHODS.values())
+
+
+def test_malformed_messages_are_refused(cluster):
+    config, _ = cluster
+    with PartyClients(cc.load(config), "user") as user:
+        ch = user._channels[0]
+        for payload in (b"\xff\x00garbage", json.dumps({"model_id": "tiny"}).encode(),
+                        Empty().encode(), ModelRef("tiny").encode()[:-2]):
+            assert refused(lambda: raw_call(ch, "model_info", payload)) == grpc.StatusCode.INVALID_ARGUMENT
+        import msgpack
+
+        typed_wrong = msgpack.packb({"model_id": 7})
+        extra = msgpack.packb({"model_id": "tiny", "runtime_config": b"snapshot"})
+        for payload in (typed_wrong, extra):
+            assert refused(lambda: raw_call(ch, "model_info", payload)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_session_cannot_be_taken_over_and_is_dropped_when_abandoned(cluster):
+    config, _ = cluster
+    cluster_cfg = cc.load(config)
+    with PartyClients(cluster_cfg, "user") as alice, PartyClients(cluster_cfg, "user-bob") as bob:
+        job = json.dumps(TINY_JOB, sort_keys=True)
+        alice.until_done("session_open", SessionOpen("alice-1", "tiny", job), "opening")
+        # bob can neither open over it, nor step, read, or close alice's session
+        with pytest.raises(ClusterError, match="busy with another session"):
+            bob.until_done("session_open", SessionOpen("bob-1", "tiny", job), "opening")
+        with pytest.raises(ClusterError, match="busy with another session"):
+            bob.until_done("session_open", SessionOpen("alice-1", "tiny", job), "opening")
+        for method, request in (("session_result", SessionRef("alice-1")), ("session_step", SessionStep("alice-1", 0))):
+            assert "no session 'alice-1' of user-bob" in _details(lambda: bob.call(0, method, request))
+        bob.call_all("session_close", SessionRef("alice-1"))  # no effect on alice's session
+        assert all(r.busy for r in alice.hello())
+        # the result is released only after the last step, and steps only in order
+        assert "released only after the last step" in _details(lambda: alice.call(0, "session_result", SessionRef("alice-1")))
+        assert "cannot run now" in _details(lambda: alice.call(0, "session_step", SessionStep("alice-1", 1)))
+        # alice goes silent: the parties drop her session and its shares after timeouts.session_idle_s
+        deadline = time.monotonic() + 60
+        while any(r.busy for r in alice.hello()) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not any(r.busy for r in alice.hello())
+        assert "no session 'alice-1'" in _details(lambda: alice.call(0, "session_step", SessionStep("alice-1", 0)))
+
+
+def _details(call) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.details()
+
+
+def test_the_owners_policy_binds_users_and_jobs(cluster):
+    config, _ = cluster
+    with PartyClients(cc.load(config), "user") as user:
+        bad_jobs = {
+            "refuses the job: .*runtime": {**TINY_JOB, "runtime": {"enable_runtime_snapshot": True}},
+            "refuses the job: .*steps must be": {**TINY_JOB, "steps": 0},
+            "refuses the job: .*eta must be": {**TINY_JOB, "eta": float("nan")},
+            "refuses the job: .*unknown protocol set": {**TINY_JOB, "protocol_set": "my-leaky-set"},
+        }
+        _, x_t, labels = tiny_inputs()
+        for message, job in bad_jobs.items():
+            with pytest.raises(ClusterError, match=message):
+                sample_on_cluster(user, "tiny", job, x_t, labels)
+    # the policy of "tiny" lists users "user" and "user-bob" only: carol holds a valid certificate, but no right
+    with PartyClients(cc.load(config), "user-carol") as carol:
+        with pytest.raises(ClusterError, match="no model 'tiny'"):
+            carol.call_all("model_info", ModelRef("tiny"))
+
+
+def test_a_protocol_set_cannot_set_secrecy_relevant_runtime_options():
+    for option in ({"enable_runtime_snapshot": True}, {"snapshot_dump_dir": "/tmp/x"}, {"public_random_seed": 7},
+                   {"enable_pphlo_trace": True}, {"beaver_type": 1}, {"trunc_allow_msb_error": False}):
+        with pytest.raises(ProtocolError, match="not settable by a protocol set"):
+            registry.register_protocol_set(ProtocolSet("evil", dict(registry.protocol_set("cipherdm").kernels), option))
+
+
+def test_a_party_refuses_a_program_that_reveals(tmp_path):
+    """Defence in depth: even a program its own catalog built is audited before it runs."""
+    from cipherdm_spu import SecureSession
+    from cipherdm_spu.party import PartyService
+    from cipherdm_spu.plan import Step, StepProgram
+
+    with SecureSession("spu") as session:
+        leaky = session.compile(lambda x: x * 2.0, np.ones(3, np.float32))
+    code = leaky.mlir.replace("-> tensor<3x!pphlo.secret<f32>>", "-> tensor<3xf32>")  # the output in the clear
+
+    class LeakyCatalog:
+        def model_tensors(self, manifest):
+            return {}
+
+        def program(self, manifest, job, fraction_bits):
+            return StepProgram(code.encode(), "leak", "spu", {}, 1, {"x": ((3,), "float32")}, (),
+                               (Step(("slot:x",), (), {}, "x/1"),), "x/1")
+
+    config = write_config(tmp_path / "3pc.json")
+    make_certs(config)
+    cluster = cc.load(config)
+    service = PartyService(cluster, cluster.parties[0], LeakyCatalog(), tmp_path / "spu.log")
+    service.compiler.shutdown()
+    service.compiler = _InProcess()
+    try:
+        from cipherdm_spu.party import Caller
+
+        owner, user = Caller("owner", "owner"), Caller("user", "user")
+        service.model_begin(owner, ModelBegin("m", json.dumps({"policy": None})))
+        service.model_seal(owner, ModelRef("m"))
+        with pytest.raises(PartyError, match="refuses to run the compiled step"):
+            for _ in range(10):
+                if service.session_open(user, SessionOpen("s", "m", "{}")).state == "done":
+                    break
+        assert service.session is None
+    finally:
+        service.shutdown()
+
+
+class _InProcess:
+    """A stand-in for the party's compiler process (the leaky catalog is defined in this test)."""
+
+    def submit(self, fn, *args):
+        import concurrent.futures as cf
+
+        future = cf.Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, **kwargs):
+        pass
+
+
+def test_log_files_are_private_and_symlinks_are_refused(tmp_path):
+    path = private_log_file(tmp_path / "logs", "party-P0.log")
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600) and oct((tmp_path / "logs").stat().st_mode & 0o777) == oct(0o700)
+    (tmp_path / "target").write_text("")
+    (tmp_path / "logs" / "evil.log").symlink_to(tmp_path / "target")
+    with pytest.raises(OSError):
+        private_log_file(tmp_path / "logs", "evil.log")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(PartyError, match="others cannot write into"):
+        private_log_file(shared, "party-P0.log")
+
+
+def test_user_inputs_are_refused_beyond_the_fixed_point_range():
+    from cipherdm_spu import InputError, SecureSession
+
+    with SecureSession("spu") as session:
+        with pytest.raises(InputError, match="beyond"):
+            session.share(np.array([2e13], np.float32))
+        session.share(np.array([1.7e13], np.float32))  # within the range: shared
