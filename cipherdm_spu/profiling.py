@@ -18,9 +18,11 @@ The per-op breakdown (``kernels``) is taken from the pphlo lines of parties 0 an
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import re
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -207,8 +209,8 @@ class SpuLog:
 
     def __init__(self, path: Path):
         self.path = path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.touch()
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))  # never through a symlink
         opts = libspu.logging.LogOptions()
         opts.enable_console_logger = False
         opts.system_log_path = str(self.path)
@@ -224,10 +226,12 @@ class SpuLog:
                 if cls._instance is None or cls._instance.path != path:
                     cls._instance = SpuLog(path)
             elif cls._instance is None:
-                default = os.environ.get("CIPHERDM_SPU_LOG") or os.path.join(
-                    tempfile.gettempdir(), f"cipherdm-spu-{os.getpid()}.log"
-                )
-                cls._instance = SpuLog(Path(default))
+                if os.environ.get("CIPHERDM_SPU_LOG"):
+                    cls._instance = SpuLog(Path(os.environ["CIPHERDM_SPU_LOG"]))
+                else:  # a private folder of this process's, removed when it exits
+                    folder = tempfile.mkdtemp(prefix="cipherdm-spu-log-")
+                    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+                    cls._instance = SpuLog(Path(folder) / "spu.log")
             return cls._instance
 
     def offset(self) -> int:
