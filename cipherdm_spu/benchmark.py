@@ -69,15 +69,16 @@ def _unwrap(tree):
 
 
 def nonlinear_calls(fn, *args) -> List[tuple]:
-    """(op, shape, params) of every registered-op call in ``fn(*args)``, nested jaxprs included; params hold
-    the kernel names the protocol set in force chose."""
+    """(op, shape, params) of every registered-op call in ``fn(*args)``, nested jaxprs included; params are the
+    op's own, not the kernel names (a jit-cached inner trace may hold another set's)."""
     names = {ops.primitive(op).name: op for op in registry.OPS}
     calls = []
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
             if eqn.primitive.name in names:
-                calls.append((names[eqn.primitive.name], tuple(eqn.invars[0].aval.shape), dict(eqn.params)))
+                params = {k: v for k, v in eqn.params.items() if k not in ops.KERNEL_PARAMS}
+                calls.append((names[eqn.primitive.name], tuple(eqn.invars[0].aval.shape), params))
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (list, tuple)) else [value]:
                     inner = getattr(sub, "jaxpr", sub)
@@ -89,7 +90,7 @@ def nonlinear_calls(fn, *args) -> List[tuple]:
 
 
 def kernel_breakdown(session: SecureSession, calls: List[tuple], seed: int = 0) -> Dict[str, RunStats]:
-    """Each op's calls run on their own, at their shapes and with their kernels, under ``session``: cost per op."""
+    """Each op's calls run on their own, at their shapes, under ``session`` (its set's kernels): cost per op."""
     rng = np.random.default_rng(seed)
     by_op: Dict[str, List[tuple]] = {}
     for op, shape, params in calls:
@@ -98,8 +99,8 @@ def kernel_breakdown(session: SecureSession, calls: List[tuple], seed: int = 0) 
     for op, items in by_op.items():
         inputs = [np.abs(rng.standard_normal(shape)).astype(np.float32) + 0.5 for shape, _ in items]
 
-        def run_all(*xs, _prim=ops.primitive(op), _params=[p for _, p in items]):
-            return [_prim.bind(x, **p) for x, p in zip(xs, _params)]
+        def run_all(*xs, _op=op, _params=[p for _, p in items]):
+            return [getattr(ops, _op)(x, **p) for x, p in zip(xs, _params)]
 
         session.run(run_all, *inputs)
         costs[op] = session.last_stats

@@ -28,6 +28,8 @@ from jax.core import ShapedArray
 from . import registry
 
 _PRIMITIVES: dict[str, Primitive] = {}
+#: Primitive params the protocol set chooses at trace time (kernel names); the others are the op's own.
+KERNEL_PARAMS = ("impl", "exp_impl")
 
 
 def _define(op: str, *, axis_param: bool = False) -> Primitive:
