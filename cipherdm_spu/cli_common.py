@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -162,33 +163,32 @@ def load_model_dir(path: Path):
 
 
 def private_output_dir(path: Path) -> Path:
-    """The output folder, created 0700 (an existing one keeps its mode; files in it are written 0600)."""
+    """The output folder, created 0700; an existing one of ours is made 0700, anyone else's refused."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise UsageError(f"--out {path} must be a folder of this user's (not a link)")
+    os.chmod(path, 0o700)
     return path
 
 
-def write_private(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` atomically and 0600: the result is the user's alone."""
+def write_private(path: Path, write: Callable[[object], None]) -> None:
+    """Write ``path`` atomically and 0600 through the file object ``write`` is given: the result is the user's alone."""
     tmp = path.with_name(f".{path.name}.partial")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    os.close(fd)
-    write(tmp)
-    os.chmod(tmp, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        write(f)
     os.replace(tmp, path)
 
 
 def write_array(path: Path, array: np.ndarray) -> None:
-    def save(p: Path) -> None:
-        with open(p, "wb") as f:
-            np.save(f, array)
-
-    write_private(path, save)
+    write_private(path, lambda f: np.save(f, array))
 
 
 def write_json(path: Path, report: dict) -> None:
-    write_private(path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    write_private(path, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
 
 
 def run_main(parser: argparse.ArgumentParser, run: Callable, args, summary: Callable[[dict], str]) -> int:

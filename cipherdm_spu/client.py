@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -71,7 +72,7 @@ class PartyClients:
                 raise ClusterError(self.describe(fut.exception(), futures[fut], method)) from fut.exception()
         return [f.result() for f in sorted(done, key=futures.get)]
 
-    def until_done(self, method: str, request: messages.Message, what: str) -> List[dict]:
+    def until_done(self, method: str, request: messages.Message, what: str, limit_s: float = 7200.0) -> List[dict]:
         """Call a polled method on every party until all report "done"; the reports, by party.
 
         When a party fails, the others are asked once more, so that the error names the party at
@@ -79,7 +80,11 @@ class PartyClients:
         whose SPU runtime stalled.
         """
         reports: List[Optional[dict]] = [None] * 3
+        deadline = time.monotonic() + limit_s
         while True:
+            if time.monotonic() > deadline:
+                waiting = [self.cluster.parties[r].id for r in range(3) if reports[r] is None]
+                raise ClusterError(f"{what} failed: {' and '.join(waiting)} still ran it after {limit_s:g} s")
             todo = [r for r in range(3) if reports[r] is None]
             futures = {self._pool.submit(self.call, r, method, request): r for r in todo}
             failures, running = {}, []
@@ -168,7 +173,9 @@ class PartyClients:
         if silent:
             return f"{what} failed: " + "; ".join(self.describe(failures[r], r, method) for r in sorted(silent))
         reasons = "; ".join(self.describe(e, r, method) for r, e in sorted(failures.items()))
-        stalled = [r for r in running if self._still_running(r, method, request)]
+        # a peer is to blame only when the failed parties all timed out waiting for one, and it still runs
+        waited = all("timeout" in (e.details() or "").lower() for e in failures.values())
+        stalled = [r for r in running if waited and self._still_running(r, method, request)]
         if stalled:
             return (f"{what} failed: {ids(stalled)} still ran it while {ids(failures)} gave up waiting for a peer, "
                     f"so {ids(stalled)}'s SPU runtime stalled ({reasons})")

@@ -143,15 +143,14 @@ def upload(cluster: ClusterConfig, args) -> int:
         model, params, scheduler = load_model_dir(args.model)
     except (OSError, ValueError) as e:
         raise ClusterConfigError(f"cannot load --model {args.model}: {e}") from None
-    with PartyClients(cluster, args.identity or "owner") as clients:
-        bar = tqdm(desc=f"uploading {args.model_id}", unit="tensor")
+    with PartyClients(cluster, args.identity or "owner") as clients, \
+            tqdm(desc=f"uploading {args.model_id}", unit="tensor") as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
         digest = upload_model(clients, args.model_id, model, params, scheduler, policy, progress)
-        bar.close()
     print(f"model {args.model_id} shared with the three parties (manifest {digest[:16]})")
     return 0
 

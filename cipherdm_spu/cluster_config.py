@@ -49,10 +49,13 @@ class Credentials:
     key: str
 
     def check_files(self, who: str) -> None:
-        """Refuse, naming the file, where one of them is missing (checked on the host that uses them)."""
+        """Refuse, naming the file, where one is missing or the key is readable by others (checked on the
+        host that uses them)."""
         for what, value in dataclasses.asdict(self).items():
             if not Path(value).is_file():
                 raise ClusterConfigError(f"{who}: TLS {what} file {value} does not exist (make them with `spu-launch certs`)")
+        if Path(self.key).stat().st_mode & 0o077:
+            raise ClusterConfigError(f"{who}: the key {self.key} is readable by others; chmod 600 it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +173,9 @@ def from_dict(raw: dict, source: str = "<dict>", base: Optional[Path] = None) ->
         )
     _only(tls, {"party_ca", "client_ca", "parties", "clients"}, f"{source}: tls")
     party_ca, client_ca = (_path(tls.get(k), f"{source}: tls.{k}", base) for k in ("party_ca", "client_ca"))
+    if Path(party_ca).resolve() == Path(client_ca).resolve():
+        raise ClusterConfigError(f"{source}: tls.party_ca and tls.client_ca must be different CAs "
+                                 "(one CA would let a client join the parties' SPU link)")
     parties = [_party(p, rank, source, tls, party_ca, client_ca, base) for rank, p in enumerate(parties_raw)]
     if len(parties) != 3:
         raise ClusterConfigError(

@@ -36,15 +36,18 @@ from .models import ConfigError
 from .models.schedulers import SchedulerConfigError
 from .messages import ModelBegin, ModelPut, ModelRef, SessionOpen, SessionPut, SessionRef, SessionStep
 from .models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
-from .plan import Policy, Step, StepProgram
+from .plan import JobTerms, Policy, Step, StepProgram
 from .profiling import RunStats, combine_party_runs
 from .sampling import StepReport, make_denoise_step, needs_noise, secure_params
 from .session import compile_function
 
 MANIFEST_FORMAT = "cipherdm-spu/model-1"
 MODEL_KINDS = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
-#: tensors per upload call (each call is one message to each party)
+#: the most training timesteps a served model may have (its owner uploads time terms for every one)
+MAX_TRAIN_TIMESTEPS = 10000
+#: tensors per upload call, and the most bytes of shares in one (each call is one message to each party)
 UPLOAD_BATCH = 256
+UPLOAD_BYTES = 64 << 20
 JOB_FIELDS = {"sampler", "steps", "eta", "batch", "protocol_set", "overrides", "guidance_scale", "tokens"}
 
 
@@ -63,9 +66,12 @@ def _model(manifest: Mapping):
 
 def _schedule(manifest: Mapping) -> ScheduleConfig:
     try:
-        return ScheduleConfig.from_dict(manifest.get("scheduler") or {})
+        schedule = ScheduleConfig.from_dict(manifest.get("scheduler") or {})
     except (SchedulerConfigError, TypeError) as e:
         raise ValueError(f"scheduler config: {e}") from None
+    if schedule.num_train_timesteps > MAX_TRAIN_TIMESTEPS:  # the owner uploads time terms for each
+        raise ValueError(f"num_train_timesteps {schedule.num_train_timesteps} is above {MAX_TRAIN_TIMESTEPS}")
+    return schedule
 
 
 def parse_manifest(text: str) -> dict:
@@ -124,8 +130,13 @@ class SamplingCatalog:
             specs.update({name: (tuple(s.shape), str(s.dtype)) for name, s in time_term_names(terms, t).items()})
         return specs
 
+    def terms(self, manifest: str, job: str) -> JobTerms:
+        model, schedule, _, _ = _shapes(manifest)
+        spec = parse_job(job, model, schedule)
+        return JobTerms(spec["protocol_set"], spec["batch"], spec["steps"], json.dumps(spec, sort_keys=True))
+
     def program(self, manifest: str, job: str, fraction_bits: int) -> StepProgram:
-        return _program(manifest, job, fraction_bits)
+        return _program(manifest, self.terms(manifest, job).canonical, fraction_bits)
 
 
 @functools.lru_cache(maxsize=4)
@@ -245,6 +256,9 @@ def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
             raise ValueError(f"{key} must be a finite number >= {low:g}, got {value!r}")
     if not isinstance(job["overrides"], dict) or not all(isinstance(v, str) for v in job["overrides"].values()):
         raise ValueError("overrides must map ops to kernel names")
+    if job["protocol_set"] not in registry.available_protocol_sets():
+        raise ValueError(f"unknown protocol set {job['protocol_set']!r}; available: "
+                         f"{', '.join(registry.available_protocol_sets())}")
     try:
         registry.validate(registry.resolve(job["protocol_set"], job["overrides"]))
     except ProtocolError as e:
@@ -306,19 +320,33 @@ def upload_model(clients: PartyClients, model_id: str, model, params, schedule_c
     clients.check_ready()
     io = spu.Io(3, clients.cluster.runtime_config())
     clients.call_all("model_begin", ModelBegin(model_id, manifest))
-    names = sorted(tensors)
-    for start in range(0, len(names), UPLOAD_BATCH):
-        batch = names[start:start + UPLOAD_BATCH]
+    names, done = sorted(tensors), 0
+    for batch in _upload_batches(names, tensors):
         shares = [io.make_shares(tensors[n], libspu.Visibility.VIS_SECRET) for n in batch]
         clients.call_all("model_put", lambda rank: ModelPut(
             model_id, batch, [s[rank].meta for s in shares], [list(s[rank].share_chunks) for s in shares]))
+        done += len(batch)
         if progress is not None:
-            progress(min(start + UPLOAD_BATCH, len(names)), len(names))
+            progress(done, len(names))
     infos = clients.call_all("model_seal", ModelRef(model_id))
     digests = {info.digest for info in infos}
     if len(digests) != 1:
         raise ClusterError(f"the parties sealed different manifests for {model_id!r}")
     return digests.pop()
+
+
+def _upload_batches(names, tensors):
+    """Groups of at most UPLOAD_BATCH tensors and about UPLOAD_BYTES of shares (a bigger tensor goes alone)."""
+    batch, size = [], 0
+    for name in names:
+        nbytes = 16 * tensors[name].size  # an ABY3 share of a 64-bit ring element: two of them
+        if batch and (len(batch) == UPLOAD_BATCH or size + nbytes > UPLOAD_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(name)
+        size += nbytes
+    if batch:
+        yield batch
 
 
 # -- a user -------------------------------------------------------------------------------------

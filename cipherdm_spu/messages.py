@@ -113,6 +113,8 @@ class ModelRef(Message):
 @dataclasses.dataclass(frozen=True)
 class ModelInfo(Message):
     model_id: str
+    #: the client that uploaded it (its certificate's name)
+    owner: str
     manifest: str
     sealed: bool
     #: sha256 of the manifest: the three parties must hold the same model

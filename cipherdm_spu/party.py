@@ -51,8 +51,18 @@ from .profiling import SpuLog, parse_party_run
 
 log = logging.getLogger("cipherdm_spu.party")
 
-#: models one party keeps at once (each holds its shares in memory)
-MAX_MODELS = 8
+#: models one party keeps at once, in all and per owner (each holds its shares in memory)
+MAX_MODELS = 16
+MAX_MODELS_PER_OWNER = 4
+#: the most tensors one model may have
+MAX_TENSORS = 1_000_000
+#: how long the compiler process may take to judge a manifest or a job, and to compile a program
+JUDGE_S = 300.0
+COMPILE_S = 3600.0
+#: the longest a party waits for its worker to take or give back values (they are in memory)
+TRANSFER_S = 600.0
+#: the largest message a party accepts (a model's shares arrive in many smaller ones)
+MAX_MESSAGE_BYTES = 512 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +82,7 @@ class _Model:
     expected: Dict[str, tuple]
     shares: Dict[str, tuple] = dataclasses.field(default_factory=dict)  # name -> (meta, chunks)
     sealed: bool = False
+    last_seen: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @dataclasses.dataclass
@@ -130,20 +141,29 @@ class PartyService:
     def model_begin(self, caller: Caller, msg: messages.ModelBegin) -> messages.Empty:
         _check_name(msg.model_id, "model id")
         with self.lock:
-            if msg.model_id in self.models:
-                raise PartyError(f"model {msg.model_id!r} exists; its owner must delete it before uploading again")
-            if len(self.models) >= MAX_MODELS:
-                raise PartyError(f"party {self.party.id} holds {MAX_MODELS} models already; delete one first")
-            try:
-                manifest = json.loads(msg.manifest)
-                policy = Policy.from_dict(manifest.get("policy") if isinstance(manifest, dict) else None)
-                expected = dict(self.catalog.model_tensors(msg.manifest))
-            except ValueError as e:
-                raise PartyError(f"model {msg.model_id!r}: bad manifest: {e}") from None
+            self._check_room(caller, msg.model_id)
+        try:  # in the compiler process: judging a manifest may take seconds, and never stalls this service
+            manifest = json.loads(msg.manifest)
+            policy = Policy.from_dict(manifest.get("policy") if isinstance(manifest, dict) else None)
+            expected = dict(self._in_compiler(JUDGE_S, self.catalog.model_tensors, msg.manifest))
+        except ValueError as e:
+            raise PartyError(f"model {msg.model_id!r}: bad manifest: {e}") from None
+        if len(expected) > MAX_TENSORS:
+            raise PartyError(f"model {msg.model_id!r} has {len(expected)} tensors, more than {MAX_TENSORS}")
+        with self.lock:
+            self._check_room(caller, msg.model_id)
             digest = hashlib.sha256(msg.manifest.encode()).hexdigest()
             self.models[msg.model_id] = _Model(caller.name, msg.manifest, digest, policy, expected)
         log.info("party %s: %s began uploading model %s", self.party.id, caller.name, msg.model_id)
         return messages.Empty()
+
+    def _check_room(self, caller: Caller, model_id: str) -> None:
+        if model_id in self.models:
+            raise PartyError(f"model {model_id!r} exists; its owner must delete it before uploading again")
+        if len(self.models) >= MAX_MODELS:
+            raise PartyError(f"party {self.party.id} holds {MAX_MODELS} models already; try again later")
+        if sum(m.owner == caller.name for m in self.models.values()) >= MAX_MODELS_PER_OWNER:
+            raise PartyError(f"{caller.name} holds {MAX_MODELS_PER_OWNER} models on party {self.party.id}; delete one first")
 
     def model_put(self, caller: Caller, msg: messages.ModelPut) -> messages.Empty:
         if not len(msg.names) == len(msg.metas) == len(msg.chunks):
@@ -157,9 +177,10 @@ class PartyService:
                     raise PartyError(f"model {msg.model_id!r} has no tensor {name!r}")
                 if name in model.shares:
                     raise PartyError(f"model {msg.model_id!r}: tensor {name!r} was already uploaded")
-                self._check_share(meta, model.expected[name], f"tensor {name!r}")
+                self._check_share(meta, chunks, model.expected[name], f"tensor {name!r}")
                 model.shares[name] = (meta, list(chunks))
                 log.info("party %s: received %s sha256=%s", self.party.id, name, _digest(meta, chunks))
+            model.last_seen = time.monotonic()
         return messages.Empty()
 
     def model_seal(self, caller: Caller, msg: messages.ModelRef) -> messages.ModelInfo:
@@ -225,9 +246,14 @@ class PartyService:
                                  f"(slots: {names_of(sorted(session.program.slots))})")
             if msg.slot in session.slots:
                 raise PartyError(f"input slot {msg.slot!r} was already given")
-            self._check_share(msg.meta, spec, f"input slot {msg.slot!r}")
-            session.worker.call("set_vars", [(_slot(msg.slot), msg.meta, list(msg.chunks))])
-            session.slots.add(msg.slot)
+            self._check_share(msg.meta, msg.chunks, spec, f"input slot {msg.slot!r}")
+            session.slots.add(msg.slot)  # taken now; the worker is called without the lock
+        try:
+            session.worker.call("set_vars", [(_slot(msg.slot), msg.meta, list(msg.chunks))], timeout=TRANSFER_S)
+        except PartyError:
+            with self.lock:
+                session.slots.discard(msg.slot)
+            raise
         log.info("party %s: received %s sha256=%s", self.party.id, msg.slot, _digest(msg.meta, msg.chunks))
         return messages.Empty()
 
@@ -258,7 +284,8 @@ class PartyService:
             if len(session.reports) != len(session.program.steps):
                 raise PartyError(f"the result is released only after the last step "
                                  f"({len(session.reports)} of {len(session.program.steps)} done)")
-            meta, chunks = session.worker.call("get_var", session.program.result)
+            worker, result = session.worker, session.program.result
+        meta, chunks = worker.call("get_var", result, timeout=TRANSFER_S)
         log.info("party %s: released its share of session %s's result to %s", self.party.id, session.id, caller.name)
         return messages.Share(meta, chunks)
 
@@ -274,48 +301,71 @@ class PartyService:
         with self.lock:
             self._drop_session("the party is shutting down")
         self.jobs.shutdown(wait=False, cancel_futures=True)
-        self.compiler.shutdown(wait=False, cancel_futures=True)
+        _stop_compiler(self.compiler)
 
     # -- jobs (run in the background; their errors end the session) -------------------------------
 
     def _open(self, session: _Session, model: _Model, job: str) -> None:
         started = time.perf_counter()
-        try:
-            program = self.compiler.submit(self.catalog.program, model.manifest, job, self.cluster.fraction_bits).result()
+        try:  # the owner's policy first, on the job's terms: nothing it forbids is ever compiled
+            terms = self._in_compiler(JUDGE_S, self.catalog.terms, model.manifest, job, session=session)
+            refusal = model.policy.refusal(session.user, terms)
+            if refusal:
+                raise ValueError(refusal)
+            program = self._in_compiler(COMPILE_S, self.catalog.program, model.manifest, terms.canonical,
+                                        self.cluster.fraction_bits, session=session)
         except ValueError as e:
             raise PartyError(f"party {self.party.id} refuses the job: {e}") from None
-        except cf.process.BrokenProcessPool:
-            self.compiler = _compiler_process()
-            raise PartyError(f"party {self.party.id}: its compiler process died compiling the job") from None
-        refusal = model.policy.refusal(session.user, program)
-        if refusal:
-            raise PartyError(f"party {self.party.id} refuses the job: {refusal}")
         try:
             ir_audit.audit(program.code.decode("utf-8"))
         except ValueError as e:
             raise PartyError(f"party {self.party.id} refuses to run the compiled step: {e}") from None
         compiled_s = time.perf_counter() - started
+        executable = hashlib.sha256(program.code).hexdigest()
+        # what the three parties must agree on before any share meets another: checked over the SPU link
+        agreement = hashlib.sha256(json.dumps(
+            [session.id, session.user, session.model_id, model.digest, terms.canonical, executable]).encode()).hexdigest()
         config = self.cluster.runtime_config(program.runtime_options)
         config.enable_pphlo_profile, config.enable_hal_profile = True, False  # this party's own cost report
-        worker = _Worker(self.cluster, self.party, self.log_path, session.id, config.SerializeToString())
-        try:
-            worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
-            worker.call("set_vars", [(_tensor(n), *model.shares[n]) for n in program.resident])
-        except Exception:
-            worker.stop()
-            raise
         with self.lock:
-            if self.session is not session:  # dropped meanwhile
-                worker.stop()
+            if self.session is not session:
                 raise PartyError("the session ended while it opened")
-            session.program, session.worker = program, worker
+            worker = session.worker = _Worker(self.cluster, self.party, self.log_path, session.id,
+                                              config.SerializeToString(), agreement)
+        worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
+        worker.call("set_vars", [(_tensor(n), *model.shares[n]) for n in program.resident], timeout=TRANSFER_S)
+        with self.lock:
+            if self.session is not session:  # dropped meanwhile (its worker is stopped with it)
+                raise PartyError("the session ended while it opened")
+            session.program = program
             session.open_report = {
-                "executable_sha256": hashlib.sha256(program.code).hexdigest(), "compile_seconds": round(compiled_s, 3),
+                "executable_sha256": executable, "agreement_sha256": agreement, "compile_seconds": round(compiled_s, 3),
                 "slots": {k: [list(s), d] for k, (s, d) in program.slots.items()}, "steps": len(program.steps),
-                "protocol_set": program.protocol_set, **program.description,
+                "protocol_set": program.protocol_set, "model_owner": model.owner, **program.description,
             }
         log.info("party %s: session %s open (executable %s, SPU worker pid %d)", self.party.id, session.id,
-                 session.open_report["executable_sha256"][:16], worker.process.pid)
+                 executable[:16], worker.process.pid)
+
+    def _in_compiler(self, limit_s: float, fn, *args, session: Optional[_Session] = None):
+        """``fn(*args)`` in the compiler process, within ``limit_s``; abandoned (the process restarted) when
+        it overruns or when ``session`` ends meanwhile, so a closed session never holds the compiler."""
+        future = self.compiler.submit(fn, *args)
+        deadline = time.monotonic() + limit_s
+        try:
+            while True:
+                try:
+                    return future.result(timeout=1.0)
+                except cf.TimeoutError:
+                    if session is not None and self.session is not session:
+                        raise PartyError("the session ended while it opened") from None
+                    if time.monotonic() > deadline:
+                        raise PartyError(f"party {self.party.id}: compiling took more than {limit_s:g} s") from None
+        except cf.process.BrokenProcessPool:
+            raise PartyError(f"party {self.party.id}: its compiler process died") from None
+        finally:
+            if not future.done() or isinstance(future.exception(), cf.process.BrokenProcessPool):
+                _stop_compiler(self.compiler)
+                self.compiler = _compiler_process()
 
     def _step(self, session: _Session, index: int) -> None:
         program, worker = session.program, session.worker
@@ -325,10 +375,12 @@ class PartyService:
         for name, value in step.public.items():
             share = self._io.make_shares(np.asarray(value), libspu.Visibility.VIS_PUBLIC)[self.party.rank]
             values.append((name, share.meta, list(share.share_chunks)))
-        worker.call("set_vars", values)
+        worker.call("set_vars", values, timeout=TRANSFER_S)
         inputs = [_runtime_name(n) for n in step.inputs]
+        # no deadline of its own: a stalled peer fails this run within the SPU link's receive timeout
         report = worker.call("run", (program.name, program.code, inputs, [step.output]))
-        worker.call("del_vars", [name for name, _, _ in values] + [_runtime_name(n) for n in step.frees])
+        worker.call("del_vars", [name for name, _, _ in values] + [_runtime_name(n) for n in step.frees],
+                    timeout=TRANSFER_S)
         with self.lock:
             session.reports.append(report)
 
@@ -380,7 +432,8 @@ class PartyService:
             raise PartyError(f"session {session_id!r} is still opening")
         return session
 
-    def _check_share(self, meta: bytes, spec: tuple, what: str) -> None:
+    def _check_share(self, meta: bytes, chunks, spec: tuple, what: str) -> None:
+        """Refuse a share that is not a secret share of ``spec``'s shape and dtype on this ring, whole."""
         shape, dtype = spec
         value = libspu.ValueMeta()
         try:
@@ -393,9 +446,14 @@ class PartyService:
             raise PartyError(f"{what}: must be a secret share on {field} (got {value.visibility}, {value.storage_type})")
         if got_shape != tuple(shape) or str(value.data_type) != f"DataType.DT_{_SPU_DTYPES[dtype]}":
             raise PartyError(f"{what}: expected {dtype}{list(shape)}, got {value.data_type} {list(got_shape)}")
+        # replicated shares of a ring element: two of them, plus a few bytes of framing per chunk
+        expected = 2 * spu_config.RING_BITS[field] // 8 * int(np.prod(shape, dtype=np.int64))
+        size = sum(len(c) for c in chunks)
+        if not expected <= size <= expected + 64 * max(1, len(chunks)):
+            raise PartyError(f"{what}: {size} bytes of share data, expected about {expected}")
 
     def _info(self, model_id: str, model: _Model) -> messages.ModelInfo:
-        return messages.ModelInfo(model_id, model.manifest, model.sealed, model.digest)
+        return messages.ModelInfo(model_id, model.owner, model.manifest, model.sealed, model.digest)
 
     def _drop_session(self, why: str) -> None:
         session, self.session = self.session, None
@@ -406,8 +464,14 @@ class PartyService:
         log.info("party %s: session %s dropped: %s", self.party.id, session.id, why)
 
     def _drop_idle_sessions(self) -> None:
+        """Drop a session, and an unsealed upload, whose client has been silent for session_idle_s."""
         while not self._stop.wait(1.0):
             with self.lock:
+                now, idle = time.monotonic(), self.cluster.session_idle_s
+                for model_id, model in list(self.models.items()):
+                    if not model.sealed and now - model.last_seen > idle:
+                        del self.models[model_id]
+                        log.info("party %s: unsealed model %s dropped after %g s of silence", self.party.id, model_id, idle)
                 session = self.session
                 if session is None or (session.job is not None and not session.job.done()):
                     continue
@@ -417,6 +481,13 @@ class PartyService:
 
 def _compiler_process() -> cf.ProcessPoolExecutor:
     return cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+
+
+def _stop_compiler(pool: cf.ProcessPoolExecutor) -> None:
+    """End the compiler process now, even mid-compile (shutdown alone would wait for the job)."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 _SPU_DTYPES = {"float32": "F32", "float64": "F64", "int32": "I32", "int64": "I64", "bool": "I1"}
@@ -452,12 +523,12 @@ class _Worker:
     session lives in a child: a lost peer ends the session, never the party.
     """
 
-    def __init__(self, cluster, party, log_path, session_id: str, runtime_config: bytes):
+    def __init__(self, cluster, party, log_path, session_id: str, runtime_config: bytes, agreement: str):
         self.party = party
         context = mp.get_context("spawn")  # never fork a process that runs gRPC threads
         self.conn, child = context.Pipe()
         self.process = context.Process(
-            target=_worker_main, args=(child, cluster, party, str(log_path), session_id, runtime_config),
+            target=_worker_main, args=(child, cluster, party, str(log_path), session_id, runtime_config, agreement),
             name=f"spu-{party.id}-{session_id}", daemon=True,
         )
         self.process.start()
@@ -492,8 +563,10 @@ class _Worker:
         self.conn.close()
 
 
-def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str, session_id: str, runtime_config: bytes):
-    """The worker process: build the link and runtime, then serve the party's jobs until the pipe closes."""
+def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str, session_id: str,
+                 runtime_config: bytes, agreement: str):
+    """The worker process: build the link, check that the three parties agree on the session (the same
+    session, user, model, job and executable), build the runtime, then serve the party's jobs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the party process decides when this one ends
     _die_with_parent()
     spu_log = SpuLog.get(log_path)
@@ -508,10 +581,17 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
         for p in cluster.parties:
             desc.add_party(p.id, p.spu_address)
         _enable_link_tls(desc, party)
-        runtime = spu.Runtime(libspu.link.create_brpc(desc, party.rank), config)
+        link = libspu.link.create_brpc(desc, party.rank)
+        agreed = link.all_gather(agreement)
     except Exception as e:  # noqa: BLE001 - reported to the client through the party
         conn.send(("error", f"cannot open the SPU link: {_first_lines(e)}"))
         return
+    if len(set(agreed)) != 1:
+        differ = [cluster.parties[r].id for r, a in enumerate(agreed) if a != agreement]
+        conn.send(("error", f"the parties disagree about this session (session, user, model, job or executable): "
+                            f"{', '.join(differ)} {'was' if len(differ) == 1 else 'were'} asked for something else"))
+        return
+    runtime = spu.Runtime(link, config)
     conn.send(("ok", None))
     while True:
         try:
@@ -640,7 +720,9 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
     check_port_free(party.spu_address, f"party {party.id}: SPU link address")
     check_port_free(party.control_address, f"party {party.id}: control address")
     service = PartyService(cluster, party, catalog, private_log_file(log_dir, f"spu-{party.id}.log"))
-    server = grpc.server(cf.ThreadPoolExecutor(max_workers=8), options=messages.CHANNEL_OPTIONS)
+    server = grpc.server(cf.ThreadPoolExecutor(max_workers=8), maximum_concurrent_rpcs=32,
+                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     server.add_generic_rpc_handlers((_handler(service),))
     try:
         bound = server.add_secure_port(party.control_address, server_credentials(party))

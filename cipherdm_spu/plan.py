@@ -60,17 +60,17 @@ class Policy:
             "max_batch": self.max_batch, "max_steps": self.max_steps,
         }
 
-    def refusal(self, user: str, program: "StepProgram") -> Optional[str]:
-        """Why ``user`` may not run ``program`` on this model (None: allowed)."""
+    def refusal(self, user: str, job: "JobTerms") -> Optional[str]:
+        """Why ``user`` may not run ``job`` on this model (None: allowed)."""
         if self.users is not None and user not in self.users:
             return f"the model owner's policy does not list user {user!r}"
-        if self.protocol_sets is not None and program.protocol_set not in self.protocol_sets:
+        if self.protocol_sets is not None and job.protocol_set not in self.protocol_sets:
             return (f"the model owner's policy allows protocol sets {', '.join(self.protocol_sets)}, "
-                    f"not {program.protocol_set!r}")
-        if program.batch > self.max_batch:
-            return f"batch {program.batch} is above the policy's max_batch {self.max_batch}"
-        if len(program.steps) > self.max_steps:
-            return f"{len(program.steps)} steps are above the policy's max_steps {self.max_steps}"
+                    f"not {job.protocol_set!r}")
+        if job.batch > self.max_batch:
+            return f"batch {job.batch} is above the policy's max_batch {self.max_batch}"
+        if job.steps > self.max_steps:
+            return f"{job.steps} steps are above the policy's max_steps {self.max_steps}"
         return None
 
 
@@ -111,19 +111,29 @@ class StepProgram:
     description: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class JobTerms:
+    """What the owner's policy judges in a job, known before anything is compiled."""
+
+    protocol_set: str
+    batch: int
+    steps: int
+    #: the job in one canonical text: equal jobs compile once, and the parties compare it
+    canonical: str
+
+
 class JobCatalog(Protocol):
-    """What the application tells a party about the programs it may run."""
+    """What the application tells a party about the programs it may run (each call may take seconds:
+    the party runs them in its compiler process, never in its control service)."""
 
     def model_tensors(self, manifest: str) -> Mapping[str, TensorSpec]:
         """The tensors a model with this manifest consists of; ValueError for a manifest it cannot serve."""
 
+    def terms(self, manifest: str, job: str) -> JobTerms:
+        """Validate ``job`` on this model without compiling it; ValueError for a bad job."""
+
     def program(self, manifest: str, job: str, fraction_bits: int) -> StepProgram:
-        """Build and compile the step program of ``job`` on this model; ValueError for a bad job."""
-
-
-def public_policy(manifest: Mapping) -> Policy:
-    """The policy of a parsed manifest."""
-    return Policy.from_dict(manifest.get("policy"))
+        """Build and compile the step program of a canonical job on this model; ValueError for a bad job."""
 
 
 def names_of(values: Sequence[str]) -> str:

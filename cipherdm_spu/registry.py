@@ -32,6 +32,7 @@ import contextvars
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Mapping, Optional, Union
@@ -151,14 +152,23 @@ def validate(pset: ProtocolSet) -> None:
     spu_config.check_options(pset)
 
 
+#: what a protocol set may be called (a file's stem): letters, digits, '.', '_', '-'; no path
+_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def protocol_set(name: str) -> ProtocolSet:
     """The protocol set called ``name``: registered in Python, or a JSON file on protocol_set_dirs()."""
     if name in _PROTOCOL_SETS:
         return _PROTOCOL_SETS[name]
+    if not isinstance(name, str) or not _SET_NAME.fullmatch(name):  # a name, never a path
+        raise ProtocolError(f"unknown protocol set {name!r}; available: {', '.join(available_protocol_sets())}")
     for d in protocol_set_dirs():
         f = d / f"{name}.json"
         if f.is_file():
-            return register_protocol_set(load_protocol_file(f))
+            pset = load_protocol_file(f)
+            if pset.name != name:
+                raise ProtocolError(f"{f}: names itself {pset.name!r}; a protocol set file is named after its set")
+            return register_protocol_set(pset)
     raise ProtocolError(f"unknown protocol set {name!r}; available: {', '.join(available_protocol_sets())}")
 
 

@@ -175,10 +175,10 @@ def run(args) -> dict:
         if plain_verdict:
             report["plaintext"] = plain_verdict
     write_array(args.out / "samples.npy", images)
-    write_private(args.out / "samples.png", lambda p: image_grid(images).save(p, format="PNG"))
+    write_private(args.out / "samples.png", lambda f: image_grid(images).save(f, format="PNG"))
     if plain is not None:
         write_array(args.out / "plaintext.npy", plain)
-        write_private(args.out / "plaintext.png", lambda p: image_grid(plain).save(p, format="PNG"))
+        write_private(args.out / "plaintext.png", lambda f: image_grid(plain).save(f, format="PNG"))
     write_json(args.out / "report.json", report)
     return report
 

@@ -139,14 +139,14 @@ def run(args) -> dict:
         report["psnr_vs_plaintext"] = quality.psnr(images, plain_images)
         report["ssim_vs_plaintext"] = quality.ssim(images, plain_images)
         write_array(args.out / "plaintext_latent.npy", plain)
-        write_private(args.out / "plaintext.png", lambda p: image_grid(plain_images, columns=4, scale=1).save(p, format="PNG"))
+        write_private(args.out / "plaintext.png", lambda f: image_grid(plain_images, columns=4, scale=1).save(f, format="PNG"))
     if args.reference:
         reference = stable_diffusion.reference_latents(args.model, args.prompt, args.negative_prompt, latents_t,
                                                        sampler.num_steps, args.guidance_scale)
         report["max_abs_latent_diff_vs_diffusers"] = float(np.abs(latents - reference).max())
         write_array(args.out / "reference_latent.npy", reference)
     write_array(args.out / "latent.npy", latents)
-    write_private(args.out / "image.png", lambda p: image_grid(images, columns=4, scale=1).save(p, format="PNG"))
+    write_private(args.out / "image.png", lambda f: image_grid(images, columns=4, scale=1).save(f, format="PNG"))
     write_json(args.out / "report.json", report)
     return report
 

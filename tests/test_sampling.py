@@ -35,6 +35,8 @@ def test_run_ddim_end_to_end(tiny_model, tmp_path, protocol):
                          "--out", str(out), "--compare", "--eta", "0.5"]) == 0
     for name in ("samples.png", "samples.npy", "plaintext.png", "plaintext.npy", "report.json", "spu.log"):
         assert (out / name).stat().st_size > 0, name
+        assert (out / name).stat().st_mode & 0o077 == 0, name  # the user's alone
+    assert out.stat().st_mode & 0o077 == 0
     report = json.loads((out / "report.json").read_text())
     assert report["protocol"] == protocol and report["steps"] == 2 and report["batch"] == 2
     assert report["requested_labels"] == [1, 4] and report["eta"] == 0.5

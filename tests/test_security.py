@@ -145,6 +145,7 @@ def test_the_owners_policy_binds_users_and_jobs(cluster):
             "refuses the job: .*steps must be": {**TINY_JOB, "steps": 0},
             "refuses the job: .*eta must be": {**TINY_JOB, "eta": float("nan")},
             "refuses the job: .*unknown protocol set": {**TINY_JOB, "protocol_set": "my-leaky-set"},
+            "refuses the job: unknown protocol set '/tmp/evil'": {**TINY_JOB, "protocol_set": "/tmp/evil"},
         }
         _, x_t, labels = tiny_inputs()
         for message, job in bad_jobs.items():
@@ -237,3 +238,81 @@ def test_user_inputs_are_refused_beyond_the_fixed_point_range():
         with pytest.raises(InputError, match="beyond"):
             session.share(np.array([2e13], np.float32))
         session.share(np.array([1.7e13], np.float32))  # within the range: shared
+
+
+def test_an_embedded_session_leaves_no_log_behind(tmp_path):
+    script = ("from cipherdm_spu.profiling import SpuLog; from cipherdm_spu import SecureSession; import numpy as np\n"
+              "with SecureSession('spu') as s: s.run(lambda x: x * 2.0, np.ones(2, np.float32))\n"
+              "print(SpuLog.get().path)")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CIPHERDM_SPU_LOG"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    log = Path(result.stdout.strip().splitlines()[-1])
+    assert log.name == "spu.log" and not log.parent.exists()
+
+
+def test_the_parties_refuse_a_session_they_were_told_different_things_about(cluster):
+    """A client that tells each party something else (here: another session id each) is refused by all three,
+    over the SPU link, before any share of one meets another."""
+    config, _ = cluster
+    job = json.dumps(TINY_JOB, sort_keys=True)
+    with PartyClients(cc.load(config), "user") as user:
+        try:
+            with pytest.raises(ClusterError, match="disagree about this session"):
+                for _ in range(200):
+                    replies = user.call_all("session_open", lambda rank: SessionOpen(f"split-{rank}", "tiny", job))
+                    if all(r.state == "done" for r in replies):
+                        break
+        finally:
+            for rank in range(3):
+                user.call(rank, "session_close", SessionRef(f"split-{rank}"))
+
+
+def test_an_owner_has_a_quota_and_silent_uploads_expire(cluster):
+    config, _ = cluster
+    with PartyClients(cc.load(config), "owner") as owner:
+        manifest = owner.call(0, "model_info", ModelRef("tiny")).manifest
+        held = {"tiny"}
+        try:
+            for i in range(4):
+                try:
+                    owner.call_all("model_begin", ModelBegin(f"quota-{i}", manifest))
+                    held.add(f"quota-{i}")
+                except ClusterError as e:
+                    assert "holds 4 models" in str(e)
+                    break
+            else:
+                pytest.fail("the per-owner quota never refused an upload")
+            # a share of the wrong size is refused, whatever its meta says
+            name = "w/params/conv_in/bias"  # (8,) in the tiny UNet
+            good = spu_shares(np.zeros(8, np.float32))
+            assert "bytes of share data" in _details(lambda: owner.call(
+                0, "model_put", ModelPut("quota-0", [name], [good[0].meta], [[bytes(1 << 20)]])))
+            # silent unsealed uploads are dropped after session_idle_s
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    owner.call(0, "model_info", ModelRef("quota-0"))
+                except grpc.RpcError:
+                    break
+                time.sleep(1)
+            assert "no model 'quota-0'" in _details(lambda: owner.call(0, "model_info", ModelRef("quota-0")))
+        finally:
+            for model_id in held - {"tiny"}:
+                for rank in range(3):
+                    try:
+                        owner.call(rank, "model_delete", ModelRef(model_id))
+                    except grpc.RpcError:
+                        pass  # already expired
+
+
+def spu_shares(array):
+    import spu
+    import spu.libspu as libspu
+
+    io = spu.Io(3, libspu.RuntimeConfig(protocol=libspu.ProtocolKind.ABY3, field=libspu.FieldType.FM64,
+                                        fxp_fraction_bits=18))
+    return io.make_shares(array, libspu.Visibility.VIS_SECRET)
