@@ -8,10 +8,10 @@ The public API: the secure session (`SecureSession`), the kernel registry (`regi
 from . import ops, registry
 from . import protocols  # noqa: F401  (registers the built-in kernels)
 from ._version import __version__
-from .errors import ProtocolError
+from .errors import InputError, ProtocolError, SessionError
 from .profiling import KernelStats, RunStats
 from .registry import ProtocolSet, register_kernel, register_protocol_set, use_protocol
-from .session import InputError, Public, Secret, SecureSession, SessionError
+from .session import Public, Secret, SecureSession
 
 __all__ = [
     "InputError",

@@ -10,11 +10,11 @@ class ProtocolError(ValueError):
 
 
 class ConfigError(ValueError):
-    """A model config option the ports do not implement, or a malformed one (`models.config`)."""
+    """A model config that is malformed or asks for something the ports do not implement (`models.config`)."""
 
 
 class SchedulerConfigError(ValueError):
-    """A diffusers scheduler config the samplers cannot follow (`models.schedulers`)."""
+    """A scheduler config option this port does not support, or a bad value (`models.schedulers`)."""
 
 
 class StableDiffusionDirError(ValueError):

@@ -13,14 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import StableDiffusionDirError
+
 #: what a diffusers Stable Diffusion directory must hold for this split
 PARTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 #: the parts a user of a cluster needs on its own machine
 USER_PARTS = ("text_encoder", "tokenizer", "vae")
-
-
-class StableDiffusionDirError(ValueError):
-    """The model directory is not a usable diffusers Stable Diffusion layout."""
 
 
 def check_directory(path: Path, user_only: bool = False) -> None:

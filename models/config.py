@@ -11,9 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A model config that is malformed or asks for something the ports do not implement."""
+from cipherdm_spu.errors import ConfigError
 
 
 def _tuples(value):

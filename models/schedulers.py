@@ -24,15 +24,13 @@ from typing import Optional, Union
 import jax.numpy as jnp
 import numpy as np
 
+from cipherdm_spu.errors import SchedulerConfigError
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
 DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 COEFFICIENTS = ("a_x", "a_m", "b_x", "b_m", "p_x0", "p_eps", "p_x", "sigma")
-
-
-class SchedulerConfigError(ValueError):
-    """A scheduler config option this port does not support, or a bad value."""
 
 
 @dataclasses.dataclass(frozen=True)
