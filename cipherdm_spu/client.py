@@ -55,10 +55,12 @@ class PartyClients:
         base = self.cluster.connect_timeout_s + DEADLINE_GRACE_S
         return base + (max(POLL_S, self.cluster.recv_timeout_s) if METHODS[method].long else 0.0)
 
-    def call(self, rank: int, method: str, request: messages.Message):
+    def call(self, rank: int, method: str, request: messages.Message, timeout: Optional[float] = None,
+             wait_for_ready: bool = False):
         spec = METHODS[method]
         stub = self._channels[rank].unary_unary(spec.path)
-        return spec.reply.decode(stub(request.encode(), timeout=self.deadline(method)))
+        timeout = self.deadline(method) if timeout is None else timeout
+        return spec.reply.decode(stub(request.encode(), timeout=timeout, wait_for_ready=wait_for_ready))
 
     def call_all(self, method: str, request: Callable[[int], messages.Message] | messages.Message) -> list:
         """``method`` on the three parties at once; the first failure raises ClusterError naming its party."""
@@ -112,14 +114,14 @@ class PartyClients:
         """Each party's HelloReply, or a string saying why it did not answer."""
         timeout = self.cluster.connect_timeout_s if timeout is None else timeout
         replies = []
-        for rank, (party, channel) in enumerate(zip(self.cluster.parties, self._channels)):
-            try:
-                grpc.channel_ready_future(channel).result(timeout=timeout)
-                replies.append(self.call(rank, "hello", messages.Empty()))
-            except grpc.FutureTimeoutError:
-                replies.append(f"unreachable at {party.control_address} after {timeout:g} s")
+        for rank, party in enumerate(self.cluster.parties):
+            try:  # waits for the connection, up to the timeout
+                replies.append(self.call(rank, "hello", messages.Empty(), timeout=timeout, wait_for_ready=True))
             except grpc.RpcError as e:
-                replies.append(self.describe(e, rank, "hello"))
+                if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    replies.append(f"unreachable at {party.control_address} after {timeout:g} s ({e.details()})")
+                else:
+                    replies.append(self.describe(e, rank, "hello"))
         return replies
 
     def check_ready(self) -> None:

@@ -38,12 +38,20 @@ class ClusterConfigError(ValueError):
 
 
 class ClusterError(SessionError):
-    """A party is unreachable, disagrees with the driver, or failed during a run (`driver`)."""
+    """A party is unreachable, refuses, disagrees with the client, or failed during a run (`client`)."""
 
 
 class PartyError(RuntimeError):
-    """A request the party refuses (wrong session, busy, mismatched config), sent back to the driver (`party`)."""
+    """A request the party refuses (wrong session, busy, a job its policy forbids), sent back to the client (`party`)."""
 
 
 class UsageError(ValueError):
     """Bad command-line input: reported with the script's usage and exit status 2 (`sampling_cli`, `sd_cli`)."""
+
+
+class MessageError(ValueError):
+    """A control message that does not match its declared type (`messages`)."""
+
+
+class IrAuditError(ValueError):
+    """Compiled IR that cannot be checked, or (from `ir_audit.audit`) that declassifies something: never run it."""

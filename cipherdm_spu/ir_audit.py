@@ -20,11 +20,9 @@ from __future__ import annotations
 import bisect
 import re
 
+from .errors import IrAuditError
+
 __all__ = ["IrAuditError", "audit", "declassifications"]
-
-
-class IrAuditError(ValueError):
-    """The IR cannot be checked, or (from `audit`) it declassifies something: do not run it."""
 
 
 _STR = r'"(?:[^"\\\n]|\\.)*"'

@@ -17,15 +17,13 @@ from typing import Dict, List
 
 import msgpack
 
+from .errors import MessageError
+
 SERVICE = "cipherdm_spu.Party"
 #: no size limit on messages: a weight share can exceed gRPC's 4 MB default
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 #: the longest a party holds a call open while a job it started runs; the client then calls again
 POLL_S = 5.0
-
-
-class MessageError(ValueError):
-    """A message that does not match its declared type."""
 
 
 @dataclasses.dataclass(frozen=True)

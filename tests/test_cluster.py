@@ -201,6 +201,9 @@ def test_certs_are_private_and_never_overwritten(tmp_path, capsys):
     assert not list(tls.glob("*ca.key"))  # the CAs' keys are not kept
     assert launch_main(["--config", str(config), "certs"]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+    (tls / "user.key").chmod(0o644)  # a key others can read is refused where it is used
+    with pytest.raises(ClusterConfigError, match="readable by others"):
+        PartyClients(cc.load(config), "user")
 
 
 @pytest.mark.slow
@@ -276,6 +279,7 @@ def test_a_party_killed_or_stalled_mid_run_is_named_and_the_others_recover(tmp_p
     (lambda r: r.update(tls=None), "'tls' is required"),
     (lambda r: r["tls"].pop("client_ca"), "tls.client_ca must be a file path"),
     (lambda r: r["tls"]["parties"].pop("P1"), "tls.parties needs P1"),
+    (lambda r: r["tls"].update(client_ca=r["tls"]["party_ca"]), "must be different CAs"),
     (lambda r: r["tls"]["clients"].update(mallory={"cert": "c", "key": "k"}), "named for its role"),
     (lambda r: r["tls"]["clients"]["user"].pop("key"), "tls.clients.user.key must be a file path"),
 ])

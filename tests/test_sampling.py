@@ -12,6 +12,7 @@ from cipherdm_spu.ir_audit import declassifications
 from cipherdm_spu.sampling import SecureDiffusion, draw_noise, sample_plaintext
 from cipherdm_spu.sampling_cli import main
 from cipherdm_spu.models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
+from cipherdm_spu.registry import SHIPPED_SETS
 
 TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
             down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
@@ -28,7 +29,7 @@ def tiny_model(tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("protocol", ["spu", "spu-pade", "cipherdm-paper", "cipherdm"])
+@pytest.mark.parametrize("protocol", SHIPPED_SETS)
 def test_run_ddim_end_to_end(tiny_model, tmp_path, protocol):
     out = tmp_path / "out"
     assert main("ddim", ["--model", str(tiny_model), "--steps", "2", "--labels", "1,4", "--protocol", protocol,

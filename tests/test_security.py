@@ -168,7 +168,7 @@ def test_a_party_refuses_a_program_that_reveals(tmp_path):
     """Defence in depth: even a program its own catalog built is audited before it runs."""
     from cipherdm_spu import SecureSession
     from cipherdm_spu.party import PartyService
-    from cipherdm_spu.plan import Step, StepProgram
+    from cipherdm_spu.plan import JobTerms, Step, StepProgram
 
     with SecureSession("spu") as session:
         leaky = session.compile(lambda x: x * 2.0, np.ones(3, np.float32))
@@ -177,6 +177,9 @@ def test_a_party_refuses_a_program_that_reveals(tmp_path):
     class LeakyCatalog:
         def model_tensors(self, manifest):
             return {}
+
+        def terms(self, manifest, job):
+            return JobTerms("spu", 1, 1, job)
 
         def program(self, manifest, job, fraction_bits):
             return StepProgram(code.encode(), "leak", "spu", {}, 1, {"x": ((3,), "float32")}, (),
