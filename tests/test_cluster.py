@@ -92,12 +92,12 @@ def test_each_party_receives_only_its_own_shares(cluster, tmp_path, monkeypatch)
     sent = [[] for _ in range(3)]
     original = PartyClients.call
 
-    def recording_call(self, rank, method, request):
+    def recording_call(self, rank, method, request, **kwargs):
         if isinstance(request, ModelPut):
             sent[rank] += [(n, _digest(m, c)) for n, m, c in zip(request.names, request.metas, request.chunks)]
         elif isinstance(request, SessionPut):
             sent[rank].append((request.slot, _digest(request.meta, request.chunks)))
-        return original(self, rank, method, request)
+        return original(self, rank, method, request, **kwargs)
 
     monkeypatch.setattr(PartyClients, "call", recording_call)
     model, params, scheduler = tiny_unet()
