@@ -258,20 +258,24 @@ def test_an_embedded_session_leaves_no_log_behind(tmp_path):
 
 
 def test_the_parties_refuse_a_session_they_were_told_different_things_about(cluster):
-    """A client that tells each party something else (here: another session id each) is refused by all three,
-    over the SPU link, before any share of one meets another."""
+    """Two clients that each describe one session to different parties (here: alice to P0, bob to P1 and P2, one
+    session id) are refused by all three, over the SPU link, before any share of one meets another's. (Another
+    session id per party already fails to form a link: SPU's link keys carry the session id.)"""
     config, _ = cluster
     job = json.dumps(TINY_JOB, sort_keys=True)
-    with PartyClients(cc.load(config), "user") as user:
+    request = SessionOpen("mixed", "tiny", job)
+    with PartyClients(cc.load(config), "user") as alice, PartyClients(cc.load(config), "user-bob") as bob:
+        callers = [alice, bob, bob]
         try:
-            with pytest.raises(ClusterError, match="disagree about this session"):
+            with pytest.raises(grpc.RpcError) as info:
                 for _ in range(200):
-                    replies = user.call_all("session_open", lambda rank: SessionOpen(f"split-{rank}", "tiny", job))
-                    if all(r.state == "done" for r in replies):
+                    futures = [c._pool.submit(c.call, rank, "session_open", request) for rank, c in enumerate(callers)]
+                    if all(f.result().state == "done" for f in futures):
                         break
+            assert "disagree about this session" in info.value.details()
         finally:
-            for rank in range(3):
-                user.call(rank, "session_close", SessionRef(f"split-{rank}"))
+            for rank, c in enumerate(callers):
+                c.call(rank, "session_close", SessionRef("mixed"))
 
 
 def test_an_owner_has_a_quota_and_silent_uploads_expire(cluster):
