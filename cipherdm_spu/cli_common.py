@@ -59,6 +59,8 @@ def parse_overrides(items) -> dict:
 
 def check_secure_options(args) -> dict:
     """Validate the shared options; returns the overrides. Loads --cluster into a ClusterConfig."""
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a folder")
     if not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     overrides = parse_overrides(args.override)
@@ -131,6 +133,7 @@ def secure_sample(args, desc: str, sampler, x_t, overrides: dict, job: dict, mod
             return result, total, steps, "embedded (one process)"
         from .jobs import sample_on_cluster
 
+        bar.write("opening a session: each party compiles and audits the step itself (a minute or more here)")
         if condition is not None and not is_text_conditional(model):
             condition = one_hot(condition, model.config.num_class_embeds)
         with user_clients(args) as clients:
@@ -195,7 +198,7 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, args, summary: Call
     """Run a command: usage errors print the usage and exit 2; failed secure runs exit 1."""
     try:
         report = run(args)
-    except (UsageError, InputError) as err:
+    except (UsageError, InputError, ClusterConfigError) as err:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

@@ -97,12 +97,17 @@ def main(argv=None) -> int:
             from .jobs import SamplingCatalog
             from .party import serve
 
-            log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="cipherdm-spu-"))
-            return serve(cluster, args.party, SamplingCatalog(), log_dir)
-        return supervise(args.config, cluster, args.log_dir or Path(tempfile.mkdtemp(prefix="cipherdm-spu-")))
+            return serve(cluster, args.party, SamplingCatalog(), _log_dir(args))
+        return supervise(args.config, cluster, _log_dir(args))
     except (ClusterConfigError, PartyError, ClusterError, InputError, ConfigError, SchedulerConfigError) as e:
         print(f"spu-launch: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ClusterConfigError, PartyError, ValueError)) else 1
+
+
+def _log_dir(args) -> Path:
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="cipherdm-spu-"))
+    print(f"spu-launch: party logs in {log_dir}", flush=True)
+    return log_dir
 
 
 def status(cluster: ClusterConfig, identity: str) -> int:

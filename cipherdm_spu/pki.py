@@ -43,7 +43,8 @@ def make_development_pki(cluster: ClusterConfig, clients: Iterable[str] = ("owne
         planned += [Path(cluster.clients[name].cert), Path(cluster.clients[name].key)]
     existing = [str(p) for p in planned if p.exists()]
     if existing:
-        raise ClusterConfigError(f"refusing to overwrite existing TLS files: {', '.join(existing)}")
+        raise ClusterConfigError(f"refusing to overwrite existing TLS files: {', '.join(existing)} "
+                                 "(remove them first to make a new development set)")
 
     now = datetime.datetime.now(datetime.timezone.utc)
 

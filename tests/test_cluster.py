@@ -75,6 +75,7 @@ def test_run_ddim_as_a_user_of_the_cluster_writes_private_files(cluster, tmp_pat
     (["--cluster", "CONFIG"], "--cluster needs --model-id"),
     (["--cluster", "CONFIG", "--model-id", "tiny", "--compare"], "does not hold"),
     (["--cluster", "CONFIG", "--model-id", "tiny", "--as", "mallory"], "no identity 'mallory'"),
+    (["--cluster", "CONFIG", "--model-id", "tiny"], "does not exist (make them with `spu-launch certs`)"),
     (["--eta", "nan"], "--eta must be a finite number"),
     (["--seed", "-1"], "--seed must be in"),
 ])
@@ -83,6 +84,12 @@ def test_user_command_line_refuses_bad_input(tmp_path, capsys, argv, message):
     argv = [str(config) if a == "CONFIG" else a for a in argv]
     assert sampling_main("ddim", argv + ["--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert sampling_main("ddim", ["--out", str(tmp_path / "afile")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow
