@@ -480,7 +480,8 @@ class PartyService:
 
 
 def _compiler_process() -> cf.ProcessPoolExecutor:
-    return cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+    """The party's compiler: a spawned process that ends with the party, even when the party is killed."""
+    return cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_die_with_parent)
 
 
 def _stop_compiler(pool: cf.ProcessPoolExecutor) -> None:

@@ -323,3 +323,22 @@ def spu_shares(array):
     io = spu.Io(3, libspu.RuntimeConfig(protocol=libspu.ProtocolKind.ABY3, field=libspu.FieldType.FM64,
                                         fxp_fraction_bits=18))
     return io.make_shares(array, libspu.Visibility.VIS_SECRET)
+
+
+def test_a_partys_compiler_process_ends_with_the_party():
+    """A killed party leaves no process behind (its compiler would otherwise hold memory and CPU)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom cipherdm_spu.party import _compiler_process\n"
+            "print(_compiler_process().submit(__import__('os').getpid).result(), flush=True)\ntime.sleep(60)\n")
+    party = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    compiler = int(party.stdout.readline())
+    os.kill(party.pid, signal.SIGKILL)
+    party.wait()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{compiler}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{compiler}").exists() or "Z" in Path(f"/proc/{compiler}/status").read_text().split("State:")[1][:4]
