@@ -375,6 +375,7 @@ def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.n
         opened = clients.until_done("session_open", open_request, "opening the session")
         if len({o["executable_sha256"] for o in opened}) != 1:
             raise ClusterError("the parties compiled different executables for the same job; refusing to run")
+        clients.until_done("session_start", SessionRef(session_id), "starting the session")
         slots = opened[0]["slots"]
         values = {"x": x_t}
         if condition is not None:

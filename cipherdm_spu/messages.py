@@ -190,6 +190,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("model_delete", ModelRef, Empty, frozenset({OWNER})),
     Method("model_info", ModelRef, ModelInfo, frozenset({OWNER, USER})),
     Method("session_open", SessionOpen, Progress, frozenset({USER}), long=True),
+    Method("session_start", SessionRef, Progress, frozenset({USER}), long=True),
     Method("session_put", SessionPut, Empty, frozenset({USER}), long=True),
     Method("session_step", SessionStep, Progress, frozenset({USER}), long=True),
     Method("session_result", SessionRef, Share, frozenset({USER}), long=True),

@@ -22,6 +22,7 @@ call has a deadline and a party that stops answering is named at once.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -92,8 +93,9 @@ class _Session:
     model_id: str
     last_seen: float
     job: Optional[cf.Future] = None  # the open or step job in flight
-    job_index: int = -1  # what the job in flight is: -1 the opening, i step i
-    program: Optional[StepProgram] = None
+    job_index: int = -1  # what the job in flight is: -1 the compile, -2 the start, i step i
+    compiled: Optional[tuple] = None  # (program, agreement, runtime config) once compiled and audited
+    program: Optional[StepProgram] = None  # once started: the worker is linked and holds the weights
     worker: Optional["_Worker"] = None
     slots: set = dataclasses.field(default_factory=set)
     reports: list = dataclasses.field(default_factory=list)
@@ -233,8 +235,24 @@ class PartyService:
                 log.info("party %s: session %s opening for %s on model %s", self.party.id, session.id,
                          caller.name, msg.model_id)
             session.last_seen = time.monotonic()
-            if session.program is not None:  # already open
+            if session.compiled is not None:  # already compiled
                 return messages.Progress("done", json.dumps(session.open_report))
+        return self._progress(session, lambda: session.open_report)
+
+    def session_start(self, caller: Caller, msg: messages.SessionRef) -> messages.Progress:
+        """Phase two of opening, once all three parties compiled: link the SPU workers, agree, load the weights.
+        (Apart from compiling, so that the three workers start together however long each party compiled.)"""
+        with self.lock:
+            session = self._user_session(caller, msg.session_id, ready=False)
+            if session.program is not None:
+                return messages.Progress("done", json.dumps(session.open_report))
+            if session.job is not None and session.job_index == -1:
+                self._settle(session, wait=False)  # the compile must have ended
+            if session.compiled is None:
+                raise PartyError(f"session {msg.session_id!r} is not compiled yet")
+            if session.job is None and session.worker is None:
+                session.job_index = -2
+                session.job = self.jobs.submit(self._start, session, self.models[session.model_id])
         return self._progress(session, lambda: session.open_report)
 
     def session_put(self, caller: Caller, msg: messages.SessionPut) -> messages.Empty:
@@ -330,21 +348,27 @@ class PartyService:
         with self.lock:
             if self.session is not session:
                 raise PartyError("the session ended while it opened")
-            worker = session.worker = _Worker(self.cluster, self.party, self.log_path, session.id,
-                                              config.SerializeToString(), agreement)
-        worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
-        worker.call("set_vars", [(_tensor(n), *model.shares[n]) for n in program.resident], timeout=TRANSFER_S)
-        with self.lock:
-            if self.session is not session:  # dropped meanwhile (its worker is stopped with it)
-                raise PartyError("the session ended while it opened")
-            session.program = program
+            session.compiled = (program, agreement, config.SerializeToString())
             session.open_report = {
                 "executable_sha256": executable, "agreement_sha256": agreement, "compile_seconds": round(compiled_s, 3),
                 "slots": {k: [list(s), d] for k, (s, d) in program.slots.items()}, "steps": len(program.steps),
                 "protocol_set": program.protocol_set, "model_owner": model.owner, **program.description,
             }
-        log.info("party %s: session %s open (executable %s, SPU worker pid %d)", self.party.id, session.id,
-                 executable[:16], worker.process.pid)
+        log.info("party %s: session %s compiled (executable %s)", self.party.id, session.id, executable[:16])
+
+    def _start(self, session: _Session, model: _Model) -> None:
+        program, agreement, config = session.compiled
+        with self.lock:
+            if self.session is not session:
+                raise PartyError("the session ended while it started")
+            worker = session.worker = _Worker(self.cluster, self.party, self.log_path, session.id, config, agreement)
+        worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
+        worker.call("set_vars", [(_tensor(n), *model.shares[n]) for n in program.resident], timeout=TRANSFER_S)
+        with self.lock:
+            if self.session is not session:  # dropped meanwhile (its worker is stopped with it)
+                raise PartyError("the session ended while it started")
+            session.program = program
+        log.info("party %s: session %s open (SPU worker pid %d)", self.party.id, session.id, worker.process.pid)
 
     def _in_compiler(self, limit_s: float, fn, *args, session: Optional[_Session] = None):
         """``fn(*args)`` in the compiler process, within ``limit_s``; abandoned (the process restarted) when
@@ -591,6 +615,8 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
         differ = [cluster.parties[r].id for r, a in enumerate(agreed) if a != agreement]
         conn.send(("error", f"the parties disagree about this session (session, user, model, job or executable): "
                             f"{', '.join(differ)} {'was' if len(differ) == 1 else 'were'} asked for something else"))
+        with contextlib.suppress(EOFError, OSError):  # keep the link up until the party ends this worker, so
+            conn.recv()                                # that the peers still receive what this one sent them
         return
     runtime = spu.Runtime(link, config)
     conn.send(("ok", None))

@@ -111,6 +111,7 @@ def test_a_session_cannot_be_taken_over_and_is_dropped_when_abandoned(cluster):
     with PartyClients(cluster_cfg, "user") as alice, PartyClients(cluster_cfg, "user-bob") as bob:
         job = json.dumps(TINY_JOB, sort_keys=True)
         alice.until_done("session_open", SessionOpen("alice-1", "tiny", job), "opening")
+        alice.until_done("session_start", SessionRef("alice-1"), "starting")
         # bob can neither open over it, nor step, read, or close alice's session
         with pytest.raises(ClusterError, match="busy with another session"):
             bob.until_done("session_open", SessionOpen("bob-1", "tiny", job), "opening")
@@ -268,10 +269,11 @@ def test_the_parties_refuse_a_session_they_were_told_different_things_about(clus
         callers = [alice, bob, bob]
         try:
             with pytest.raises(grpc.RpcError) as info:
-                for _ in range(200):
-                    futures = [c._pool.submit(c.call, rank, "session_open", request) for rank, c in enumerate(callers)]
-                    if all(f.result().state == "done" for f in futures):
-                        break
+                for method, message in (("session_open", request), ("session_start", SessionRef("mixed"))):
+                    for _ in range(200):
+                        futures = [c._pool.submit(c.call, rank, method, message) for rank, c in enumerate(callers)]
+                        if all(f.result().state == "done" for f in futures):
+                            break
             assert "disagree about this session" in info.value.details()
         finally:
             for rank, c in enumerate(callers):
