@@ -11,9 +11,15 @@ its own key.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 from pathlib import Path
 from typing import Iterable, Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .cluster_config import ClusterConfig, is_ip, role_of, split_address
 from .errors import ClusterConfigError
@@ -28,10 +34,6 @@ def make_development_pki(cluster: ClusterConfig, clients: Iterable[str] = ("owne
     Keys are written 0600 (and never over an existing file), so a second run refuses rather than
     replacing a deployment's keys. Returns the paths written.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     for name in clients:
         cluster.client(name)  # refuses a name the config does not list
     party_ca_path = Path(cluster.parties[0].tls.trusted_ca)
@@ -62,8 +64,6 @@ def make_development_pki(cluster: ClusterConfig, clients: Iterable[str] = ("owne
             builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
         if usage:
             builder = builder.add_extension(x509.ExtendedKeyUsage(list(usage)), critical=False)
-        from cryptography.hazmat.primitives import hashes
-
         return builder.sign(issuer_key or key, hashes.SHA256())
 
     def new_key():
@@ -77,8 +77,6 @@ def make_development_pki(cluster: ClusterConfig, clients: Iterable[str] = ("owne
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         written.append(path)
-
-    from cryptography.hazmat.primitives import serialization
 
     def pem_key(key) -> bytes:
         return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -113,10 +111,6 @@ def make_development_pki(cluster: ClusterConfig, clients: Iterable[str] = ("owne
 
 
 def _general_name(host: str):
-    import ipaddress
-
-    from cryptography import x509
-
     return x509.IPAddress(ipaddress.ip_address(host)) if is_ip(host) else x509.DNSName(host)
 
 

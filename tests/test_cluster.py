@@ -25,8 +25,8 @@ from cipherdm_spu.plan import Policy
 from cipherdm_spu.sampling import SecureDiffusion
 from cipherdm_spu.sampling_cli import main as sampling_main
 
-from .cluster_fixtures import (RECV_S, TINY_JOB, free_ports, make_certs, output, start, stop, tiny_inputs, tiny_unet,
-                               wait_up, write_config)
+from .cluster_fixtures import (RECV_S, TINY_JOB, free_ports, make_certs, start, stop, tiny_inputs, tiny_unet, wait_up,
+                               write_config)
 
 
 def user(config, name="user"):
