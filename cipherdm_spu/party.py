@@ -62,6 +62,8 @@ JUDGE_S = 300.0
 COMPILE_S = 3600.0
 #: the longest a party waits for its worker to take or give back values (they are in memory)
 TRANSFER_S = 600.0
+#: how long a session whose job failed waits for its user to learn why before it is dropped
+FAILED_SESSION_S = 30.0
 #: the largest message a party accepts (a model's shares arrive in many smaller ones)
 MAX_MESSAGE_BYTES = 512 << 20
 
@@ -498,6 +500,10 @@ class PartyService:
                         log.info("party %s: unsealed model %s dropped after %g s of silence", self.party.id, model_id, idle)
                 session = self.session
                 if session is None or (session.job is not None and not session.job.done()):
+                    continue
+                failed = session.job is not None and session.job.exception() is not None
+                if failed and time.monotonic() - session.last_seen > FAILED_SESSION_S:  # its user did not come back
+                    self._drop_session(f"its job failed: {session.job.exception()}")
                     continue
                 if time.monotonic() - session.last_seen > self.cluster.session_idle_s:
                     self._drop_session(f"no request from {session.user} for {self.cluster.session_idle_s:g} s")
