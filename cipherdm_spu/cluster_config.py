@@ -8,6 +8,12 @@ link); ``client_ca`` signs the clients' (the control services trust only it, so 
 as a client of another). A client's role is the common name of its certificate: ``owner`` or
 ``owner-NAME`` (the model owner), ``user`` or ``user-NAME`` (a user). Every host reads the same file
 and needs only its own certificate and key, plus the CAs.
+
+A party may also say how it reaches a peer's SPU link: ``"spu_dial": {"P1": "host:port"}`` makes this
+party dial P1 there instead of at P1's ``spu_address`` (a relay, e.g. `cipherdm_spu.netem`'s link
+emulator, or a port forward). It is explicit, per party and per peer, and changes no check: the link is
+mutual TLS end to end, so whatever answers there must hold a certificate of the party CA. A dial
+address is this party's route, not something the others must agree on, so it is not in the fingerprint.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ class PartyConfig:
     tls: Credentials
     #: the CA of the clients this party's control service accepts
     client_ca: str
+    #: (peer id, address) for each peer this party dials elsewhere than at the peer's spu_address
+    spu_dial: Tuple[Tuple[str, str], ...] = ()
 
     @property
     def control_host(self) -> str:
@@ -93,6 +101,11 @@ class ClusterConfig:
             if p.id == party_id:
                 return p
         raise ClusterConfigError(f"{self.source}: no party {party_id!r} (parties: {', '.join(p.id for p in self.parties)})")
+
+    def dial_addresses(self, party: PartyConfig) -> List[str]:
+        """The SPU link addresses ``party`` uses, by rank: its own to listen on, each peer's to dial it at."""
+        routes = dict(party.spu_dial)
+        return [p.spu_address if p.id == party.id else routes.get(p.id, p.spu_address) for p in self.parties]
 
     def client(self, name: str) -> Credentials:
         """The credentials of client ``name`` (a key of tls.clients), refused clearly when absent."""
@@ -192,6 +205,13 @@ def from_dict(raw: dict, source: str = "<dict>", base: Optional[Path] = None) ->
                     f"{source}: duplicate address {address}: party {p.id} {kind} and {endpoints[key]}"
                 )
             endpoints[key] = f"{p.id} {kind}"
+    for p in parties:
+        for peer, address in p.spu_dial:
+            if peer == p.id or peer not in {q.id for q in parties}:
+                raise ClusterConfigError(f"{source}: party {p.id} spu_dial: {peer!r} is not another party of this config")
+            owner = endpoints.get(_canonical_host_port(address, f"{source}: party {p.id} spu_dial.{peer}"))
+            if owner is not None and owner != f"{peer} spu_address":
+                raise ClusterConfigError(f"{source}: party {p.id} spu_dial.{peer} is {address}, the {owner}")
     clients_raw = tls.get("clients", {})
     if not isinstance(clients_raw, dict):
         raise ClusterConfigError(f"{source}: tls.clients must be an object of name -> {{cert, key}}")
@@ -229,7 +249,7 @@ def _party(raw, rank: int, source: str, tls: dict, party_ca: str, client_ca: str
     where = f"{source}: parties[{rank}]"
     if not isinstance(raw, dict):
         raise ClusterConfigError(f"{where} must be an object")
-    _only(raw, {"id", "spu_address", "control_address"}, where)
+    _only(raw, {"id", "spu_address", "control_address", "spu_dial"}, where)
     for key in ("id", "spu_address", "control_address"):
         if key not in raw:
             raise ClusterConfigError(f"{where}: missing {key!r}")
@@ -244,7 +264,13 @@ def _party(raw, rank: int, source: str, tls: dict, party_ca: str, client_ca: str
     if not isinstance(parties_tls, dict) or party_id not in parties_tls:
         raise ClusterConfigError(f"{source}: tls.parties needs {party_id} with 'cert' and 'key'")
     creds = _credentials(parties_tls[party_id], party_ca, f"{source}: tls.parties.{party_id}", base)
-    return PartyConfig(party_id, rank, raw["spu_address"], raw["control_address"], creds, client_ca)
+    dial = raw.get("spu_dial", {})
+    if not isinstance(dial, dict):
+        raise ClusterConfigError(f"{where} ({party_id}) spu_dial must be an object of peer id -> 'host:port'")
+    for peer, address in dial.items():
+        split_address(address, f"{where} ({party_id}) spu_dial.{peer}")
+    return PartyConfig(party_id, rank, raw["spu_address"], raw["control_address"], creds, client_ca,
+                       tuple(sorted(dial.items())))
 
 
 def _credentials(raw, trusted_ca: str, where: str, base) -> Credentials:

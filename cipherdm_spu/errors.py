@@ -55,3 +55,7 @@ class MessageError(ValueError):
 
 class IrAuditError(ValueError):
     """Compiled IR that cannot be checked, or (from `ir_audit.audit`) that declassifies something: never run it."""
+
+
+class LinkEmulatorError(RuntimeError):
+    """The link emulator cannot run here (a party not on this machine, a bad link, relays that do not start) (`netem`)."""

@@ -604,15 +604,7 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
     try:
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config)
-        desc = libspu.link.Desc()
-        desc.id = session_id
-        desc.recv_timeout_ms = int(cluster.recv_timeout_s * 1000)
-        desc.connect_retry_interval_ms = 200
-        desc.connect_retry_times = max(1, int(cluster.connect_timeout_s / 0.2))
-        for p in cluster.parties:
-            desc.add_party(p.id, p.spu_address)
-        _enable_link_tls(desc, party)
-        link = libspu.link.create_brpc(desc, party.rank)
+        link = libspu.link.create_brpc(link_desc(cluster, party, session_id), party.rank)
         agreed = link.all_gather(agreement)
     except Exception as e:  # noqa: BLE001 - reported to the client through the party
         conn.send(("error", f"cannot open the SPU link: {_first_lines(e)}"))
@@ -648,11 +640,13 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
             elif op == "run":
                 name, code, inputs, outputs = payload
                 offset = spu_log.offset()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 runtime.run(libspu.Executable(name=name, input_names=inputs, output_names=outputs, code=code))
-                seconds = time.perf_counter() - start
+                # this party's compute: the worker's CPU time over all its threads (SPU's and the link's), and
+                # the wall time it was in the run (waiting on peers included)
+                cpu, seconds = time.process_time() - cpu, time.perf_counter() - start
                 result = parse_party_run(spu_log.read_from(offset))
-                result["seconds"] = seconds
+                result["seconds"], result["cpu_seconds"] = seconds, cpu
             else:
                 raise ValueError(f"unknown job {op!r}")
         except Exception as e:  # noqa: BLE001 - reported to the client through the party
@@ -688,6 +682,22 @@ def _die_with_parent() -> None:
 def _first_lines(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else type(error).__name__
+
+
+def link_desc(cluster: ClusterConfig, party: PartyConfig, session_id: str):
+    """The SPU link of ``party`` for one session: it listens on its own ``spu_address`` and dials each peer at
+    the address its config gives for that peer (`ClusterConfig.dial_addresses`: the peer's ``spu_address``
+    unless ``spu_dial`` routes it, e.g. through a link emulator). Mutual TLS either way: whoever answers
+    a dial must hold a certificate of the party CA."""
+    desc = libspu.link.Desc()
+    desc.id = session_id
+    desc.recv_timeout_ms = int(cluster.recv_timeout_s * 1000)
+    desc.connect_retry_interval_ms = 200
+    desc.connect_retry_times = max(1, int(cluster.connect_timeout_s / 0.2))
+    for p, address in zip(cluster.parties, cluster.dial_addresses(party)):
+        desc.add_party(p.id, address)
+    _enable_link_tls(desc, party)
+    return desc
 
 
 def _enable_link_tls(desc, party: PartyConfig) -> None:

@@ -14,6 +14,10 @@ each count it once). With S the sum of the three ``Link details`` lines, A the s
 
 and every recovered value must equal one of the three logged totals, which is checked.
 The per-op breakdown (``kernels``) is taken from the pphlo lines of parties 0 and 1, averaged.
+
+Compute per party (``cpu_seconds_per_party``, ``busy_seconds_per_party``) is measured only where each party
+is a process of its own (the cluster: its SPU worker's process CPU time and the wall time it spent in the
+run); in one process the three parties' threads share one CPU clock, so an embedded run leaves both empty.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ class RunStats:
     send_actions: int  # the most of any one party: the proxy for communication rounds
     send_actions_per_party: List[int]
     kernels: Dict[str, KernelStats]
+    #: each party's CPU seconds in the run (its SPU worker process, every thread); empty where not measured
+    cpu_seconds_per_party: List[float] = dataclasses.field(default_factory=list)
+    #: each party's wall seconds from the run's start to its end in that party; empty where not measured
+    busy_seconds_per_party: List[float] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +89,8 @@ class RunStats:
             for op, k in stats.kernels.items():
                 _accumulate(kernels, op, k.calls, k.seconds, k.bytes_sent, k.send_actions)
         add = lambda a, b: [x + y for x, y in zip(a, b)]  # noqa: E731
+        # empty (not measured) adds as zero, so that sums can start from zero(); a measured run has all three
+        measured = lambda a, b: add(a, b) if a and b else list(a or b)  # noqa: E731
         return RunStats(
             self.seconds + other.seconds,
             self.bytes_sent + other.bytes_sent,
@@ -90,6 +100,8 @@ class RunStats:
             self.send_actions + other.send_actions,
             add(self.send_actions_per_party, other.send_actions_per_party),
             kernels,
+            measured(self.cpu_seconds_per_party, other.cpu_seconds_per_party),
+            measured(self.busy_seconds_per_party, other.busy_seconds_per_party),
         )
 
 
@@ -180,7 +192,8 @@ def parse_party_run(text: str) -> dict:
 
 
 def combine_party_runs(parties: List[dict], seconds: float) -> RunStats:
-    """RunStats from the three parties' `parse_party_run` reports (kernels: the mean over parties)."""
+    """RunStats from the three parties' `parse_party_run` reports (kernels: the mean over parties), with each
+    party's ``cpu_seconds`` and ``seconds`` (busy wall) where its report has them."""
     kernels: Dict[str, KernelStats] = {}
     n = len(parties)
     for report in parties:
@@ -195,6 +208,8 @@ def combine_party_runs(parties: List[dict], seconds: float) -> RunStats:
         seconds=seconds, bytes_sent=sum(sent), bytes_recv=sum(recv), bytes_sent_per_party=sent,
         bytes_recv_per_party=recv, send_actions=max(actions), send_actions_per_party=actions,
         kernels=dict(sorted(kernels.items(), key=lambda kv: -kv[1].bytes_sent)),
+        cpu_seconds_per_party=[r["cpu_seconds"] for r in parties] if all("cpu_seconds" in r for r in parties) else [],
+        busy_seconds_per_party=[r["seconds"] for r in parties] if all("seconds" in r for r in parties) else [],
     )
 
 

@@ -47,6 +47,12 @@ CHECKPOINTS = ROOT / "checkpoints"
 SD_SHAPED = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
                  cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
+#: google/ddpm-cifar10-32's UNet2DModel config, as diffusers documents it (35,746,307 parameters; nothing downloaded)
+CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=[128, 256, 256, 256],
+               down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+               up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], act_fn="silu",
+               attention_head_dim=None, center_input_sample=False, downsample_padding=0, flip_sin_to_cos=False,
+               freq_shift=1, mid_block_scale_factor=1, norm_eps=1e-6, norm_num_groups=32, time_embedding_type="positional")
 
 
 def mnist_case(model_dir: Path, batch: int, seed: int) -> StepCase:
@@ -61,6 +67,20 @@ def mnist_case(model_dir: Path, batch: int, seed: int) -> StepCase:
     step = make_denoise_step(model, sampler.clip_range)
     return StepCase(f"{model_dir.name} batch {batch}", secure_params(params), (x, labels, terms, Public(coefficients), None),
                     step, lambda: np.asarray(step(params, x, labels, terms, coefficients, None)))
+
+
+def cifar_case(seed: int) -> StepCase:
+    """One DDIM step of the CIFAR-10-scale UNet (random weights, batch 1, 3x32x32)."""
+    model = UNet2DModel.from_config(CIFAR10)
+    params = model.init_params(jax.random.PRNGKey(seed))
+    sampler = DDIMSampler(ScheduleConfig(), 50)
+    x = np.random.default_rng(seed).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    terms = jax.tree_util.tree_map(np.asarray, model.apply(params, int(sampler.timesteps[25]), method=model.time_terms))
+    coefficients = sampler.coefficient_table()[25]
+    step = make_denoise_step(model, sampler.clip_range)
+    return StepCase("CIFAR-10-scale UNet (ddpm-cifar10-32 config, random weights) batch 1", secure_params(params),
+                    (x, None, terms, Public(coefficients), None), step,
+                    lambda: np.asarray(step(params, x, None, terms, coefficients, None)))
 
 
 def sd_case(seed: int, tokens: int = 77) -> StepCase:
@@ -87,8 +107,12 @@ def run_steps(args) -> list:
     for model_dir in args.models:
         for b in args.batches:
             cases.append(lambda model_dir=model_dir, b=b: mnist_case(model_dir, b, args.seed))
-    if not args.quick:
+    if not args.quick and not args.only_cifar:
         cases.append(lambda: sd_case(args.seed))
+    if args.cifar or args.only_cifar:
+        cases.append(lambda: cifar_case(args.seed))
+    if args.only_cifar:
+        cases = cases[-1:]
     results = []
     for make in cases:
         case = make()
@@ -239,6 +263,10 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sample rows (default: 50)")
     p.add_argument("--sample-batch", type=int, default=4, help="samples in the sample rows (default: 4)")
     p.add_argument("--repeat", type=int, default=1, help="runs per step row; the median time is reported (default: 1)")
+    p.add_argument("--cifar", action="store_true",
+                   help="also the CIFAR-10-scale step row (google/ddpm-cifar10-32's architecture, random weights; "
+                        "about an hour per protocol set on 2 cores)")
+    p.add_argument("--only-cifar", action="store_true", help="the CIFAR-10-scale step row alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke test: batch 1, SiLU model only, small kernel sizes, 2 sample steps")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="output directory (default: docs/results)")

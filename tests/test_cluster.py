@@ -53,6 +53,12 @@ def test_a_user_samples_what_the_owner_uploaded_as_the_embedded_session_does(clu
     # shares the time terms per step, which the cluster's owner uploaded once, in advance)
     assert abs(stats_c.bytes_sent - stats_e.bytes_sent) <= 0.01 * stats_e.bytes_sent
     assert abs(stats_c.send_actions - stats_e.send_actions) <= 0.01 * stats_e.send_actions
+    # each party's own compute: its SPU worker's CPU seconds, within the wall seconds it spent in the runs times
+    # this machine's cores; one process cannot tell its three parties' CPU apart, so the embedded run leaves both empty
+    assert len(stats_c.cpu_seconds_per_party) == len(stats_c.busy_seconds_per_party) == 3
+    for cpu, busy in zip(stats_c.cpu_seconds_per_party, stats_c.busy_seconds_per_party):
+        assert 0 < cpu <= busy * os.cpu_count() and 0 < busy <= stats_c.seconds + 1e-9
+    assert stats_e.cpu_seconds_per_party == [] and stats_e.busy_seconds_per_party == []
 
 
 @pytest.mark.slow
@@ -289,6 +295,11 @@ def test_a_party_killed_or_stalled_mid_run_is_named_and_the_others_recover(tmp_p
     (lambda r: r["tls"].update(client_ca=r["tls"]["party_ca"]), "must be different CAs"),
     (lambda r: r["tls"]["clients"].update(mallory={"cert": "c", "key": "k"}), "named for its role"),
     (lambda r: r["tls"]["clients"]["user"].pop("key"), "tls.clients.user.key must be a file path"),
+    (lambda r: r["parties"][0].update(spu_dial={"P0": "127.0.0.1:2000"}), "'P0' is not another party"),
+    (lambda r: r["parties"][0].update(spu_dial={"P9": "127.0.0.1:2000"}), "'P9' is not another party"),
+    (lambda r: r["parties"][0].update(spu_dial={"P1": "nowhere"}), "spu_dial.P1: address must be 'host:port'"),
+    (lambda r: r["parties"][0].update(spu_dial={"P1": "127.0.0.1:1005"}), "the P1 control_address"),
+    (lambda r: r["parties"][0].update(spu_dial=["127.0.0.1:2000"]), "spu_dial must be an object"),
 ])
 def test_bad_configs_are_refused(tmp_path, edit, message):
     raw = json.loads(write_config(tmp_path / "c.json", [1001, 1002, 1003, 1004, 1005, 1006]).read_text())

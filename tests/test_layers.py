@@ -20,7 +20,7 @@ LAYERS = {
     "core": ["errors", "_version", "registry", "ops", "spu_config"],
     "kernels": ["protocols", "protocols.*"],
     "models": ["models", "models.*"],
-    "runtime": ["session", "profiling", "ir_audit", "cluster_config", "messages", "pki", "plan", "party", "client",
+    "runtime": ["session", "profiling", "ir_audit", "cluster_config", "messages", "pki", "plan", "party", "client", "netem",
                 "control", "driver"],
     "applications": ["sampling", "jobs", "stable_diffusion", "benchmark", "quality", "mnist", "results",
                      "cli_common", "sampling_cli", "sd_cli", "launch", "cluster"],

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cipherdm_spu.profiling import ProfileParseError, parse_run
+from cipherdm_spu.profiling import ProfileParseError, RunStats, combine_party_runs, parse_run
 
 
 def _op(name, sb, sa=1, calls=1):
@@ -38,3 +38,13 @@ def test_inconsistent_log_is_reported():
 def test_missing_lines_are_reported():
     with pytest.raises(ProfileParseError, match="expected 3"):
         parse_run(_link(1, 1), seconds=0.1)
+
+
+def test_per_party_compute_adds_up_and_is_empty_where_not_measured():
+    report = {"bytes_sent": 10, "bytes_recv": 10, "send_actions": 2, "kernels": {}}
+    run = combine_party_runs([{**report, "seconds": 2.0, "cpu_seconds": c} for c in (1.0, 1.5, 0.5)], seconds=2.0)
+    assert run.cpu_seconds_per_party == [1.0, 1.5, 0.5] and run.busy_seconds_per_party == [2.0, 2.0, 2.0]
+    total = RunStats.zero() + run + run
+    assert total.cpu_seconds_per_party == [2.0, 3.0, 1.0] and total.busy_seconds_per_party == [4.0, 4.0, 4.0]
+    unmeasured = combine_party_runs([report] * 3, seconds=1.0)  # reports without compute (an older party)
+    assert unmeasured.cpu_seconds_per_party == [] and (RunStats.zero() + unmeasured).cpu_seconds_per_party == []

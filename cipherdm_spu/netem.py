@@ -1,0 +1,470 @@
+"""Emulated network links for a cluster whose three parties run on this machine.
+
+Every party-to-party SPU link goes through a relay that holds each chunk for a one-way delay ``d`` and paces
+it to a bandwidth ``B``. Relays, not ``tc``: this machine's kernel has no ``netem`` qdisc (``tbf``/``htb``
+shape bandwidth but add no delay), while SPU's brpc link lets each party dial a peer at an address of its
+own (`cluster_config`'s ``spu_dial``): party i dials party j through relay (i, j), which forwards to j's
+``spu_address``. The relay only forwards bytes, so the link stays mutual TLS end to end (it sees
+ciphertext, and a party still accepts only a peer holding a party-CA certificate).
+
+The wire, per direction of each party pair (full duplex): a chunk of n bytes read at time a starts at
+s = max(a, the end of the previous chunk), ends at e = s + 8n/B and is delivered at e + d. Both relays
+that carry bytes from i to j (i's dial of j, and the answers on j's dial of i) share that direction's
+wire. Queues are unbounded (no loss), and store-and-forward of a chunk adds at most one chunk's 8n/B.
+
+    python -m cipherdm_spu.netem --config configs/3pc.json --network wan --out /tmp/3pc-wan.json
+        # relays up, the routed config written; spu-launch --config /tmp/3pc-wan.json on it; Ctrl-C stops
+    python -m cipherdm_spu.netem --config configs/3pc.json --network wan --out /tmp/3pc-wan.json --launch
+        # the same, and the three parties started on the routed config; Ctrl-C stops everything
+    python -m cipherdm_spu.netem --config configs/3pc.json probe --network none lan wan
+        # what the links cost: a round and a transfer over the direct links and through each emulation
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from . import cluster_config
+from .cluster_config import ClusterConfig, split_address
+from .errors import ClusterConfigError, LinkEmulatorError
+
+#: bytes a relay reads at once (at 400 Mbps one chunk is 1.3 ms on the wire)
+CHUNK = 64 << 10
+#: how long starting the relays may take
+START_S = 30.0
+#: how often a relay looks whether its peer listens (and how long a blocked accept waits)
+POLL_S = 0.02
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """One direction of a party-to-party link: one-way delay (seconds) and bandwidth (bits per second)."""
+
+    delay_s: float
+    bandwidth_bps: float = math.inf
+
+    def __post_init__(self):
+        if not (math.isfinite(self.delay_s) and 0 <= self.delay_s <= 10):
+            raise LinkEmulatorError(f"one-way delay must be 0..10 s, got {self.delay_s!r}")
+        if not (self.bandwidth_bps > 0):
+            raise LinkEmulatorError(f"bandwidth must be positive, got {self.bandwidth_bps!r}")
+
+    def describe(self) -> str:
+        bw = "unlimited" if math.isinf(self.bandwidth_bps) else f"{self.bandwidth_bps / 1e6:g} Mbps"
+        return f"{bw}, {self.delay_s * 1e3:g} ms one-way"
+
+
+#: the SPU and Ditto papers' settings; "relay" is the relays adding nothing (what the emulator itself costs)
+PRESETS = {"lan": Link(0.2e-3, 5e9), "wan": Link(20e-3, 400e6), "relay": Link(0.0)}
+
+
+def link_for(network: str, delay_ms: Optional[float] = None, bandwidth_mbps: Optional[float] = None) -> Link:
+    """A preset by name, or ``custom`` with a delay (ms) and a bandwidth (Mbps; None: unlimited)."""
+    if network == "custom":
+        if delay_ms is None:
+            raise LinkEmulatorError("a custom link needs a one-way delay (--delay-ms) and may have --bandwidth-mbps")
+        return Link(delay_ms / 1e3, math.inf if bandwidth_mbps is None else bandwidth_mbps * 1e6)
+    if network not in PRESETS:
+        raise LinkEmulatorError(f"unknown network {network!r} (presets: {', '.join(PRESETS)}, or custom)")
+    return PRESETS[network]
+
+
+class LinkEmulator:
+    """The relays of one emulated cluster, in a child process of their own; a context manager.
+
+    ``config()`` is the source config with every party's ``spu_dial`` routed through the relays (TLS paths
+    made absolute, so it can be written anywhere). The child ends with its parent, even a killed one.
+    """
+
+    def __init__(self, config_path: os.PathLike, link: Link):
+        self.source = Path(config_path)
+        self.cluster = cluster_config.load(self.source)
+        self.raw = json.loads(self.source.read_text())
+        self.link = link
+        self.routes = _routes(self.cluster)
+        self.ports: Dict[Tuple[int, int], int] = {}
+        self.process: Optional[mp.Process] = None
+
+    def start(self) -> "LinkEmulator":
+        context = mp.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, self.routes, self.link), daemon=True,
+                                       name="cipherdm-netem")
+        self.process.start()
+        child.close()
+        if not self._conn.poll(START_S):
+            self.stop()
+            raise LinkEmulatorError(f"the relays did not start in {START_S:g} s")
+        status, ports = self._conn.recv()
+        if status != "ok":
+            self.stop()
+            raise LinkEmulatorError(f"the relays cannot start: {ports}")
+        self.ports = {tuple(route): port for route, port in ports}
+        return self
+
+    def stop(self) -> None:
+        """End the relays and their connections; returns when the process is gone."""
+        if self.process is None:
+            return
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self._conn.send("stop")
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self._conn.close()
+        self.process = None
+
+    def __enter__(self) -> "LinkEmulator":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def config(self) -> dict:
+        raw = json.loads(json.dumps(self.raw))
+        for i, party in enumerate(raw["parties"]):
+            party["spu_dial"] = {self.cluster.parties[j].id: f"127.0.0.1:{self.ports[(i, j)]}"
+                                 for j in range(3) if j != i}
+        raw["tls"] = _absolute_paths(raw["tls"], self.source.parent)
+        return raw
+
+    def write(self, path: os.PathLike) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.config(), indent=2) + "\n")
+        cluster_config.load(path)  # what the parties will read must validate
+        return path
+
+
+def _routes(cluster: ClusterConfig) -> List[Tuple[int, int, str]]:
+    """(dialling rank, dialled rank, the dialled party's spu_address) for every ordered pair; refuses a
+    cluster the emulator cannot sit inside."""
+    for p in cluster.parties:
+        host, _ = split_address(p.spu_address, f"party {p.id} spu_address")
+        if host.lower() not in LOOPBACK:
+            raise LinkEmulatorError(f"party {p.id}'s SPU link is on {host}: the emulator runs the three parties on "
+                                    "this machine, on loopback addresses only")
+        if p.spu_dial:
+            raise LinkEmulatorError(f"party {p.id} already has spu_dial routes; emulate links of a config without them")
+    return [(i, j, cluster.parties[j].spu_address) for i in range(3) for j in range(3) if i != j]
+
+
+def _absolute_paths(tls, base: Path):
+    """The tls section with every file path absolute (relative ones are taken from the config's folder)."""
+    if isinstance(tls, dict):
+        return {k: _absolute_paths(v, base) for k, v in tls.items()}
+    return str((base / tls).resolve()) if isinstance(tls, str) else tls
+
+
+# -- the relay process -------------------------------------------------------------------------------
+
+
+class _Wire:
+    """One direction of a party pair: when the last chunk put on it leaves the wire (see the module docstring)."""
+
+    def __init__(self, link: Link):
+        self.link, self.free_at, self.lock = link, 0.0, threading.Lock()
+
+    def deliver_at(self, arrived: float, n: int) -> float:
+        with self.lock:
+            self.free_at = max(arrived, self.free_at) + 8 * n / self.link.bandwidth_bps
+            return self.free_at + self.link.delay_s
+
+
+def _pump(src: socket.socket, dst: socket.socket, wire: _Wire) -> None:
+    """Forward src -> dst through ``wire``: a reader stamps each chunk's delivery time, a writer keeps it."""
+    chunks: queue.SimpleQueue = queue.SimpleQueue()
+
+    def write():
+        while True:
+            due, data = chunks.get()
+            if data is None:
+                break
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    while True:
+        try:
+            data = src.recv(CHUNK)
+        except OSError:
+            data = b""
+        if not data:
+            chunks.put((0.0, None))
+            break
+        chunks.put((wire.deliver_at(time.perf_counter(), len(data)), data))
+    writer.join()
+
+
+class _Route:
+    """One relay (i dials j): listens on its port exactly while j listens on its SPU address, so that a dial
+    before j is up is refused as a direct one would be. (brpc's TLS client aborts its process on an accepted
+    connection that then drops, and a connection held open until j is up breaks its handshake too.)"""
+
+    def __init__(self, target: str, forward: _Wire, backward: _Wire):
+        self.host, self.target_port = split_address(target, "relay target")
+        self.forward, self.backward = forward, backward
+        self.sock = _bound(0)
+        self.port = self.sock.getsockname()[1]
+        self.conns: List[socket.socket] = []
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        listening = False
+        while not self.closed.is_set():
+            up = _listening(self.target_port)
+            if up != listening:
+                if up:
+                    self.sock.listen(16)
+                else:  # the peer's session ended: refuse again until the next one listens
+                    self.sock.close()
+                    self.sock = _bound(self.port)
+                listening = up
+            if not listening:
+                self.closed.wait(POLL_S)
+                continue
+            try:
+                down, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            try:
+                upstream = socket.create_connection((self.host, self.target_port), timeout=5)
+            except OSError:  # it stopped listening meanwhile
+                down.close()
+                continue
+            for sock in (down, upstream):
+                sock.settimeout(None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.conns += [down, upstream]
+            threading.Thread(target=_pump, args=(down, upstream, self.forward), daemon=True).start()
+            threading.Thread(target=_pump, args=(upstream, down, self.backward), daemon=True).start()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join()
+        for sock in [self.sock] + self.conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def _bound(port: int) -> socket.socket:
+    """A socket bound to 127.0.0.1:port, not listening yet (a dial to it is refused); accept() polls."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.settimeout(POLL_S)
+    return sock
+
+
+def _listening(port: int) -> bool:
+    """Whether a socket of this machine listens on TCP ``port`` (Linux: /proc/net/tcp and tcp6, state 0A)."""
+    suffix = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            if any(fields[1].endswith(suffix) and fields[3] == "0A" for fields in map(str.split, list(f)[1:])):
+                return True
+    return False
+
+
+def _serve(conn, routes, link: Link) -> None:
+    """The relay process: a `_Route` per ordered pair; answers their ports, then forwards until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # its parent decides when it ends
+    _die_with_parent()
+    wires = {(i, j): _Wire(link) for i in range(3) for j in range(3) if i != j}
+    relays = []
+    try:
+        for i, j, target in routes:
+            relays.append(_Route(target, wires[(i, j)], wires[(j, i)]))
+    except OSError as e:
+        conn.send(("error", str(e)))
+        return
+    for relay in relays:
+        relay.thread.start()
+    conn.send(("ok", [((i, j), relay.port) for (i, j, _), relay in zip(routes, relays)]))
+    with contextlib.suppress(EOFError, OSError):
+        conn.recv()  # "stop", or the parent is gone
+    for relay in relays:
+        relay.close()
+
+
+def _die_with_parent() -> None:
+    """End this process when its parent ends, even by SIGKILL (Linux; elsewhere the pipe's EOF ends it)."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+# -- the probe: what a round and a transfer take over the links --------------------------------------
+
+
+def probe(config_path: os.PathLike, rounds: int = 20, payload: int = 1 << 20, session_id: str = "netem-probe") -> dict:
+    """Three processes link as the parties would (`party.link_desc`: TLS, dial routes) and time, at party 0,
+    ``rounds`` all_gathers of a few bytes (each waits one one-way delay at least) and ``payload`` bytes sent
+    to party 1, answered by one byte (at least 8 * payload / B + 2 d). Returns seconds per round and the
+    transfer's seconds; raises LinkEmulatorError when a party cannot link (e.g. a peer failed TLS)."""
+    cluster = cluster_config.load(config_path)
+    context = mp.get_context("spawn")
+    pipes, procs = [], []
+    for rank in range(3):
+        parent, child = context.Pipe()
+        proc = context.Process(target=_probe_party, args=(child, cluster, rank, rounds, payload, session_id),
+                               daemon=True)
+        proc.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(proc)
+    limit = cluster.connect_timeout_s + cluster.recv_timeout_s + 60
+    try:
+        replies = []
+        for rank, pipe in enumerate(pipes):
+            if not pipe.poll(limit):
+                raise LinkEmulatorError(f"probe: party {cluster.parties[rank].id} did not finish in {limit:g} s")
+            replies.append(pipe.recv())
+    except EOFError:
+        raise LinkEmulatorError("probe: a party's process ended without a report") from None
+    finally:
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    errors = [f"{cluster.parties[r].id}: {msg}" for r, (status, msg) in enumerate(replies) if status != "ok"]
+    if errors:
+        raise LinkEmulatorError("probe: " + "; ".join(errors))
+    return replies[0][1]
+
+
+def _probe_party(conn, cluster: ClusterConfig, rank: int, rounds: int, payload: int, session_id: str) -> None:
+    from spu import libspu
+
+    from .party import link_desc
+
+    try:
+        link = libspu.link.create_brpc(link_desc(cluster, cluster.parties[rank], session_id), rank)
+        link.all_gather("warm-up")
+        times = []
+        for k in range(rounds):
+            start = time.perf_counter()
+            link.all_gather(str(k))
+            times.append(time.perf_counter() - start)
+        transfer = None
+        if rank == 0:
+            start = time.perf_counter()
+            link.send(1, "x" * payload)
+            link.recv(1)
+            transfer = time.perf_counter() - start
+        elif rank == 1:
+            link.recv(0)
+            link.send(0, "y")
+        link.all_gather("done")
+    except Exception as e:  # noqa: BLE001 - reported to the caller
+        conn.send(("error", " ".join(str(e).split())[:300]))
+        return
+    conn.send(("ok", {"round_s": statistics.median(times), "rounds_s": sum(times), "transfer_s": transfer,
+                      "rounds": rounds, "payload_bytes": payload}))
+    # reported first: brpc may abort a process whose peer closed its TLS connection while acks were in flight
+    # (more often when the acks are delayed), which is of no consequence once the probe is over
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    link.stop_link()
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cipherdm_spu.netem", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", choices=["run", "probe"], default="run",
+                   help="run: relays until Ctrl-C (default); probe: measure rounds and a transfer per network")
+    p.add_argument("--config", type=Path, default=Path("configs/3pc.json"), help="the cluster config (default: configs/3pc.json)")
+    p.add_argument("--network", nargs="+", default=["wan"], choices=[*PRESETS, "none", "custom"],
+                   help="lan (5 Gbps, 0.2 ms one-way), wan (400 Mbps, 20 ms), relay (relays adding nothing), "
+                        "custom (--delay-ms, --bandwidth-mbps); probe also takes none (direct links) and several")
+    p.add_argument("--delay-ms", type=float, help="custom: one-way delay in milliseconds")
+    p.add_argument("--bandwidth-mbps", type=float, help="custom: bandwidth in Mbps (default: unlimited)")
+    p.add_argument("--out", type=Path, help="run: where to write the routed config")
+    p.add_argument("--launch", action="store_true", help="run: also start the three parties (spu-launch) on it")
+    p.add_argument("--rounds", type=int, default=50, help="probe: all_gather rounds (default: 50)")
+    p.add_argument("--payload-mb", type=float, default=4.0, help="probe: MB sent from P0 to P1 (default: 4)")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "probe":
+            return _probe_command(args)
+        if len(args.network) != 1 or args.network[0] == "none":
+            p.error("run takes one emulated network: lan, wan, relay or custom")
+        if args.out is None:
+            p.error("run needs --out, the routed config to write")
+        with LinkEmulator(args.config, link_for(args.network[0], args.delay_ms, args.bandwidth_mbps)) as emulator:
+            emulator.write(args.out)
+            print(f"netem: {emulator.link.describe()} on every party link; routed config {args.out}", flush=True)
+            return _wait_or_launch(args.out, args.launch)
+    except (LinkEmulatorError, ClusterConfigError) as e:
+        print(f"netem: {e}", file=sys.stderr)
+        return 2
+
+
+def _wait_or_launch(config: Path, launch: bool) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if not launch:
+        print("netem: Ctrl-C stops the relays", flush=True)
+        stop.wait()
+        return 0
+    launcher = subprocess.Popen([sys.executable, "-m", "cipherdm_spu.cluster", "--config", str(config)])
+    while not stop.wait(0.5) and launcher.poll() is None:
+        pass
+    if launcher.poll() is None:
+        launcher.send_signal(signal.SIGTERM)
+    return launcher.wait()
+
+
+def _probe_command(args) -> int:
+    payload = int(args.payload_mb * 1e6)
+    print(f"{'network':<10} {'round (ms, median)':>20} {'transfer of ' + str(args.payload_mb) + ' MB (ms)':>26}")
+    for network in args.network:
+        if network == "none":
+            result = probe(args.config, args.rounds, payload)
+        else:
+            with LinkEmulator(args.config, link_for(network, args.delay_ms, args.bandwidth_mbps)) as emulator, \
+                    tempfile.TemporaryDirectory() as folder:
+                result = probe(emulator.write(Path(folder) / "routed.json"), args.rounds, payload)
+        print(f"{network:<10} {result['round_s'] * 1e3:>20.3f} {result['transfer_s'] * 1e3:>26.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
