@@ -40,18 +40,31 @@ import numpy as np
 from cipherdm_spu import registry
 from cipherdm_spu.registry import register_kernel
 
-from .coefficients import ACTIVATIONS, HORNER_ACTIVATIONS, HORNER_SCALE, RECIPROCAL_GUESS, RSQRT_GUESS
+from .coefficients import (
+    ACTIVATIONS,
+    HORNER_ACTIVATIONS,
+    HORNER_SCALE,
+    RECIPROCAL_PIECES,
+    RSQRT_GUESS,
+    RSQRT_PIECES,
+)
 
 NAME = "cipherdm"
 
-# exp(x) for x <= 0 as p(z) ** (2**EXP_SQUARINGS), z = relu(1 + x / 2**EXP_SQUARINGS), where
+# exp(x) for x <= 0 as p(z) ** EXP_REACH, z = relu(1 + x / EXP_REACH), EXP_REACH = 2**EXP_SQUARINGS, where
 # p(z) = (z^3 + 3z + 2) / 6 = 1 + y + y^2/2 + y^3/6 with y = z - 1: the 3rd-order Taylor base
-# (relative error ~ x^4 / (24 * 32^3); a 2nd-order base erred 0.4 % at x = -3, enough to bias the
-# denominator of a 1024-wide softmax row). Below x = -2**EXP_SQUARINGS the base is 1/3, so the result
-# is 3**-32 (5e-16): the right limit, never a wrapped value.
-EXP_SQUARINGS = 5
-# rsqrt: inputs are normalised into [1, 4) by 4**j for j in this range (covers ~4e-6 .. 2.6e5).
-RSQRT_EXPONENTS = np.arange(-9, 9)
+# (relative error ~ x^4 / (24 * 16^3), 2.6e-3 at x = -4 where e^x = 0.018; a 2nd-order base erred 0.4 % at
+# x = -3, enough to bias the denominator of a 1024-wide softmax row). Below x = -EXP_REACH the base is 1/3,
+# so the result is 3**-16 (2.3e-8): the right limit, never a wrapped value.
+EXP_SQUARINGS = 4
+EXP_REACH = 2**EXP_SQUARINGS
+# rsqrt: the octaves k of x in [2**k, 2**(k+1)) it tells apart (x from 2**-18, SPU's smallest positive
+# value, to 2**22 = 4.2e6: a GroupNorm of 16 * variances up to 2.6e5).
+RSQRT_OCTAVES = (-18, 21)
+# its cubics' coefficients and P kept 2**8 times larger: the last factor 2**(-floor(k/2) - 8) >= 2**-18.
+RSQRT_COEFFICIENT_SCALE = 2.0**8
+# rsqrt_low_byte: inputs normalised into [1, 4) by 4**j for j in this range (covers ~4e-6 .. 2.6e5).
+RSQRT_LOW_BYTE_EXPONENTS = np.arange(-9, 9)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,36 +118,56 @@ def _select(bit, when_one, when_zero):
     return when_zero + _bit_times(bit, when_one - when_zero)
 
 
-def _pick(bit, when_one, when_zero, dtype):
-    """Per element, the public constant ``when_one`` where the 0/1 integer bit is 1, else ``when_zero``:
-    local, no communication (a select would convert the bit again and multiply).
+def _ring_table(bits, values, as_int):
+    """values[k] per element as ring integers, k = sum of the 0/1 integer ``bits`` (stacked on axis 0) for bits
+    that are monotone (bits[j] = [x >= t_j] for rising t_j: k counts the thresholds passed): values[0] plus
+    sum_j bits[j] * (values[j+1] - values[j]). Local: integer products of secret bits with public constants,
+    assembled from 16-bit limbs so that no constant overflows ``as_int`` and XLA cannot fold two into one."""
+    values = [int(v) for v in values]
+    if len(values) != bits.shape[0] + 1:
+        raise ValueError(f"{bits.shape[0]} bits select among {bits.shape[0] + 1} values, not {len(values)}")
+    if max(abs(v) for v in values) >= 1 << 62:
+        raise ValueError(f"a table value beyond the ring: {max(values, key=abs)}")
+    base, diffs = values[0], [b - a for a, b in zip(values, values[1:])]
+    limit = 1 << (8 * jnp.dtype(as_int).itemsize - 1)
+    limbs = []  # (diff limbs, base limb), least significant first; the last keeps the signs
+    while not all(-limit <= v < limit for v in diffs + [base]):
+        split = [divmod(d, 1 << 16) for d in diffs]
+        diffs, low = [q for q, _ in split], [r for _, r in split]
+        base, b = divmod(base, 1 << 16)
+        limbs.append((low, b))
+    limbs.append((diffs, base))
+    bits = bits.astype(as_int)
+    ring = None
+    for ds, b in reversed(limbs):
+        weights = jnp.asarray(ds, as_int).reshape((-1,) + (1,) * (bits.ndim - 1))
+        term = jnp.sum(bits * weights, axis=0) + as_int(b)
+        ring = term if ring is None else jnp.left_shift(ring, as_int(16)) + term
+    return ring
 
-    Under SPU (`registry.fixed_point_bits()` set while a session compiles) it is built on the ring: the
-    encoding of when_zero plus the bit times the difference of encodings, both encoded as SPU encodes a
-    public constant (c * 2**f truncated toward zero), assembled from 16-bit limbs so that no int constant
-    overflows and XLA cannot fold two of them into one. In plain JAX, the same selection in float.
-    """
+
+def _table(bits, values, dtype):
+    """Per element, the public constant values[k] (k as in `_ring_table`): local, no communication (a select
+    would convert the bits again and multiply).
+
+    Under SPU (`registry.fixed_point_bits()` set while a session compiles) it is built on the ring from the
+    constants' encodings as SPU encodes a public constant (c * 2**f truncated toward zero); in plain JAX,
+    values indexed by k."""
     fraction_bits = registry.fixed_point_bits()
     if fraction_bits is None:
-        return jnp.where(bit == 1, jnp.asarray(when_one, dtype), jnp.asarray(when_zero, dtype))
-    as_int = _int_type(dtype)
+        k = jnp.sum(bits.astype(jnp.int32), axis=0)
+        return jnp.take(jnp.asarray(values, dtype), k)
     scale = 2.0**fraction_bits
-    zero = int(np.trunc(when_zero * scale))
-    diff = int(np.trunc(when_one * scale)) - zero
-    if max(abs(zero), abs(zero + diff)) >= 1 << 62:
-        raise ValueError(f"cannot encode {when_one} / {when_zero} with {fraction_bits} fraction bits in the ring")
-    limit = 1 << (8 * jnp.dtype(as_int).itemsize - 1)
-    limbs = []  # (diff limb, zero limb), least significant first; the last pair keeps the signs
-    while not (-limit <= diff < limit and -limit <= zero < limit):
-        diff, d = divmod(diff, 1 << 16)
-        zero, z = divmod(zero, 1 << 16)
-        limbs.append((d, z))
-    limbs.append((diff, zero))
-    ring = None
-    for d, z in reversed(limbs):
-        term = bit.astype(as_int) * as_int(d) + as_int(z)
-        ring = term if ring is None else jnp.left_shift(ring, as_int(16)) + term
-    return jax.lax.bitcast_convert_type(ring, dtype)
+    encodings = [np.trunc(v * scale) for v in values]
+    if max(abs(e) for e in encodings) >= 2.0**62:
+        raise ValueError(f"cannot encode {max(values, key=abs)} with {fraction_bits} fraction bits in the ring")
+    return jax.lax.bitcast_convert_type(_ring_table(bits, encodings, _int_type(dtype)), dtype)
+
+
+def _pick(bit, when_one, when_zero, dtype):
+    """Per element, the public constant ``when_one`` where the 0/1 integer bit is 1, else ``when_zero``: a
+    `_table` of one bit."""
+    return _table(bit[None], [when_zero, when_one], dtype)
 
 
 def _relu_and_abs(x):
@@ -156,9 +189,10 @@ def _relu_and_clamped_abs(x, T: float):
 
 def _relu_plus_a_quartic(x, name: str):
     """relu(x) + a * quartic(a), a = min(|x|, T); the sign bit picks the quartic's coefficients (R differs by
-    sign), so one quartic is evaluated instead of two."""
+    sign), so one quartic is evaluated instead of two. Sign and window from one comparison
+    (`_sign_and_window`: |x| < 11585)."""
     c = ACTIVATIONS[name]
-    positive, relu, a = _relu_and_clamped_abs(x, c["T"])
+    positive, relu, a = _relu_and_clamped_abs_low_round(x, c["T"])
     alpha = [_pick(positive, p, m, x.dtype) for p, m in zip(c["plus"], c["minus"])]
     return relu + a * _quartic(a, alpha)
 
@@ -194,13 +228,42 @@ def _product_plus_linear(p, q, v, s: float):
     return jax.lax.bitcast_convert_type(wide, p.dtype) * 2.0**-fraction_bits
 
 
-def _relu_plus_half_square(x, name: str):
+def _sign_and_window(x, T: float):
+    """Arithmetic bits ([x > 0], [|x| < T]) from ONE batched comparison, so the window does not wait for |x|.
+
+    Under SPU the window is the sign of (E - E_T)(E + E_T) = E^2 - E_T^2, an integer product of the
+    encodings E = x * 2**f and E_T = T * 2**f (no constant beyond 32 bits, so nothing for XLA to fold). Its
+    square must fit the ring: correct for |x| < 2**(31.5 - f) (11585 at f = 18); beyond, the window bit is
+    that of a wrapped square (`_relu_and_clamped_abs` has no such limit, at 9 more send actions)."""
+    fraction_bits = registry.fixed_point_bits()
+    if fraction_bits is None:
+        bits = jnp.stack([x > 0, jnp.abs(x) < T])
+    else:
+        e = _encoding(x)
+        e_t = e.dtype.type(round(T * 2.0**fraction_bits))
+        bits = jnp.stack([e, (e_t - e) * (e + e_t)]) > 0
+    both = _indicator(bits)  # one conversion for both bits
+    return both[0], both[1]
+
+
+def _relu_and_clamped_abs_low_round(x, T: float):
+    """(sign bit, relu(x), min(|x|, T)) as `_relu_and_clamped_abs`, its two bits from one comparison
+    (`_sign_and_window`)."""
+    positive, inside = _sign_and_window(x, T)
+    relu = _bit_times(positive, x)
+    return positive, relu, _select(inside, relu + relu - x, T)
+
+
+def _relu_plus_half_square(x, name: str, low_round: bool = True):
     """relu(x) + (z + gamma1) * z + s * a + gamma0, a = min(|x|, T), z = (u + beta0) * u, u = c * a rounded
     to ``bits`` = 9 fraction bits: z is an integer product at 18 bits (no truncation), so the quartic costs
     two truncations (u's and the last product's) where Knuth's form costs three. u's rounding is part of
-    the fit (scripts/fit_kernels.py); the exact a carries R's linear term, so it moves R by < 4.4e-3."""
+    the fit (scripts/fit_kernels.py); the exact a carries R's linear term, so it moves R by < 4.4e-3.
+    ``low_round``: sign and window from one comparison (`_sign_and_window`); otherwise the window is
+    compared after |x| is known (fewer bytes, more send actions, no range limit)."""
     c = ACTIVATIONS[name]
-    _, relu, a = _relu_and_clamped_abs(x, c["T"])
+    clamp = _relu_and_clamped_abs_low_round if low_round else _relu_and_clamped_abs
+    _, relu, a = clamp(x, c["T"])
     u = _rounded_integer(a, c["scale"])  # u * 2**bits
     z = _from_integer((u + c["beta0"]) * u, 2 * c["bits"], x.dtype)
     return relu + _product_plus_linear(z + c["gamma1"], z, a, c["linear"]) + c["gamma0"]
@@ -254,7 +317,14 @@ def _piecewise_horner(x, name: str):
 
 @register_kernel("silu", NAME)
 def silu(x):
+    """Sign and window from one comparison: correct for |x| < 11585 (see `_sign_and_window`)."""
     return _relu_plus_half_square(x, "silu")
+
+
+@register_kernel("silu", f"{NAME}-low-byte")
+def silu_low_byte(x):
+    """The window compared after |x|: fewer bytes, more send actions (docs/results/kernels.md), no range limit."""
+    return _relu_plus_half_square(x, "silu", low_round=False)
 
 
 @register_kernel("mish", NAME)
@@ -275,30 +345,31 @@ def sigmoid(x):
 
 @register_kernel("exp", NAME)
 def exp_nonpositive(x):
-    """e^x for x <= 0 (softmax's domain after max subtraction); saturates to 5e-16 below -32.
+    """e^x for x <= 0 (softmax's domain after max subtraction); saturates to 2.3e-8 below -EXP_REACH.
 
-    For x > 0 it is the same Taylor scheme (relative error < 1e-2 up to x = 4) and wraps the ring
-    beyond x ~ 17: callers must subtract a max first.
+    p(z) ** (2**EXP_SQUARINGS), z = relu(1 + x / EXP_REACH): the base p = z * (z^2 + 3) / 6 + 1/3 takes two
+    rounds of products (z^2 and z/6 in one). For x > 0 it is the same Taylor scheme (relative error < 1e-2
+    up to x = 2) and wraps the ring beyond x ~ 8: callers must subtract a max first.
     """
-    n = 2 ** EXP_SQUARINGS
-    z = _relu(x * (1.0 / n) + 1.0)
-    p = (z * (z * z + 3.0) + 2.0) * (1.0 / 6.0)
+    z = _relu(x * (1.0 / EXP_REACH) + 1.0)
+    square_and_sixth = jnp.stack([z, jnp.full_like(z, 1.0 / 6.0)]) * z  # one secret product for both
+    p = square_and_sixth[1] * (square_and_sixth[0] + 3.0) + 1.0 / 3.0
     for _ in range(EXP_SQUARINGS):
         p = p * p
     return p
 
 
-def _octave_bits(x, bases, *, by_comparison: bool = False):
+def _octave_bits(x, bases):
     """Bits x >= bases[j] for j >= 1, x > 0, for bases that are powers of two (below bases[1], all are 0).
 
     Under SPU, from x's encoding E = x * 2**f: x >= 2**k iff E has a bit at or above k + f. One conversion
     of E to boolean shares (a shift), a prefix OR (six ORs of whole words: 6 ANDs) and local shifts give
-    every threshold's bit at once, where a batched comparison pays one MSB extraction per threshold (rsqrt's
-    17) but takes fewer send actions: ``by_comparison`` chooses that, for callers where rounds matter more
-    than bytes. The bits stay boolean: `_scale` converts them once. In plain JAX, the comparisons themselves.
+    every threshold's bit at once, where a batched comparison pays one MSB extraction per threshold (more
+    bytes, fewer send actions). The bits stay boolean: `_scale` converts them once. In plain JAX, the
+    comparisons themselves.
     """
     fraction_bits = registry.fixed_point_bits()
-    if by_comparison or fraction_bits is None:
+    if fraction_bits is None:
         return _batched_bits(x, bases[1:]).astype(jnp.int32)
     exponents = np.log2(np.asarray(bases[1:], dtype=np.float64)) + fraction_bits
     if not np.all(exponents == np.round(exponents)) or exponents.min() < 0:
@@ -323,9 +394,13 @@ def _scale(bits, dtype, *factor_tables):
     return tuple(scales + f[:, -1].reshape((-1,) + (1,) * (bits.ndim - 1)).astype(dtype))
 
 
-def _rsqrt(x, by_comparison: bool):
-    js = RSQRT_EXPONENTS
-    bits = _octave_bits(x, 4.0 ** js, by_comparison=by_comparison)
+@register_kernel("rsqrt", f"{NAME}-low-byte")
+def rsqrt_low_byte(x):
+    """1/sqrt(x) for x > 0 normalised by powers of 4 read off the bits of its encoding (one conversion to boolean
+    shares and a prefix OR), a cubic guess and one Newton step: fewer bytes than `rsqrt`, 14 more send actions
+    (docs/results/kernels.md); covers 4**-9 .. 4**9."""
+    js = RSQRT_LOW_BYTE_EXPONENTS
+    bits = _octave_bits(x, 4.0 ** js)
     to_half_m, to_result = _scale(bits, x.dtype, 0.5 * 4.0 ** -js, 2.0 ** -js)  # 0.5 in the table: no product
     half_m = x * to_half_m
     m = half_m + half_m  # in [1, 4) for 4**js[0] <= x < 4**(js[-1] + 1)
@@ -334,45 +409,79 @@ def _rsqrt(x, by_comparison: bool):
     return r * to_result
 
 
+def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, coefficient_scale: float = 1.0):
+    """x**-power for x > 0 from one batched comparison and three rounds of secret products, no Newton step:
+    piecewise cubics on [1, 2**unit_bits), one piece per threshold.
+
+    With p = len(pieces) and s = unit_bits, the thresholds are t_k = 2**(s k / p) for k in ``octaves``
+    (lo..hi: x in [t_lo, t_(hi+1))); their bits [x >= t_k] come from one comparison, converted once, and every
+    factor below is a `_table` of them, local. x = m * 2**(s k') with k' = floor(k / p) and m in [1, 2**s);
+    pieces[k % p] covers m in [2**(s (k % p) / p), 2**(s (k % p + 1) / p)). The result is P(m) * 2**(-s k'
+    * power), the power (1/2 or 1) being the pieces' own; the caller passes that factor's exponent scale in
+    ``out_per_unit`` terms through ``unit_bits``: rsqrt uses s = 2 (2**(-k')), the reciprocal s = 1
+    (2**(-k')). P is a cubic in Estrin's form, (c0 + c1 v) + v^2 (c2 + c3 v), in v = 4m (so that v's factor
+    2**(2 - s k') stays encodable up to s k' = 20): round 1 is v, round 2 v^2, c1 v and c3 v stacked in one
+    product, round 3 v^2 (c2 + c3 v), and the last 2**-k' times P. ``coefficient_scale`` keeps the
+    coefficients and P that many times larger until the last product (fixed-point precision for small
+    coefficients); the last factor 2**(-k') / coefficient_scale must stay encodable (an exact power of two
+    >= 2**-f). (Folding 2**-k' into the coefficients would save that product, but rounds each to 2**-f
+    absolute: a 1024-wide softmax row then summed to 1 only within 3e-3.)
+    """
+    lo, hi = octaves
+    per_unit = len(pieces)
+    ks = np.arange(lo, hi + 1)
+    bits = _indicator(_batched_bits(x, 2.0 ** (unit_bits * ks[1:] / per_unit)))
+    k_out = ks // per_unit
+    v = x * _table(bits, 4.0 * 2.0 ** (-unit_bits * k_out), x.dtype)
+    coef = np.asarray(pieces, np.float64)[ks % per_unit] * 4.0 ** -np.arange(4) * coefficient_scale  # (octaves, 4)
+    c = [_table(bits, coef[:, i], x.dtype) for i in range(4)]
+    square, c1v, c3v = jnp.stack([v, jnp.broadcast_to(c[1], v.shape), jnp.broadcast_to(c[3], v.shape)]) * v
+    p = c[0] + c1v + square * (c[2] + c3v)
+    return p * _table(bits, 2.0 ** -k_out / coefficient_scale, x.dtype)
+
+
 @register_kernel("rsqrt", NAME)
 def rsqrt(x):
-    """1/sqrt(x) for x > 0: normalise (by the encoding's bits), guess, one Newton step. Fewer bytes and send
-    actions than SPU's rsqrt (docs/results/kernels.md)."""
-    return _rsqrt(x, by_comparison=False)
-
-
-@register_kernel("rsqrt", f"{NAME}-low-round")
-def rsqrt_low_round(x):
-    """The same with its octave found by one batched comparison: about twice the bytes, fewer send actions
-    (docs/results/kernels.md, row `rsqrt=cipherdm-low-round`). The norms call
-    rsqrt once per group, where its bytes are a rounding error of a step's and its rounds add to every
-    norm's latency: choose it where the network's round trips dominate,
-    ``SecureSession("cipherdm", overrides={"rsqrt": "cipherdm-low-round"})``."""
-    return _rsqrt(x, by_comparison=True)
+    """1/sqrt(x) for x in [2**-18, 2**22) (`_octave_polynomial`: octaves by comparison, piecewise cubics,
+    relative error < 5e-4 from the fit): fewer send actions than the encoding-read octave of `rsqrt_low_byte`,
+    more bytes; the norms call it once per group, so its bytes are a rounding error of a step's."""
+    return _octave_polynomial(x, RSQRT_OCTAVES, RSQRT_PIECES, unit_bits=2, coefficient_scale=RSQRT_COEFFICIENT_SCALE)
 
 
 def reciprocal_in_range(x, lo: float, hi: float):
-    """1/x for x in [lo, hi] (lo > 0): normalise by powers of 2 found in one batched comparison, guess, two
-    Newton steps.
+    """1/x for x in [lo, hi] (lo > 0): `_octave_polynomial` with half-octave pieces over [lo, hi] (relative error
+    < 1.2e-4 from the fit). Used for softmax denominators, which lie in [1, row length]: one per row, so its
+    bytes spread over the row. Below 2**floor(log2 lo) it extrapolates the cubic; beyond hi, the top piece's."""
+    per_unit = len(RECIPROCAL_PIECES)
+    octaves = (per_unit * math.floor(math.log2(lo)), per_unit * math.ceil(math.log2(hi)))
+    headroom = min(8, 18 - octaves[1] // per_unit)  # the last factor 2**(-k' - headroom) stays >= 2**-18
+    return _octave_polynomial(x, octaves, RECIPROCAL_PIECES, unit_bits=1, coefficient_scale=2.0**headroom)
 
-    Used for softmax denominators, which lie in [1, row length]: one per row, so its bytes spread over the
-    row and its rounds do not (hence comparisons rather than the encoding's bits, see `_octave_bits`);
-    outside [lo, hi] it degrades smoothly (Newton from a poor guess) but never wraps.
-    """
-    js = np.arange(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1)
-    (scale,) = _scale(_octave_bits(x, 2.0 ** js, by_comparison=True), x.dtype, 2.0 ** -js)
-    m = x * scale  # in [1, 2)
-    r = _polynomial(m, RECIPROCAL_GUESS)
-    r = r * (2.0 - m * r)
-    r = r * (2.0 - m * r)
-    return r * scale
+
+def _row_max(x, axis: int):
+    """max over ``axis`` (kept as size 1) by a tournament of threes: each round compares every pair of a
+    triple (p, q, r) in one batched comparison, converts the three bits once, and picks the winner with one
+    product of bits (p wins: [p >= q][p >= r]; q: [p < q][q >= r]; r: neither) and one product of those
+    indicators with the differences. log3(n) rounds of 12 send actions where a pairwise tree takes log2(n)
+    rounds of 11, for 1.5 comparisons per element instead of 1 (ties go to the earlier element: exact)."""
+    a = jnp.moveaxis(x, axis, -1)
+    while a.shape[-1] > 1:
+        pad = (-a.shape[-1]) % 3
+        if pad:  # repeat the last element: it cannot change the max
+            a = jnp.concatenate([a] + [a[..., -1:]] * pad, axis=-1)
+        p, q, r = a[..., 0::3], a[..., 1::3], a[..., 2::3]
+        pq, qr, pr = _indicator(jnp.stack([p - q, q - r, p - r]) >= 0)
+        wins = jnp.stack([pq, 1 - pq]) * jnp.stack([pr, qr])
+        lead = _bit_times(wins, jnp.stack([p - r, q - r]))
+        a = r + lead[0] + lead[1]
+    return jnp.moveaxis(a, -1, axis)
 
 
 @register_kernel("softmax", NAME)
 def softmax(x, axis: int, exp_impl: str):
-    """Max subtraction, the set's exp (`exp_nonpositive` in the `cipherdm` set), one reciprocal per row
-    (over [1, row length])."""
-    shifted = x - jnp.max(x, axis=axis, keepdims=True)
+    """Max subtraction (`_row_max`), the set's exp (`exp_nonpositive` in the `cipherdm` set), one reciprocal
+    per row (over [1, row length])."""
+    shifted = x - _row_max(x, axis)
     e = registry.kernel("exp", exp_impl)(shifted)
     total = jnp.sum(e, axis=axis, keepdims=True)  # in [1, n]: the max entry contributes exactly 1
     return e * reciprocal_in_range(total, 1.0, float(x.shape[axis]))

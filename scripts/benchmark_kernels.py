@@ -53,36 +53,47 @@ def render_markdown(results: dict, command: str) -> str:
         "exp on x <= 0; rsqrt relative, over variances 1e-4..1e4.",
         "",
     ]
+    def variants(op):
+        """(label, row) for every set, and for `cipherdm` its low-byte override where it has one."""
+        for s in sets:
+            row = results["sets"][s][op]
+            yield s, row
+            if "low_byte" in row:
+                yield f"{s}, {op}=cipherdm-low-byte", row["low_byte"]
+
+    def cost(r, op):
+        return [*cost_cells(r["cost"], base[op]["cost"]), f"{r['cost']['seconds']:.3f}"]
+
     lines += markdown_table(
         cost_header + ["seconds", "max err (grid)", "max err (samples)", "max err (extremes)", "max err (bulk)"],
-        [[op, s, *cost_cells(r["cost"], base[op]["cost"]), f"{r['cost']['seconds']:.3f}",
-          f"{r['grid']['max_abs_err']:.2g}", f"{r['samples']['max_abs_err']:.2g}", f"{r['extremes']['max_abs_err']:.3g}",
-          f"{r['bulk']['max_abs_err']:.2g}"]
-         for op in ACTIVATIONS for s in sets for r in [results["sets"][s][op]]], align="ll")
+        [[op, label, *cost(r, op), f"{r['grid']['max_abs_err']:.2g}", f"{r['samples']['max_abs_err']:.2g}",
+          f"{r['extremes']['max_abs_err']:.3g}", f"{r['bulk']['max_abs_err']:.2g}"]
+         for op in ACTIVATIONS for label, r in variants(op)], align="ll")
     lines.append("")
     lines += markdown_table(
-        cost_header + ["max err", "mean err", "max row-sum err"],
-        [[op, s, *cost_cells(r["cost"], base[op]["cost"]), f"{e['max_abs_err']:.2g}", f"{e['mean_abs_err']:.2g}",
+        cost_header + ["seconds", "max err", "mean err", "max row-sum err"],
+        [[op, s, *cost(r, op), f"{e['max_abs_err']:.2g}", f"{e['mean_abs_err']:.2g}",
           f"{e.get('max_row_sum_err', float('nan')):.2g}"]
          for op in ["exp"] + [f"softmax{w}" for w in SOFTMAX_ROWS] for s in sets
          for r in [results["sets"][s][op]] for e in [r.get("domain_le_0") or r["rows"]]], align="ll")
     lines.append("")
-    variants = [(label, r) for s in sets for rsqrt in [results["sets"][s]["rsqrt"]]
-                for label, r in [(s, rsqrt)] + ([(f"{s}, rsqrt=cipherdm-low-round", rsqrt["low_round"])] if "low_round" in rsqrt else [])]
     lines += markdown_table(
-        cost_header + ["max rel err (true input)", "max rel err (encoded input)"],
-        [["rsqrt", label, *cost_cells(r["cost"], base["rsqrt"]["cost"]),
-          f"{r['relative_vs_true_input']['max_rel_err']:.2g}", f"{r['relative_vs_encoded_input']['max_rel_err']:.2g}"]
-         for label, r in variants], align="ll")
+        cost_header + ["seconds", "max rel err (true input)", "max rel err (encoded input)"],
+        [["rsqrt", label, *cost(r, "rsqrt"), f"{r['relative_vs_true_input']['max_rel_err']:.2g}",
+          f"{r['relative_vs_encoded_input']['max_rel_err']:.2g}"]
+         for label, r in variants("rsqrt")], align="ll")
     lines += [
         "",
         "Notes: SPU's Io encodes inputs by flooring to 2^-18, so a variance of 1e-4 arrives with up to 2 % error",
         "before any kernel runs; `relative_vs_encoded_input` is the kernel's own error. The norms",
         "(models/normalization.py) pre-scale deviations so that their variances do not suffer this.",
-        "`cipherdm`'s rsqrt finds its input's power of 4 from the bits of its encoding (one conversion to boolean",
-        "shares and a prefix OR); the override `rsqrt=cipherdm-low-round` finds it by one batched comparison per",
-        "power instead: more bytes, fewer send actions (the norms run rsqrt once per group, where rounds weigh",
-        "more than bytes on a slow network).",
+        "`cipherdm`'s kernels are built for send actions (rounds), which a WAN waits for: rsqrt finds its input's",
+        "octave by one batched comparison and evaluates piecewise cubics with no Newton step (more bytes, but the",
+        "norms run it once per group); SiLU and Mish take their sign and window bits from one comparison (the",
+        "window from the sign of E^2 - E_T^2 of the encoding E: correct for |x| < 11585); softmax takes its row",
+        "maximum by a tournament of threes and its denominator's reciprocal by half-octave cubics. The overrides",
+        "`rsqrt=cipherdm-low-byte` (octave read off the encoding's bits, a Newton step) and",
+        "`silu=cipherdm-low-byte` (window compared after |x|, no range limit) send fewer bytes and take more rounds.",
         "`cipherdm`'s SiLU and Mish fits are weighted towards the bulk, held to 9.5e-3 on the whole line (SiLU's with",
         "the rounding of its u to 9 fraction bits included, see docs/results/primitives.md): an unweighted fit errs",
         "most at x = 0, where a bias adds up over every layer and step. End to end this is what counts: with",

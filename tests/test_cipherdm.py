@@ -6,7 +6,8 @@ import pytest
 
 from cipherdm_spu import ops, registry
 from cipherdm_spu.protocols.cipherdm import (
-    RSQRT_EXPONENTS,
+    RSQRT_LOW_BYTE_EXPONENTS,
+    RSQRT_OCTAVES,
     _from_integer,
     _indicator,
     _octave_bits,
@@ -14,6 +15,9 @@ from cipherdm_spu.protocols.cipherdm import (
     _product_plus_linear,
     _relu,
     _rounded_integer,
+    _row_max,
+    _sign_and_window,
+    _table,
 )
 from cipherdm_spu.protocols.reference import REFERENCES, activation_inputs, encoded, gelu_tanh, softmax
 
@@ -44,7 +48,7 @@ def test_exp_on_softmax_domain_reaches_the_right_limit(sessions):
     assert np.all(np.abs(y[-3:]) < 1e-6)
 
 
-@pytest.mark.parametrize("n, spread", [(16, 4.0), (64, 8.0), (256, 2.0)])
+@pytest.mark.parametrize("n, spread", [(16, 4.0), (64, 8.0), (256, 2.0), (1024, 2.0)])
 def test_softmax_rows(sessions, rng, n, spread):
     logits = (rng.standard_normal((8, n)) * spread).astype(np.float32)
     logits[0, 0] = 1e4  # an extreme logit: the row must become one-hot, never wrap
@@ -53,7 +57,58 @@ def test_softmax_rows(sessions, rng, n, spread):
     assert np.abs(y.sum(-1) - 1).max() <= 1e-2
 
 
-@pytest.mark.parametrize("impl", ["cipherdm", "cipherdm-low-round"])
+@pytest.mark.parametrize("impl", ["cipherdm", "cipherdm-low-byte"])
+def test_silu_variants_within_1e2_on_the_whole_line(sessions, impl):
+    x = activation_inputs()
+    err = np.abs(sessions["cipherdm"].run(registry.kernel("silu", impl), x) - REFERENCES["silu"](x.astype(np.float64)))
+    assert err.max() <= 1e-2
+    assert err[np.abs(x) <= 2].max() <= 5e-3
+
+
+def test_sign_and_window_bits_from_one_comparison_at_their_boundaries(sessions):
+    """[x > 0] and [|x| < T] as float64 says on the encoded input, at 0, at +-T and their neighbours, and out to
+    |x| = 11000 (the window's square of the encoding must fit the ring)."""
+    T = 5.75
+    ulp = 2.0**-18
+    x = np.array([0.0, ulp, -ulp, T, -T, T - ulp, -T + ulp, T + ulp, -T - ulp, 3.0, -3.0, 11000.0, -11000.0, 1e-3, -1e-3],
+                 dtype=np.float32)
+    want = np.stack([encoded(x) > 0, np.abs(encoded(x)) < T]).astype(np.int32)
+    got = np.asarray(sessions["cipherdm"].run(lambda v: jax.numpy.stack(_sign_and_window(v, T)), x))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: jax.numpy.stack(_sign_and_window(v, T)))(x)), want)
+
+
+def test_row_max_is_exact_with_ties_padding_and_any_axis(sessions, rng):
+    """The tournament of threes returns the row's largest element (exactly under SPU: bit products on the ring),
+    for widths that are not powers of three, with ties, on a middle axis."""
+    x = rng.normal(0, 3, (4, 49, 5)).astype(np.float32)
+    x[0, :, 0] = 2.5  # a row of ties
+    x[1, 7, 1] = 1e4
+    x[2, 48, 2] = -1e4
+    want = encoded(x).max(axis=1, keepdims=True)
+    got = np.asarray(sessions["cipherdm"].run(lambda v: _row_max(v, 1), x), np.float64)
+    np.testing.assert_allclose(got, want, rtol=2.0**-23, atol=0)  # exact but for the float32 output
+    plain = np.asarray(jax.jit(lambda v: _row_max(v, 1))(x))
+    np.testing.assert_allclose(plain, x.max(axis=1, keepdims=True), rtol=2.0**-22)  # in float, r + (p - r)
+
+
+def test_table_is_the_encoded_constant_for_every_octave_under_spu_and_in_float(sessions):
+    """Per-octave constants selected from monotone bits, exact on the ring: large (4**9 * 2**18 needs limbs),
+    tiny, negative."""
+    bases = 2.0 ** np.arange(-3, 4)
+    values = [4.0**9, -3.5, 2.0**-18, 1234.5678, -(2.0**20), 0.0, 7.25, 1e-3]
+    x = np.concatenate([bases, bases * 1.5, [0.01]]).astype(np.float32)
+
+    def select(v):
+        return _table(_indicator(jax.numpy.stack([v - b for b in bases]) >= 0), values, v.dtype)
+
+    k = (x[None, :] >= bases[:, None]).sum(0)
+    want = np.trunc(np.asarray(values)[k] * 2.0**18) / 2.0**18
+    np.testing.assert_allclose(np.asarray(sessions["cipherdm"].run(select, x), np.float64), want, rtol=2.0**-23, atol=0)
+    np.testing.assert_array_equal(np.asarray(jax.jit(select)(x)), np.asarray(values, np.float32)[k])
+
+
+@pytest.mark.parametrize("impl", ["cipherdm", "cipherdm-low-byte"])
 def test_rsqrt_relative_error_for_variances_1e_4_to_1e4(sessions, impl):
     v = np.geomspace(1e-4, 1e4, 401).astype(np.float32)
     y = sessions["cipherdm"].run(registry.kernel("rsqrt", impl), v)
@@ -73,7 +128,7 @@ def test_ours_beat_the_paper_on_error(sessions):
 def test_octave_bits_from_the_encoding_are_the_comparisons_they_replace(sessions):
     """x >= 4**j read off the bits of x's encoding under SPU (a prefix OR), compared with x >= 4**j in
     float64 on the encoded input, including every boundary and its neighbours."""
-    bases = 4.0 ** RSQRT_EXPONENTS
+    bases = 4.0 ** RSQRT_LOW_BYTE_EXPONENTS
     x = np.concatenate([np.geomspace(5e-6, 2e5, 301), bases[1:], bases[1:] * (1 - 2.0**-20), bases[1:] * (1 + 2.0**-20)])
     x = x.astype(np.float32)
     want = (encoded(x)[None, :] >= bases[1:, None]).astype(np.int32)
@@ -81,13 +136,36 @@ def test_octave_bits_from_the_encoding_are_the_comparisons_they_replace(sessions
     np.testing.assert_array_equal(jax.jit(lambda v: _octave_bits(v, bases))(x), (x[None, :] >= bases[1:, None]))
 
 
-def test_rsqrt_in_float_holds_over_its_whole_range():
-    """The plain-JAX simulation of our rsqrt (the octave's factor summed without cancellation) across the
-    octaves it covers, 4**-9 .. 4**9."""
-    v = np.geomspace(4.0**-9, 4.0**9 * 0.999, 2001).astype(np.float32)
+@pytest.mark.parametrize("impl, lo, hi", [("cipherdm", 2.0 ** RSQRT_OCTAVES[0], 2.0 ** (RSQRT_OCTAVES[1] + 1)),
+                                          ("cipherdm-low-byte", 4.0**-9, 4.0**9)])
+def test_rsqrt_in_float_holds_over_its_whole_range(impl, lo, hi):
+    """The plain-JAX simulation of our rsqrt kernels across the octaves they cover."""
+    v = np.geomspace(lo, hi * 0.999, 2001).astype(np.float32)
     with registry.use_protocol("cipherdm"):
-        y = np.asarray(jax.jit(ops.rsqrt)(v), np.float64)
+        y = np.asarray(jax.jit(registry.kernel("rsqrt", impl))(v), np.float64)
     assert np.abs(y * np.sqrt(v.astype(np.float64)) - 1).max() <= 1e-3
+
+
+def test_rsqrt_under_spu_across_its_octaves(sessions):
+    """Every octave the comparison tells apart, 2**-17 .. 2**22, against the encoded input: the cubic's 5e-4
+    plus the output's own 2**-18 encoding (relative 2**-18 * sqrt(x): 7.8e-3 at 4e6)."""
+    v = np.geomspace(2.0**-17, 2.0**22 * 0.999, 397).astype(np.float32)
+    y = np.asarray(sessions["cipherdm"].run(ops.rsqrt, v), np.float64)
+    rel = np.abs(y * np.sqrt(encoded(v)) - 1)
+    assert np.all(rel <= 6e-4 + 2.0**-18 * np.sqrt(encoded(v)) * 1.5)
+
+
+def test_cipherdm_kernels_take_fewer_send_actions_than_spu(sessions, rng):
+    """Rounds are what a WAN waits for: each of the step's kernels beats vanilla SPU's on send actions (exact
+    counts from SPU's link, not time)."""
+    x = rng.normal(0, 2, (64, 49)).astype(np.float32)
+    v = rng.uniform(1e-3, 1e3, (64,)).astype(np.float32)
+    for fn, arg in ((ops.silu, x), (ops.rsqrt, v), (lambda a: ops.softmax(a, axis=-1), x)):
+        actions = {}
+        for name in ("spu", "cipherdm"):
+            sessions[name].run(fn, arg)
+            actions[name] = sessions[name].last_stats.send_actions
+        assert actions["cipherdm"] < actions["spu"], actions
 
 
 def test_octave_bits_refuse_bases_that_are_not_powers_of_two():
