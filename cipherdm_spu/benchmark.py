@@ -16,6 +16,9 @@ network estimates.
 - `estimate_latency`: measured seconds (three parties in one process, memory links) plus the busiest
   party's bytes over the bandwidth plus one one-way latency (RTT/2) per send action of the busiest party;
   ABY3 parties send one message per round, so send actions count rounds.
+- `estimate_terms` splits a cluster run the same way, with the compute term from the parties themselves:
+  the busiest party's CPU seconds (what one host of its own would spend), not the one-process wall time,
+  which counts all three parties' work on this machine's cores.
 """
 
 from __future__ import annotations
@@ -50,6 +53,15 @@ def linear_floor(base: str = registry.BASELINE) -> registry.ProtocolSet:
 def estimate_latency(stats: RunStats, network: str) -> float:
     bandwidth, rtt = NETWORKS[network]
     return stats.seconds + max(stats.bytes_sent_per_party) * 8 / bandwidth + stats.send_actions * rtt / 2
+
+
+def estimate_terms(stats: RunStats, bandwidth_bps: float, one_way_s: float) -> Dict[str, float]:
+    """A cluster run's time as compute + bytes + rounds: the busiest party's CPU seconds, its bytes over the
+    bandwidth, and one one-way delay per send action of the busiest party."""
+    if not stats.cpu_seconds_per_party:
+        raise ValueError("the run has no per-party compute (an embedded session's run)")
+    return {"compute": max(stats.cpu_seconds_per_party), "bytes": max(stats.bytes_sent_per_party) * 8 / bandwidth_bps,
+            "rounds": stats.send_actions * one_way_s}
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ party that dies later is reported and the others keep serving. Users sample with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import socket
@@ -25,7 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import Iterator, List, Optional
 
 from tqdm import tqdm
 
@@ -35,6 +36,7 @@ from .cluster_config import ClusterConfig
 from .errors import ClusterConfigError, ClusterError, InputError, PartyError
 from .models import ConfigError
 from .models.schedulers import SchedulerConfigError
+from .netem import Link, LinkEmulator
 from .plan import NAME, Policy
 
 DEFAULT_CONFIG = "configs/3pc.json"
@@ -226,6 +228,55 @@ def _stop_all(procs, grace_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def loopback_cluster(folder: Path, link: Optional[Link] = None, clients=("owner", "user")) -> Iterator[Path]:
+    """Three parties on this machine, started as the README says (a config on free loopback ports, development
+    certificates, one spu-launch), their links through `netem` relays when ``link`` is given; yields the config
+    the parties run on. Everything it started is stopped on exit."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(6)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1] for s in sockets]
+    config = folder / "3pc.json"
+    config.write_text(json.dumps({
+        "parties": [{"id": f"P{i}", "spu_address": f"127.0.0.1:{ports[i]}", "control_address": f"127.0.0.1:{ports[3 + i]}"}
+                    for i in range(3)],
+        "runtime": {"protocol": "ABY3", "field": "FM64", "fraction_bits": 18},
+        "tls": {"party_ca": "tls/party-ca.pem", "client_ca": "tls/client-ca.pem",
+                "parties": {f"P{i}": {"cert": f"tls/P{i}.pem", "key": f"tls/P{i}.key"} for i in range(3)},
+                "clients": {c: {"cert": f"tls/{c}.pem", "key": f"tls/{c}.key"} for c in clients}},
+    }, indent=2))
+    from .pki import make_development_pki
+
+    make_development_pki(cluster_config.load(config), clients)
+    with contextlib.ExitStack() as stack:
+        if link is not None:
+            emulator = stack.enter_context(LinkEmulator(config, link))
+            config = emulator.write(folder / "3pc-routed.json")
+        log = open(folder / "launcher.out", "a")
+        stack.callback(log.close)
+        launcher = subprocess.Popen([sys.executable, "-m", "cipherdm_spu.cluster", "--config", str(config),
+                                     "--log-dir", str(folder / "logs")], stdout=log, stderr=subprocess.STDOUT)
+        stack.callback(_stop_all, [launcher])
+        _wait_up(cluster_config.load(config), launcher, folder / "launcher.out")
+        yield config
+
+
+def _wait_up(cluster: ClusterConfig, launcher: subprocess.Popen, out: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S + 30
+    with PartyClients(cluster, "user") as clients:
+        while time.monotonic() < deadline:
+            if launcher.poll() is not None:
+                raise ClusterError(f"spu-launch exited ({launcher.returncode}): {out.read_text()[-2000:]}")
+            if not any(isinstance(reply, str) for reply in clients.hello(timeout=1.0)):
+                return
+            time.sleep(0.5)
+    raise ClusterError(f"the loopback cluster did not come up in time; see {out}")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ own (`cluster_config`'s ``spu_dial``): party i dials party j through relay (i, j
 ``spu_address``. The relay only forwards bytes, so the link stays mutual TLS end to end (it sees
 ciphertext, and a party still accepts only a peer holding a party-CA certificate).
 
-The wire, per direction of each party pair (full duplex): a chunk of n bytes read at time a starts at
-s = max(a, the end of the previous chunk), ends at e = s + 8n/B and is delivered at e + d. Both relays
-that carry bytes from i to j (i's dial of j, and the answers on j's dial of i) share that direction's
-wire. Queues are unbounded (no loss), and store-and-forward of a chunk adds at most one chunk's 8n/B.
+The wire is each party's egress, as a host's network interface shaped to B: a chunk of n bytes that party i
+sends (to either peer, on its own dials or as answers on theirs) read at time a starts at s = max(a, the end
+of i's previous chunk), ends at e = s + 8n/B and is delivered at e + d. Queues are unbounded (no loss), and
+store-and-forward of a chunk adds at most one chunk's 8n/B.
 
     python -m cipherdm_spu.netem --config configs/3pc.json --network wan --out /tmp/3pc-wan.json
         # relays up, the routed config written; spu-launch --config /tmp/3pc-wan.json on it; Ctrl-C stops
@@ -178,7 +178,7 @@ def _absolute_paths(tls, base: Path):
 
 
 class _Wire:
-    """One direction of a party pair: when the last chunk put on it leaves the wire (see the module docstring)."""
+    """One party's egress: when the last chunk put on it leaves the wire (see the module docstring)."""
 
     def __init__(self, link: Link):
         self.link, self.free_at, self.lock = link, 0.0, threading.Lock()
@@ -298,11 +298,11 @@ def _serve(conn, routes, link: Link) -> None:
     """The relay process: a `_Route` per ordered pair; answers their ports, then forwards until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # its parent decides when it ends
     _die_with_parent()
-    wires = {(i, j): _Wire(link) for i in range(3) for j in range(3) if i != j}
+    wires = [_Wire(link) for _ in range(3)]
     relays = []
     try:
         for i, j, target in routes:
-            relays.append(_Route(target, wires[(i, j)], wires[(j, i)]))
+            relays.append(_Route(target, wires[i], wires[j]))
     except OSError as e:
         conn.send(("error", str(e)))
         return

@@ -13,9 +13,16 @@ cipherdm-paper; cipherdm).
 Latency on LAN (5 Gbps, 0.4 ms RTT) and WAN (400 Mbps, 40 ms RTT) is estimated from the measured bytes
 and send actions (see cipherdm_spu/benchmark.py). Ratios are against `spu` in the same run.
 
+--network none|relay|lan|wan (one or more): the MNIST SiLU step (batch 1) also runs on a three-process
+cluster on this machine (spu-launch, TLS links), its links direct (none) or through the emulator
+(cipherdm_spu/netem.py: relay adds nothing, lan 5 Gbps / 0.2 ms one-way, wan 400 Mbps / 20 ms one-way):
+measured seconds beside the estimates, each party's CPU seconds; writes benchmark_network.{md,json,png}
+(not benchmark.md). --cifar adds the CIFAR-10-scale step row (embedded).
+
     python scripts/benchmark.py                         # everything
     python scripts/benchmark.py --rows step --batches 1 --repeat 3
     python scripts/benchmark.py --quick --out /tmp/bench   # CI smoke test
+    python scripts/benchmark.py --rows step --network wan --sets spu cipherdm   # measured on emulated WAN links
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,13 +42,20 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from cipherdm_spu import Public, SecureSession, quality
-from cipherdm_spu.benchmark import (NETWORKS, StepCase, estimate_latency, linear_floor, measure_kernels, measure_step,
-                                    ratios)
+from cipherdm_spu import Public, SecureSession, cluster_config, quality
+from cipherdm_spu.benchmark import (NETWORKS, StepCase, estimate_latency, estimate_terms, linear_floor, measure_kernels,
+                                    measure_step, ratios)
+from cipherdm_spu.cli_common import load_model_dir
+from cipherdm_spu.client import PartyClients
+from cipherdm_spu.cluster import loopback_cluster
+from cipherdm_spu.jobs import sample_on_cluster, upload_model
 from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
+from cipherdm_spu.netem import PRESETS, link_for
+from cipherdm_spu.plan import Policy
 from cipherdm_spu.registry import BASELINE, available_protocol_sets
 from cipherdm_spu.results import markdown_table
-from cipherdm_spu.sampling import SecureDiffusion, draw_noise, make_denoise_step, sample_plaintext, secure_params
+from cipherdm_spu.sampling import (SecureDiffusion, draw_noise, make_denoise_step, one_hot, sample_plaintext,
+                                   secure_params)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "checkpoints"
@@ -107,7 +122,9 @@ def run_steps(args) -> list:
     for model_dir in args.models:
         for b in args.batches:
             cases.append(lambda model_dir=model_dir, b=b: mnist_case(model_dir, b, args.seed))
-    if not args.quick and not args.only_cifar:
+    if args.network:  # the step the cluster runs, for its estimate from one process
+        cases = [lambda: mnist_case(args.models[0], 1, args.seed)]
+    if not args.quick and not args.only_cifar and not args.network:
         cases.append(lambda: sd_case(args.seed))
     if args.cifar or args.only_cifar:
         cases.append(lambda: cifar_case(args.seed))
@@ -155,6 +172,113 @@ def run_samples(args) -> list:
     return [{"case": f"{model_dir.name} DDIM-{args.sample_steps}, batch {len(labels)}", "rows": rows}]
 
 
+def run_network(args, steps: list) -> list:
+    """The MNIST step (batch 1) on a cluster of three processes per network: measured against two estimates,
+    from the one-process step row (``steps[0]``) and from the busiest party's CPU seconds."""
+    model_dir = args.models[0]
+    model, params, scheduler = load_model_dir(model_dir)
+    sampler = DDIMSampler(ScheduleConfig.from_file(model_dir), args.cluster_steps)
+    x_t, _ = draw_noise(args.seed, sampler, (1, 1, 28, 28))
+    plain = sample_plaintext(model, params, sampler, x_t, [0])
+    embedded = steps[0]["rows"]
+    blocks = []
+    for network in args.network:
+        link = None if network == "none" else link_for(network)
+        bandwidth, delay = (float("inf"), 0.0) if link is None else (link.bandwidth_bps, link.delay_s)
+        rows = {}
+        with tempfile.TemporaryDirectory(prefix="cipherdm-bench-") as folder, \
+                loopback_cluster(Path(folder), link) as config:
+            cluster = cluster_config.load(config)
+            with PartyClients(cluster, "owner") as owner:
+                upload_model(owner, "mnist", model, params, scheduler, Policy())
+            for name in tqdm(args.sets, desc=f"cluster, network {network}"):
+                job = {"sampler": "ddim", "steps": args.cluster_steps, "batch": 1, "protocol_set": name}
+                with PartyClients(cluster, "user") as user:
+                    image, total, reports = sample_on_cluster(user, "mnist", job, x_t, one_hot([0], 10))
+                n = len(reports)
+                per_step = dataclasses.replace(
+                    total, seconds=total.seconds / n, bytes_sent=total.bytes_sent // n,
+                    bytes_sent_per_party=[b // n for b in total.bytes_sent_per_party], send_actions=total.send_actions // n,
+                    cpu_seconds_per_party=[c / n for c in total.cpu_seconds_per_party],
+                    busy_seconds_per_party=[b / n for b in total.busy_seconds_per_party])
+                terms = estimate_terms(per_step, bandwidth, delay)
+                wire = terms["bytes"] + terms["rounds"]
+                one_process = embedded[name]["seconds"] + wire
+                busiest = terms["compute"] + wire
+                rows[name] = {
+                    "seconds": per_step.seconds, "step_seconds": [r.seconds for r in reports],
+                    "bytes_sent": per_step.bytes_sent, "bytes_sent_per_party": per_step.bytes_sent_per_party,
+                    "send_actions": per_step.send_actions, "cpu_seconds_per_party": per_step.cpu_seconds_per_party,
+                    "busy_seconds_per_party": per_step.busy_seconds_per_party, "terms": terms,
+                    "embedded_seconds": embedded[name]["seconds"],
+                    "estimate_one_process": one_process, "error_one_process": one_process / per_step.seconds - 1,
+                    "estimate_busiest_party": busiest, "error_busiest_party": busiest / per_step.seconds - 1,
+                    "max_abs_err": float(np.abs(np.asarray(image, np.float64) - plain).max()),
+                }
+        blocks.append({"network": network, "link": "direct loopback" if link is None else link.describe(),
+                       "rows": rows})
+    return blocks
+
+
+def render_network(results: dict, command: str) -> str:
+    lines = ["# Step time on three processes over emulated links", "", f"Command: `{command}`", "",
+             f"Machine: {platform.processor() or platform.machine()}, {results['cpus']} CPUs, load average "
+             f"{results['load_before']} before the run. The MNIST SiLU step (batch 1, {results['cluster_steps']} DDIM "
+             "steps, per-step means) on a cluster of three processes (spu-launch, mutual TLS on every link); the links "
+             "direct (none) or through cipherdm_spu/netem.py's relays. *est. 1-process* adds the bytes and rounds terms "
+             "to the one-process step row's seconds; *est. busiest party* adds them to the busiest party's CPU "
+             "seconds (compute); error = estimate / measured - 1.", ""]
+    for block in results["network"]:
+        rows = []
+        for name, r in block["rows"].items():
+            t = r["terms"]
+            rows.append([name, f"{r['seconds']:.2f}", f"{r['estimate_one_process']:.2f}",
+                         f"{100 * r['error_one_process']:+.0f} %", f"{r['estimate_busiest_party']:.2f}",
+                         f"{100 * r['error_busiest_party']:+.0f} %", f"{t['compute']:.2f}", f"{t['bytes']:.2f}",
+                         f"{t['rounds']:.2f}", " / ".join(f"{c:.1f}" for c in r["cpu_seconds_per_party"]),
+                         f"{r['bytes_sent'] / 1e6:.1f}", r["send_actions"], f"{r['max_abs_err']:.3g}"])
+        lines += [f"## Network: {block['network']} ({block['link']})", ""] + markdown_table(
+            ["protocol set", "measured s", "est. 1-process s", "error", "est. busiest party s", "error", "compute s",
+             "bytes s", "rounds s", "CPU s P0 / P1 / P2", "MB sent (all)", "send actions", "max abs err vs plaintext"],
+            rows, align="lrrrrrrrrrrrr")
+        if BASELINE in block["rows"]:
+            base = block["rows"][BASELINE]["seconds"]
+            lines += ["", "Measured step time vs spu: " + ", ".join(
+                f"{name} {base / r['seconds']:.2f}x" for name, r in block["rows"].items() if name != BASELINE)]
+        lines.append("")
+    one_process = render(results, command).split("\n", 4)[4]  # the step rows as benchmark.md has them, less its charts
+    lines += ["# The same steps in one process", ""] + [line for line in one_process.split("\n") if not line.startswith("Charts:")]
+    lines += ["Chart: benchmark_network.png (per network and protocol set: the estimate's compute, bytes and rounds "
+              "terms stacked, the measured step time as a black line)."]
+    return "\n".join(lines) + "\n"
+
+
+def network_chart(results: dict, out: Path) -> None:
+    """Step time split into compute, bytes on the wire and round latency, with the measured time, per set and network."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = results["network"]
+    fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 4), squeeze=False)
+    for ax, block in zip(axes[0], blocks):
+        names = list(block["rows"])
+        bottom = np.zeros(len(names))
+        for term, colour in (("compute", "tab:blue"), ("bytes", "tab:orange"), ("rounds", "tab:green")):
+            values = np.array([block["rows"][n]["terms"][term] for n in names])
+            ax.bar(names, values, bottom=bottom, color=colour, label=f"{term} (est.)")
+            bottom += values
+        ax.scatter(names, [block["rows"][n]["seconds"] for n in names], color="black", marker="_", s=600, zorder=3,
+                   label="measured")
+        ax.set_title(f"{block['network']}: {block['link']}", fontsize=8)
+        ax.set_ylabel("seconds per step")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "benchmark_network.png", dpi=110)
+    plt.close(fig)
+
+
 def run_kernels(args) -> dict:
     rng = np.random.default_rng(args.seed)
     n, rows = (2000, 8) if args.quick else (20000, 64)
@@ -186,12 +310,13 @@ def render(results: dict, command: str) -> str:
         kernel_rows = [(n, r["kernels"]) for n, r in block["rows"].items() if "kernels" in r]
         if kernel_rows:
             ops = sorted({op for _, k in kernel_rows for op in k})
-            lines += ["", "Per-kernel bytes (MB, all parties; each op's calls run alone at the model's shapes) and the rest "
-                      "(linear layers, norms' arithmetic, sampler update):", ""]
+            lines += ["", "Per-kernel MB (all parties) / send actions (the busiest party's: rounds); each op's calls run "
+                      "alone at the model's shapes, and the rest (linear layers, norms' arithmetic, sampler update):", ""]
             lines += markdown_table(
                 ["protocol set", *ops, "rest"],
-                [[name, *(f"{k[o]['bytes_sent'] / 1e6:.1f}" if o in k else "-" for o in ops),
-                  f"{(block['rows'][name]['bytes_sent'] - sum(v['bytes_sent'] for v in k.values())) / 1e6:.1f}"]
+                [[name, *(f"{k[o]['bytes_sent'] / 1e6:.1f} / {k[o]['send_actions']}" if o in k else "-" for o in ops),
+                  f"{(block['rows'][name]['bytes_sent'] - sum(v['bytes_sent'] for v in k.values())) / 1e6:.1f} / "
+                  f"{block['rows'][name]['send_actions'] - sum(v['send_actions'] for v in k.values())}"]
                  for name, k in kernel_rows])
         lines.append("")
     if "kernels" in results:
@@ -267,6 +392,10 @@ def main(argv=None) -> int:
                    help="also the CIFAR-10-scale step row (google/ddpm-cifar10-32's architecture, random weights; "
                         "about an hour per protocol set on 2 cores)")
     p.add_argument("--only-cifar", action="store_true", help="the CIFAR-10-scale step row alone")
+    p.add_argument("--network", nargs="+", choices=["none", *PRESETS], default=[],
+                   help="also run the MNIST SiLU step (batch 1) on a three-process cluster per network: none (direct "
+                        "loopback links), relay (the emulator adding nothing), lan, wan; writes benchmark_network.*")
+    p.add_argument("--cluster-steps", type=int, default=2, help="DDIM steps per cluster run; per-step means (default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke test: batch 1, SiLU model only, small kernel sizes, 2 sample steps")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="output directory (default: docs/results)")
@@ -277,8 +406,11 @@ def main(argv=None) -> int:
         p.error("--repeat, --sample-steps, --batches must be positive and --sample-batch in 1..64")
     if args.quick:
         args.models, args.batches, args.sample_steps, args.sample_batch = args.models[:1], [1], 2, 1
+    if args.network and (args.rows != ["step"] or args.cluster_steps < 1):
+        p.error("--network runs with --rows step only, and --cluster-steps must be positive")
     command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    results = {"command": command.strip(), "cpus": os.cpu_count()}
+    results = {"command": command.strip(), "cpus": os.cpu_count(), "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+               "cluster_steps": args.cluster_steps}
     if "kernels" in args.rows:
         results["kernels"] = run_kernels(args)
     if "step" in args.rows:
@@ -286,6 +418,13 @@ def main(argv=None) -> int:
     if "sample" in args.rows:
         results["sample"] = run_samples(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.network:
+        results["network"] = run_network(args, results["step"])
+        (args.out / "benchmark_network.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / "benchmark_network.md").write_text(render_network(results, command.strip()))
+        network_chart(results, args.out)
+        print(f"wrote {args.out / 'benchmark_network.md'}")
+        return 0
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "benchmark.md").write_text(render(results, command.strip()))
     charts(results, args.out)
