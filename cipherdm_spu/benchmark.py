@@ -211,8 +211,8 @@ def _rsqrt_row(session: SecureSession, fn, v) -> dict:
 
 def measure_kernels(name: str, rng, n: int, rows: int) -> dict:
     """Cost and error of every op under protocol set ``name``: activations on `activation_categories` (cost on
-    the samples), exp on its softmax domain x <= 0, rsqrt by relative error over variances 1e-4..1e4 (the
-    `cipherdm` set also with its low-byte overrides of rsqrt and SiLU), softmax on ``rows`` rows of each width, one extreme logit."""
+    the samples), exp on its softmax domain x <= 0, rsqrt by relative error over variances 1e-4..1e4, softmax
+    on ``rows`` rows of each width, one extreme logit."""
     out = {}
     with SecureSession(name) as session:
         cats = activation_categories(rng, n)
@@ -231,13 +231,6 @@ def measure_kernels(name: str, rng, n: int, rows: int) -> dict:
         out["exp"] = {"domain_le_0": _errors(y, np.exp(x.astype(np.float64))), "cost": _cost(session.last_stats, x.size)}
         v = np.geomspace(1e-4, 1e4, n + 1).astype(np.float32)
         out["rsqrt"] = _rsqrt_row(session, ops.rsqrt, v)
-        if name == "cipherdm":  # its overrides that trade send actions for bytes
-            out["rsqrt"]["low_byte"] = _rsqrt_row(session, registry.kernel("rsqrt", "cipherdm-low-byte"), v)
-            low_byte = registry.kernel("silu", "cipherdm-low-byte")
-            out["silu"]["low_byte"] = {cat: _errors(session.run(low_byte, x), REFERENCES["silu"](x.astype(np.float64)))
-                                       for cat, x in ((c, x.astype(np.float32)) for c, x in cats.items())}
-            session.run(low_byte, cats["samples"].astype(np.float32))
-            out["silu"]["low_byte"]["cost"] = _cost(session.last_stats, cats["samples"].size)
         for width, spread in SOFTMAX_ROWS.items():
             logits = (rng.standard_normal((rows, width)) * spread).astype(np.float32)
             logits[0, 1] = 1e4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from cipherdm_spu import ops
 
@@ -23,8 +24,33 @@ def attend(q, k, v, heads: int):
     return jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, lq, inner)
 
 
+class DenseWeights(nn.Module):
+    """The parameters of an ``nn.Dense`` (same names, shapes and initialisers), returned instead of applied, so
+    that projections of one input can share a matmul."""
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (in_features, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32) if self.use_bias else None
+        return kernel, bias
+
+
+def fused_projections(x, weights):
+    """[x @ W_i + b_i for each (W_i, b_i)] as ONE matmul against the concatenated kernels: under MPC each matmul
+    is a reshare and a truncation round, and concatenating secret weights is local."""
+    kernel = jnp.concatenate([w for w, _ in weights], axis=1)
+    y = x @ kernel
+    if any(b is not None for _, b in weights):
+        y = y + jnp.concatenate([b if b is not None else jnp.zeros(w.shape[1], w.dtype) for w, b in weights])
+    return jnp.split(y, np.cumsum([w.shape[1] for w, _ in weights])[:-1], axis=-1)
+
+
 class Attention(nn.Module):
-    """Multi-head attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0)."""
+    """Multi-head attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0). The projections of one
+    input share a matmul (`fused_projections`): q, k, v for self-attention, k and v for cross-attention."""
 
     heads: int
     dim_head: int
@@ -33,14 +59,20 @@ class Attention(nn.Module):
 
     def setup(self):
         inner = self.heads * self.dim_head
-        self.to_q = nn.Dense(inner, use_bias=self.qkv_bias)
-        self.to_k = nn.Dense(inner, use_bias=self.qkv_bias)
-        self.to_v = nn.Dense(inner, use_bias=self.qkv_bias)
+        self.to_q = DenseWeights(inner, use_bias=self.qkv_bias)
+        self.to_k = DenseWeights(inner, use_bias=self.qkv_bias)
+        self.to_v = DenseWeights(inner, use_bias=self.qkv_bias)
         self.to_out_0 = nn.Dense(self.out_dim)
 
     def __call__(self, x, context=None):
-        context = x if context is None else context
-        return self.to_out_0(attend(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        q_weights = self.to_q(x.shape[-1])
+        source = x if context is None else context
+        kv_weights = [self.to_k(source.shape[-1]), self.to_v(source.shape[-1])]
+        if context is None:
+            q, k, v = fused_projections(x, [q_weights] + kv_weights)
+        else:
+            (q,), (k, v) = fused_projections(x, [q_weights]), fused_projections(context, kv_weights)
+        return self.to_out_0(attend(q, k, v, self.heads))
 
 
 class SpatialSelfAttention(Attention):

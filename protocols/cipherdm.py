@@ -1,32 +1,38 @@
-"""Our secure kernels: the `cipherdm` protocol set.
+"""Our secure kernels: the `cipherdm` protocol set (built for send actions: rounds) and the kernels that its
+`cipherdm-low-byte` sibling uses instead (built for bytes).
 
 One step away: their coefficients (`coefficients`, written by scripts/fit_kernels.py), the float64 functions
 they approximate (`reference`), their measured bytes, send actions and errors (docs/results/kernels.md,
 `python scripts/benchmark_kernels.py`) and what SPU's building blocks cost under ABY3/FM64
 (docs/results/primitives.md, `python scripts/primitive_costs.py`). The designs rest on how those blocks
-rank: a comparison (an MSB extraction) costs most, then converting its bit to arithmetic, then a select (its
-own conversion and product); the product of an arithmetic bit and a value (`_bit_times`: an integer product,
-one reshare, no truncation) costs least, below a secret product (reshare and truncation) and a public
-product (a truncation).
+rank: a comparison (an MSB extraction: 8 send actions) costs most, then converting its bit to arithmetic
+(2), then a select (its own conversion and product); the product of an arithmetic bit and a value
+(`_bit_times`: an integer product, one reshare, no truncation: 1) costs least, below a secret product
+(reshare and truncation: 3) and a public product (a truncation: 2). Independent comparisons are batched into
+one MSB extraction, and independent products into one stacked product, because a WAN waits per round.
 
 Activations use f(x) = step(x) + R(min(|x|, T)):
-  one comparison gives sign(x); one bit product gives relu(x) and, for free, |x| = 2 relu(x) - x;
-  a second comparison clamps |x| to T *before* any power is taken, so no intermediate can wrap the
-  ring for any input; R is fitted by minimax over the whole real line including the clamped tail
-  (scripts/fit_kernels.py).
-  SiLU and Mish (the UNets' activations, where bytes decide), fitted error <= 9.5e-3. SiLU: R is a quartic
-  with 2 truncations ("half-square": u = c * a rounded to 9 fraction bits, so (u + beta0) * u is an
-  integer product, and the linear term rides in the last product's truncation). Mish: a times a quartic
-  in Knuth's adapted form, its two quartics (x > 0, x <= 0) one, with coefficients picked by the sign
-  bit (`_pick`: local, on the ring encodings).
+  one comparison gives sign(x) and, batched with it, the window [|x| < T] (from the sign of E^2 - E_T^2 of
+  the encoding E, one integer product before it: |x| < 11585); one bit product gives relu(x) and, for free,
+  |x| = 2 relu(x) - x; a second clamps |x| to T *before* any power is taken, so no intermediate can wrap the
+  ring; R is fitted by minimax over the whole real line including the clamped tail (scripts/fit_kernels.py).
+  (`cipherdm-low-byte`'s SiLU compares the window after |x| is known: 8 B fewer, 9 send actions more, no
+  range limit.)
+  SiLU and Mish (the UNets' activations), fitted error <= 9.5e-3. SiLU: R is a quartic with 2 truncations
+  ("half-square": u = c * a rounded to 9 fraction bits, so (u + beta0) * u is an integer product, and the
+  linear term rides in the last product's truncation). Mish: a times a quartic in Knuth's adapted form, its
+  two quartics (x > 0, x <= 0) one, with coefficients picked by the sign bit (`_pick`: local, on the ring
+  encodings).
   GeLU and sigmoid (to beat SPU's Pade-based kernels on error): R is a degree-13 polynomial (sigmoid:
   two pieces, degrees 9 and 7, split by one more comparison in the same batch, one Horner chain with
   picked coefficients) evaluated by Horner with a scaled accumulator; the fit errs < 2e-6 in float64, so
   what remains under MPC is mostly the input's own 2^-18 encoding.
-SoftMax subtracts the row max, takes exp by a clamped squaring scheme, and one reciprocal per row.
-rsqrt normalises its input by powers of 4 read off the bits of its encoding (one conversion to boolean
-shares and a prefix OR, instead of a comparison per power), then a cubic guess and one Newton step; its
-variant `cipherdm-low-round` (an override) finds the power by comparisons: more bytes, fewer rounds.
+SoftMax subtracts the row max (a tournament of threes; pairs in `cipherdm-low-byte`), takes exp by a clamped
+squaring scheme, and one reciprocal per row.
+rsqrt and the softmax reciprocal find their input's octave by one batched comparison and evaluate per-octave
+cubics in three rounds of products, with no Newton step (`_octave_polynomial`); `cipherdm-low-byte`'s rsqrt
+reads the octave off the bits of the encoding (one conversion to boolean shares and a prefix OR: fewer
+bytes, more rounds) and takes one Newton step.
 """
 
 from __future__ import annotations
@@ -458,17 +464,24 @@ def reciprocal_in_range(x, lo: float, hi: float):
     return _octave_polynomial(x, octaves, RECIPROCAL_PIECES, unit_bits=1, coefficient_scale=2.0**headroom)
 
 
-def _row_max(x, axis: int):
-    """max over ``axis`` (kept as size 1) by a tournament of threes: each round compares every pair of a
+def _row_max(x, axis: int, arity: int = 3):
+    """max over ``axis`` (kept as size 1) by a tournament. ``arity`` 3: each round compares every pair of a
     triple (p, q, r) in one batched comparison, converts the three bits once, and picks the winner with one
     product of bits (p wins: [p >= q][p >= r]; q: [p < q][q >= r]; r: neither) and one product of those
-    indicators with the differences. log3(n) rounds of 12 send actions where a pairwise tree takes log2(n)
-    rounds of 11, for 1.5 comparisons per element instead of 1 (ties go to the earlier element: exact)."""
+    indicators with the differences: log3(n) rounds of 12 send actions, 1.5 comparisons per element.
+    ``arity`` 2: pairs, one comparison and one product per round: log2(n) rounds of 11, 1 comparison per
+    element. Ties go to the earlier element; the result is an element of the row, exactly."""
+    if arity not in (2, 3):
+        raise ValueError(f"tournaments of 2 or 3, not {arity}")
     a = jnp.moveaxis(x, axis, -1)
     while a.shape[-1] > 1:
-        pad = (-a.shape[-1]) % 3
+        pad = (-a.shape[-1]) % arity
         if pad:  # repeat the last element: it cannot change the max
             a = jnp.concatenate([a] + [a[..., -1:]] * pad, axis=-1)
+        if arity == 2:
+            p, q = a[..., 0::2], a[..., 1::2]
+            a = q + _bit_times(_indicator(p - q >= 0), p - q)
+            continue
         p, q, r = a[..., 0::3], a[..., 1::3], a[..., 2::3]
         pq, qr, pr = _indicator(jnp.stack([p - q, q - r, p - r]) >= 0)
         wins = jnp.stack([pq, 1 - pq]) * jnp.stack([pr, qr])
@@ -477,11 +490,21 @@ def _row_max(x, axis: int):
     return jnp.moveaxis(a, -1, axis)
 
 
-@register_kernel("softmax", NAME)
-def softmax(x, axis: int, exp_impl: str):
-    """Max subtraction (`_row_max`), the set's exp (`exp_nonpositive` in the `cipherdm` set), one reciprocal
-    per row (over [1, row length])."""
-    shifted = x - _row_max(x, axis)
+def _softmax(x, axis: int, exp_impl: str, arity: int):
+    shifted = x - _row_max(x, axis, arity)
     e = registry.kernel("exp", exp_impl)(shifted)
     total = jnp.sum(e, axis=axis, keepdims=True)  # in [1, n]: the max entry contributes exactly 1
     return e * reciprocal_in_range(total, 1.0, float(x.shape[axis]))
+
+
+@register_kernel("softmax", NAME)
+def softmax(x, axis: int, exp_impl: str):
+    """Max subtraction (`_row_max`, a tournament of threes), the set's exp (`exp_nonpositive` in the `cipherdm`
+    set), one reciprocal per row (over [1, row length])."""
+    return _softmax(x, axis, exp_impl, arity=3)
+
+
+@register_kernel("softmax", f"{NAME}-low-byte")
+def softmax_low_byte(x, axis: int, exp_impl: str):
+    """As `softmax` with a pairwise tournament for the max: a third fewer comparisons, more rounds."""
+    return _softmax(x, axis, exp_impl, arity=2)

@@ -53,14 +53,6 @@ def render_markdown(results: dict, command: str) -> str:
         "exp on x <= 0; rsqrt relative, over variances 1e-4..1e4.",
         "",
     ]
-    def variants(op):
-        """(label, row) for every set, and for `cipherdm` its low-byte override where it has one."""
-        for s in sets:
-            row = results["sets"][s][op]
-            yield s, row
-            if "low_byte" in row:
-                yield f"{s}, {op}=cipherdm-low-byte", row["low_byte"]
-
     def cost(r, op):
         return [*cost_cells(r["cost"], base[op]["cost"]), f"{r['cost']['seconds']:.3f}"]
 
@@ -68,7 +60,7 @@ def render_markdown(results: dict, command: str) -> str:
         cost_header + ["seconds", "max err (grid)", "max err (samples)", "max err (extremes)", "max err (bulk)"],
         [[op, label, *cost(r, op), f"{r['grid']['max_abs_err']:.2g}", f"{r['samples']['max_abs_err']:.2g}",
           f"{r['extremes']['max_abs_err']:.3g}", f"{r['bulk']['max_abs_err']:.2g}"]
-         for op in ACTIVATIONS for label, r in variants(op)], align="ll")
+         for op in ACTIVATIONS for label in sets for r in [results["sets"][label][op]]], align="ll")
     lines.append("")
     lines += markdown_table(
         cost_header + ["seconds", "max err", "mean err", "max row-sum err"],
@@ -81,7 +73,7 @@ def render_markdown(results: dict, command: str) -> str:
         cost_header + ["seconds", "max rel err (true input)", "max rel err (encoded input)"],
         [["rsqrt", label, *cost(r, "rsqrt"), f"{r['relative_vs_true_input']['max_rel_err']:.2g}",
           f"{r['relative_vs_encoded_input']['max_rel_err']:.2g}"]
-         for label, r in variants("rsqrt")], align="ll")
+         for label in sets for r in [results["sets"][label]["rsqrt"]]], align="ll")
     lines += [
         "",
         "Notes: SPU's Io encodes inputs by flooring to 2^-18, so a variance of 1e-4 arrives with up to 2 % error",
@@ -91,9 +83,9 @@ def render_markdown(results: dict, command: str) -> str:
         "octave by one batched comparison and evaluates piecewise cubics with no Newton step (more bytes, but the",
         "norms run it once per group); SiLU and Mish take their sign and window bits from one comparison (the",
         "window from the sign of E^2 - E_T^2 of the encoding E: correct for |x| < 11585); softmax takes its row",
-        "maximum by a tournament of threes and its denominator's reciprocal by half-octave cubics. The overrides",
-        "`rsqrt=cipherdm-low-byte` (octave read off the encoding's bits, a Newton step) and",
-        "`silu=cipherdm-low-byte` (window compared after |x|, no range limit) send fewer bytes and take more rounds.",
+        "maximum by a tournament of threes and its denominator's reciprocal by half-octave cubics. The set",
+        "`cipherdm-low-byte` trades those rounds back for bytes: rsqrt's octave read off the encoding's bits and a",
+        "Newton step, SiLU's window compared after |x| (no range limit), softmax's max by a pairwise tournament.",
         "`cipherdm`'s SiLU and Mish fits are weighted towards the bulk, held to 9.5e-3 on the whole line (SiLU's with",
         "the rounding of its u to 9 fraction bits included, see docs/results/primitives.md): an unweighted fit errs",
         "most at x = 0, where a bias adds up over every layer and step. End to end this is what counts: with",
