@@ -146,6 +146,7 @@ def measure_step(session: SecureSession, case: StepCase, repeat: int = 1, breakd
         costs = kernel_breakdown(session, calls)
         row["kernels"] = {op: {"calls": sum(c[0] == op for c in calls),
                                "elements": int(sum(np.prod(c[1]) for c in calls if c[0] == op)),
+                               "shapes": [list(c[1]) for c in calls if c[0] == op],
                                "bytes_sent": s.bytes_sent, "send_actions": s.send_actions, "seconds": s.seconds}
                           for op, s in costs.items()}
     return row

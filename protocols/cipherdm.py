@@ -124,50 +124,61 @@ def _select(bit, when_one, when_zero):
     return when_zero + _bit_times(bit, when_one - when_zero)
 
 
-def _ring_table(bits, values, as_int):
-    """values[k] per element as ring integers, k = sum of the 0/1 integer ``bits`` (stacked on axis 0) for bits
-    that are monotone (bits[j] = [x >= t_j] for rising t_j: k counts the thresholds passed): values[0] plus
-    sum_j bits[j] * (values[j+1] - values[j]). Local: integer products of secret bits with public constants,
-    assembled from 16-bit limbs so that no constant overflows ``as_int`` and XLA cannot fold two into one."""
-    values = [int(v) for v in values]
-    if len(values) != bits.shape[0] + 1:
-        raise ValueError(f"{bits.shape[0]} bits select among {bits.shape[0] + 1} values, not {len(values)}")
-    if max(abs(v) for v in values) >= 1 << 62:
-        raise ValueError(f"a table value beyond the ring: {max(values, key=abs)}")
-    base, diffs = values[0], [b - a for a, b in zip(values, values[1:])]
+def _ring_tables(bits, tables, as_int):
+    """values[k] per element for each of ``tables``, as ring integers stacked on axis 0, k = sum of the 0/1
+    integer ``bits`` (stacked on axis 0) for bits that are monotone (bits[j] = [x >= t_j] for rising t_j: k
+    counts the thresholds passed): values[0] plus sum_j bits[j] * (values[j+1] - values[j]). Local: integer
+    products of secret bits with public constants, all tables in one product per 16-bit limb (so that no
+    constant overflows ``as_int`` and XLA cannot fold two into one)."""
+    tables = [[int(v) for v in values] for values in tables]
+    for values in tables:
+        if len(values) != bits.shape[0] + 1:
+            raise ValueError(f"{bits.shape[0]} bits select among {bits.shape[0] + 1} values, not {len(values)}")
+        if max(abs(v) for v in values) >= 1 << 62:
+            raise ValueError(f"a table value beyond the ring: {max(values, key=abs)}")
+    base = [values[0] for values in tables]
+    diffs = [[b - a for a, b in zip(values, values[1:])] for values in tables]
     limit = 1 << (8 * jnp.dtype(as_int).itemsize - 1)
-    limbs = []  # (diff limbs, base limb), least significant first; the last keeps the signs
-    while not all(-limit <= v < limit for v in diffs + [base]):
-        split = [divmod(d, 1 << 16) for d in diffs]
-        diffs, low = [q for q, _ in split], [r for _, r in split]
-        base, b = divmod(base, 1 << 16)
-        limbs.append((low, b))
+    fits = lambda vs: all(-limit <= v < limit for v in vs)  # noqa: E731
+    limbs = []  # (diff limbs, base limbs), least significant first; the last keeps the signs
+    while not (fits(base) and all(fits(d) for d in diffs)):
+        low = [[d % (1 << 16) for d in row] for row in diffs]
+        diffs = [[d >> 16 for d in row] for row in diffs]
+        limbs.append((low, [b % (1 << 16) for b in base]))
+        base = [b >> 16 for b in base]
     limbs.append((diffs, base))
     bits = bits.astype(as_int)
     ring = None
-    for ds, b in reversed(limbs):
-        weights = jnp.asarray(ds, as_int).reshape((-1,) + (1,) * (bits.ndim - 1))
-        term = jnp.sum(bits * weights, axis=0) + as_int(b)
+    for ds, bs in reversed(limbs):
+        weights = jnp.asarray(ds, as_int).reshape((len(tables), -1) + (1,) * (bits.ndim - 1))
+        offsets = jnp.asarray(bs, as_int).reshape((len(tables),) + (1,) * (bits.ndim - 1))
+        term = jnp.sum(bits[None] * weights, axis=1) + offsets
         ring = term if ring is None else jnp.left_shift(ring, as_int(16)) + term
     return ring
 
 
-def _table(bits, values, dtype):
-    """Per element, the public constant values[k] (k as in `_ring_table`): local, no communication (a select
-    would convert the bits again and multiply).
+def _tables(bits, tables, dtype):
+    """Per element, the public constant values[k] of each of ``tables`` (k as in `_ring_tables`), stacked on axis
+    0: local, no communication (a select would convert the bits again and multiply).
 
-    Under SPU (`registry.fixed_point_bits()` set while a session compiles) it is built on the ring from the
+    Under SPU (`registry.fixed_point_bits()` set while a session compiles) they are built on the ring from the
     constants' encodings as SPU encodes a public constant (c * 2**f truncated toward zero); in plain JAX,
     values indexed by k."""
     fraction_bits = registry.fixed_point_bits()
     if fraction_bits is None:
         k = jnp.sum(bits.astype(jnp.int32), axis=0)
-        return jnp.take(jnp.asarray(values, dtype), k)
+        return jnp.stack([jnp.take(jnp.asarray(values, dtype), k) for values in tables])
     scale = 2.0**fraction_bits
-    encodings = [np.trunc(v * scale) for v in values]
-    if max(abs(e) for e in encodings) >= 2.0**62:
-        raise ValueError(f"cannot encode {max(values, key=abs)} with {fraction_bits} fraction bits in the ring")
-    return jax.lax.bitcast_convert_type(_ring_table(bits, encodings, _int_type(dtype)), dtype)
+    encodings = [[np.trunc(v * scale) for v in values] for values in tables]
+    if max(abs(e) for row in encodings for e in row) >= 2.0**62:
+        raise ValueError(f"cannot encode {max((v for t in tables for v in t), key=abs)} with {fraction_bits} "
+                         "fraction bits in the ring")
+    return jax.lax.bitcast_convert_type(_ring_tables(bits, encodings, _int_type(dtype)), dtype)
+
+
+def _table(bits, values, dtype):
+    """One of `_tables`."""
+    return _tables(bits, [values], dtype)[0]
 
 
 def _pick(bit, when_one, when_zero, dtype):
@@ -438,12 +449,13 @@ def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, coefficient_scale:
     ks = np.arange(lo, hi + 1)
     bits = _indicator(_batched_bits(x, 2.0 ** (unit_bits * ks[1:] / per_unit)))
     k_out = ks // per_unit
-    v = x * _table(bits, 4.0 * 2.0 ** (-unit_bits * k_out), x.dtype)
     coef = np.asarray(pieces, np.float64)[ks % per_unit] * 4.0 ** -np.arange(4) * coefficient_scale  # (octaves, 4)
-    c = [_table(bits, coef[:, i], x.dtype) for i in range(4)]
-    square, c1v, c3v = jnp.stack([v, jnp.broadcast_to(c[1], v.shape), jnp.broadcast_to(c[3], v.shape)]) * v
-    p = c[0] + c1v + square * (c[2] + c3v)
-    return p * _table(bits, 2.0 ** -k_out / coefficient_scale, x.dtype)
+    to_v, c0, c1, c2, c3, to_result = _tables(
+        bits, [4.0 * 2.0 ** (-unit_bits * k_out), *coef.T, 2.0 ** -k_out / coefficient_scale], x.dtype)
+    v = x * to_v
+    square, c1v, c3v = jnp.stack([v, c1, c3]) * v
+    p = c0 + c1v + square * (c2 + c3v)
+    return p * to_result
 
 
 @register_kernel("rsqrt", NAME)
