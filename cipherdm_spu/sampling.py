@@ -15,6 +15,7 @@ Roles (all played by this process in an embedded session; see `cipherdm_spu.clus
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, List, Optional
 
 import jax
@@ -41,8 +42,8 @@ def secure_params(params):
 
 
 def needs_noise(sampler: schedulers.Sampler) -> bool:
-    """Whether the sampler adds fresh noise per step (DDPM, or DDIM with eta > 0)."""
-    return isinstance(sampler, schedulers.DDPMSampler) or getattr(sampler, "eta", 0.0) > 0
+    """Whether the sampler adds fresh noise per step (DDPM, DDIM with eta > 0, SDE-DPM-Solver++)."""
+    return sampler.noisy
 
 
 def draw_noise(seed: int, sampler: schedulers.Sampler, shape) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -77,14 +78,26 @@ def predict_noise(model, params, x, condition, guidance_scale: float = 1.0, time
     return model.apply(params, x, timestep, condition[0], time_terms=time_terms)
 
 
-def make_denoise_step(model, clip_range: Optional[float], guidance_scale: float = 1.0):
-    """The function compiled once and run every step: UNet on precomputed time terms, then the update."""
+def make_denoise_step(model, clip_range: Optional[float], guidance_scale: float = 1.0, multistep: bool = False):
+    """The function compiled once and run every step: UNet on precomputed time terms, then the update.
+
+    ``multistep``: ``x`` is a multistep solver's state (`schedulers.multistep`); the UNet sees ``x[0]`` and the
+    earlier outputs the solver remembers stay in the state, secret, from step to step.
+    """
 
     def denoise_step(weights, x, condition, terms, coefficients, noise):
+        if multistep:
+            eps = predict_noise(model, weights, x[0], condition, guidance_scale, time_terms=terms)
+            return schedulers.multistep(x, eps, coefficients, noise)
         eps = predict_noise(model, weights, x, condition, guidance_scale, time_terms=terms)
         return schedulers.step(x, eps, coefficients, noise, clip_range)
 
     return denoise_step
+
+
+def sampler_step(model, sampler: schedulers.Sampler, guidance_scale: float = 1.0):
+    """`make_denoise_step` for ``sampler``."""
+    return make_denoise_step(model, sampler.clip_range, guidance_scale, multistep=sampler.multistep)
 
 
 def text_condition(uncond_context, cond_context, guidance_scale: float):
@@ -114,7 +127,7 @@ class SecureDiffusion:
         self._time_terms = jax.jit(lambda p, t: model.apply(p, t, method=model.time_terms))
         self._weights = session.share(secure_params(params))  # the owner's, once
         # one function object: one cached executable (the guidance scale is a public constant in it)
-        self._step = make_denoise_step(model, sampler.clip_range, guidance_scale)
+        self._step = sampler_step(model, sampler, guidance_scale)
 
     def time_terms(self, timestep: int):
         """The owner's plaintext time terms for one public timestep."""
@@ -134,7 +147,7 @@ class SecureDiffusion:
         if is_text_conditional(self.model) and context is None:
             raise ValueError("a text-conditional UNet needs context= (the encoded prompt)")
         condition = context if context is not None else one_hot(labels, self.num_classes)
-        x = session.share(x_t)  # the user's
+        x = session.share(schedulers.initial_state(self.sampler, x_t))  # the user's
         user_labels = session.share(condition) if condition is not None else None
         noise = session.share(list(step_noise)) if needs_noise(self.sampler) else None
         coefficients = self.sampler.coefficient_table()
@@ -152,7 +165,8 @@ class SecureDiffusion:
                 reports.append(report)
                 if on_step is not None:
                     on_step(report)
-            image = session.reveal(x)  # the only reveal: the final image, to the user
+            # the only reveal: the final image, to the user (a multistep state's other rows are zeros by then)
+            image = schedulers.final_sample(self.sampler, session.reveal(x))
         finally:
             session.delete([x, terms, user_labels, noise])  # also on failure: nothing stays resident
         return image, total, reports
@@ -162,24 +176,29 @@ class SecureDiffusion:
         self.session.delete(self._weights)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "guidance_scale", "multistep", "clip"))
+def _plain_step(params, x, condition, t, coefficients, noise, *, model, guidance_scale, multistep, clip):
+    """One plaintext step, compiled once per model and sampler kind (not once per call of `sample_plaintext`)."""
+    if multistep:
+        eps = predict_noise(model, params, x[0], condition, guidance_scale, timestep=t)
+        return schedulers.multistep(x, eps, coefficients, noise)
+    eps = predict_noise(model, params, x, condition, guidance_scale, timestep=t)
+    return schedulers.step(x, eps, coefficients, noise, clip)
+
+
 def sample_plaintext(model, params, sampler: schedulers.Sampler, x_t, labels=None, step_noise=None, progress=None,
                      context=None, guidance_scale: float = 1.0):
     """The same sampling loop in plain JAX (float32), from the same noise: the reference for PSNR/SSIM."""
-    clip = sampler.clip_range
     if context is not None:
         condition = tuple(jnp.asarray(c) for c in context)
     else:
         condition = None if labels is None else jnp.asarray(labels)
 
-    @jax.jit
-    def step(x, t, coefficients, noise):
-        eps = predict_noise(model, params, x, condition, guidance_scale, timestep=t)
-        return schedulers.step(x, eps, coefficients, noise, clip)
-
     coefficients = sampler.coefficient_table()
-    x = jnp.asarray(x_t)
+    x = jnp.asarray(schedulers.initial_state(sampler, np.asarray(x_t)))
     for i, t in enumerate(sampler.timesteps):
-        x = step(x, int(t), coefficients[i], None if step_noise is None else step_noise[i])
+        x = _plain_step(params, x, condition, int(t), coefficients[i], None if step_noise is None else step_noise[i],
+                        model=model, guidance_scale=guidance_scale, multistep=sampler.multistep, clip=sampler.clip_range)
         if progress is not None:
             progress(i)
-    return np.asarray(x)
+    return schedulers.final_sample(sampler, x)

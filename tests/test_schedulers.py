@@ -1,14 +1,16 @@
-"""Sampler parity with diffusers' DDPMScheduler / DDIMScheduler (float32, within 1e-5)."""
+"""Sampler parity with diffusers' DDPMScheduler / DDIMScheduler / DPMSolverMultistepScheduler /
+UniPCMultistepScheduler (float32, within 1e-5)."""
 
 import itertools
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from cipherdm_spu import Public
-from cipherdm_spu.models.schedulers import DDIMSampler, DDPMSampler, ScheduleConfig, SchedulerConfigError, step
+from cipherdm_spu.models.schedulers import (DDIMSampler, DDPMSampler, ScheduleConfig, SchedulerConfigError, make_sampler,
+                                            multistep, step)
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -91,3 +93,88 @@ def test_one_executable_serves_every_step_under_mpc(sessions):
         assert compiled is None or this is compiled
         compiled = this
     np.testing.assert_allclose(session.reveal(x), plain, atol=1e-3)
+
+
+# -- DPM-Solver++ and UniPC -------------------------------------------------------------------------
+
+SOLVER_AXES = list(itertools.product((1, 2, 3), (0, 1), (True, False), (False, True), PREDICTIONS, ("zero", "sigma_min"), (0, 1)))
+
+
+def _solver_config(kind, order, variant, lower_order_final, karras, prediction, final, extra):
+    """A diffusers config for one combination; schedule, spacing and step count cycle with it. (Not DPM-Solver's
+    Karras sigmas on the cosine schedule: there diffusers truncates fractional timesteps, which a one-ulp
+    difference in its float32 tables moves by one.)"""
+    index = order + variant + 2 * extra + int(karras)
+    schedule = SCHEDULES[index % 3]
+    if karras and kind == "dpmsolver++" and schedule == "squaredcos_cap_v2":
+        schedule = "scaled_linear"
+    cfg = dict(num_train_timesteps=1000, beta_schedule=schedule, timestep_spacing=SPACINGS[(index + order) % 3],
+               steps_offset=1, prediction_type=prediction, solver_order=order, lower_order_final=lower_order_final,
+               use_karras_sigmas=karras, final_sigmas_type=final)
+    if kind == "dpmsolver++":
+        cfg.update(algorithm_type=("dpmsolver++", "sde-dpmsolver++")[extra], solver_type=("midpoint", "heun")[variant])
+    else:
+        cfg.update(disable_corrector=[1] if extra else [], solver_type=("bh1", "bh2")[variant])
+    return cfg, (8, 16)[index % 2]
+
+
+def _their_state(kind, scheduler, sample, size):
+    """diffusers' scheduler state before a step, in our state layout (None: zeros)."""
+    remembered = list(reversed(scheduler.model_outputs))
+    if kind == "unipc":
+        remembered = [scheduler.last_sample] + remembered
+    rows = [sample] + remembered[:size - 1]
+    return np.stack([np.zeros(sample.shape, np.float32) if r is None else np.asarray(r, np.float32) for r in rows])
+
+
+@pytest.mark.parametrize("kind", ("dpmsolver++", "unipc"))
+@pytest.mark.parametrize("axes", SOLVER_AXES, ids=lambda a: "-".join(map(str, a)))
+def test_multistep_solvers_match_diffusers_every_step(kind, axes):
+    """Each step of a full run from diffusers' own state: the sample within 1e-5, and the state we carry equals
+    what diffusers remembers. Combinations diffusers itself cannot compute (NaN/inf) are refused."""
+    cfg, n = _solver_config(kind, *axes)
+    theirs = (DPMSolverMultistepScheduler if kind == "dpmsolver++" else UniPCMultistepScheduler)(**cfg)
+    theirs.set_timesteps(n)
+    theirs.set_begin_index(0)
+    theirs.sigmas = theirs.sigmas.double()  # diffusers in float64: the reference, free of its own float32 cancellations
+    rng = np.random.default_rng(n)
+    model = lambda x, t: (np.tanh(x) * (t / 1000.0) + 0.3 * np.sin(3 * x)).astype(np.float32)  # noqa: E731
+    x = rng.standard_normal((2, 1, 4, 4)).astype(np.float32)
+    try:
+        ours = make_sampler(kind, ScheduleConfig.from_dict(cfg), n, options=cfg)
+    except SchedulerConfigError:
+        ours = None
+    np.testing.assert_array_equal(ours.timesteps if ours else theirs.timesteps.numpy(), theirs.timesteps.numpy())
+    for i, t in enumerate(theirs.timesteps.tolist()):
+        out, noise = model(x, t), rng.standard_normal(x.shape).astype(np.float32)
+        state = _their_state(kind, theirs, x, ours.state_size) if ours else None
+        kwargs = {"variance_noise": torch.from_numpy(noise)} if cfg.get("algorithm_type", "").startswith("sde") else {}
+        try:
+            want = theirs.step(torch.from_numpy(out).double(), t, torch.from_numpy(x).double(), **kwargs).prev_sample.numpy()
+        except RuntimeError:  # torch.linalg.solve on a singular matrix
+            want = np.full_like(x, np.nan)
+        if ours is None:
+            if not np.all(np.isfinite(want)):
+                return  # refused, as diffusers fails too
+            continue
+        assert np.all(np.isfinite(want)), "diffusers computes this combination; we refused it"
+        got = np.asarray(multistep(state, out, ours.step_coefficients(i).astype(np.float32), noise if ours.noisy else None))
+        scale = 1e-5 * max(1.0, np.abs(state).max())  # float32 carries ~7 digits; the stand-in model can grow x
+        np.testing.assert_allclose(got[0], want, atol=scale, rtol=1e-5)
+        if i < n - 1:
+            np.testing.assert_allclose(got[1:], _their_state(kind, theirs, want, ours.state_size)[1:], atol=scale, rtol=1e-5)
+        else:
+            assert not got[1:].any()  # the last step reveals the sample only
+        x = want.astype(np.float32)
+    assert ours is not None, "refused, but diffusers computed every step"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("use_exponential_sigmas", True), ("use_lu_lambdas", True), ("use_flow_sigmas", True), ("rescale_betas_zero_snr", True),
+    ("trained_betas", [0.1] * 1000), ("algorithm_type", "sde-dpmsolver"), ("solver_order", 4), ("predict_x0", False),
+    ("final_sigmas_type", "nonesuch"),
+])
+def test_unsupported_solver_options_are_refused_by_name(field, value):
+    kind = "unipc" if field == "predict_x0" else "dpmsolver++"
+    with pytest.raises(SchedulerConfigError, match=field):
+        make_sampler(kind, ScheduleConfig(), 10, options={field: value})
