@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
@@ -231,10 +231,11 @@ def _stop_all(procs, grace_s: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def loopback_cluster(folder: Path, link: Optional[Link] = None, clients=("owner", "user")) -> Iterator[Path]:
+def loopback_cluster(folder: Path, link: Optional[Link] = None,
+                     clients=("owner", "user")) -> Iterator[Tuple[Path, Optional[LinkEmulator]]]:
     """Three parties on this machine, started as the README says (a config on free loopback ports, development
     certificates, one spu-launch), their links through `netem` relays when ``link`` is given; yields the config
-    the parties run on. Everything it started is stopped on exit."""
+    the parties run on and the emulator (or None). Everything it started is stopped on exit."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     with contextlib.ExitStack() as stack:
@@ -254,6 +255,7 @@ def loopback_cluster(folder: Path, link: Optional[Link] = None, clients=("owner"
     from .pki import make_development_pki
 
     make_development_pki(cluster_config.load(config), clients)
+    emulator = None
     with contextlib.ExitStack() as stack:
         if link is not None:
             emulator = stack.enter_context(LinkEmulator(config, link))
@@ -264,7 +266,7 @@ def loopback_cluster(folder: Path, link: Optional[Link] = None, clients=("owner"
                                      "--log-dir", str(folder / "logs")], stdout=log, stderr=subprocess.STDOUT)
         stack.callback(_stop_all, [launcher])
         _wait_up(cluster_config.load(config), launcher, folder / "launcher.out")
-        yield config
+        yield config, emulator
 
 
 def _wait_up(cluster: ClusterConfig, launcher: subprocess.Popen, out: Path) -> None:

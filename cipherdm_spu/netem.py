@@ -33,6 +33,7 @@ import queue
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -45,12 +46,14 @@ from . import cluster_config
 from .cluster_config import ClusterConfig, split_address
 from .errors import ClusterConfigError, LinkEmulatorError
 
-#: bytes a relay reads at once (at 400 Mbps one chunk is 1.3 ms on the wire)
-CHUNK = 64 << 10
+#: bytes a relay reads at once (at 400 Mbps one chunk is 5 ms on the wire)
+CHUNK = 256 << 10
+#: the relays' scheduling priority (nice; root only): a network does not wait for the parties' CPUs
+NICE = -10
 #: how long starting the relays may take
 START_S = 30.0
 #: how often a relay looks whether its peer listens (and how long a blocked accept waits)
-POLL_S = 0.02
+POLL_S = 0.05
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -110,10 +113,16 @@ class LinkEmulator:
                                        name="cipherdm-netem")
         self.process.start()
         child.close()
-        if not self._conn.poll(START_S):
+        try:
+            if not self._conn.poll(START_S):
+                raise LinkEmulatorError(f"the relays did not start in {START_S:g} s")
+            status, ports = self._conn.recv()
+        except (EOFError, LinkEmulatorError) as e:
+            self.process.join(1)
+            code = self.process.exitcode
             self.stop()
-            raise LinkEmulatorError(f"the relays did not start in {START_S:g} s")
-        status, ports = self._conn.recv()
+            raise LinkEmulatorError(str(e) if isinstance(e, LinkEmulatorError)
+                                    else f"the relay process ended as it started (exit code {code})") from None
         if status != "ok":
             self.stop()
             raise LinkEmulatorError(f"the relays cannot start: {ports}")
@@ -132,6 +141,11 @@ class LinkEmulator:
             self.process.join()
         self._conn.close()
         self.process = None
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the relay process has used so far (Linux), to tell its load apart from the parties'."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def __enter__(self) -> "LinkEmulator":
         return self.start()
@@ -190,7 +204,15 @@ class _Wire:
 
 
 def _pump(src: socket.socket, dst: socket.socket, wire: _Wire) -> None:
-    """Forward src -> dst through ``wire``: a reader stamps each chunk's delivery time, a writer keeps it."""
+    """Forward src -> dst through ``wire``: a reader stamps each chunk's delivery time, a writer keeps it (a
+    wire that adds nothing forwards at once, from the reader)."""
+    if wire.link.delay_s == 0 and math.isinf(wire.link.bandwidth_bps):
+        with contextlib.suppress(OSError):
+            while data := src.recv(CHUNK):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+        return
     chunks: queue.SimpleQueue = queue.SimpleQueue()
 
     def write():
@@ -223,9 +245,11 @@ def _pump(src: socket.socket, dst: socket.socket, wire: _Wire) -> None:
 
 
 class _Route:
-    """One relay (i dials j): listens on its port exactly while j listens on its SPU address, so that a dial
-    before j is up is refused as a direct one would be. (brpc's TLS client aborts its process on an accepted
-    connection that then drops, and a connection held open until j is up breaks its handshake too.)"""
+    """One relay (i dials j): listens on its port only while j accepts connections on its SPU address, so that a
+    dial before j is up is refused as a direct one would be (brpc's TLS client aborts its process when an
+    accepted connection drops during the handshake). While j is down the relay tries j every POLL_S (a
+    connection opened and closed at once); it stops listening again when j closes every connection (j's
+    worker ended with its session) or refuses a new one."""
 
     def __init__(self, target: str, forward: _Wire, backward: _Wire):
         self.host, self.target_port = split_address(target, "relay target")
@@ -233,43 +257,62 @@ class _Route:
         self.sock = _bound(0)
         self.port = self.sock.getsockname()[1]
         self.conns: List[socket.socket] = []
+        self.live = 0  # connections whose peer side is still open
+        self.peer_gone = threading.Event()
+        self.lock = threading.Lock()
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         listening = False
         while not self.closed.is_set():
-            up = _listening(self.target_port)
-            if up != listening:
-                if up:
-                    self.sock.listen(16)
-                else:  # the peer's session ended: refuse again until the next one listens
-                    self.sock.close()
-                    self.sock = _bound(self.port)
-                listening = up
             if not listening:
-                self.closed.wait(POLL_S)
-                continue
+                if not _accepts(self.host, self.target_port):
+                    self.closed.wait(POLL_S)
+                    continue
+                self.peer_gone.clear()
+                self.sock.listen(16)
+                listening = True
             try:
                 down, _ = self.sock.accept()
             except (socket.timeout, OSError):
+                if self.peer_gone.is_set():
+                    listening = self._unlisten()
                 continue
             try:
                 upstream = socket.create_connection((self.host, self.target_port), timeout=5)
-            except OSError:  # it stopped listening meanwhile
+            except OSError:  # j stopped listening meanwhile: reset this dial (an error, not a clean close)
+                down.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 down.close()
+                listening = self._unlisten()
                 continue
             for sock in (down, upstream):
                 sock.settimeout(None)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.conns += [down, upstream]
+            with self.lock:
+                self.conns += [down, upstream]
+                self.live += 1
             threading.Thread(target=_pump, args=(down, upstream, self.forward), daemon=True).start()
-            threading.Thread(target=_pump, args=(upstream, down, self.backward), daemon=True).start()
+            threading.Thread(target=self._answers, args=(upstream, down), daemon=True).start()
+
+    def _answers(self, upstream: socket.socket, down: socket.socket) -> None:
+        _pump(upstream, down, self.backward)
+        with self.lock:
+            self.live -= 1
+            if self.live == 0:
+                self.peer_gone.set()
+
+    def _unlisten(self) -> bool:
+        self.sock.close()
+        self.sock = _bound(self.port)
+        return False
 
     def close(self) -> None:
         self.closed.set()
         self.thread.join()
-        for sock in [self.sock] + self.conns:
+        with self.lock:
+            socks = [self.sock] + self.conns
+        for sock in socks:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
@@ -284,20 +327,21 @@ def _bound(port: int) -> socket.socket:
     return sock
 
 
-def _listening(port: int) -> bool:
-    """Whether a socket of this machine listens on TCP ``port`` (Linux: /proc/net/tcp and tcp6, state 0A)."""
-    suffix = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            if any(fields[1].endswith(suffix) and fields[3] == "0A" for fields in map(str.split, list(f)[1:])):
-                return True
-    return False
+def _accepts(host: str, port: int) -> bool:
+    """Whether ``host:port`` accepts a TCP connection now (the connection is closed at once)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def _serve(conn, routes, link: Link) -> None:
     """The relay process: a `_Route` per ordered pair; answers their ports, then forwards until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # its parent decides when it ends
     _die_with_parent()
+    with contextlib.suppress(OSError):  # not root: the relays share the CPUs at the parties' priority
+        os.setpriority(os.PRIO_PROCESS, 0, NICE)
     wires = [_Wire(link) for _ in range(3)]
     relays = []
     try:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cipherdm_spu import Public, RunStats, SecureSession, ops, registry
-from cipherdm_spu.benchmark import StepCase, estimate_latency, linear_floor, measure_step, nonlinear_calls, ratios
+from cipherdm_spu.benchmark import (StepCase, estimate_latency, estimate_terms, linear_floor, measure_step, nonlinear_calls,
+                                    ratios)
 from cipherdm_spu.models import UNet2DModel
 
 from .scripts import load_script
@@ -37,6 +38,14 @@ def test_latency_estimate_arithmetic():
     stats = RunStats(2.0, 3_000_000, 3_000_000, [1_000_000, 2_000_000, 0], [0, 0, 0], 100, [100, 90, 80], {})
     assert estimate_latency(stats, "WAN") == pytest.approx(2.0 + 2e6 * 8 / 400e6 + 100 * 0.020)
     assert estimate_latency(stats, "LAN") == pytest.approx(2.0 + 2e6 * 8 / 5e9 + 100 * 0.0002)
+
+
+def test_estimate_terms_take_the_busiest_party():
+    stats = RunStats(2.0, 3_000_000, 3_000_000, [1_000_000, 2_000_000, 0], [0, 0, 0], 100, [100, 90, 80], {},
+                     cpu_seconds_per_party=[1.0, 1.5, 0.5], busy_seconds_per_party=[2.0, 2.0, 2.0])
+    assert estimate_terms(stats, 400e6, 0.02) == pytest.approx({"compute": 1.5, "bytes": 2e6 * 8 / 400e6, "rounds": 2.0})
+    with pytest.raises(ValueError, match="no per-party compute"):
+        estimate_terms(RunStats.zero(), 400e6, 0.02)
 
 
 def test_measure_step_on_a_tiny_unet():
@@ -88,3 +97,21 @@ def test_benchmark_script_quick_mode_writes_every_row(tiny_model, tmp_path):  # 
     markdown = (out / "benchmark.md").read_text()
     assert "Command: `python scripts/benchmark.py --quick" in markdown and "DDIM-2" in markdown
     assert (out / "benchmark_bytes_time.png").stat().st_size > 0 and (out / "benchmark_kernels.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_benchmark_script_network_mode_runs_the_step_on_a_cluster(tiny_model, tmp_path):  # noqa: F811
+    """scripts/benchmark.py --network relay: the step on three processes through the emulator, with each party's CPU."""
+    script = load_script("benchmark")
+    out = tmp_path / "bench"
+    assert script.main(["--rows", "step", "--network", "relay", "--sets", "spu", "cipherdm", "--models", str(tiny_model),
+                        "--cluster-steps", "1", "--out", str(out)]) == 0
+    results = json.loads((out / "benchmark_network.json").read_text())
+    (block,) = results["network"]
+    assert block["network"] == "relay" and set(block["rows"]) == {"spu", "cipherdm"}
+    for row in block["rows"].values():
+        assert row["seconds"] > 0 and len(row["cpu_seconds_per_party"]) == 3 and min(row["cpu_seconds_per_party"]) > 0
+        assert row["terms"]["compute"] == max(row["cpu_seconds_per_party"]) and row["max_abs_err"] < 0.1
+    markdown = (out / "benchmark_network.md").read_text()
+    assert "## Network: relay" in markdown and "send actions" in markdown
+    assert (out / "benchmark_network.png").stat().st_size > 0 and not (out / "benchmark.md").exists()
