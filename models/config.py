@@ -69,7 +69,8 @@ class _Config:
             if bad:
                 raise ConfigError(f"{self.CLASS_NAME}: {name}={bad[0]!r} is not supported (supported: {list(allowed)})")
         n = len(self.block_out_channels)
-        if not (len(self.down_block_types) == len(self.up_block_types) == n):
+        # a ControlNet has no up path: its down_block_types alone must match
+        if not (len(self.down_block_types) == len(getattr(self, "up_block_types", self.down_block_types)) == n):
             raise ConfigError("down_block_types, up_block_types and block_out_channels must have the same length")
         if self.norm_num_groups is None or any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ConfigError(f"every block_out_channels entry must be divisible by norm_num_groups={self.norm_num_groups}")
@@ -131,8 +132,27 @@ class UNet2DConfig(_Config):
     num_train_timesteps: int | None = None
 
 
+class _CrossAttentionBlocks:
+    """Mixin: the per-block fields of the cross-attention UNets (the SD UNet and its ControlNet)."""
+
+    def per_block(self, name: str) -> tuple:
+        """An int-or-tuple field (layers_per_block, heads, ...) as one value per down block."""
+        value = getattr(self, name)
+        if name == "num_attention_heads" and value is None:  # diffusers' naming quirk: heads = attention_head_dim
+            value = self.attention_head_dim
+        return _per_block(value, len(self.block_out_channels), name)
+
+    def check_blocks(self):
+        for name in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim", "num_attention_heads"):
+            values = self.per_block(name)
+            if any(isinstance(v, tuple) for v in values):
+                raise ConfigError(f"nested {name} (per-layer values) is not supported")
+        if len(set(self.per_block("cross_attention_dim"))) != 1:
+            raise ConfigError("per-block cross_attention_dim values must all be equal (one encoder_hidden_states)")
+
+
 @dataclasses.dataclass(frozen=True)
-class UNet2DConditionConfig(_Config):
+class UNet2DConditionConfig(_CrossAttentionBlocks, _Config):
     """diffusers ``UNet2DConditionModel`` config (Stable Diffusion 1.x/2.x denoisers)."""
 
     CLASS_NAME = "UNet2DConditionModel"
@@ -211,21 +231,71 @@ class UNet2DConditionConfig(_Config):
     cross_attention_norm: str | None = None
     addition_embed_type_num_heads: int = 64
 
-    def per_block(self, name: str) -> tuple:
-        """An int-or-tuple field (layers_per_block, heads, ...) as one value per down block."""
-        value = getattr(self, name)
-        if name == "num_attention_heads" and value is None:  # diffusers' naming quirk: heads = attention_head_dim
-            value = self.attention_head_dim
-        return _per_block(value, len(self.block_out_channels), name)
-
     def check(self):
         super().check()
-        for name in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim", "num_attention_heads"):
-            values = self.per_block(name)
-            if any(isinstance(v, tuple) for v in values):
-                raise ConfigError(f"nested {name} (per-layer values) is not supported")
+        self.check_blocks()
         for k in (self.conv_in_kernel, self.conv_out_kernel):
             if k % 2 == 0:
                 raise ConfigError("conv_in_kernel and conv_out_kernel must be odd")
-        if len(set(self.per_block("cross_attention_dim"))) != 1:
-            raise ConfigError("per-block cross_attention_dim values must all be equal (one encoder_hidden_states)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetConfig(_CrossAttentionBlocks, _Config):
+    """diffusers ``ControlNetModel`` config (the SD 1.x/2.x ControlNets): the UNet's encoder, no up path."""
+
+    CLASS_NAME = "ControlNetModel"
+    SUPPORTED = {
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+        "only_cross_attention": (False,),
+        "encoder_hid_dim": (None,),
+        "encoder_hid_dim_type": (None,),
+        "class_embed_type": (None,),
+        "addition_embed_type": (None,),
+        "addition_time_embed_dim": (None,),
+        "num_class_embeds": (None,),
+        "projection_class_embeddings_input_dim": (None,),
+        "resnet_time_scale_shift": ("default", "scale_shift"),
+        "controlnet_conditioning_channel_order": ("rgb", "bgr"),
+        "global_pool_conditions": (False,),
+    }
+
+    in_channels: int = 4
+    conditioning_channels: int = 3
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    only_cross_attention: bool | tuple = False
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1
+    act_fn: str = "silu"
+    norm_num_groups: int | None = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280
+    transformer_layers_per_block: int | tuple = 1
+    encoder_hid_dim: int | None = None
+    encoder_hid_dim_type: str | None = None
+    attention_head_dim: int | tuple = 8
+    num_attention_heads: int | tuple | None = None
+    use_linear_projection: bool = False
+    class_embed_type: str | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    num_class_embeds: int | None = None
+    upcast_attention: bool = False
+    resnet_time_scale_shift: str = "default"
+    projection_class_embeddings_input_dim: int | None = None
+    controlnet_conditioning_channel_order: str = "rgb"
+    conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)
+    global_pool_conditions: bool = False
+    addition_embed_type_num_heads: int = 64
+    time_embedding_dim = None  # diffusers' ControlNet always uses 4 x block_out_channels[0]
+
+    def check(self):
+        super().check()
+        self.check_blocks()
+        if not self.conditioning_embedding_out_channels:
+            raise ConfigError("conditioning_embedding_out_channels must list at least one channel count")

@@ -23,7 +23,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 # torch ModuleList / Sequential names whose numeric children the ports name "<list>_<i>"
 _LISTS = {"down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
-          "transformer_blocks", "to_out", "net"}
+          "transformer_blocks", "to_out", "net", "controlnet_down_blocks", "blocks"}
 _LIST_ITEM = re.compile(r"^(?P<list>[a-z_]+)_(?P<index>\d+)$")
 
 

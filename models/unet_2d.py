@@ -42,14 +42,22 @@ class UNetTimePath:
             "up": [block.time_terms(emb) for block in self.up_blocks],
         }
 
-    def _unet(self, x, terms, context=None):
+    def _unet(self, x, terms, context=None, down_residuals=None, mid_residual=None):
+        """The network on channels-last input; a ControlNet's residuals (channels-last) are added to the skips
+        and to the mid block's output, as diffusers adds its additional residuals."""
         x = self.conv_in(x)
         skips = [x]
         for block, t in zip(self.down_blocks, terms["down"]):
             x, block_skips = block(x, t, context)
             skips += block_skips
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down residuals for the UNet's {len(skips)} skip connections")
+            skips = [s + r for s, r in zip(skips, down_residuals)]
         if self.mid_block is not None:
             x = self.mid_block(x, terms["mid"], context)
+        if mid_residual is not None:
+            x = x + mid_residual
         for block, t in zip(self.up_blocks, terms["up"]):
             k = block.num_layers
             x = block(x, skips[-k:], t, context)

@@ -70,7 +70,9 @@ class UNet2DConditionModel(PretrainedMixin, UNetTimePath, nn.Module):
         """The owner's plaintext tables for one public timestep: per ResNet, (1, channels)."""
         return self._time_terms_from_embedding(self._embed(jnp.reshape(jnp.asarray(timestep), (1,))))
 
-    def __call__(self, sample, timestep=None, encoder_hidden_states=None, time_terms=None):
+    def __call__(self, sample, timestep=None, encoder_hidden_states=None, time_terms=None,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):
+        """The noise prediction (N, C, H, W); the optional residuals are a ControlNet's outputs (NCHW, diffusers' names)."""
         c = self.config
         check_sample(sample, c.in_channels, len(c.block_out_channels))
         cross_dim = c.per_block("cross_attention_dim")[0]
@@ -86,4 +88,7 @@ class UNet2DConditionModel(PretrainedMixin, UNetTimePath, nn.Module):
         x = sample.transpose(0, 2, 3, 1)
         if c.center_input_sample:
             x = 2 * x - 1.0
-        return self._unet(x, terms, encoder_hidden_states).transpose(0, 3, 1, 2)
+        down = None if down_block_additional_residuals is None else [
+            r.transpose(0, 2, 3, 1) for r in down_block_additional_residuals]
+        mid = None if mid_block_additional_residual is None else mid_block_additional_residual.transpose(0, 2, 3, 1)
+        return self._unet(x, terms, encoder_hidden_states, down, mid).transpose(0, 3, 1, 2)
