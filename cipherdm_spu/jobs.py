@@ -5,11 +5,14 @@
   every training timestep), and uploads the shares of the weights and time terms under a model id,
   with a public manifest: the model and scheduler configs and the owner's policy.
 - Each party (`SamplingCatalog`) derives from the manifest which tensors the model consists of, and
-  from a user's public job (sampler, steps, eta, batch, protocol set, guidance) the step program: the
-  same `make_denoise_step` the embedded session runs, compiled by the party itself, one executable for
-  every step, with the public step coefficients made by the party.
-- The user (`sample_on_cluster`) shares its inputs (x_T, the one-hot labels or the text embeddings,
-  each step's noise) into the job's slots, runs the steps, and alone receives the result's shares.
+  from a user's public job (sampler: ddim, ddpm, dpmsolver++ or unipc; steps, eta, batch, protocol set,
+  guidance) the step program: the same `make_denoise_step` the embedded session runs, compiled by the
+  party itself, one executable for every step, with the public step coefficients made by the party. A
+  multistep solver's options (order, solver type, ...) come from the owner's scheduler config; its state
+  (the latent and the data predictions it remembers) is one resident secret from step to step.
+- The user (`sample_on_cluster`) shares its inputs (x_T, for a multistep solver stacked with zeros: nothing
+  remembered yet; the one-hot labels or the text embeddings; each step's noise) into the job's slots, runs
+  the steps, and alone receives the result's shares (a multistep state's other rows are zeros by then).
 
 Program value names (see `plan.Step`): ``model:NAME`` is a model tensor, ``slot:NAME`` a user's input,
 anything else a value the program makes (``x/i`` the latent after step i, ``public/...`` public inputs).
@@ -36,10 +39,10 @@ from .errors import ClusterError, InputError, ProtocolError
 from .models import ConfigError
 from .models.schedulers import SchedulerConfigError
 from .messages import ModelBegin, ModelPut, ModelRef, SessionOpen, SessionPut, SessionRef, SessionStep
-from .models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
+from .models import ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
 from .plan import JobTerms, Policy, Step, StepProgram
 from .profiling import RunStats, combine_party_runs
-from .sampling import StepReport, make_denoise_step, needs_noise, secure_params
+from .sampling import StepReport, needs_noise, sampler_step, secure_params
 from .session import compile_function
 
 MANIFEST_FORMAT = "cipherdm-spu/model-1"
@@ -134,6 +137,7 @@ class SamplingCatalog:
     def terms(self, manifest: str, job: str) -> JobTerms:
         model, schedule, _, _ = _shapes(manifest)
         spec = parse_job(job, model, schedule)
+        make_sampler(spec, schedule, parse_manifest(manifest)["scheduler"])  # a bad combination fails here, uncompiled
         return JobTerms(spec["protocol_set"], spec["batch"], spec["steps"], json.dumps(spec, sort_keys=True))
 
     def program(self, manifest: str, job: str, fraction_bits: int) -> StepProgram:
@@ -145,11 +149,12 @@ def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
     """The step program of ``job`` (cached: compiling a UNet step takes SPU's compiler many seconds)."""
     model, schedule, params, terms = _shapes(manifest)
     spec = parse_job(job, model, schedule)
-    sampler = make_sampler(spec, schedule)
+    sampler = make_sampler(spec, schedule, parse_manifest(manifest)["scheduler"])
     pset = registry.resolve(spec["protocol_set"], spec["overrides"])
     batch, text = spec["batch"], isinstance(model, UNet2DConditionModel)
     guidance = spec["guidance_scale"] if text else 1.0
-    slots = {"x": ((batch, *sample_shape(model)), "float32")}
+    latent = (batch, *sample_shape(model))
+    slots = {"x": ((sampler.state_size, *latent) if sampler.multistep else latent, "float32")}
     if text:
         context = (batch, spec["tokens"], model.config.cross_attention_dim)
         slots.update({f"condition/{k}": (context, "float32") for k in range(2 if guidance > 1.0 else 1)})
@@ -183,7 +188,7 @@ def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
     known.update({"slot:" + n: spec for n, spec in slots.items()})
     known["public/coefficients"] = ((len(schedulers.COEFFICIENTS),), "float32")
     specs = tuple((*known[leaf.name], "public" if leaf.name.startswith("public/") else "secret") for leaf in leaves)
-    step_fn = make_denoise_step(model, sampler.clip_range, guidance)
+    step_fn = sampler_step(model, sampler, guidance)
     try:
         compiled = compile_function(step_fn, in_tree, specs, pset, fraction_bits)
     except InputError as e:
@@ -245,8 +250,8 @@ def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
            "batch": raw.get("batch"), "protocol_set": raw.get("protocol_set", "cipherdm"),
            "overrides": raw.get("overrides") or {}, "guidance_scale": raw.get("guidance_scale", 1.0),
            "tokens": raw.get("tokens", 77)}
-    if job["sampler"] not in ("ddim", "ddpm"):
-        raise ValueError(f"sampler must be ddim or ddpm, got {job['sampler']!r}")
+    if job["sampler"] not in schedulers.SCHEDULERS:
+        raise ValueError(f"sampler must be one of {', '.join(schedulers.SCHEDULERS)}, got {job['sampler']!r}")
     for key, low, high in (("steps", 1, schedule.num_train_timesteps), ("batch", 1, 1024), ("tokens", 1, 1024)):
         value = job[key]
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -269,12 +274,13 @@ def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
     return job
 
 
-def make_sampler(job: dict, schedule: ScheduleConfig):
-    if job["sampler"] == "ddim":
-        return DDIMSampler(schedule, job["steps"], eta=float(job["eta"]))
-    if job["eta"]:
-        raise ValueError("eta is a DDIM option")
-    return DDPMSampler(schedule, job["steps"])
+def make_sampler(job: dict, schedule: ScheduleConfig, scheduler_config: Optional[Mapping] = None):
+    """The job's sampler; a multistep solver takes its options from the owner's scheduler config."""
+    try:
+        return schedulers.make_sampler(job["sampler"], schedule, job["steps"], eta=float(job["eta"]),
+                                       options=scheduler_config)
+    except SchedulerConfigError as e:
+        raise ValueError(str(e)) from None
 
 
 def check_shareable(array: np.ndarray, what: str, limit: float) -> None:
@@ -378,7 +384,9 @@ def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.n
             raise ClusterError("the parties compiled different executables for the same job; refusing to run")
         clients.until_done("session_start", SessionRef(session_id), "starting the session")
         slots = opened[0]["slots"]
-        values = {"x": x_t}
+        state = tuple(slots["x"][0])  # a multistep solver's state: x_T and rows of zeros (nothing remembered yet)
+        values = {"x": x_t if state == x_t.shape else
+                  np.concatenate([x_t[None], np.zeros((state[0] - 1, *x_t.shape), np.float32)])}
         if condition is not None:
             parts = condition if isinstance(condition, tuple) else (condition,)
             values.update({f"condition/{k}": v for k, v in enumerate(parts)})
@@ -413,7 +421,8 @@ def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.n
             s = libspu.Share()
             s.meta, s.share_chunks = share.meta, list(share.chunks)
             result.append(s)
-        image = np.asarray(io.reconstruct(result)).reshape(x_t.shape)
+        image = np.asarray(io.reconstruct(result)).reshape(state)
+        image = image if state == x_t.shape else image[0]
     finally:  # every party that can be reached ends the session, whatever the others do
         for rank in range(3):
             try:

@@ -1,4 +1,5 @@
-"""The command line of scripts/run_ddim.py and scripts/run_ddpm.py: validate, sample securely, report.
+"""The command line of scripts/run_ddim.py (any sampler: --scheduler ddim|ddpm|dpmsolver++|unipc; by default the
+cheapest that holds DDIM-50's quality on the shipped models) and scripts/run_ddpm.py: validate, sample securely, report.
 
 Outputs (in --out, created 0700; files 0600): samples.png (a grid), samples.npy, report.json, spu.log
 (SPU's own log; embedded runs only: each cluster party keeps its own), and with --compare plaintext.png /
@@ -9,6 +10,7 @@ sampling has finished. With --cluster this process is the user only (see `cli_co
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -20,20 +22,26 @@ from .cli_common import (add_secure_options, check_finite, check_secure_options,
 from .errors import UsageError
 from .models import ConfigError
 from .models.schedulers import SchedulerConfigError
-from .models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
+from .models import ScheduleConfig, UNet2DModel, schedulers
 from .sampling import draw_noise, sample_plaintext
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "checkpoints" / "mnist-ddpm-silu"
 MAX_BATCH = 64
 DEFAULTS = {  # chosen so that a default run takes a few minutes on 2 cores (see docs/results/secure_sampling.md)
-    "ddim": {"steps": 10, "labels": "1,4,7"},
-    "ddpm": {"steps": 20, "labels": "2,8"},
+    "ddim": {"labels": "1,4,7"},
+    "ddpm": {"labels": "2,8"},
 }
+#: default steps per sampler: DDIM and DDPM as before; the multistep solvers at the fewest UNet evaluations that
+#: hold DDIM-50's plaintext quality on both shipped MNIST models (docs/results/solvers.md)
+DEFAULT_STEPS = {"ddim": 10, "ddpm": 20, "dpmsolver++": 5, "unipc": 5}
+#: run_ddim.py's sampler for a checkpoint whose scheduler config names none we sample with (the shipped MNIST
+#: models' DDPMScheduler, which names how they were trained): the cheapest that holds DDIM-50's quality
+MAIN_SAMPLER = "dpmsolver++"
 
 
 def build_parser(kind: str) -> argparse.ArgumentParser:
-    name = "DDIM" if kind == "ddim" else "ancestral DDPM"
+    name = "diffusion (DDIM, DPM-Solver++, UniPC or DDPM)" if kind == "ddim" else "ancestral DDPM"
     p = argparse.ArgumentParser(
         prog=f"run_{kind}.py",
         description=f"Secure {name} sampling in a three-party SPU session (ABY3): the model owner's weights and "
@@ -47,7 +55,15 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    help=f"comma-separated class labels to draw, cycled to --batch (default: {d['labels']}; "
                         "only for class-conditional models)")
     p.add_argument("--batch", type=int, default=None, help="samples per run (default: the number of labels, or 1)")
-    p.add_argument("--steps", type=int, default=d["steps"], help=f"sampling steps (default: {d['steps']})")
+    if kind == "ddim":
+        p.add_argument("--scheduler", choices=schedulers.SCHEDULERS, default=None,
+                       help="sampler: ddim | ddpm | dpmsolver++ (DPM-Solver++, multistep) | unipc (UniPC); its options "
+                            "(solver order, ...) come from the model's scheduler config (default: the sampler that config "
+                            f"names; for a DDPMScheduler config, as the shipped models have, {MAIN_SAMPLER}, the cheapest "
+                            "that holds DDIM-50's quality: docs/results/solvers.md)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps = UNet evaluations (default: " +
+                        ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items() if kind == "ddim" or k == "ddpm") + ")")
     if kind == "ddim":
         p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; > 0 adds user-supplied noise per step (default: 0)")
     add_secure_options(p, kind)
@@ -90,23 +106,42 @@ def prepare(args):
         if not scheduler_path.is_file():
             raise UsageError(f"no scheduler config at {scheduler_path}")
         try:
-            schedule = ScheduleConfig.from_file(scheduler_path)
-        except SchedulerConfigError as err:
-            raise UsageError(str(err)) from None
+            scheduler_config = json.loads(scheduler_path.read_text())
+            schedule = ScheduleConfig.from_dict(scheduler_config)
+        except (SchedulerConfigError, json.JSONDecodeError) as err:
+            raise UsageError(f"scheduler config {scheduler_path}: {err}") from None
     else:  # the user holds no weights: the public manifest says what the model is
         manifest, model = cluster_model(args)
         if not isinstance(model, UNet2DModel):
             raise UsageError(f"model {args.model_id} is a {manifest['kind']}; use run_sd.py for it")
-        params, schedule = None, ScheduleConfig.from_dict(manifest["scheduler"])
-    if not 1 <= args.steps <= schedule.num_train_timesteps:
-        raise UsageError(f"--steps must be in 1..{schedule.num_train_timesteps}, got {args.steps}")
+        scheduler_config = manifest["scheduler"]
+        params, schedule = None, ScheduleConfig.from_dict(scheduler_config)
+    name = choose_scheduler(args, scheduler_config)
+    steps = DEFAULT_STEPS[name] if args.steps is None else args.steps
+    if not 1 <= steps <= schedule.num_train_timesteps:
+        raise UsageError(f"--steps must be in 1..{schedule.num_train_timesteps}, got {steps}")
     eta = getattr(args, "eta", 0.0)
     check_finite("--eta", eta, low=0.0)
-    sampler = DDIMSampler(schedule, args.steps, eta=eta) if args.kind == "ddim" else DDPMSampler(schedule, args.steps)
+    if eta and name != "ddim":
+        raise UsageError(f"--eta is a DDIM option (--scheduler {name})")
+    try:
+        sampler = schedulers.make_sampler(name, schedule, steps, eta=eta, options=scheduler_config)
+    except SchedulerConfigError as err:
+        raise UsageError(f"--scheduler {name}: {err}") from None
     labels, batch = _labels(args, model.config.num_class_embeds)
-    job = {"sampler": args.kind, "steps": args.steps, "eta": eta, "batch": batch, "protocol_set": args.protocol,
+    job = {"sampler": name, "steps": steps, "eta": eta, "batch": batch, "protocol_set": args.protocol,
            "overrides": overrides}
     return model, params, sampler, labels, batch, overrides, job
+
+
+def choose_scheduler(args, scheduler_config: dict) -> str:
+    """--scheduler, or the sampler the model's scheduler config names (run_ddpm.py: always ddpm)."""
+    if args.kind == "ddpm":
+        return "ddpm"
+    if args.scheduler is not None:
+        return args.scheduler
+    named = schedulers.default_scheduler(scheduler_config, MAIN_SAMPLER)
+    return MAIN_SAMPLER if named == "ddpm" else named
 
 
 def image_grid(images: np.ndarray, columns: int = 8, scale: int = 4):
@@ -144,10 +179,10 @@ def run(args) -> dict:
     x_t, step_noise = draw_noise(args.seed, sampler, shape)
     started = time.perf_counter()
     images, total, steps, where = secure_sample(
-        args, f"secure {args.kind} ({args.protocol})", sampler, x_t, overrides, job, model, params, labels, step_noise)
+        args, f"secure {job['sampler']} ({args.protocol})", sampler, x_t, overrides, job, model, params, labels, step_noise)
     wall = time.perf_counter() - started
     report = {
-        "sampler": args.kind, "protocol": args.protocol, "overrides": overrides,
+        "sampler": job["sampler"], "protocol": args.protocol, "overrides": overrides,
         "model": args.model_id if args.cluster is not None else str(args.model), "parties": where,
         "steps": sampler.num_steps, "timesteps": [int(t) for t in sampler.timesteps], "batch": batch,
         "seed": args.seed, "requested_labels": labels,
@@ -157,7 +192,7 @@ def run(args) -> dict:
         "per_step": [vars(s) for s in steps],
         "pphlo_ops": {k: v.bytes_sent for k, v in sorted(total.kernels.items(), key=lambda kv: -kv[1].bytes_sent)},
     }
-    if args.kind == "ddim":
+    if job["sampler"] == "ddim":
         report["eta"] = args.eta
     secure_verdict = _judge(images, labels)
     if secure_verdict:
@@ -196,7 +231,7 @@ def main(kind: str, argv=None) -> int:
     args.kind = kind
 
     def summary(report: dict) -> str:
-        text = (f"{report['batch']} samples, {report['steps']} steps, {report['seconds']:.0f} s, "
+        text = (f"{report['batch']} samples, {report['sampler']} {report['steps']} steps, {report['seconds']:.0f} s, "
                 f"{report['bytes_sent'] / 1e9:.2f} GB sent (all parties) -> {args.out}")
         if "psnr_vs_plaintext" in report:
             text += f"; PSNR vs plaintext {report['psnr_vs_plaintext']:.1f} dB"

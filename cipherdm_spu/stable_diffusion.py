@@ -60,6 +60,15 @@ def encode_prompts(path: Path, prompt: str, negative_prompt: str = "", batch: in
     return embed(negative_prompt), embed(prompt)
 
 
+def scheduler_config(path: Path) -> dict:
+    """The directory's scheduler/scheduler_config.json (any diffusers scheduler; the sampler reads what it needs)."""
+    file = path / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StableDiffusionDirError(f"cannot read scheduler config {file}: {e}") from None
+
+
 def decode_latents(path: Path, latents: np.ndarray) -> np.ndarray:
     """Images (N, 3, H, W) in [-1, 1] from the final latents, with the VAE, on the user's machine."""
     import torch
@@ -72,13 +81,16 @@ def decode_latents(path: Path, latents: np.ndarray) -> np.ndarray:
 
 
 def reference_latents(path: Path, prompt: str, negative_prompt: str, latents: np.ndarray, steps: int,
-                      guidance_scale: float) -> np.ndarray:
-    """diffusers' own StableDiffusionPipeline (DDIM, eta 0) from the same initial latents: the reference."""
+                      guidance_scale: float, sampler: str = "ddim") -> np.ndarray:
+    """diffusers' own StableDiffusionPipeline from the same initial latents, with the scheduler class of
+    ``sampler`` (ddim: eta 0; dpmsolver++, unipc) built from the directory's config: the reference."""
+    import diffusers
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
+    classes = {"ddim": "DDIMScheduler", "dpmsolver++": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+    pipe.scheduler = getattr(diffusers, classes[sampler]).from_pretrained(path / "scheduler")
     pipe.set_progress_bar_config(disable=True)
     n, _, h, w = latents.shape
     scale = pipe.vae_scale_factor

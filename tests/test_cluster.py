@@ -19,7 +19,9 @@ from cipherdm_spu import cluster_config as cc
 from cipherdm_spu.client import PartyClients
 from cipherdm_spu.cluster import main as launch_main
 from cipherdm_spu.errors import ClusterConfigError, ClusterError, InputError
-from cipherdm_spu.jobs import sample_on_cluster, upload_model
+from cipherdm_spu.jobs import make_sampler as make_sampler_for_job, parse_job, sample_on_cluster, upload_model
+from cipherdm_spu.models import ScheduleConfig
+from cipherdm_spu.models.schedulers import SCHEDULERS, make_sampler
 from cipherdm_spu.messages import Empty, ModelPut, ModelRef, SessionPut
 from cipherdm_spu.plan import Policy
 from cipherdm_spu.sampling import SecureDiffusion
@@ -59,6 +61,40 @@ def test_a_user_samples_what_the_owner_uploaded_as_the_embedded_session_does(clu
     for cpu, busy in zip(stats_c.cpu_seconds_per_party, stats_c.busy_seconds_per_party):
         assert 0 < cpu <= busy * os.cpu_count() and 0 < busy <= stats_c.seconds + 1e-9
     assert stats_e.cpu_seconds_per_party == [] and stats_e.busy_seconds_per_party == []
+
+
+@pytest.mark.slow
+def test_a_multistep_solver_on_the_cluster_matches_the_embedded_session(cluster):
+    """DPM-Solver++(2M): the parties build and audit the same state-carrying program; only the sample comes back."""
+    config, _ = cluster
+    model, params, scheduler = tiny_unet()
+    _, x_t, labels = tiny_inputs()
+    job = {**TINY_JOB, "sampler": "dpmsolver++", "steps": 3}
+    with user(config) as clients:
+        remote, _, steps = sample_on_cluster(clients, "tiny", job, x_t, labels)
+    sampler = make_sampler("dpmsolver++", ScheduleConfig.from_dict(scheduler), 3, options=scheduler)
+    with SecureSession("cipherdm") as session:
+        diffusion = SecureDiffusion(session, model, params, sampler)
+        embedded, _, _ = diffusion.sample(x_t, [3, 8])
+    assert remote.shape == embedded.shape == x_t.shape and len(steps) == 3
+    difference = np.abs(remote - embedded)
+    assert difference.max() <= 0.05 and difference.mean() <= 0.005, (difference.max(), difference.mean())
+
+
+def test_parse_job_takes_the_samplers_by_name_and_refuses_bad_combinations():
+    model, _, scheduler = tiny_unet()
+    schedule = ScheduleConfig.from_dict(scheduler)
+    for name in SCHEDULERS:
+        job = parse_job(json.dumps({**TINY_JOB, "sampler": name}), model, schedule)
+        assert make_sampler_for_job(job, schedule, scheduler).num_steps == TINY_JOB["steps"]
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        parse_job(json.dumps({**TINY_JOB, "sampler": "pndm"}), model, schedule)
+    with pytest.raises(ValueError, match="eta is a DDIM option"):
+        make_sampler_for_job(parse_job(json.dumps({**TINY_JOB, "sampler": "unipc", "eta": 0.5}), model, schedule),
+                             schedule, scheduler)
+    with pytest.raises(ValueError, match="solver_order"):
+        make_sampler_for_job(parse_job(json.dumps({**TINY_JOB, "sampler": "dpmsolver++"}), model, schedule),
+                             schedule, {**scheduler, "solver_order": 5})
 
 
 @pytest.mark.slow

@@ -10,13 +10,20 @@ import pytest
 from cipherdm_spu import Public, SecureSession
 from cipherdm_spu.ir_audit import declassifications
 from cipherdm_spu.sampling import SecureDiffusion, draw_noise, sample_plaintext
-from cipherdm_spu.sampling_cli import main
+from cipherdm_spu.sampling_cli import DEFAULT_STEPS, MAIN_SAMPLER, build_parser, main, prepare
 from cipherdm_spu.models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
+from cipherdm_spu.models.schedulers import initial_state, make_sampler
 from cipherdm_spu.registry import SHIPPED_SETS
 
 TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
             down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
             norm_num_groups=4, attention_head_dim=8, num_class_embeds=10)
+
+
+def prepare_for(model_dir, *argv):
+    args = build_parser("ddim").parse_args(["--model", str(model_dir), *argv])
+    args.kind = "ddim"
+    return prepare(args)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +39,8 @@ def tiny_model(tmp_path_factory):
 @pytest.mark.parametrize("protocol", SHIPPED_SETS)
 def test_run_ddim_end_to_end(tiny_model, tmp_path, protocol):
     out = tmp_path / "out"
-    assert main("ddim", ["--model", str(tiny_model), "--steps", "2", "--labels", "1,4", "--protocol", protocol,
-                         "--out", str(out), "--compare", "--eta", "0.5"]) == 0
+    assert main("ddim", ["--model", str(tiny_model), "--scheduler", "ddim", "--steps", "2", "--labels", "1,4",
+                         "--protocol", protocol, "--out", str(out), "--compare", "--eta", "0.5"]) == 0
     for name in ("samples.png", "samples.npy", "plaintext.png", "plaintext.npy", "report.json", "spu.log"):
         assert (out / name).stat().st_size > 0, name
         assert (out / name).stat().st_mode & 0o077 == 0, name  # the user's alone
@@ -49,6 +56,38 @@ def test_run_ddim_end_to_end(tiny_model, tmp_path, protocol):
     assert report["psnr_vs_plaintext"] > 25 and report["ssim_vs_plaintext"] > 0.9
     # the paper's piecewise SiLU is the least accurate kernel set (docs/results/kernels.md)
     assert report["max_abs_diff_vs_plaintext"] < (0.5 if protocol == "cipherdm-paper" else 0.2)
+
+
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "unipc"])
+def test_run_ddim_with_a_multistep_solver(tiny_model, tmp_path, scheduler):
+    assert main("ddim", ["--model", str(tiny_model), "--scheduler", scheduler, "--steps", "3", "--labels", "2,5",
+                         "--out", str(tmp_path), "--compare"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sampler"] == scheduler and report["steps"] == 3 and len(report["per_step"]) == 3
+    assert np.load(tmp_path / "samples.npy").shape == (2, 1, 8, 8)
+    assert report["psnr_vs_plaintext"] > 25
+
+
+def test_run_ddim_defaults_to_the_cheapest_sampler_that_holds_ddim50_quality(tiny_model):
+    """The tiny model's config is a DDPMScheduler, as the shipped checkpoints' (docs/results/solvers.md)."""
+    _, _, sampler, _, _, _, job = prepare_for(tiny_model)
+    assert job["sampler"] == MAIN_SAMPLER and sampler.num_steps == DEFAULT_STEPS[MAIN_SAMPLER]
+
+
+def test_sde_solver_takes_the_users_noise_and_reveals_only_the_sample(tiny_model):
+    model, params = UNet2DModel.from_pretrained(tiny_model)
+    config = {**dataclasses.asdict(ScheduleConfig()), "algorithm_type": "sde-dpmsolver++", "solver_order": 3}
+    sampler = make_sampler("dpmsolver++", ScheduleConfig(), 3, options=config)
+    assert sampler.noisy and sampler.state_size == 3
+    x_t, noise = draw_noise(4, sampler, (1, 1, 8, 8))
+    with SecureSession("cipherdm") as session:
+        diffusion = SecureDiffusion(session, model, params, sampler)
+        image, _, _ = diffusion.sample(x_t, [6], noise)
+        diffusion.close()
+        assert session.resident == []
+    plain = sample_plaintext(model, params, sampler, x_t, [6], noise)
+    # random weights and no clipping: the samples reach |x| ~ 50, and fixed point errs relative to that
+    assert image.shape == x_t.shape and np.abs(image - plain).max() < 0.01 * np.abs(plain).max()
 
 
 def test_run_ddpm_end_to_end(tiny_model, tmp_path):
@@ -68,6 +107,7 @@ def test_run_ddpm_end_to_end(tiny_model, tmp_path):
     (["--labels", "3,12"], "--labels"),
     (["--labels", "three"], "--labels"),
     (["--eta", "-1"], "--eta"),
+    (["--scheduler", "unipc", "--eta", "0.5"], "--eta is a DDIM option"),
     (["--protocol", "nonesuch"], "unknown protocol set"),
     (["--override", "silu"], "OP=KERNEL"),
     (["--override", "silu=nonesuch"], "nonesuch"),
@@ -87,15 +127,18 @@ def test_malformed_model_directory(tiny_model, tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
-def test_step_executable_reveals_nothing(tiny_model, sessions):
-    """Static check on the SPU IR of the per-step executable: no secret value becomes public."""
+@pytest.mark.parametrize("sampler", [DDPMSampler(ScheduleConfig(), 4), make_sampler("unipc", ScheduleConfig(), 4)],
+                         ids=["ddpm", "unipc"])
+def test_step_executable_reveals_nothing(tiny_model, sessions, sampler):
+    """Static check on the SPU IR of the per-step executable: no secret value becomes public (a multistep
+    solver's remembered outputs included)."""
     model, params = UNet2DModel.from_pretrained(tiny_model)
-    sampler = DDPMSampler(ScheduleConfig(), 4)
     diffusion = SecureDiffusion(sessions["cipherdm"], model, params, sampler)
+    x = initial_state(sampler, np.zeros((1, 1, 8, 8), np.float32))
     try:
-        args = (diffusion._weights, np.zeros((1, 1, 8, 8), np.float32), np.eye(10, dtype=np.float32)[[3]],
+        args = (diffusion._weights, x, np.eye(10, dtype=np.float32)[[3]],
                 diffusion.time_terms(sampler.timesteps[0]), Public(sampler.coefficient_table()[0]),
-                np.zeros((1, 1, 8, 8), np.float32))
+                np.zeros((1, 1, 8, 8), np.float32) if sampler.noisy else None)
         compiled = sessions["cipherdm"].compile(diffusion._step, *args)
     finally:
         diffusion.close()

@@ -59,6 +59,15 @@ def test_plaintext_port_matches_the_diffusers_pipeline(tiny_sd, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "latent.npy"), np.load(tmp_path / "reference_latent.npy"), atol=1e-3)
 
 
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "unipc"])
+def test_multistep_solvers_match_the_diffusers_pipeline(tiny_sd, tmp_path, scheduler):
+    """--scheduler on run_sd.py: the port with DPM-Solver++ / UniPC against diffusers' pipeline with its own scheduler."""
+    assert main(["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "4", "--guidance-scale", "5",
+                 "--scheduler", scheduler, "--plaintext", "--reference", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sampler"] == scheduler and report["max_abs_latent_diff_vs_diffusers"] < 1e-3
+
+
 @pytest.mark.slow
 def test_secure_run_matches_plaintext(tiny_sd, tmp_path):
     assert main(["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "2", "--guidance-scale", "7.5",
@@ -81,6 +90,7 @@ def test_secure_run_matches_plaintext(tiny_sd, tmp_path):
     (["--height", "10"], "--height must be a positive multiple of 4"),
     (["--guidance-scale", "-1"], "--guidance-scale"),
     (["--protocol", "nonesuch"], "unknown protocol set"),
+    (["--scheduler", "ddpm", "--reference"], "--reference needs a sampler without per-step noise"),
 ])
 def test_bad_input_fails_clearly_and_writes_nothing(tiny_sd, tmp_path, capsys, args, message):
     argv = ["--model", str(tiny_sd), "--prompt", "x", "--out", str(tmp_path / "out")] + args
