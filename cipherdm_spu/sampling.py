@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cipherdm_spu.models import UNet2DConditionModel, schedulers
+from cipherdm_spu.models import ControlledUNet, UNet2DConditionModel, schedulers
 from cipherdm_spu.models.guidance import guided_prediction
 
 from .profiling import RunStats
@@ -61,7 +61,7 @@ def one_hot(labels, num_classes: Optional[int]) -> Optional[np.ndarray]:
 
 
 def is_text_conditional(model) -> bool:
-    return isinstance(model, UNet2DConditionModel)
+    return isinstance(model, (UNet2DConditionModel, ControlledUNet))
 
 
 def predict_noise(model, params, x, condition, guidance_scale: float = 1.0, timestep=None, time_terms=None):
@@ -69,13 +69,17 @@ def predict_noise(model, params, x, condition, guidance_scale: float = 1.0, time
 
     ``condition`` is the one-hot labels (or None) for a `UNet2DModel`; for a `UNet2DConditionModel` it
     is ``(uncond_context, cond_context)`` with classifier-free guidance (scale > 1, one 2N batch), or
-    ``(cond_context,)`` without it.
+    ``(cond_context,)`` without it. For a `ControlledUNet` the user's control image follows the contexts.
     """
     if not is_text_conditional(model):
         return model.apply(params, x, timestep, class_labels=condition, time_terms=time_terms)
+    control = {}
+    if isinstance(model, ControlledUNet):
+        condition, control = condition[:-1], {"controlnet_cond": condition[-1]}
     if len(condition) == 2:
-        return guided_prediction(model, params, x, *condition, guidance_scale, timestep=timestep, time_terms=time_terms)
-    return model.apply(params, x, timestep, condition[0], time_terms=time_terms)
+        return guided_prediction(model, params, x, *condition, guidance_scale, timestep=timestep, time_terms=time_terms,
+                                 **control)
+    return model.apply(params, x, timestep, condition[0], time_terms=time_terms, **control)
 
 
 def make_denoise_step(model, clip_range: Optional[float], guidance_scale: float = 1.0, multistep: bool = False):

@@ -23,7 +23,7 @@ LAYERS = {
     "runtime": ["session", "profiling", "ir_audit", "cluster_config", "messages", "pki", "plan", "party", "client", "netem",
                 "control", "driver"],
     "applications": ["sampling", "jobs", "stable_diffusion", "benchmark", "quality", "mnist", "results",
-                     "cli_common", "sampling_cli", "sd_cli", "launch", "cluster"],
+                     "cli_common", "sampling_cli", "sd_cli", "sd_images", "launch", "cluster"],
     "package": [""],
 }
 #: layer: the layers its modules may import (its own included)

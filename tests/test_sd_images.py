@@ -1,0 +1,154 @@
+"""The user's image inputs on run_sd.py: ControlNet (the control image secret-shared) and image-to-image (the
+init image encoded and noised on the user's machine), on tiny random directories built here (no downloads)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cipherdm_spu import Public, SecureSession
+from cipherdm_spu.ir_audit import declassifications
+from cipherdm_spu.models import ControlledUNet, ControlNetModel, DDIMSampler, ScheduleConfig, UNet2DConditionModel
+from cipherdm_spu.models.img2img import StrengthSampler
+from cipherdm_spu.sampling import SecureDiffusion, text_condition
+from cipherdm_spu.sd_cli import main
+
+from .test_sd_cli import tiny_sd  # noqa: F401 (the tiny SD directory fixture)
+
+torch = pytest.importorskip("torch")
+
+#: a ControlNet for the tiny SD's UNet: same encoder shape, an image embedding that halves once (the VAE's factor 2)
+TINY_CONTROLNET = dict(in_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32,
+                       attention_head_dim=4, norm_num_groups=8, conditioning_embedding_out_channels=(8, 16))
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory):
+    from diffusers import ControlNetModel as TorchControlNetModel
+
+    from .diffusers_models import save_random
+
+    directory = tmp_path_factory.mktemp("tiny-controlnet")
+    save_random(TorchControlNetModel, TINY_CONTROLNET, directory, seed=1, scale=0.1)  # random: no zero convolutions
+    return directory
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """A 16x16 RGB control image (an edge-like pattern) and a 16x16 photo-like init image, as PNG files."""
+    root = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(0)
+    edges = np.zeros((16, 16, 3), np.uint8)
+    edges[4:12, [4, 11]] = 255
+    edges[[4, 11], 4:12] = 255
+    Image.fromarray(edges).save(root / "control.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "init.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(root / "gray.png")
+    Image.fromarray(edges[:8, :8]).save(root / "small.png")
+    return root
+
+
+def _report(out):
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("guess_mode", [False, True], ids=["plain", "guess-mode"])
+def test_controlnet_plaintext_port_matches_the_diffusers_pipeline(tiny_sd, controlnet_dir, pictures, tmp_path, guess_mode):
+    argv = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "3", "--guidance-scale", "5",
+            "--controlnet", str(controlnet_dir), "--control-image", str(pictures / "control.png"),
+            "--controlnet-scale", "0.7", "--plaintext", "--reference", "--out", str(tmp_path)]
+    assert main(argv + (["--guess-mode"] if guess_mode else [])) == 0
+    report = _report(tmp_path)
+    assert report["controlnet_scale"] == 0.7 and report["guess_mode"] is guess_mode
+    assert not report["control_image_left_this_machine"] and report["max_abs_latent_diff_vs_diffusers"] < 1e-3
+
+
+def test_the_controlnet_changes_the_result(tiny_sd, controlnet_dir, pictures, tmp_path):
+    """The control image matters: the tiny ControlNet's residuals are not zero (the parity above is not vacuous)."""
+    base = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "2", "--plaintext"]
+    assert main(base + ["--out", str(tmp_path / "text")]) == 0
+    assert main(base + ["--controlnet", str(controlnet_dir), "--control-image", str(pictures / "control.png"),
+                        "--out", str(tmp_path / "control")]) == 0
+    text, control = np.load(tmp_path / "text" / "latent.npy"), np.load(tmp_path / "control" / "latent.npy")
+    assert np.abs(text - control).max() > 1e-2
+
+
+@pytest.mark.parametrize("strength, steps", [(0.5, 4), (1.0, 3)])
+def test_img2img_plaintext_port_matches_the_diffusers_pipeline(tiny_sd, pictures, tmp_path, strength, steps):
+    assert main(["--model", str(tiny_sd), "--prompt", "a red square", "--steps", str(steps), "--guidance-scale", "5",
+                 "--init-image", str(pictures / "init.png"), "--strength", str(strength), "--plaintext", "--reference",
+                 "--out", str(tmp_path)]) == 0
+    report = _report(tmp_path)
+    assert report["steps"] == int(steps * strength) and report["latent_shape"] == [1, 4, 8, 8]
+    assert not report["init_image_left_this_machine"] and report["max_abs_latent_diff_vs_diffusers"] < 1e-3
+
+
+def test_strength_sampler_runs_the_last_steps_of_the_full_schedule():
+    base = DDIMSampler(ScheduleConfig(), 10)
+    cut = StrengthSampler(base, 0.35)  # int(10 * 0.35) = 3 steps
+    assert cut.num_steps == 3 and list(cut.timesteps) == list(base.timesteps[7:])
+    np.testing.assert_array_equal(cut.coefficient_table(), base.coefficient_table()[7:])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--init-image", "{init}", "--strength", "0"], "--strength must be in (0, 1], got 0.0"),
+    (["--init-image", "{init}", "--strength", "1.5"], "--strength must be in (0, 1], got 1.5"),
+    (["--strength", "0.5"], "--strength is for --init-image"),
+    (["--init-image", "{init}", "--strength", "0.05"], "leaves no step to run"),
+    (["--init-image", "{init}", "--height", "32"], "--height 32 differs from the --init-image's 16"),
+    (["--init-image", "{init}", "--scheduler", "unipc"], "multistep solvers are not supported"),
+    (["--controlnet", "{controlnet}"], "--controlnet and --control-image go together"),
+    (["--guess-mode"], "--controlnet-scale and --guess-mode are for --controlnet"),
+    (["--controlnet", "{controlnet}", "--control-image", "{small}"], "is 8x8 (height x width); the image being generated is 16x16"),
+    (["--controlnet", "{controlnet}", "--control-image", "{gray}"], "has 1 channel(s) (mode L); this ControlNet takes 3"),
+    (["--controlnet", "{misfit}", "--control-image", "{control}"], "does not fit the UNet: its block_out_channels"),
+])
+def test_bad_image_inputs_fail_clearly_and_share_nothing(tiny_sd, controlnet_dir, pictures, tmp_path, capsys, monkeypatch,
+                                                         args, message):
+    misfit = tmp_path / "misfit"
+    misfit.mkdir()
+    (misfit / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel",
+                                                    **{**TINY_CONTROLNET, "block_out_channels": [16, 16]}}))
+    names = {"init": pictures / "init.png", "small": pictures / "small.png", "gray": pictures / "gray.png",
+             "control": pictures / "control.png", "controlnet": controlnet_dir, "misfit": misfit}
+    monkeypatch.setattr(SecureSession, "__init__", lambda *a, **k: pytest.fail("a session was opened"))
+    argv = ["--model", str(tiny_sd), "--prompt", "x", "--steps", "4", "--out", str(tmp_path / "out")]
+    assert main(argv + [a.format(**names) for a in args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_controlnet_step_keeps_the_control_image_secret(tiny_sd, controlnet_dir):
+    """The compiled guided ControlNet step: the control image is a secret input and nothing secret becomes public."""
+    unet, unet_params = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
+    controlnet, controlnet_params = ControlNetModel.from_pretrained(controlnet_dir)
+    model, params = ControlledUNet.combine(unet, unet_params, controlnet, controlnet_params, 0.8)
+    sampler = DDIMSampler(ScheduleConfig(), 2)
+    context = text_condition(np.zeros((1, 16, 32), np.float32), np.ones((1, 16, 32), np.float32), 7.5)
+    condition = context + (np.zeros((1, 3, 16, 16), np.float32),)
+    with SecureSession("cipherdm") as session:
+        diffusion = SecureDiffusion(session, model, params, sampler, guidance_scale=7.5)
+        try:
+            compiled = session.compile(diffusion._step, diffusion._weights, np.zeros((1, 4, 8, 8), np.float32), condition,
+                                       diffusion.time_terms(sampler.timesteps[0]),
+                                       Public(sampler.coefficient_table()[0]), None)
+        finally:
+            diffusion.close()
+    assert "pphlo.convolution" in compiled.mlir and declassifications(compiled.mlir) == []
+    control_input = compiled.mlir.split("func.func @main(")[1].split(")")[0].split("%arg")
+    assert any("tensor<1x3x16x16x!pphlo.secret<" in arg for arg in control_input)
+
+
+@pytest.mark.slow
+def test_secure_controlnet_img2img_run_matches_plaintext(tiny_sd, controlnet_dir, pictures, tmp_path):
+    """Both image inputs at once, 2 secure steps (4 steps at strength 0.5), against the plaintext port."""
+    assert main(["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "4", "--guidance-scale", "5",
+                 "--controlnet", str(controlnet_dir), "--control-image", str(pictures / "control.png"),
+                 "--init-image", str(pictures / "init.png"), "--strength", "0.5", "--compare",
+                 "--out", str(tmp_path)]) == 0
+    report = _report(tmp_path)
+    assert report["mode"] == "secure" and len(report["per_step"]) == 2 and report["bytes_sent"] > 0
+    latent, plain = np.load(tmp_path / "latent.npy"), np.load(tmp_path / "plaintext_latent.npy")
+    assert np.abs(latent - plain).max() < 0.1 * np.abs(plain).max()
