@@ -4,6 +4,7 @@ Outputs (in --out, created 0700; files 0600): image.png, latent.npy (the reveale
 spu.log (embedded session), and with --compare plaintext.png / plaintext_latent.npy; with --reference the
 diffusers pipeline's latent (reference_latent.npy). With --cluster this process is the user only: --model
 needs only the user's parts (tokenizer/, text_encoder/, vae/); the UNet is the owner's upload (--model-id).
+The user's image inputs (--controlnet/--control-image, --init-image/--strength) are read in `sd_images`.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="also sample in plaintext from the same noise; report latent difference and image PSNR/SSIM")
     p.add_argument("--reference", action="store_true",
-                   help="also run diffusers' StableDiffusionPipeline from the same noise and report the port's difference")
+                   help="also run diffusers' pipeline (StableDiffusionPipeline, or with --controlnet the ControlNet one, "
+                        "with --init-image the Img2Img one) from the same noise and report the port's difference")
     return p
 
 
