@@ -6,7 +6,7 @@
   with a public manifest: the model and scheduler configs and the owner's policy.
 - Each party (`SamplingCatalog`) derives from the manifest which tensors the model consists of, and
   from a user's public job (sampler: ddim, ddpm, dpmsolver++ or unipc; steps, eta, batch, protocol set,
-  guidance) the step program: the same `make_denoise_step` the embedded session runs, compiled by the
+  guidance, image-to-image strength) the step program: the same `make_denoise_step` the embedded session runs, compiled by the
   party itself, one executable for every step, with the public step coefficients made by the party. A
   multistep solver's options (order, solver type, ...) come from the owner's scheduler config; its state
   (the latent and the data predictions it remembers) is one resident secret from step to step.
@@ -37,6 +37,7 @@ from . import registry, spu_config
 from .client import PartyClients, require_role
 from .errors import ClusterError, InputError, ProtocolError
 from .models import ConfigError
+from .models.img2img import StrengthSampler
 from .models.schedulers import SchedulerConfigError
 from .messages import ModelBegin, ModelPut, ModelRef, SessionOpen, SessionPut, SessionRef, SessionStep
 from .models import ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
@@ -52,7 +53,7 @@ MAX_TRAIN_TIMESTEPS = 10000
 #: tensors per upload call, and the most bytes of shares in one (each call is one message to each party)
 UPLOAD_BATCH = 256
 UPLOAD_BYTES = 64 << 20
-JOB_FIELDS = {"sampler", "steps", "eta", "batch", "protocol_set", "overrides", "guidance_scale", "tokens"}
+JOB_FIELDS = {"sampler", "steps", "eta", "batch", "protocol_set", "overrides", "guidance_scale", "tokens", "strength"}
 
 
 # -- the manifest and the tensors of a model ----------------------------------------------------
@@ -249,17 +250,19 @@ def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
     job = {"sampler": raw.get("sampler", "ddim"), "steps": raw.get("steps"), "eta": raw.get("eta", 0.0),
            "batch": raw.get("batch"), "protocol_set": raw.get("protocol_set", "cipherdm"),
            "overrides": raw.get("overrides") or {}, "guidance_scale": raw.get("guidance_scale", 1.0),
-           "tokens": raw.get("tokens", 77)}
+           "tokens": raw.get("tokens", 77), "strength": raw.get("strength", 1.0)}
     if job["sampler"] not in schedulers.SCHEDULERS:
         raise ValueError(f"sampler must be one of {', '.join(schedulers.SCHEDULERS)}, got {job['sampler']!r}")
     for key, low, high in (("steps", 1, schedule.num_train_timesteps), ("batch", 1, 1024), ("tokens", 1, 1024)):
         value = job[key]
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ValueError(f"{key} must be an integer in {low}..{high}, got {value!r}")
-    for key, low in (("eta", 0.0), ("guidance_scale", 0.0)):
+    for key, low in (("eta", 0.0), ("guidance_scale", 0.0), ("strength", 0.0)):
         value = job[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
             raise ValueError(f"{key} must be a finite number >= {low:g}, got {value!r}")
+    if not 0.0 < job["strength"] <= 1.0:  # image-to-image: the user shares its noised latent at step strength * T
+        raise ValueError(f"strength must be in (0, 1], got {job['strength']!r}")
     if not isinstance(job["overrides"], dict) or not all(isinstance(v, str) for v in job["overrides"].values()):
         raise ValueError("overrides must map ops to kernel names")
     if job["protocol_set"] not in registry.available_protocol_sets():
@@ -275,10 +278,12 @@ def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
 
 
 def make_sampler(job: dict, schedule: ScheduleConfig, scheduler_config: Optional[Mapping] = None):
-    """The job's sampler; a multistep solver takes its options from the owner's scheduler config."""
+    """The job's sampler; a multistep solver takes its options from the owner's scheduler config. With a strength
+    below 1 (image-to-image) only the last int(steps * strength) steps run (`models.img2img.StrengthSampler`)."""
     try:
-        return schedulers.make_sampler(job["sampler"], schedule, job["steps"], eta=float(job["eta"]),
-                                       options=scheduler_config)
+        sampler = schedulers.make_sampler(job["sampler"], schedule, job["steps"], eta=float(job["eta"]),
+                                          options=scheduler_config)
+        return sampler if job.get("strength", 1.0) == 1.0 else StrengthSampler(sampler, job["strength"])
     except SchedulerConfigError as e:
         raise ValueError(str(e)) from None
 

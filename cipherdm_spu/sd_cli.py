@@ -114,6 +114,8 @@ def prepare(args):
     model, params, sampler, images = sd_images.prepare(args, model, params, sampler, shape, scale)
     job = {"sampler": name, "steps": args.steps, "batch": args.batch, "protocol_set": args.protocol,
            "overrides": overrides, "guidance_scale": float(args.guidance_scale)}
+    if images.init is not None:
+        job["strength"] = float(args.strength)  # the parties run the last int(steps * strength) steps
     return model, params, sampler, shape, overrides, job, images
 
 

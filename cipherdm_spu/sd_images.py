@@ -66,8 +66,8 @@ def check_options(args) -> None:
         raise UsageError("--controlnet-scale and --guess-mode are for --controlnet")
     if args.controlnet_scale is not None and not np.isfinite(args.controlnet_scale):
         raise UsageError(f"--controlnet-scale must be a finite number, got {args.controlnet_scale}")
-    if args.cluster is not None and (args.init_image is not None or args.controlnet is not None):
-        raise UsageError("--init-image and --controlnet run in the embedded session only, not yet on a cluster")
+    if args.cluster is not None and args.controlnet is not None:
+        raise UsageError("--controlnet runs in the embedded session only: a cluster's upload does not carry one yet")
 
 
 def init_size(args, scale: int) -> tuple[Optional[int], Optional[int]]:

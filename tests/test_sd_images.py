@@ -152,3 +152,44 @@ def test_secure_controlnet_img2img_run_matches_plaintext(tiny_sd, controlnet_dir
     assert report["mode"] == "secure" and len(report["per_step"]) == 2 and report["bytes_sent"] > 0
     latent, plain = np.load(tmp_path / "latent.npy"), np.load(tmp_path / "plaintext_latent.npy")
     assert np.abs(latent - plain).max() < 0.1 * np.abs(plain).max()
+
+
+def test_a_cluster_job_with_a_strength_runs_the_last_steps(tiny_sd):
+    from cipherdm_spu.jobs import make_sampler, parse_job
+    from cipherdm_spu.stable_diffusion import scheduler_config
+
+    model, _ = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
+    scheduler = scheduler_config(tiny_sd)
+    schedule = ScheduleConfig.from_dict(scheduler)
+    job = {"sampler": "ddim", "steps": 4, "batch": 1, "guidance_scale": 5.0, "tokens": 16}
+    full = make_sampler(parse_job(json.dumps(job), model, schedule), schedule, scheduler)
+    cut = make_sampler(parse_job(json.dumps({**job, "strength": 0.5}), model, schedule), schedule, scheduler)
+    assert cut.num_steps == 2 and list(cut.timesteps) == list(full.timesteps[2:])
+    for strength in (0, 1.5, "0.5", float("nan")):
+        with pytest.raises(ValueError, match="strength"):
+            parse_job(json.dumps({**job, "strength": strength}), model, schedule)
+
+
+@pytest.mark.slow
+def test_img2img_as_a_user_of_the_cluster_matches_plaintext(cluster, tiny_sd, pictures, tmp_path):
+    """The owner uploads the tiny SD's UNet; the user redraws its image on the cluster (2 of 4 steps): only the
+    noised latent is shared, and the result is the embedded plaintext port's."""
+    from cipherdm_spu import cluster_config
+    from cipherdm_spu.client import PartyClients
+    from cipherdm_spu.jobs import upload_model
+    from cipherdm_spu.plan import Policy
+    from cipherdm_spu.stable_diffusion import scheduler_config
+
+    config, _ = cluster
+    model, params = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
+    with PartyClients(cluster_config.load(config), "owner") as owner:
+        upload_model(owner, "tiny-sd", model, params, scheduler_config(tiny_sd), Policy(users=["user"]))
+    argv = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "4", "--guidance-scale", "5",
+            "--init-image", str(pictures / "init.png"), "--strength", "0.5"]
+    assert main(argv + ["--cluster", str(config), "--model-id", "tiny-sd", "--out", str(tmp_path / "cluster")]) == 0
+    assert main(argv + ["--plaintext", "--out", str(tmp_path / "plain")]) == 0
+    report = _report(tmp_path / "cluster")
+    assert report["parties"].startswith(f"cluster {config}") and len(report["per_step"]) == 2
+    assert not report["init_image_left_this_machine"]
+    latent, plain = np.load(tmp_path / "cluster" / "latent.npy"), np.load(tmp_path / "plain" / "latent.npy")
+    assert np.abs(latent - plain).max() < 0.1 * np.abs(plain).max()
