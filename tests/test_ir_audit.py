@@ -154,7 +154,8 @@ def test_real_executables_audit_clean(sessions, tiny_unet, protocol):
         diffusion.close()
         if protocol not in sessions:
             session.close()
-    assert "pphlo.convolution" in step and "reducer(" in step
+    assert "pphlo.convolution" in step
+    assert "reducer(" in small  # jnp.max: a region the audit walks (our softmax's max is a tournament, no reducer)
     audit(small)
     audit(step)  # ~0.6 MB of IR: one linear pass over the tokens, well under a second
     assert declassifications(step) == []
