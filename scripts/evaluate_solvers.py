@@ -9,6 +9,9 @@ scheduler config as diffusers' `from_config` would (its betas, spacing and predi
 options at diffusers' defaults: order 2, midpoint / bh2, lower_order_final).
 
     python scripts/evaluate_solvers.py
+    python scripts/evaluate_solvers.py --rows a.jsonl b.jsonl    # the report from rows of earlier (partial) runs
+
+Each row is printed as one JSON line (stderr) as soon as it is measured, with the command that measured it.
 """
 
 from __future__ import annotations
@@ -51,7 +54,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help=f"steps per row (default: {STEPS})")
     p.add_argument("--seed", type=int, default=0, help="noise seed, as evaluate_mnist.py (default: 0)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results", help="output directory (default: docs/results)")
+    p.add_argument("--rows", type=Path, nargs="+", default=None, metavar="JSONL",
+                   help="write the report from these files of rows (JSON lines) instead of sampling")
     args = p.parse_args(argv)
+    command = ("python scripts/evaluate_solvers.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
+    if args.rows is not None:
+        rows = [json.loads(line) for f in args.rows for line in f.read_text().splitlines() if line.startswith("{")]
+        order = {(r["model"], r["sampler"], r["evaluations"]): r for r in rows}  # a later measurement wins
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        rows = sorted(order.values(), key=lambda r: (models.index(r["model"]), list(SAMPLERS).index(r["sampler"]),
+                                                     r["evaluations"]))
+        write(rows, args.out)
+        return 0
     judge = quality.DigitJudge.load()
     heldout, _ = load_digits("heldout")
     _, heldout_features = judge(heldout)
@@ -74,13 +88,16 @@ def main(argv=None) -> int:
                              "timesteps": [int(t) for t in sampler.timesteps], "samples": args.samples,
                              "fid": quality.fid(features, heldout_features),
                              "conditional_accuracy": quality.conditional_accuracy(probs, labels),
-                             "seconds": round(time.time() - started, 1)})
-                print(rows[-1], file=sys.stderr)
-    command = ("python scripts/evaluate_solvers.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
-    (args.out / "solvers.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    plot(rows, args.out / "solvers.png")
-    (args.out / "solvers.md").write_text("\n".join(report(rows, command)) + "\n")
+                             "seconds": round(time.time() - started, 1), "command": command})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    write(rows, args.out)
     return 0
+
+
+def write(rows: list, out: Path) -> None:
+    (out / "solvers.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    plot(rows, out / "solvers.png")
+    (out / "solvers.md").write_text("\n".join(report(rows)) + "\n")
 
 
 def cheapest(rows: list, model: str) -> list:
@@ -96,10 +113,12 @@ def cheapest(rows: list, model: str) -> list:
     return best
 
 
-def report(rows: list, command: str) -> list:
+def report(rows: list) -> list:
+    commands = ", ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
     lines = [
         "# Sample quality against UNet evaluations: DDIM, DPM-Solver++(2M), UniPC (plaintext, MNIST)", "",
-        f"Command: `{command}` (seeded; CPU). {rows[0]['samples']} samples per row, labels cycling 0..9, the same x_T "
+        f"Measured by {commands} (seeded; CPU; seconds are wall time on 2 cores shared with other work: compare "
+        "them only roughly). {rows[0]['samples']} samples per row, labels cycling 0..9, the same x_T "
         "for every sampler at a given row position. One UNet evaluation per step for all three samplers (UniPC's "
         "corrector reuses the next step's evaluation). Metrics as in [mnist_quality.md](mnist_quality.md): FID on the "
         "shipped classifier's features against the 1,000 held-out digits, conditional accuracy = share classified as "
