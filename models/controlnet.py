@@ -14,6 +14,8 @@ the public timestep and the owner's weights, so, as for the UNet, ``time_terms``
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -174,6 +176,35 @@ def check_fits(unet: UNet2DConditionConfig, controlnet: ControlNetConfig) -> Non
             raise ConfigError(f"the ControlNet does not fit the UNet: its {name} is {got}, the UNet's {want}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ControlledUNetConfig:
+    """A UNet's and its ControlNet's configs, as one model's (a cluster's manifest carries it); the fields a UNet
+    config is read for (sample size, channels, cross-attention width) are the UNet's."""
+
+    CLASS_NAME = "ControlledUNet"
+
+    unet: UNet2DConditionConfig
+    controlnet: ControlNetConfig
+
+    def __post_init__(self):
+        check_fits(self.unet, self.controlnet)
+
+    @classmethod
+    def from_dict(cls, raw: dict):
+        if not isinstance(raw, dict) or set(raw) - {"_class_name", "unet", "controlnet"} or raw.get(
+                "_class_name", cls.CLASS_NAME) != cls.CLASS_NAME:
+            raise ConfigError(f"a {cls.CLASS_NAME} config is an object with the fields unet and controlnet")
+        return cls(UNet2DConditionConfig.from_dict(raw.get("unet")), ControlNetConfig.from_dict(raw.get("controlnet")))
+
+    def to_dict(self) -> dict:
+        return {"_class_name": self.CLASS_NAME, "unet": self.unet.to_dict(), "controlnet": self.controlnet.to_dict()}
+
+    sample_size = property(lambda self: self.unet.sample_size)
+    in_channels = property(lambda self: self.unet.in_channels)
+    block_out_channels = property(lambda self: self.unet.block_out_channels)
+    cross_attention_dim = property(lambda self: self.unet.cross_attention_dim)
+
+
 class ControlledUNet(nn.Module):
     """A UNet2DConditionModel steered by a ControlNetModel, as one step of diffusers'
     StableDiffusionControlNetPipeline. Params: ``{"params": {"unet": ..., "controlnet": ...}}`` (`combine`).
@@ -184,23 +215,35 @@ class ControlledUNet(nn.Module):
     ``conditioning_scale`` and ``guess_mode`` are public constants of the step, like the guidance scale.
     """
 
-    unet_config: UNet2DConditionConfig
-    controlnet_config: ControlNetConfig
+    config: ControlledUNetConfig
     conditioning_scale: float = 1.0
     guess_mode: bool = False
 
     def setup(self):
-        check_fits(self.unet_config, self.controlnet_config)
-        self.unet = UNet2DConditionModel(self.unet_config)
-        self.controlnet = ControlNetModel(self.controlnet_config)
+        self.unet = UNet2DConditionModel(self.config.unet)
+        self.controlnet = ControlNetModel(self.config.controlnet)
+
+    @classmethod
+    def from_config(cls, config):
+        """The module for a config object or its dict (``{"unet": ..., "controlnet": ...}``)."""
+        return cls(config if isinstance(config, ControlledUNetConfig) else ControlledUNetConfig.from_dict(dict(config)))
 
     @classmethod
     def combine(cls, unet, unet_params, controlnet, controlnet_params, conditioning_scale: float = 1.0,
                 guess_mode: bool = False):
         """(model, params) from the two loaded ports; a ControlNet that does not fit fails here, by field."""
-        check_fits(unet.config, controlnet.config)
-        model = cls(unet.config, controlnet.config, float(conditioning_scale), bool(guess_mode))
+        model = cls(ControlledUNetConfig(unet.config, controlnet.config), float(conditioning_scale), bool(guess_mode))
         return model, {"params": {"unet": unet_params["params"], "controlnet": controlnet_params["params"]}}
+
+    def control_image_shape(self, batch: int, height: int, width: int) -> tuple:
+        """The control image's shape for a latent of ``height`` x ``width``."""
+        c = self.config.controlnet
+        factor = 2 ** (len(c.conditioning_embedding_out_channels) - 1)
+        return batch, c.conditioning_channels, height * factor, width * factor
+
+    def example_inputs(self):
+        sample, t, context = UNet2DConditionModel(self.config.unet, parent=None).example_inputs()
+        return sample, t, context, jnp.zeros(self.control_image_shape(1, *sample.shape[2:]), jnp.float32)
 
     def time_terms(self, timestep):
         """Both networks' plaintext time terms for one public timestep (the owner's)."""
