@@ -441,7 +441,8 @@ def _probe_party(conn, cluster: ClusterConfig, rank: int, rounds: int, payload: 
     # reported first: brpc may abort a process whose peer closed its TLS connection while acks were in flight
     # (more often when the acks are delayed), which is of no consequence once the probe is over
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+    for fd in (1, 2):  # the survivors' retries to a peer already gone are noise now
+        os.dup2(devnull, fd)
     link.stop_link()
 
 
