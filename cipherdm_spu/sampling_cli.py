@@ -34,10 +34,10 @@ DEFAULTS = {  # chosen so that a default run takes a few minutes on 2 cores (see
 }
 #: default steps per sampler: DDIM and DDPM as before; the multistep solvers at the fewest UNet evaluations that
 #: hold DDIM-50's plaintext quality on both shipped MNIST models (docs/results/solvers.md)
-DEFAULT_STEPS = {"ddim": 10, "ddpm": 20, "dpmsolver++": 5, "unipc": 5}
+DEFAULT_STEPS = {"ddim": 10, "ddpm": 20, "dpmsolver++": 6, "unipc": 5}
 #: run_ddim.py's sampler for a checkpoint whose scheduler config names none we sample with (the shipped MNIST
 #: models' DDPMScheduler, which names how they were trained): the cheapest that holds DDIM-50's quality
-MAIN_SAMPLER = "dpmsolver++"
+MAIN_SAMPLER = "unipc"
 
 
 def build_parser(kind: str) -> argparse.ArgumentParser:

@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=500, help="samples per row (default: 500)")
     p.add_argument("--batch", type=int, default=250, help="samples per forward pass (default: 250)")
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help=f"steps per row (default: {STEPS})")
+    p.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS),
+                   help="samplers to draw (default: all)")
     p.add_argument("--seed", type=int, default=0, help="noise seed, as evaluate_mnist.py (default: 0)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results", help="output directory (default: docs/results)")
     p.add_argument("--rows", type=Path, nargs="+", default=None, metavar="JSONL",
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
         model, params = UNet2DModel.from_pretrained(model_dir)
         scheduler_config = json.loads((model_dir / "scheduler_config.json").read_text())
         schedule = ScheduleConfig.from_dict(scheduler_config)
-        for name, kind in SAMPLERS.items():
+        for name, kind in ((n, SAMPLERS[n]) for n in args.samplers):
             for steps in args.steps:
                 sampler = make_sampler(kind, schedule, steps, options=scheduler_config)
                 started, images = time.time(), []

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One default secure DDIM run per protocol set -> docs/results/secure_sampling.md (+ sample grids).
+"""One default secure run of run_ddim.py per protocol set -> docs/results/secure_sampling.md (+ sample grids).
 
 Each run is exactly `python scripts/run_ddim.py --compare --protocol P --out runs/secure_sampling/P`
 (the shipped MNIST SiLU model, its default labels and steps); the table gathers time, MB sent, send
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
                                   "load, so compare bytes, not seconds, across rows)" if args.reuse else ""), "",
         "Each row is `python scripts/run_ddim.py --compare --protocol P` (gathered by "
         "`python scripts/secure_sampling_report.py`): the shipped model `checkpoints/mnist-ddpm-silu`, "
-        f"DDIM {first['steps']} steps, eta 0, batch {first['batch']}, labels {first['requested_labels']}, seed {first['seed']}, "
+        f"{first['sampler']} {first['steps']} steps, batch {first['batch']}, labels {first['requested_labels']}, seed {first['seed']}, "
         "embedded three-party session (ABY3, FM64) on this machine's CPUs. Seconds are wall time of the whole "
         "secure sampling, compilation included; MB are all parties' bytes sent. PSNR/SSIM compare the revealed "
         "secure samples with plaintext float32 sampling from the same noise (images in [-1, 1]).", "",

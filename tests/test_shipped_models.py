@@ -1,5 +1,6 @@
 """The shipped MNIST checkpoints: they load in our port and in diffusers, agree, and sample securely."""
 
+import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -10,7 +11,9 @@ from diffusers import UNet2DModel as TorchUNet2DModel
 
 from cipherdm_spu import SecureSession, quality
 from cipherdm_spu.sampling import SecureDiffusion, draw_noise, sample_plaintext
-from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DModel
+from cipherdm_spu.models import ScheduleConfig, UNet2DModel
+from cipherdm_spu.models.schedulers import make_sampler
+from cipherdm_spu.sampling_cli import DEFAULT_STEPS, MAIN_SAMPLER
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
@@ -32,10 +35,11 @@ def test_checkpoint_loads_in_both_and_agrees(act_fn):
 
 @pytest.fixture(scope="module")
 def secure_and_plain():
-    """protocol `cipherdm`, DDIM 10 steps, fixed noise (the run_ddim defaults): secure and plaintext samples."""
+    """protocol `cipherdm`, the run_ddim default sampler and steps, fixed noise: secure and plaintext samples."""
     directory = CHECKPOINTS / "mnist-ddpm-silu"
     model, params = UNet2DModel.from_pretrained(directory)
-    sampler = DDIMSampler(ScheduleConfig.from_file(directory), 10)
+    config = json.loads((directory / "scheduler_config.json").read_text())
+    sampler = make_sampler(MAIN_SAMPLER, ScheduleConfig.from_dict(config), DEFAULT_STEPS[MAIN_SAMPLER], options=config)
     labels = [1, 4, 7]  # the run_ddim defaults
     x_t, _ = draw_noise(0, sampler, (3, 1, 28, 28))
     plain = sample_plaintext(model, params, sampler, x_t, labels)
