@@ -75,6 +75,9 @@ def parse_args(argv=None):
                    help="certs: the client identities to make certificates for (default: owner,user)")
     p.add_argument("--model", type=Path, help="upload: a local diffusers model directory (or a pipeline with unet/)")
     p.add_argument("--model-id", help="upload: the id users will sample with")
+    p.add_argument("--controlnet", type=Path, default=None, metavar="DIR",
+                   help="upload: a local diffusers ControlNetModel directory, uploaded with the Stable Diffusion UNet "
+                        "of --model as one model (users then pass --control-image)")
     p.add_argument("--policy", type=Path, default=None,
                    help="upload: a JSON policy file {users, protocol_sets, max_batch, max_steps} (default: any user, "
                         "any installed protocol set, batch <= 64)")
@@ -150,6 +153,16 @@ def upload(cluster: ClusterConfig, args) -> int:
         model, params, scheduler = load_model_dir(args.model)
     except (OSError, ValueError) as e:
         raise ClusterConfigError(f"cannot load --model {args.model}: {e}") from None
+    if args.controlnet is not None:
+        from .models import ControlledUNet, ControlNetModel, UNet2DConditionModel
+
+        if not isinstance(model, UNet2DConditionModel):
+            raise ClusterConfigError(f"--controlnet goes with a Stable Diffusion UNet; --model {args.model} is not one")
+        try:
+            controlnet, controlnet_params = ControlNetModel.from_pretrained(args.controlnet)
+            model, params = ControlledUNet.combine(model, params, controlnet, controlnet_params)
+        except ValueError as e:
+            raise ClusterConfigError(f"cannot load --controlnet {args.controlnet}: {e}") from None
     with PartyClients(cluster, args.identity or "owner") as clients, \
             tqdm(desc=f"uploading {args.model_id}", unit="tensor") as bar:
 

@@ -6,13 +6,16 @@
   with a public manifest: the model and scheduler configs and the owner's policy.
 - Each party (`SamplingCatalog`) derives from the manifest which tensors the model consists of, and
   from a user's public job (sampler: ddim, ddpm, dpmsolver++ or unipc; steps, eta, batch, protocol set,
-  guidance, image-to-image strength) the step program: the same `make_denoise_step` the embedded session runs, compiled by the
-  party itself, one executable for every step, with the public step coefficients made by the party. A
-  multistep solver's options (order, solver type, ...) come from the owner's scheduler config; its state
-  (the latent and the data predictions it remembers) is one resident secret from step to step.
+  guidance, image-to-image strength, ControlNet scale and guess mode) the step program: the same
+  `make_denoise_step` the embedded session runs, compiled by the party itself, one executable for every
+  step, with the public step coefficients made by the party. A multistep solver's options (order, solver
+  type, ...) come from the owner's scheduler config; its state (the latent and the data predictions it
+  remembers) is one resident secret from step to step. A model uploaded with a ControlNet
+  (`models.ControlledUNet`) runs both networks in the step, both the owner's.
 - The user (`sample_on_cluster`) shares its inputs (x_T, for a multistep solver stacked with zeros: nothing
-  remembered yet; the one-hot labels or the text embeddings; each step's noise) into the job's slots, runs
-  the steps, and alone receives the result's shares (a multistep state's other rows are zeros by then).
+  remembered yet; the one-hot labels or the text embeddings, and a control image; each step's noise) into
+  the job's slots, runs the steps, and alone receives the result's shares (a multistep state's other rows
+  are zeros by then).
 
 Program value names (see `plan.Step`): ``model:NAME`` is a model tensor, ``slot:NAME`` a user's input,
 anything else a value the program makes (``x/i`` the latent after step i, ``public/...`` public inputs).
@@ -40,20 +43,21 @@ from .models import ConfigError
 from .models.img2img import StrengthSampler
 from .models.schedulers import SchedulerConfigError
 from .messages import ModelBegin, ModelPut, ModelRef, SessionOpen, SessionPut, SessionRef, SessionStep
-from .models import ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
+from .models import ControlledUNet, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
 from .plan import JobTerms, Policy, Step, StepProgram
 from .profiling import RunStats, combine_party_runs
-from .sampling import StepReport, needs_noise, sampler_step, secure_params
+from .sampling import StepReport, is_text_conditional, needs_noise, sampler_step, secure_params
 from .session import compile_function
 
 MANIFEST_FORMAT = "cipherdm-spu/model-1"
-MODEL_KINDS = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+MODEL_KINDS = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel, "ControlledUNet": ControlledUNet}
 #: the most training timesteps a served model may have (its owner uploads time terms for every one)
 MAX_TRAIN_TIMESTEPS = 10000
 #: tensors per upload call, and the most bytes of shares in one (each call is one message to each party)
 UPLOAD_BATCH = 256
 UPLOAD_BYTES = 64 << 20
-JOB_FIELDS = {"sampler", "steps", "eta", "batch", "protocol_set", "overrides", "guidance_scale", "tokens", "strength"}
+JOB_FIELDS = {"sampler", "steps", "eta", "batch", "protocol_set", "overrides", "guidance_scale", "tokens", "strength",
+              "controlnet_scale", "guess_mode"}
 
 
 # -- the manifest and the tensors of a model ----------------------------------------------------
@@ -152,13 +156,17 @@ def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
     spec = parse_job(job, model, schedule)
     sampler = make_sampler(spec, schedule, parse_manifest(manifest)["scheduler"])
     pset = registry.resolve(spec["protocol_set"], spec["overrides"])
-    batch, text = spec["batch"], isinstance(model, UNet2DConditionModel)
+    batch, text = spec["batch"], is_text_conditional(model)
     guidance = spec["guidance_scale"] if text else 1.0
     latent = (batch, *sample_shape(model))
     slots = {"x": ((sampler.state_size, *latent) if sampler.multistep else latent, "float32")}
     if text:
         context = (batch, spec["tokens"], model.config.cross_attention_dim)
         slots.update({f"condition/{k}": (context, "float32") for k in range(2 if guidance > 1.0 else 1)})
+    if isinstance(model, ControlledUNet):  # the user's control image follows the contexts; the job sets the scale
+        model = model.clone(conditioning_scale=float(spec["controlnet_scale"]), guess_mode=spec["guess_mode"])
+        contexts = sum(name.startswith("condition/") for name in slots)
+        slots[f"condition/{contexts}"] = (model.control_image_shape(latent[0], latent[2], latent[3]), "float32")
     elif model.config.num_class_embeds:
         slots["condition/0"] = ((batch, model.config.num_class_embeds), "float32")
     noisy = needs_noise(sampler)
@@ -250,7 +258,8 @@ def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
     job = {"sampler": raw.get("sampler", "ddim"), "steps": raw.get("steps"), "eta": raw.get("eta", 0.0),
            "batch": raw.get("batch"), "protocol_set": raw.get("protocol_set", "cipherdm"),
            "overrides": raw.get("overrides") or {}, "guidance_scale": raw.get("guidance_scale", 1.0),
-           "tokens": raw.get("tokens", 77), "strength": raw.get("strength", 1.0)}
+           "tokens": raw.get("tokens", 77), "strength": raw.get("strength", 1.0),
+           "controlnet_scale": raw.get("controlnet_scale", 1.0), "guess_mode": raw.get("guess_mode", False)}
     if job["sampler"] not in schedulers.SCHEDULERS:
         raise ValueError(f"sampler must be one of {', '.join(schedulers.SCHEDULERS)}, got {job['sampler']!r}")
     for key, low, high in (("steps", 1, schedule.num_train_timesteps), ("batch", 1, 1024), ("tokens", 1, 1024)):
@@ -263,6 +272,13 @@ def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
             raise ValueError(f"{key} must be a finite number >= {low:g}, got {value!r}")
     if not 0.0 < job["strength"] <= 1.0:  # image-to-image: the user shares its noised latent at step strength * T
         raise ValueError(f"strength must be in (0, 1], got {job['strength']!r}")
+    scale = job["controlnet_scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"controlnet_scale must be a finite number, got {scale!r}")
+    if not isinstance(job["guess_mode"], bool):
+        raise ValueError(f"guess_mode must be true or false, got {job['guess_mode']!r}")
+    if not isinstance(model, ControlledUNet) and (scale != 1.0 or job["guess_mode"]):
+        raise ValueError("controlnet_scale and guess_mode are for a model uploaded with a ControlNet")
     if not isinstance(job["overrides"], dict) or not all(isinstance(v, str) for v in job["overrides"].values()):
         raise ValueError("overrides must map ops to kernel names")
     if job["protocol_set"] not in registry.available_protocol_sets():
@@ -272,7 +288,7 @@ def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
         registry.validate(registry.resolve(job["protocol_set"], job["overrides"]))
     except ProtocolError as e:
         raise ValueError(str(e)) from None
-    if not isinstance(model, UNet2DConditionModel) and job["guidance_scale"] != 1.0:
+    if not is_text_conditional(model) and job["guidance_scale"] != 1.0:
         raise ValueError("guidance_scale is for text-conditional models only")
     return job
 

@@ -23,7 +23,7 @@ from .errors import UsageError
 from .models import ConfigError
 from .models.schedulers import SchedulerConfigError
 from .stable_diffusion import StableDiffusionDirError
-from .models import ScheduleConfig, UNet2DConditionModel, schedulers
+from .models import ControlledUNet, ScheduleConfig, UNet2DConditionModel, schedulers
 from .models.img2img import noised_latent
 from .sampling import sample_plaintext, text_condition
 from .sampling_cli import image_grid
@@ -80,7 +80,7 @@ def prepare(args):
             scheduler_config = stable_diffusion.scheduler_config(args.model)
         else:
             manifest, model = cluster_model(args)
-            if not isinstance(model, UNet2DConditionModel):
+            if not isinstance(model, (UNet2DConditionModel, ControlledUNet)):
                 raise UsageError(f"model {args.model_id} is a {manifest['kind']}; use run_ddim.py for it")
             params, scheduler_config = None, manifest["scheduler"]
         schedule = ScheduleConfig.from_dict(scheduler_config)
@@ -116,6 +116,8 @@ def prepare(args):
            "overrides": overrides, "guidance_scale": float(args.guidance_scale)}
     if images.init is not None:
         job["strength"] = float(args.strength)  # the parties run the last int(steps * strength) steps
+    if images.control is not None:
+        job.update({"controlnet_scale": model.conditioning_scale, "guess_mode": model.guess_mode})
     return model, params, sampler, shape, overrides, job, images
 
 
@@ -139,7 +141,8 @@ def run(args) -> dict:
         "batch": args.batch, "latent_shape": list(shape), "seed": args.seed,
     }
     if user_images.control is not None:
-        report.update({"controlnet": str(args.controlnet), "control_image_left_this_machine": False,
+        controlnet = str(args.controlnet) if args.controlnet else f"the owner's, with model {args.model_id}"
+        report.update({"controlnet": controlnet, "control_image_left_this_machine": False,
                        "controlnet_scale": model.conditioning_scale, "guess_mode": model.guess_mode})
     if user_images.init is not None:
         report.update({"init_image_left_this_machine": False, "strength": args.strength,

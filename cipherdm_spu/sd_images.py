@@ -60,14 +60,15 @@ def check_options(args) -> None:
             args.strength = DEFAULT_STRENGTH
         if not (np.isfinite(args.strength) and 0.0 < args.strength <= 1.0):
             raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
-    if (args.controlnet is None) != (args.control_image is None):
+    if args.cluster is None and (args.controlnet is None) != (args.control_image is None):
         raise UsageError("--controlnet and --control-image go together")
-    if args.controlnet is None and (args.controlnet_scale is not None or args.guess_mode):
-        raise UsageError("--controlnet-scale and --guess-mode are for --controlnet")
+    if args.cluster is not None and args.controlnet is not None:
+        raise UsageError("on a cluster the ControlNet is the owner's, uploaded with the model "
+                         "(spu-launch upload --controlnet): pass --control-image only")
+    if args.control_image is None and (args.controlnet_scale is not None or args.guess_mode):
+        raise UsageError("--controlnet-scale and --guess-mode are for --controlnet (with --control-image)")
     if args.controlnet_scale is not None and not np.isfinite(args.controlnet_scale):
         raise UsageError(f"--controlnet-scale must be a finite number, got {args.controlnet_scale}")
-    if args.cluster is not None and args.controlnet is not None:
-        raise UsageError("--controlnet runs in the embedded session only: a cluster's upload does not carry one yet")
 
 
 def init_size(args, scale: int) -> tuple[Optional[int], Optional[int]]:
@@ -90,28 +91,37 @@ class ImageInputs:
 
 
 def prepare(args, model, params, sampler, shape: tuple, scale: int):
-    """(model, params, sampler, ImageInputs): the UNet combined with the --controlnet (whose fit is checked), the
-    sampler cut to --strength, the images read and checked; every refusal is a UsageError, before any sharing."""
-    if args.reference and args.init_image is not None and args.controlnet is not None:
+    """(model, params, sampler, ImageInputs): the UNet combined with the --controlnet (whose fit is checked) or, on
+    a cluster, the owner's UNet + ControlNet with this run's scale; the sampler cut to --strength; the images read
+    and checked. Every refusal is a UsageError, before any sharing."""
+    if args.reference and args.init_image is not None and args.control_image is not None:
         raise UsageError("--reference has no diffusers pipeline here for --init-image with --controlnet together")
-    if args.reference and (args.init_image is not None or args.controlnet is not None) and not isinstance(sampler, DDIMSampler):
+    if args.reference and (args.init_image is not None or args.control_image is not None) and not isinstance(
+            sampler, DDIMSampler):
         raise UsageError("--reference with --init-image or --controlnet compares against diffusers with DDIM only")
     images = ImageInputs()
     height, width = shape[2] * scale, shape[3] * scale
+    conditioning_scale = 1.0 if args.controlnet_scale is None else args.controlnet_scale
     if args.controlnet is not None:
         try:
             check_fits(model.config, ControlNetConfig.from_file(args.controlnet / "config.json"))  # before its weights
             controlnet, controlnet_params = ControlNetModel.from_pretrained(args.controlnet)
-            model, params = ControlledUNet.combine(model, params, controlnet, controlnet_params,
-                                                   1.0 if args.controlnet_scale is None else args.controlnet_scale,
+            model, params = ControlledUNet.combine(model, params, controlnet, controlnet_params, conditioning_scale,
                                                    args.guess_mode)
         except ConfigError as err:
             raise UsageError(f"cannot use --controlnet {args.controlnet}: {err}") from None
-        if controlnet.image_factor != scale:
-            raise UsageError(f"--controlnet {args.controlnet} embeds images {controlnet.image_factor}x smaller, the VAE "
-                             f"{scale}x: it was not made for this model")
-        images.control = load_control_image(args.control_image, controlnet.config.conditioning_channels, height, width,
-                                            shape[0])
+    elif isinstance(model, ControlledUNet):  # a cluster's model, uploaded with its ControlNet
+        if args.control_image is None:
+            raise UsageError(f"model {args.model_id} has a ControlNet: pass --control-image")
+        model = model.clone(conditioning_scale=float(conditioning_scale), guess_mode=args.guess_mode)
+    elif args.control_image is not None:
+        raise UsageError(f"model {args.model_id} was uploaded without a ControlNet; --control-image needs one")
+    if isinstance(model, ControlledUNet):
+        _, channels, image_height, _ = model.control_image_shape(1, 1, 1)
+        if image_height != scale:
+            raise UsageError(f"the ControlNet embeds images {image_height}x smaller, the VAE {scale}x: it was not "
+                             "made for this model")
+        images.control = load_control_image(args.control_image, channels, height, width, shape[0])
     if args.init_image is not None:
         try:
             sampler = StrengthSampler(sampler, args.strength)

@@ -14,6 +14,12 @@ secret-shared on this machine (its shares alone exceed the memory). So:
 3. the model is checked by extrapolating small -> medium and comparing with medium's measurement
    (the error is reported), then applied medium -> SD v1.5.
 
+Image inputs: with a ControlNet (SD v1.5's, control image 512x512) the step runs the ControlNet's encoder
+copy and its conditioning embedding too; its bytes come from the same per-element rates applied to the
+element counts of the combined step (checked against a measured small UNet + ControlNet step). Image-to-image
+at strength s runs int(K * s) of the K steps, each exactly a text-to-image step (the user's VAE encoding is
+local plaintext), so a run costs s times as much; per-run totals are given for K = RUN_STEPS.
+
 Seconds are not extrapolated (local compute scales with FLOPs, not bytes); the network time on the
 LAN/WAN of `cipherdm_spu.benchmark.NETWORKS` is, from bytes and send actions.
 
@@ -34,7 +40,8 @@ from tqdm import tqdm
 from cipherdm_spu import Public, SecureSession
 from cipherdm_spu.benchmark import NETWORKS, measure_step, nonlinear_calls, StepCase
 from cipherdm_spu.sampling import make_denoise_step, secure_params
-from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DConditionModel
+from cipherdm_spu.models import (ControlledUNet, ControlledUNetConfig, ControlNetModel, DDIMSampler, ScheduleConfig,
+                                 UNet2DConditionModel)
 from cipherdm_spu.results import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,31 +59,54 @@ MEDIUM = dict(SMALL, sample_size=16, block_out_channels=[32, 64, 64],
               down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
               up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
 TOKENS = 77
+#: the ControlNet image embedding of SD v1.5's ControlNets: 3 stride-2 convs, control image 8x the latent
+CONTROL_EMBEDDING = [16, 32, 96, 256]
+#: diffusers' default number of steps, for the per-run totals; image-to-image strength of the estimate
+RUN_STEPS = 50
+STRENGTH = 0.5
 GUIDANCE = 7.5
 LINEAR_PRIMITIVES = ("dot_general", "conv_general_dilated")
 
 
-def step_case(config: dict, seed: int, abstract: bool = False):
-    """(StepCase or its abstract twin, model) of one guided DDIM step at batch 1 (2 with guidance)."""
+def controlnet_config(unet: dict) -> dict:
+    """The ControlNet of a UNet config: its encoder's shape, SD's image embedding (for SD15: the published
+    SD v1.5 ControlNet config, e.g. lllyasviel/control_v11p_sd15_canny)."""
+    keys = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
+            "attention_head_dim", "norm_num_groups")
+    return {**{k: unet[k] for k in keys}, "conditioning_embedding_out_channels": CONTROL_EMBEDDING}
+
+
+def step_case(config: dict, seed: int, abstract: bool = False, controlnet: bool = False):
+    """(StepCase or its abstract twin, model) of one guided DDIM step at batch 1 (2 with guidance); with
+    ``controlnet`` the step of the UNet and its ControlNet, the control image at 8x the latent's size."""
     model = UNet2DConditionModel.from_config(config)
+    init = model.init_params
+    size, dim = config["sample_size"], config["cross_attention_dim"]
+    condition_shapes = [(1, TOKENS, dim), (1, TOKENS, dim)]
+    if controlnet:
+        cn = ControlNetModel.from_config(controlnet_config(config))
+        unet_init, model = init, ControlledUNet(ControlledUNetConfig(model.config, cn.config))
+        init = lambda rng: {"params": {"unet": unet_init(rng)["params"], "controlnet": cn.init_params(rng)["params"]}}  # noqa: E731
+        condition_shapes.append((1, 3, size * cn.image_factor, size * cn.image_factor))
     sampler = DDIMSampler(ScheduleConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                          clip_sample=False, steps_offset=1), 50)
-    size, dim = config["sample_size"], config["cross_attention_dim"]
     step = make_denoise_step(model, sampler.clip_range, GUIDANCE)
     coefficients = sampler.coefficient_table()[25]
+    label = f"SD{' + ControlNet' if controlnet else ''}"
     if abstract:
-        params = jax.eval_shape(model.init_params, jax.random.PRNGKey(seed))
+        params = jax.eval_shape(init, jax.random.PRNGKey(seed))
         terms = jax.eval_shape(lambda p: model.apply(p, 500, method=model.time_terms), params)
         spec = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)  # noqa: E731
-        inputs = (spec(1, 4, size, size), (spec(1, TOKENS, dim), spec(1, TOKENS, dim)), terms, Public(coefficients), None)
-        return StepCase(f"SD ({size}x{size})", secure_params(params), inputs, step, None)
-    params = model.init_params(jax.random.PRNGKey(seed))
+        inputs = (spec(1, 4, size, size), tuple(spec(*s) for s in condition_shapes), terms, Public(coefficients), None)
+        return StepCase(f"{label} ({size}x{size})", secure_params(params), inputs, step, None)
+    params = init(jax.random.PRNGKey(seed))
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, 4, size, size)).astype(np.float32)
-    context = tuple(rng.standard_normal((1, TOKENS, dim)).astype(np.float32) for _ in range(2))
+    condition = tuple(rng.standard_normal(s).astype(np.float32) for s in condition_shapes)
     terms = jax.tree_util.tree_map(np.asarray, model.apply(params, int(sampler.timesteps[25]), method=model.time_terms))
-    return StepCase(f"SD-architecture {size}x{size}", secure_params(params), (x, context, terms, Public(coefficients), None),
-                    step, lambda: np.asarray(step(params, x, context, terms, coefficients, None)))
+    return StepCase(f"{label}-architecture {size}x{size}", secure_params(params),
+                    (x, condition, terms, Public(coefficients), None), step,
+                    lambda: np.asarray(step(params, x, condition, terms, coefficients, None)))
 
 
 def counts(case: StepCase) -> dict:
@@ -131,28 +161,43 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     small_case, medium_case = step_case(SMALL, args.seed), step_case(MEDIUM, args.seed)
-    shapes = {"small": counts(small_case), "medium": counts(medium_case), "sd15": counts(step_case(SD15, args.seed, abstract=True))}
+    small_cn_case = step_case(SMALL, args.seed, controlnet=True)
+    shapes = {"small": counts(small_case), "medium": counts(medium_case), "small_controlnet": counts(small_cn_case),
+              "sd15": counts(step_case(SD15, args.seed, abstract=True)),
+              "sd15_controlnet": counts(step_case(SD15, args.seed, abstract=True, controlnet=True))}
     result = {"command": "python scripts/sd_cost_estimate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "guidance_scale": GUIDANCE, "tokens": TOKENS, "counts": shapes, "sets": {}}
+              "guidance_scale": GUIDANCE, "tokens": TOKENS, "run_steps": RUN_STEPS, "strength": STRENGTH,
+              "counts": shapes, "sets": {}}
     for name in tqdm(args.sets, desc="protocol sets"):
         with SecureSession(name) as session:
             small = measure_step(session, small_case)
             medium = measure_step(session, medium_case)
-        check = extrapolate(small, shapes["small"], shapes["medium"])
+            small_cn = measure_step(session, small_cn_case, breakdown=False)
+        sd15, sd15_cn = (extrapolate(medium, shapes["medium"], shapes[k]) for k in ("sd15", "sd15_controlnet"))
         result["sets"][name] = {
-            "measured_small": small, "measured_medium": medium,
-            "check_small_to_medium": {
-                "estimated_bytes": check["bytes_sent"], "measured_bytes": medium["bytes_sent"],
-                "relative_error": check["bytes_sent"] / medium["bytes_sent"] - 1,
-                "estimated_send_actions": check["send_actions"], "measured_send_actions": medium["send_actions"],
-            },
-            "sd15_step": extrapolate(medium, shapes["medium"], shapes["sd15"]),
+            "measured_small": small, "measured_medium": medium, "measured_small_controlnet": small_cn,
+            "check_small_to_medium": check_row(extrapolate(small, shapes["small"], shapes["medium"]), medium),
+            "check_medium_to_small_controlnet": check_row(
+                extrapolate(medium, shapes["medium"], shapes["small_controlnet"]), small_cn),
+            "sd15_step": sd15, "sd15_controlnet_step": sd15_cn,
+            "runs": {  # per run of RUN_STEPS steps: (UNet evaluations, bytes, network seconds)
+                kind: {"steps": steps, "bytes_sent": steps * step["bytes_sent"],
+                       "network_seconds": {net: steps * t for net, t in step["network_seconds"].items()}}
+                for kind, steps, step in (("text-to-image", RUN_STEPS, sd15), ("ControlNet", RUN_STEPS, sd15_cn),
+                                          (f"image-to-image, strength {STRENGTH}", int(RUN_STEPS * STRENGTH), sd15))},
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     args.out.with_suffix(".md").write_text(report(result))
     print(report(result))
     return 0
+
+
+def check_row(estimate: dict, measured: dict) -> dict:
+    """An extrapolation beside the measurement it predicts."""
+    return {"estimated_bytes": estimate["bytes_sent"], "measured_bytes": measured["bytes_sent"],
+            "relative_error": estimate["bytes_sent"] / measured["bytes_sent"] - 1,
+            "estimated_send_actions": estimate["send_actions"], "measured_send_actions": measured["send_actions"]}
 
 
 def report(result: dict) -> str:
@@ -184,6 +229,30 @@ def report(result: dict) -> str:
         lines += ["", "cipherdm's extrapolated SD v1.5 step by op (GB): "
                   + ", ".join(f"{op} {b / 1e9:,.0f}" for op, b in top)
                   + f", linear layers and the rest {sets['cipherdm']['sd15_step']['bytes_linear_and_rest'] / 1e9:,.0f}."]
+    lines += ["", "## Private image inputs: ControlNet and image-to-image (extrapolated)", "",
+              "SD v1.5 + one ControlNet (its published config: the UNet's encoder copy and an image embedding of 4 "
+              f"convolution levels), control image 512x512, secret-shared; image-to-image at strength {result['strength']} "
+              f"(the user's VAE encodes and noises the image locally, so only int({result['run_steps']} x "
+              f"{result['strength']}) UNet steps run under MPC). The ControlNet check row extrapolates the medium "
+              "UNet's per-element rates to a measured small UNet + ControlNet step.", ""]
+    lines += markdown_table(
+        ["protocol set", "check: medium->small+ControlNet GB (error)", "SD v1.5 + ControlNet step: GB",
+         "vs text-to-image step", "send actions", "network time LAN / WAN (s)"],
+        [[name, f"{check['estimated_bytes'] / 1e9:.3f} ({check['relative_error']:+.0%})", f"{cn['bytes_sent'] / 1e9:,.0f}",
+          f"{cn['bytes_sent'] / row['sd15_step']['bytes_sent']:.2f}x", f"{cn['send_actions']:,.0f}",
+          f"{cn['network_seconds']['LAN']:,.0f} / {cn['network_seconds']['WAN']:,.0f}"]
+         for name, row in result["sets"].items()
+         for check, cn in [(row["check_medium_to_small_controlnet"], row["sd15_controlnet_step"])]], align="l" * 6)
+    lines += ["", f"Per run of {result['run_steps']} DDIM steps (512x512, guidance batch 2):", ""]
+    lines += markdown_table(
+        ["protocol set", "run", "UNet steps under MPC", "TB (all parties)", "network time LAN / WAN (h)"],
+        [[name, kind, str(run["steps"]), f"{run['bytes_sent'] / 1e12:,.1f}",
+          f"{run['network_seconds']['LAN'] / 3600:,.1f} / {run['network_seconds']['WAN'] / 3600:,.1f}"]
+         for name, row in result["sets"].items() for kind, run in row["runs"].items()], align="l" * 5)
+    cn_counts = result["counts"]["sd15_controlnet"]
+    lines += ["", "Element counts of the SD v1.5 + ControlNet step: "
+              + ", ".join(f"{op} {n:,}" for op, n in sorted(cn_counts["ops"].items()))
+              + f"; conv/matmul outputs {cn_counts['linear_outputs']:,}; nonlinear calls {cn_counts['nonlinear_calls']:,}."]
     counts = result["counts"]["sd15"]
     lines += ["", "Where it goes: self-attention over 64x64 = 4,096 latent positions makes softmax rows of 4,096 "
               "and 1.46 G softmax elements per step; at these sizes every softmax kernel design pays per element, "

@@ -10,7 +10,6 @@ from PIL import Image
 from cipherdm_spu import Public, SecureSession
 from cipherdm_spu.ir_audit import declassifications
 from cipherdm_spu.models import ControlledUNet, ControlNetModel, DDIMSampler, ScheduleConfig, UNet2DConditionModel
-from cipherdm_spu.models.img2img import StrengthSampler
 from cipherdm_spu.sampling import SecureDiffusion, text_condition
 from cipherdm_spu.sd_cli import main
 
@@ -83,13 +82,6 @@ def test_img2img_plaintext_port_matches_the_diffusers_pipeline(tiny_sd, pictures
     report = _report(tmp_path)
     assert report["steps"] == int(steps * strength) and report["latent_shape"] == [1, 4, 8, 8]
     assert not report["init_image_left_this_machine"] and report["max_abs_latent_diff_vs_diffusers"] < 1e-3
-
-
-def test_strength_sampler_runs_the_last_steps_of_the_full_schedule():
-    base = DDIMSampler(ScheduleConfig(), 10)
-    cut = StrengthSampler(base, 0.35)  # int(10 * 0.35) = 3 steps
-    assert cut.num_steps == 3 and list(cut.timesteps) == list(base.timesteps[7:])
-    np.testing.assert_array_equal(cut.coefficient_table(), base.coefficient_table()[7:])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -170,8 +162,17 @@ def test_a_cluster_job_with_a_strength_runs_the_last_steps(tiny_sd):
             parse_job(json.dumps({**job, "strength": strength}), model, schedule)
 
 
+@pytest.fixture(scope="module")
+def sd_cluster(tmp_path_factory):
+    """A loopback cluster (as conftest's) whose sessions wait long enough for each party to compile an SD step."""
+    from .cluster_fixtures import running_cluster
+
+    with running_cluster(tmp_path_factory.mktemp("sd-cluster"), session_idle_s=600) as (config, _):
+        yield config
+
+
 @pytest.mark.slow
-def test_img2img_as_a_user_of_the_cluster_matches_plaintext(cluster, tiny_sd, pictures, tmp_path):
+def test_img2img_as_a_user_of_the_cluster_matches_plaintext(sd_cluster, tiny_sd, pictures, tmp_path):
     """The owner uploads the tiny SD's UNet; the user redraws its image on the cluster (2 of 4 steps): only the
     noised latent is shared, and the result is the embedded plaintext port's."""
     from cipherdm_spu import cluster_config
@@ -180,7 +181,7 @@ def test_img2img_as_a_user_of_the_cluster_matches_plaintext(cluster, tiny_sd, pi
     from cipherdm_spu.plan import Policy
     from cipherdm_spu.stable_diffusion import scheduler_config
 
-    config, _ = cluster
+    config = sd_cluster
     model, params = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
     with PartyClients(cluster_config.load(config), "owner") as owner:
         upload_model(owner, "tiny-sd", model, params, scheduler_config(tiny_sd), Policy(users=["user"]))
@@ -193,3 +194,31 @@ def test_img2img_as_a_user_of_the_cluster_matches_plaintext(cluster, tiny_sd, pi
     assert not report["init_image_left_this_machine"]
     latent, plain = np.load(tmp_path / "cluster" / "latent.npy"), np.load(tmp_path / "plain" / "latent.npy")
     assert np.abs(latent - plain).max() < 0.1 * np.abs(plain).max()
+
+
+@pytest.mark.slow
+def test_controlnet_as_a_user_of_the_cluster_matches_plaintext(sd_cluster, tiny_sd, controlnet_dir, pictures, tmp_path,
+                                                               capsys):
+    """The owner uploads the tiny SD's UNet with its ControlNet (spu-launch upload --controlnet); the user shares
+    only its control image and text embeddings, and gets the embedded plaintext port's result."""
+    from cipherdm_spu.cluster import main as launch
+
+    config = sd_cluster
+    assert launch(["--config", str(config), "upload", "--model", str(tiny_sd), "--controlnet", str(controlnet_dir),
+                   "--model-id", "tiny-sd-cn"]) == 0
+    assert launch(["--config", str(config), "upload", "--model", str(tiny_sd), "--model-id", "tiny-sd-text"]) == 0
+    argv = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "2", "--guidance-scale", "5",
+            "--control-image", str(pictures / "control.png"), "--controlnet-scale", "0.7", "--guess-mode"]
+    assert main(argv + ["--cluster", str(config), "--model-id", "tiny-sd-cn", "--out", str(tmp_path / "cluster")]) == 0
+    assert main(argv[:-5] + ["--controlnet", str(controlnet_dir)] + argv[-5:]
+                + ["--plaintext", "--out", str(tmp_path / "plain")]) == 0
+    report = _report(tmp_path / "cluster")
+    assert report["guess_mode"] and report["controlnet_scale"] == 0.7 and not report["control_image_left_this_machine"]
+    latent, plain = np.load(tmp_path / "cluster" / "latent.npy"), np.load(tmp_path / "plain" / "latent.npy")
+    assert np.abs(latent - plain).max() < 0.1 * np.abs(plain).max()
+    # a model without a ControlNet refuses a control image, and one with it needs one, before anything is shared
+    for model_id, args, message in (("tiny-sd-text", argv[-5:], "uploaded without a ControlNet"),
+                                    ("tiny-sd-cn", [], "has a ControlNet: pass --control-image")):
+        assert main(argv[:-5] + args + ["--cluster", str(config), "--model-id", model_id,
+                                        "--out", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err
