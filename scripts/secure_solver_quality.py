@@ -118,7 +118,27 @@ def report(args) -> None:
               f"batch's rounds serve all its samples); PSNR vs plaintext {results['psnr_vs_plaintext']:.1f} dB, largest "
               f"pixel difference {results['max_abs_diff_vs_plaintext']:.3f}.", "",
               "![secure samples](solvers_secure.png)"]
+    spu_step = _spu_step_bytes(setting["model"])
+    if spu_step is not None:
+        ratio = 50 * spu_step / (sent / n)
+        results["bytes_vs_spu_ddim50"] = ratio
+        lines[-1:-1] = [f"Against vanilla `spu` kernels with DDIM-50: its one step of {setting['model']} at batch 1 sends "
+                        f"{spu_step / 1e6:.0f} MB ([benchmark.md](benchmark.md)), {50 * spu_step / 1e9:.1f} GB for 50 "
+                        f"steps; a sample here sends {ratio:.1f}x fewer bytes "
+                        f"({setting['steps']} evaluations instead of 50, and the {setting['protocol']} kernels).", ""]
+        (args.out / "solvers_secure.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "solvers_secure.md").write_text("\n".join(lines) + "\n")
+
+
+def _spu_step_bytes(model: str):
+    """Bytes of one vanilla-`spu` step of ``model`` at batch 1 in docs/results/benchmark.json, if it is there."""
+    path = REPO / "docs" / "results" / "benchmark.json"
+    if not path.is_file():
+        return None
+    for case in json.loads(path.read_text()).get("step", []):
+        if case.get("case") == f"{model} batch 1" and "spu" in case.get("rows", {}):
+            return case["rows"]["spu"]["bytes_sent"]
+    return None
 
 
 if __name__ == "__main__":
