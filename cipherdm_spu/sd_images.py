@@ -8,6 +8,9 @@
   of the VAE's latent distribution, times its scaling factor); the user adds the noise of strength s
   (`models.img2img.noised_latent`) and shares only the noised latent.
 
+On a cluster the ControlNet is the owner's upload (``spu-launch upload --controlnet``): the user passes only the
+control image, and the strength, scale and guess mode travel in its public job.
+
 The diffusers pipelines from the same inputs (`reference_*`) are the plaintext references for the tests and
 ``run_sd.py --reference``.
 """
@@ -30,6 +33,7 @@ from .models.img2img import StrengthSampler
 #: diffusers' StableDiffusionImg2ImgPipeline default
 DEFAULT_STRENGTH = 0.8
 
+
 def add_options(p: argparse.ArgumentParser) -> None:
     """run_sd.py's options for the user's image inputs."""
     p.add_argument("--init-image", type=Path, default=None, metavar="PNG",
@@ -42,12 +46,13 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="a local diffusers ControlNetModel directory (config.json + safetensors) for this UNet; its "
                         "weights are shared as the model owner's, and it runs under MPC beside the UNet")
     p.add_argument("--control-image", type=Path, default=None, metavar="PNG",
-                   help="with --controlnet: the control image (edge, pose, depth map...) at the output's size and the "
-                        "ControlNet's channel count, in [0, 1] as the ControlNet expects it; secret-shared, never revealed")
+                   help="with --controlnet (on a cluster: with a model uploaded with a ControlNet): the control image "
+                        "(edge, pose, depth map...) at the output's size and the ControlNet's channel count, in [0, 1] "
+                        "as the ControlNet expects it; secret-shared, never revealed")
     p.add_argument("--controlnet-scale", type=float, default=None,
-                   help="with --controlnet: the conditioning scale its residuals are multiplied by (default: 1.0)")
+                   help="with a ControlNet: the conditioning scale its residuals are multiplied by (default: 1.0)")
     p.add_argument("--guess-mode", action="store_true",
-                   help="with --controlnet: diffusers' guess mode (the ControlNet sees only the conditional branch, "
+                   help="with a ControlNet: diffusers' guess mode (the ControlNet sees only the conditional branch, "
                         "its residuals weighted 0.1 to 1 from shallow to deep)")
 
 
