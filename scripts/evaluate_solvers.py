@@ -142,6 +142,13 @@ def report(rows: list) -> list:
         text = ", ".join(f"{r['sampler']} {r['evaluations']} (FID {r['fid']:.2f}, {100 * r['conditional_accuracy']:.1f} %)"
                          for r in found) or "none"
         lines.append(f"- {model}: {text}")
+    have = {(r["model"], r["sampler"], r["evaluations"]) for r in rows}
+    missing = [f"{m} {s} {n}" for m in dict.fromkeys(r["model"] for r in rows) for s in SAMPLERS for n in STEPS
+               if (m, s, n) not in have]
+    if missing:
+        lines += ["", f"Not measured (the runs were cut short on a shared machine): {', '.join(missing)}."]
+    lines += ["", "Secure samples at the cheapest setting, beside plaintext from the same noise, with their cost: "
+              "[solvers_secure.md](solvers_secure.md)."]
     return lines
 
 
