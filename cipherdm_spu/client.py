@@ -79,7 +79,9 @@ class PartyClients:
 
         When a party fails, the others are asked once more, so that the error names the party at
         fault: a party still running its step while its peers timed out waiting for it is the one
-        whose SPU runtime stalled.
+        whose SPU runtime stalled. Parties that are done are asked again every round (the methods are
+        idempotent: a done job answers "done" at once) so that, while a slower party still compiles or
+        steps, their sessions do not fall silent for ``session_idle_s`` and get dropped.
         """
         reports: List[Optional[dict]] = [None] * 3
         deadline = time.monotonic() + limit_s
@@ -87,8 +89,7 @@ class PartyClients:
             if time.monotonic() > deadline:
                 waiting = [self.cluster.parties[r].id for r in range(3) if reports[r] is None]
                 raise ClusterError(f"{what} failed: {' and '.join(waiting)} still ran it after {limit_s:g} s")
-            todo = [r for r in range(3) if reports[r] is None]
-            futures = {self._pool.submit(self.call, r, method, request): r for r in todo}
+            futures = {self._pool.submit(self.call, r, method, request): r for r in range(3)}
             failures, running = {}, []
             for fut in cf.as_completed(futures):
                 rank = futures[fut]
@@ -98,7 +99,8 @@ class PartyClients:
                     failures[rank] = e
                     continue
                 if reply.state == "done":
-                    reports[rank] = json.loads(reply.report)
+                    if reports[rank] is None:
+                        reports[rank] = json.loads(reply.report)
                 else:
                     running.append(rank)
             if failures:

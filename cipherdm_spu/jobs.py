@@ -195,14 +195,14 @@ def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
     known = {"model:" + n: (tuple(v.shape), str(v.dtype))
              for n, v in {**weight_names(params), **time_term_names(terms, t0)}.items()}
     known.update({"slot:" + n: spec for n, spec in slots.items()})
-    known["public/coefficients"] = ((len(schedulers.COEFFICIENTS),), "float32")
+    coefficients = sampler.coefficient_table()  # (steps, ...): a vector per step, or a multistep solver's matrix
+    known["public/coefficients"] = (tuple(coefficients.shape[1:]), "float32")
     specs = tuple((*known[leaf.name], "public" if leaf.name.startswith("public/") else "secret") for leaf in leaves)
     step_fn = sampler_step(model, sampler, guidance)
     try:
         compiled = compile_function(step_fn, in_tree, specs, pset, fraction_bits)
     except InputError as e:
         raise ValueError(str(e)) from None
-    coefficients = sampler.coefficient_table()
     steps = []
     for i, t in enumerate(sampler.timesteps):
         names, _ = jax.tree_util.tree_flatten(arguments(i, int(t)), is_leaf=_is_named)
