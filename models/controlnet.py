@@ -22,11 +22,10 @@ import numpy as np
 
 from .activations import get_activation
 from .config import ConfigError, ControlNetConfig, UNet2DConditionConfig
-from .embeddings import TimestepEmbedding, broadcast_timesteps, select_time_terms, timestep_embedding
+from .embeddings import TimestepEmbedding, timestep_embedding
 from .pretrained import PretrainedMixin
 from .resnet import conv
-from .unet_2d import check_sample
-from .unet_2d_condition import UNet2DConditionModel
+from .unet_2d_condition import UNet2DConditionModel, conditioned_time_terms
 from .unet_blocks import AttentionSpec, DownBlock, MidBlock, ResnetSpec
 
 
@@ -133,19 +132,10 @@ class ControlNetModel(PretrainedMixin, nn.Module):
                  conditioning_scale: float = 1.0, guess_mode: bool = False, time_terms=None):
         """(down residuals, mid residual), NCHW, as diffusers' ControlNetModel returns them."""
         c = self.config
-        check_sample(sample, c.in_channels, len(c.block_out_channels))
-        if encoder_hidden_states is None or encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != c.cross_attention_dim:
-            raise ValueError(f"encoder_hidden_states must have shape (N, tokens, {c.cross_attention_dim})")
+        terms = conditioned_time_terms(self, sample, encoder_hidden_states, c.cross_attention_dim, timestep, time_terms)
         if controlnet_cond is None:
             raise ValueError("pass controlnet_cond, the control image")
         self.check_control_image(sample.shape, controlnet_cond.shape)
-        n = sample.shape[0]
-        if time_terms is None:
-            if timestep is None:
-                raise ValueError("pass a timestep, or time_terms precomputed by time_terms()")
-            terms = self._time_terms_from_embedding(self._embed(broadcast_timesteps(timestep, n)))
-        else:
-            terms = select_time_terms(time_terms, None, n)
         image = controlnet_cond.transpose(0, 2, 3, 1)
         if c.controlnet_conditioning_channel_order == "bgr":
             image = image[..., ::-1]

@@ -19,6 +19,22 @@ from .unet_2d import UNetTimePath, check_sample
 from .unet_blocks import AttentionSpec, DownBlock, MidBlock, ResnetSpec, UpBlock
 
 
+def conditioned_time_terms(model, sample, encoder_hidden_states, cross_dim: int, timestep, time_terms):
+    """Check a text-conditioned network's sample (NCHW) and encoder_hidden_states (N, tokens, cross_dim), and return
+    its time terms: computed from ``timestep``, or selected from ``time_terms`` precomputed by ``time_terms()``.
+    Shared by the UNet and the ControlNet, whose inputs are the same."""
+    c = model.config
+    check_sample(sample, c.in_channels, len(c.block_out_channels))
+    if encoder_hidden_states is None or encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cross_dim:
+        raise ValueError(f"encoder_hidden_states must have shape (N, tokens, {cross_dim})")
+    n = sample.shape[0]
+    if time_terms is not None:
+        return select_time_terms(time_terms, None, n)
+    if timestep is None:
+        raise ValueError("pass a timestep, or time_terms precomputed by time_terms()")
+    return model._time_terms_from_embedding(model._embed(broadcast_timesteps(timestep, n)))
+
+
 class UNet2DConditionModel(PretrainedMixin, UNetTimePath, nn.Module):
     """diffusers UNet2DConditionModel: ``model, params = UNet2DConditionModel.from_pretrained(directory)``."""
 
@@ -74,17 +90,8 @@ class UNet2DConditionModel(PretrainedMixin, UNetTimePath, nn.Module):
                  down_block_additional_residuals=None, mid_block_additional_residual=None):
         """The noise prediction (N, C, H, W); the optional residuals are a ControlNet's outputs (NCHW, diffusers' names)."""
         c = self.config
-        check_sample(sample, c.in_channels, len(c.block_out_channels))
-        cross_dim = c.per_block("cross_attention_dim")[0]
-        if encoder_hidden_states is None or encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cross_dim:
-            raise ValueError(f"encoder_hidden_states must have shape (N, tokens, {cross_dim})")
-        n = sample.shape[0]
-        if time_terms is None:
-            if timestep is None:
-                raise ValueError("pass a timestep, or time_terms precomputed by time_terms()")
-            terms = self._time_terms_from_embedding(self._embed(broadcast_timesteps(timestep, n)))
-        else:
-            terms = select_time_terms(time_terms, None, n)
+        terms = conditioned_time_terms(self, sample, encoder_hidden_states, c.per_block("cross_attention_dim")[0],
+                                       timestep, time_terms)
         x = sample.transpose(0, 2, 3, 1)
         if c.center_input_sample:
             x = 2 * x - 1.0
