@@ -242,6 +242,12 @@ def from_dict(raw: dict, source: str = "<dict>", base: Optional[Path] = None) ->
     connect = _seconds(timeouts.get("connect_s", 20.0), f"{source}: timeouts.connect_s")
     recv = _seconds(timeouts.get("recv_s", 120.0), f"{source}: timeouts.recv_s")
     idle = _seconds(timeouts.get("session_idle_s", 600.0), f"{source}: timeouts.session_idle_s")
+    if recv < connect:
+        # the parties link independently (each within connect_s), then agree on the session over the link:
+        # the first one linked waits there, within recv_s, for the last, so recv_s must cover connect_s
+        raise ClusterConfigError(f"{source}: timeouts.recv_s ({recv:g}) must be at least timeouts.connect_s "
+                                 f"({connect:g}): the first party linked waits up to recv_s for the last, which "
+                                 f"may take up to connect_s to link")
     return ClusterConfig(tuple(parties), clients, protocol, field, bits, connect, recv, idle, source)
 
 

@@ -12,7 +12,8 @@ from cipherdm_spu import cluster_config as cc
 from cipherdm_spu.client import PartyClients
 from cipherdm_spu.cluster import main as launch_main
 
-RECV_S = 6.0  # the parties' SPU receive timeout in these tests: how long survivors wait for a dead peer
+RECV_S = 10.0  # the parties' SPU receive timeout in these tests: how long survivors wait for a dead peer
+CONNECT_S = RECV_S  # how long a party waits for its peers to link (recv_s must cover it)
 
 
 def free_ports(n):
@@ -69,7 +70,7 @@ def write_config(path, ports=None, clients=("owner", "user", "user-bob", "user-c
             for i in range(3)
         ],
         "runtime": {"protocol": "ABY3", "field": "FM64", "fraction_bits": 18},
-        "timeouts": {"connect_s": 10, "recv_s": RECV_S, **timeouts},
+        "timeouts": {"connect_s": CONNECT_S, "recv_s": RECV_S, **timeouts},
         "tls": tls_section(clients),
     }
     path.write_text(json.dumps(raw))

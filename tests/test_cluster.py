@@ -326,6 +326,7 @@ def test_a_party_killed_or_stalled_mid_run_is_named_and_the_others_recover(tmp_p
     (lambda r: r["timeouts"].update(recv_s=-1), "timeouts.recv_s"),
     (lambda r: r["timeouts"].update(recv_s=float("inf")), "timeouts.recv_s"),
     (lambda r: r["timeouts"].update(session_idle_s=0), "timeouts.session_idle_s"),
+    (lambda r: r["timeouts"].update(connect_s=30, recv_s=20), "timeouts.recv_s (20) must be at least timeouts.connect_s (30)"),
     (lambda r: r.update(extra=1), "unknown field(s) extra"),
     (lambda r: r.update(tls=None), "'tls' is required"),
     (lambda r: r["tls"].pop("client_ca"), "tls.client_ca must be a file path"),

@@ -20,7 +20,7 @@ from .cluster_fixtures import make_certs, write_config
 def config(tmp_path_factory):
     """A loopback cluster config with its development certificates (no parties started)."""
     folder = tmp_path_factory.mktemp("netem")
-    path = write_config(folder / "3pc.json", connect_s=30)  # three processes importing SPU on a loaded machine
+    path = write_config(folder / "3pc.json", connect_s=30, recv_s=30)  # three processes importing SPU on a loaded machine
     make_certs(path, "owner,user")
     return path
 
