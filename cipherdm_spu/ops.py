@@ -33,32 +33,39 @@ KERNEL_PARAMS = ("impl", "exp_impl")
 
 
 def _define(op: str, *, axis_param: bool = False) -> Primitive:
-    """Create the primitive for ``op`` with eager, abstract-eval, lowering, JVP and batching rules."""
+    """Create the primitive for ``op`` with eager, abstract-eval, lowering, JVP and batching rules.
+
+    Its operands broadcast against each other (numpy rules); the result has their broadcast shape and the
+    first operand's dtype."""
     prim = Primitive(f"cipherdm_{op}")
 
     def kernel_fn(impl, params):
         return functools.partial(registry.kernel(op, impl), **params)
 
-    def impl_rule(x, *, impl, **params):
-        return kernel_fn(impl, params)(x)
+    def impl_rule(*args, impl, **params):
+        return kernel_fn(impl, params)(*args)
 
-    def abstract_eval(x, *, impl, **params):
-        return ShapedArray(x.shape, x.dtype)
+    def abstract_eval(*args, impl, **params):
+        return ShapedArray(jnp.broadcast_shapes(*(a.shape for a in args)), args[0].dtype)
 
-    def lowering(ctx, x, *, impl, **params):
-        return mlir.lower_fun(kernel_fn(impl, params), multiple_results=False)(ctx, x)
+    def lowering(ctx, *args, impl, **params):
+        return mlir.lower_fun(kernel_fn(impl, params), multiple_results=False)(ctx, *args)
 
     def jvp(primals, tangents, *, impl, **params):
-        tangent = ad.instantiate_zeros(tangents[0])
-        return jax.jvp(kernel_fn(impl, params), primals, (tangent,))
+        return jax.jvp(kernel_fn(impl, params), primals, tuple(ad.instantiate_zeros(t) for t in tangents))
 
     def batch(args, dims, *, impl, **params):
-        (x,), (d,) = args, dims
-        if axis_param:  # keep the batch dimension in front and shift the reduction axis past it
+        if axis_param:  # one operand: keep the batch dimension in front and shift the reduction axis past it
+            (x,), (d,) = args, dims
             x = batching.moveaxis(x, d, 0)
-            params = dict(params, axis=params["axis"] + 1)
-            d = 0
-        return prim.bind(x, impl=impl, **params), d
+            return prim.bind(x, impl=impl, **dict(params, axis=params["axis"] + 1)), 0
+        # the batch dimension in front of every operand, each padded to the result's rank so that they broadcast
+        rank = max(a.ndim - (d is not None) for a, d in zip(args, dims))
+        lined_up = []
+        for a, d in zip(args, dims):
+            a = batching.moveaxis(a, d, 0) if d is not None else a[None]
+            lined_up.append(a.reshape(a.shape[:1] + (1,) * (rank + 1 - a.ndim) + a.shape[1:]))
+        return prim.bind(*lined_up, impl=impl, **params), 0
 
     prim.def_impl(impl_rule)
     prim.def_abstract_eval(abstract_eval)
@@ -78,11 +85,12 @@ _exp_p = _define("exp")
 _rsqrt_p = _define("rsqrt")
 
 
-def _bind(prim: Primitive, op: str, x, **params):
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"cipherdm_spu.ops.{op} needs a floating-point input, got {x.dtype}")
-    return prim.bind(x, impl=registry.active_impl(op), **params)
+def _bind(prim: Primitive, op: str, *operands, **params):
+    operands = [jnp.asarray(x) for x in operands]
+    for x in operands:
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"cipherdm_spu.ops.{op} needs floating-point inputs, got {x.dtype}")
+    return prim.bind(*operands, impl=registry.active_impl(op), **params)
 
 
 def silu(x):
@@ -117,9 +125,16 @@ def exp(x):
     return _bind(_exp_p, "exp", x)
 
 
-def rsqrt(x):
-    """1 / sqrt(x) for x > 0."""
-    return _bind(_rsqrt_p, "rsqrt", x)
+def rsqrt(x, times=None, *, scale: float = 1.0):
+    """times / sqrt(scale * x) for x > 0, with ``scale`` a public constant > 0 and ``times`` (default 1) a
+    factor broadcast against x: a norm's ``1 / sqrt(sum / count)`` times its affine weight, which a kernel
+    can fold into its own rounds (the division into its coefficients, the weight into a product it makes
+    anyway) where plain arithmetic spends a truncation and a product on them."""
+    scale = float(scale)
+    if not scale > 0 or scale == float("inf"):
+        raise ValueError(f"rsqrt's scale must be a finite number > 0, got {scale}")
+    operands = (x,) if times is None else (x, times)
+    return _bind(_rsqrt_p, "rsqrt", *operands, scale=scale)
 
 
 def relu(x):

@@ -9,11 +9,13 @@ GroupNorm keeps them few:
 - the squares are summed per channel as the diagonal of the Gram matrix D^T D (D: pixels x channels),
   one matmul with channels^2 outputs instead of a product per element, where channels are few enough
   for that to be cheaper (GRAM_MAX_SHARE); otherwise squared elementwise;
-- the variance is held as VARIANCE_SCALE * variance, so a variance of 1e-4 keeps ~400 units of
+- the variance is held as VARIANCE_SCALE * variance, so a variance of 1e-4 keeps 200-400 units of
   2**-18 rather than ~26 (elementwise squares are taken of 4 * deviation for the same reason);
-- means divide by the count precisely and inside the ring (`_mean_of_sums`);
-- the affine scale is folded into the per-(sample, group) factor before it meets the activations,
-  which leaves one secret product per element: the (exactly doubled) deviation times that factor.
+- means divide by the count precisely and inside the ring (`_mean_of_sums`); the variance's division
+  is left to `ops.rsqrt`'s public ``scale`` (`_sum_for_mean`), which our kernel folds into its coefficients;
+- the affine scale goes to `ops.rsqrt` as its ``times``, so the per-(sample, group) factor already carries
+  it (our kernel multiplies it in a round it spends anyway) before it meets the activations, which leaves
+  one secret product per element: the (exactly doubled) deviation times that factor.
 
 Range: a channel's squares add up at twice the fraction bits before their one truncation, so
 pixels * variance must stay below 2**(63 - 2*18) = 2**27 per channel: variances up to 3e4 at 64x64
@@ -33,25 +35,33 @@ from cipherdm_spu import ops
 
 
 VARIANCE_SCALE = 16  # a power of four: its square root is applied as two doublings
-VARIANCE_HEADROOM_BITS = 5  # variances averaged at 2**-23 resolution; the 1/count constant then keeps 14 bits
 GRAM_MAX_SHARE = 0.25  # use the Gram diagonal when its channels^2 outputs are at most this share of the elements
 
 
-def _mean_of_sums(sums, count: int, headroom_bits: int = 0):
+def _mean_of_sums(sums, count: int):
     """sum(sums, axis=-1) / count for exact partial sums, keeping precision and range in fixed point.
 
     A public 1/count is itself a fixed-point number (1/6272 encodes 1.9 % low, 1/40960 6 % low), and
     two constant products in a row are folded into one by the compiler. So the sums are first scaled
-    exactly, by 2**(headroom_bits - k) with 2**k >= count, then dotted with 2**(k - headroom_bits) / count,
-    in [2**-headroom_bits, 2**(1 - headroom_bits)); the dot's result is the mean itself, so its products at
-    twice the fraction bits stay inside the ring for means up to 2**27. Error: about 2**-(18 + headroom_bits)
-    from the scaled sums plus 2**-(19 - headroom_bits) * |mean| from the constant. Headroom suits means
-    whose relative error matters (variances); an offset subtracted from the data wants none."""
-    shift = math.ceil(math.log2(count)) - headroom_bits
+    exactly, by 2**-k with 2**k >= count, then dotted with 2**k / count in [1, 2); the dot's result is the
+    mean itself, so its products at twice the fraction bits stay inside the ring for means up to 2**27.
+    Error: about 2**-18 from the scaled sums plus 2**-19 * |mean| from the constant."""
+    shift = math.ceil(math.log2(count))
     if shift > 18:
         raise ValueError(f"cannot average {count} values in fixed point with 18 fraction bits")
     scaled = sums * 2.0**-shift if shift else sums
     return scaled @ jnp.full((sums.shape[-1],), 2.0**shift / count, sums.dtype)
+
+
+def _sum_for_mean(sums, count: int):
+    """(s, c) with s * c = sum(sums, axis=-1) / count for exact partial sums: s = the sum scaled exactly by
+    2**-k (2**k >= count; one truncation), c = 2**k / count in [1, 2) a public constant left to the caller's
+    rsqrt (`ops.rsqrt`'s ``scale``), where a kernel can fold it into its coefficients for free. s keeps
+    2**-18 absolute: relative to the variance, at least 2**-17 / variance."""
+    shift = math.ceil(math.log2(count))
+    if shift > 18:
+        raise ValueError(f"cannot average {count} values in fixed point with 18 fraction bits")
+    return jnp.sum(sums * 2.0**-shift, axis=-1), 2.0**shift / count
 
 
 def _times_root_variance_scale(d):
@@ -83,9 +93,10 @@ def group_norm(x, num_groups: int, scale=None, bias=None, eps: float = 1e-5):
     mean = _mean_of_sums(jnp.sum(grouped, axis=1), count)  # pixel sums are free and exact
     d = grouped - mean[:, None, :, None]
     sums = _scaled_channel_sums_of_squares(d.reshape(n, pixels, c)).reshape(n, num_groups, per_group)
-    factor = ops.rsqrt(_mean_of_sums(sums, count, VARIANCE_HEADROOM_BITS) + VARIANCE_SCALE * eps)[:, None, :, None]  # (N, 1, G, 1)
-    if scale is not None:
-        factor = factor * jnp.reshape(scale, (num_groups, per_group))  # (N, 1, G, C/G): tiny
+    total, per_count = _sum_for_mean(sums, count)
+    affine = None if scale is None else jnp.reshape(scale, (num_groups, per_group))
+    # (N, 1, G, C/G) with the affine scale, else (N, 1, G, 1): tiny
+    factor = ops.rsqrt((total + VARIANCE_SCALE * eps / per_count)[:, None, :, None], affine, scale=per_count)
     y = (_times_root_variance_scale(d) * factor).reshape(x.shape)
     return y if bias is None else y + bias
 
@@ -101,9 +112,8 @@ def layer_norm(x, scale=None, bias=None, eps: float = 1e-5):
     """LayerNorm over the last axis."""
     count = x.shape[-1]
     d = _times_root_variance_scale(x - _mean_of_sums(_partial_sums(x), count)[..., None])
-    y = d * ops.rsqrt(_mean_of_sums(_partial_sums(d * d), count, VARIANCE_HEADROOM_BITS)[..., None] + VARIANCE_SCALE * eps)
-    if scale is not None:
-        y = y * scale
+    total, per_count = _sum_for_mean(_partial_sums(d * d), count)
+    y = d * ops.rsqrt((total + VARIANCE_SCALE * eps / per_count)[..., None], scale, scale=per_count)
     return y if bias is None else y + bias
 
 

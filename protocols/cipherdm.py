@@ -69,6 +69,9 @@ EXP_REACH = 2**EXP_SQUARINGS
 RSQRT_OCTAVES = (-18, 21)
 # its cubics' coefficients and P kept 2**8 times larger: the last factor 2**(-floor(k/2) - 8) >= 2**-18.
 RSQRT_COEFFICIENT_SCALE = 2.0**8
+# with a secret factor `times`: the last factor is that factor's product, 2**(-floor(k/2) - 2) >= 2**-12 of it, and
+# the cubics are taken about v = 10, the middle of v = 4m in [4, 16).
+RSQRT_TIMES_FORM = {"coefficient_scale": 2.0**2, "center": 10.0}
 # rsqrt_low_byte: inputs normalised into [1, 4) by 4**j for j in this range (covers ~4e-6 .. 2.6e5).
 RSQRT_LOW_BYTE_EXPONENTS = np.arange(-9, 9)
 
@@ -412,10 +415,13 @@ def _scale(bits, dtype, *factor_tables):
 
 
 @register_kernel("rsqrt", f"{NAME}-low-byte")
-def rsqrt_low_byte(x):
+def rsqrt_low_byte(x, times=None, *, scale: float = 1.0):
     """1/sqrt(x) for x > 0 normalised by powers of 4 read off the bits of its encoding (one conversion to boolean
     shares and a prefix OR), a cubic guess and one Newton step: fewer bytes than `rsqrt`, 14 more send actions
-    (docs/results/kernels.md); covers 4**-9 .. 4**9."""
+    (docs/results/kernels.md); covers scale * x in 4**-9 .. 4**9, ``scale`` and ``times`` applied as plain
+    arithmetic."""
+    if scale != 1.0:
+        x = x * scale
     js = RSQRT_LOW_BYTE_EXPONENTS
     bits = _octave_bits(x, 4.0 ** js)
     to_half_m, to_result = _scale(bits, x.dtype, 0.5 * 4.0 ** -js, 2.0 ** -js)  # 0.5 in the table: no product
@@ -423,10 +429,11 @@ def rsqrt_low_byte(x):
     m = half_m + half_m  # in [1, 4) for 4**js[0] <= x < 4**(js[-1] + 1)
     r = _polynomial(m, RSQRT_GUESS)
     r = r * (1.5 - half_m * (r * r))
-    return r * to_result
+    return r * to_result if times is None else (r * to_result) * times
 
 
-def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, coefficient_scale: float = 1.0):
+def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, coefficient_scale: float = 1.0, factor: float = 1.0,
+                       times=None, center: float = 0.0):
     """x**-power for x > 0 from one batched comparison and three rounds of secret products, no Newton step:
     piecewise cubics on [1, 2**unit_bits), one piece per threshold.
 
@@ -443,27 +450,55 @@ def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, coefficient_scale:
     coefficients); the last factor 2**(-k') / coefficient_scale must stay encodable (an exact power of two
     >= 2**-f). (Folding 2**-k' into the coefficients would save that product, but rounds each to 2**-f
     absolute: a 1024-wide softmax row then summed to 1 only within 3e-3.)
+
+    A public ``factor`` multiplies the coefficients (free). A secret ``times`` multiplies the result: its product
+    with the last factor rides in round 1's product (one multiply of both, concatenated), so the result costs
+    the same rounds with it as without. That product keeps 2**-f absolute, so the last factor must stay large
+    (a small ``coefficient_scale``); the cubic is then taken in u = v - ``center`` (coefficients shifted
+    exactly; public addition is free), which shrinks what the coefficients' rounding is multiplied by.
     """
     lo, hi = octaves
     per_unit = len(pieces)
     ks = np.arange(lo, hi + 1)
     bits = _indicator(_batched_bits(x, 2.0 ** (unit_bits * ks[1:] / per_unit)))
     k_out = ks // per_unit
-    coef = np.asarray(pieces, np.float64)[ks % per_unit] * 4.0 ** -np.arange(4) * coefficient_scale  # (octaves, 4)
+    coef = np.asarray(pieces, np.float64)[ks % per_unit] * 4.0 ** -np.arange(4) * coefficient_scale * factor
+    if center:  # sum_i c_i v^i = sum_j (sum_(i>=j) c_i C(i, j) center^(i-j)) u^j
+        shift = np.array([[math.comb(i, j) * center ** (i - j) if i >= j else 0.0 for j in range(4)] for i in range(4)])
+        coef = coef @ shift
     to_v, c0, c1, c2, c3, to_result = _tables(
         bits, [4.0 * 2.0 ** (-unit_bits * k_out), *coef.T, 2.0 ** -k_out / coefficient_scale], x.dtype)
-    v = x * to_v
+    if times is None:
+        v = x * to_v
+    else:
+        shape = jnp.broadcast_shapes(x.shape, times.shape)
+        v, to_result = _one_product((x, to_v), (jnp.broadcast_to(to_result, shape), jnp.broadcast_to(times, shape)))
+    v = v - center if center else v
     square, c1v, c3v = jnp.stack([v, c1, c3]) * v
     p = c0 + c1v + square * (c2 + c3v)
     return p * to_result
 
 
+def _one_product(*pairs):
+    """a * b for each (a, b) of ``pairs`` (same shapes within a pair), as one elementwise product of the pairs
+    concatenated: independent products of different shapes share one reshare and truncation (free slicing)."""
+    flat = [(a.reshape(-1), b.reshape(-1)) for a, b in pairs]
+    products = jnp.concatenate([a for a, _ in flat]) * jnp.concatenate([b for _, b in flat])
+    out, start = [], 0
+    for a, _ in pairs:
+        out.append(products[start:start + a.size].reshape(a.shape))
+        start += a.size
+    return out
+
+
 @register_kernel("rsqrt", NAME)
-def rsqrt(x):
-    """1/sqrt(x) for x in [2**-18, 2**22) (`_octave_polynomial`: octaves by comparison, piecewise cubics,
-    relative error < 5e-4 from the fit): fewer send actions than the encoding-read octave of `rsqrt_low_byte`,
-    more bytes; the norms call it once per group, so its bytes are a rounding error of a step's."""
-    return _octave_polynomial(x, RSQRT_OCTAVES, RSQRT_PIECES, unit_bits=2, coefficient_scale=RSQRT_COEFFICIENT_SCALE)
+def rsqrt(x, times=None, *, scale: float = 1.0):
+    """times / sqrt(scale * x) for x in [2**-18, 2**22) (`_octave_polynomial`: octaves of x by comparison,
+    piecewise cubics, relative error < 5e-4 from the fit; scale**-1/2 folded into their coefficients, ``times``
+    into round 1): fewer send actions than the encoding-read octave of `rsqrt_low_byte`, more bytes; the norms
+    call it once per group, so its bytes are a rounding error of a step's."""
+    form = {"coefficient_scale": RSQRT_COEFFICIENT_SCALE} if times is None else RSQRT_TIMES_FORM
+    return _octave_polynomial(x, RSQRT_OCTAVES, RSQRT_PIECES, unit_bits=2, factor=scale**-0.5, times=times, **form)
 
 
 def reciprocal_in_range(x, lo: float, hi: float):

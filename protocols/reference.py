@@ -50,6 +50,7 @@ def softmax(x, axis=-1):
 
 
 def encoded(x, fraction_bits: int = 18):
-    """The value SPU's Io actually shares for x (its fixed-point encoding floors)."""
+    """The value SPU's Io actually shares for x: its fixed-point encoding truncates toward zero (-0.86 units
+    becomes 0, -2.6 units -2)."""
     scale = 2.0**fraction_bits
-    return np.floor(np.asarray(x, np.float64) * scale) / scale
+    return np.trunc(np.asarray(x, np.float64) * scale) / scale

@@ -25,6 +25,12 @@ def _softmax(x, axis: int, exp_impl: str):
     return e / jnp.sum(e, axis, keepdims=True)
 
 
+def _rsqrt(x, times=None, *, scale: float = 1.0):
+    """times / sqrt(scale * x) as plain arithmetic: SPU's rsqrt, a constant product and a product."""
+    r = lax.rsqrt(x * scale if scale != 1.0 else x)
+    return r if times is None else r * times
+
+
 for _op, _fn in {
     "silu": jax.nn.silu,
     "mish": _mish,
@@ -32,6 +38,6 @@ for _op, _fn in {
     "sigmoid": jax.nn.sigmoid,
     "softmax": _softmax,
     "exp": jnp.exp,
-    "rsqrt": lax.rsqrt,
+    "rsqrt": _rsqrt,
 }.items():
     register_kernel(_op, VANILLA, _fn)

@@ -158,6 +158,22 @@ def test_rsqrt_under_spu_across_its_octaves(sessions):
     assert np.all(rel <= 6e-4 + 2.0**-18 * np.sqrt(encoded(v)) * 1.5)
 
 
+def test_rsqrt_with_a_scale_and_a_factor_under_spu_costs_no_more_rounds(sessions, rng):
+    """times / sqrt(scale * x) as a norm calls it (scale = 2**k / count in [1, 2), times its affine weight): the
+    scale folded into the cubics' coefficients, the factor into round 1, so it takes no more send actions than
+    a plain rsqrt (give or take the one by which the busiest party's count varies from run to run), and errs within the cubic's 5e-4 plus a few units of the output's encoding (2**-18 absolute)."""
+    v = np.geomspace(2.0**-17, 2.0**22 * 0.999, 397).astype(np.float32)
+    times = rng.uniform(-2, 2, (397, 3)).astype(np.float32)
+    session = sessions["cipherdm"]
+    session.run(ops.rsqrt, v)
+    plain = session.last_stats.send_actions
+    y = np.asarray(session.run(lambda a, t: ops.rsqrt(a[:, None], t, scale=6272 / 4096), v, times), np.float64)
+    assert session.last_stats.send_actions <= plain + 1  # a product of its own would take 3 more
+    ref = encoded(times) / np.sqrt(encoded(v) * 6272 / 4096)[:, None]
+    # absolute: the factor's product keeps 2**-18 and the cubic (up to 2) multiplies that, plus the last product's own
+    assert np.all(np.abs(y - ref) <= 8e-4 * np.abs(ref) + 2.0**-16)
+
+
 def test_cipherdm_kernels_take_fewer_send_actions_than_spu(sessions, rng):
     """Rounds are what a WAN waits for: each of the step's kernels beats vanilla SPU's on send actions (exact
     counts from SPU's link, not time)."""

@@ -76,3 +76,24 @@ def test_group_norm_costs_about_one_secret_product_per_element(sessions, rng):
     product = session.last_stats.bytes_sent
     session.run(lambda v, s, b: group_norm(v, 8, s, b), x, np.ones(32, np.float32), np.zeros(32, np.float32))
     assert session.last_stats.bytes_sent <= 1.5 * product
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_a_norms_affine_scale_costs_no_send_action_under_cipherdm(sessions, rng, norm):
+    """The affine weight rides in the rsqrt kernel's first product (`ops.rsqrt`'s ``times``): a norm with it
+    takes no more send actions than one without (the busiest party's count varies by one from run to run), and still matches
+    torch's arithmetic."""
+    x = rng.normal(2, 3, (2, 8, 8, 16)).astype(np.float32)
+    scale = rng.uniform(-2, 2, 16).astype(np.float32)
+    if norm == "group":
+        fn, ref = (lambda v, s: group_norm(v, 4, s)), _group_norm_ref(x, 4, 1e-5, scale)
+    else:
+        fn = lambda v, s: layer_norm(v, s)  # noqa: E731
+        x64 = x.astype(np.float64)
+        ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * scale
+    session = sessions["cipherdm"]
+    session.run(lambda v: fn(v, None), x)
+    without = session.last_stats.send_actions
+    y = session.run(fn, x, scale)
+    assert session.last_stats.send_actions <= without + 1  # a product of its own would take 3 more
+    assert np.abs(y - ref).max() <= 3e-2

@@ -66,6 +66,21 @@ def test_ops_run_under_plain_jit_grad_and_vmap_as_jax_nn():
     np.testing.assert_allclose(ops.rsqrt(jnp.array([4.0])), [0.5])
 
 
+def test_rsqrt_with_a_scale_and_a_factor_under_plain_jit_grad_and_vmap():
+    """times / sqrt(scale * x), the factor broadcast against x (a norm's (N, 1, G, 1) sums and (G, C/G) weight)."""
+    x, times = jnp.array([[[1.0], [4.0]], [[9.0], [0.25]]]), jnp.array([[1.0, -2.0, 3.0], [0.5, 1.0, 2.0]])
+    expected = times / jnp.sqrt(1.5 * x)
+    np.testing.assert_allclose(jax.jit(lambda a, t: ops.rsqrt(a, t, scale=1.5))(x, times), expected, rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(lambda a: ops.rsqrt(a, times, scale=1.5))(x), expected, rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(lambda t: ops.rsqrt(x[0], t, scale=1.5))(times[None])[0], expected[0], rtol=1e-6)
+    grad = jax.grad(lambda a, t: ops.rsqrt(a, t, scale=1.5).sum(), argnums=(0, 1))(x, times)
+    np.testing.assert_allclose(grad[0], (-0.5 * times / jnp.sqrt(1.5) * x**-1.5).sum(-1, keepdims=True), rtol=1e-5)
+    np.testing.assert_allclose(grad[1], (1 / jnp.sqrt(1.5 * x)).sum(0) * jnp.ones_like(times), rtol=1e-5)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            ops.rsqrt(x, scale=bad)
+
+
 def test_active_protocol_changes_the_traced_kernel():
     x = jnp.linspace(-3, 3, 7)
     with registry.use_protocol("cipherdm"):
