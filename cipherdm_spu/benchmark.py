@@ -7,7 +7,7 @@ network estimates.
 
 - `StepCase` is a UNet step with fixed inputs: it runs under a session (weights and inputs secret, the
   owner's time terms shared, coefficients public) and in plaintext float32 for the error.
-- `kernel_breakdown` finds every registered op the step calls (op, shape, parameters, from the jaxpr)
+- `kernel_breakdown` finds every registered op the step calls (op, shapes, parameters, from the jaxpr)
   and runs exactly those calls on their own under the same session: the bytes and send actions of each
   kernel at the model's shapes. What the step costs beyond their sum is the linear part (convolutions,
   matmuls, the norms' arithmetic) and the sampler update.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,9 +86,19 @@ def _unwrap(tree):
                                   is_leaf=lambda v: isinstance(v, Public))
 
 
-def nonlinear_calls(fn, *args) -> List[tuple]:
-    """(op, shape, params) of every registered-op call in ``fn(*args)``, nested jaxprs included; params are the
-    op's own, not the kernel names (a jit-cached inner trace may hold another set's)."""
+class NonlinearCall(NamedTuple):
+    """One registered-op call: its input's shape, the op's own params, and the shapes of further operands
+    (an rsqrt's ``times``)."""
+
+    op: str
+    shape: tuple
+    params: dict
+    other_shapes: tuple = ()
+
+
+def nonlinear_calls(fn, *args) -> List[NonlinearCall]:
+    """Every registered-op call in ``fn(*args)``, nested jaxprs included; params are the op's own, not the
+    kernel names (a jit-cached inner trace may hold another set's)."""
     names = {ops.primitive(op).name: op for op in registry.OPS}
     calls = []
 
@@ -96,7 +106,8 @@ def nonlinear_calls(fn, *args) -> List[tuple]:
         for eqn in jaxpr.eqns:
             if eqn.primitive.name in names:
                 params = {k: v for k, v in eqn.params.items() if k not in ops.KERNEL_PARAMS}
-                calls.append((names[eqn.primitive.name], tuple(eqn.invars[0].aval.shape), params))
+                shapes = [tuple(v.aval.shape) for v in eqn.invars]
+                calls.append(NonlinearCall(names[eqn.primitive.name], shapes[0], params, tuple(shapes[1:])))
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (list, tuple)) else [value]:
                     inner = getattr(sub, "jaxpr", sub)
@@ -107,20 +118,22 @@ def nonlinear_calls(fn, *args) -> List[tuple]:
     return calls
 
 
-def kernel_breakdown(session: SecureSession, calls: List[tuple], seed: int = 0) -> Dict[str, RunStats]:
-    """Each op's calls run on their own, at their shapes, under ``session`` (its set's kernels): cost per op."""
+def kernel_breakdown(session: SecureSession, calls: List[NonlinearCall], seed: int = 0) -> Dict[str, RunStats]:
+    """Each op's calls run on their own, at their shapes (every operand's), under ``session`` (its set's
+    kernels): cost per op. Inputs are secret and positive (an rsqrt's domain), further operands any sign."""
     rng = np.random.default_rng(seed)
-    by_op: Dict[str, List[tuple]] = {}
-    for op, shape, params in calls:
-        by_op.setdefault(op, []).append((shape, params))
+    by_op: Dict[str, List[NonlinearCall]] = {}
+    for call in calls:
+        by_op.setdefault(call.op, []).append(call)
     costs = {}
     for op, items in by_op.items():
-        inputs = [np.abs(rng.standard_normal(shape)).astype(np.float32) + 0.5 for shape, _ in items]
+        inputs = [[np.abs(rng.standard_normal(c.shape)).astype(np.float32) + 0.5]
+                  + [rng.standard_normal(s).astype(np.float32) for s in c.other_shapes] for c in items]
 
-        def run_all(*xs, _op=op, _params=[p for _, p in items]):
-            return [getattr(ops, _op)(x, **p) for x, p in zip(xs, _params)]
+        def run_all(operands, _op=op, _params=[c.params for c in items]):
+            return [getattr(ops, _op)(*xs, **p) for xs, p in zip(operands, _params)]
 
-        session.run(run_all, *inputs)
+        session.run(run_all, inputs)
         costs[op] = session.last_stats
     return costs
 
@@ -150,9 +163,9 @@ def measure_step(session: SecureSession, case: StepCase, repeat: int = 1, breakd
         with registry.use_protocol(session.protocol):
             calls = nonlinear_calls(case.secure_fn, case.weights, *case.inputs)
         costs = kernel_breakdown(session, calls)
-        row["kernels"] = {op: {"calls": sum(c[0] == op for c in calls),
-                               "elements": int(sum(np.prod(c[1]) for c in calls if c[0] == op)),
-                               "shapes": [list(c[1]) for c in calls if c[0] == op],
+        row["kernels"] = {op: {"calls": sum(c.op == op for c in calls),
+                               "elements": int(sum(np.prod(c.shape) for c in calls if c.op == op)),
+                               "shapes": [list(c.shape) for c in calls if c.op == op],
                                "bytes_sent": s.bytes_sent, "send_actions": s.send_actions, "seconds": s.seconds}
                           for op, s in costs.items()}
     return row

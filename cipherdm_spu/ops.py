@@ -127,13 +127,15 @@ def exp(x):
 
 def rsqrt(x, times=None, *, scale: float = 1.0):
     """times / sqrt(scale * x) for x > 0, with ``scale`` a public constant > 0 and ``times`` (default 1) a
-    factor broadcast against x: a norm's ``1 / sqrt(sum / count)`` times its affine weight, which a kernel
-    can fold into its own rounds (the division into its coefficients, the weight into a product it makes
-    anyway) where plain arithmetic spends a truncation and a product on them."""
+    factor broadcast against x (cast to x's dtype): a norm's ``1 / sqrt(sum / count)`` times its affine weight,
+    which a kernel can fold into its own rounds (the division into its coefficients, the weight into a product
+    it makes anyway) where plain arithmetic spends a truncation and a product on them. An rsqrt kernel is
+    therefore called as ``kernel(x, *times, scale=scale)``: ``def kernel(x, times=None, *, scale=1.0)``."""
     scale = float(scale)
     if not scale > 0 or scale == float("inf"):
         raise ValueError(f"rsqrt's scale must be a finite number > 0, got {scale}")
-    operands = (x,) if times is None else (x, times)
+    x = jnp.asarray(x)
+    operands = (x,) if times is None else (x, jnp.asarray(times).astype(x.dtype))  # the result has x's dtype
     return _bind(_rsqrt_p, "rsqrt", *operands, scale=scale)
 
 

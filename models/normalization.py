@@ -13,9 +13,10 @@ GroupNorm keeps them few:
   2**-18 rather than ~26 (elementwise squares are taken of 4 * deviation for the same reason);
 - means divide by the count precisely and inside the ring (`_mean_of_sums`); the variance's division
   is left to `ops.rsqrt`'s public ``scale`` (`_sum_for_mean`), which our kernel folds into its coefficients;
-- the affine scale goes to `ops.rsqrt` as its ``times``, so the per-(sample, group) factor already carries
-  it (our kernel multiplies it in a round it spends anyway) before it meets the activations, which leaves
-  one secret product per element: the (exactly doubled) deviation times that factor.
+- GroupNorm's affine scale goes to `ops.rsqrt` as its ``times``, so the per-(sample, group) factor already
+  carries it (our kernel multiplies it in a round it spends anyway) before it meets the activations, which
+  leaves one secret product per element: the (exactly doubled) deviation times that factor. LayerNorm's
+  factor is per row, its scale per channel: there the scale meets the deviation in the squares' product.
 
 Range: a channel's squares add up at twice the fraction bits before their one truncation, so
 pixels * variance must stay below 2**(63 - 2*18) = 2**27 per channel: variances up to 3e4 at 64x64
@@ -54,14 +55,16 @@ def _mean_of_sums(sums, count: int):
 
 
 def _sum_for_mean(sums, count: int):
-    """(s, c) with s * c = sum(sums, axis=-1) / count for exact partial sums: s = the sum scaled exactly by
+    """(s, c) with s * c = sum(sums, axis=-1) / count for exact partial sums: s = their (exact) sum scaled by
     2**-k (2**k >= count; one truncation), c = 2**k / count in [1, 2) a public constant left to the caller's
-    rsqrt (`ops.rsqrt`'s ``scale``), where a kernel can fold it into its coefficients for free. s keeps
-    2**-18 absolute: relative to the variance, at least 2**-17 / variance."""
+    rsqrt (`ops.rsqrt`'s ``scale``), where a kernel can fold it into its coefficients for free. For squares
+    summed at VARIANCE_SCALE, s is in [8, 16) * variance, kept to 2**-18: 2**-21 / variance relative. The
+    sum's product with 2**-k at twice the fraction bits stays in the ring for s below 2**27."""
     shift = math.ceil(math.log2(count))
     if shift > 18:
         raise ValueError(f"cannot average {count} values in fixed point with 18 fraction bits")
-    return jnp.sum(sums * 2.0**-shift, axis=-1), 2.0**shift / count
+    total = jnp.sum(sums, axis=-1)
+    return (total * 2.0**-shift if shift else total), 2.0**shift / count
 
 
 def _times_root_variance_scale(d):
@@ -112,8 +115,12 @@ def layer_norm(x, scale=None, bias=None, eps: float = 1e-5):
     """LayerNorm over the last axis."""
     count = x.shape[-1]
     d = _times_root_variance_scale(x - _mean_of_sums(_partial_sums(x), count)[..., None])
-    total, per_count = _sum_for_mean(_partial_sums(d * d), count)
-    y = d * ops.rsqrt((total + VARIANCE_SCALE * eps / per_count)[..., None], scale, scale=per_count)
+    if scale is None:
+        squares, weighted = d * d, d
+    else:  # the squares and the weighted deviation in one product: the weight costs no round of its own
+        squares, weighted = jnp.stack([d, d]) * jnp.stack([d, jnp.broadcast_to(scale, d.shape)])
+    total, per_count = _sum_for_mean(_partial_sums(squares), count)
+    y = weighted * ops.rsqrt((total + VARIANCE_SCALE * eps / per_count)[..., None], scale=per_count)
     return y if bias is None else y + bias
 
 

@@ -9,7 +9,7 @@ Rows (select with --rows):
            (every kernel the identity), with a per-kernel breakdown and the error against plaintext
   sample   a full DDIM sample of the MNIST SiLU model per protocol set, with quality beside the cost
 Protocol sets: every available one (configs/protocols: spu, SPU's defaults; spu-pade, CipherDM code's baseline;
-cipherdm-paper; cipherdm).
+cipherdm-paper; cipherdm, ours for rounds; cipherdm-low-byte, ours for bytes).
 Latency on LAN (5 Gbps, 0.4 ms RTT) and WAN (400 Mbps, 40 ms RTT) is estimated from the measured bytes
 and send actions (see cipherdm_spu/benchmark.py). Ratios are against `spu` in the same run.
 

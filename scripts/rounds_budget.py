@@ -6,7 +6,8 @@ Reads the step rows of a benchmark run (docs/results/benchmark.json, written by
 op, its calls and their send actions when run alone at the model's shapes; the linear floor (every kernel
 the identity). Measures here, under ABY3/FM64: SPU's building blocks (a comparison, the conversion of its
 bit, an integer product, a secret product) and the norms' own arithmetic (one GroupNorm, its rsqrt the
-identity). From them, an optimistic floor per kernel call:
+identity: `ops.rsqrt` takes the variance's division by the count and the affine weight, so they are the
+kernel's). From them, an optimistic floor per kernel call:
 
   rsqrt    one comparison round for the octave + its conversion + two secret products (normalise, rescale);
            the polynomial between them counted as free
@@ -116,8 +117,9 @@ def render(result: dict, command: str) -> str:
         "",
         "Building blocks (send actions): comparison (one MSB extraction, any number batched) "
         f"{b['compare']}, conversion of its bits to arithmetic {b['conversion']}, integer product {b['integer_product']}, "
-        f"secret product (reshare and truncation) {b['secret_product']}; one GroupNorm's own arithmetic (means, squares, "
-        f"output product; its rsqrt the identity) {b['group_norm_arithmetic']}.",
+        f"secret product (reshare and truncation) {b['secret_product']}; one GroupNorm's own arithmetic (the mean, the "
+        f"squares and their sum's scaling, the output product; its rsqrt, which takes the variance's division and the "
+        f"affine weight, the identity) {b['group_norm_arithmetic']}.",
         "",
     ]
     for case in result["cases"]:

@@ -133,8 +133,8 @@ def counts(case: StepCase) -> dict:
 
     walk(closed.jaxpr)
     per_op = {}
-    for op, shape, _ in calls:
-        per_op[op] = per_op.get(op, 0) + int(np.prod(shape))
+    for call in calls:
+        per_op[call.op] = per_op.get(call.op, 0) + int(np.prod(call.shape))
     return {"ops": per_op, "linear_outputs": linear, "nonlinear_calls": len(calls)}
 
 

@@ -12,8 +12,8 @@ from cipherdm_spu import cluster_config as cc
 from cipherdm_spu.client import PartyClients
 from cipherdm_spu.cluster import main as launch_main
 
-RECV_S = 10.0  # the parties' SPU receive timeout in these tests: how long survivors wait for a dead peer
-CONNECT_S = RECV_S  # how long a party waits for its peers to link (recv_s must cover it)
+RECV_S = 12.0  # the parties' SPU receive timeout in these tests: how long survivors wait for a dead peer
+CONNECT_S = 10.0  # how long a party waits for its peers to link (recv_s must cover it, with slack)
 
 
 def free_ports(n):
