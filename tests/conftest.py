@@ -36,3 +36,13 @@ def cluster(tmp_path_factory):
         with PartyClients(cluster_config.load(config), "owner") as owner:
             upload_model(owner, "tiny", model, params, scheduler, Policy(users=["user", "user-bob"]))
         yield config, launcher
+
+
+def fewest_send_actions(session, fn, *args, runs: int = 3) -> int:
+    """The fewest send actions of the busiest party over ``runs`` runs of ``fn`` (the count varies by one or two
+    from run to run, so comparisons between two programs take each one's fewest)."""
+    counts = []
+    for _ in range(runs):
+        session.run(fn, *args)
+        counts.append(session.last_stats.send_actions)
+    return min(counts)

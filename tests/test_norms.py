@@ -6,6 +6,8 @@ import pytest
 
 from cipherdm_spu.models.normalization import _mean_of_sums, group_norm, layer_norm
 
+from .conftest import fewest_send_actions
+
 
 def _group_norm_ref(x, groups, eps, scale=1.0, bias=0.0):
     n, c = x.shape[0], x.shape[-1]
@@ -81,7 +83,8 @@ def test_group_norm_costs_about_one_secret_product_per_element(sessions, rng):
 @pytest.mark.parametrize("norm", ["group", "layer"])
 def test_a_norms_affine_scale_costs_no_send_action_under_cipherdm(sessions, rng, norm):
     """The affine weight rides in the rsqrt kernel's first product (`ops.rsqrt`'s ``times``): a norm with it
-    takes no more send actions than one without (the busiest party's count varies by one from run to run), and still matches
+    takes no more send actions than one without (each the fewest of three runs: the busiest party's count varies by
+    one or two from run to run), and still matches
     torch's arithmetic."""
     x = rng.normal(2, 3, (2, 8, 8, 16)).astype(np.float32)
     scale = rng.uniform(-2, 2, 16).astype(np.float32)
@@ -92,8 +95,7 @@ def test_a_norms_affine_scale_costs_no_send_action_under_cipherdm(sessions, rng,
         x64 = x.astype(np.float64)
         ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * scale
     session = sessions["cipherdm"]
-    session.run(lambda v: fn(v, None), x)
-    without = session.last_stats.send_actions
+    without = fewest_send_actions(session, lambda v: fn(v, None), x)
+    assert fewest_send_actions(session, fn, x, scale) <= without + 1  # a product of its own would take 3 more
     y = session.run(fn, x, scale)
-    assert session.last_stats.send_actions <= without + 1  # a product of its own would take 3 more
     assert np.abs(y - ref).max() <= 3e-2
