@@ -495,8 +495,9 @@ def _one_product(*pairs):
 def rsqrt(x, times=None, *, scale: float = 1.0):
     """times / sqrt(scale * x) for x in [2**-18, 2**22) (`_octave_polynomial`: octaves of x by comparison,
     piecewise cubics, relative error < 5e-4 from the fit, < 8e-4 with ``times`` (RSQRT_TIMES_FORM); scale**-1/2
-    folded into their coefficients, ``times`` into round 1): fewer send actions than the encoding-read octave of `rsqrt_low_byte`, more bytes; the norms
-    call it once per group, so its bytes are a rounding error of a step's."""
+    folded into their coefficients, ``times`` into round 1): fewer send actions than the encoding-read octave
+    of `rsqrt_low_byte`, more bytes; the norms call it once per group, so its bytes are a rounding error of a
+    step's."""
     form = {"coefficient_scale": RSQRT_COEFFICIENT_SCALE} if times is None else RSQRT_TIMES_FORM
     return _octave_polynomial(x, RSQRT_OCTAVES, RSQRT_PIECES, unit_bits=2, factor=scale**-0.5, times=times, **form)
 
