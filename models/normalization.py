@@ -39,6 +39,14 @@ VARIANCE_SCALE = 16  # a power of four: its square root is applied as two doubli
 GRAM_MAX_SHARE = 0.25  # use the Gram diagonal when its channels^2 outputs are at most this share of the elements
 
 
+def _count_shift(count: int) -> int:
+    """k with 2**k >= count: the exact power-of-two part of a division by count."""
+    shift = math.ceil(math.log2(count))
+    if shift > 18:
+        raise ValueError(f"cannot average {count} values in fixed point with 18 fraction bits")
+    return shift
+
+
 def _mean_of_sums(sums, count: int):
     """sum(sums, axis=-1) / count for exact partial sums, keeping precision and range in fixed point.
 
@@ -47,9 +55,7 @@ def _mean_of_sums(sums, count: int):
     exactly, by 2**-k with 2**k >= count, then dotted with 2**k / count in [1, 2); the dot's result is the
     mean itself, so its products at twice the fraction bits stay inside the ring for means up to 2**27.
     Error: about 2**-18 from the scaled sums plus 2**-19 * |mean| from the constant."""
-    shift = math.ceil(math.log2(count))
-    if shift > 18:
-        raise ValueError(f"cannot average {count} values in fixed point with 18 fraction bits")
+    shift = _count_shift(count)
     scaled = sums * 2.0**-shift if shift else sums
     return scaled @ jnp.full((sums.shape[-1],), 2.0**shift / count, sums.dtype)
 
@@ -60,10 +66,10 @@ def _sum_for_mean(sums, count: int):
     rsqrt (`ops.rsqrt`'s ``scale``), where a kernel can fold it into its coefficients for free. For squares
     summed at VARIANCE_SCALE, s is in [8, 16) * variance, kept to 2**-18: 2**-21 / variance relative. The
     sum's product with 2**-k at twice the fraction bits stays in the ring for s below 2**27."""
-    shift = math.ceil(math.log2(count))
-    if shift > 18:
-        raise ValueError(f"cannot average {count} values in fixed point with 18 fraction bits")
+    shift = _count_shift(count)
     total = jnp.sum(sums, axis=-1)
+    # (plain kernels multiply s by c after the caller's eps is added, which keeps the compiler from folding the
+    # two constants into a 1/count that 18 fraction bits would round)
     return (total * 2.0**-shift if shift else total), 2.0**shift / count
 
 
