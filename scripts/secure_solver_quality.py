@@ -4,10 +4,12 @@
 One embedded session (protocol set `cipherdm` by default) shares the shipped MNIST model once and draws batches
 of samples (labels cycling 0..9, x_T from --seed) until --samples are drawn or --minutes have passed; each batch
 is also sampled in plaintext from the same noise. Every batch is saved under --runs as it finishes, so a run cut
-short still reports what it drew. The report gives conditional accuracy and FID (as scripts/evaluate_mnist.py
+short still reports what it drew, and the same command run again draws only the batches not yet saved (a batch's
+noise depends only on --seed and its first index). A --runs folder holding another setting is refused. The report gives conditional accuracy and FID (as scripts/evaluate_mnist.py
 measures them) of the secure and the plaintext samples, and bytes, send actions and seconds per sample.
 
     python scripts/secure_solver_quality.py --scheduler dpmsolver++ --steps 5 --minutes 40
+    python scripts/secure_solver_quality.py --scheduler dpmsolver++ --steps 5 --minutes 40   # goes on where it stopped
     python scripts/secure_solver_quality.py --report-only       # the report from the batches saved so far
 """
 
@@ -54,17 +56,19 @@ def main(argv=None) -> int:
 
 
 def sample(args, command: str) -> None:
-    args.runs.mkdir(parents=True, exist_ok=True)
     model, params = UNet2DModel.from_pretrained(args.model)
     config = json.loads((args.model / "scheduler_config.json").read_text())
     sampler = make_sampler(args.scheduler, ScheduleConfig.from_dict(config), args.steps, options=config)
-    (args.runs / "setting.json").write_text(json.dumps({
-        "command": command.strip(), "model": args.model.name, "scheduler": args.scheduler, "steps": args.steps,
-        "protocol": args.protocol, "batch": args.batch, "timesteps": [int(t) for t in sampler.timesteps]}, indent=2))
+    setting = {"model": args.model.name, "scheduler": args.scheduler, "steps": args.steps, "protocol": args.protocol,
+               "batch": args.batch, "seed": args.seed, "timesteps": [int(t) for t in sampler.timesteps]}
+    starts = batches_to_draw(args.runs, setting, command, args.samples)
+    if not starts:
+        print(f"all {args.samples} samples are saved under {args.runs}", file=sys.stderr)
+        return
     started = time.time()
     with SecureSession(args.protocol, log_file=str(args.runs / "spu.log")) as session:
         diffusion = SecureDiffusion(session, model, params, sampler)
-        for start in range(0, args.samples, args.batch):
+        for start in starts:
             if (time.time() - started) / 60 > args.minutes:
                 break
             labels = np.arange(start, start + args.batch) % 10
@@ -73,10 +77,33 @@ def sample(args, command: str) -> None:
             secure, stats, _ = diffusion.sample(x_t, labels, noise)
             seconds = time.perf_counter() - t0
             plain = sample_plaintext(model, params, sampler, x_t, labels, noise)
-            np.savez(args.runs / f"batch-{start:05d}.npz", secure=secure, plain=plain, labels=labels,
+            np.savez(_batch_file(args.runs, start), secure=secure, plain=plain, labels=labels,
                      seconds=seconds, bytes_sent=stats.bytes_sent, send_actions=stats.send_actions)
             print(f"batch {start}: {seconds:.0f} s, {stats.bytes_sent / 1e9:.2f} GB", file=sys.stderr, flush=True)
         diffusion.close()
+
+
+def batches_to_draw(runs: Path, setting: dict, command: str, samples: int) -> list[int]:
+    """First indices of the batches of ``setting`` still to draw for ``samples`` samples; when there are any, the
+    setting and ``command`` are recorded in ``runs``/setting.json. A folder holding another setting is refused."""
+    runs.mkdir(parents=True, exist_ok=True)
+    path = runs / "setting.json"
+    commands = []
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        commands = saved.pop("commands")
+        if saved != setting:
+            changed = sorted(k for k in setting.keys() | saved.keys() if saved.get(k) != setting.get(k))
+            raise SystemExit(f"{runs} holds batches of another setting (differs in {', '.join(changed)}); "
+                             "give another --runs folder or remove that one")
+    starts = [start for start in range(0, samples, setting["batch"]) if not _batch_file(runs, start).is_file()]
+    if starts:
+        path.write_text(json.dumps({**setting, "commands": [*commands, command.strip()]}, indent=2) + "\n")
+    return starts
+
+
+def _batch_file(runs: Path, start: int) -> Path:
+    return runs / f"batch-{start:05d}.npz"
 
 
 def report(args) -> None:
@@ -105,7 +132,8 @@ def report(args) -> None:
     image_grid(secure[:40], columns=10, scale=3).save(args.out / "solvers_secure.png")
     lines = [
         f"# Secure samples at {setting['scheduler']} {setting['steps']} steps ({setting['protocol']})", "",
-        f"Command: `{setting['command']}`, then `python scripts/secure_solver_quality.py --report-only`. Model "
+        f"Commands (each run goes on where the last stopped): {', '.join(f'`{c}`' for c in setting['commands'])}, then "
+        "`python scripts/secure_solver_quality.py --report-only`. Model "
         f"{setting['model']}, timesteps {setting['timesteps']}, batches of {setting['batch']} in one embedded three-party "
         "session (ABY3, FM64, 18 fraction bits) on this machine's 2 shared CPU cores; labels cycle 0..9; each batch also "
         "sampled in plaintext (float32) from the same noise. Metrics as [mnist_quality.md](mnist_quality.md) (FID on "
@@ -113,7 +141,10 @@ def report(args) -> None:
         "roughly).", "",
     ]
     lines += markdown_table(["samples", "count", "conditional accuracy", "FID"], rows, align="lrr")
-    lines += ["", f"Per sample (secure): {seconds / n:.0f} s, {sent / n / 1e9:.2f} GB sent (all parties), "
+    quietest = min(float(b["seconds"]) / len(b["labels"]) for b in batches)
+    results["seconds_per_sample_quietest_batch"] = quietest
+    lines += ["", f"Per sample (secure): {seconds / n:.0f} s (the batch with the least other load on the machine: "
+              f"{quietest:.0f} s), {sent / n / 1e9:.2f} GB sent (all parties), "
               f"{actions / len(batches):.0f} send actions per batch of {setting['batch']} (the busiest party's; one "
               f"batch's rounds serve all its samples); PSNR vs plaintext {results['psnr_vs_plaintext']:.1f} dB, largest "
               f"pixel difference {results['max_abs_diff_vs_plaintext']:.3f}.", "",
