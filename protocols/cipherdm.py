@@ -27,8 +27,9 @@ Activations use f(x) = step(x) + R(min(|x|, T)):
   two pieces, degrees 9 and 7, split by one more comparison in the same batch, one Horner chain with
   picked coefficients) evaluated by Horner with a scaled accumulator; the fit errs < 2e-6 in float64, so
   what remains under MPC is mostly the input's own 2^-18 encoding.
-SoftMax subtracts the row max (a tournament of threes; pairs in `cipherdm-low-byte`), takes exp by a clamped
-squaring scheme, and one reciprocal per row.
+SoftMax subtracts the row max (a tournament: groups of up to 7 in small calls, threes in large ones; pairs in
+`cipherdm-low-byte`), takes exp by a clamped squaring scheme, and one reciprocal per row (in small calls it
+takes the exps in its first round).
 rsqrt and the softmax reciprocal find their input's octave by one batched comparison and evaluate per-octave
 cubics in three rounds of products, with no Newton step (`_octave_polynomial`); `cipherdm-low-byte`'s rsqrt
 reads the octave off the bits of the encoding (one conversion to boolean shares and a prefix OR: fewer
@@ -64,6 +65,15 @@ NAME = "cipherdm"
 # so the result is 3**-16 (2.3e-8): the right limit, never a wrapped value.
 EXP_SQUARINGS = 4
 EXP_REACH = 2**EXP_SQUARINGS
+# the softmax reciprocal with the row's exps as `times`: as RSQRT_TIMES_FORM, about v = 6, the middle of
+# v = 4m in [4, 8).
+RECIPROCAL_TIMES_FORM = {"coefficient_scale": 2.0**2, "center": 6.0}
+# softmax in calls of at most SMALL_SOFTMAX_ELEMENTS elements trades bytes for send actions: its row max in groups
+# of up to WIDE_TOURNAMENT_ARITY (49-wide rows in 2 levels instead of 4) and the exps folded into the
+# reciprocal; there the rounds saved cost more time than the extra bytes even on the benchmark's LAN. Larger
+# calls compare in threes and multiply by the reciprocal apart (docs/results/kernels.md measures both).
+WIDE_TOURNAMENT_ARITY = 7
+SMALL_SOFTMAX_ELEMENTS = 2**14
 # rsqrt: the octaves k of x in [2**k, 2**(k+1)) it tells apart (x from 2**-18, SPU's smallest positive
 # value, to 2**22 = 4.2e6: a GroupNorm of 16 * variances up to 2.6e5).
 RSQRT_OCTAVES = (-18, 21)
@@ -502,57 +512,90 @@ def rsqrt(x, times=None, *, scale: float = 1.0):
     return _octave_polynomial(x, RSQRT_OCTAVES, RSQRT_PIECES, unit_bits=2, factor=scale**-0.5, times=times, **form)
 
 
-def reciprocal_in_range(x, lo: float, hi: float):
-    """1/x for x in [lo, hi] (lo > 0): `_octave_polynomial` with half-octave pieces over [lo, hi] (relative error
-    < 1.2e-4 from the fit). Used for softmax denominators, which lie in [1, row length]: one per row, so its
-    bytes spread over the row. Below 2**floor(log2 lo) it extrapolates the cubic; beyond hi, the top piece's."""
+def reciprocal_in_range(x, lo: float, hi: float, times=None):
+    """times / x (1 / x without ``times``) for x in [lo, hi] (lo > 0): `_octave_polynomial` with half-octave
+    pieces over [lo, hi] (relative error < 1.2e-4 from the fit). Used for softmax denominators, which lie in
+    [1, row length]: one per row, so its bytes spread over the row; ``times`` (a row's exps) rides in its first
+    round (RECIPROCAL_TIMES_FORM), saving the round of a separate product. Below 2**floor(log2 lo) it
+    extrapolates the cubic; beyond hi, the top piece's."""
     per_unit = len(RECIPROCAL_PIECES)
     octaves = (per_unit * math.floor(math.log2(lo)), per_unit * math.ceil(math.log2(hi)))
+    if times is not None:
+        return _octave_polynomial(x, octaves, RECIPROCAL_PIECES, unit_bits=1, times=times, **RECIPROCAL_TIMES_FORM)
     headroom = min(8, 18 - octaves[1] // per_unit)  # the last factor 2**(-k' - headroom) stays >= 2**-18
     return _octave_polynomial(x, octaves, RECIPROCAL_PIECES, unit_bits=1, coefficient_scale=2.0**headroom)
 
 
 def _row_max(x, axis: int, arity: int = 3):
-    """max over ``axis`` (kept as size 1) by a tournament. ``arity`` 3: each round compares every pair of a
-    triple (p, q, r) in one batched comparison, converts the three bits once, and picks the winner with one
-    product of bits (p wins: [p >= q][p >= r]; q: [p < q][q >= r]; r: neither) and one product of those
-    indicators with the differences: log3(n) rounds of 12 send actions, 1.5 comparisons per element.
-    ``arity`` 2: pairs, one comparison and one product per round: log2(n) rounds of 11, 1 comparison per
-    element. Ties go to the earlier element; the result is an element of the row, exactly."""
-    if arity not in (2, 3):
-        raise ValueError(f"tournaments of 2 or 3, not {arity}")
+    """max over ``axis`` (kept as size 1) by a tournament of groups of ``arity``, exact (an element of the row).
+
+    Each level compares every pair of every group in one batched comparison and converts the bits once. In a
+    group g_0 .. g_{k-1}, g_i wins if g_i >= g_j for every later j and g_i > g_j for every earlier j (ties go to
+    the earlier element), so exactly one wins, and the max is g_{k-1} + sum_{i < k-1} win_i * (g_i - g_{k-1}):
+    each term a product of k - 1 bits and a difference, all of a level's products in one stacked integer
+    product per tree level (`_bit_times` on ring integers), ceil(log2 k) rounds. A level is one comparison, one
+    conversion and ceil(log2 k) products (pairs: 1, threes: 2, up to 8: 3) for k(k-1)/2 comparisons per group:
+    wider groups mean fewer levels (log_k of the row) and more comparisons per element.
+    """
+    if arity < 2:
+        raise ValueError(f"a tournament needs groups of at least 2, not {arity}")
     a = jnp.moveaxis(x, axis, -1)
     while a.shape[-1] > 1:
-        pad = (-a.shape[-1]) % arity
+        k = min(arity, a.shape[-1])
+        pad = (-a.shape[-1]) % k
         if pad:  # repeat the last element: it cannot change the max
             a = jnp.concatenate([a] + [a[..., -1:]] * pad, axis=-1)
-        if arity == 2:
-            p, q = a[..., 0::2], a[..., 1::2]
-            a = q + _bit_times(_indicator(p - q >= 0), p - q)
-            continue
-        p, q, r = a[..., 0::3], a[..., 1::3], a[..., 2::3]
-        pq, qr, pr = _indicator(jnp.stack([p - q, q - r, p - r]) >= 0)
-        wins = jnp.stack([pq, 1 - pq]) * jnp.stack([pr, qr])
-        lead = _bit_times(wins, jnp.stack([p - r, q - r]))
-        a = r + lead[0] + lead[1]
+        groups = [a[..., i::k] for i in range(k)]
+        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        bits = _indicator(jnp.stack([groups[i] - groups[j] for i, j in pairs]) >= 0).astype(_int_type(x.dtype))
+        at_least = dict(zip(pairs, bits))  # [g_i >= g_j] for i < j
+
+        def wins_over(i, j):
+            return at_least[i, j] if i < j else 1 - at_least[j, i]
+
+        # candidates 0 .. k-2; factor f of candidate i: its bit against its f-th opponent, then its difference
+        opponents = [[j for j in range(k) if j != i] for i in range(k - 1)]
+        factors = [jnp.stack([wins_over(i, opponents[i][f]) for i in range(k - 1)]) for f in range(k - 1)]
+        last = groups[-1]
+        factors.append(_encoding(jnp.stack(groups[:-1]) - last))
+        while len(factors) > 1:  # one stacked integer product per tree level
+            half = len(factors) // 2
+            product = jnp.stack(factors[:half]) * jnp.stack(factors[half:2 * half])
+            factors = list(product) + factors[2 * half:]
+        lead = jax.lax.bitcast_convert_type(factors[0], x.dtype)
+        a = last + jnp.sum(lead, axis=0)
     return jnp.moveaxis(a, -1, axis)
 
 
-def _softmax(x, axis: int, exp_impl: str, arity: int):
+def _wide_arity(width: int) -> int:
+    """Groups of up to WIDE_TOURNAMENT_ARITY: as few levels as that allows, then the narrowest groups reaching them."""
+    levels = math.ceil(math.log(width) / math.log(WIDE_TOURNAMENT_ARITY) - 1e-12) if width > 1 else 1
+    return next(k for k in range(2, WIDE_TOURNAMENT_ARITY + 1) if k**levels >= width)
+
+
+def _softmax(x, axis: int, exp_impl: str, arity: int, fold_exps: bool):
+    """e / sum(e), e = exp(x - max): with ``fold_exps`` e rides in the reciprocal's first round (one round
+    fewer, one more product per element), else a product of e and the reciprocal."""
     shifted = x - _row_max(x, axis, arity)
     e = registry.kernel("exp", exp_impl)(shifted)
     total = jnp.sum(e, axis=axis, keepdims=True)  # in [1, n]: the max entry contributes exactly 1
+    if fold_exps:
+        return reciprocal_in_range(total, 1.0, float(x.shape[axis]), times=e)
     return e * reciprocal_in_range(total, 1.0, float(x.shape[axis]))
 
 
 @register_kernel("softmax", NAME)
 def softmax(x, axis: int, exp_impl: str):
-    """Max subtraction (`_row_max`, a tournament of threes), the set's exp (`exp_nonpositive` in the `cipherdm`
-    set), one reciprocal per row (over [1, row length])."""
-    return _softmax(x, axis, exp_impl, arity=3)
+    """Max subtraction (`_row_max`), the set's exp (`exp_nonpositive` in the `cipherdm` set), one reciprocal per
+    row (over [1, row length]). Calls of at most SMALL_SOFTMAX_ELEMENTS compare in wide groups (`_wide_arity`)
+    and fold the exps into the reciprocal's first round; larger calls compare in threes, products apart."""
+    if x.size <= SMALL_SOFTMAX_ELEMENTS:
+        return _softmax(x, axis, exp_impl, arity=_wide_arity(x.shape[axis]), fold_exps=True)
+    return _softmax(x, axis, exp_impl, arity=3, fold_exps=False)
 
 
 @register_kernel("softmax", f"{NAME}-low-byte")
 def softmax_low_byte(x, axis: int, exp_impl: str):
-    """As `softmax` with a pairwise tournament for the max: a third fewer comparisons, more rounds."""
-    return _softmax(x, axis, exp_impl, arity=2)
+    """As `softmax` with a pairwise tournament for the max (a third fewer comparisons than threes) and a separate
+    product by the reciprocal: fewer bytes, more rounds."""
+    return _softmax(x, axis, exp_impl, arity=2, fold_exps=False)

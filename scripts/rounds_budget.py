@@ -13,9 +13,11 @@ kernel's). From them, an optimistic floor per kernel call:
            the polynomial between them counted as free
   silu     one comparison round (sign and window batched) + its conversion + one bit product (relu) + one
            secret product (a curve needs at least one truncated product)
-  softmax  the row max by the cheaper tournament (pairs: 1 comparison round, 1 conversion, 1 bit product per
-           level; threes: 2 bit products per level) + the exp's clamp (comparison, conversion, bit product)
-           + the reciprocal's floor (as rsqrt's) + the output product; exp's polynomial counted as free
+  softmax  the row max by the cheapest tournament, in groups of any width k up to the row's (a level: 1
+           comparison round for all of a group's pairs, 1 conversion, ceil(log2 k) bit-product rounds; one
+           group of the whole row takes one level, at n(n-1)/2 comparisons a row: floors ignore bytes) + the
+           exp's clamp (comparison, conversion, bit product) + the reciprocal's floor (as rsqrt's; the exps
+           ride in its products, as `cipherdm`'s do); exp's polynomial counted as free
 
 and the step's floor: the linear floor plus every call at its kernel's floor. A target below that floor
 cannot be met by any kernel design built from these blocks, without restructuring the model's arithmetic.
@@ -75,10 +77,13 @@ def kernel_floors(b: dict) -> dict:
     decide = b["compare"] + b["conversion"]
     rescale = decide + 2 * b["secret_product"]
 
+    def levels(width: int, k: int) -> int:
+        return next(n for n in range(width) if k**n >= width)
+
     def softmax(width: int) -> int:
-        levels = {2: math.ceil(math.log2(width)), 3: math.ceil(math.log(width, 3))}
-        tournament = min(levels[2] * (decide + b["integer_product"]), levels[3] * (decide + 2 * b["integer_product"]))
-        return tournament + decide + b["integer_product"] + rescale + b["secret_product"]
+        tournament = min(levels(width, k) * (decide + math.ceil(math.log2(k)) * b["integer_product"])
+                         for k in range(2, max(width, 2) + 1))
+        return tournament + decide + b["integer_product"] + rescale
 
     activation = decide + b["integer_product"] + b["secret_product"]
     return {"rsqrt": lambda shape: rescale, "silu": lambda shape: activation, "mish": lambda shape: activation,

@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 
 from cipherdm_spu import ops, registry
+from cipherdm_spu.protocols import cipherdm
 from cipherdm_spu.protocols.cipherdm import (
     RSQRT_LOW_BYTE_EXPONENTS,
     RSQRT_OCTAVES,
+    SMALL_SOFTMAX_ELEMENTS,
+    WIDE_TOURNAMENT_ARITY,
     _from_integer,
     _indicator,
     _octave_bits,
@@ -17,7 +20,9 @@ from cipherdm_spu.protocols.cipherdm import (
     _rounded_integer,
     _row_max,
     _sign_and_window,
+    _softmax,
     _table,
+    _wide_arity,
 )
 from cipherdm_spu.protocols.reference import REFERENCES, activation_inputs, encoded, gelu_tanh, softmax
 
@@ -50,10 +55,11 @@ def test_exp_on_softmax_domain_reaches_the_right_limit(sessions):
     assert np.all(np.abs(y[-3:]) < 1e-6)
 
 
-@pytest.mark.parametrize("n, spread", [(16, 4.0), (64, 8.0), (256, 2.0), (1024, 2.0)])
+@pytest.mark.parametrize("rows, n, spread", [(8, 16, 4.0), (98, 49, 4.0), (8, 64, 8.0), (8, 256, 2.0), (8, 1024, 2.0),
+                                             (24, 1024, 2.0)])  # the last above SMALL_SOFTMAX_ELEMENTS: threes
 @pytest.mark.parametrize("protocol", ["cipherdm", "cipherdm-low-byte"])
-def test_softmax_rows(sessions, rng, n, spread, protocol):
-    logits = (rng.standard_normal((8, n)) * spread).astype(np.float32)
+def test_softmax_rows(sessions, rng, rows, n, spread, protocol):
+    logits = (rng.standard_normal((rows, n)) * spread).astype(np.float32)
     logits[0, 0] = 1e4  # an extreme logit: the row must become one-hot, never wrap
     y = sessions[protocol].run(lambda v: ops.softmax(v, axis=-1), logits)
     assert np.abs(y - softmax(logits)).max() <= 5e-3
@@ -81,11 +87,11 @@ def test_sign_and_window_bits_from_one_comparison_at_their_boundaries(sessions):
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: jax.numpy.stack(_sign_and_window(v, T)))(x)), want)
 
 
-@pytest.mark.parametrize("arity", [2, 3])
+@pytest.mark.parametrize("arity", [2, 3, 4, 7])
 def test_row_max_is_exact_with_ties_padding_and_any_axis(sessions, rng, arity):
-    """The tournaments (of threes: `cipherdm`; pairs: `cipherdm-low-byte`) return the row's largest element
-    (exactly under SPU: bit products on the ring), for widths that are not powers of their arity, with ties,
-    on a middle axis."""
+    """The tournaments (pairs: `cipherdm-low-byte`; threes and wider: `cipherdm`) return the row's largest
+    element (exactly under SPU: bit products on the ring), for widths that are not powers of their arity, with
+    ties, on a middle axis."""
     x = rng.normal(0, 3, (4, 49, 5)).astype(np.float32)
     x[0, :, 0] = 2.5  # a row of ties
     x[1, 7, 1] = 1e4
@@ -95,6 +101,34 @@ def test_row_max_is_exact_with_ties_padding_and_any_axis(sessions, rng, arity):
     np.testing.assert_allclose(got, want, rtol=2.0**-23, atol=0)  # exact but for the float32 output
     plain = np.asarray(jax.jit(lambda v: _row_max(v, 1, arity))(x))
     np.testing.assert_allclose(plain, x.max(axis=1, keepdims=True), atol=2e-3)  # in float32, r + (p - r) next to 1e4
+
+
+def test_small_softmax_calls_compare_in_wide_groups_and_fold_the_exps_large_ones_do_not(monkeypatch):
+    """Groups up to 7 wide, the fewest levels and then the narrowest groups, in calls of at most
+    SMALL_SOFTMAX_ELEMENTS; threes and a separate product above."""
+    assert WIDE_TOURNAMENT_ARITY == 7
+    arity = {n: _wide_arity(n) for n in (1, 2, 5, 7, 8, 13, 49, 50, 77, 1024)}
+    assert arity == {1: 2, 2: 2, 5: 5, 7: 7, 8: 3, 13: 4, 49: 7, 50: 4, 77: 5, 1024: 6}
+    forms = []
+    monkeypatch.setattr(cipherdm, "_softmax", lambda x, axis, exp_impl, arity, fold_exps: forms.append((arity, fold_exps)))
+    rows = SMALL_SOFTMAX_ELEMENTS // 49
+    for shape, axis in [((rows, 49), 1), ((rows + 1, 49), 1), ((49, 2, 4), 0)]:
+        cipherdm.softmax(np.zeros(shape, np.float32), axis, "cipherdm")
+    assert forms == [(7, True), (3, False), (7, True)]  # the row is the axis, wherever it is
+
+
+def test_wide_groups_and_folded_exps_cost_fewer_rounds(sessions, rng):
+    """On an MNIST attention call (2 heads x 49 rows of 49): the 7-wide tournament takes 2 levels where threes
+    take 4 (a level is one comparison, one conversion and its rounds of bit products), and the exps riding in the
+    reciprocal's first round save the separate product."""
+    session = sessions["cipherdm"]
+    x = (rng.standard_normal((98, 49)) * 4).astype(np.float32)
+    threes = fewest_send_actions(session, lambda v: _row_max(v, 1, 3), x)
+    sevens = fewest_send_actions(session, lambda v: _row_max(v, 1, 7), x)
+    assert sevens <= threes - 18  # 4 levels of 12 against 2 of 13: 22 fewer, less a run's variation
+    apart = fewest_send_actions(session, lambda v: _softmax(v, 1, "cipherdm", 7, fold_exps=False), x, runs=5)
+    folded = fewest_send_actions(session, lambda v: _softmax(v, 1, "cipherdm", 7, fold_exps=True), x, runs=5)
+    assert folded < apart  # 3 fewer, but a run's count varies by up to 2
 
 
 def test_table_is_the_encoded_constant_for_every_octave_under_spu_and_in_float(sessions):
