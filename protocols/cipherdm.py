@@ -65,13 +65,16 @@ NAME = "cipherdm"
 # so the result is 3**-16 (2.3e-8): the right limit, never a wrapped value.
 EXP_SQUARINGS = 4
 EXP_REACH = 2**EXP_SQUARINGS
-# the softmax reciprocal with the row's exps as `times`: as RSQRT_TIMES_FORM, about v = 6, the middle of
-# v = 4m in [4, 8).
-RECIPROCAL_TIMES_FORM = {"coefficient_scale": 2.0**2, "center": 6.0}
+# the softmax reciprocal with the row's exps as `times`: the cubics about v = 6, the middle of v = 4m in [4, 8),
+# at unit scale, so the exps times 2**-k' keep their 2**-18 and P <= 1 does not magnify it.
+RECIPROCAL_TIMES_FORM = {"coefficient_scale": 1.0, "center": 6.0}
 # softmax in calls of at most SMALL_SOFTMAX_ELEMENTS elements trades bytes for send actions: its row max in groups
 # of up to WIDE_TOURNAMENT_ARITY (49-wide rows in 2 levels instead of 4) and the exps folded into the
-# reciprocal; there the rounds saved cost more time than the extra bytes even on the benchmark's LAN. Larger
-# calls compare in threes and multiply by the reciprocal apart (docs/results/kernels.md measures both).
+# reciprocal. Per call that saves a fixed number of send actions for extra bytes per element, so it pays below
+# a size, and the size is the call's (batch included: MNIST's attention takes the wide form at batches of up
+# to 3). 2**14 is below where, on the benchmark's LAN, the saved send actions' latency equals the extra bytes'
+# transfer time (docs/results/kernels.md, "softmax forms"); on its WAN that is larger still. Larger calls
+# compare in threes and multiply by the reciprocal apart.
 WIDE_TOURNAMENT_ARITY = 7
 SMALL_SOFTMAX_ELEMENTS = 2**14
 # rsqrt: the octaves k of x in [2**k, 2**(k+1)) it tells apart (x from 2**-18, SPU's smallest positive
@@ -518,6 +521,9 @@ def reciprocal_in_range(x, lo: float, hi: float, times=None):
     [1, row length]: one per row, so its bytes spread over the row; ``times`` (a row's exps) rides in its first
     round (RECIPROCAL_TIMES_FORM), saving the round of a separate product. Below 2**floor(log2 lo) it
     extrapolates the cubic; beyond hi, the top piece's."""
+    if not 0 < lo <= hi <= 2**16:
+        raise ValueError(f"reciprocal over [{lo}, {hi}]: needs 0 < lo <= hi <= 2**16 (its last factor 2**-k' is kept "
+                         "to 18 fraction bits)")
     per_unit = len(RECIPROCAL_PIECES)
     octaves = (per_unit * math.floor(math.log2(lo)), per_unit * math.ceil(math.log2(hi)))
     if times is not None:
@@ -567,15 +573,16 @@ def _row_max(x, axis: int, arity: int = 3):
     return jnp.moveaxis(a, -1, axis)
 
 
-def _wide_arity(width: int) -> int:
+def wide_arity(width: int) -> int:
     """Groups of up to WIDE_TOURNAMENT_ARITY: as few levels as that allows, then the narrowest groups reaching them."""
-    levels = math.ceil(math.log(width) / math.log(WIDE_TOURNAMENT_ARITY) - 1e-12) if width > 1 else 1
+    levels = next(n for n in range(1, width + 1) if WIDE_TOURNAMENT_ARITY**n >= width)
     return next(k for k in range(2, WIDE_TOURNAMENT_ARITY + 1) if k**levels >= width)
 
 
-def _softmax(x, axis: int, exp_impl: str, arity: int, fold_exps: bool):
-    """e / sum(e), e = exp(x - max): with ``fold_exps`` e rides in the reciprocal's first round (one round
-    fewer, one more product per element), else a product of e and the reciprocal."""
+def softmax_in_form(x, axis: int, exp_impl: str, arity: int, fold_exps: bool):
+    """e / sum(e), e = exp(x - max), the max by a tournament of ``arity`` (`_row_max`): with ``fold_exps`` e rides
+    in the reciprocal's first round (one round fewer, one more product per element), else a product of e and the
+    reciprocal. The softmax kernels are its forms; the benchmark measures them side by side."""
     shifted = x - _row_max(x, axis, arity)
     e = registry.kernel("exp", exp_impl)(shifted)
     total = jnp.sum(e, axis=axis, keepdims=True)  # in [1, n]: the max entry contributes exactly 1
@@ -587,15 +594,15 @@ def _softmax(x, axis: int, exp_impl: str, arity: int, fold_exps: bool):
 @register_kernel("softmax", NAME)
 def softmax(x, axis: int, exp_impl: str):
     """Max subtraction (`_row_max`), the set's exp (`exp_nonpositive` in the `cipherdm` set), one reciprocal per
-    row (over [1, row length]). Calls of at most SMALL_SOFTMAX_ELEMENTS compare in wide groups (`_wide_arity`)
+    row (over [1, row length]). Calls of at most SMALL_SOFTMAX_ELEMENTS compare in wide groups (`wide_arity`)
     and fold the exps into the reciprocal's first round; larger calls compare in threes, products apart."""
     if x.size <= SMALL_SOFTMAX_ELEMENTS:
-        return _softmax(x, axis, exp_impl, arity=_wide_arity(x.shape[axis]), fold_exps=True)
-    return _softmax(x, axis, exp_impl, arity=3, fold_exps=False)
+        return softmax_in_form(x, axis, exp_impl, arity=wide_arity(x.shape[axis]), fold_exps=True)
+    return softmax_in_form(x, axis, exp_impl, arity=3, fold_exps=False)
 
 
 @register_kernel("softmax", f"{NAME}-low-byte")
 def softmax_low_byte(x, axis: int, exp_impl: str):
     """As `softmax` with a pairwise tournament for the max (a third fewer comparisons than threes) and a separate
     product by the reciprocal: fewer bytes, more rounds."""
-    return _softmax(x, axis, exp_impl, arity=2, fold_exps=False)
+    return softmax_in_form(x, axis, exp_impl, arity=2, fold_exps=False)

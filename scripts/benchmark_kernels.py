@@ -5,8 +5,10 @@ wall seconds, and max / mean absolute error against a float64 reference on
   (a) a dense grid on [-20, 20], (b) activation-like samples (normal, std 1..8, and Student-t tails),
   (c) extreme values (|x| up to 1e4), (d) the bulk, a dense grid on [-2, 2].
 exp is measured on its softmax domain (x <= 0), rsqrt by relative error over variances 1e-4..1e4,
-softmax on rows of 16, 64, 256, 1024 logits with realistic spreads (one extreme logit per batch); the
-measurement is `cipherdm_spu.benchmark.measure_kernels`, the references `cipherdm_spu.protocols.reference`.
+softmax on rows of 16, 64, 256, 1024 logits with realistic spreads (one extreme logit per batch), and
+`cipherdm`'s two softmax forms side by side at attention-like shapes; the measurements are
+`cipherdm_spu.benchmark.measure_kernels` and `measure_softmax_forms`, the references
+`cipherdm_spu.protocols.reference`.
 
     python scripts/benchmark_kernels.py                 # full run -> docs/results/kernels.{md,json}
     python scripts/benchmark_kernels.py --quick --out /tmp/k
@@ -24,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cipherdm_spu.benchmark import ACTIVATIONS, SOFTMAX_ROWS, measure_kernels
+from cipherdm_spu.benchmark import ACTIVATIONS, SOFTMAX_FORM_SHAPES, SOFTMAX_ROWS, measure_kernels, measure_softmax_forms
+from cipherdm_spu.protocols.cipherdm import SMALL_SOFTMAX_ELEMENTS
 from cipherdm_spu.registry import BASELINE, available_protocol_sets
 from cipherdm_spu.results import markdown_table
 
@@ -74,6 +77,23 @@ def render_markdown(results: dict, command: str) -> str:
         [["rsqrt", label, *cost(r, "rsqrt"), f"{r['relative_vs_true_input']['max_rel_err']:.2g}",
           f"{r['relative_vs_encoded_input']['max_rel_err']:.2g}"]
          for label in sets for r in [results["sets"][label]["rsqrt"]]], align="ll")
+    if results.get("softmax_forms"):
+        lines += ["", "## Softmax forms", "",
+                  "`cipherdm`'s softmax in both its forms on the same logits (standard deviation 4, one 1e4 logit): "
+                  "the max by groups of up to 7 with the exps folded into the reciprocal's first round, or by threes "
+                  "with a separate product. Bytes are the busiest party's per element; \"saves\" is the wide form's "
+                  "send actions saved times RTT/2 less its extra bytes over the bandwidth (LAN 5 Gbps / 0.4 ms RTT, "
+                  f"WAN 400 Mbps / 40 ms RTT; compute left out). The kernel takes the wide form in calls of at most "
+                  f"{SMALL_SOFTMAX_ELEMENTS} elements (protocols/cipherdm.py, SMALL_SOFTMAX_ELEMENTS).", ""]
+        lines += markdown_table(
+            ["shape", "elements", "wide: groups, B/elem, send actions, max err", "threes: B/elem, send actions, max err",
+             "wide saves on LAN ms", "wide saves on WAN ms", "kernel takes"],
+            [[" x ".join(map(str, r["shape"])), r["elements"],
+              f"{w['arity']}, {w['busiest_party_bytes'] / r['elements']:.0f}, {w['send_actions']}, {w['max_abs_err']:.2g}",
+              f"{t['busiest_party_bytes'] / r['elements']:.0f}, {t['send_actions']}, {t['max_abs_err']:.2g}",
+              f"{1e3 * r['wide_saves_seconds']['LAN']:.1f}", f"{1e3 * r['wide_saves_seconds']['WAN']:.0f}",
+              "wide" if r["elements"] <= SMALL_SOFTMAX_ELEMENTS else "threes"]
+             for r in results["softmax_forms"] for w, t in [(r["wide, folded"], r["threes, apart"])]], align="l")
     lines += [
         "",
         "Notes: SPU's Io encodes inputs by flooring to 2^-18, so a variance of 1e-4 arrives with up to 2 % error",
@@ -83,7 +103,7 @@ def render_markdown(results: dict, command: str) -> str:
         "octave by one batched comparison and evaluates piecewise cubics with no Newton step (more bytes, but the",
         "norms run it once per group); SiLU and Mish take their sign and window bits from one comparison (the",
         "window from the sign of E^2 - E_T^2 of the encoding E: correct for |x| < 11585); softmax takes its row",
-        "maximum by a tournament of threes and its denominator's reciprocal by half-octave cubics. The set",
+        "maximum by a tournament (see \"Softmax forms\") and its denominator's reciprocal by half-octave cubics. The set",
         "`cipherdm-low-byte` trades those rounds back for bytes: rsqrt's octave read off the encoding's bits and a",
         "Newton step, SiLU's window compared after |x| (no range limit), softmax's max by a pairwise tournament.",
         "`cipherdm`'s SiLU and Mish fits are weighted towards the bulk, held to 9.5e-3 on the whole line (SiLU's with",
@@ -127,6 +147,8 @@ def main(argv=None) -> int:
     }
     for name in tqdm(sets, desc="protocol sets"):
         results["sets"][name] = measure_kernels(name, rng, args.elements, args.rows)
+    if "cipherdm" in sets:
+        results["softmax_forms"] = measure_softmax_forms(rng, SOFTMAX_FORM_SHAPES[:1] if args.quick else SOFTMAX_FORM_SHAPES)
     command = "python scripts/benchmark_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["command"] = command.strip()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Secure samples at one sampler setting, judged beside plaintext from the same noise -> docs/results/solvers_secure.md.
+"""Secure samples at one sampler setting, judged beside plaintext from the same noise
+-> docs/results/solvers_secure.md.
 
 One embedded session (protocol set `cipherdm` by default) shares the shipped MNIST model once and draws batches
 of samples (labels cycling 0..9, x_T from --seed) until --samples are drawn or --minutes have passed; each batch
 is also sampled in plaintext from the same noise. Every batch is saved under --runs as it finishes, so a run cut
 short still reports what it drew, and the same command run again draws only the batches not yet saved (a batch's
-noise depends only on --seed and its first index). A --runs folder holding another setting is refused. The report gives conditional accuracy and FID (as scripts/evaluate_mnist.py
+noise depends only on --seed and its first index). A --runs folder holding another setting is refused. Batches
+are whole: --samples is rounded up to a multiple of --batch. The report gives conditional accuracy and FID (as scripts/evaluate_mnist.py
 measures them) of the secure and the plaintext samples, and bytes, send actions and seconds per sample.
 
     python scripts/secure_solver_quality.py --scheduler dpmsolver++ --steps 5 --minutes 40
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -77,8 +80,10 @@ def sample(args, command: str) -> None:
             secure, stats, _ = diffusion.sample(x_t, labels, noise)
             seconds = time.perf_counter() - t0
             plain = sample_plaintext(model, params, sampler, x_t, labels, noise)
-            np.savez(_batch_file(args.runs, start), secure=secure, plain=plain, labels=labels,
+            partial = args.runs / f"partial-{start:05d}.npz"  # renamed once complete: a killed run leaves no batch
+            np.savez(partial, secure=secure, plain=plain, labels=labels,
                      seconds=seconds, bytes_sent=stats.bytes_sent, send_actions=stats.send_actions)
+            os.replace(partial, _batch_file(args.runs, start))
             print(f"batch {start}: {seconds:.0f} s, {stats.bytes_sent / 1e9:.2f} GB", file=sys.stderr, flush=True)
         diffusion.close()
 
@@ -91,10 +96,10 @@ def batches_to_draw(runs: Path, setting: dict, command: str, samples: int) -> li
     commands = []
     if path.is_file():
         saved = json.loads(path.read_text())
-        commands = saved.pop("commands")
+        commands = saved.pop("commands", [])
         if saved != setting:
             changed = sorted(k for k in setting.keys() | saved.keys() if saved.get(k) != setting.get(k))
-            raise SystemExit(f"{runs} holds batches of another setting (differs in {', '.join(changed)}); "
+            raise SystemExit(f"{runs} holds another setting (differs in {', '.join(changed)}); "
                              "give another --runs folder or remove that one")
     starts = [start for start in range(0, samples, setting["batch"]) if not _batch_file(runs, start).is_file()]
     if starts:
@@ -141,10 +146,10 @@ def report(args) -> None:
         "roughly).", "",
     ]
     lines += markdown_table(["samples", "count", "conditional accuracy", "FID"], rows, align="lrr")
-    quietest = min(float(b["seconds"]) / len(b["labels"]) for b in batches)
-    results["seconds_per_sample_quietest_batch"] = quietest
-    lines += ["", f"Per sample (secure): {seconds / n:.0f} s (the batch with the least other load on the machine: "
-              f"{quietest:.0f} s), {sent / n / 1e9:.2f} GB sent (all parties), "
+    fastest = min(float(b["seconds"]) / len(b["labels"]) for b in batches)
+    results["seconds_per_sample_fastest_batch"] = fastest
+    lines += ["", f"Per sample (secure): {seconds / n:.0f} s (the fastest batch, the one least slowed by other work on "
+              f"the machine: {fastest:.0f} s), {sent / n / 1e9:.2f} GB sent (all parties), "
               f"{actions / len(batches):.0f} send actions per batch of {setting['batch']} (the busiest party's; one "
               f"batch's rounds serve all its samples); PSNR vs plaintext {results['psnr_vs_plaintext']:.1f} dB, largest "
               f"pixel difference {results['max_abs_diff_vs_plaintext']:.3f}.", "",

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cipherdm_spu import Public, RunStats, SecureSession, ops, registry
-from cipherdm_spu.benchmark import (StepCase, estimate_latency, estimate_terms, linear_floor, measure_step, nonlinear_calls,
-                                    ratios)
+from cipherdm_spu.benchmark import (StepCase, estimate_latency, estimate_terms, linear_floor, measure_softmax_forms,
+                                    measure_step, nonlinear_calls, ratios)
 from cipherdm_spu.models import UNet2DModel
 
 from .scripts import load_script
@@ -46,6 +46,19 @@ def test_estimate_terms_take_the_busiest_party():
     assert estimate_terms(stats, 400e6, 0.02) == pytest.approx({"compute": 1.5, "bytes": 2e6 * 8 / 400e6, "rounds": 2.0})
     with pytest.raises(ValueError, match="no per-party compute"):
         estimate_terms(RunStats.zero(), 400e6, 0.02)
+
+
+def test_softmax_forms_are_measured_side_by_side_on_the_same_logits():
+    """Both forms are accurate on a 49-wide call with a 1e4 logit; the wide one takes fewer send actions and more
+    bytes, and what it saves on a network is that trade priced at the network's RTT and bandwidth."""
+    (row,) = measure_softmax_forms(np.random.default_rng(0), shapes=((20, 49),))
+    wide, threes = row["wide, folded"], row["threes, apart"]
+    assert (wide["arity"], threes["arity"], row["elements"]) == (7, 3, 980)
+    assert wide["max_abs_err"] <= 5e-3 and threes["max_abs_err"] <= 5e-3
+    assert wide["send_actions"] < threes["send_actions"] and wide["busiest_party_bytes"] > threes["busiest_party_bytes"]
+    saved = (threes["send_actions"] - wide["send_actions"]) * 0.020 - (
+        wide["busiest_party_bytes"] - threes["busiest_party_bytes"]) * 8 / 400e6
+    assert row["wide_saves_seconds"]["WAN"] == pytest.approx(saved)
 
 
 def test_measure_step_on_a_tiny_unet():

@@ -20,9 +20,9 @@ from cipherdm_spu.protocols.cipherdm import (
     _rounded_integer,
     _row_max,
     _sign_and_window,
-    _softmax,
     _table,
-    _wide_arity,
+    softmax_in_form,
+    wide_arity,
 )
 from cipherdm_spu.protocols.reference import REFERENCES, activation_inputs, encoded, gelu_tanh, softmax
 
@@ -66,6 +66,15 @@ def test_softmax_rows(sessions, rng, rows, n, spread, protocol):
     assert np.abs(y.sum(-1) - 1).max() <= 1e-2
 
 
+@pytest.mark.parametrize("n", [49, 1024])
+@pytest.mark.parametrize("protocol", ["cipherdm", "cipherdm-low-byte"])
+def test_softmax_of_equal_logits_is_uniform(sessions, n, protocol):
+    """Every entry 1/n, to 1 % relative (the folded reciprocal keeps the exps' 2**-18), and rows summing to 1."""
+    y = np.asarray(sessions[protocol].run(lambda v: ops.softmax(v, axis=-1), np.zeros((8, n), np.float32)), np.float64)
+    assert np.abs(y * n - 1).max() <= 1e-2
+    assert np.abs(y.sum(-1) - 1).max() <= 1e-3
+
+
 @pytest.mark.parametrize("impl", ["cipherdm", "cipherdm-low-byte"])
 def test_silu_variants_within_1e2_on_the_whole_line(sessions, impl):
     x = activation_inputs()
@@ -92,10 +101,10 @@ def test_row_max_is_exact_with_ties_padding_and_any_axis(sessions, rng, arity):
     """The tournaments (pairs: `cipherdm-low-byte`; threes and wider: `cipherdm`) return the row's largest
     element (exactly under SPU: bit products on the ring), for widths that are not powers of their arity, with
     ties, on a middle axis."""
-    x = rng.normal(0, 3, (4, 49, 5)).astype(np.float32)
+    x = rng.normal(0, 3, (4, 50, 5)).astype(np.float32)
     x[0, :, 0] = 2.5  # a row of ties
     x[1, 7, 1] = 1e4
-    x[2, 48, 2] = -1e4
+    x[2, 49, 2] = -1e4
     want = encoded(x).max(axis=1, keepdims=True)
     got = np.asarray(sessions["cipherdm"].run(lambda v: _row_max(v, 1, arity), x), np.float64)
     np.testing.assert_allclose(got, want, rtol=2.0**-23, atol=0)  # exact but for the float32 output
@@ -107,10 +116,10 @@ def test_small_softmax_calls_compare_in_wide_groups_and_fold_the_exps_large_ones
     """Groups up to 7 wide, the fewest levels and then the narrowest groups, in calls of at most
     SMALL_SOFTMAX_ELEMENTS; threes and a separate product above."""
     assert WIDE_TOURNAMENT_ARITY == 7
-    arity = {n: _wide_arity(n) for n in (1, 2, 5, 7, 8, 13, 49, 50, 77, 1024)}
+    arity = {n: wide_arity(n) for n in (1, 2, 5, 7, 8, 13, 49, 50, 77, 1024)}
     assert arity == {1: 2, 2: 2, 5: 5, 7: 7, 8: 3, 13: 4, 49: 7, 50: 4, 77: 5, 1024: 6}
     forms = []
-    monkeypatch.setattr(cipherdm, "_softmax", lambda x, axis, exp_impl, arity, fold_exps: forms.append((arity, fold_exps)))
+    monkeypatch.setattr(cipherdm, "softmax_in_form", lambda x, axis, exp_impl, arity, fold_exps: forms.append((arity, fold_exps)))
     rows = SMALL_SOFTMAX_ELEMENTS // 49
     for shape, axis in [((rows, 49), 1), ((rows + 1, 49), 1), ((49, 2, 4), 0)]:
         cipherdm.softmax(np.zeros(shape, np.float32), axis, "cipherdm")
@@ -125,9 +134,9 @@ def test_wide_groups_and_folded_exps_cost_fewer_rounds(sessions, rng):
     x = (rng.standard_normal((98, 49)) * 4).astype(np.float32)
     threes = fewest_send_actions(session, lambda v: _row_max(v, 1, 3), x)
     sevens = fewest_send_actions(session, lambda v: _row_max(v, 1, 7), x)
-    assert sevens <= threes - 18  # 4 levels of 12 against 2 of 13: 22 fewer, less a run's variation
-    apart = fewest_send_actions(session, lambda v: _softmax(v, 1, "cipherdm", 7, fold_exps=False), x, runs=5)
-    folded = fewest_send_actions(session, lambda v: _softmax(v, 1, "cipherdm", 7, fold_exps=True), x, runs=5)
+    assert sevens <= threes - 18  # 3 levels of threes and a pair (47) against 2 of sevens (26), less a run's variation
+    apart = fewest_send_actions(session, lambda v: softmax_in_form(v, 1, "cipherdm", 7, fold_exps=False), x, runs=5)
+    folded = fewest_send_actions(session, lambda v: softmax_in_form(v, 1, "cipherdm", 7, fold_exps=True), x, runs=5)
     assert folded < apart  # 3 fewer, but a run's count varies by up to 2
 
 
