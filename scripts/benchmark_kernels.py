@@ -34,6 +34,26 @@ from cipherdm_spu.results import markdown_table
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def render_softmax_forms(rows: list) -> list:
+    """The "Softmax forms" section: `measure_softmax_forms`' rows, and which form the kernel takes for each."""
+    lines = ["## Softmax forms", "",
+             "`cipherdm`'s softmax in both its forms on the same logits (standard deviation 4, one 1e4 logit): "
+             "the max by groups of up to 7 with the exps folded into the reciprocal's first round, or by threes "
+             "with a separate product. Bytes are the busiest party's per element; \"saves\" is the wide form's "
+             "send actions saved times RTT/2 less its extra bytes over the bandwidth (LAN 5 Gbps / 0.4 ms RTT, "
+             f"WAN 400 Mbps / 40 ms RTT; compute left out). The kernel takes the wide form in calls of at most "
+             f"{SMALL_SOFTMAX_ELEMENTS} elements (protocols/cipherdm.py, SMALL_SOFTMAX_ELEMENTS).", ""]
+    return lines + markdown_table(
+        ["shape", "elements", "wide: groups, B/elem, send actions, max err", "threes: B/elem, send actions, max err",
+         "wide saves on LAN ms", "wide saves on WAN ms", "kernel takes"],
+        [[" x ".join(map(str, r["shape"])), r["elements"],
+          f"{w['arity']}, {w['busiest_party_bytes'] / r['elements']:.0f}, {w['send_actions']}, {w['max_abs_err']:.2g}",
+          f"{t['busiest_party_bytes'] / r['elements']:.0f}, {t['send_actions']}, {t['max_abs_err']:.2g}",
+          f"{1e3 * r['wide_saves_seconds']['LAN']:.1f}", f"{1e3 * r['wide_saves_seconds']['WAN']:.0f}",
+          "wide" if r["elements"] <= SMALL_SOFTMAX_ELEMENTS else "threes"]
+         for r in rows for w, t in [(r["wide, folded"], r["threes, apart"])]], align="l")
+
+
 def render_markdown(results: dict, command: str) -> str:
     sets = list(results["sets"])
     base = results["sets"][BASELINE]
@@ -78,22 +98,7 @@ def render_markdown(results: dict, command: str) -> str:
           f"{r['relative_vs_encoded_input']['max_rel_err']:.2g}"]
          for label in sets for r in [results["sets"][label]["rsqrt"]]], align="ll")
     if results.get("softmax_forms"):
-        lines += ["", "## Softmax forms", "",
-                  "`cipherdm`'s softmax in both its forms on the same logits (standard deviation 4, one 1e4 logit): "
-                  "the max by groups of up to 7 with the exps folded into the reciprocal's first round, or by threes "
-                  "with a separate product. Bytes are the busiest party's per element; \"saves\" is the wide form's "
-                  "send actions saved times RTT/2 less its extra bytes over the bandwidth (LAN 5 Gbps / 0.4 ms RTT, "
-                  f"WAN 400 Mbps / 40 ms RTT; compute left out). The kernel takes the wide form in calls of at most "
-                  f"{SMALL_SOFTMAX_ELEMENTS} elements (protocols/cipherdm.py, SMALL_SOFTMAX_ELEMENTS).", ""]
-        lines += markdown_table(
-            ["shape", "elements", "wide: groups, B/elem, send actions, max err", "threes: B/elem, send actions, max err",
-             "wide saves on LAN ms", "wide saves on WAN ms", "kernel takes"],
-            [[" x ".join(map(str, r["shape"])), r["elements"],
-              f"{w['arity']}, {w['busiest_party_bytes'] / r['elements']:.0f}, {w['send_actions']}, {w['max_abs_err']:.2g}",
-              f"{t['busiest_party_bytes'] / r['elements']:.0f}, {t['send_actions']}, {t['max_abs_err']:.2g}",
-              f"{1e3 * r['wide_saves_seconds']['LAN']:.1f}", f"{1e3 * r['wide_saves_seconds']['WAN']:.0f}",
-              "wide" if r["elements"] <= SMALL_SOFTMAX_ELEMENTS else "threes"]
-             for r in results["softmax_forms"] for w, t in [(r["wide, folded"], r["threes, apart"])]], align="l")
+        lines += ["", *render_softmax_forms(results["softmax_forms"])]
     lines += [
         "",
         "Notes: SPU's Io encodes inputs by flooring to 2^-18, so a variance of 1e-4 arrives with up to 2 % error",

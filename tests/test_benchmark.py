@@ -61,6 +61,21 @@ def test_softmax_forms_are_measured_side_by_side_on_the_same_logits():
     assert row["wide_saves_seconds"]["WAN"] == pytest.approx(saved)
 
 
+def test_the_softmax_forms_table_says_which_form_the_kernel_takes():
+    from cipherdm_spu.protocols.cipherdm import SMALL_SOFTMAX_ELEMENTS
+
+    def row(rows):
+        form = {"max_abs_err": 1e-3, "send_actions": 80, "busiest_party_bytes": 4000 * rows, "arity": 7}
+        return {"shape": [rows, 49], "elements": 49 * rows, "wide, folded": form, "threes, apart": {**form, "arity": 3},
+                "wide_saves_seconds": {"LAN": 0.0012, "WAN": 0.4}}
+
+    small, large = SMALL_SOFTMAX_ELEMENTS // 49, SMALL_SOFTMAX_ELEMENTS // 49 + 1
+    table = load_script("benchmark_kernels").render_softmax_forms([row(small), row(large)])
+    assert table[0] == "## Softmax forms"
+    cells = [line.split(" | ") for line in table if line.startswith(f"| {small} x 49") or line.startswith(f"| {large} x 49")]
+    assert [c[-1] for c in cells] == ["wide |", "threes |"] and cells[0][4:6] == ["1.2", "400"]
+
+
 def test_measure_step_on_a_tiny_unet():
     model = UNet2DModel.from_config(TINY)
     params = model.init_params(jax.random.PRNGKey(0))
