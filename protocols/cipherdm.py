@@ -31,7 +31,7 @@ SoftMax subtracts the row max (a tournament: groups of up to 7 in small calls, t
 `cipherdm-low-byte`), takes exp by a clamped squaring scheme, and one reciprocal per row (in small calls it
 takes the exps in its first round).
 rsqrt and the softmax reciprocal find their input's octave by one batched comparison and evaluate per-octave
-cubics in three rounds of products, with no Newton step (`_octave_polynomial`); `cipherdm-low-byte`'s rsqrt
+quadratics in three rounds of products, with no Newton step (`_octave_polynomial`); `cipherdm-low-byte`'s rsqrt
 reads the octave off the bits of the encoding (one conversion to boolean shares and a prefix OR: fewer
 bytes, more rounds) and takes one Newton step.
 """
@@ -65,9 +65,6 @@ NAME = "cipherdm"
 # so the result is 3**-16 (2.3e-8): the right limit, never a wrapped value.
 EXP_SQUARINGS = 4
 EXP_REACH = 2**EXP_SQUARINGS
-# the softmax reciprocal with the row's exps as `times`: the cubics about v = 6, the middle of v = 4m in [4, 8),
-# at unit scale, so the exps times 2**-k' keep their 2**-18 and P <= 1 does not magnify it.
-RECIPROCAL_TIMES_FORM = {"coefficient_scale": 1.0, "center": 6.0}
 # softmax in calls of at most SMALL_SOFTMAX_ELEMENTS elements trades bytes for send actions: its row max in groups
 # of up to WIDE_TOURNAMENT_ARITY (49-wide rows in 2 levels instead of 4) and the exps folded into the
 # reciprocal. Per call that saves a fixed number of send actions for extra bytes per element, so it pays below
@@ -77,14 +74,11 @@ RECIPROCAL_TIMES_FORM = {"coefficient_scale": 1.0, "center": 6.0}
 # compare in threes and multiply by the reciprocal apart.
 WIDE_TOURNAMENT_ARITY = 7
 SMALL_SOFTMAX_ELEMENTS = 2**14
-# rsqrt: the octaves k of x in [2**k, 2**(k+1)) it tells apart (x from 2**-18, SPU's smallest positive
+# rsqrt: the octaves k of x in [2**k, 2**(k+1)) it tells apart (in halves) (x from 2**-18, SPU's smallest positive
 # value, to 2**22 = 4.2e6: a GroupNorm of 16 * variances up to 2.6e5).
 RSQRT_OCTAVES = (-18, 21)
-# its cubics' coefficients and P kept 2**8 times larger: the last factor 2**(-floor(k/2) - 8) >= 2**-18.
-RSQRT_COEFFICIENT_SCALE = 2.0**8
-# with a secret factor `times`: the last factor is that factor's product, 2**(-floor(k/2) - 2) >= 2**-12 of it, and
-# the cubics are taken about v = 10, the middle of v = 4m in [4, 16).
-RSQRT_TIMES_FORM = {"coefficient_scale": 2.0**2, "center": 10.0}
+# `_octave_polynomial` without a secret factor: the bits its sum is kept larger by until one public product.
+HEADROOM_BITS = 8
 # rsqrt_low_byte: inputs normalised into [1, 4) by 4**j for j in this range (covers ~4e-6 .. 2.6e5).
 RSQRT_LOW_BYTE_EXPONENTS = np.arange(-9, 9)
 
@@ -445,51 +439,60 @@ def rsqrt_low_byte(x, times=None, *, scale: float = 1.0):
     return r * to_result if times is None else (r * to_result) * times
 
 
-def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, coefficient_scale: float = 1.0, factor: float = 1.0,
-                       times=None, center: float = 0.0):
+def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, factor: float = 1.0, times=None):
     """x**-power for x > 0 from one batched comparison and three rounds of secret products, no Newton step:
-    piecewise cubics on [1, 2**unit_bits), one piece per threshold.
+    piecewise quadratics on [1, 2**unit_bits), one piece per threshold.
 
     With p = len(pieces) and s = unit_bits, the thresholds are t_k = 2**(s k / p) for k in ``octaves``
     (lo..hi: x in [t_lo, t_(hi+1))); their bits [x >= t_k] come from one comparison, converted once, and every
     factor below is a `_table` of them, local. x = m * 2**(s k') with k' = floor(k / p) and m in [1, 2**s);
-    pieces[k % p] covers m in [2**(s (k % p) / p), 2**(s (k % p + 1) / p)). The result is P(m) * 2**(-s k'
-    * power), the power (1/2 or 1) being the pieces' own; the caller passes that factor's exponent scale in
-    ``out_per_unit`` terms through ``unit_bits``: rsqrt uses s = 2 (2**(-k')), the reciprocal s = 1
-    (2**(-k')). P is a cubic in Estrin's form, (c0 + c1 v) + v^2 (c2 + c3 v), in v = 4m (so that v's factor
-    2**(2 - s k') stays encodable up to s k' = 20): round 1 is v, round 2 v^2, c1 v and c3 v stacked in one
-    product, round 3 v^2 (c2 + c3 v), and the last 2**-k' times P. ``coefficient_scale`` keeps the
-    coefficients and P that many times larger until the last product (fixed-point precision for small
-    coefficients); the last factor 2**(-k') / coefficient_scale must stay encodable (an exact power of two
-    >= 2**-f). (Folding 2**-k' into the coefficients would save that product, but rounds each to 2**-f
-    absolute: a 1024-wide softmax row then summed to 1 only within 3e-3.)
+    pieces[k % p] covers m in [2**(s (k % p) / p), 2**(s (k % p + 1) / p)). The result is R * P(m) with
+    R = 2**(-k') (the pieces' power is the caller's: rsqrt's s = 2 makes 2**(-k') the root of 4**(-k'), the
+    reciprocal's s = 1 the reciprocal of 2**k'; R must stay >= 2**-f). P is its piece's quadratic in
+    u = 4m - (the piece's middle), so |u| stays small and the coefficients' 2**-f rounding is not magnified,
+    and it is never formed: R P = c0 R + c1 (R u) + (c2 u)(R u), so round 1 is u (x times 4 * 2**(-s k')),
+    round 2 R u and c2 u stacked, round 3 the two products with R u. A cubic would need a fourth round (its term
+    R c3 u^3 has four factors that each take a round); a quadratic needs twice the pieces for the same error,
+    which only adds thresholds to the one comparison.
 
-    A public ``factor`` multiplies the coefficients (free). A secret ``times`` multiplies the result: its product
-    with the last factor rides in round 1's product (one multiply of both, concatenated), so the result costs
-    the same rounds with it as without. That product keeps 2**-f absolute, so the last factor must stay large
-    (a small ``coefficient_scale``); the cubic is then taken in u = v - ``center`` (coefficients shifted
-    exactly; public addition is free), which shrinks what the coefficients' rounding is multiplied by.
+    A public ``factor`` multiplies the coefficients (free). A secret ``times`` multiplies the result: R times
+    it rides in round 1's product (one multiply of both, concatenated), and c0 R joins round 2's, so it costs
+    no round of its own. Without ``times`` the sum is taken 2**HEADROOM_BITS times larger and scaled down by
+    one public product: each of its three terms is rounded to 2**-f, which a result of 2**-10 (the reciprocal
+    of a 1024-wide row's sum, shared by the whole row) would feel as 1 %.
     """
     lo, hi = octaves
     per_unit = len(pieces)
     ks = np.arange(lo, hi + 1)
-    bits = _indicator(_batched_bits(x, 2.0 ** (unit_bits * ks[1:] / per_unit)))
+    thresholds = 2.0 ** (unit_bits * ks[1:] / per_unit)
+    fraction_bits = registry.fixed_point_bits()
+    if fraction_bits is not None:  # on the encoding's grid, rounded up: x >= t exactly where SPU compares
+        thresholds = np.ceil(thresholds * 2.0**fraction_bits) * 2.0**-fraction_bits  # (it truncates constants)
+    bits = _indicator(_batched_bits(x, thresholds))
     k_out = ks // per_unit
-    coef = np.asarray(pieces, np.float64)[ks % per_unit] * 4.0 ** -np.arange(4) * coefficient_scale * factor
-    if center:  # sum_i c_i v^i = sum_j (sum_(i>=j) c_i C(i, j) center^(i-j)) u^j
-        shift = np.array([[math.comb(i, j) * center ** (i - j) if i >= j else 0.0 for j in range(4)] for i in range(4)])
-        coef = coef @ shift
-    to_v, c0, c1, c2, c3, to_result = _tables(
-        bits, [4.0 * 2.0 ** (-unit_bits * k_out), *coef.T, 2.0 ** -k_out / coefficient_scale], x.dtype)
-    if times is None:
-        v = x * to_v
-    else:
-        shape = jnp.broadcast_shapes(x.shape, times.shape)
-        v, to_result = _one_product((x, to_v), (jnp.broadcast_to(to_result, shape), jnp.broadcast_to(times, shape)))
-    v = v - center if center else v
-    square, c1v, c3v = jnp.stack([v, c1, c3]) * v
-    p = c0 + c1v + square * (c2 + c3v)
-    return p * to_result
+    piece = ks % per_unit
+    middle = 2.0 * (2.0 ** (unit_bits * piece / per_unit) + 2.0 ** (unit_bits * (piece + 1) / per_unit))  # of 4m
+    # sum_i c_i v^i = sum_j (sum_(i>=j) c_i C(i, j) middle^(i-j)) u^j with v = 4m, u = v - middle
+    in_v = np.asarray(pieces, np.float64)[piece] * 4.0 ** -np.arange(3) * factor
+    coef = np.stack([sum(in_v[:, i] * math.comb(i, j) * middle ** (i - j) for i in range(j, 3)) for j in range(3)], 1)
+    to_v, middles = 4.0 * 2.0 ** (-unit_bits * k_out), middle
+    if times is None:  # R is a table, and so is c0 R
+        r_table = 2.0 ** (HEADROOM_BITS - k_out)
+        to_v, middles, c0_r, c1, c2, r = _tables(bits, [to_v, middles, coef[:, 0] * r_table, coef[:, 1], coef[:, 2],
+                                                        r_table], x.dtype)
+        u = x * to_v - middles
+        r_u, c2_u = jnp.stack([r, c2]) * u
+        c1_r_u, c2_u_r_u = jnp.stack([c1, c2_u]) * r_u
+        return (c0_r + c1_r_u + c2_u_r_u) * 2.0**-HEADROOM_BITS
+    r_table = 2.0 ** -k_out
+    to_v, middles, c0, c1, c2, r = _tables(bits, [to_v, middles, *coef.T, r_table], x.dtype)
+    shape = jnp.broadcast_shapes(x.shape, times.shape)
+    wide = lambda v: jnp.broadcast_to(v, shape)  # noqa: E731
+    v, r = _one_product((x, to_v), (wide(r), wide(times)))
+    u = v - middles
+    r_u, c0_r, c2_u = _one_product((r, wide(u)), (wide(c0), r), (c2, u))
+    c1_r_u, c2_u_r_u = _one_product((wide(c1), r_u), (wide(c2_u), r_u))
+    return c0_r + c1_r_u + c2_u_r_u
 
 
 def _one_product(*pairs):
@@ -506,30 +509,28 @@ def _one_product(*pairs):
 
 @register_kernel("rsqrt", NAME)
 def rsqrt(x, times=None, *, scale: float = 1.0):
-    """times / sqrt(scale * x) for x in [2**-18, 2**22) (`_octave_polynomial`: octaves of x by comparison,
-    piecewise cubics, relative error < 5e-4 from the fit, < 8e-4 with ``times`` (RSQRT_TIMES_FORM); scale**-1/2
-    folded into their coefficients, ``times`` into round 1): fewer send actions than the encoding-read octave
-    of `rsqrt_low_byte`, more bytes; the norms call it once per group, so its bytes are a rounding error of a
+    """times / sqrt(scale * x) for x in [2**-18, 2**22) (`_octave_polynomial`: half-octaves of x by comparison,
+    piecewise quadratics (their fit's relative error: `coefficients.RSQRT_PIECES`); scale**-1/2 folded into
+    their coefficients, ``times`` into round 1): fewer send actions than the encoding-read octave of
+    `rsqrt_low_byte`, more bytes; the norms call it once per group, so its bytes are a rounding error of a
     step's."""
-    form = {"coefficient_scale": RSQRT_COEFFICIENT_SCALE} if times is None else RSQRT_TIMES_FORM
-    return _octave_polynomial(x, RSQRT_OCTAVES, RSQRT_PIECES, unit_bits=2, factor=scale**-0.5, times=times, **form)
+    per_octave = len(RSQRT_PIECES) // 2  # pieces per octave: the pieces cover a factor of 4
+    thresholds = (per_octave * RSQRT_OCTAVES[0], per_octave * (RSQRT_OCTAVES[1] + 1) - 1)
+    return _octave_polynomial(x, thresholds, RSQRT_PIECES, unit_bits=2, factor=scale**-0.5, times=times)
 
 
 def reciprocal_in_range(x, lo: float, hi: float, times=None):
-    """times / x (1 / x without ``times``) for x in [lo, hi] (lo > 0): `_octave_polynomial` with half-octave
-    pieces over [lo, hi] (relative error < 1.2e-4 from the fit). Used for softmax denominators, which lie in
-    [1, row length]: one per row, so its bytes spread over the row; ``times`` (a row's exps) rides in its first
-    round (RECIPROCAL_TIMES_FORM), saving the round of a separate product. Below 2**floor(log2 lo) it
-    extrapolates the cubic; beyond hi, the top piece's."""
+    """times / x (1 / x without ``times``) for x in [lo, hi] (lo > 0): `_octave_polynomial` with quarter-octave
+    pieces over [lo, hi] (their fit's relative error: `coefficients.RECIPROCAL_PIECES`). Used for softmax
+    denominators, which lie in [1, row length]: one per row, so its bytes spread over the row; ``times`` (a
+    row's exps) rides in its rounds, saving the round of a separate product. Below 2**floor(log2 lo) it
+    extrapolates the lowest quadratic; beyond hi, the top piece's."""
     if not 0 < lo <= hi <= 2**16:
         raise ValueError(f"reciprocal over [{lo}, {hi}]: needs 0 < lo <= hi <= 2**16 (its last factor 2**-k' is kept "
                          "to 18 fraction bits)")
     per_unit = len(RECIPROCAL_PIECES)
     octaves = (per_unit * math.floor(math.log2(lo)), per_unit * math.ceil(math.log2(hi)))
-    if times is not None:
-        return _octave_polynomial(x, octaves, RECIPROCAL_PIECES, unit_bits=1, times=times, **RECIPROCAL_TIMES_FORM)
-    headroom = min(8, 18 - octaves[1] // per_unit)  # the last factor 2**(-k' - headroom) stays >= 2**-18
-    return _octave_polynomial(x, octaves, RECIPROCAL_PIECES, unit_bits=1, coefficient_scale=2.0**headroom)
+    return _octave_polynomial(x, octaves, RECIPROCAL_PIECES, unit_bits=1, times=times)
 
 
 def _row_max(x, axis: int, arity: int = 3):

@@ -322,8 +322,9 @@ def render() -> str:
     references = {"gelu": gelu, "gelu_tanh": gelu_tanh, "sigmoid": sigmoid}
     horner = {name: fit_horner(name, references[name]) for name in HORNER_DESIGNS}
     rsqrt_guess, rsqrt_err = fit_inverse_root(0.5, 1.0, 4.0, 3)  # cubic: one Newton step then errs ~1e-4
-    rsqrt_pieces = [fit_inverse_root(0.5, lo, 2 * lo, 3) for lo in (1.0, 2.0)]  # no Newton step: the result
-    recip_pieces = [fit_inverse_root(1.0, lo, lo * 2**0.5, 3) for lo in (1.0, 2**0.5)]
+    # quadratics on four pieces per unit (rsqrt: [1, 4); reciprocal: [1, 2)), no Newton step: the result
+    rsqrt_pieces = [fit_inverse_root(0.5, 2 ** (i / 2), 2 ** ((i + 1) / 2), 2) for i in range(4)]
+    recip_pieces = [fit_inverse_root(1.0, 2 ** (i / 4), 2 ** ((i + 1) / 4), 2) for i in range(4)]
     lines = [
         '"""Coefficients of the `cipherdm` kernels, in one place.',
         "",
@@ -376,10 +377,11 @@ def render() -> str:
         "",
         f"# Initial guess of m**-0.5 on [1, 4) (power series, increasing degree); max relative error {rsqrt_err:.6g}:",
         f"RSQRT_GUESS = {rsqrt_guess!r}",
-        "# m**-0.5 on [1, 2) and on [2, 4), cubics (power series in m, increasing degree); max relative errors",
-        f"# {rsqrt_pieces[0][1]:.6g} and {rsqrt_pieces[1][1]:.6g}:",
+        "# m**-0.5 on [2**(i/2), 2**((i+1)/2)), i = 0..3, quadratics (power series in m, increasing degree); max",
+        f"# relative error {max(err for _, err in rsqrt_pieces):.6g}:",
         f"RSQRT_PIECES = {[coef for coef, _ in rsqrt_pieces]!r}",
-        f"# 1/m on [1, 2**0.5) and on [2**0.5, 2), cubics; max relative errors {recip_pieces[0][1]:.6g} and {recip_pieces[1][1]:.6g}:",
+        "# 1/m on [2**(i/4), 2**((i+1)/4)), i = 0..3, quadratics; max relative error "
+        f"{max(err for _, err in recip_pieces):.6g}:",
         f"RECIPROCAL_PIECES = {[coef for coef, _ in recip_pieces]!r}",
         "",
     ]

@@ -69,10 +69,11 @@ def test_softmax_rows(sessions, rng, rows, n, spread, protocol):
 @pytest.mark.parametrize("n", [49, 1024])
 @pytest.mark.parametrize("protocol", ["cipherdm", "cipherdm-low-byte"])
 def test_softmax_of_equal_logits_is_uniform(sessions, n, protocol):
-    """Every entry 1/n, to 1 % relative (the folded reciprocal keeps the exps' 2**-18), and rows summing to 1."""
+    """Every entry 1/n, to 1 % relative, and rows summing to 1 within the 1e-2 of the softmax contract: a reciprocal
+    shared by a row is itself encoded to 2**-18, 0.4 % of 1/1024."""
     y = np.asarray(sessions[protocol].run(lambda v: ops.softmax(v, axis=-1), np.zeros((8, n), np.float32)), np.float64)
     assert np.abs(y * n - 1).max() <= 1e-2
-    assert np.abs(y.sum(-1) - 1).max() <= 1e-3
+    assert np.abs(y.sum(-1) - 1).max() <= 1e-2
 
 
 @pytest.mark.parametrize("impl", ["cipherdm", "cipherdm-low-byte"])
