@@ -30,8 +30,8 @@ Activations use f(x) = step(x) + R(min(|x|, T)):
 SoftMax subtracts the row max (a tournament: groups of up to 7 in small calls, threes in large ones; pairs in
 `cipherdm-low-byte`), takes exp by a clamped squaring scheme, and one reciprocal per row (in small calls it
 takes the exps in its first round).
-rsqrt and the softmax reciprocal find their input's octave by one batched comparison and evaluate per-octave
-quadratics in three rounds of products, with no Newton step (`_octave_polynomial`); `cipherdm-low-byte`'s rsqrt
+rsqrt and the softmax reciprocal find their input's half- or quarter-octave by one batched comparison and evaluate
+per-piece quadratics in three rounds of products, with no Newton step (`_octave_polynomial`); `cipherdm-low-byte`'s rsqrt
 reads the octave off the bits of the encoding (one conversion to boolean shares and a prefix OR: fewer
 bytes, more rounds) and takes one Newton step.
 """
@@ -450,24 +450,24 @@ def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, factor: float = 1.
     R = 2**(-k') (the pieces' power is the caller's: rsqrt's s = 2 makes 2**(-k') the root of 4**(-k'), the
     reciprocal's s = 1 the reciprocal of 2**k'; R must stay >= 2**-f). P is its piece's quadratic in
     u = 4m - (the piece's middle), so |u| stays small and the coefficients' 2**-f rounding is not magnified,
-    and it is never formed: R P = c0 R + c1 (R u) + (c2 u)(R u), so round 1 is u (x times 4 * 2**(-s k')),
-    round 2 R u and c2 u stacked, round 3 the two products with R u. A cubic would need a fourth round (its term
+    and it is never formed: R P = c0 R + (c1 + c2 u)(R u), so round 1 is u (x times 4 * 2**(-s k')),
+    round 2 R u and c2 u stacked, round 3 one product. A cubic would need a fourth round (its term
     R c3 u^3 has four factors that each take a round); a quadratic needs twice the pieces for the same error,
     which only adds thresholds to the one comparison.
 
     A public ``factor`` multiplies the coefficients (free). A secret ``times`` multiplies the result: R times
     it rides in round 1's product (one multiply of both, concatenated), and c0 R joins round 2's, so it costs
     no round of its own. Without ``times`` the sum is taken 2**HEADROOM_BITS times larger and scaled down by
-    one public product: each of its three terms is rounded to 2**-f, which a result of 2**-10 (the reciprocal
-    of a 1024-wide row's sum, shared by the whole row) would feel as 1 %.
+    one public product (a truncation: two send actions): its terms are each rounded to 2**-f, which a result of
+    2**-10 (the reciprocal of a 1024-wide row's sum, shared by the whole row) would feel as 0.8 %.
     """
     lo, hi = octaves
     per_unit = len(pieces)
     ks = np.arange(lo, hi + 1)
     thresholds = 2.0 ** (unit_bits * ks[1:] / per_unit)
     fraction_bits = registry.fixed_point_bits()
-    if fraction_bits is not None:  # on the encoding's grid, rounded up: x >= t exactly where SPU compares
-        thresholds = np.ceil(thresholds * 2.0**fraction_bits) * 2.0**-fraction_bits  # (it truncates constants)
+    if fraction_bits is not None:  # on the encoding's grid, rounded up, where SPU (which truncates constants)
+        thresholds = np.ceil(thresholds * 2.0**fraction_bits) * 2.0**-fraction_bits  # would move the small ones
     bits = _indicator(_batched_bits(x, thresholds))
     k_out = ks // per_unit
     piece = ks % per_unit
@@ -482,8 +482,7 @@ def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, factor: float = 1.
                                                         r_table], x.dtype)
         u = x * to_v - middles
         r_u, c2_u = jnp.stack([r, c2]) * u
-        c1_r_u, c2_u_r_u = jnp.stack([c1, c2_u]) * r_u
-        return (c0_r + c1_r_u + c2_u_r_u) * 2.0**-HEADROOM_BITS
+        return (c0_r + (c1 + c2_u) * r_u) * 2.0**-HEADROOM_BITS
     r_table = 2.0 ** -k_out
     to_v, middles, c0, c1, c2, r = _tables(bits, [to_v, middles, *coef.T, r_table], x.dtype)
     shape = jnp.broadcast_shapes(x.shape, times.shape)
@@ -491,8 +490,7 @@ def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, factor: float = 1.
     v, r = _one_product((x, to_v), (wide(r), wide(times)))
     u = v - middles
     r_u, c0_r, c2_u = _one_product((r, wide(u)), (wide(c0), r), (c2, u))
-    c1_r_u, c2_u_r_u = _one_product((wide(c1), r_u), (wide(c2_u), r_u))
-    return c0_r + c1_r_u + c2_u_r_u
+    return c0_r + (c1 + c2_u) * r_u
 
 
 def _one_product(*pairs):

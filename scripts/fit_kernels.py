@@ -322,7 +322,7 @@ def render() -> str:
     references = {"gelu": gelu, "gelu_tanh": gelu_tanh, "sigmoid": sigmoid}
     horner = {name: fit_horner(name, references[name]) for name in HORNER_DESIGNS}
     rsqrt_guess, rsqrt_err = fit_inverse_root(0.5, 1.0, 4.0, 3)  # cubic: one Newton step then errs ~1e-4
-    # quadratics on four pieces per unit (rsqrt: [1, 4); reciprocal: [1, 2)), no Newton step: the result
+    # quadratics on four pieces per unit (rsqrt: [1, 4); reciprocal: [1, 2)); no Newton step follows them
     rsqrt_pieces = [fit_inverse_root(0.5, 2 ** (i / 2), 2 ** ((i + 1) / 2), 2) for i in range(4)]
     recip_pieces = [fit_inverse_root(1.0, 2 ** (i / 4), 2 ** ((i + 1) / 4), 2) for i in range(4)]
     lines = [

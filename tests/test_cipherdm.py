@@ -69,11 +69,12 @@ def test_softmax_rows(sessions, rng, rows, n, spread, protocol):
 @pytest.mark.parametrize("n", [49, 1024])
 @pytest.mark.parametrize("protocol", ["cipherdm", "cipherdm-low-byte"])
 def test_softmax_of_equal_logits_is_uniform(sessions, n, protocol):
-    """Every entry 1/n, to 1 % relative, and rows summing to 1 within the 1e-2 of the softmax contract: a reciprocal
-    shared by a row is itself encoded to 2**-18, 0.4 % of 1/1024."""
+    """Every entry 1/n, to 1 % relative, and rows summing to 1: within 1e-3 where the exps ride in the reciprocal
+    (`cipherdm`'s small calls: each entry's rounding its own), within the softmax contract's 1e-2 where one
+    reciprocal serves the row (`cipherdm-low-byte`): it is itself encoded to 2**-18, 0.4 % of 1/1024."""
     y = np.asarray(sessions[protocol].run(lambda v: ops.softmax(v, axis=-1), np.zeros((8, n), np.float32)), np.float64)
     assert np.abs(y * n - 1).max() <= 1e-2
-    assert np.abs(y.sum(-1) - 1).max() <= 1e-2
+    assert np.abs(y.sum(-1) - 1).max() <= (1e-3 if protocol == "cipherdm" else 1e-2)
 
 
 @pytest.mark.parametrize("impl", ["cipherdm", "cipherdm-low-byte"])
@@ -138,7 +139,7 @@ def test_wide_groups_and_folded_exps_cost_fewer_rounds(sessions, rng):
     assert sevens <= threes - 18  # 3 levels of threes and a pair (47) against 2 of sevens (26), less a run's variation
     apart = fewest_send_actions(session, lambda v: softmax_in_form(v, 1, "cipherdm", 7, fold_exps=False), x, runs=5)
     folded = fewest_send_actions(session, lambda v: softmax_in_form(v, 1, "cipherdm", 7, fold_exps=True), x, runs=5)
-    assert folded < apart  # 3 fewer, but a run's count varies by up to 2
+    assert folded < apart  # a product round fewer, but a run's count varies by up to 2
 
 
 def test_table_is_the_encoded_constant_for_every_octave_under_spu_and_in_float(sessions):
@@ -196,7 +197,7 @@ def test_rsqrt_in_float_holds_over_its_whole_range(impl, lo, hi):
 
 
 def test_rsqrt_under_spu_across_its_octaves(sessions):
-    """Every octave the comparison tells apart, 2**-17 .. 2**22, against the encoded input: the cubic's 5e-4
+    """Every octave the comparison tells apart, 2**-17 .. 2**22, against the encoded input: the quadratics' 4.05e-4
     plus the output's own 2**-18 encoding (relative 2**-18 * sqrt(x): 7.8e-3 at 4e6)."""
     v = np.geomspace(2.0**-17, 2.0**22 * 0.999, 397).astype(np.float32)
     y = np.asarray(sessions["cipherdm"].run(ops.rsqrt, v), np.float64)
@@ -207,10 +208,10 @@ def test_rsqrt_under_spu_across_its_octaves(sessions):
 @pytest.mark.parametrize("scale", [1.0, 6272 / 4096, 4096 / 2049])
 def test_rsqrt_with_a_scale_and_a_factor_under_spu_costs_no_more_rounds(sessions, rng, scale):
     """times / sqrt(scale * x) as a norm calls it (scale = 2**k / count in [1, 2), times its affine weight): the
-    scale folded into the cubics' coefficients, the factor into round 1, so it takes no more send actions than
-    a plain rsqrt (each the fewest of three runs: the busiest party's count varies by one or two). Error: the
-    fit with its coefficients rounded (relative, < 8e-4), plus the factor's product kept to 2**-18 and
-    multiplied by the cubic (P' = 4 P <= 4), plus the last product's own unit: 6 units of 2**-18 absolute."""
+    scale folded into the quadratics' coefficients, the factor into round 1, so it takes no more send actions
+    than a plain rsqrt (each the fewest of three runs: the busiest party's count varies by one or two). Error:
+    the fit with its coefficients rounded (relative, < 8e-4), plus R times the factor kept to 2**-18 and
+    multiplied by P <= 1, plus the rounding of the other products: 6 units of 2**-18 absolute."""
     v = np.geomspace(2.0**-17, 2.0**22 * 0.999, 397).astype(np.float32)
     times = rng.uniform(-2, 2, (397, 3)).astype(np.float32)
     session = sessions["cipherdm"]
