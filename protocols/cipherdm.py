@@ -580,7 +580,7 @@ def wide_arity(width: int) -> int:
 
 def softmax_in_form(x, axis: int, exp_impl: str, arity: int, fold_exps: bool):
     """e / sum(e), e = exp(x - max), the max by a tournament of ``arity`` (`_row_max`): with ``fold_exps`` e rides
-    in the reciprocal's first round (one round fewer, one more product per element), else a product of e and the
+    in the reciprocal's first round (one round fewer, three more products per element), else a product of e and the
     reciprocal. The softmax kernels are its forms; the benchmark measures them side by side."""
     shifted = x - _row_max(x, axis, arity)
     e = registry.kernel("exp", exp_impl)(shifted)
