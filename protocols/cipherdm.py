@@ -30,10 +30,10 @@ Activations use f(x) = step(x) + R(min(|x|, T)):
 SoftMax subtracts the row max (a tournament: groups of up to 7 in small calls, threes in large ones; pairs in
 `cipherdm-low-byte`), takes exp by a clamped squaring scheme, and one reciprocal per row (in small calls it
 takes the exps in its first round).
-rsqrt and the softmax reciprocal find their input's half- or quarter-octave by one batched comparison and evaluate
-per-piece quadratics in three rounds of products, with no Newton step (`_octave_polynomial`); `cipherdm-low-byte`'s rsqrt
-reads the octave off the bits of the encoding (one conversion to boolean shares and a prefix OR: fewer
-bytes, more rounds) and takes one Newton step.
+rsqrt and the softmax reciprocal find their input's half- or quarter-octave by one batched comparison and
+evaluate per-piece quadratics in three rounds of products, with no Newton step (`_octave_polynomial`);
+`cipherdm-low-byte`'s rsqrt reads the octave off the bits of the encoding (one conversion to boolean shares
+and a prefix OR: fewer bytes, more rounds) and takes one Newton step.
 """
 
 from __future__ import annotations
