@@ -88,7 +88,13 @@ RSQRT_LOW_BYTE_EXPONENTS = np.arange(-9, 9)
 
 
 def _batched_bits(x, thresholds):
-    """(len(thresholds), *x.shape) booleans x >= threshold_j, from one batched comparison."""
+    """(len(thresholds), *x.shape) booleans x >= threshold_j, from one batched comparison. Under SPU each threshold
+    is first rounded up onto the encoding's 2**-f grid, where x >= t holds exactly as for t itself; SPU would
+    truncate it (a threshold of 2**-16.5 became 2**-17)."""
+    thresholds = np.asarray(thresholds, np.float64)
+    fraction_bits = registry.fixed_point_bits()
+    if fraction_bits is not None:
+        thresholds = np.ceil(thresholds * 2.0**fraction_bits) * 2.0**-fraction_bits
     t = jnp.asarray(thresholds, dtype=x.dtype).reshape((-1,) + (1,) * x.ndim)
     return x[None] - t >= 0
 
@@ -464,11 +470,7 @@ def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, factor: float = 1.
     lo, hi = octaves
     per_unit = len(pieces)
     ks = np.arange(lo, hi + 1)
-    thresholds = 2.0 ** (unit_bits * ks[1:] / per_unit)
-    fraction_bits = registry.fixed_point_bits()
-    if fraction_bits is not None:  # on the encoding's grid, rounded up, where SPU (which truncates constants)
-        thresholds = np.ceil(thresholds * 2.0**fraction_bits) * 2.0**-fraction_bits  # would move the small ones
-    bits = _indicator(_batched_bits(x, thresholds))
+    bits = _indicator(_batched_bits(x, 2.0 ** (unit_bits * ks[1:] / per_unit)))
     k_out = ks // per_unit
     piece = ks % per_unit
     middle = 2.0 * (2.0 ** (unit_bits * piece / per_unit) + 2.0 ** (unit_bits * (piece + 1) / per_unit))  # of 4m
