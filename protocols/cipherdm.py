@@ -28,7 +28,7 @@ Activations use f(x) = step(x) + R(min(|x|, T)):
   picked coefficients) evaluated by Horner with a scaled accumulator; the fit errs < 2e-6 in float64, so
   what remains under MPC is mostly the input's own 2^-18 encoding.
 SoftMax subtracts the row max (a tournament: groups of up to 7 in small calls, threes in large ones; pairs in
-`cipherdm-low-byte`), takes exp by a clamped squaring scheme, and one reciprocal per row (in small calls it
+`cipherdm-low-byte`), takes exp as a clamped quartic squared three times, and one reciprocal per row (in small calls it
 takes the exps in its first round).
 rsqrt and the softmax reciprocal find their input's half- or quarter-octave by one batched comparison and
 evaluate per-piece quadratics in three rounds of products, with no Newton step (`_octave_polynomial`);
@@ -49,6 +49,7 @@ from cipherdm_spu.registry import register_kernel
 
 from .coefficients import (
     ACTIVATIONS,
+    EXP_BASE,
     HORNER_ACTIVATIONS,
     HORNER_SCALE,
     RECIPROCAL_PIECES,
@@ -58,13 +59,6 @@ from .coefficients import (
 
 NAME = "cipherdm"
 
-# exp(x) for x <= 0 as p(z) ** EXP_REACH, z = relu(1 + x / EXP_REACH), EXP_REACH = 2**EXP_SQUARINGS, where
-# p(z) = (z^3 + 3z + 2) / 6 = 1 + y + y^2/2 + y^3/6 with y = z - 1: the 3rd-order Taylor base
-# (relative error ~ x^4 / (24 * 16^3), 2.6e-3 at x = -4 where e^x = 0.018; a 2nd-order base erred 0.4 % at
-# x = -3, enough to bias the denominator of a 1024-wide softmax row). Below x = -EXP_REACH the base is 1/3,
-# so the result is 3**-16 (2.3e-8): the right limit, never a wrapped value.
-EXP_SQUARINGS = 4
-EXP_REACH = 2**EXP_SQUARINGS
 # softmax in calls of at most SMALL_SOFTMAX_ELEMENTS elements trades bytes for send actions: its row max in groups
 # of up to WIDE_TOURNAMENT_ARITY (49-wide rows in 2 levels instead of 4) and the exps folded into the
 # reciprocal. Per call that saves a fixed number of send actions for extra bytes per element, so it pays below
@@ -378,18 +372,24 @@ def sigmoid(x):
 
 @register_kernel("exp", NAME)
 def exp_nonpositive(x):
-    """e^x for x <= 0 (softmax's domain after max subtraction); saturates to 2.3e-8 below -EXP_REACH.
+    """e^x for x <= 0 (softmax's domain after max subtraction) as Q(t) ** reach with t = lam * max(x, clamp) / reach
+    (`coefficients.EXP_BASE`, fitted by scripts/fit_kernels.py to the final absolute error): below the clamp it is
+    the tail value, the right limit, never a wrapped one.
 
-    p(z) ** (2**EXP_SQUARINGS), z = relu(1 + x / EXP_REACH): the base p = z * (z^2 + 3) / 6 + 1/3 takes two
-    rounds of products (z^2 and z/6 in one). For x > 0 it is the same Taylor scheme (relative error < 1e-2
-    up to x = 2) and wraps the ring beyond x ~ 8: callers must subtract a max first.
+    The clamp is one comparison, one conversion and one bit product (`_relu` of t - t_clamp); Q, a quartic in
+    Knuth's form monic in t, takes two secret products, and reach = 8 three squarings. For x > 0 it wraps the ring
+    beyond x ~ 8: callers must subtract a max first.
     """
-    z = _relu(x * (1.0 / EXP_REACH) + 1.0)
-    square_and_sixth = jnp.stack([z, jnp.full_like(z, 1.0 / 6.0)]) * z  # one secret product for both
-    p = square_and_sixth[1] * (square_and_sixth[0] + 3.0) + 1.0 / 3.0
-    for _ in range(EXP_SQUARINGS):
-        p = p * p
-    return p
+    reach, lam, (a0, a1, a2, a3) = EXP_BASE["reach"], EXP_BASE["lam"], EXP_BASE["alpha"]
+    if reach & (reach - 1):
+        raise ValueError(f"exp's reach must be a power of two (its squarings), not {reach}")
+    t_clamp = lam * EXP_BASE["clamp"] / reach
+    t = _relu(x * (lam / reach) - t_clamp) + t_clamp
+    y = (t + a0) * t + a1
+    q = (y + t + a2) * y + a3
+    for _ in range(reach.bit_length() - 1):
+        q = q * q
+    return q
 
 
 def _octave_bits(x, bases):

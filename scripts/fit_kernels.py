@@ -18,7 +18,9 @@ holds on the whole real line. Two families:
   lower cost: R is a piecewise polynomial of high degree (HORNER_DESIGNS), fitted to ~2e-6 and evaluated
   by Horner around each piece's centre with a scaled accumulator (HORNER_SCALE).
 
-Also fits the initial guesses of the rsqrt/reciprocal Newton iterations on their normalised ranges.
+Also fits the initial guesses of the rsqrt/reciprocal Newton iterations on their normalised ranges, their
+piecewise quadratics, and exp's base: e^x = q(y)**reach for x <= 0, y = max(x, clamp) / reach, q a quartic
+fitted to the final absolute error (fit_exp_base).
 
     python scripts/fit_kernels.py            # rewrite protocols/coefficients.py
     python scripts/fit_kernels.py --check    # exit 1 if the committed file differs
@@ -317,6 +319,34 @@ def fit_inverse_root(power: float, lo: float, hi: float, deg: int):
     return [float(c) for c in coef], float(err)
 
 
+EXP_REACH = 8  # exp's squarings: 3 (a fourth costs a product round; two leave the quartic too coarse, ~1.5e-4)
+EXP_CLAMP = -18.0  # below it e^x is taken as q(clamp / reach)**reach (its 'tail' in coefficients.py)
+EXP_TAIL_WEIGHT = 0.01  # the fit's weight next to the clamp, which holds the tail down
+
+
+def fit_exp_base():
+    """exp's base: a quartic q with q(y)**EXP_REACH ~ e^x, y = max(x, EXP_CLAMP) / EXP_REACH, in Knuth's form monic
+    in t = lam * y (lam**4 = q's leading coefficient), so its two secret products need no scaling after them.
+
+    The final error is q**n - e^x ~ n e^((n-1) y) (q(y) - e^y) (n = EXP_REACH): a minimax of q - e^y weighted by
+    n e^((n-1) y), relative near x = 0 where a row's largest terms are, plus EXP_TAIL_WEIGHT next to the clamp:
+    every entry of a row below it (a masked or a one-hot row: thousands of entries) adds the tail to the row's
+    sum, so the tail must be far smaller than the error elsewhere. Without that weight the tail is 4.7e-6 at
+    this clamp (1.8e-6 at -16); a value chosen to be zero at the clamp errs 2.4e-5 elsewhere. err: the max
+    absolute error of q(y)**n against e^x in float64 on x in [-60, 0]."""
+    n, lo = EXP_REACH, EXP_CLAMP / EXP_REACH
+    y = np.linspace(lo, 0.0, 4001)
+    weight = n * np.exp((n - 1) * y) + EXP_TAIL_WEIGHT * (y < lo + 0.05)
+    c, _ = minimax(y, np.exp(y), np.vander(y, 5, increasing=True), weight=weight)
+    lam = c[4] ** 0.25
+    alpha = knuth_quartic([ci * lam**-k for k, ci in enumerate(c)])[:4]  # monic in t: alpha4 = 1
+    x = np.linspace(-60.0, 0.0, 300001)
+    t = lam * np.maximum(x, EXP_CLAMP) / n
+    err = np.abs(eval_knuth(alpha + [1.0], t) ** n - np.exp(x))
+    return {"reach": n, "clamp": EXP_CLAMP, "lam": float(lam), "alpha": [float(a) for a in alpha],
+            "err": float(err.max()), "tail": float(eval_knuth(alpha + [1.0], lam * EXP_CLAMP / n) ** n)}
+
+
 def render() -> str:
     acts = {name: fit_activation(name) for name in RESIDUALS}
     references = {"gelu": gelu, "gelu_tanh": gelu_tanh, "sigmoid": sigmoid}
@@ -325,6 +355,7 @@ def render() -> str:
     # quadratics on four pieces per unit (rsqrt: [1, 4); reciprocal: [1, 2)); no Newton step follows them
     rsqrt_pieces = [fit_inverse_root(0.5, 2 ** (i / 2), 2 ** ((i + 1) / 2), 2) for i in range(4)]
     recip_pieces = [fit_inverse_root(1.0, 2 ** (i / 4), 2 ** ((i + 1) / 4), 2) for i in range(4)]
+    exp_base = fit_exp_base()
     lines = [
         '"""Coefficients of the `cipherdm` kernels, in one place.',
         "",
@@ -383,6 +414,12 @@ def render() -> str:
         "# 1/m on [2**(i/4), 2**((i+1)/4)), i = 0..3, quadratics; max relative error "
         f"{max(err for _, err in recip_pieces):.6g}:",
         f"RECIPROCAL_PIECES = {[coef for coef, _ in recip_pieces]!r}",
+        "# e^x for x <= 0 as Q(t)**reach, t = lam * max(x, clamp) / reach, Q(t) = (y + t + alpha2) * y + alpha3 with",
+        "# y = (t + alpha0) * t + alpha1 (Knuth's form, monic in t); err: max abs error in float64 on [-60, 0]; tail:",
+        "# the value below the clamp:",
+        "EXP_BASE = {",
+        *(f"    {key!r}: {value:.6g}," if key in ("err", "tail") else f"    {key!r}: {value!r}," for key, value in exp_base.items()),
+        "}",
         "",
     ]
     return "\n".join(lines)

@@ -49,10 +49,12 @@ def test_gelu_and_sigmoid_within_1_2e5_everywhere(sessions, op, approximate):
 
 
 def test_exp_on_softmax_domain_reaches_the_right_limit(sessions):
+    """The fit errs 1.3e-5 in float64; under SPU each product's truncation adds up to a unit of 2^-18, which
+    the three squarings carry on (measured: 9.1e-5). Below the clamp the value is below one unit."""
     x = np.concatenate([np.linspace(-40, 0, 801), [-1e4, -1e3, -100.0]]).astype(np.float32)
     y = sessions["cipherdm"].run(ops.exp, x)
-    assert np.abs(y - np.exp(x.astype(np.float64))).max() <= 1e-3
-    assert np.all(np.abs(y[-3:]) < 1e-6)
+    assert np.abs(y - np.exp(x.astype(np.float64))).max() <= 2e-4
+    assert np.all(np.abs(y[-3:]) <= 2.0**-18)
 
 
 @pytest.mark.parametrize("rows, n, spread", [(8, 16, 4.0), (98, 49, 4.0), (8, 64, 8.0), (8, 256, 2.0), (8, 1024, 2.0),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cipherdm_spu.protocols.coefficients import ACTIVATIONS, HORNER_ACTIVATIONS
+from cipherdm_spu.protocols.coefficients import ACTIVATIONS, EXP_BASE, HORNER_ACTIVATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,3 +49,19 @@ def test_horner_fits_are_within_2e6_and_their_pieces_tile_the_half_line():
         assert pieces[0]["lo"] == 0.0
         assert all(p["hi"] == q["lo"] for p, q in zip(pieces, pieces[1:])), name
         assert all(p["center"] == (p["lo"] + p["hi"]) / 2 for p in pieces), name
+
+
+def test_exp_base_holds_softmax_rows_in_float64():
+    """Re-checked independently of the fit, on the whole half line: near the max entry the error is relative;
+    elsewhere absolute, 2e-5, as each entry of a row adds its error to the row's sum (>= 1: the max entry's exp);
+    below the clamp, where all of a masked or one-hot row may sit (4096 entries in SD's attention), < 1e-7."""
+    reach, lam, (a0, a1, a2, a3) = EXP_BASE["reach"], EXP_BASE["lam"], EXP_BASE["alpha"]
+    x = np.concatenate([np.linspace(-60.0, 0.0, 600001), -np.geomspace(60.0, 1e4, 1000)])
+    t = lam * np.maximum(x, EXP_BASE["clamp"]) / reach
+    y = (t + a0) * t + a1
+    approx = ((y + t + a2) * y + a3) ** reach
+    err = np.abs(approx - np.exp(x))
+    assert err.max() < 2e-5
+    near = x >= -1
+    assert (err[near] / np.exp(x[near])).max() < 1e-4
+    assert np.all(approx > 0) and approx[x <= EXP_BASE["clamp"]].max() < 1e-7
