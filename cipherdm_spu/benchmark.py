@@ -33,15 +33,16 @@ import numpy as np
 
 from . import ops, registry
 from .profiling import RunStats
-from .protocols.cipherdm import softmax_in_form, wide_arity
+from .protocols.cipherdm import fold_exps_pays, softmax_in_form, tournament_arities
 from .protocols.reference import EXTREMES, REFERENCES, encoded, softmax
 from .session import Public, SecureSession
 
 ACTIVATIONS = ("silu", "mish", "gelu", "sigmoid")
 SOFTMAX_ROWS = {16: 4.0, 64: 6.0, 256: 3.0, 1024: 2.0}  # row width: standard deviation of its logits
-#: calls on which `cipherdm`'s two softmax forms are measured side by side: the MNIST UNets' attention (2 heads
-#: of 49 x 49) at batches 1, 2, 4 and 8, and 1024-wide rows
-SOFTMAX_FORM_SHAPES = ((98, 49), (196, 49), (392, 49), (784, 49), (8, 1024), (16, 1024), (32, 1024))
+#: calls on which `cipherdm`'s softmax forms are measured side by side: the MNIST UNets' attention (2 heads of
+#: 49 x 49) at batches 1 and 8, 1024-wide rows, and the SD-shaped UNet's largest calls (4 heads of 256 x 256 and of
+#: 256 x 77)
+SOFTMAX_FORM_SHAPES = ((98, 49), (784, 49), (8, 1024), (32, 1024), (1024, 77), (1024, 256))
 NETWORKS = {"LAN": (5e9, 0.4e-3), "WAN": (400e6, 40e-3)}  # bits per second, round-trip seconds
 IDENTITY = "identity"
 
@@ -266,27 +267,28 @@ def measure_kernels(name: str, rng, n: int, rows: int) -> dict:
 
 
 def measure_softmax_forms(rng, shapes=SOFTMAX_FORM_SHAPES) -> list:
-    """`cipherdm`'s softmax in both its forms (`softmax_in_form`: groups of up to 7 with the exps folded into
-    the reciprocal; threes with a separate product) on the same logits of each shape: error, the busiest
-    party's bytes and send actions, and the time the wide form saves on each network of NETWORKS (its send
-    actions saved times RTT/2, less its extra bytes over the bandwidth; compute left out)."""
-    forms = {"wide, folded": lambda width: (wide_arity(width), True), "threes, apart": lambda width: (3, False)}
+    """`cipherdm`'s softmax in the form its kernel takes for each call (`tournament_arities`, `fold_exps_pays`)
+    and in two fixed forms (threes, and pairs as `cipherdm-low-byte` takes them; both with a separate product), on
+    the same logits of each shape: error, the busiest party's bytes and send actions, and each form's time on
+    each network of NETWORKS (send actions times RTT/2 plus the busiest party's bytes over the bandwidth; compute
+    left out)."""
     rows = []
     with SecureSession("cipherdm") as session:
         for shape in shapes:
             logits = (rng.standard_normal(shape) * 4.0).astype(np.float32)
             logits[0, 1] = 1e4
-            row = {"shape": list(shape), "elements": int(np.prod(shape))}
-            for form, choose in forms.items():
-                arity, fold = choose(shape[-1])
-                y = session.run(lambda v, a=arity, f=fold: softmax_in_form(v, -1, "cipherdm", a, f), logits)
+            elements = int(np.prod(shape))
+            forms = {"kernel": (tournament_arities(shape[-1], elements), fold_exps_pays(elements)),
+                     "threes, apart": ((3,), False), "pairs, apart": ((2,), False)}
+            row = {"shape": list(shape), "elements": elements}
+            for form, (arities, fold) in forms.items():
+                y = session.run(lambda v, a=arities, f=fold: softmax_in_form(v, -1, "cipherdm", a, f), logits)
                 stats = session.last_stats
-                row[form] = {**_errors(y, softmax(logits)), "arity": arity, "send_actions": stats.send_actions,
-                             "busiest_party_bytes": max(stats.bytes_sent_per_party), "seconds": stats.seconds}
-            wide, threes = row["wide, folded"], row["threes, apart"]
-            row["wide_saves_seconds"] = {
-                net: (threes["send_actions"] - wide["send_actions"]) * rtt / 2
-                - (wide["busiest_party_bytes"] - threes["busiest_party_bytes"]) * 8 / bandwidth
-                for net, (bandwidth, rtt) in NETWORKS.items()}
+                busiest = max(stats.bytes_sent_per_party)
+                row[form] = {**_errors(y, softmax(logits)), "arities": list(arities), "fold_exps": fold,
+                             "send_actions": stats.send_actions, "busiest_party_bytes": busiest,
+                             "seconds": stats.seconds,
+                             "network_seconds": {net: stats.send_actions * rtt / 2 + busiest * 8 / bandwidth
+                                                 for net, (bandwidth, rtt) in NETWORKS.items()}}
             rows.append(row)
     return rows

@@ -27,7 +27,7 @@ Activations use f(x) = step(x) + R(min(|x|, T)):
   two pieces, degrees 9 and 7, split by one more comparison in the same batch, one Horner chain with
   picked coefficients) evaluated by Horner with a scaled accumulator; the fit errs < 2e-6 in float64, so
   what remains under MPC is mostly the input's own 2^-18 encoding.
-SoftMax subtracts the row max (a tournament: groups of up to 7 in small calls, threes in large ones; pairs in
+SoftMax subtracts the row max (a tournament whose group widths, level by level, suit the call's size; pairs in
 `cipherdm-low-byte`), takes exp as a clamped quartic squared three times, and one reciprocal per row (in small calls it
 takes the exps in its first round).
 rsqrt and the softmax reciprocal find their input's half- or quarter-octave by one batched comparison and
@@ -38,6 +38,8 @@ and a prefix OR: fewer bytes, more rounds) and takes one Newton step.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import jax
@@ -59,15 +61,14 @@ from .coefficients import (
 
 NAME = "cipherdm"
 
-# softmax in calls of at most SMALL_SOFTMAX_ELEMENTS elements trades bytes for send actions: its row max in groups
-# of up to WIDE_TOURNAMENT_ARITY (49-wide rows in 2 levels instead of 4) and the exps folded into the
-# reciprocal. Per call that saves a fixed number of send actions for extra bytes per element, so it pays below
-# a size, and the size is the call's (batch included: MNIST's attention takes the wide form at batches of up
-# to 3). 2**14 is below where, on the benchmark's LAN, the saved send actions' latency equals the extra bytes'
-# transfer time (docs/results/kernels.md, "softmax forms"); on its WAN that is larger still. Larger calls
-# compare in threes and multiply by the reciprocal apart.
-WIDE_TOURNAMENT_ARITY = 7
-SMALL_SOFTMAX_ELEMENTS = 2**14
+# What `cipherdm`'s softmax optimises its form for: the time a call spends on the network, send actions times
+# RTT/2 plus the busiest party's bytes over the bandwidth, on the benchmark's WAN (cipherdm_spu/benchmark.py,
+# NETWORKS), since the set is built for send actions. Its building blocks' costs (bytes per element per party,
+# send actions) as measured by scripts/primitive_costs.py (docs/results/primitives.md): a comparison, the
+# conversion of its bit to arithmetic, an integer product, a secret product.
+REFERENCE_NETWORK = (400e6, 40e-3)  # bits per second, round-trip seconds
+COMPARISON, CONVERSION, INTEGER_PRODUCT, SECRET_PRODUCT = (36.0, 8), (32.0 / 3, 2), (8.0, 1), (52.0 / 3, 3)
+MAX_TOURNAMENT_ARITY = 8  # groups of up to 8: a candidate's product of 7 bits and a difference in 3 rounds
 # rsqrt: the octaves k of x in [2**k, 2**(k+1)) it tells apart (in halves) (x from 2**-18, SPU's smallest positive
 # value, to 2**22 = 4.2e6: a GroupNorm of 16 * variances up to 2.6e5).
 RSQRT_OCTAVES = (-18, 21)
@@ -533,8 +534,9 @@ def reciprocal_in_range(x, lo: float, hi: float, times=None):
     return _octave_polynomial(x, octaves, RECIPROCAL_PIECES, unit_bits=1, times=times)
 
 
-def _row_max(x, axis: int, arity: int = 3):
-    """max over ``axis`` (kept as size 1) by a tournament of groups of ``arity``, exact (an element of the row).
+def _row_max(x, axis: int, arities=(3,)):
+    """max over ``axis`` (kept as size 1) by a tournament, exact (an element of the row): level i compares in
+    groups of ``arities[i]`` (the last arity repeats while more than one candidate is left).
 
     Each level compares every pair of every group in one batched comparison and converts the bits once. In a
     group g_0 .. g_{k-1}, g_i wins if g_i >= g_j for every later j and g_i > g_j for every earlier j (ties go to
@@ -544,11 +546,14 @@ def _row_max(x, axis: int, arity: int = 3):
     conversion and ceil(log2 k) products (pairs: 1, threes: 2, up to 8: 3) for k(k-1)/2 comparisons per group:
     wider groups mean fewer levels (log_k of the row) and more comparisons per element.
     """
-    if arity < 2:
-        raise ValueError(f"a tournament needs groups of at least 2, not {arity}")
+    arities = tuple(arities)
+    if not arities or min(arities) < 2:
+        raise ValueError(f"a tournament needs groups of at least 2, not {arities}")
     a = jnp.moveaxis(x, axis, -1)
+    level = 0
     while a.shape[-1] > 1:
-        k = min(arity, a.shape[-1])
+        k = min(arities[min(level, len(arities) - 1)], a.shape[-1])
+        level += 1
         pad = (-a.shape[-1]) % k
         if pad:  # repeat the last element: it cannot change the max
             a = jnp.concatenate([a] + [a[..., -1:]] * pad, axis=-1)
@@ -574,17 +579,59 @@ def _row_max(x, axis: int, arity: int = 3):
     return jnp.moveaxis(a, -1, axis)
 
 
-def wide_arity(width: int) -> int:
-    """Groups of up to WIDE_TOURNAMENT_ARITY: as few levels as that allows, then the narrowest groups reaching them."""
-    levels = next(n for n in range(1, width + 1) if WIDE_TOURNAMENT_ARITY**n >= width)
-    return next(k for k in range(2, WIDE_TOURNAMENT_ARITY + 1) if k**levels >= width)
+def _network_seconds(send_actions: float, bytes_per_element: float, elements: int) -> float:
+    """A call's time on REFERENCE_NETWORK: its send actions' latency plus its bytes' transfer."""
+    bandwidth, rtt = REFERENCE_NETWORK
+    return send_actions * rtt / 2 + bytes_per_element * elements * 8 / bandwidth
 
 
-def softmax_in_form(x, axis: int, exp_impl: str, arity: int, fold_exps: bool):
-    """e / sum(e), e = exp(x - max), the max by a tournament of ``arity`` (`_row_max`): with ``fold_exps`` e rides
-    in the reciprocal's first round (one round fewer, three more products per element), else a product of e and the
-    reciprocal. The softmax kernels are its forms; the benchmark measures them side by side."""
-    shifted = x - _row_max(x, axis, arity)
+def tournament_cost(width: int, arities) -> tuple:
+    """(send actions, bytes per row element per party) of `_row_max` over rows of ``width`` with ``arities``, from
+    the building blocks: a level of groups of k is one comparison, one conversion and ceil(log2 k) integer
+    products in sequence; per group, k(k-1)/2 compared pairs (their bits converted) and (k-1)^2 products (k-1
+    candidates, each k factors)."""
+    candidates, actions, total_bytes, level = width, 0, 0.0, 0
+    while candidates > 1:
+        k = min(arities[min(level, len(arities) - 1)], candidates)
+        groups = -(-candidates // k)
+        pairs = k * (k - 1) // 2
+        actions += COMPARISON[1] + CONVERSION[1] + math.ceil(math.log2(k)) * INTEGER_PRODUCT[1]
+        total_bytes += groups * (pairs * (COMPARISON[0] + CONVERSION[0]) + (k - 1) ** 2 * INTEGER_PRODUCT[0])
+        candidates, level = groups, level + 1
+    return actions, total_bytes / width
+
+
+@functools.lru_cache(maxsize=None)
+def tournament_arities(width: int, elements: int) -> tuple:
+    """The group widths, level by level, of the row max for a call of ``elements`` in rows of ``width`` that spend
+    the least time on REFERENCE_NETWORK (`tournament_cost`): among rising widths of 2..MAX_TOURNAMENT_ARITY
+    (narrow groups first, where the candidates are many, so that wide ones cost little), searched whole. Small
+    calls take few levels of wide groups; large ones, where bytes weigh more, narrower groups and a level more."""
+    if width < 2:
+        return (2,)
+    best = None
+    for levels in range(1, math.ceil(math.log2(width)) + 1):
+        for arities in itertools.combinations_with_replacement(range(2, MAX_TOURNAMENT_ARITY + 1), levels):
+            if math.prod(arities) < width:
+                continue
+            seconds = _network_seconds(*tournament_cost(width, arities), elements)
+            if best is None or seconds < best[0]:
+                best = (seconds, arities)
+    return best[1]
+
+
+def fold_exps_pays(elements: int) -> bool:
+    """Whether the exps should ride in the reciprocal's first round (`softmax_in_form`): one secret product's
+    send actions saved against three more secret products per element, on REFERENCE_NETWORK."""
+    return _network_seconds(SECRET_PRODUCT[1], 0.0, elements) > _network_seconds(0, 3 * SECRET_PRODUCT[0], elements)
+
+
+def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool):
+    """e / sum(e), e = exp(x - max), the max by a tournament of groups of ``arities`` (`_row_max`): with
+    ``fold_exps`` e rides in the reciprocal's first round (one round fewer, three more products per element),
+    else a product of e and the reciprocal. The softmax kernels are its forms; the benchmark measures them side
+    by side."""
+    shifted = x - _row_max(x, axis, arities)
     e = registry.kernel("exp", exp_impl)(shifted)
     total = jnp.sum(e, axis=axis, keepdims=True)  # in [1, n]: the max entry contributes exactly 1
     if fold_exps:
@@ -595,15 +642,13 @@ def softmax_in_form(x, axis: int, exp_impl: str, arity: int, fold_exps: bool):
 @register_kernel("softmax", NAME)
 def softmax(x, axis: int, exp_impl: str):
     """Max subtraction (`_row_max`), the set's exp (`exp_nonpositive` in the `cipherdm` set), one reciprocal per
-    row (over [1, row length]). Calls of at most SMALL_SOFTMAX_ELEMENTS compare in wide groups (`wide_arity`)
-    and fold the exps into the reciprocal's first round; larger calls compare in threes, products apart."""
-    if x.size <= SMALL_SOFTMAX_ELEMENTS:
-        return softmax_in_form(x, axis, exp_impl, arity=wide_arity(x.shape[axis]), fold_exps=True)
-    return softmax_in_form(x, axis, exp_impl, arity=3, fold_exps=False)
+    row (over [1, row length]), in the form that spends the least time on REFERENCE_NETWORK for the call's size
+    (`tournament_arities`, `fold_exps_pays`)."""
+    return softmax_in_form(x, axis, exp_impl, tournament_arities(x.shape[axis], x.size), fold_exps_pays(x.size))
 
 
 @register_kernel("softmax", f"{NAME}-low-byte")
 def softmax_low_byte(x, axis: int, exp_impl: str):
     """As `softmax` with a pairwise tournament for the max (a third fewer comparisons than threes) and a separate
     product by the reciprocal: fewer bytes, more rounds."""
-    return softmax_in_form(x, axis, exp_impl, arity=2, fold_exps=False)
+    return softmax_in_form(x, axis, exp_impl, (2,), fold_exps=False)

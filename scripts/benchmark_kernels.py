@@ -27,31 +27,38 @@ import numpy as np
 from tqdm import tqdm
 
 from cipherdm_spu.benchmark import ACTIVATIONS, SOFTMAX_FORM_SHAPES, SOFTMAX_ROWS, measure_kernels, measure_softmax_forms
-from cipherdm_spu.protocols.cipherdm import SMALL_SOFTMAX_ELEMENTS
 from cipherdm_spu.registry import BASELINE, available_protocol_sets
 from cipherdm_spu.results import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _form(f: dict) -> str:
+    return f"{'-'.join(map(str, f['arities']))}, {'folded' if f['fold_exps'] else 'apart'}"
+
+
 def render_softmax_forms(rows: list) -> list:
-    """The "Softmax forms" section: `measure_softmax_forms`' rows, and which form the kernel takes for each."""
+    """The "Softmax forms" section: `measure_softmax_forms`' rows."""
+    forms = ("kernel", "threes, apart", "pairs, apart")
     lines = ["## Softmax forms", "",
-             "`cipherdm`'s softmax in both its forms on the same logits (standard deviation 4, one 1e4 logit): "
-             "the max by groups of up to 7 with the exps folded into the reciprocal's first round, or by threes "
-             "with a separate product. Bytes are the busiest party's per element; \"saves\" is the wide form's "
-             "send actions saved times RTT/2 less its extra bytes over the bandwidth (LAN 5 Gbps / 0.4 ms RTT, "
-             f"WAN 400 Mbps / 40 ms RTT; compute left out). The kernel takes the wide form in calls of at most "
-             f"{SMALL_SOFTMAX_ELEMENTS} elements (protocols/cipherdm.py, SMALL_SOFTMAX_ELEMENTS).", ""]
+             "`cipherdm`'s softmax in the form its kernel takes for the call (the tournament's group widths level by "
+             "level, and whether the exps ride in the reciprocal's first round or meet it in a product apart: "
+             "whichever spends the least time on the benchmark's WAN by the building blocks' costs, "
+             "protocols/cipherdm.py `tournament_arities` and `fold_exps_pays`), and in two fixed forms: threes "
+             "(`cipherdm` before the choice) and pairs (`cipherdm-low-byte`), each with a product apart. Same "
+             "logits (standard deviation 4, one 1e4 logit); bytes are the busiest party's per element; network "
+             "ms are send actions times RTT/2 plus those bytes over the bandwidth (LAN 5 Gbps / 0.4 ms RTT, "
+             "WAN 400 Mbps / 40 ms RTT; compute left out).", ""]
     return lines + markdown_table(
-        ["shape", "elements", "wide: groups, B/elem, send actions, max err", "threes: B/elem, send actions, max err",
-         "wide saves on LAN ms", "wide saves on WAN ms", "kernel takes"],
-        [[" x ".join(map(str, r["shape"])), r["elements"],
-          f"{w['arity']}, {w['busiest_party_bytes'] / r['elements']:.0f}, {w['send_actions']}, {w['max_abs_err']:.2g}",
-          f"{t['busiest_party_bytes'] / r['elements']:.0f}, {t['send_actions']}, {t['max_abs_err']:.2g}",
-          f"{1e3 * r['wide_saves_seconds']['LAN']:.1f}", f"{1e3 * r['wide_saves_seconds']['WAN']:.0f}",
-          "wide" if r["elements"] <= SMALL_SOFTMAX_ELEMENTS else "threes"]
-         for r in rows for w, t in [(r["wide, folded"], r["threes, apart"])]], align="l")
+        ["shape", "elements", "kernel's form", "kernel: B/elem, send actions, max err",
+         "threes: B/elem, send actions, max err", "pairs: B/elem, send actions, max err",
+         "WAN ms: kernel / threes / pairs", "LAN ms: kernel / threes / pairs"],
+        [[" x ".join(map(str, r["shape"])), r["elements"], _form(r["kernel"])]
+         + [f"{r[f]['busiest_party_bytes'] / r['elements']:.0f}, {r[f]['send_actions']}, {r[f]['max_abs_err']:.2g}"
+            for f in forms]
+         + [" / ".join(f"{1e3 * r[f]['network_seconds'][net]:.{digits}f}" for f in forms)
+            for net, digits in (("WAN", 0), ("LAN", 1))]
+         for r in rows], align="l")
 
 
 def render_markdown(results: dict, command: str) -> str:

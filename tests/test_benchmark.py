@@ -49,31 +49,33 @@ def test_estimate_terms_take_the_busiest_party():
 
 
 def test_softmax_forms_are_measured_side_by_side_on_the_same_logits():
-    """Both forms are accurate on a 49-wide call with a 1e4 logit; the wide one takes fewer send actions and more
-    bytes, and what it saves on a network is that trade priced at the network's RTT and bandwidth."""
+    """The kernel's form and the fixed ones are accurate on a 49-wide call with a 1e4 logit; the kernel's takes the
+    fewest send actions and pairs the fewest bytes, and each form's network time is its send actions and bytes
+    priced at the network's RTT and bandwidth."""
     (row,) = measure_softmax_forms(np.random.default_rng(0), shapes=((20, 49),))
-    wide, threes = row["wide, folded"], row["threes, apart"]
-    assert (wide["arity"], threes["arity"], row["elements"]) == (7, 3, 980)
-    assert wide["max_abs_err"] <= 5e-3 and threes["max_abs_err"] <= 5e-3
-    assert wide["send_actions"] < threes["send_actions"] and wide["busiest_party_bytes"] > threes["busiest_party_bytes"]
-    saved = (threes["send_actions"] - wide["send_actions"]) * 0.020 - (
-        wide["busiest_party_bytes"] - threes["busiest_party_bytes"]) * 8 / 400e6
-    assert row["wide_saves_seconds"]["WAN"] == pytest.approx(saved)
+    assert row["elements"] == 980
+    kernel, threes, pairs = row["kernel"], row["threes, apart"], row["pairs, apart"]
+    assert (kernel["arities"], kernel["fold_exps"], threes["arities"], pairs["arities"]) == ([7, 7], True, [3], [2])
+    for form in (kernel, threes, pairs):
+        assert form["max_abs_err"] <= 5e-3
+        assert form["network_seconds"]["WAN"] == pytest.approx(form["send_actions"] * 0.020
+                                                               + form["busiest_party_bytes"] * 8 / 400e6)
+    assert kernel["send_actions"] < threes["send_actions"] < pairs["send_actions"]
+    assert pairs["busiest_party_bytes"] < threes["busiest_party_bytes"] < kernel["busiest_party_bytes"]
 
 
-def test_the_softmax_forms_table_says_which_form_the_kernel_takes():
-    from cipherdm_spu.protocols.cipherdm import SMALL_SOFTMAX_ELEMENTS
+def test_the_softmax_forms_table_names_the_kernels_form_and_prices_each():
+    def form(arities, fold, actions):
+        return {"max_abs_err": 1e-3, "send_actions": actions, "busiest_party_bytes": 4000 * 49, "arities": arities,
+                "fold_exps": fold, "network_seconds": {"LAN": 0.0123, "WAN": actions * 0.02}}
 
-    def row(rows):
-        form = {"max_abs_err": 1e-3, "send_actions": 80, "busiest_party_bytes": 4000 * rows, "arity": 7}
-        return {"shape": [rows, 49], "elements": 49 * rows, "wide, folded": form, "threes, apart": {**form, "arity": 3},
-                "wide_saves_seconds": {"LAN": 0.0012, "WAN": 0.4}}
-
-    small, large = SMALL_SOFTMAX_ELEMENTS // 49, SMALL_SOFTMAX_ELEMENTS // 49 + 1
-    table = load_script("benchmark_kernels").render_softmax_forms([row(small), row(large)])
+    row = {"shape": [98, 49], "elements": 4802, "kernel": form([7, 7], True, 70),
+           "threes, apart": form([3], False, 95), "pairs, apart": form([2], False, 110)}
+    table = load_script("benchmark_kernels").render_softmax_forms([row])
     assert table[0] == "## Softmax forms"
-    cells = [line.split(" | ") for line in table if line.startswith(f"| {small} x 49") or line.startswith(f"| {large} x 49")]
-    assert [c[-1] for c in cells] == ["wide |", "threes |"] and cells[0][4:6] == ["1.2", "400"]
+    (cells,) = [line.split(" | ") for line in table if line.startswith("| 98 x 49")]
+    assert cells[2] == "7-7, folded" and cells[3] == "41, 70, 0.001"
+    assert cells[6:] == ["1400 / 1900 / 2200", "12.3 / 12.3 / 12.3 |"]
 
 
 def test_measure_step_on_a_tiny_unet():

@@ -9,8 +9,6 @@ from cipherdm_spu.protocols import cipherdm
 from cipherdm_spu.protocols.cipherdm import (
     RSQRT_LOW_BYTE_EXPONENTS,
     RSQRT_OCTAVES,
-    SMALL_SOFTMAX_ELEMENTS,
-    WIDE_TOURNAMENT_ARITY,
     _from_integer,
     _indicator,
     _octave_bits,
@@ -21,8 +19,10 @@ from cipherdm_spu.protocols.cipherdm import (
     _row_max,
     _sign_and_window,
     _table,
+    fold_exps_pays,
     softmax_in_form,
-    wide_arity,
+    tournament_arities,
+    tournament_cost,
 )
 from cipherdm_spu.protocols.reference import REFERENCES, activation_inputs, encoded, gelu_tanh, softmax
 
@@ -58,7 +58,7 @@ def test_exp_on_softmax_domain_reaches_the_right_limit(sessions):
 
 
 @pytest.mark.parametrize("rows, n, spread", [(8, 16, 4.0), (98, 49, 4.0), (8, 64, 8.0), (8, 256, 2.0), (8, 1024, 2.0),
-                                             (24, 1024, 2.0)])  # the last above SMALL_SOFTMAX_ELEMENTS: threes
+                                             (256, 256, 2.0)])  # the last with the exps apart
 @pytest.mark.parametrize("protocol", ["cipherdm", "cipherdm-low-byte"])
 def test_softmax_rows(sessions, rng, rows, n, spread, protocol):
     logits = (rng.standard_normal((rows, n)) * spread).astype(np.float32)
@@ -100,34 +100,58 @@ def test_sign_and_window_bits_from_one_comparison_at_their_boundaries(sessions):
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: jax.numpy.stack(_sign_and_window(v, T)))(x)), want)
 
 
-@pytest.mark.parametrize("arity", [2, 3, 4, 7])
-def test_row_max_is_exact_with_ties_padding_and_any_axis(sessions, rng, arity):
-    """The tournaments (pairs: `cipherdm-low-byte`; threes and wider: `cipherdm`) return the row's largest
-    element (exactly under SPU: bit products on the ring), for widths that are not powers of their arity, with
-    ties, on a middle axis."""
+@pytest.mark.parametrize("arities", [(2,), (3,), (4,), (7,), (2, 4, 7), (8, 3)])
+def test_row_max_is_exact_with_ties_padding_and_any_axis(sessions, rng, arities):
+    """The tournaments (pairs: `cipherdm-low-byte`; schedules of wider groups: `cipherdm`) return the row's
+    largest element (exactly under SPU: bit products on the ring), for widths that are not products of their
+    groups, with ties, on a middle axis."""
     x = rng.normal(0, 3, (4, 50, 5)).astype(np.float32)
     x[0, :, 0] = 2.5  # a row of ties
     x[1, 7, 1] = 1e4
     x[2, 49, 2] = -1e4
     want = encoded(x).max(axis=1, keepdims=True)
-    got = np.asarray(sessions["cipherdm"].run(lambda v: _row_max(v, 1, arity), x), np.float64)
+    got = np.asarray(sessions["cipherdm"].run(lambda v: _row_max(v, 1, arities), x), np.float64)
     np.testing.assert_allclose(got, want, rtol=2.0**-23, atol=0)  # exact but for the float32 output
-    plain = np.asarray(jax.jit(lambda v: _row_max(v, 1, arity))(x))
+    plain = np.asarray(jax.jit(lambda v: _row_max(v, 1, arities))(x))
     np.testing.assert_allclose(plain, x.max(axis=1, keepdims=True), atol=2e-3)  # in float32, r + (p - r) next to 1e4
 
 
-def test_small_softmax_calls_compare_in_wide_groups_and_fold_the_exps_large_ones_do_not(monkeypatch):
-    """Groups up to 7 wide, the fewest levels and then the narrowest groups, in calls of at most
-    SMALL_SOFTMAX_ELEMENTS; threes and a separate product above."""
-    assert WIDE_TOURNAMENT_ARITY == 7
-    arity = {n: wide_arity(n) for n in (1, 2, 5, 7, 8, 13, 49, 50, 77, 1024)}
-    assert arity == {1: 2, 2: 2, 5: 5, 7: 7, 8: 3, 13: 4, 49: 7, 50: 4, 77: 5, 1024: 6}
+def test_row_max_refuses_groups_below_two():
+    with pytest.raises(ValueError, match="at least 2"):
+        _row_max(np.zeros((2, 5), np.float32), 1, (3, 1))
+
+
+@pytest.mark.parametrize("rows, width, arities", [(98, 49, (7, 7)), (98, 49, (2, 4, 7)), (32, 1024, (3,)),
+                                                  (32, 1024, (2, 2, 4, 8, 8)), (64, 256, (4, 8, 8))])
+def test_tournament_cost_model_matches_what_spu_spends(sessions, rng, rows, width, arities):
+    """The model the kernel chooses its schedule by (`tournament_cost`, from the measured building blocks) against
+    the tournament under SPU: the mean party's bytes within 2 %, send actions within 3 (SPU overlaps a round or two
+    between levels)."""
+    session = sessions["cipherdm"]
+    x = (rng.standard_normal((rows, width)) * 4).astype(np.float32)
+    actions, per_element = tournament_cost(width, arities)
+    measured = fewest_send_actions(session, lambda v: _row_max(v, 1, arities), x, runs=2)
+    assert session.last_stats.bytes_sent / 3 / x.size == pytest.approx(per_element, rel=0.02)
+    assert actions - 3 <= measured <= actions
+
+
+def test_the_kernel_takes_the_form_that_spends_least_on_the_reference_network(monkeypatch):
+    """Few wide levels and the exps folded in small calls (MNIST's attention); in large ones, narrow groups first
+    and the exps apart, as their bytes weigh more. The row is the axis, wherever it is."""
+    assert tournament_arities(49, 98 * 49) == (7, 7)
+    assert tournament_arities(1024, 32 * 1024) == (4, 4, 8, 8)
+    assert tournament_arities(256, 1024 * 256) == (2, 4, 4, 8)
+    assert fold_exps_pays(98 * 49) and fold_exps_pays(32 * 1024) and not fold_exps_pays(1024 * 256)
+    for width, elements in [(49, 4802), (77, 78848), (256, 262144), (4096, 2**27)]:
+        arities = tournament_arities(width, elements)
+        assert list(arities) == sorted(arities) and np.prod(arities) >= width
+        chosen = cipherdm._network_seconds(*tournament_cost(width, arities), elements)
+        assert all(chosen <= cipherdm._network_seconds(*tournament_cost(width, fixed), elements) for fixed in [(2,), (3,)])
     forms = []
-    monkeypatch.setattr(cipherdm, "softmax_in_form", lambda x, axis, exp_impl, arity, fold_exps: forms.append((arity, fold_exps)))
-    rows = SMALL_SOFTMAX_ELEMENTS // 49
-    for shape, axis in [((rows, 49), 1), ((rows + 1, 49), 1), ((49, 2, 4), 0)]:
+    monkeypatch.setattr(cipherdm, "softmax_in_form", lambda x, axis, exp_impl, arities, fold_exps: forms.append((arities, fold_exps)))
+    for shape, axis in [((98, 49), 1), ((1024, 256), 1), ((49, 2, 4), 0)]:
         cipherdm.softmax(np.zeros(shape, np.float32), axis, "cipherdm")
-    assert forms == [(7, True), (3, False), (7, True)]  # the row is the axis, wherever it is
+    assert forms == [((7, 7), True), ((2, 4, 4, 8), False), ((7, 7), True)]
 
 
 def test_wide_groups_and_folded_exps_cost_fewer_rounds(sessions, rng):
@@ -136,11 +160,11 @@ def test_wide_groups_and_folded_exps_cost_fewer_rounds(sessions, rng):
     reciprocal's first round save the separate product."""
     session = sessions["cipherdm"]
     x = (rng.standard_normal((98, 49)) * 4).astype(np.float32)
-    threes = fewest_send_actions(session, lambda v: _row_max(v, 1, 3), x)
-    sevens = fewest_send_actions(session, lambda v: _row_max(v, 1, 7), x)
+    threes = fewest_send_actions(session, lambda v: _row_max(v, 1, (3,)), x)
+    sevens = fewest_send_actions(session, lambda v: _row_max(v, 1, (7, 7)), x)
     assert sevens <= threes - 18  # 3 levels of threes and a pair (47) against 2 of sevens (26), less a run's variation
-    apart = fewest_send_actions(session, lambda v: softmax_in_form(v, 1, "cipherdm", 7, fold_exps=False), x, runs=5)
-    folded = fewest_send_actions(session, lambda v: softmax_in_form(v, 1, "cipherdm", 7, fold_exps=True), x, runs=5)
+    apart = fewest_send_actions(session, lambda v: softmax_in_form(v, 1, "cipherdm", (7,), fold_exps=False), x, runs=5)
+    folded = fewest_send_actions(session, lambda v: softmax_in_form(v, 1, "cipherdm", (7,), fold_exps=True), x, runs=5)
     assert folded < apart  # a product round fewer, but a run's count varies by up to 2
 
 
