@@ -24,9 +24,10 @@ Activations use f(x) = step(x) + R(min(|x|, T)):
   two quartics (x > 0, x <= 0) one, with coefficients picked by the sign bit (`_pick`: local, on the ring
   encodings).
   GeLU and sigmoid (to beat SPU's Pade-based kernels on error): R is a degree-13 polynomial (sigmoid:
-  two pieces, degrees 9 and 7, split by one more comparison in the same batch, one Horner chain with
-  picked coefficients) evaluated by Horner with a scaled accumulator; the fit errs < 2e-6 in float64, so
-  what remains under MPC is mostly the input's own 2^-18 encoding.
+  two pieces, degrees 9 and 7, split by one more comparison in the same batch, one evaluation with
+  picked coefficients) evaluated as E(v^2) + v O(v^2), Horner in v^2 for both halves side by side, with
+  scaled accumulators; the fit errs < 2e-6 in float64, so what remains under MPC is mostly the input's own
+  2^-18 encoding.
 SoftMax subtracts the row max (a tournament whose group widths, level by level, suit the call's size; pairs in
 `cipherdm-low-byte`), takes exp as a clamped quartic squared three times, and one reciprocal per row (in small calls it
 takes the exps in its first round).
@@ -305,17 +306,31 @@ def _polynomial(m, coef):
     return r
 
 
+def _even_odd_polynomial(v, coef):
+    """sum_k coef[k] v^k as E(w) + v O(w), w = v^2, E and O (the even and odd coefficients) by Horner in w side by
+    side: one stacked product per step, so degree d takes floor(d / 2) + 2 rounds of products (w, the steps,
+    v O) where Horner in v takes d. Coefficients may be public or secret (picked per element)."""
+    even, odd = list(coef[0::2]), list(coef[1::2])
+    odd += [0.0] * (len(even) - len(odd))  # an even degree: O's top coefficient is 0
+    pair = lambda e, o: jnp.stack([jnp.broadcast_to(jnp.asarray(c, v.dtype), v.shape) for c in (e, o)])  # noqa: E731
+    w = v * v
+    acc = pair(even[-1], odd[-1])
+    for e, o in zip(even[-2::-1], odd[-2::-1]):
+        acc = acc * w + pair(e, o)
+    return acc[0] + v * acc[1]
+
+
 def _horner_scaled(v, coef):
-    """sum_k coef[k] v^k by Horner, the accumulator kept times HORNER_SCALE: each product's truncation
-    error (one unit of 2^-18) weighs 1 / HORNER_SCALE in the result before later steps multiply it by
-    |v|^k (scripts/fit_kernels.py checks that these add up to less than one unit)."""
-    return _polynomial(v, [HORNER_SCALE * c for c in coef]) * (1.0 / HORNER_SCALE)
+    """sum_k coef[k] v^k (`_even_odd_polynomial`), the accumulators kept times HORNER_SCALE: each product's
+    truncation error (one unit of 2^-18) weighs 1 / HORNER_SCALE in the result before later steps multiply it by
+    w^k = v^(2k) (scripts/fit_kernels.py checks that these add up to less than one unit)."""
+    return _even_odd_polynomial(v, [HORNER_SCALE * c for c in coef]) * (1.0 / HORNER_SCALE)
 
 
 def _piecewise_horner(x, name: str):
     """step(x) + R(|x|) with R piecewise (one or two pieces); the bits |x| <= T and |x| <= split come
     from one batched comparison. With two pieces the split bit picks the centre and the coefficients, so
-    one Horner chain (of the higher degree) serves both."""
+    one evaluation (of the higher degree) serves both."""
     fit = HORNER_ACTIVATIONS[name]
     pieces = fit["pieces"]
     if len(pieces) > 2:
@@ -333,7 +348,7 @@ def _piecewise_horner(x, name: str):
         coefs = [list(p["coef"]) + [0.0] * (degree - len(p["coef"])) for p in pieces]
         v = a - _pick(in_first, first["center"], second["center"], x.dtype)
         scaled = [_pick(in_first, HORNER_SCALE * c1, HORNER_SCALE * c2, x.dtype) for c1, c2 in zip(*coefs)]
-        r = _polynomial(v, scaled) * (1.0 / HORNER_SCALE)
+        r = _even_odd_polynomial(v, scaled) * (1.0 / HORNER_SCALE)
     if fit["step"] == "relu":
         return relu + r
     return r + _bit_times(positive, 1.0 - r - r)

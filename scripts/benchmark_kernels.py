@@ -126,7 +126,8 @@ def render_markdown(results: dict, command: str) -> str:
         "weighted one at 46-49 dB (Mish model: 29 -> 38-41 dB). Secure runs: docs/results/secure_sampling.md.",
         "`cipherdm`'s GeLU and sigmoid aim instead below SPU's own Pade-based kernels (the `spu-pade` and",
         "`cipherdm-paper` rows): a degree-13 polynomial on |x| <= 5 (sigmoid: degrees 9 and 7 on two pieces up to",
-        "12.5) evaluated by a scaled Horner scheme; their fits err < 2e-6 in float64, and what is left is the input's",
+        "12.5) evaluated as E(v^2) + v O(v^2) by two scaled Horner chains side by side (half the rounds of one chain in v);",
+        "their fits err < 2e-6 in float64, and what is left is the input's",
         "2^-18 encoding (up to 3.8e-6 times the slope) and the output's last truncation.",
         "",
     ]

@@ -16,7 +16,7 @@ holds on the whole real line. Two families:
   9 fraction bits, the rounding part of the fit: see fit_half_square).
 - GeLU and sigmoid, where the `cipherdm` set must beat SPU's own Pade-based kernels on error (~1.6e-5) at
   lower cost: R is a piecewise polynomial of high degree (HORNER_DESIGNS), fitted to ~2e-6 and evaluated
-  by Horner around each piece's centre with a scaled accumulator (HORNER_SCALE).
+  around each piece's centre as E(v^2) + v O(v^2), Horner in v^2 with scaled accumulators (HORNER_SCALE).
 
 Also fits the initial guesses of the rsqrt/reciprocal Newton iterations on their normalised ranges, their
 piecewise quadratics, and exp's base: e^x = q(y)**reach for x <= 0, y = max(x, clamp) / reach, q a quartic
@@ -250,33 +250,50 @@ HORNER_DESIGNS = {
     "gelu_tanh": ("relu", lambda a: gelu_tanh(-a), (0.0, 5.0), (13,)),
     "sigmoid": ("heaviside", lambda a: sigmoid(-a), (0.0, 5.0, 12.5), (9, 7)),
 }
-# Horner's truncation errors grow by |v|^k (v = a - centre, |v| <= 2.5 for degree 13); the kernels keep the
-# accumulator multiplied by HORNER_SCALE, so that even aligned they add up to < 1 unit (2^-18) of the result
-# (GeLU: sum_k 2.5^k / 2^18 = 0.38; at 2^16 it was 1.5 units), checked by horner_error_units.
+# The kernels evaluate these polynomials as E(w) + v O(w), w = v^2 (protocols/cipherdm.py, _even_odd_polynomial):
+# Horner in w, the even and odd coefficients side by side. A truncation error grows by w^j over the steps after it
+# (v = a - centre, |v| <= 2.5 for GeLU's degree 13); the kernels keep the accumulators multiplied by HORNER_SCALE,
+# so that even aligned they add up to < 1 unit (2^-18) of the result, checked by horner_error_units.
 HORNER_SCALE = 2.0**18
 # ... while every secret product stays below this (FM64 holds products of two 18-fraction-bit values up to 2^27).
 HORNER_PRODUCT_BOUND = 2.0**20
 
 
-def horner_error_units(lo: float, hi: float, degree: int) -> float:
-    """The scaled Horner scheme's truncation errors, all aligned, in units of 2^-18 of the result:
-    sum_{k=0..degree-1} max|v|^k / HORNER_SCALE, plus the final unscaling's one unit."""
-    half = (hi - lo) / 2
-    return sum(half**k for k in range(degree)) / HORNER_SCALE + 1.0
+def _even_odd(coef):
+    """(even, odd) coefficients (increasing) of sum_k coef[k] v^k as E(w) + v O(w), O's top one 0 for an even degree."""
+    even, odd = list(coef[0::2]), list(coef[1::2])
+    return even, odd + [0.0] * (len(even) - len(odd))
+
+
+def horner_error_units(coef, half: float) -> float:
+    """The even/odd scheme's truncation errors, all aligned, in units of 2^-18 of the result, for |v| <= half:
+    each chain step's (1 / HORNER_SCALE, grown by w^j; the odd chain's then by |v|), w's own (one unit, times
+    max |dP/dw| = |E'(w) + v O'(w)| on the piece), v O's, and the final unscaling's one unit."""
+    even, odd = _even_odd(coef)
+    w_max = half * half
+    steps = sum(w_max**j for j in range(len(even) - 1)) / HORNER_SCALE
+    v = np.linspace(-half, half, 4001)
+    w = v * v
+    slope = sum(k * c * w ** (k - 1) for k, c in enumerate(even) if k) + v * sum(
+        k * c * w ** (k - 1) for k, c in enumerate(odd) if k)
+    return steps * (1.0 + half) + float(np.abs(slope).max()) + 1.0 / HORNER_SCALE + 1.0
 
 
 def fit_piece(residual, lo: float, hi: float, degree: int, last: bool):
     """Minimax coefficients of R(a) in powers of v = a - (lo + hi) / 2 on [lo, hi] (the last piece also over the
-    clamped tail up to 1e4), its max error, and the largest secret product the scaled Horner scheme forms."""
+    clamped tail up to 1e4), its max error, and the largest secret product the scaled scheme forms."""
     a = np.linspace(lo, hi, 4001)
     if last:
         a = np.concatenate([a, np.geomspace(hi, 1e4, 2001)])
     v = np.minimum(a, hi) - (lo + hi) / 2
     coef, err = minimax(a, residual(a), np.vander(v, degree + 1, increasing=True))
-    partial, largest = np.full_like(v, coef[-1]), 0.0
-    for c in coef[-2::-1]:
-        largest = max(largest, float(np.abs(HORNER_SCALE * partial * v).max()))
-        partial = partial * v + c
+    even, odd = _even_odd(coef)
+    w, largest = v * v, 0.0
+    partials = [np.full_like(v, even[-1]), np.full_like(v, odd[-1])]
+    for e, o in zip(even[-2::-1], odd[-2::-1]):
+        largest = max(largest, *(float(np.abs(HORNER_SCALE * p * w).max()) for p in partials))
+        partials = [partials[0] * w + e, partials[1] * w + o]
+    largest = max(largest, float(np.abs(HORNER_SCALE * partials[1] * v).max()))
     return coef, err, largest
 
 
@@ -302,8 +319,9 @@ def fit_horner(name: str, reference):
         coef, _, largest = fit_piece(residual, lo, hi, degree, last=i == len(degrees) - 1)
         if largest >= HORNER_PRODUCT_BOUND:
             raise RuntimeError(f"{name}: a Horner product reaches {largest:.3g} >= {HORNER_PRODUCT_BOUND:.3g}")
-        if horner_error_units(lo, hi, degree) >= 2.0:
-            raise RuntimeError(f"{name}: Horner truncation errors could reach {horner_error_units(lo, hi, degree):.2f} units")
+        units = horner_error_units(coef, (hi - lo) / 2)
+        if units >= 2.0:
+            raise RuntimeError(f"{name}: truncation errors could reach {units:.2f} units")
         pieces.append({"lo": lo, "hi": hi, "center": (lo + hi) / 2, "coef": [float(c) for c in coef]})
     fit = {"step": step, "pieces": pieces}
     x = np.concatenate([np.linspace(-40, 40, 160001), np.geomspace(40, 1e4, 2001), -np.geomspace(40, 1e4, 2001)])

@@ -9,6 +9,7 @@ from cipherdm_spu.protocols import cipherdm
 from cipherdm_spu.protocols.cipherdm import (
     RSQRT_LOW_BYTE_EXPONENTS,
     RSQRT_OCTAVES,
+    _even_odd_polynomial,
     _from_integer,
     _indicator,
     _octave_bits,
@@ -46,6 +47,24 @@ def test_gelu_and_sigmoid_within_1_2e5_everywhere(sessions, op, approximate):
     fn = getattr(ops, op) if approximate is None else (lambda v: ops.gelu(v, approximate=approximate))
     err = np.abs(sessions["cipherdm"].run(fn, x) - ref(x.astype(np.float64)))
     assert err.max() <= 1.2e-5
+
+
+@pytest.mark.parametrize("degree", [4, 9, 13])
+def test_even_odd_polynomial_is_the_polynomial_in_fewer_rounds(sessions, rng, degree):
+    """E(v^2) + v O(v^2) with public coefficients (even and odd degrees) and with secret ones picked per element:
+    the polynomial's value, in floor(degree / 2) + 2 rounds of products (3 send actions each) where Horner in v
+    takes degree rounds. Under SPU each product's truncation (a unit of 2^-18) grows by w^j after it, up to 14
+    units here, as these accumulators are not scaled (`_horner_scaled` scales them)."""
+    coef = list(rng.uniform(-1, 1, degree + 1) / np.arange(1, degree + 2))
+    v = np.linspace(-1.0, 1.0, 97).astype(np.float32)
+    want = np.polyval(coef[::-1], v.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda t: _even_odd_polynomial(t, coef))(v)), want, atol=1e-5)
+    session = sessions["cipherdm"]
+    np.testing.assert_allclose(session.run(lambda t: _even_odd_polynomial(t, coef), v), want, atol=1e-4)
+    actions = fewest_send_actions(session, lambda t: _even_odd_polynomial(t, coef), v)
+    assert actions <= 3 * (degree // 2 + 2)
+    picked = session.run(lambda t: _even_odd_polynomial(t, [c + 0.0 * t for c in coef]), v)  # secret coefficients
+    np.testing.assert_allclose(picked, want, atol=1e-4)
 
 
 def test_exp_on_softmax_domain_reaches_the_right_limit(sessions):
