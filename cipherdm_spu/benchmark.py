@@ -8,8 +8,8 @@ network estimates.
 - `StepCase` is a UNet step with fixed inputs: it runs under a session (weights and inputs secret, the
   owner's time terms shared, coefficients public) and in plaintext float32 for the error.
 - `kernel_breakdown` finds every registered op the step calls (op, shapes, parameters, from the jaxpr)
-  and runs exactly those calls on their own under the same session: the bytes and send actions of each
-  kernel at the model's shapes. What the step costs beyond their sum is the linear part (convolutions,
+  and runs exactly those calls on their own under the same session: the bytes, send actions and seconds of
+  each kernel at the model's shapes, its seconds also split by SPU's own ops (`COMPARISON_OPS` among them). What the step costs beyond their sum is the linear part (convolutions,
   matmuls, the norms' arithmetic) and the sampler update.
 - `linear_floor` is a protocol set whose every kernel is the identity: not a correct network, only a
   lower bound on what any kernel design could reach.
@@ -44,6 +44,8 @@ SOFTMAX_ROWS = {16: 4.0, 64: 6.0, 256: 3.0, 1024: 2.0}  # row width: standard de
 #: 256 x 77)
 SOFTMAX_FORM_SHAPES = ((98, 49), (784, 49), (8, 1024), (32, 1024), (1024, 77), (1024, 256))
 NETWORKS = {"LAN": (5e9, 0.4e-3), "WAN": (400e6, 40e-3)}  # bits per second, round-trip seconds
+#: SPU's comparison ops (pphlo): an MSB extraction each, the local compute that comparison-based kernels spend most on
+COMPARISON_OPS = ("less", "greater", "less_equal", "greater_equal")
 IDENTITY = "identity"
 
 def _identity(x, *others, **params):
@@ -171,7 +173,8 @@ def measure_step(session: SecureSession, case: StepCase, repeat: int = 1, breakd
         row["kernels"] = {op: {"calls": sum(c.op == op for c in calls),
                                "elements": int(sum(np.prod(c.shape) for c in calls if c.op == op)),
                                "shapes": [list(c.shape) for c in calls if c.op == op],
-                               "bytes_sent": s.bytes_sent, "send_actions": s.send_actions, "seconds": s.seconds}
+                               "bytes_sent": s.bytes_sent, "send_actions": s.send_actions, "seconds": s.seconds,
+                               "seconds_by_spu_op": {name: k.seconds for name, k in s.kernels.items()}}
                           for op, s in costs.items()}
     return row
 

@@ -43,8 +43,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cipherdm_spu import Public, SecureSession, cluster_config, quality
-from cipherdm_spu.benchmark import (NETWORKS, StepCase, estimate_latency, estimate_terms, linear_floor, measure_kernels,
-                                    measure_step, ratios)
+from cipherdm_spu.benchmark import (COMPARISON_OPS, NETWORKS, StepCase, estimate_latency, estimate_terms, linear_floor,
+                                    measure_kernels, measure_step, ratios)
 from cipherdm_spu.cli_common import load_model_dir
 from cipherdm_spu.client import PartyClients
 from cipherdm_spu.cluster import loopback_cluster
@@ -297,6 +297,27 @@ def run_kernels(args) -> dict:
     return {name: measure_kernels(name, rng, n, rows) for name in tqdm(args.sets, desc="kernels")}
 
 
+def render_kernel_seconds(block: dict) -> list:
+    """The kernels' own seconds in the step (each op's calls run alone), the comparisons' part of them (SPU's
+    comparison ops, one MSB extraction per element each), and each set's total against `spu`'s."""
+    sets = [(n, r["kernels"]) for n, r in block["rows"].items() if "kernels" in r]
+    if not sets or any("seconds_by_spu_op" not in k for _, kernels in sets for k in kernels.values()):
+        return []
+    ops = sorted({op for _, k in sets for op in k})
+    spu_total = sum(k["seconds"] for k in dict(sets)[BASELINE].values()) if BASELINE in dict(sets) else None
+    rows = []
+    for name, kernels in sets:
+        total = sum(k["seconds"] for k in kernels.values())
+        comparisons = sum(s for k in kernels.values() for op, s in k["seconds_by_spu_op"].items() if op in COMPARISON_OPS)
+        rows.append([name, *(f"{kernels[o]['seconds']:.2f}" if o in kernels else "-" for o in ops), f"{total:.2f}",
+                     f"{comparisons:.2f}", f"{spu_total / total:.2f}x" if spu_total else "-",
+                     f"{100 * comparisons / spu_total:.0f} %" if spu_total else "-"])
+    return ["Kernel seconds (each op's calls alone, three parties on this machine's cores), the part of them in SPU's "
+            "comparison ops, the total against `spu`'s, and those comparisons alone as a share of `spu`'s total:", ""] + \
+        markdown_table(["protocol set", *(f"{o} s" for o in ops), "kernels s", "of which comparisons s", "kernels vs spu",
+                        "comparisons / spu's kernels"], rows)
+
+
 def render(results: dict, command: str) -> str:
     lines = ["# Benchmark: cipherdm-spu against vanilla SPU", "",
              f"Command: `{command}`", "",
@@ -330,6 +351,7 @@ def render(results: dict, command: str) -> str:
                   f"{(block['rows'][name]['bytes_sent'] - sum(v['bytes_sent'] for v in k.values())) / 1e6:.1f} / "
                   f"{block['rows'][name]['send_actions'] - sum(v['send_actions'] for v in k.values())}"]
                  for name, k in kernel_rows])
+            lines += ["", *render_kernel_seconds(block)]
         lines.append("")
     if "kernels" in results:
         sets = list(results["kernels"])

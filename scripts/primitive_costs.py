@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What SPU's building blocks cost under ABY3/FM64, and how they add up to our SiLU.
+"""What SPU's building blocks cost under ABY3/FM64, how they add up to our SiLU, and the floor they set a softmax.
 
 Measures, in one three-party session, bytes per element per party (all parties' bytes / 3 / n) and
 send actions of: a comparison with a public constant, its bit converted to an arithmetic integer, a
@@ -8,9 +8,13 @@ truncation), a product with a public constant (truncation only), the same with a
 is below 4 (SPU truncates those with extra precision, at a higher cost), a secret product of integers
 (reshare only), and our SiLU. From these it writes the accounting of the `cipherdm` SiLU (relu + clamped
 "half-square" quartic: two comparisons, two conversions, four integer products, two truncations) and what
-else was tried against it (docs/results/primitives.md).
+else was tried against it, and a softmax's byte floor: the comparisons that an exact row max and a clamped exp
+need, their conversions and bit products, one product to normalise, and the fewest secret products an exp
+polynomial needs to hold the softmax accuracy contract (searched in float64 over clamped bases raised by
+squarings; `fewest_exp_products`), against vanilla SPU's softmax measured on the same logits
+(docs/results/primitives.md).
 
-    python scripts/primitive_costs.py --out docs/results/primitives
+    python scripts/primitive_costs.py
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cipherdm_spu import SecureSession, ops, registry
+from cipherdm_spu.minimax import minimax
 from cipherdm_spu.protocols.cipherdm import _bit_times, _encoding, _indicator
+from cipherdm_spu.protocols.reference import softmax
 from cipherdm_spu.results import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +52,99 @@ PRIMITIVES = {
     "silu": ("ops.silu under the protocol set", ops.silu),
     "silu_low_byte": ("the `cipherdm-low-byte` SiLU (window compared after |x|)", registry.kernel("silu", "cipherdm-low-byte")),
 }
+
+
+#: the softmax whose floor is counted: rows as the kernel table's 1024-wide ones (standard deviation 2, one 1e4 logit)
+SOFTMAX_SHAPE, SOFTMAX_SPREAD = (20, 1024), 2.0
+#: the accuracy contract's rows (tests/test_cipherdm.py, test_softmax_rows): (rows, width, standard deviation),
+#: each with a 1e4 logit; max error <= SOFTMAX_MAX_ERR
+CONTRACT_ROWS = ((8, 16, 4.0), (98, 49, 4.0), (8, 64, 8.0), (8, 256, 2.0), (8, 1024, 2.0), (256, 256, 2.0))
+SOFTMAX_MAX_ERR = 5e-3
+#: exp designs: a clamped base polynomial of this degree (its secret products: Horner monic for 2 and 3,
+#: Knuth's form for 4), raised to 2**squarings by squarings
+EXP_BASES = {2: 1, 3: 2, 4: 2}
+
+
+def _contract_rows():
+    rng = np.random.default_rng(0)
+    rows = []
+    for count, width, spread in CONTRACT_ROWS:
+        x = rng.standard_normal((count, width)) * spread
+        x[0, 0] = 1e4
+        rows.append(x - x.max(axis=1, keepdims=True))  # the exact max: only the exp is approximated
+    return rows
+
+
+def _exp_design_error(degree: int, squarings: int, rows) -> tuple:
+    """The least softmax max error (float64, exact max and reciprocal) of exp(x) ~ q(max(x, clamp) / n)**n,
+    n = 2**squarings, q of ``degree`` fitted by weighted minimax on [clamp / n, 0], over a grid of clamps and
+    weights (weight n e^(p (n-1) y), p in {0.5, 1}, plus a weight next to the clamp that holds the tail down)."""
+    n = 2**squarings
+    want = [np.exp(z) / np.exp(z).sum(axis=1, keepdims=True) for z in rows]
+    best = (np.inf, None)
+    for clamp in np.arange(-26.0, -3.0, 2.0):
+        y = np.linspace(clamp / n, 0.0, 1001)
+        for p in (0.5, 1.0):
+            for tail in (0.0, 1e-2, 1e-1):
+                weight = n * np.exp(p * (n - 1) * y) + tail * (y < clamp / n + 0.05)
+                c, _ = minimax(y, np.exp(y), np.vander(y, degree + 1, increasing=True), weight=weight)
+                err = 0.0
+                for z, w in zip(rows, want):
+                    e = np.polyval(c[::-1], np.maximum(z, clamp) / n) ** n
+                    err = max(err, float(np.abs(e / e.sum(axis=1, keepdims=True) - w).max()))
+                if err < best[0]:
+                    best = (err, float(clamp))
+    return best
+
+
+def fewest_exp_products(max_products: int = 5) -> list:
+    """Per count of secret products (1..max_products), the exp design of EXP_BASES and squarings with that count
+    whose softmax errs least on CONTRACT_ROWS: [{"products", "degree", "squarings", "clamp", "max_err"}]."""
+    rows = _contract_rows()
+    found = []
+    for products in range(1, max_products + 1):
+        designs = [(d, products - k) for d, k in EXP_BASES.items() if products - k >= 0]
+        errors = [(*_exp_design_error(d, s, rows), d, s) for d, s in designs]
+        err, clamp, degree, squarings = min(errors)
+        found.append({"products": products, "degree": degree, "squarings": squarings, "clamp": clamp, "max_err": err})
+    return found
+
+
+def measure_softmax(protocol_set: str) -> float:
+    """Bytes per element per party of ``protocol_set``'s softmax on SOFTMAX_SHAPE logits (ours checked against the
+    contract; `spu`'s exp wraps on the 1e4 logit, which its bytes do not depend on)."""
+    x = (np.random.default_rng(1).standard_normal(SOFTMAX_SHAPE) * SOFTMAX_SPREAD).astype(np.float32)
+    x[0, 0] = 1e4
+    with SecureSession(protocol_set) as session:
+        y = session.run(lambda v: ops.softmax(v, axis=-1), x)
+        if protocol_set != registry.BASELINE and np.abs(y - softmax(x)).max() > SOFTMAX_MAX_ERR:
+            raise RuntimeError(f"{protocol_set}'s softmax misses the accuracy contract on the floor's logits")
+        return session.last_stats.bytes_sent / 3 / x.size
+
+
+def softmax_floor(rows: dict, exp_designs: list, measured: dict) -> dict:
+    """The softmax's byte floor from the measured blocks: what any softmax with an exact max by comparisons and a
+    clamped polynomial exp spends per element, with the fewest exp products that hold the contract."""
+    b = {k: v["bytes_per_element_per_party"] for k, v in rows.items()}
+    used_comparison = b["relu"]  # a comparison, its bit converted, one integer product with it
+    holding = next((d for d in exp_designs if d["max_err"] <= SOFTMAX_MAX_ERR), None)
+    fixed = {
+        "row max: n - 1 comparisons a row (pairs), each bit converted and in one integer product": used_comparison,
+        "exp's clamp: one comparison, its conversion, one bit product": used_comparison,
+        "exp's scaling of x: one public product": b["public_product"],
+        "normalisation: one secret product (the exp times its row's reciprocal)": b["secret_product"],
+    }
+    floor_without_exp = sum(fixed.values())
+    products = None if holding is None else holding["products"]
+    return {
+        "parts": fixed,
+        "secret_product": b["secret_product"],
+        "exp_designs": exp_designs,
+        "fewest_exp_products": products,
+        "floor": None if products is None else floor_without_exp + products * b["secret_product"],
+        "floor_with_two_products": floor_without_exp + 2 * b["secret_product"],
+        "measured": measured,
+    }
 
 
 def measure(protocol_set: str, n: int) -> dict:
@@ -94,9 +193,47 @@ def accounting(rows: dict) -> dict:
     }
 
 
-def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float) -> str:
+def softmax_markdown(floor: dict) -> list:
+    spu = floor["measured"]["spu"]
     lines = [
-        "# SPU building blocks, and how they add up to our SiLU",
+        "## The softmax's byte floor",
+        "",
+        f"Softmax on {SOFTMAX_SHAPE[0]} rows of {SOFTMAX_SHAPE[1]} (standard deviation {SOFTMAX_SPREAD:g}, one 1e4 logit). Any "
+        "softmax that takes an exact row max by comparisons (needed: subtracting it keeps every exp in [0, 1], "
+        "for any logits) and a polynomial exp clamped below (needed: no polynomial stays bounded on the whole "
+        "half line) spends at least, per element and party:",
+        "",
+    ]
+    lines += markdown_table(["part", "B/elem/party"], [[part, f"{v:.1f}"] for part, v in floor["parts"].items()]
+                            + [["exp's polynomial: k secret products (below)", f"k x {floor['secret_product']:.1f}"]])
+    lines += [
+        "",
+        "The fewest secret products an exp needs: for each count, the exp design (a clamped base of degree 2-4, "
+        "raised by squarings) whose softmax errs least on the accuracy contract's logits "
+        f"({', '.join(f'{r} x {w}' for r, w, _ in CONTRACT_ROWS)}, each with a 1e4 logit), in float64 with an "
+        "exact max and reciprocal, so only the exp errs; searched over clamps and fit weights "
+        f"(scripts/primitive_costs.py, `fewest_exp_products`). The contract: max error <= {SOFTMAX_MAX_ERR:g}.",
+        "",
+    ]
+    lines += markdown_table(["secret products", "best design", "softmax max err (float64)", "holds the contract"],
+                            [[d["products"], f"degree {d['degree']}, to the power {2 ** d['squarings']}, clamp {d['clamp']:g}",
+                              f"{d['max_err']:.2g}", "yes" if d["max_err"] <= SOFTMAX_MAX_ERR else "no"]
+                             for d in floor["exp_designs"]])
+    k = floor["fewest_exp_products"]
+    lines += ["", f"Measured softmax on the same logits: `spu` {spu:.1f} B"]
+    lines[-1] += "".join(f", `{name}` {v:.1f} B ({spu / v:.2f}x)" for name, v in floor["measured"].items() if name != "spu")
+    lines[-1] += "."
+    if k is not None:
+        lines += ["", f"Floor: {floor['floor']:.1f} B with {k} exp products, {spu / floor['floor']:.2f}x fewer than `spu`; "
+                  f"even with two (an exp that misses the contract) it is {floor['floor_with_two_products']:.1f} B "
+                  f"({spu / floor['floor_with_two_products']:.2f}x). 4x fewer bytes than `spu` would need "
+                  f"<= {spu / 4:.1f} B, below both: out of reach for any softmax of this form under SPU's blocks."]
+    return lines + [""]
+
+
+def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float, floor: dict) -> str:
+    lines = [
+        "# SPU building blocks, how they add up to our SiLU, and a softmax's byte floor",
         "",
         f"Command: `{command}`  ",
         f"ABY3, FM64, 18 fraction bits, three parties in one process, {n} elements; bytes per element per party",
@@ -156,7 +293,7 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float) -> st
         "  quadratic R (errs 0.051 at best) and a polynomial in x instead of |x| (0.019 at degree 8 on [-6, 6]).",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + softmax_markdown(floor))
 
 
 def main(argv=None) -> int:
@@ -170,13 +307,16 @@ def main(argv=None) -> int:
     rows = measure("cipherdm", args.elements)
     spu_silu = measure("spu", args.elements)["silu"]["bytes_per_element_per_party"]
     acc = accounting(rows)
+    measured = {name: measure_softmax(name) for name in ("spu", "cipherdm", "cipherdm-low-byte")}
+    floor = softmax_floor(rows, fewest_exp_products(), measured)
     command = "python scripts/primitive_costs.py" + ("" if args.elements == 20000 else f" --elements {args.elements}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "elements": args.elements, "blocks": rows, "silu_accounting": acc,
-         "spu_silu_bytes_per_element_per_party": spu_silu}, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(command, args.elements, rows, acc, spu_silu))
-    print(markdown(command, args.elements, rows, acc, spu_silu))
+         "spu_silu_bytes_per_element_per_party": spu_silu, "softmax_floor": floor}, indent=2))
+    text = markdown(command, args.elements, rows, acc, spu_silu, floor)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
     return 0
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cipherdm_spu import Public, RunStats, SecureSession, ops, registry
-from cipherdm_spu.benchmark import (StepCase, estimate_latency, estimate_terms, linear_floor, measure_softmax_forms,
-                                    measure_step, nonlinear_calls, ratios)
+from cipherdm_spu.benchmark import (COMPARISON_OPS, StepCase, estimate_latency, estimate_terms, linear_floor,
+                                    measure_softmax_forms, measure_step, nonlinear_calls, ratios)
 from cipherdm_spu.models import UNet2DModel
 
 from .scripts import load_script
@@ -100,6 +100,9 @@ def test_measure_step_on_a_tiny_unet():
         assert set(kernels) == {"silu", "rsqrt", "softmax"}
         assert kernels["softmax"]["calls"] == 4  # AttnDownBlock2D (1 layer), mid block (1), AttnUpBlock2D (2 layers)
         assert 0 < sum(k["bytes_sent"] for k in kernels.values()) < row["bytes_sent"]
+        for k in kernels.values():  # SPU's own ops split a kernel's seconds (a pphlo op's profile is its own)
+            assert 0 < sum(k["seconds_by_spu_op"].values()) <= k["seconds"] * 1.05
+    assert any(op in COMPARISON_OPS for op in rows["cipherdm"]["kernels"]["silu"]["seconds_by_spu_op"])
     assert rows["spu"]["vs_spu"]["bytes"] == 1.0
     assert rows["cipherdm"]["vs_spu"]["bytes"] > 1.0  # our kernels send less than SPU's
 
@@ -126,6 +129,7 @@ def test_benchmark_script_quick_mode_writes_every_row(tiny_model, tmp_path):  # 
         assert row["estimated_seconds"]["WAN"] > row["seconds"]
     markdown = (out / "benchmark.md").read_text()
     assert "Command: `python scripts/benchmark.py --quick" in markdown and "DDIM-2" in markdown
+    assert "of which comparisons s" in markdown  # the kernel seconds table
     assert (out / "benchmark_bytes_time.png").stat().st_size > 0 and (out / "benchmark_kernels.png").stat().st_size > 0
 
 

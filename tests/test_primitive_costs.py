@@ -1,4 +1,4 @@
-"""scripts/primitive_costs.py: the measured building blocks add up to the measured SiLU."""
+"""scripts/primitive_costs.py: the measured building blocks add up to the measured SiLU, and bound a softmax."""
 
 import json
 
@@ -21,7 +21,23 @@ def test_silu_is_the_sum_of_its_parts(primitive_costs, tmp_path):
     # a secret product is a reshare plus a truncation; an integer product has no truncation
     assert blocks["integer_product"]["bytes_per_element_per_party"] < blocks["secret_product"]["bytes_per_element_per_party"]
     assert result["spu_silu_bytes_per_element_per_party"] > 3 * acc["measured"]
-    assert "4x target" in (tmp_path / "p.md").read_text()
+    text = (tmp_path / "p.md").read_text()
+    assert "4x target" in text
+    floor = result["softmax_floor"]
+    # the floor is below every measured softmax that holds the contract, and its exp needs several products:
+    # a single one (a clamped quadratic) misses the contract by far
+    assert floor["floor"] < min(floor["measured"].values())
+    designs = {d["products"]: d for d in floor["exp_designs"]}
+    assert designs[1]["max_err"] > 0.1 and floor["fewest_exp_products"] >= 3
+    assert "## The softmax's byte floor" in text and "out of reach" in text
+
+
+def test_a_known_exp_design_holds_the_contract_and_a_coarse_one_does_not(primitive_costs):
+    """The search's yardstick on its own: the kernel's design (a quartic in Knuth's form, squared three times) holds
+    the softmax contract in float64; the same quartic without squarings does not."""
+    rows = primitive_costs._contract_rows()
+    assert primitive_costs._exp_design_error(4, 3, rows)[0] <= primitive_costs.SOFTMAX_MAX_ERR
+    assert primitive_costs._exp_design_error(4, 0, rows)[0] > 0.1
 
 
 def test_rejects_too_few_elements(primitive_costs):
