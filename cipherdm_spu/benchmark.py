@@ -9,8 +9,9 @@ network estimates.
   owner's time terms shared, coefficients public) and in plaintext float32 for the error.
 - `kernel_breakdown` finds every registered op the step calls (op, shapes, parameters, from the jaxpr)
   and runs exactly those calls on their own under the same session: the bytes, send actions and seconds of
-  each kernel at the model's shapes, its seconds also split by SPU's own ops (`COMPARISON_OPS` among them). What the step costs beyond their sum is the linear part (convolutions,
-  matmuls, the norms' arithmetic) and the sampler update.
+  each kernel at the model's shapes, its seconds also split by SPU's own ops (`COMPARISON_OPS` among them).
+  What the step costs beyond their sum is the linear part (convolutions, matmuls, the norms' arithmetic) and
+  the sampler update.
 - `linear_floor` is a protocol set whose every kernel is the identity: not a correct network, only a
   lower bound on what any kernel design could reach.
 - `estimate_latency`: measured seconds (three parties in one process, memory links) plus the busiest

@@ -1,5 +1,6 @@
 """Weighted minimax fits over a basis by linear programming: the fits behind our kernels' coefficients
-(scripts/fit_kernels.py) and the accuracy side of their cost floors (scripts/primitive_costs.py)."""
+(scripts/fit_kernels.py) and the accuracy side of their cost floors (scripts/primitive_costs.py). scipy comes with
+jax, which requires it."""
 
 from __future__ import annotations
 

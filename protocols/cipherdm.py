@@ -29,8 +29,8 @@ Activations use f(x) = step(x) + R(min(|x|, T)):
   scaled accumulators; the fit errs < 2e-6 in float64, so what remains under MPC is mostly the input's own
   2^-18 encoding.
 SoftMax subtracts the row max (a tournament whose group widths, level by level, suit the call's size; pairs in
-`cipherdm-low-byte`), takes exp as a clamped quartic squared three times, and one reciprocal per row (in small calls it
-takes the exps in its first round).
+`cipherdm-low-byte`), takes exp as a clamped quartic squared three times, and one reciprocal per row (which, where
+that saves time, takes the exps in its first round).
 rsqrt and the softmax reciprocal find their input's half- or quarter-octave by one batched comparison and
 evaluate per-piece quadratics in three rounds of products, with no Newton step (`_octave_polynomial`);
 `cipherdm-low-byte`'s rsqrt reads the octave off the bits of the encoding (one conversion to boolean shares
@@ -68,7 +68,8 @@ NAME = "cipherdm"
 # send actions) as measured by scripts/primitive_costs.py (docs/results/primitives.md): a comparison, the
 # conversion of its bit to arithmetic, an integer product, a secret product.
 REFERENCE_NETWORK = (400e6, 40e-3)  # bits per second, round-trip seconds
-COMPARISON, CONVERSION, INTEGER_PRODUCT, SECRET_PRODUCT = (36.0, 8), (32.0 / 3, 2), (8.0, 1), (52.0 / 3, 3)
+COMPARISON, CONVERSION, INTEGER_PRODUCT = (36.0, 8), (32.0 / 3, 2), (8.0, 1)
+SECRET_PRODUCT, PUBLIC_PRODUCT = (52.0 / 3, 3), (28.0 / 3, 2)
 MAX_TOURNAMENT_ARITY = 8  # groups of up to 8: a candidate's product of 7 bits and a difference in 3 rounds
 # rsqrt: the octaves k of x in [2**k, 2**(k+1)) it tells apart (in halves) (x from 2**-18, SPU's smallest positive
 # value, to 2**22 = 4.2e6: a GroupNorm of 16 * variances up to 2.6e5).
@@ -323,7 +324,8 @@ def _even_odd_polynomial(v, coef):
 def _horner_scaled(v, coef):
     """sum_k coef[k] v^k (`_even_odd_polynomial`), the accumulators kept times HORNER_SCALE: each product's
     truncation error (one unit of 2^-18) weighs 1 / HORNER_SCALE in the result before later steps multiply it by
-    w^k = v^(2k) (scripts/fit_kernels.py checks that these add up to less than one unit)."""
+    w^k = v^(2k) (scripts/fit_kernels.py checks that these, w's own rounding and the last unscaling add up to less
+    than two units)."""
     return _even_odd_polynomial(v, [HORNER_SCALE * c for c in coef]) * (1.0 / HORNER_SCALE)
 
 
@@ -388,19 +390,19 @@ def sigmoid(x):
 
 @register_kernel("exp", NAME)
 def exp_nonpositive(x):
-    """e^x for x <= 0 (softmax's domain after max subtraction) as Q(t) ** reach with t = lam * max(x, clamp) / reach
-    (`coefficients.EXP_BASE`, fitted by scripts/fit_kernels.py to the final absolute error): below the clamp it is
-    the tail value, the right limit, never a wrapped one.
+    """e^x for x <= 0 (softmax's domain after max subtraction) as Q(t) ** reach with t = scale * max(x, clamp)
+    (`coefficients.EXP_BASE`, fitted by scripts/fit_kernels.py to the final absolute error, its constants on SPU's
+    grid): below the clamp it is the tail value, the right limit, never a wrapped one.
 
-    The clamp is one comparison, one conversion and one bit product (`_relu` of t - t_clamp); Q, a quartic in
-    Knuth's form monic in t, takes two secret products, and reach = 8 three squarings. For x > 0 it wraps the ring
-    beyond x ~ 8: callers must subtract a max first.
+    The clamp is one comparison, one conversion and one bit product (`_relu` of t - t_clamp) after one public
+    product; Q, a quartic in Knuth's form monic in t, takes two secret products, and reach = 8 three squarings.
+    It is not built for x > 0 (12 % low at x = 8): callers subtract a max first.
     """
-    reach, lam, (a0, a1, a2, a3) = EXP_BASE["reach"], EXP_BASE["lam"], EXP_BASE["alpha"]
+    reach, scale, (a0, a1, a2, a3) = EXP_BASE["reach"], EXP_BASE["scale"], EXP_BASE["alpha"]
     if reach & (reach - 1):
         raise ValueError(f"exp's reach must be a power of two (its squarings), not {reach}")
-    t_clamp = lam * EXP_BASE["clamp"] / reach
-    t = _relu(x * (lam / reach) - t_clamp) + t_clamp
+    t_clamp = scale * EXP_BASE["clamp"]
+    t = _relu(x * scale - t_clamp) + t_clamp
     y = (t + a0) * t + a1
     q = (y + t + a2) * y + a3
     for _ in range(reach.bit_length() - 1):
@@ -621,7 +623,8 @@ def tournament_arities(width: int, elements: int) -> tuple:
     """The group widths, level by level, of the row max for a call of ``elements`` in rows of ``width`` that spend
     the least time on REFERENCE_NETWORK (`tournament_cost`): among rising widths of 2..MAX_TOURNAMENT_ARITY
     (narrow groups first, where the candidates are many, so that wide ones cost little), searched whole. Small
-    calls take few levels of wide groups; large ones, where bytes weigh more, narrower groups and a level more."""
+    calls take few levels of wide groups; large ones, where bytes weigh more, narrower groups and a level more.
+    Bytes are a mean party's (the busiest sends a few % more)."""
     if width < 2:
         return (2,)
     best = None
@@ -636,9 +639,11 @@ def tournament_arities(width: int, elements: int) -> tuple:
 
 
 def fold_exps_pays(elements: int) -> bool:
-    """Whether the exps should ride in the reciprocal's first round (`softmax_in_form`): one secret product's
-    send actions saved against three more secret products per element, on REFERENCE_NETWORK."""
-    return _network_seconds(SECRET_PRODUCT[1], 0.0, elements) > _network_seconds(0, 3 * SECRET_PRODUCT[0], elements)
+    """Whether the exps should ride in the reciprocal's first round (`softmax_in_form`), on REFERENCE_NETWORK: that
+    saves the product of exps and reciprocal and the reciprocal's own scaling down (a public product: see
+    `_octave_polynomial`) for three more secret products per element."""
+    saved = SECRET_PRODUCT[1] + PUBLIC_PRODUCT[1]
+    return _network_seconds(saved, 0.0, elements) > _network_seconds(0, 3 * SECRET_PRODUCT[0], elements)
 
 
 def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool):

@@ -233,7 +233,8 @@ HORNER_DESIGNS = {
 # The kernels evaluate these polynomials as E(w) + v O(w), w = v^2 (protocols/cipherdm.py, _even_odd_polynomial):
 # Horner in w, the even and odd coefficients side by side. A truncation error grows by w^j over the steps after it
 # (v = a - centre, |v| <= 2.5 for GeLU's degree 13); the kernels keep the accumulators multiplied by HORNER_SCALE,
-# so that even aligned they add up to < 1 unit (2^-18) of the result, checked by horner_error_units.
+# so that even aligned they add up to a small part of a unit (2^-18) of the result; with w's own rounding and the
+# last unscaling, < 2 units, checked by horner_error_units.
 HORNER_SCALE = 2.0**18
 # ... while every secret product stays below this (FM64 holds products of two 18-fraction-bit values up to 2^27).
 HORNER_PRODUCT_BOUND = 2.0**20
@@ -322,27 +323,45 @@ EXP_CLAMP = -18.0  # below it e^x is taken as q(clamp / reach)**reach (its 'tail
 EXP_TAIL_WEIGHT = 0.01  # the fit's weight next to the clamp, which holds the tail down
 
 
-def fit_exp_base():
-    """exp's base: a quartic q with q(y)**EXP_REACH ~ e^x, y = max(x, EXP_CLAMP) / EXP_REACH, in Knuth's form monic
-    in t = lam * y (lam**4 = q's leading coefficient), so its two secret products need no scaling after them.
+def on_grid(c: float, fraction_bits: int = 18) -> float:
+    """c rounded to the nearest multiple of 2**-fraction_bits: a constant SPU encodes exactly (its truncation
+    toward zero, `spu_constant`, leaves it as it is)."""
+    return float(np.round(c * 2.0**fraction_bits) / 2.0**fraction_bits)
 
-    The final error is q**n - e^x ~ n e^((n-1) y) (q(y) - e^y) (n = EXP_REACH): a minimax of q - e^y weighted by
-    n e^((n-1) y), relative near x = 0 where a row's largest terms are, plus EXP_TAIL_WEIGHT next to the clamp:
-    every entry of a row below it (a masked or a one-hot row: thousands of entries) adds the tail to the row's
-    sum, so the tail must be far smaller than the error elsewhere. Without that weight the tail is 4.7e-6 at
-    this clamp (1.8e-6 at -16); a value chosen to be zero at the clamp errs 2.4e-5 elsewhere. err: the max
-    absolute error of q(y)**n against e^x in float64 on x in [-60, 0]."""
+
+def fit_exp_base():
+    """exp's base: a quartic Q with Q(t)**EXP_REACH ~ e^x, t = scale * max(x, EXP_CLAMP), in Knuth's form monic in t,
+    so its two secret products need no scaling after them; every constant on SPU's 2**-18 grid, so that SPU
+    computes with exactly these (truncating them toward zero would cost ~2e-5 after the squarings).
+
+    The final error is Q**n - e^x ~ n e^((n-1) y) (q(y) - e^y) (n = EXP_REACH, y = x / n, q(y) = Q(n scale y)): a
+    minimax of q - e^y weighted by n e^((n-1) y), relative near x = 0 where a row's largest terms are, plus
+    EXP_TAIL_WEIGHT next to the clamp: every entry of a row below it (a masked or a one-hot row: thousands of
+    entries) adds the tail to the row's sum, so the tail must be far smaller than the error elsewhere. Without
+    that weight the tail is 4.7e-6 at this clamp (1.8e-6 at -16); a value chosen to be zero at the clamp errs
+    2.4e-5 elsewhere. Fitted freely first for the scale (lam = (leading coefficient)**(1/4), scale = lam / n on
+    the grid), then again with the leading coefficient fixed to (n scale)**4, so that Q stays monic; alpha0..2 are
+    then rounded onto the grid and alpha3 picked on it. err: the max absolute error of Q**n against e^x in float64,
+    with these constants, on x in [-60, 0]."""
     n, lo = EXP_REACH, EXP_CLAMP / EXP_REACH
     y = np.linspace(lo, 0.0, 4001)
     weight = n * np.exp((n - 1) * y) + EXP_TAIL_WEIGHT * (y < lo + 0.05)
-    c, _ = minimax(y, np.exp(y), np.vander(y, 5, increasing=True), weight=weight)
-    lam = c[4] ** 0.25
-    alpha = knuth_quartic([ci * lam**-k for k, ci in enumerate(c)])[:4]  # monic in t: alpha4 = 1
+    free, _ = minimax(y, np.exp(y), np.vander(y, 5, increasing=True), weight=weight)
+    if free[4] <= 0:
+        raise RuntimeError(f"exp's quartic has a leading coefficient of {free[4]:.3g}: no real scale makes it monic")
+    scale = on_grid(free[4] ** 0.25 / n)
+    lam = n * scale
+    low, _ = minimax(y, np.exp(y) - lam**4 * y**4, np.vander(y, 4, increasing=True), weight=weight)
+    alpha = [on_grid(a) for a in knuth_quartic([*(ci * lam**-k for k, ci in enumerate(low)), 1.0])[:4]]
     x = np.linspace(-60.0, 0.0, 300001)
-    t = lam * np.maximum(x, EXP_CLAMP) / n
-    err = np.abs(eval_knuth(alpha + [1.0], t) ** n - np.exp(x))
-    return {"reach": n, "clamp": EXP_CLAMP, "lam": float(lam), "alpha": [float(a) for a in alpha],
-            "err": float(err.max()), "tail": float(eval_knuth(alpha + [1.0], lam * EXP_CLAMP / n) ** n)}
+    t = scale * np.maximum(x, EXP_CLAMP)
+
+    def error(a3):
+        return np.abs(eval_knuth(alpha[:3] + [a3, 1.0], t) ** n - np.exp(x)).max()
+
+    alpha[3] = min((alpha[3] + k * 2.0**-18 for k in range(-8, 9)), key=error)
+    return {"reach": n, "clamp": EXP_CLAMP, "scale": scale, "alpha": alpha, "err": float(error(alpha[3])),
+            "tail": float(eval_knuth(alpha + [1.0], scale * EXP_CLAMP) ** n)}
 
 
 def render() -> str:
@@ -412,9 +431,9 @@ def render() -> str:
         "# 1/m on [2**(i/4), 2**((i+1)/4)), i = 0..3, quadratics; max relative error "
         f"{max(err for _, err in recip_pieces):.6g}:",
         f"RECIPROCAL_PIECES = {[coef for coef, _ in recip_pieces]!r}",
-        "# e^x for x <= 0 as Q(t)**reach, t = lam * max(x, clamp) / reach, Q(t) = (y + t + alpha2) * y + alpha3 with",
-        "# y = (t + alpha0) * t + alpha1 (Knuth's form, monic in t); err: max abs error in float64 on [-60, 0]; tail:",
-        "# the value below the clamp:",
+        "# e^x for x <= 0 as Q(t)**reach, t = scale * max(x, clamp), Q(t) = (y + t + alpha2) * y + alpha3 with",
+        "# y = (t + alpha0) * t + alpha1 (Knuth's form, monic in t), constants on SPU's 2**-18 grid; err: max abs error",
+        "# in float64 on [-60, 0]; tail: the value below the clamp:",
         "EXP_BASE = {",
         *(f"    {key!r}: {value:.6g}," if key in ("err", "tail") else f"    {key!r}: {value!r}," for key, value in exp_base.items()),
         "}",

@@ -123,26 +123,33 @@ def measure_softmax(protocol_set: str) -> float:
 
 
 def softmax_floor(rows: dict, exp_designs: list, measured: dict) -> dict:
-    """The softmax's byte floor from the measured blocks: what any softmax with an exact max by comparisons and a
-    clamped polynomial exp spends per element, with the fewest exp products that hold the contract."""
+    """The byte floor of a softmax with an exact max by comparisons and a clamped polynomial exp, from the measured
+    blocks. An exp of k secret products is a polynomial of degree <= 2**k in its clamped input; where every design of
+    up to k products misses the contract, the exp needs k + 1 (`fewest_products`: claimed only up to 3, since two
+    products make at most a quartic, the family searched; beyond, circuits outside the family exist). Its scaling
+    of x (one public product in ours) is left out: a model could fold it into its weights."""
     b = {k: v["bytes_per_element_per_party"] for k, v in rows.items()}
     used_comparison = b["relu"]  # a comparison, its bit converted, one integer product with it
-    holding = next((d for d in exp_designs if d["max_err"] <= SOFTMAX_MAX_ERR), None)
-    fixed = {
+    parts = {
         "row max: n - 1 comparisons a row (pairs), each bit converted and in one integer product": used_comparison,
         "exp's clamp: one comparison, its conversion, one bit product": used_comparison,
-        "exp's scaling of x: one public product": b["public_product"],
         "normalisation: one secret product (the exp times its row's reciprocal)": b["secret_product"],
     }
-    floor_without_exp = sum(fixed.values())
-    products = None if holding is None else holding["products"]
+    fixed = sum(parts.values())
+    failing = [d["products"] for d in exp_designs if d["max_err"] > SOFTMAX_MAX_ERR]
+    fewest = next(k for k in range(1, len(exp_designs) + 2) if k not in failing)
+    proven = min(fewest, 3)  # 2 products make at most a quartic, the family searched; 3-product circuits go beyond
+    holding = next((d for d in exp_designs if d["max_err"] <= SOFTMAX_MAX_ERR), None)
     return {
-        "parts": fixed,
+        "parts": parts,
         "secret_product": b["secret_product"],
+        "public_product": b["public_product"],
         "exp_designs": exp_designs,
-        "fewest_exp_products": products,
-        "floor": None if products is None else floor_without_exp + products * b["secret_product"],
-        "floor_with_two_products": floor_without_exp + 2 * b["secret_product"],
+        "fewest_products": proven,
+        "floor": fixed + proven * b["secret_product"],
+        "cheapest_found": None if holding is None else {
+            "products": holding["products"],
+            "bytes": fixed + holding["products"] * b["secret_product"] + b["public_product"]},
         "measured": measured,
     }
 
@@ -198,36 +205,41 @@ def softmax_markdown(floor: dict) -> list:
     lines = [
         "## The softmax's byte floor",
         "",
-        f"Softmax on {SOFTMAX_SHAPE[0]} rows of {SOFTMAX_SHAPE[1]} (standard deviation {SOFTMAX_SPREAD:g}, one 1e4 logit). Any "
-        "softmax that takes an exact row max by comparisons (needed: subtracting it keeps every exp in [0, 1], "
-        "for any logits) and a polynomial exp clamped below (needed: no polynomial stays bounded on the whole "
-        "half line) spends at least, per element and party:",
+        f"Softmax on {SOFTMAX_SHAPE[0]} rows of {SOFTMAX_SHAPE[1]} (standard deviation {SOFTMAX_SPREAD:g}, one 1e4 logit). A "
+        "softmax that takes an exact row max by comparisons (so that every exp's input is <= 0, for any logits) and a "
+        "polynomial exp clamped below (no polynomial stays bounded on the whole half line) spends at least, per "
+        "element and party:",
         "",
     ]
     lines += markdown_table(["part", "B/elem/party"], [[part, f"{v:.1f}"] for part, v in floor["parts"].items()]
                             + [["exp's polynomial: k secret products (below)", f"k x {floor['secret_product']:.1f}"]])
     lines += [
         "",
-        "The fewest secret products an exp needs: for each count, the exp design (a clamped base of degree 2-4, "
+        "How many secret products an exp needs: for each count, the exp design (a clamped base of degree 2-4, "
         "raised by squarings) whose softmax errs least on the accuracy contract's logits "
         f"({', '.join(f'{r} x {w}' for r, w, _ in CONTRACT_ROWS)}, each with a 1e4 logit), in float64 with an "
         "exact max and reciprocal, so only the exp errs; searched over clamps and fit weights "
-        f"(scripts/primitive_costs.py, `fewest_exp_products`). The contract: max error <= {SOFTMAX_MAX_ERR:g}.",
+        f"(scripts/primitive_costs.py, `fewest_exp_products`). The contract: max error <= {SOFTMAX_MAX_ERR:g}. "
+        "Two products make a polynomial of degree at most 4 in the clamped input, the family searched at that count "
+        "(a search, so the best found); from three products on, circuits outside the family exist.",
         "",
     ]
     lines += markdown_table(["secret products", "best design", "softmax max err (float64)", "holds the contract"],
                             [[d["products"], f"degree {d['degree']}, to the power {2 ** d['squarings']}, clamp {d['clamp']:g}",
                               f"{d['max_err']:.2g}", "yes" if d["max_err"] <= SOFTMAX_MAX_ERR else "no"]
                              for d in floor["exp_designs"]])
-    k = floor["fewest_exp_products"]
-    lines += ["", f"Measured softmax on the same logits: `spu` {spu:.1f} B"]
-    lines[-1] += "".join(f", `{name}` {v:.1f} B ({spu / v:.2f}x)" for name, v in floor["measured"].items() if name != "spu")
-    lines[-1] += "."
-    if k is not None:
-        lines += ["", f"Floor: {floor['floor']:.1f} B with {k} exp products, {spu / floor['floor']:.2f}x fewer than `spu`; "
-                  f"even with two (an exp that misses the contract) it is {floor['floor_with_two_products']:.1f} B "
-                  f"({spu / floor['floor_with_two_products']:.2f}x). 4x fewer bytes than `spu` would need "
-                  f"<= {spu / 4:.1f} B, below both: out of reach for any softmax of this form under SPU's blocks."]
+    lines += ["", f"Measured softmax on the same logits: `spu` {spu:.1f} B"
+              + "".join(f", `{name}` {v:.1f} B ({spu / v:.2f}x)" for name, v in floor["measured"].items() if name != "spu")
+              + "."]
+    k, bound, target = floor["fewest_products"], floor["floor"], spu / 4
+    verdict = ("out of reach for any softmax of this form under SPU's blocks" if bound > target
+               else "not ruled out by this floor")
+    lines += ["", f"Floor: with at least {k} exp products, {bound:.1f} B, {spu / bound:.2f}x fewer than `spu`. 4x fewer "
+              f"would need <= {target:.1f} B: {verdict}."]
+    cheapest = floor["cheapest_found"]
+    if cheapest:
+        lines[-1] += (f" The cheapest design found that holds the contract takes {cheapest['products']} products and, "
+                      f"with its public scaling product, {cheapest['bytes']:.1f} B ({spu / cheapest['bytes']:.2f}x).")
     return lines + [""]
 
 

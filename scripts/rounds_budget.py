@@ -17,7 +17,7 @@ kernel's). From them, an optimistic floor per kernel call:
            comparison round for all of a group's pairs, 1 conversion, ceil(log2 k) bit-product rounds; one
            group of the whole row takes one level, at n(n-1)/2 comparisons a row: floors ignore bytes) + the
            exp's clamp (comparison, conversion, bit product) + the reciprocal's floor (as rsqrt's; the exps
-           ride in its products, as in `cipherdm`'s small calls); exp's polynomial counted as free
+           ride in its products, as `cipherdm`'s kernel lets them where that pays); exp's polynomial counted as free
 
 and the step's floor: the linear floor plus every call at its kernel's floor. A target below that floor
 cannot be met by any kernel design built from these blocks, without restructuring the model's arithmetic.

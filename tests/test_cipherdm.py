@@ -91,7 +91,7 @@ def test_softmax_rows(sessions, rng, rows, n, spread, protocol):
 @pytest.mark.parametrize("protocol", ["cipherdm", "cipherdm-low-byte"])
 def test_softmax_of_equal_logits_is_uniform(sessions, n, protocol):
     """Every entry 1/n, to 1 % relative, and rows summing to 1: within 1e-3 where the exps ride in the reciprocal
-    (`cipherdm`'s small calls: each entry's rounding its own), within the softmax contract's 1e-2 where one
+    (where `cipherdm`'s kernel folds them: each entry's rounding its own), within the softmax contract's 1e-2 where one
     reciprocal serves the row (`cipherdm-low-byte`): it is itself encoded to 2**-18, 0.4 % of 1/1024."""
     y = np.asarray(sessions[protocol].run(lambda v: ops.softmax(v, axis=-1), np.zeros((8, n), np.float32)), np.float64)
     assert np.abs(y * n - 1).max() <= 1e-2
@@ -144,14 +144,14 @@ def test_row_max_refuses_groups_below_two():
                                                   (32, 1024, (2, 2, 4, 8, 8)), (64, 256, (4, 8, 8))])
 def test_tournament_cost_model_matches_what_spu_spends(sessions, rng, rows, width, arities):
     """The model the kernel chooses its schedule by (`tournament_cost`, from the measured building blocks) against
-    the tournament under SPU: the mean party's bytes within 2 %, send actions within 3 (SPU overlaps a round or two
-    between levels)."""
+    the tournament under SPU: the mean party's bytes within 2 %, send actions from 3 below (SPU overlaps a round or
+    two between levels) to 2 above (a run's count varies by up to 2)."""
     session = sessions["cipherdm"]
     x = (rng.standard_normal((rows, width)) * 4).astype(np.float32)
     actions, per_element = tournament_cost(width, arities)
     measured = fewest_send_actions(session, lambda v: _row_max(v, 1, arities), x, runs=2)
     assert session.last_stats.bytes_sent / 3 / x.size == pytest.approx(per_element, rel=0.02)
-    assert actions - 3 <= measured <= actions
+    assert actions - 3 <= measured <= actions + 2
 
 
 def test_the_kernel_takes_the_form_that_spends_least_on_the_reference_network(monkeypatch):
@@ -161,22 +161,47 @@ def test_the_kernel_takes_the_form_that_spends_least_on_the_reference_network(mo
     assert tournament_arities(1024, 32 * 1024) == (4, 4, 8, 8)
     assert tournament_arities(256, 1024 * 256) == (2, 4, 4, 8)
     assert fold_exps_pays(98 * 49) and fold_exps_pays(32 * 1024) and not fold_exps_pays(1024 * 256)
-    for width, elements in [(49, 4802), (77, 78848), (256, 262144), (4096, 2**27)]:
-        arities = tournament_arities(width, elements)
-        assert list(arities) == sorted(arities) and np.prod(arities) >= width
-        chosen = cipherdm._network_seconds(*tournament_cost(width, arities), elements)
-        assert all(chosen <= cipherdm._network_seconds(*tournament_cost(width, fixed), elements) for fixed in [(2,), (3,)])
     forms = []
-    monkeypatch.setattr(cipherdm, "softmax_in_form", lambda x, axis, exp_impl, arities, fold_exps: forms.append((arities, fold_exps)))
+    monkeypatch.setattr(cipherdm, "softmax_in_form",
+                        lambda x, axis, exp_impl, arities, fold_exps: forms.append((arities, fold_exps)))
     for shape, axis in [((98, 49), 1), ((1024, 256), 1), ((49, 2, 4), 0)]:
         cipherdm.softmax(np.zeros(shape, np.float32), axis, "cipherdm")
     assert forms == [((7, 7), True), ((2, 4, 4, 8), False), ((7, 7), True)]
 
 
+@pytest.mark.parametrize("width, elements", [(49, 4802), (77, 78848), (100, 10**6)])
+def test_rising_group_widths_lose_nothing_against_every_order(width, elements):
+    """The search takes rising widths only; against every order of widths 2..8 (up to 4 levels), none spends less
+    on the reference network."""
+    import itertools
+
+    cost = lambda ks: cipherdm._network_seconds(*tournament_cost(width, ks), elements)  # noqa: E731
+    every = [ks for n in range(1, 5) for ks in itertools.product(range(2, 9), repeat=n) if np.prod(ks) >= width]
+    assert cost(tournament_arities(width, elements)) <= min(cost(ks) for ks in every) + 1e-12
+
+
+def test_the_cost_model_uses_the_benchmark_wan_and_the_measured_blocks():
+    """REFERENCE_NETWORK is the benchmark's WAN, and the blocks' costs are primitives.md's measurements (within 1 %:
+    the committed results, from `python scripts/primitive_costs.py`)."""
+    import json
+    from pathlib import Path
+
+    from cipherdm_spu.benchmark import NETWORKS
+
+    assert cipherdm.REFERENCE_NETWORK == NETWORKS["WAN"]
+    blocks = json.loads((Path(__file__).resolve().parent.parent / "docs/results/primitives.json").read_text())["blocks"]
+    b = {k: (v["bytes_per_element_per_party"], v["send_actions"]) for k, v in blocks.items()}
+    conversion = (b["indicator"][0] - b["compare"][0], b["indicator"][1] - b["compare"][1])
+    for model, measured in [(cipherdm.COMPARISON, b["compare"]), (cipherdm.CONVERSION, conversion),
+                            (cipherdm.INTEGER_PRODUCT, b["integer_product"]),
+                            (cipherdm.SECRET_PRODUCT, b["secret_product"]), (cipherdm.PUBLIC_PRODUCT, b["public_product"])]:
+        assert model[0] == pytest.approx(measured[0], rel=0.01) and model[1] == measured[1]
+
+
 def test_wide_groups_and_folded_exps_cost_fewer_rounds(sessions, rng):
     """On an MNIST attention call (2 heads x 49 rows of 49): the 7-wide tournament takes 2 levels where threes
     take 4 (a level is one comparison, one conversion and its rounds of bit products), and the exps riding in the
-    reciprocal's first round save the separate product."""
+    reciprocal's first round save what `fold_exps_pays` counts: the separate product and the reciprocal's scaling."""
     session = sessions["cipherdm"]
     x = (rng.standard_normal((98, 49)) * 4).astype(np.float32)
     threes = fewest_send_actions(session, lambda v: _row_max(v, 1, (3,)), x)
@@ -184,7 +209,8 @@ def test_wide_groups_and_folded_exps_cost_fewer_rounds(sessions, rng):
     assert sevens <= threes - 18  # 3 levels of threes and a pair (47) against 2 of sevens (26), less a run's variation
     apart = fewest_send_actions(session, lambda v: softmax_in_form(v, 1, "cipherdm", (7,), fold_exps=False), x, runs=5)
     folded = fewest_send_actions(session, lambda v: softmax_in_form(v, 1, "cipherdm", (7,), fold_exps=True), x, runs=5)
-    assert folded < apart  # a product round fewer, but a run's count varies by up to 2
+    saved = cipherdm.SECRET_PRODUCT[1] + cipherdm.PUBLIC_PRODUCT[1]
+    assert saved - 2 <= apart - folded <= saved + 1  # a run's count varies by up to 2
 
 
 def test_table_is_the_encoded_constant_for_every_octave_under_spu_and_in_float(sessions):
