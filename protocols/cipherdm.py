@@ -63,10 +63,10 @@ from .coefficients import (
 NAME = "cipherdm"
 
 # What `cipherdm`'s softmax optimises its form for: the time a call spends on the network, send actions times
-# RTT/2 plus the busiest party's bytes over the bandwidth, on the benchmark's WAN (cipherdm_spu/benchmark.py,
-# NETWORKS), since the set is built for send actions. Its building blocks' costs (bytes per element per party,
-# send actions) as measured by scripts/primitive_costs.py (docs/results/primitives.md): a comparison, the
-# conversion of its bit to arithmetic, an integer product, a secret product.
+# RTT/2 plus a party's bytes over the bandwidth, on the benchmark's WAN (cipherdm_spu/benchmark.py, NETWORKS),
+# since the set is built for send actions. Its building blocks' costs (bytes per element per party, send
+# actions) as measured by scripts/primitive_costs.py (docs/results/primitives.md): a comparison, the conversion
+# of its bit to arithmetic, an integer product, a secret product, a public product (a truncation).
 REFERENCE_NETWORK = (400e6, 40e-3)  # bits per second, round-trip seconds
 COMPARISON, CONVERSION, INTEGER_PRODUCT = (36.0, 8), (32.0 / 3, 2), (8.0, 1)
 SECRET_PRODUCT, PUBLIC_PRODUCT = (52.0 / 3, 3), (28.0 / 3, 2)
@@ -648,8 +648,8 @@ def fold_exps_pays(elements: int) -> bool:
 
 def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool):
     """e / sum(e), e = exp(x - max), the max by a tournament of groups of ``arities`` (`_row_max`): with
-    ``fold_exps`` e rides in the reciprocal's first round (one round fewer, three more products per element),
-    else a product of e and the reciprocal. The softmax kernels are its forms; the benchmark measures them side
+    ``fold_exps`` e rides in the reciprocal's first round (the product apart and the reciprocal's scaling saved,
+    three more products per element: `fold_exps_pays`), else a product of e and the reciprocal. The softmax kernels are its forms; the benchmark measures them side
     by side."""
     shifted = x - _row_max(x, axis, arities)
     e = registry.kernel("exp", exp_impl)(shifted)
