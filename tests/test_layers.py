@@ -22,7 +22,7 @@ LAYERS = {
     "models": ["models", "models.*"],
     "runtime": ["session", "profiling", "ir_audit", "cluster_config", "messages", "pki", "plan", "party", "client", "netem",
                 "control", "driver"],
-    "applications": ["sampling", "jobs", "stable_diffusion", "benchmark", "quality", "mnist", "results",
+    "applications": ["sampling", "jobs", "stable_diffusion", "benchmark", "quality", "mnist", "results", "minimax",
                      "cli_common", "sampling_cli", "sd_cli", "sd_images", "launch", "cluster"],
     "package": [""],
 }
