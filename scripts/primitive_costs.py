@@ -80,7 +80,7 @@ def _exp_design_error(degree: int, squarings: int, rows) -> tuple:
     n = 2**squarings, q of ``degree`` fitted by weighted minimax on [clamp / n, 0], over a grid of clamps and
     weights (weight n e^(p (n-1) y), p in {0.5, 1}, plus a weight next to the clamp that holds the tail down)."""
     n = 2**squarings
-    want = [np.exp(z) / np.exp(z).sum(axis=1, keepdims=True) for z in rows]
+    want = [softmax(z) for z in rows]
     best = (np.inf, None)
     for clamp in np.arange(-26.0, -3.0, 2.0):
         y = np.linspace(clamp / n, 0.0, 1001)
