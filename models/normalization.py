@@ -6,21 +6,22 @@ in fixed point. The only nonlinear call is `ops.rsqrt`, on one value per (sample
 
 Under MPC a norm costs its secret products, each a reshare and a truncation per output element, so
 GroupNorm keeps them few:
-- the squares are summed per channel as the diagonal of the Gram matrix D^T D (D: pixels x channels),
-  one matmul with channels^2 outputs instead of a product per element, where channels are few enough
-  for that to be cheaper (GRAM_MAX_SHARE); otherwise squared elementwise;
+- the squares are integer products of the deviations' encodings (a reshare, no truncation), summed exactly in
+  the ring and truncated once per channel and chunk of pixels (`_scaled_channel_sums_of_squares`): the send
+  actions and precision of a Gram diagonal D^T D, without its matmul, whose long contraction over the pixels
+  SPU computes slowly;
 - the variance is held as VARIANCE_SCALE * variance, so a variance of 1e-4 keeps 200-400 units of
-  2**-18 rather than ~26 (elementwise squares are taken of 4 * deviation for the same reason);
+  2**-18 rather than ~26;
 - means divide by the count precisely and inside the ring (`_mean_of_sums`); the variance's division
   is left to `ops.rsqrt`'s public ``scale`` (`_sum_for_mean`), which our kernel folds into its coefficients;
 - GroupNorm's affine scale goes to `ops.rsqrt` as its ``times``, so the per-(sample, group) factor already
   carries it (our kernel multiplies it in a round it spends anyway) before it meets the activations, which
-  leaves one secret product per element: the (exactly doubled) deviation times that factor. LayerNorm's
+  leaves one secret product per element besides the square: the (exactly doubled) deviation times that factor. LayerNorm's
   factor is per row, its scale per channel: there the scale meets the deviation in the squares' product.
 
-Range: a channel's squares add up at twice the fraction bits before their one truncation, so
-pixels * variance must stay below 2**(63 - 2*18) = 2**27 per channel: variances up to 3e4 at 64x64
-pixels (SD's largest latent), 1.7e5 at 28x28.
+Range: a chunk's squares add up at twice the fraction bits, VARIANCE_SCALE times that below 2**61 before their
+truncation: variances up to about 3e4, whatever the image size (`_scaled_channel_sums_of_squares`); LayerNorm's
+squares are truncated one by one.
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from cipherdm_spu import ops
+from cipherdm_spu import ops, registry
 
 
 
 
 VARIANCE_SCALE = 16  # a power of four: its square root is applied as two doublings
-GRAM_MAX_SHARE = 0.25  # use the Gram diagonal when its channels^2 outputs are at most this share of the elements
+PIXELS_PER_CHUNK = 64  # the squares' sums are truncated per chunk of this many pixels (their range)
 
 
 def _count_shift(count: int) -> int:
@@ -80,14 +82,25 @@ def _times_root_variance_scale(d):
 
 
 def _scaled_channel_sums_of_squares(d):
-    """VARIANCE_SCALE * sum over pixels of d*d per channel, for d shaped (N, pixels, C)."""
-    pixels, channels = d.shape[1], d.shape[2]
-    if channels * channels > GRAM_MAX_SHARE * pixels * channels:
-        d = _times_root_variance_scale(d)  # each truncated square then keeps 16x resolution
-        return jnp.sum(d * d, axis=1)
-    gram = jnp.einsum("npc,npd->ncd", d, d)  # one truncation per output: the diagonal sums stay exact until then
-    diagonal = gram.reshape(d.shape[0], channels * channels)[:, :: channels + 1]  # a strided slice: free
-    return _times_root_variance_scale(_times_root_variance_scale(diagonal))
+    """VARIANCE_SCALE * sum over pixels of d*d per channel, for d shaped (N, pixels, C).
+
+    Under SPU: the squares of d's encodings (an integer product, 2f fraction bits, exact), summed exactly over chunks
+    of up to PIXELS_PER_CHUNK pixels, then one public product by VARIANCE_SCALE * 2**-f (a plain constant, >= 4 units)
+    truncates every chunk's sum; the chunks' sums add up exactly. The send actions of a Gram diagonal (an integer
+    product's and a truncation's) at an integer product's bytes per element, without the Gram's matmul, whose long
+    contraction over the pixels SPU computes slowly. A chunk's VARIANCE_SCALE * sum * 2**(2f) must stay below 2**61
+    (SPU's truncation needs the headroom): variances up to about 3e4 at any size (5e4 errs 0.04 on a 64x64 latent)."""
+    fraction_bits = registry.fixed_point_bits()
+    if fraction_bits is None:
+        return VARIANCE_SCALE * jnp.sum(d * d, axis=1)
+    n, pixels, channels = d.shape
+    chunks = -(-pixels // PIXELS_PER_CHUNK)
+    as_int = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(d.dtype).itemsize]
+    encoded = jax.lax.bitcast_convert_type(d, as_int)
+    squares = jnp.pad(encoded * encoded, ((0, 0), (0, chunks * PIXELS_PER_CHUNK - pixels), (0, 0)))  # zeros: no square
+    sums = jnp.sum(squares.reshape(n, chunks, PIXELS_PER_CHUNK, channels), axis=2)
+    truncated = jax.lax.bitcast_convert_type(sums, d.dtype) * (VARIANCE_SCALE * 2.0**-fraction_bits)
+    return jnp.sum(truncated, axis=1)
 
 
 def group_norm(x, num_groups: int, scale=None, bias=None, eps: float = 1e-5):

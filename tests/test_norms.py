@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cipherdm_spu.models.normalization import _mean_of_sums, group_norm, layer_norm
+from cipherdm_spu.models.normalization import _mean_of_sums, _scaled_channel_sums_of_squares, group_norm, layer_norm
+from cipherdm_spu.protocols.cipherdm import _encoding
 
 from .conftest import fewest_send_actions
 
@@ -43,7 +44,7 @@ def test_group_norm_refuses_indivisible_channels():
         group_norm(jnp.zeros((1, 2, 2, 6)), 4)
 
 
-@pytest.mark.parametrize("channels", [8, 64])  # 8 channels on 28x28 pixels: the Gram path; 64 on 4x4: elementwise
+@pytest.mark.parametrize("channels", [8, 64])  # 8 channels on 28x28 pixels: 49 to a chunk of squares; 64 on 4x4: 1
 def test_group_norm_under_mpc_large_groups_offsets_and_affine(sessions, rng, channels):
     side = 28 if channels == 8 else 4
     x = rng.normal(0, 1, (2, side, side, channels)).astype(np.float32)
@@ -69,15 +70,32 @@ def test_mean_of_sums_keeps_the_divisor_precise_and_large_means_in_range(session
     np.testing.assert_allclose(mean, x.astype(np.float64).mean((1, 2)), rtol=1e-4)  # 1/40960 as a constant: 6 % low
 
 
-def test_group_norm_costs_about_one_secret_product_per_element(sessions, rng):
-    """Squares summed as a Gram diagonal and the affine scale folded into the per-group factor:
-    what is left per element is the deviation times that factor."""
+def test_group_norm_costs_one_secret_and_one_integer_product_per_element(sessions, rng):
+    """The squares as integer products summed before their truncation, and the affine scale folded into the
+    per-group factor: what is left per element is one integer product (the square) and one secret product (the
+    deviation times that factor), plus the per-group rsqrt."""
     x = rng.normal(0, 1, (1, 16, 16, 32)).astype(np.float32)
     session = sessions["cipherdm"]
     session.run(lambda v: v * v, x)
     product = session.last_stats.bytes_sent
+    session.run(lambda v: _encoding(v) * _encoding(v), x)
+    integer_product = session.last_stats.bytes_sent
     session.run(lambda v, s, b: group_norm(v, 8, s, b), x, np.ones(32, np.float32), np.zeros(32, np.float32))
-    assert session.last_stats.bytes_sent <= 1.5 * product
+    assert session.last_stats.bytes_sent <= product + integer_product + 0.3 * product
+
+
+def test_squares_are_summed_in_the_ring_on_a_large_latent_at_a_large_variance(sessions, rng):
+    """64x64 pixels at variance 2e4 (pixels * variance = 2**26.3, where one truncation of a whole channel's squares,
+    as a Gram diagonal made, wrapped: the norm erred 6.0): summed in chunks of 64 pixels the squares stay in the ring, and the norm
+    matches torch's arithmetic. The squares take an integer product's send action and a truncation's two, plus one
+    for each sum's initial value made secret (a step's sums share them)."""
+    x = (rng.normal(0, 1, (1, 64, 64, 8)) * np.sqrt(2e4) + 5.0).astype(np.float32)
+    y = sessions["cipherdm"].run(lambda v: group_norm(v, 2, eps=1e-6), x)
+    assert np.abs(y - _group_norm_ref(x, 2, 1e-6)).max() <= 3e-2
+    squares = lambda v: _scaled_channel_sums_of_squares(v.reshape(1, 4096, 8))  # noqa: E731
+    want = 16 * np.sum(x.astype(np.float64).reshape(1, 4096, 8) ** 2, axis=1)
+    np.testing.assert_allclose(sessions["cipherdm"].run(squares, x), want, rtol=1e-5)
+    assert fewest_send_actions(sessions["cipherdm"], squares, x) <= 5
 
 
 @pytest.mark.parametrize("norm", ["group", "layer"])
