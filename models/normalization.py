@@ -16,8 +16,9 @@ GroupNorm keeps them few:
   is left to `ops.rsqrt`'s public ``scale`` (`_sum_for_mean`), which our kernel folds into its coefficients;
 - GroupNorm's affine scale goes to `ops.rsqrt` as its ``times``, so the per-(sample, group) factor already
   carries it (our kernel multiplies it in a round it spends anyway) before it meets the activations, which
-  leaves one secret product per element besides the square: the (exactly doubled) deviation times that factor. LayerNorm's
-  factor is per row, its scale per channel: there the scale meets the deviation in the squares' product.
+  leaves one secret product per element besides the square: the (exactly doubled) deviation times that
+  factor. LayerNorm's factor is per row, its scale per channel: there the scale meets the deviation in the
+  squares' product.
 
 Range: a chunk's squares add up at twice the fraction bits, VARIANCE_SCALE times that below 2**61 before their
 truncation: variances up to about 3e4, whatever the image size (`_scaled_channel_sums_of_squares`); LayerNorm's
