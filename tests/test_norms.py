@@ -87,8 +87,8 @@ def test_group_norm_costs_one_secret_and_one_integer_product_per_element(session
 def test_squares_are_summed_in_the_ring_on_a_large_latent_at_a_large_variance(sessions, rng):
     """64x64 pixels at variance 2e4 (pixels * variance = 2**26.3, where one truncation of a whole channel's
     squares, as a Gram diagonal made, wrapped: the norm erred 6.0): summed in chunks of 64 pixels the squares stay
-    in the ring, and the norm matches torch's arithmetic. The squares take an integer product's send action and a truncation's two, plus one
-    for each sum's initial value made secret (a step's sums share them)."""
+    in the ring, and the norm matches torch's arithmetic. The squares take an integer product's send action and a
+    truncation's two, plus one for each sum's initial value made secret (a step's sums share them)."""
     x = (rng.normal(0, 1, (1, 64, 64, 8)) * np.sqrt(2e4) + 5.0).astype(np.float32)
     y = sessions["cipherdm"].run(lambda v: group_norm(v, 2, eps=1e-6), x)
     assert np.abs(y - _group_norm_ref(x, 2, 1e-6)).max() <= 3e-2
