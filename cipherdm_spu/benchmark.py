@@ -166,6 +166,7 @@ def measure_step(session: SecureSession, case: StepCase, repeat: int = 1, breakd
         "max_abs_err": float(err.max()),
         "mean_abs_err": float(err.mean()),
         "estimated_seconds": {net: estimate_latency(stats, net) for net in NETWORKS},
+        "seconds_by_spu_op": {name: k.seconds for name, k in stats.kernels.items()},
     }
     if breakdown:
         with registry.use_protocol(session.protocol):

@@ -318,6 +318,26 @@ def render_kernel_seconds(block: dict) -> list:
                         "comparisons / spu's kernels"], rows)
 
 
+STEP_SECONDS_OPS = 5  # the SPU ops a step's seconds are broken into (the rest summed)
+
+
+def render_step_seconds(block: dict) -> list:
+    """Where a step's seconds go on this machine: its SPU ops with the most seconds (the first run's profile; the
+    table above gives the median of the runs), over every set that recorded them."""
+    sets = [(n, r["seconds_by_spu_op"]) for n, r in block["rows"].items() if r.get("seconds_by_spu_op")]
+    if not sets:
+        return []
+    totals = {}
+    for _, by_op in sets:
+        for op, seconds in by_op.items():
+            totals[op] = totals.get(op, 0.0) + seconds
+    ops = sorted(totals, key=totals.get, reverse=True)[:STEP_SECONDS_OPS]
+    rows = [[name, *(f"{by_op.get(o, 0.0):.2f}" for o in ops),
+             f"{sum(s for o, s in by_op.items() if o not in ops):.2f}", f"{sum(by_op.values()):.2f}"] for name, by_op in sets]
+    return ["The step's seconds by SPU op (one run's profile, all three parties on this machine's cores):", ""] + \
+        markdown_table(["protocol set", *(f"{o} s" for o in ops), "other ops s", "total s"], rows)
+
+
 def render(results: dict, command: str) -> str:
     lines = ["# Benchmark: cipherdm-spu against vanilla SPU", "",
              f"Command: `{command}`", "",
@@ -352,6 +372,7 @@ def render(results: dict, command: str) -> str:
                   f"{block['rows'][name]['send_actions'] - sum(v['send_actions'] for v in k.values())}"]
                  for name, k in kernel_rows])
             lines += ["", *render_kernel_seconds(block)]
+        lines += ["", *render_step_seconds(block)]
         lines.append("")
     if "kernels" in results:
         sets = list(results["kernels"])

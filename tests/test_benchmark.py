@@ -102,6 +102,8 @@ def test_measure_step_on_a_tiny_unet():
         assert 0 < sum(k["bytes_sent"] for k in kernels.values()) < row["bytes_sent"]
         for k in kernels.values():  # SPU's own ops split a kernel's seconds (a pphlo op's profile is its own)
             assert 0 < sum(k["seconds_by_spu_op"].values()) <= k["seconds"] * 1.05
+        assert 0 < sum(row["seconds_by_spu_op"].values()) <= row["seconds"] * 1.05  # and the step's
+        assert "convolution" in row["seconds_by_spu_op"]
     assert any(op in COMPARISON_OPS for op in rows["cipherdm"]["kernels"]["silu"]["seconds_by_spu_op"])
     assert rows["spu"]["vs_spu"]["bytes"] == 1.0
     assert rows["cipherdm"]["vs_spu"]["bytes"] > 1.0  # our kernels send less than SPU's
@@ -130,6 +132,7 @@ def test_benchmark_script_quick_mode_writes_every_row(tiny_model, tmp_path):  # 
     markdown = (out / "benchmark.md").read_text()
     assert "Command: `python scripts/benchmark.py --quick" in markdown and "DDIM-2" in markdown
     assert "of which comparisons s" in markdown  # the kernel seconds table
+    assert "The step's seconds by SPU op" in markdown and "other ops s" in markdown
     assert (out / "benchmark_bytes_time.png").stat().st_size > 0 and (out / "benchmark_kernels.png").stat().st_size > 0
 
 
