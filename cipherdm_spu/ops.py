@@ -112,12 +112,18 @@ def sigmoid(x):
     return _bind(_sigmoid_p, "sigmoid", x)
 
 
-def softmax(x, axis: int = -1):
-    """exp(x - max) / sum(exp(x - max)) over one axis; its exp is the protocol set's (op ``exp``)."""
+def softmax(x, axis: int = -1, scale: float = 1.0):
+    """softmax(scale * x) over one axis: exp(scale (x - max)) / sum(exp(scale (x - max))), with ``scale`` a public
+    constant > 0 (attention's 1 / sqrt(d)), which a kernel can fold into its exp's own input product where plain
+    arithmetic spends a truncation on it; its exp is the protocol set's (op ``exp``). A softmax kernel is therefore
+    called as ``kernel(x, axis, exp_impl, scale=scale)``."""
     x = jnp.asarray(x)
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"softmax axis {axis} out of range for an array of rank {x.ndim}")
-    return _bind(_softmax_p, "softmax", x, axis=axis % x.ndim, exp_impl=registry.active_impl("exp"))
+    scale = float(scale)
+    if not 0 < scale < float("inf"):
+        raise ValueError(f"softmax's scale must be a finite number > 0, got {scale}")
+    return _bind(_softmax_p, "softmax", x, axis=axis % x.ndim, exp_impl=registry.active_impl("exp"), scale=scale)
 
 
 def exp(x):

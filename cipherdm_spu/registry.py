@@ -25,7 +25,7 @@ Registering a new kernel from outside the package takes a few lines::
         ...  # trace / compile here
 
 A kernel takes what its op in `cipherdm_spu.ops` binds: the input and the op's own keyword parameters
-(softmax: ``axis``, ``exp_impl``; gelu: ``approximate``), and for rsqrt an optional second operand and a
+(softmax: ``axis``, ``exp_impl``, ``scale``; gelu: ``approximate``), and for rsqrt an optional second operand and a
 public scale: ``def kernel(x, times=None, *, scale=1.0)`` returning times / sqrt(scale * x).
 """
 

@@ -17,10 +17,11 @@ def attend(q, k, v, heads: int):
     """softmax(q k^T / sqrt(d)) v over ``heads`` heads, for (N, L, heads*d) inputs."""
     n, lq, inner = q.shape
     d = inner // heads
-    q = (q * d**-0.5).reshape(n, lq, heads, d)  # the scale folded into q: one public product
+    q = q.reshape(n, lq, heads, d)
     k = k.reshape(n, k.shape[1], heads, d)
     v = v.reshape(n, v.shape[1], heads, d)
-    probs = ops.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k), axis=-1)
+    # the scale goes to the softmax, whose kernel may fold it into its exp's input product
+    probs = ops.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k), axis=-1, scale=d**-0.5)
     return jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, lq, inner)
 
 

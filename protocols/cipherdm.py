@@ -389,8 +389,8 @@ def sigmoid(x):
 
 
 @register_kernel("exp", NAME)
-def exp_nonpositive(x):
-    """e^x for x <= 0 (softmax's domain after max subtraction) as Q(t) ** reach with t = scale * max(x, clamp)
+def exp_nonpositive(x, scale: float = 1.0):
+    """e^(scale x) for x <= 0 and a public scale > 0 (softmax's, folded into the first product) (softmax's domain after max subtraction) as Q(t) ** reach with t = scale * max(x, clamp)
     (`coefficients.EXP_BASE`, fitted by scripts/fit_kernels.py to the final absolute error, its constants on SPU's
     grid): below the clamp it is the tail value, the right limit, never a wrapped one.
 
@@ -398,11 +398,12 @@ def exp_nonpositive(x):
     product; Q, a quartic in Knuth's form monic in t, takes two secret products, and reach = 8 three squarings.
     It is not built for x > 0 (12 % low at x = 8): callers subtract a max first.
     """
+    times = scale
     reach, scale, (a0, a1, a2, a3) = EXP_BASE["reach"], EXP_BASE["scale"], EXP_BASE["alpha"]
     if reach & (reach - 1):
         raise ValueError(f"exp's reach must be a power of two (its squarings), not {reach}")
     t_clamp = scale * EXP_BASE["clamp"]
-    t = _relu(x * scale - t_clamp) + t_clamp
+    t = _relu(x * (scale * times) - t_clamp) + t_clamp
     y = (t + a0) * t + a1
     q = (y + t + a2) * y + a3
     for _ in range(reach.bit_length() - 1):
@@ -646,13 +647,14 @@ def fold_exps_pays(elements: int) -> bool:
     return _network_seconds(saved, 0.0, elements) > _network_seconds(0, 3 * SECRET_PRODUCT[0], elements)
 
 
-def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool):
+def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool, scale: float = 1.0):
     """e / sum(e), e = exp(x - max), the max by a tournament of groups of ``arities`` (`_row_max`): with
     ``fold_exps`` e rides in the reciprocal's first round (the product apart and the reciprocal's scaling saved,
     three more products per element: `fold_exps_pays`), else a product of e and the reciprocal. The softmax kernels are its forms; the benchmark measures them side
     by side."""
     shifted = x - _row_max(x, axis, arities)
-    e = registry.kernel("exp", exp_impl)(shifted)
+    exp = registry.kernel("exp", exp_impl)
+    e = exp(shifted, scale=scale) if exp is exp_nonpositive else exp(shifted * scale if scale != 1.0 else shifted)
     total = jnp.sum(e, axis=axis, keepdims=True)  # in [1, n]: the max entry contributes exactly 1
     if fold_exps:
         return reciprocal_in_range(total, 1.0, float(x.shape[axis]), times=e)
@@ -660,15 +662,15 @@ def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool):
 
 
 @register_kernel("softmax", NAME)
-def softmax(x, axis: int, exp_impl: str):
+def softmax(x, axis: int, exp_impl: str, scale: float = 1.0):
     """Max subtraction (`_row_max`), the set's exp (`exp_nonpositive` in the `cipherdm` set), one reciprocal per
     row (over [1, row length]), in the form that spends the least time on REFERENCE_NETWORK for the call's size
     (`tournament_arities`, `fold_exps_pays`)."""
-    return softmax_in_form(x, axis, exp_impl, tournament_arities(x.shape[axis], x.size), fold_exps_pays(x.size))
+    return softmax_in_form(x, axis, exp_impl, tournament_arities(x.shape[axis], x.size), fold_exps_pays(x.size), scale)
 
 
 @register_kernel("softmax", f"{NAME}-low-byte")
-def softmax_low_byte(x, axis: int, exp_impl: str):
+def softmax_low_byte(x, axis: int, exp_impl: str, scale: float = 1.0):
     """As `softmax` with a pairwise tournament for the max (a third fewer comparisons than threes) and a separate
     product by the reciprocal: fewer bytes, more rounds."""
-    return softmax_in_form(x, axis, exp_impl, (2,), fold_exps=False)
+    return softmax_in_form(x, axis, exp_impl, (2,), fold_exps=False, scale=scale)

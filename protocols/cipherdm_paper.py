@@ -87,8 +87,11 @@ def exp(x):
 
 
 @register_kernel("softmax", NAME)
-def softmax(x, axis: int, exp_impl: str):
-    """Max subtraction, the set's exp (this module's in the `cipherdm-paper` set), division by the row sum."""
+def softmax(x, axis: int, exp_impl: str, scale: float = 1.0):
+    """Max subtraction, the set's exp (this module's in the `cipherdm-paper` set), division by the row sum;
+    ``scale`` multiplies the shift (a public product)."""
     shifted = x - jnp.max(x, axis=axis, keepdims=True)
+    if scale != 1.0:
+        shifted = shifted * scale
     e = kernel("exp", exp_impl)(shifted)
     return e / jnp.sum(e, axis=axis, keepdims=True)

@@ -17,10 +17,12 @@ def _mish(x):
     return x * jnp.tanh(jax.nn.softplus(x))
 
 
-def _softmax(x, axis: int, exp_impl: str):
+def _softmax(x, axis: int, exp_impl: str, scale: float = 1.0):
     """jax.nn.softmax's arithmetic (max with initial -inf, exp of the shift, division by the row sum) with
-    the protocol set's exp."""
+    the protocol set's exp; ``scale`` multiplies the shift (a public product)."""
     shifted = x - jnp.max(x, axis, initial=-jnp.inf, keepdims=True)
+    if scale != 1.0:
+        shifted = shifted * scale
     e = kernel("exp", exp_impl)(shifted)
     return e / jnp.sum(e, axis, keepdims=True)
 

@@ -163,10 +163,25 @@ def test_the_kernel_takes_the_form_that_spends_least_on_the_reference_network(mo
     assert fold_exps_pays(98 * 49) and fold_exps_pays(32 * 1024) and not fold_exps_pays(1024 * 256)
     forms = []
     monkeypatch.setattr(cipherdm, "softmax_in_form",
-                        lambda x, axis, exp_impl, arities, fold_exps: forms.append((arities, fold_exps)))
+                        lambda x, axis, exp_impl, arities, fold_exps, scale: forms.append((arities, fold_exps)))
     for shape, axis in [((98, 49), 1), ((1024, 256), 1), ((49, 2, 4), 0)]:
         cipherdm.softmax(np.zeros(shape, np.float32), axis, "cipherdm")
     assert forms == [((7, 7), True), ((2, 4, 4, 8), False), ((7, 7), True)]
+
+
+@pytest.mark.parametrize("protocol", ["cipherdm", "cipherdm-low-byte"])
+def test_softmax_folds_its_scale_into_the_exps_input_product(sessions, rng, protocol):
+    """softmax(scale * x) for attention's scale 1/sqrt(d) (scores spread 2 after scaling, a 1e4 logit in a row): as
+    accurate as the contract asks, and no send action dearer than without a scale (the exp multiplies its input by
+    a public constant anyway), where scaling apart costs a truncation."""
+    session = sessions[protocol]
+    scale = 32**-0.5
+    x = (rng.standard_normal((64, 256)) * 2.0 / scale).astype(np.float32)
+    x[0, 3] = 1e4
+    y = session.run(lambda v: ops.softmax(v, -1, scale=scale), x)
+    assert np.abs(y - softmax(x.astype(np.float64) * scale)).max() <= 5e-3
+    folded = fewest_send_actions(session, lambda v: ops.softmax(v, -1, scale=scale), x, runs=5)
+    assert folded <= fewest_send_actions(session, lambda v: ops.softmax(v, -1), x, runs=5) + 1  # a run varies by 1-2
 
 
 @pytest.mark.parametrize("width, elements", [(49, 4802), (77, 78848), (100, 10**6)])

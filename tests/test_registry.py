@@ -63,7 +63,14 @@ def test_ops_run_under_plain_jit_grad_and_vmap_as_jax_nn():
     np.testing.assert_allclose(jax.grad(lambda v: ops.gelu(v).sum())(x), jax.grad(lambda v: jax.nn.gelu(v, approximate=False).sum())(x), rtol=1e-5)
     logits = jnp.arange(24.0).reshape(2, 3, 4) / 7
     np.testing.assert_allclose(jax.vmap(lambda r: ops.softmax(r, axis=0))(logits), jax.nn.softmax(logits, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda v: ops.softmax(v, scale=0.25))(logits), jax.nn.softmax(logits * 0.25), rtol=1e-6)
     np.testing.assert_allclose(ops.rsqrt(jnp.array([4.0])), [0.5])
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_softmax_refuses_a_scale_that_is_not_a_finite_positive_number(scale):
+    with pytest.raises(ValueError, match="scale"):
+        ops.softmax(jnp.ones((2, 3)), scale=scale)
 
 
 def test_rsqrt_with_a_scale_and_a_factor_under_plain_jit_grad_and_vmap():
