@@ -390,9 +390,11 @@ def sigmoid(x):
 
 @register_kernel("exp", NAME)
 def exp_nonpositive(x, scale: float = 1.0):
-    """e^(scale x) for x <= 0 and a public scale > 0 (softmax's, folded into the first product) (softmax's domain after max subtraction) as Q(t) ** reach with t = scale * max(x, clamp)
-    (`coefficients.EXP_BASE`, fitted by scripts/fit_kernels.py to the final absolute error, its constants on SPU's
-    grid): below the clamp it is the tail value, the right limit, never a wrapped one.
+    """e^(scale x) for x <= 0 (softmax's domain after max subtraction; ``scale`` a public constant > 0, softmax's,
+    folded into the first product) as Q(t) ** reach with t = EXP_BASE's scale * max(scale x, clamp) (`coefficients.EXP_BASE`,
+    fitted by scripts/fit_kernels.py to the final absolute error, its constants on SPU's grid; a softmax scale moves
+    the product's constant off the grid, by a relative 2**-18 / constant, which moves e^x by at most that over e):
+    below the clamp it is the tail value, the right limit, never a wrapped one.
 
     The clamp is one comparison, one conversion and one bit product (`_relu` of t - t_clamp) after one public
     product; Q, a quartic in Knuth's form monic in t, takes two secret products, and reach = 8 three squarings.
@@ -648,10 +650,11 @@ def fold_exps_pays(elements: int) -> bool:
 
 
 def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool, scale: float = 1.0):
-    """e / sum(e), e = exp(x - max), the max by a tournament of groups of ``arities`` (`_row_max`): with
+    """e / sum(e), e = exp(scale (x - max)), the max by a tournament of groups of ``arities`` (`_row_max`): with
     ``fold_exps`` e rides in the reciprocal's first round (the product apart and the reciprocal's scaling saved,
-    three more products per element: `fold_exps_pays`), else a product of e and the reciprocal. The softmax kernels are its forms; the benchmark measures them side
-    by side."""
+    three more products per element: `fold_exps_pays`), else a product of e and the reciprocal; ``scale`` goes to
+    our exp's input product (another exp gets the scaled shift). The softmax kernels are its forms; the benchmark
+    measures them side by side."""
     shifted = x - _row_max(x, axis, arities)
     exp = registry.kernel("exp", exp_impl)
     e = exp(shifted, scale=scale) if exp is exp_nonpositive else exp(shifted * scale if scale != 1.0 else shifted)
