@@ -391,8 +391,8 @@ def sigmoid(x):
 @register_kernel("exp", NAME)
 def exp_nonpositive(x, scale: float = 1.0):
     """e^(scale x) for x <= 0 (softmax's domain after max subtraction; ``scale`` a public constant > 0, softmax's,
-    folded into the first product) as Q(t) ** reach with t = EXP_BASE's scale * max(scale x, clamp) (`coefficients.EXP_BASE`,
-    fitted by scripts/fit_kernels.py to the final absolute error, its constants on SPU's grid; a softmax scale moves
+    folded into the first product) as Q(t) ** reach with t = EXP_BASE's scale * max(scale x, clamp)
+    (`coefficients.EXP_BASE`, fitted by scripts/fit_kernels.py to the final absolute error, its constants on SPU's grid; a softmax scale moves
     the product's constant off the grid, by a relative 2**-18 / constant, which moves e^x by at most that over e):
     below the clamp it is the tail value, the right limit, never a wrapped one.
 
