@@ -9,7 +9,7 @@ GroupNorm keeps them few:
 - the squares are integer products of the deviations' encodings (a reshare, no truncation), summed exactly in
   the ring and truncated once per channel and chunk of pixels (`_scaled_channel_sums_of_squares`): the send
   actions and precision of a Gram diagonal D^T D, without its matmul, whose long contraction over the pixels
-  SPU computes slowly;
+  SPU computes slowly (docs/results/benchmark.md: the step's seconds by SPU op);
 - the variance is held as VARIANCE_SCALE * variance, so a variance of 1e-4 keeps 200-400 units of
   2**-18 rather than ~26;
 - means divide by the count precisely and inside the ring (`_mean_of_sums`); the variance's division
@@ -20,8 +20,9 @@ GroupNorm keeps them few:
   factor. LayerNorm's factor is per row, its scale per channel: there the scale meets the deviation in the
   squares' product.
 
-Range: a chunk's squares add up at twice the fraction bits, VARIANCE_SCALE times that below 2**61 before their
-truncation: variances up to about 3e4, whatever the image size (`_scaled_channel_sums_of_squares`); LayerNorm's
+Range: a chunk's squares add up at twice the fraction bits, and VARIANCE_SCALE times that must stay inside the ring
+(with the headroom SPU's truncation needs) before their one truncation: a chunk's mean square deviation from the
+group mean up to about 2**18 (2.6e5), whatever the image size (`_scaled_channel_sums_of_squares`); LayerNorm's
 squares are truncated one by one.
 """
 
@@ -39,7 +40,7 @@ from cipherdm_spu import ops, registry
 
 
 VARIANCE_SCALE = 16  # a power of four: its square root is applied as two doublings
-PIXELS_PER_CHUNK = 64  # the squares' sums are truncated per chunk of this many pixels (their range)
+PIXELS_PER_CHUNK = 8  # the squares' sums are truncated per chunk of this many pixels (their range)
 
 
 def _count_shift(count: int) -> int:
@@ -88,9 +89,10 @@ def _scaled_channel_sums_of_squares(d):
     Under SPU: the squares of d's encodings (an integer product, 2f fraction bits, exact), summed exactly over chunks
     of up to PIXELS_PER_CHUNK pixels, then one public product by VARIANCE_SCALE * 2**-f (a plain constant, >= 4 units)
     truncates every chunk's sum; the chunks' sums add up exactly. The send actions of a Gram diagonal (an integer
-    product's and a truncation's) at an integer product's bytes per element, without the Gram's matmul, whose long
-    contraction over the pixels SPU computes slowly. A chunk's VARIANCE_SCALE * sum * 2**(2f) must stay below 2**61
-    (SPU's truncation needs the headroom): variances up to about 3e4 at any size (5e4 errs 0.04 on a 64x64 latent)."""
+    product's and a truncation's) at an integer product's bytes per element (and a truncation's per chunk), without
+    the Gram's matmul, whose long contraction over the pixels SPU computes slowly. A chunk's VARIANCE_SCALE * sum *
+    2**(2f) must stay below about 2**61 (SPU's truncation needs the headroom): its mean square deviation below about
+    2**18 (tests/test_norms.py measures where it holds)."""
     fraction_bits = registry.fixed_point_bits()
     if fraction_bits is None:
         return VARIANCE_SCALE * jnp.sum(d * d, axis=1)

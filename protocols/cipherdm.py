@@ -392,20 +392,19 @@ def sigmoid(x):
 def exp_nonpositive(x, scale: float = 1.0):
     """e^(scale x) for x <= 0 (softmax's domain after max subtraction; ``scale`` a public constant > 0, softmax's,
     folded into the first product) as Q(t) ** reach with t = EXP_BASE's scale * max(scale x, clamp)
-    (`coefficients.EXP_BASE`, fitted by scripts/fit_kernels.py to the final absolute error, its constants on SPU's grid; a softmax scale moves
-    the product's constant off the grid, by a relative 2**-18 / constant, which moves e^x by at most that over e):
-    below the clamp it is the tail value, the right limit, never a wrapped one.
+    (`coefficients.EXP_BASE`, fitted by scripts/fit_kernels.py to the final absolute error, its constants on SPU's
+    grid; a softmax scale moves the product's constant off the grid, by a relative 2**-18 / constant, which moves
+    e^x by at most that over e): below the clamp it is the tail value, the right limit, never a wrapped one.
 
     The clamp is one comparison, one conversion and one bit product (`_relu` of t - t_clamp) after one public
     product; Q, a quartic in Knuth's form monic in t, takes two secret products, and reach = 8 three squarings.
     It is not built for x > 0 (12 % low at x = 8): callers subtract a max first.
     """
-    times = scale
-    reach, scale, (a0, a1, a2, a3) = EXP_BASE["reach"], EXP_BASE["scale"], EXP_BASE["alpha"]
+    reach, base_scale, (a0, a1, a2, a3) = EXP_BASE["reach"], EXP_BASE["scale"], EXP_BASE["alpha"]
     if reach & (reach - 1):
         raise ValueError(f"exp's reach must be a power of two (its squarings), not {reach}")
-    t_clamp = scale * EXP_BASE["clamp"]
-    t = _relu(x * (scale * times) - t_clamp) + t_clamp
+    t_clamp = base_scale * EXP_BASE["clamp"]
+    t = _relu(x * (base_scale * scale) - t_clamp) + t_clamp
     y = (t + a0) * t + a1
     q = (y + t + a2) * y + a3
     for _ in range(reach.bit_length() - 1):

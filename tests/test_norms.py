@@ -84,16 +84,18 @@ def test_group_norm_costs_one_secret_and_one_integer_product_per_element(session
     assert session.last_stats.bytes_sent <= product + integer_product + 0.3 * product
 
 
-def test_squares_are_summed_in_the_ring_on_a_large_latent_at_a_large_variance(sessions, rng):
-    """64x64 pixels at variance 2e4 (pixels * variance = 2**26.3, where one truncation of a whole channel's
-    squares, as a Gram diagonal made, wrapped: the norm erred 6.0): summed in chunks of 64 pixels the squares stay
-    in the ring, and the norm matches torch's arithmetic. The squares take an integer product's send action and a
-    truncation's two, plus one for each sum's initial value made secret (a step's sums share them)."""
-    x = (rng.normal(0, 1, (1, 64, 64, 8)) * np.sqrt(2e4) + 5.0).astype(np.float32)
+@pytest.mark.parametrize("side, channels, variance", [(64, 8, 2e4), (8, 64, 1e5)])
+def test_squares_are_summed_in_the_ring_at_large_variances(sessions, rng, side, channels, variance):
+    """Large variances on a large latent (64x64 at 2e4, where one truncation of a whole channel's squares, as a Gram
+    diagonal made, wrapped: the norm erred 6.0) and on a small map (8x8 at 1e5): summed in chunks of PIXELS_PER_CHUNK
+    pixels the squares stay in the ring, and the norm matches torch's arithmetic. The squares take an integer
+    product's send action and a truncation's two, plus one for each sum's initial value made secret (a step's sums
+    share them)."""
+    x = (rng.normal(0, 1, (1, side, side, channels)) * np.sqrt(variance) + 5.0).astype(np.float32)
     y = sessions["cipherdm"].run(lambda v: group_norm(v, 2, eps=1e-6), x)
     assert np.abs(y - _group_norm_ref(x, 2, 1e-6)).max() <= 3e-2
-    squares = lambda v: _scaled_channel_sums_of_squares(v.reshape(1, 4096, 8))  # noqa: E731
-    want = 16 * np.sum(x.astype(np.float64).reshape(1, 4096, 8) ** 2, axis=1)
+    squares = lambda v: _scaled_channel_sums_of_squares(v.reshape(1, side * side, channels))  # noqa: E731
+    want = 16 * np.sum(x.astype(np.float64).reshape(1, side * side, channels) ** 2, axis=1)
     np.testing.assert_allclose(sessions["cipherdm"].run(squares, x), want, rtol=1e-5)
     assert fewest_send_actions(sessions["cipherdm"], squares, x) <= 5
 
