@@ -22,7 +22,7 @@ def test_nonlinear_calls_finds_every_op_with_shape_and_params():
 
     calls = nonlinear_calls(f, np.ones((3, 4), np.float32), Public(np.ones((4, 5), np.float32)))
     assert [(c[0], c[1]) for c in calls] == [("silu", (3, 5)), ("softmax", (3, 5)), ("gelu", (3, 5))]
-    assert calls[1][2] == {"axis": 0} and calls[2][2] == {"approximate": False}
+    assert calls[1][2] == {"axis": 0, "scale": 1.0} and calls[2][2] == {"approximate": False}
 
 
 def test_linear_floor_is_identity_everywhere():
