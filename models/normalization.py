@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cipherdm_spu import ops, registry
+from cipherdm_spu import ops, registry, ring
 
 
 
@@ -98,8 +98,7 @@ def _scaled_channel_sums_of_squares(d):
         return VARIANCE_SCALE * jnp.sum(d * d, axis=1)
     n, pixels, channels = d.shape
     chunks = -(-pixels // PIXELS_PER_CHUNK)
-    as_int = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(d.dtype).itemsize]
-    encoded = jax.lax.bitcast_convert_type(d, as_int)
+    encoded = ring.encoding(d)
     squares = jnp.pad(encoded * encoded, ((0, 0), (0, chunks * PIXELS_PER_CHUNK - pixels), (0, 0)))  # zeros: no square
     sums = jnp.sum(squares.reshape(n, chunks, PIXELS_PER_CHUNK, channels), axis=2)
     truncated = jax.lax.bitcast_convert_type(sums, d.dtype) * (VARIANCE_SCALE * 2.0**-fraction_bits)

@@ -48,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cipherdm_spu import registry
+from cipherdm_spu.ring import encoding as _encoding
+from cipherdm_spu.ring import int_type as _int_type
 from cipherdm_spu.registry import register_kernel
 
 from .coefficients import (
@@ -101,18 +103,6 @@ def _quartic(a, alpha):
     a0, a1, a2, a3, a4 = alpha
     y = (a + a0) * a + a1
     return ((y + a + a2) * y + a3) * a4
-
-
-_INT_OF_FLOAT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}  # the integer type a float's bits are cast to
-
-
-def _int_type(dtype):
-    return _INT_OF_FLOAT[jnp.dtype(dtype).itemsize]
-
-
-def _encoding(v):
-    """v's bits as an integer of its width: under SPU its ring element (the fixed-point encoding), free."""
-    return jax.lax.bitcast_convert_type(v, _int_type(v.dtype))
 
 
 def _indicator(pred):
@@ -652,11 +642,10 @@ def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool, scale
     """e / sum(e), e = exp(scale (x - max)), the max by a tournament of groups of ``arities`` (`_row_max`): with
     ``fold_exps`` e rides in the reciprocal's first round (the product apart and the reciprocal's scaling saved,
     three more products per element: `fold_exps_pays`), else a product of e and the reciprocal; ``scale`` goes to
-    our exp's input product (another exp gets the scaled shift). The softmax kernels are its forms; the benchmark
-    measures them side by side."""
+    the exp (ours folds it into its input product). The softmax kernels are its forms; the benchmark measures them
+    side by side."""
     shifted = x - _row_max(x, axis, arities)
-    exp = registry.kernel("exp", exp_impl)
-    e = exp(shifted, scale=scale) if exp is exp_nonpositive else exp(shifted * scale if scale != 1.0 else shifted)
+    e = registry.kernel("exp", exp_impl)(shifted, scale=scale)
     total = jnp.sum(e, axis=axis, keepdims=True)  # in [1, n]: the max entry contributes exactly 1
     if fold_exps:
         return reciprocal_in_range(total, 1.0, float(x.shape[axis]), times=e)

@@ -81,17 +81,18 @@ def _chebyshev_exp(x):
 
 
 @register_kernel("exp", NAME)
-def exp(x):
-    """The paper's exp, as used in its softmax: the series on [-14, 0], masked to 0 below -14."""
+def exp(x, scale: float = 1.0):
+    """The paper's exp of scale x, as used in its softmax: the series on [-14, 0], masked to 0 below -14 (the scale a
+    public product first, none for scale 1)."""
+    if scale != 1.0:
+        x = x * scale
     return _chebyshev_exp(x) * (x > EXP_LOWER)
 
 
 @register_kernel("softmax", NAME)
 def softmax(x, axis: int, exp_impl: str, scale: float = 1.0):
-    """Max subtraction, the set's exp (this module's in the `cipherdm-paper` set), division by the row sum;
-    ``scale`` multiplies the shift (a public product)."""
+    """Max subtraction, the set's exp (this module's in the `cipherdm-paper` set) of the scaled shift, division by
+    the row sum."""
     shifted = x - jnp.max(x, axis=axis, keepdims=True)
-    if scale != 1.0:
-        shifted = shifted * scale
-    e = kernel("exp", exp_impl)(shifted)
+    e = kernel("exp", exp_impl)(shifted, scale=scale)
     return e / jnp.sum(e, axis=axis, keepdims=True)

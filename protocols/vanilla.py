@@ -13,17 +13,20 @@ from jax import lax
 from cipherdm_spu.registry import VANILLA, kernel, register_kernel
 
 
+def _exp(x, scale: float = 1.0):
+    """e^(scale x): SPU's exp after a public product (none for scale 1)."""
+    return jnp.exp(x * scale if scale != 1.0 else x)
+
+
 def _mish(x):
     return x * jnp.tanh(jax.nn.softplus(x))
 
 
 def _softmax(x, axis: int, exp_impl: str, scale: float = 1.0):
-    """jax.nn.softmax's arithmetic (max with initial -inf, exp of the shift, division by the row sum) with
-    the protocol set's exp; ``scale`` multiplies the shift (a public product)."""
+    """jax.nn.softmax's arithmetic (max with initial -inf, exp of the scaled shift, division by the row sum) with
+    the protocol set's exp."""
     shifted = x - jnp.max(x, axis, initial=-jnp.inf, keepdims=True)
-    if scale != 1.0:
-        shifted = shifted * scale
-    e = kernel("exp", exp_impl)(shifted)
+    e = kernel("exp", exp_impl)(shifted, scale=scale)
     return e / jnp.sum(e, axis, keepdims=True)
 
 
@@ -39,7 +42,7 @@ for _op, _fn in {
     "gelu": lambda x, approximate: jax.nn.gelu(x, approximate=approximate),
     "sigmoid": jax.nn.sigmoid,
     "softmax": _softmax,
-    "exp": jnp.exp,
+    "exp": _exp,
     "rsqrt": _rsqrt,
 }.items():
     register_kernel(_op, VANILLA, _fn)

