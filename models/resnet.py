@@ -20,8 +20,45 @@ def conv(features: int, kernel: int = 3, stride: int = 1, padding: int | None = 
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)), use_bias=use_bias)
 
 
+class ConvWeights(nn.Module):
+    """The parameters of a `conv` (an ``nn.Conv``'s names, shapes and initialisers), returned instead of applied, so
+    that convolutions summed into one output can share a matmul (`summed_convolutions`)."""
+
+    features: int
+    kernel: int = 3
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        shape = (self.kernel, self.kernel, in_features, self.features)
+        kernel = self.param("kernel", nn.linear.default_kernel_init, shape, jnp.float32)
+        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+
+
+def patches(x, size: int):
+    """Every pixel's size x size neighbourhood (zero 'same' padding, odd size), as (N, H, W, size*size*C) ordered
+    (row, column, channel): x's im2col, against which an HWIO kernel reshaped to (size*size*C, O) is a stride-1
+    convolution."""
+    n, h, w, c = x.shape
+    pad = (size - 1) // 2
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return jnp.concatenate([padded[:, i:i + h, j:j + w, :] for i in range(size) for j in range(size)], axis=-1)
+
+
+def summed_convolutions(terms):
+    """sum_i (conv(x_i, K_i) + b_i) for stride-1 'same' convolutions onto one output, ``terms`` = [(x_i, K_i, b_i)],
+    as ONE matmul of the inputs' concatenated patches against the stacked kernels: under MPC each matmul is a reshare
+    and a truncation round, while patches and concatenations of secret values are local (diffusers' ResNet block adds
+    its conv2 and its 1x1 shortcut so)."""
+    n, h, w, _ = terms[0][0].shape
+    columns = jnp.concatenate([patches(x, k.shape[0]).reshape(n * h * w, -1) for x, k, _ in terms], axis=-1)
+    kernel = jnp.concatenate([k.reshape(-1, k.shape[-1]) for _, k, _ in terms], axis=0)
+    bias = sum(b for _, _, b in terms)
+    return (columns @ kernel + bias).reshape(n, h, w, -1)
+
+
 class ResnetBlock2D(nn.Module):
-    """norm1 -> act -> conv1 (+ time term) -> norm2 -> act -> conv2, plus the (1x1-projected) input."""
+    """norm1 -> act -> conv1 (+ time term) -> norm2 -> act -> conv2, plus the (1x1-projected) input; conv2 and the
+    projection are one matmul (`summed_convolutions`)."""
 
     out_channels: int
     groups: int
@@ -38,8 +75,8 @@ class ResnetBlock2D(nn.Module):
         if self.has_time:
             self.time_emb_proj = nn.Dense(self.out_channels * (2 if self.time_scale_shift else 1))
         self.norm2 = GroupNorm(self.groups, self.eps)
-        self.conv2 = conv(self.out_channels)
-        self.conv_shortcut = conv(self.out_channels, kernel=1)
+        self.conv2 = ConvWeights(self.out_channels)
+        self.conv_shortcut = ConvWeights(self.out_channels, kernel=1)
         self.act = get_activation(self.act_fn)
 
     def project_time(self, temb):
@@ -55,9 +92,12 @@ class ResnetBlock2D(nn.Module):
             if time_term is not None:
                 h = h + time_term[:, None, None, :]
             h = self.norm2(h)
-        h = self.conv2(self.act(h))
-        shortcut = self.conv_shortcut(x) if x.shape[-1] != self.out_channels else x
-        out = shortcut + h
+        h = self.act(h)
+        terms = [(h, *self.conv2(h.shape[-1]))]
+        if x.shape[-1] != self.out_channels:
+            out = summed_convolutions(terms + [(x, *self.conv_shortcut(x.shape[-1]))])
+        else:
+            out = summed_convolutions(terms) + x
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
 
 
