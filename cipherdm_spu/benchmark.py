@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple
 
 import jax
@@ -33,9 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import ops, registry
+from .models import DDIMSampler, ScheduleConfig, UNet2DModel
 from .profiling import RunStats
 from .protocols.cipherdm import fold_exps_pays, softmax_in_form, tournament_arities
 from .protocols.reference import EXTREMES, REFERENCES, encoded, softmax
+from .sampling import make_denoise_step, secure_params
 from .session import Public, SecureSession
 
 ACTIVATIONS = ("silu", "mish", "gelu", "sigmoid")
@@ -87,6 +90,23 @@ class StepCase:
     inputs: tuple  # leaves are arrays (secret) or Public
     secure_fn: Callable
     plain_fn: Callable[[], np.ndarray]
+
+
+def mnist_step_case(model_dir: Path, batch: int, seed: int) -> StepCase:
+    """Step 25 of DDIM-50 of a shipped MNIST model (class labels 0, 1, ...), on Gaussian x of ``seed``."""
+    model, params = UNet2DModel.from_pretrained(model_dir)
+    sampler = DDIMSampler(ScheduleConfig.from_file(model_dir), 50)
+    index = 25
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    labels = np.eye(10, dtype=np.float32)[np.arange(batch) % 10]
+    terms = model.apply(params, int(sampler.timesteps[index]), method=model.time_terms)
+    terms = jax.tree_util.tree_map(np.asarray, terms)
+    coefficients = sampler.coefficient_table()[index]
+    step = make_denoise_step(model, sampler.clip_range)
+    inputs = (x, labels, terms, Public(coefficients), None)
+    return StepCase(f"{model_dir.name} batch {batch}", secure_params(params), inputs, step,
+                    lambda: np.asarray(step(params, x, labels, terms, coefficients, None)))
 
 
 def _unwrap(tree):

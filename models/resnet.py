@@ -8,6 +8,7 @@ on the public timestep and the owner's weights, so the owner can compute it in p
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from .activations import get_activation
@@ -38,6 +39,8 @@ def patches(x, size: int):
     """Every pixel's size x size neighbourhood (zero 'same' padding, odd size), as (N, H, W, size*size*C) ordered
     (row, column, channel): x's im2col, against which an HWIO kernel reshaped to (size*size*C, O) is a stride-1
     convolution."""
+    if size % 2 == 0:
+        raise ValueError(f"'same' patches need an odd size, not {size}")
     n, h, w, c = x.shape
     pad = (size - 1) // 2
     padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -48,7 +51,14 @@ def summed_convolutions(terms):
     """sum_i (conv(x_i, K_i) + b_i) for stride-1 'same' convolutions onto one output, ``terms`` = [(x_i, K_i, b_i)],
     as ONE matmul of the inputs' concatenated patches against the stacked kernels: under MPC each matmul is a reshare
     and a truncation round, while patches and concatenations of secret values are local (diffusers' ResNet block adds
-    its conv2 and its 1x1 shortcut so)."""
+    its conv2 and its 1x1 shortcut so). A single term is the native convolution."""
+    if len({x.shape[:3] for x, _, _ in terms}) != 1:
+        raise ValueError(f"summed convolutions need inputs of one batch and size, not {[x.shape for x, _, _ in terms]}")
+    if len(terms) == 1:
+        (x, kernel, bias), = terms
+        pad = (kernel.shape[0] - 1) // 2
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=dims) + bias
     n, h, w, _ = terms[0][0].shape
     columns = jnp.concatenate([patches(x, k.shape[0]).reshape(n * h * w, -1) for x, k, _ in terms], axis=-1)
     kernel = jnp.concatenate([k.reshape(-1, k.shape[-1]) for _, k, _ in terms], axis=0)

@@ -36,6 +36,7 @@ from typing import Optional, Union
 import jax.numpy as jnp
 import numpy as np
 
+from cipherdm_spu import ring
 from cipherdm_spu.errors import SchedulerConfigError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -208,16 +209,33 @@ class DDPMSampler(Sampler):
 
 
 def step(x, model_output, coefficients, noise=None, clip_range: Optional[float] = None):
-    """One sampler step from public coefficients (see the module docstring); runs under MPC."""
+    """One sampler step from public coefficients (see the module docstring); runs under MPC.
+
+    eps enters prev only through p_eps, so prev = p_x0 * x0 + (p_eps * b_x + p_x) * x + (p_eps * b_m) * model_output
+    + sigma * noise, and each of x0 and prev is one `_weighted_sum`: two truncation rounds where the products one
+    by one (eps's before p_eps's) take seven, eight with noise. The clip is `_clip`."""
     a_x, a_m, b_x, b_m, p_x0, p_eps, p_x, sigma = (coefficients[i] for i in range(len(COEFFICIENTS)))
-    x0 = a_x * x + a_m * model_output
+    x0 = _weighted_sum([a_x, a_m], [x, model_output])
     if clip_range is not None:
-        x0 = jnp.clip(x0, -clip_range, clip_range)
-    eps = b_x * x + b_m * model_output
-    prev = p_x0 * x0 + p_eps * eps + p_x * x
+        x0 = _clip(x0, clip_range)
+    weights, values = [p_x0, p_eps * b_x + p_x, p_eps * b_m], [x0, x, model_output]
     if noise is not None:
-        prev = prev + sigma * noise
-    return prev
+        weights, values = weights + [sigma], values + [noise]
+    return _weighted_sum(weights, values)
+
+
+def _clip(x, bound: float):
+    """x clipped to [-bound, bound] as x + [x > bound] (bound - x) + [x < -bound] (-bound - x): both bits from one
+    batched comparison, converted once, and their products with the differences one stacked integer product
+    (`ring.bit_times`), where a clip's max then min take two comparisons and two selects in sequence."""
+    bits = ring.indicator(jnp.stack([x - bound, -bound - x]) > 0)
+    return x + jnp.sum(ring.bit_times(bits, jnp.stack([bound - x, -bound - x])), axis=0)
+
+
+def _weighted_sum(weights, values):
+    """sum_i weights[i] * values[i] for public scalars weights[i], as ONE dot of the weights with the stacked
+    values: under MPC one truncation for all the products, where a product each is a truncation each."""
+    return jnp.tensordot(jnp.stack(weights), jnp.stack(values), axes=1)
 
 
 # -- multistep solvers: DPM-Solver++ and UniPC -----------------------------------------------------
@@ -576,7 +594,7 @@ def final_sample(sampler: Sampler, state: np.ndarray) -> np.ndarray:
 def multistep(state, model_output, coefficients, noise=None):
     """One multistep solver step from public coefficients (see the module docstring); runs under MPC."""
     n = state.shape[0]
-    d = coefficients[0] * state[0] + coefficients[1] * model_output
+    d = _weighted_sum([coefficients[0], coefficients[1]], [state[0], model_output])
     parts = [state, d[None]] + ([noise[None]] if noise is not None else [])
     basis = jnp.concatenate(parts)
     matrix = coefficients[2:].reshape(n, basis.shape[0])

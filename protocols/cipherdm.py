@@ -48,7 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cipherdm_spu import registry
+from cipherdm_spu.ring import bit_times as _bit_times
 from cipherdm_spu.ring import encoding as _encoding
+from cipherdm_spu.ring import indicator as _indicator
 from cipherdm_spu.ring import int_type as _int_type
 from cipherdm_spu.registry import register_kernel
 
@@ -103,23 +105,6 @@ def _quartic(a, alpha):
     a0, a1, a2, a3, a4 = alpha
     y = (a + a0) * a + a1
     return ((y + a + a2) * y + a3) * a4
-
-
-def _indicator(pred):
-    """A comparison's result as an arithmetic 0/1 integer: SPU converts the bit once (B2A)
-    and `_bit_times` then reuses it, where every `jnp.where` on the boolean would convert it again."""
-    return jnp.where(pred, jnp.int32(1), jnp.int32(0))
-
-
-def _bit_times(bit, v):
-    """bit * v for a 0/1 integer bit: the product of ``bit`` and v's bits reinterpreted as an integer.
-
-    Under SPU that is an integer product of ring elements (one reshare, no truncation, exact for any |v|),
-    cheaper than a select's product (rows `relu` and `select_relu` of docs/results/primitives.md); in plain
-    JAX it is exact too (v's own bits or +0.0), so the kernels still run, and can be checked, in float.
-    """
-    product = bit.astype(_int_type(v.dtype)) * _encoding(v)
-    return jax.lax.bitcast_convert_type(product, v.dtype)
 
 
 def _select(bit, when_one, when_zero):

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from cipherdm_spu import Public, SecureSession, cluster_config, quality
 from cipherdm_spu.benchmark import (COMPARISON_OPS, NETWORKS, StepCase, estimate_latency, estimate_terms, linear_floor,
-                                    measure_kernels, measure_step, ratios)
+                                    measure_kernels, measure_step, mnist_step_case, ratios)
 from cipherdm_spu.cli_common import load_model_dir
 from cipherdm_spu.client import PartyClients
 from cipherdm_spu.cluster import loopback_cluster
@@ -68,20 +68,6 @@ CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2
                up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], act_fn="silu",
                attention_head_dim=None, center_input_sample=False, downsample_padding=0, flip_sin_to_cos=False,
                freq_shift=1, mid_block_scale_factor=1, norm_eps=1e-6, norm_num_groups=32, time_embedding_type="positional")
-
-
-def mnist_case(model_dir: Path, batch: int, seed: int) -> StepCase:
-    model, params = UNet2DModel.from_pretrained(model_dir)
-    sampler = DDIMSampler(ScheduleConfig.from_file(model_dir), 50)
-    index = 25
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
-    labels = np.eye(10, dtype=np.float32)[np.arange(batch) % 10]
-    terms = jax.tree_util.tree_map(np.asarray, model.apply(params, int(sampler.timesteps[index]), method=model.time_terms))
-    coefficients = sampler.coefficient_table()[index]
-    step = make_denoise_step(model, sampler.clip_range)
-    return StepCase(f"{model_dir.name} batch {batch}", secure_params(params), (x, labels, terms, Public(coefficients), None),
-                    step, lambda: np.asarray(step(params, x, labels, terms, coefficients, None)))
 
 
 def cifar_case(seed: int) -> StepCase:
@@ -121,9 +107,9 @@ def run_steps(args) -> list:
     cases = []
     for model_dir in args.models:
         for b in args.batches:
-            cases.append(lambda model_dir=model_dir, b=b: mnist_case(model_dir, b, args.seed))
+            cases.append(lambda model_dir=model_dir, b=b: mnist_step_case(model_dir, b, args.seed))
     if args.network:  # the step the cluster runs, for its estimate from one process
-        cases = [lambda: mnist_case(args.models[0], 1, args.seed)]
+        cases = [lambda: mnist_step_case(args.models[0], 1, args.seed)]
     if not args.quick and not args.only_cifar and not args.network:
         cases.append(lambda: sd_case(args.seed))
     if args.cifar or args.only_cifar:

@@ -4,11 +4,11 @@
 Each setting runs in its own child process (libgomp reads OMP_THREAD_LIMIT once, when SPU's library loads): secure
 matmuls and the MNIST model's convolutions at its shapes, an elementwise product and a SiLU as controls (SPU's
 elementwise ops do not use Eigen's threads), and, unless --quick, one denoising step of the shipped MNIST SiLU model
-with `spu` and `cipherdm`. Times are the best of --repeat runs of three parties in one process; bytes and send
-actions do not depend on the setting (the script checks it, to a run's variation). OpenMP's default is taken as
-a limit of NO_LIMIT threads, more than any run here asks for, set explicitly so that cipherdm_spu keeps it
-(cipherdm_spu/spu_threads.py); a limit of this machine's 2 CPUs would not do, as libgomp counts every thread of the
-process against it. Writes docs/results/spu_threads.{md,json}.
+with `spu` and `cipherdm`. Times are the best of --repeat runs (the steps': the median) of three parties in one process;
+bytes and send actions do not depend on the setting (the script checks it, to a run's variation). OpenMP's default is
+taken as a limit of NO_LIMIT threads, more than any run here asks for, set explicitly so that cipherdm_spu keeps it
+(cipherdm_spu/spu_threads.py); a limit of this machine's 2 CPUs would not do (measured: it already kept Eigen's products
+at one thread, the three parties' threads counting against it). Writes docs/results/spu_threads.{md,json}.
 
     python scripts/benchmark_spu_threads.py
 """
@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: (M, K, N): (M x K) @ (K x N), both operands secret
 MATMULS = [(49, 64, 64), (49, 576, 64), (784, 288, 32), (49, 2304, 64)]
 #: (side, in channels, out channels, kernel): the MNIST UNet's convolutions, batch 1, 'same' padding
-CONVOLUTIONS = [(28, 32, 32, 3), (14, 64, 64, 3), (7, 64, 64, 3), (28, 32, 32, 1)]
+CONVOLUTIONS = [(28, 32, 32, 3), (14, 64, 64, 3), (7, 64, 64, 3), (28, 96, 32, 1)]
 CONTROL_ELEMENTS = 28 * 28 * 64
 STEP_SETS = ("spu", "cipherdm")
 NO_LIMIT = 1024
+CHILD_TIMEOUT_S = 3600
 
 
 def measure(repeat: int, step: bool) -> dict:
@@ -69,12 +70,9 @@ def measure(repeat: int, step: bool) -> dict:
     best(session, f"control: `spu` SiLU, {CONTROL_ELEMENTS} elements", ops.silu, x)
     session.close()
     if step:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from benchmark import mnist_case
+        from cipherdm_spu.benchmark import measure_step, mnist_step_case
 
-        from cipherdm_spu.benchmark import measure_step
-
-        case = mnist_case(ROOT / "checkpoints" / "mnist-ddpm-silu", 1, 0)
+        case = mnist_step_case(ROOT / "checkpoints" / "mnist-ddpm-silu", 1, 0)
         for protocol in STEP_SETS:
             with SecureSession(protocol) as s:
                 row = measure_step(s, case, repeat=repeat, breakdown=False)
@@ -85,7 +83,7 @@ def measure(repeat: int, step: bool) -> dict:
 def run_child(limit: str, repeat: int, step: bool) -> dict:
     env = {**os.environ, "OMP_THREAD_LIMIT": limit}
     cmd = [sys.executable, __file__, "--child", "--repeat", str(repeat)] + ([] if step else ["--quick"])
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     if out.returncode:
         raise RuntimeError(f"the child with OMP_THREAD_LIMIT={limit} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

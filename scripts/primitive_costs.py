@@ -29,9 +29,11 @@ import numpy as np
 
 from cipherdm_spu import SecureSession, ops, registry
 from cipherdm_spu.minimax import minimax
-from cipherdm_spu.protocols.cipherdm import _bit_times, _encoding, _indicator
 from cipherdm_spu.protocols.reference import softmax
 from cipherdm_spu.results import markdown_table
+from cipherdm_spu.ring import bit_times as _bit_times
+from cipherdm_spu.ring import encoding as _encoding
+from cipherdm_spu.ring import indicator as _indicator
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -39,9 +39,10 @@ import numpy as np
 from cipherdm_spu import SecureSession
 from cipherdm_spu.benchmark import NETWORKS, linear_floor
 from cipherdm_spu.models.normalization import group_norm
-from cipherdm_spu.protocols.cipherdm import _encoding, _indicator
 from cipherdm_spu.registry import BASELINE
 from cipherdm_spu.results import markdown_table
+from cipherdm_spu.ring import encoding as _encoding
+from cipherdm_spu.ring import indicator as _indicator
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"

@@ -95,6 +95,25 @@ def test_one_executable_serves_every_step_under_mpc(sessions):
     np.testing.assert_allclose(session.reveal(x), plain, atol=1e-3)
 
 
+def test_the_update_is_two_truncations_and_one_batched_clip_under_mpc(sessions):
+    """step as two weighted sums and a clip from one batched comparison: the same x_{t-1} as the update written
+    product by product, with clip_sample's values past the bound, at it and inside, in a handful of send actions."""
+    session = sessions["cipherdm"]
+    sampler = DDPMSampler(ScheduleConfig(), 10)
+    c = sampler.step_coefficients(3).astype(np.float32)
+    x = np.linspace(-3, 3, 16, dtype=np.float32).reshape(1, 1, 4, 4)
+    out, noise = x[..., ::-1] * 0.7, np.full_like(x, 0.5)
+    a_x, a_m, b_x, b_m, p_x0, p_eps, p_x, sigma = c.astype(np.float64)
+    x0 = np.clip(a_x * x + a_m * out, -1.0, 1.0)
+    assert (np.abs(a_x * x + a_m * out) > 1).any() and (np.abs(x0) < 1).any()
+    want = p_x0 * x0 + p_eps * (b_x * x + b_m * out) + p_x * x + sigma * noise
+    np.testing.assert_allclose(step(x, out, c, noise, 1.0), want, atol=1e-5)
+    got = session.run(lambda *a: step(*a, clip_range=1.0), x, out, Public(c), noise)
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    # two truncations (2 send actions each) and the clip's comparison, conversion and bit product
+    assert session.last_stats.send_actions <= 18  # 16 measured; the product by product form took 35
+
+
 # -- DPM-Solver++ and UniPC -------------------------------------------------------------------------
 
 SOLVER_AXES = list(itertools.product((1, 2, 3), (0, 1), (True, False), (False, True), PREDICTIONS, ("zero", "sigma_min"), (0, 1)))
