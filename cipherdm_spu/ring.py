@@ -3,8 +3,8 @@
 Under SPU a fixed-point value x is held as the ring integer x * 2**f (f fraction bits); reinterpreting its bits as an
 integer of the same width gives that element for free, and integer arithmetic on it (products without truncation,
 exact sums, a comparison's bit times a value) is what kernels, the norms' and the samplers' arithmetic build their
-cheaper forms from. Outside an SPU compile the same
-reinterpretation gives the float's IEEE bits, so callers branch on `registry.fixed_point_bits()` where it matters.
+cheaper forms from. Outside an SPU compile the same reinterpretation gives the float's IEEE bits, so callers branch on
+`registry.fixed_point_bits()` where it matters.
 """
 
 from __future__ import annotations
