@@ -592,10 +592,15 @@ def final_sample(sampler: Sampler, state: np.ndarray) -> np.ndarray:
 
 
 def multistep(state, model_output, coefficients, noise=None):
-    """One multistep solver step from public coefficients (see the module docstring); runs under MPC."""
+    """One multistep solver step from public coefficients (see the module docstring); runs under MPC.
+
+    d enters the state only through M's column n, so M @ [state, d, noise] = M' @ [state, model_output, noise] with
+    a_x * M[:, n] added to state[0]'s column and a_m * M[:, n] as model_output's: one dot, one truncation round, where
+    forming d first takes two."""
     n = state.shape[0]
-    d = _weighted_sum([coefficients[0], coefficients[1]], [state[0], model_output])
-    parts = [state, d[None]] + ([noise[None]] if noise is not None else [])
-    basis = jnp.concatenate(parts)
+    basis = jnp.concatenate([state, model_output[None]] + ([noise[None]] if noise is not None else []))
     matrix = coefficients[2:].reshape(n, basis.shape[0])
-    return jnp.tensordot(matrix, basis, axes=1)
+    to_d = matrix[:, n:n + 1]
+    folded = jnp.concatenate([matrix[:, :1] + coefficients[0] * to_d, matrix[:, 1:n], coefficients[1] * to_d,
+                              matrix[:, n + 1:]], axis=1)
+    return jnp.tensordot(folded, basis, axes=1)

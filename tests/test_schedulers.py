@@ -114,6 +114,20 @@ def test_the_update_is_two_truncations_and_one_batched_clip_under_mpc(sessions):
     assert session.last_stats.send_actions <= 18  # 16 measured; the product by product form took 35
 
 
+def test_a_multistep_update_is_one_dot_under_mpc(sessions):
+    """multistep with d folded into the matrix: the plaintext update with d formed first, in one truncation round."""
+    rng = np.random.default_rng(4)
+    shapes = ((3, 1, 1, 4, 4), (1, 1, 4, 4), (1, 1, 4, 4))
+    state, out, noise = (rng.standard_normal(shape).astype(np.float32) for shape in shapes)
+    c = (rng.standard_normal(2 + 3 * 5) * 0.5).astype(np.float32)
+    d = c[0] * state[0].astype(np.float64) + c[1] * out
+    want = np.tensordot(c[2:].reshape(3, 5).astype(np.float64), np.concatenate([state, d[None], noise[None]]), axes=1)
+    np.testing.assert_allclose(multistep(state, out, c, noise), want, atol=1e-5)
+    session = sessions["cipherdm"]
+    np.testing.assert_allclose(session.run(multistep, state, out, Public(c), noise), want, atol=1e-3)
+    assert session.last_stats.send_actions <= 3  # one truncation (2 measured); d formed first took 4
+
+
 # -- DPM-Solver++ and UniPC -------------------------------------------------------------------------
 
 SOLVER_AXES = list(itertools.product((1, 2, 3), (0, 1), (True, False), (False, True), PREDICTIONS, ("zero", "sigma_min"), (0, 1)))
