@@ -611,10 +611,12 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
         return
     if len(set(agreed)) != 1:
         differ = [cluster.parties[r].id for r, a in enumerate(agreed) if a != agreement]
+        # all three saw the same gathered values, so all three refuse; before any worker ends, the link's goodbye:
+        # each party's sends delivered and acknowledged, else SPU's link ends a peer still waiting on an ack
+        with contextlib.suppress(Exception):
+            link.stop_link()
         conn.send(("error", f"the parties disagree about this session (session, user, model, job or executable): "
                             f"{', '.join(differ)} {'was' if len(differ) == 1 else 'were'} asked for something else"))
-        with contextlib.suppress(EOFError, OSError):  # keep the link up until the party ends this worker, so
-            conn.recv()                                # that the peers still receive what this one sent them
         return
     runtime = spu.Runtime(link, config)
     conn.send(("ok", None))
