@@ -166,6 +166,29 @@ def kernel_breakdown(session: SecureSession, calls: List[NonlinearCall], seed: i
     return costs
 
 
+def softmax_call_cost(session: SecureSession, call: NonlinearCall, max_elements: int = 2**16, seed: int = 0) -> dict:
+    """Bytes (all parties) and send actions of one softmax ``call`` under ``session``'s kernels, priced by a call of
+    at most ``max_elements``: rows of the same length, fewer of them, in the form the full call takes (the kernel's
+    ``for_call_size``, where it has one: see `cipherdm_spu.registry`). A softmax's bytes are a sum over its rows
+    (each row's max, exps, sum and reciprocal) and its send actions do not grow with the rows, so the bytes scale
+    by the rows and the send actions carry over. Logits: normal, standard deviation 4."""
+    axis = call.params["axis"]
+    width, elements = call.shape[axis], int(np.prod(call.shape))
+    rows, measured_rows = elements // width, max(1, min(elements // width, max_elements // width))
+    scale = call.params.get("scale", 1.0)
+
+    def priced(x):
+        kernel = registry.kernel("softmax", registry.active_impl("softmax"))
+        sized = getattr(kernel, "for_call_size", None)
+        return (kernel if sized is None else sized(elements))(x, 1, registry.active_impl("exp"), scale=scale)
+
+    x = np.random.default_rng(seed).normal(0.0, 4.0, (measured_rows, width)).astype(np.float32)
+    session.run(priced, x)
+    stats = session.last_stats
+    return {"bytes_sent": stats.bytes_sent * rows / measured_rows, "send_actions": stats.send_actions,
+            "measured_rows": measured_rows, "rows": rows}
+
+
 def measure_step(session: SecureSession, case: StepCase, repeat: int = 1, breakdown: bool = True) -> dict:
     """Cost and error of one step under ``session`` (median seconds over ``repeat`` runs)."""
     weights = session.share(case.weights)

@@ -637,12 +637,24 @@ def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool, scale
     return e * reciprocal_in_range(total, 1.0, float(x.shape[axis]))
 
 
+def softmax_for_call_size(elements: int):
+    """`softmax` as a call of ``elements`` elements runs it, on an input of any size: its form (the tournament's
+    group widths for the input's row length, whether the exps fold) is the one chosen for ``elements``."""
+    def kernel(x, axis: int, exp_impl: str, scale: float = 1.0):
+        return softmax_in_form(x, axis, exp_impl, tournament_arities(x.shape[axis], elements), fold_exps_pays(elements),
+                               scale)
+    return kernel
+
+
 @register_kernel("softmax", NAME)
 def softmax(x, axis: int, exp_impl: str, scale: float = 1.0):
     """Max subtraction (`_row_max`), the set's exp (`exp_nonpositive` in the `cipherdm` set), one reciprocal per
     row (over [1, row length]), in the form that spends the least time on REFERENCE_NETWORK for the call's size
     (`tournament_arities`, `fold_exps_pays`)."""
-    return softmax_in_form(x, axis, exp_impl, tournament_arities(x.shape[axis], x.size), fold_exps_pays(x.size), scale)
+    return softmax_for_call_size(x.size)(x, axis, exp_impl, scale)
+
+
+softmax.for_call_size = softmax_for_call_size  # see cipherdm_spu.registry: a cost model prices large calls by it
 
 
 @register_kernel("softmax", f"{NAME}-low-byte")

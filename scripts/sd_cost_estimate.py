@@ -6,11 +6,14 @@ secret-shared on this machine (its shares alone exceed the memory). So:
 
 1. two SD-architecture UNets of reduced width are run for real under MPC, at two sizes (small, medium),
    with the kernel breakdown (bytes of every registered nonlinear op at the step's own shapes);
-2. the cost model: each nonlinear op's bytes scale with its element count; the rest (convolutions,
-   matmuls, the norms' arithmetic, the update: ABY3 reshares and truncates every output element)
-   scales with the output elements of the convolutions and matmuls; send actions scale with the
-   number of nonlinear calls. Element counts come from the jaxpr of each model, the full one included
-   (traced abstractly, never materialised);
+2. the cost model (`extrapolate`): an elementwise kernel's bytes scale with its element count and its send
+   actions with its calls; each softmax call is priced on its own, by a call of the same row length and fewer
+   rows in the form the full call takes (`cipherdm`'s softmax picks its form by the call's size, so per-element
+   rates measured on a small model do not carry to SD's 268 M-element calls); the rest (convolutions, matmuls,
+   the norms' arithmetic, the update: ABY3 reshares and truncates every output element) scales in bytes with
+   the output elements of the convolutions and matmuls, in send actions with the number of nonlinear calls.
+   Element counts and calls come from the jaxpr of each model, the full one included (traced abstractly,
+   never materialised);
 3. the model is checked by extrapolating small -> medium and comparing with medium's measurement
    (the error is reported), then applied medium -> SD v1.5.
 
@@ -38,7 +41,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cipherdm_spu import Public, SecureSession
-from cipherdm_spu.benchmark import NETWORKS, measure_step, nonlinear_calls, StepCase
+from cipherdm_spu.benchmark import (NETWORKS, NonlinearCall, StepCase, measure_step, nonlinear_calls,
+                                    softmax_call_cost)
 from cipherdm_spu.sampling import make_denoise_step, secure_params
 from cipherdm_spu.models import (ControlledUNet, ControlledUNetConfig, ControlNetModel, DDIMSampler, ScheduleConfig,
                                  UNet2DConditionModel)
@@ -132,23 +136,60 @@ def counts(case: StepCase) -> dict:
                         walk(inner)
 
     walk(closed.jaxpr)
-    per_op = {}
+    per_op, per_op_calls, softmax = {}, {}, {}
     for call in calls:
         per_op[call.op] = per_op.get(call.op, 0) + int(np.prod(call.shape))
-    return {"ops": per_op, "linear_outputs": linear, "nonlinear_calls": len(calls)}
+        per_op_calls[call.op] = per_op_calls.get(call.op, 0) + 1
+        if call.op == "softmax":
+            key = softmax_key(call)
+            softmax[key] = softmax.get(key, 0) + 1
+    return {"ops": per_op, "calls": per_op_calls, "linear_outputs": linear, "nonlinear_calls": len(calls),
+            "softmax_calls": softmax}
 
 
-def extrapolate(measured: dict, source: dict, target: dict) -> dict:
-    """Bytes and send actions of ``target`` from a ``measured`` step of ``source``'s shape."""
-    kernel_bytes = {op: k["bytes_sent"] for op, k in measured["kernels"].items()}
-    rest = measured["bytes_sent"] - sum(kernel_bytes.values())
-    by_op = {op: b * target["ops"].get(op, 0) / source["ops"][op] for op, b in kernel_bytes.items()}
-    linear = rest * target["linear_outputs"] / source["linear_outputs"]
+def softmax_key(call: NonlinearCall) -> str:
+    """A softmax call's shape and params as a JSON key: calls with one key cost the same."""
+    return json.dumps({"shape": list(call.shape), "axis": call.params["axis"], "scale": call.params.get("scale", 1.0)})
+
+
+def price_softmax_calls(session: SecureSession, keys) -> dict:
+    """Each softmax call (by key) priced under ``session`` by a reduced call in its own form (`softmax_call_cost`)."""
+    prices = {}
+    for key in tqdm(sorted(set(keys)), desc=f"softmax calls ({session.protocol.name})", leave=False):
+        spec = json.loads(key)
+        call = NonlinearCall("softmax", tuple(spec["shape"]), {"axis": spec["axis"], "scale": spec["scale"]})
+        prices[key] = softmax_call_cost(session, call)
+    return prices
+
+
+def extrapolate(measured: dict, source: dict, target: dict, softmax_prices: dict) -> dict:
+    """Bytes and send actions of ``target`` from a ``measured`` step of ``source``'s shape.
+
+    Elementwise kernels (SiLU, GeLU, rsqrt) cost the same per element and per call at any size: their bytes scale
+    with the element count, their send actions with the call count. A softmax may change its form with its call's
+    size (`cipherdm`'s does), so each of the target's softmax calls is priced on its own (``softmax_prices``, by
+    `softmax_key`: `price_softmax_calls`). The rest (convolutions, matmuls, the norms' arithmetic, the update)
+    scales in bytes with the convolution and matmul outputs, in send actions with the nonlinear calls (a proxy
+    for the layers)."""
+    kernels = measured["kernels"]
+    rest_bytes = measured["bytes_sent"] - sum(k["bytes_sent"] for k in kernels.values())
+    rest_actions = measured["send_actions"] - sum(k["send_actions"] for k in kernels.values())
+    by_op, actions_by_op = {}, {}
+    for op, k in kernels.items():
+        if op == "softmax":
+            calls = target["softmax_calls"].items()
+            by_op[op] = sum(n * softmax_prices[key]["bytes_sent"] for key, n in calls)
+            actions_by_op[op] = sum(n * softmax_prices[key]["send_actions"] for key, n in calls)
+        else:
+            by_op[op] = k["bytes_sent"] * target["ops"].get(op, 0) / source["ops"][op]
+            actions_by_op[op] = k["send_actions"] * target["calls"].get(op, 0) / source["calls"][op]
+    linear = rest_bytes * target["linear_outputs"] / source["linear_outputs"]
     total = sum(by_op.values()) + linear
-    actions = measured["send_actions"] * target["nonlinear_calls"] / source["nonlinear_calls"]
+    actions = max(rest_actions, 0) * target["nonlinear_calls"] / source["nonlinear_calls"] + sum(actions_by_op.values())
     busiest = max(measured["bytes_sent_per_party"]) / measured["bytes_sent"] * total
     return {
         "bytes_sent": total, "bytes_by_op": by_op, "bytes_linear_and_rest": linear, "send_actions": actions,
+        "send_actions_by_op": actions_by_op,
         "network_seconds": {net: busiest * 8 / bw + actions * rtt / 2 for net, (bw, rtt) in NETWORKS.items()},
     }
 
@@ -173,12 +214,15 @@ def main(argv=None) -> int:
             small = measure_step(session, small_case)
             medium = measure_step(session, medium_case)
             small_cn = measure_step(session, small_cn_case, breakdown=False)
-        sd15, sd15_cn = (extrapolate(medium, shapes["medium"], shapes[k]) for k in ("sd15", "sd15_controlnet"))
+            prices = price_softmax_calls(session, [key for k in ("medium", "small_controlnet", "sd15", "sd15_controlnet")
+                                                   for key in shapes[k]["softmax_calls"]])
+        sd15, sd15_cn = (extrapolate(medium, shapes["medium"], shapes[k], prices) for k in ("sd15", "sd15_controlnet"))
         result["sets"][name] = {
             "measured_small": small, "measured_medium": medium, "measured_small_controlnet": small_cn,
-            "check_small_to_medium": check_row(extrapolate(small, shapes["small"], shapes["medium"]), medium),
+            "softmax_call_prices": prices,
+            "check_small_to_medium": check_row(extrapolate(small, shapes["small"], shapes["medium"], prices), medium),
             "check_medium_to_small_controlnet": check_row(
-                extrapolate(medium, shapes["medium"], shapes["small_controlnet"]), small_cn),
+                extrapolate(medium, shapes["medium"], shapes["small_controlnet"], prices), small_cn),
             "sd15_step": sd15, "sd15_controlnet_step": sd15_cn,
             "runs": {  # per run of RUN_STEPS steps: (UNet evaluations, bytes, network seconds)
                 kind: {"steps": steps, "bytes_sent": steps * step["bytes_sent"],
@@ -207,9 +251,11 @@ def report(result: dict) -> str:
         "ABY3, FM64, 18 fraction bits; one DDIM step with classifier-free guidance (scale "
         f"{result['guidance_scale']}, batch 2), {result['tokens']} tokens, 64x64x4 latent (512x512 px). "
         "**Extrapolated, not measured**: SD v1.5 cannot be secret-shared on this machine. Two reduced "
-        "SD-architecture UNets were measured; bytes scale per nonlinear op with its element count and for "
-        "the rest with the convolution/matmul output elements; send actions with the number of nonlinear "
-        "calls (see scripts/sd_cost_estimate.py). The check row extrapolates small -> medium and compares.", "",
+        "SD-architecture UNets were measured; an elementwise kernel's bytes scale with its element count and its "
+        "send actions with its calls; every softmax call of the target is priced by a reduced call (fewer rows) "
+        "in the full call's own form; the rest scales in bytes with the convolution/matmul output elements and in "
+        "send actions with the nonlinear calls (see scripts/sd_cost_estimate.py). The check row extrapolates "
+        "small -> medium and compares.", "",
     ]
     lines += markdown_table(
         ["protocol set", "small: measured GB", "medium: measured GB", "check: small->medium GB (error)",
@@ -229,6 +275,16 @@ def report(result: dict) -> str:
         lines += ["", "cipherdm's extrapolated SD v1.5 step by op (GB): "
                   + ", ".join(f"{op} {b / 1e9:,.0f}" for op, b in top)
                   + f", linear layers and the rest {sets['cipherdm']['sd15_step']['bytes_linear_and_rest'] / 1e9:,.0f}."]
+    prices = {name: row["softmax_call_prices"] for name, row in sets.items()}
+    sd_calls = result["counts"]["sd15"]["softmax_calls"]
+    lines += ["", "SD v1.5's softmax calls, each priced by a call of the same rows' length and fewer rows in its own "
+              "form (GB all parties / send actions, per call):", ""]
+    lines += markdown_table(
+        ["shape (axis -1)", "calls"] + list(prices),
+        [[" x ".join(map(str, json.loads(key)["shape"])), str(n)]
+         + [f"{p[key]['bytes_sent'] / 1e9:,.2f} / {p[key]['send_actions']:,}" for p in prices.values()]
+         for key, n in sorted(sd_calls.items(), key=lambda kv: -np.prod(json.loads(kv[0])["shape"]))],
+        align="l" * (2 + len(prices)))
     lines += ["", "## Private image inputs: ControlNet and image-to-image (extrapolated)", "",
               "SD v1.5 + one ControlNet (its published config: the UNet's encoder copy and an image embedding of 4 "
               f"convolution levels), control image 512x512, secret-shared; image-to-image at strength {result['strength']} "

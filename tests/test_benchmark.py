@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from cipherdm_spu import Public, RunStats, SecureSession, ops, registry
-from cipherdm_spu.benchmark import (COMPARISON_OPS, StepCase, estimate_latency, estimate_terms, linear_floor,
-                                    measure_softmax_forms, measure_step, nonlinear_calls, ratios)
+from cipherdm_spu.benchmark import (COMPARISON_OPS, NonlinearCall, StepCase, estimate_latency, estimate_terms,
+                                    linear_floor, measure_softmax_forms, measure_step, nonlinear_calls, ratios,
+                                    softmax_call_cost)
+from cipherdm_spu.protocols.cipherdm import tournament_arities
 from cipherdm_spu.models import UNet2DModel
 
 from .scripts import load_script
@@ -62,6 +64,28 @@ def test_softmax_forms_are_measured_side_by_side_on_the_same_logits():
                                                                + form["busiest_party_bytes"] * 8 / 400e6)
     assert kernel["send_actions"] < threes["send_actions"] < pairs["send_actions"]
     assert pairs["busiest_party_bytes"] < threes["busiest_party_bytes"] < kernel["busiest_party_bytes"]
+
+
+def test_a_softmax_call_is_priced_by_fewer_rows_in_its_own_form(sessions):
+    """A call priced by a quarter of its rows sends the call's bytes (within 2 %) in its send actions (within 3), for
+    SPU's softmax and ours; and a call too large to run here is priced in the form it would take (ours picks narrower
+    groups for 2**18 elements than for 2**12: more tournament levels, more send actions)."""
+    call = NonlinearCall("softmax", (2, 32, 256), {"axis": 2, "scale": 0.25})
+    x = np.random.default_rng(0).normal(0, 4, call.shape).astype(np.float32)
+    for name in ("spu", "cipherdm"):
+        session = sessions[name]
+        session.run(lambda a: ops.softmax(a, axis=2, scale=0.25), x)
+        full = session.last_stats
+        priced = softmax_call_cost(session, call, max_elements=16 * 256)
+        assert (priced["rows"], priced["measured_rows"]) == (64, 16)
+        assert priced["bytes_sent"] == pytest.approx(full.bytes_sent, rel=0.02), name
+        assert abs(priced["send_actions"] - full.send_actions) <= 3, name
+    assert tournament_arities(256, 2**18) != tournament_arities(256, 2**12)
+    large = softmax_call_cost(sessions["cipherdm"], NonlinearCall("softmax", (1024, 256), {"axis": 1}), max_elements=2**12)
+    small = softmax_call_cost(sessions["cipherdm"], NonlinearCall("softmax", (16, 256), {"axis": 1}), max_elements=2**12)
+    assert large["measured_rows"] == small["measured_rows"] == 16
+    assert large["send_actions"] > small["send_actions"] + 5
+    assert large["bytes_sent"] < 64 * small["bytes_sent"]  # narrower groups: fewer bytes per row
 
 
 def test_the_softmax_forms_table_names_the_kernels_form_and_prices_each():
