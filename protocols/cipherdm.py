@@ -115,9 +115,9 @@ def _select(bit, when_one, when_zero):
 def _ring_tables(bits, tables, as_int):
     """values[k] per element for each of ``tables``, as ring integers stacked on axis 0, k = sum of the 0/1
     integer ``bits`` (stacked on axis 0) for bits that are monotone (bits[j] = [x >= t_j] for rising t_j: k
-    counts the thresholds passed): values[0] plus sum_j bits[j] * (values[j+1] - values[j]). Local: integer
-    products of secret bits with public constants, all tables in one product per 16-bit limb (so that no
-    constant overflows ``as_int`` and XLA cannot fold two into one)."""
+    counts the thresholds passed): values[0] plus sum_j bits[j] * (values[j+1] - values[j]). Local: the product of
+    a public integer matrix (tables x thresholds) with the secret bits, one per 16-bit limb (so that no constant
+    overflows ``as_int`` and XLA cannot fold two into one)."""
     tables = [[int(v) for v in values] for values in tables]
     for values in tables:
         if len(values) != bits.shape[0] + 1:
@@ -135,14 +135,12 @@ def _ring_tables(bits, tables, as_int):
         limbs.append((low, [b % (1 << 16) for b in base]))
         base = [b >> 16 for b in base]
     limbs.append((diffs, base))
-    bits = bits.astype(as_int)
+    flat = bits.astype(as_int).reshape(bits.shape[0], -1)
     ring = None
-    for ds, bs in reversed(limbs):
-        weights = jnp.asarray(ds, as_int).reshape((len(tables), -1) + (1,) * (bits.ndim - 1))
-        offsets = jnp.asarray(bs, as_int).reshape((len(tables),) + (1,) * (bits.ndim - 1))
-        term = jnp.sum(bits[None] * weights, axis=1) + offsets
+    for ds, bs in reversed(limbs):  # (tables, bits) @ (bits, elements): one product with a public matrix per limb
+        term = jnp.asarray(ds, as_int) @ flat + jnp.asarray(bs, as_int)[:, None]
         ring = term if ring is None else jnp.left_shift(ring, as_int(16)) + term
-    return ring
+    return ring.reshape((len(tables),) + bits.shape[1:])
 
 
 def _tables(bits, tables, dtype):
@@ -528,6 +526,28 @@ def reciprocal_in_range(x, lo: float, hi: float, times=None):
     return _octave_polynomial(x, octaves, RECIPROCAL_PIECES, unit_bits=1, times=times)
 
 
+def _tournament_matrices(k: int):
+    """Public integer matrices of a group of k in `_row_max`: ``pairs`` (k, P), whose column p(i, j) (i < j, P =
+    k(k-1)/2) gives g_i - g_j; and, for the k-1 candidates' factors, ``signs`` (P, (k-1)^2) and ``offsets``
+    ((k-1)^2,) such that offsets + bits @ signs is, at candidate i's f-th factor, its bit against its f-th opponent
+    j: bits[p(i, j)] when i < j, else 1 - bits[p(j, i)]."""
+    pair_list = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    index = {pair: p for p, pair in enumerate(pair_list)}
+    pairs = np.zeros((k, len(pair_list)), np.int32)
+    for p, (i, j) in enumerate(pair_list):
+        pairs[i, p], pairs[j, p] = 1, -1
+    signs = np.zeros((len(pair_list), (k - 1) ** 2), np.int32)
+    offsets = np.zeros(((k - 1) ** 2,), np.int32)
+    for i in range(k - 1):
+        for f, j in enumerate(j for j in range(k) if j != i):
+            column = i * (k - 1) + f
+            if i < j:
+                signs[index[i, j], column] = 1
+            else:
+                signs[index[j, i], column], offsets[column] = -1, 1
+    return pairs, signs, offsets
+
+
 def _row_max(x, axis: int, arities=(3,)):
     """max over ``axis`` (kept as size 1) by a tournament, exact (an element of the row): level i compares in
     groups of ``arities[i]`` (the last arity repeats while more than one candidate is left).
@@ -539,10 +559,16 @@ def _row_max(x, axis: int, arities=(3,)):
     product per tree level (`_bit_times` on ring integers), ceil(log2 k) rounds. A level is one comparison, one
     conversion and ceil(log2 k) products (pairs: 1, threes: 2, up to 8: 3) for k(k-1)/2 comparisons per group:
     wider groups mean fewer levels (log_k of the row) and more comparisons per element.
+
+    The pairs' differences and the candidates' factors are products with public integer matrices
+    (`_tournament_matrices`: local under SPU, on the ring encodings), so a level is a few dozen ops of the SPU
+    program however wide its groups (each op costs the runtime time of its own, communication or not).
     """
     arities = tuple(arities)
     if not arities or min(arities) < 2:
         raise ValueError(f"a tournament needs groups of at least 2, not {arities}")
+    under_spu = registry.fixed_point_bits() is not None
+    as_int = _int_type(x.dtype)
     a = jnp.moveaxis(x, axis, -1)
     level = 0
     while a.shape[-1] > 1:
@@ -550,26 +576,24 @@ def _row_max(x, axis: int, arities=(3,)):
         level += 1
         pad = (-a.shape[-1]) % k
         if pad:  # repeat the last element: it cannot change the max
-            a = jnp.concatenate([a] + [a[..., -1:]] * pad, axis=-1)
-        groups = [a[..., i::k] for i in range(k)]
-        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-        bits = _indicator(jnp.stack([groups[i] - groups[j] for i, j in pairs]) >= 0).astype(_int_type(x.dtype))
-        at_least = dict(zip(pairs, bits))  # [g_i >= g_j] for i < j
-
-        def wins_over(i, j):
-            return at_least[i, j] if i < j else 1 - at_least[j, i]
-
-        # candidates 0 .. k-2; factor f of candidate i: its bit against its f-th opponent, then its difference
-        opponents = [[j for j in range(k) if j != i] for i in range(k - 1)]
-        factors = [jnp.stack([wins_over(i, opponents[i][f]) for i in range(k - 1)]) for f in range(k - 1)]
-        last = groups[-1]
-        factors.append(_encoding(jnp.stack(groups[:-1]) - last))
-        while len(factors) > 1:  # one stacked integer product per tree level
-            half = len(factors) // 2
-            product = jnp.stack(factors[:half]) * jnp.stack(factors[half:2 * half])
-            factors = list(product) + factors[2 * half:]
-        lead = jax.lax.bitcast_convert_type(factors[0], x.dtype)
-        a = last + jnp.sum(lead, axis=0)
+            a = jnp.concatenate([a, jnp.repeat(a[..., -1:], pad, axis=-1)], axis=-1)
+        groups = a.reshape(a.shape[:-1] + (a.shape[-1] // k, k))  # consecutive runs of k
+        pairs, signs, offsets = _tournament_matrices(k)
+        if under_spu:  # g_i - g_j on the encodings: exact in the ring, no truncation
+            differences = _encoding(groups) @ jnp.asarray(pairs, as_int)
+        else:
+            differences = groups @ jnp.asarray(pairs, x.dtype)
+        bits = _indicator(differences >= 0).astype(as_int)  # [g_i >= g_j] for i < j
+        factors = jnp.asarray(offsets, as_int) + bits @ jnp.asarray(signs, as_int)
+        factors = factors.reshape(groups.shape[:-1] + (k - 1, k - 1))  # candidate, its bit against each opponent
+        last = groups[..., -1]
+        lead = _encoding(groups[..., :-1] - last[..., None])[..., None]  # the candidates' differences
+        factors = jnp.concatenate([factors, lead], axis=-1)
+        while factors.shape[-1] > 1:  # one stacked integer product per tree level
+            half = factors.shape[-1] // 2
+            factors = jnp.concatenate([factors[..., :half] * factors[..., half:2 * half], factors[..., 2 * half:]],
+                                      axis=-1)
+        a = last + jnp.sum(jax.lax.bitcast_convert_type(factors[..., 0], x.dtype), axis=-1)
     return jnp.moveaxis(a, -1, axis)
 
 
