@@ -210,6 +210,10 @@ def measure_step(session: SecureSession, case: StepCase, repeat: int = 1, breakd
         "mean_abs_err": float(err.mean()),
         "estimated_seconds": {net: estimate_latency(stats, net) for net in NETWORKS},
         "seconds_by_spu_op": {name: k.seconds for name, k in stats.kernels.items()},
+        # the same (first) run: its seconds and the SPU ops it executed (the runtime spends time on each op of a
+        # program besides the op's own, so a program's op count costs seconds of its own)
+        "profiled_run_seconds": runs[0].seconds,
+        "spu_ops_executed": int(sum(k.calls for k in stats.kernels.values())),
     }
     if breakdown:
         with registry.use_protocol(session.protocol):

@@ -318,10 +318,19 @@ def render_step_seconds(block: dict) -> list:
         for op, seconds in by_op.items():
             totals[op] = totals.get(op, 0.0) + seconds
     ops = sorted(totals, key=totals.get, reverse=True)[:STEP_SECONDS_OPS]
-    rows = [[name, *(f"{by_op.get(o, 0.0):.2f}" for o in ops),
-             f"{sum(s for o, s in by_op.items() if o not in ops):.2f}", f"{sum(by_op.values()):.2f}"] for name, by_op in sets]
-    return ["The step's seconds by SPU op (one run's profile, all three parties on this machine's cores):", ""] + \
-        markdown_table(["protocol set", *(f"{o} s" for o in ops), "other ops s", "total s"], rows)
+    rows = []
+    for name, by_op in sets:
+        row = block["rows"][name]
+        in_ops = sum(by_op.values())
+        outside = (f"{row['profiled_run_seconds'] - in_ops:.2f}", f"{row['spu_ops_executed']:,}") \
+            if "spu_ops_executed" in row else ("n/a", "n/a")
+        rows.append([name, *(f"{by_op.get(o, 0.0):.2f}" for o in ops),
+                     f"{sum(s for o, s in by_op.items() if o not in ops):.2f}", f"{in_ops:.2f}", *outside])
+    return ["The step's seconds by SPU op (one run's profile, all three parties on this machine's cores), and the same "
+            "run's seconds outside every op (the runtime's own work per op of the program: it grows with the ops "
+            "executed, communication or not):", ""] + \
+        markdown_table(["protocol set", *(f"{o} s" for o in ops), "other ops s", "total s", "outside ops s",
+                        "SPU ops executed"], rows)
 
 
 def render(results: dict, command: str) -> str:

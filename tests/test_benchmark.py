@@ -127,7 +127,11 @@ def test_measure_step_on_a_tiny_unet():
         for k in kernels.values():  # SPU's own ops split a kernel's seconds (a pphlo op's profile is its own)
             assert 0 < sum(k["seconds_by_spu_op"].values()) <= k["seconds"] * 1.05
         assert 0 < sum(row["seconds_by_spu_op"].values()) <= row["seconds"] * 1.05  # and the step's
+        assert 0 < sum(row["seconds_by_spu_op"].values()) <= row["profiled_run_seconds"]  # the same run's
         assert "convolution" in row["seconds_by_spu_op"]
+        with SecureSession(name) as session:  # the ops the profile counts are the program's (all but a few)
+            ops_in_program = session.compile(step, session.share(params), x, labels, terms).mlir.count("= pphlo.")
+        assert 0.97 * ops_in_program <= row["spu_ops_executed"] <= ops_in_program, name
     assert any(op in COMPARISON_OPS for op in rows["cipherdm"]["kernels"]["silu"]["seconds_by_spu_op"])
     assert rows["spu"]["vs_spu"]["bytes"] == 1.0
     assert rows["cipherdm"]["vs_spu"]["bytes"] > 1.0  # our kernels send less than SPU's
