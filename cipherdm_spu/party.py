@@ -22,7 +22,6 @@ call has a deadline and a party that stops answering is named at once.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -64,6 +63,8 @@ COMPILE_S = 3600.0
 TRANSFER_S = 600.0
 #: how long a session whose job failed waits for its user to learn why before it is dropped
 FAILED_SESSION_S = 30.0
+#: how long a worker waits for its peers' link goodbye before it reports a refused session anyway
+LINK_GOODBYE_S = 10.0
 #: the largest message a party accepts (a model's shares arrive in many smaller ones)
 MAX_MESSAGE_BYTES = 512 << 20
 
@@ -611,10 +612,12 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
         return
     if len(set(agreed)) != 1:
         differ = [cluster.parties[r].id for r, a in enumerate(agreed) if a != agreement]
-        # all three saw the same gathered values, so all three refuse; before any worker ends, the link's goodbye:
-        # each party's sends delivered and acknowledged, else SPU's link ends a peer still waiting on an ack
-        with contextlib.suppress(Exception):
-            link.stop_link()
+        # honest parties saw the same gathered values, so all refuse; before this worker is ended, the link's goodbye
+        # (each party's sends delivered and acknowledged, else SPU's link ends a peer still waiting on an ack),
+        # bounded: a peer that never says goodbye (it told others something else, or died) must not delay the refusal
+        goodbye = threading.Thread(target=link.stop_link, daemon=True, name="spu-link-goodbye")
+        goodbye.start()
+        goodbye.join(LINK_GOODBYE_S)
         conn.send(("error", f"the parties disagree about this session (session, user, model, job or executable): "
                             f"{', '.join(differ)} {'was' if len(differ) == 1 else 'were'} asked for something else"))
         return

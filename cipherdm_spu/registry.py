@@ -30,9 +30,9 @@ public scale: ``def kernel(x, times=None, *, scale=1.0)`` returning times / sqrt
 the public scale a softmax hands it, ``def kernel(x, scale=1.0)`` returning e^(scale * x), so that a kernel can fold
 it into its own products.
 
-A kernel whose form depends on its call's size (`cipherdm`'s softmax) may carry ``for_call_size(elements)``: the kernel
-as a call of that many elements runs it, so that a cost model can price a call too large to run here by a smaller
-one in the large call's form (`cipherdm_spu.benchmark.softmax_call_cost`).
+A kernel whose form depends on its call's size may carry ``for_call_size(elements)``: the kernel as a call of that
+many elements runs it, on an input of any size, so that a cost model can price a call too large to run by a smaller
+one in the large call's form.
 """
 
 from __future__ import annotations

@@ -526,6 +526,7 @@ def reciprocal_in_range(x, lo: float, hi: float, times=None):
     return _octave_polynomial(x, octaves, RECIPROCAL_PIECES, unit_bits=1, times=times)
 
 
+@functools.lru_cache(maxsize=None)
 def _tournament_matrices(k: int):
     """Public integer matrices of a group of k in `_row_max`: ``pairs`` (k, P), whose column p(i, j) (i < j, P =
     k(k-1)/2) gives g_i - g_j; and, for the k-1 candidates' factors, ``signs`` (P, (k-1)^2) and ``offsets``
@@ -545,6 +546,8 @@ def _tournament_matrices(k: int):
                 signs[index[i, j], column] = 1
             else:
                 signs[index[j, i], column], offsets[column] = -1, 1
+    for matrix in (pairs, signs, offsets):
+        matrix.flags.writeable = False  # shared by every call (cached)
     return pairs, signs, offsets
 
 
@@ -581,8 +584,9 @@ def _row_max(x, axis: int, arities=(3,)):
         pairs, signs, offsets = _tournament_matrices(k)
         if under_spu:  # g_i - g_j on the encodings: exact in the ring, no truncation
             differences = _encoding(groups) @ jnp.asarray(pairs, as_int)
-        else:
-            differences = groups @ jnp.asarray(pairs, x.dtype)
+        else:  # in float, the differences themselves (a float product could round them, or meet an inf)
+            first, second = np.triu_indices(k, 1)  # the pairs in `_tournament_matrices`' order
+            differences = groups[..., first] - groups[..., second]
         bits = _indicator(differences >= 0).astype(as_int)  # [g_i >= g_j] for i < j
         factors = jnp.asarray(offsets, as_int) + bits @ jnp.asarray(signs, as_int)
         factors = factors.reshape(groups.shape[:-1] + (k - 1, k - 1))  # candidate, its bit against each opponent

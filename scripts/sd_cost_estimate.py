@@ -185,7 +185,7 @@ def extrapolate(measured: dict, source: dict, target: dict, softmax_prices: dict
             actions_by_op[op] = k["send_actions"] * target["calls"].get(op, 0) / source["calls"][op]
     linear = rest_bytes * target["linear_outputs"] / source["linear_outputs"]
     total = sum(by_op.values()) + linear
-    actions = max(rest_actions, 0) * target["nonlinear_calls"] / source["nonlinear_calls"] + sum(actions_by_op.values())
+    actions = rest_actions * target["nonlinear_calls"] / source["nonlinear_calls"] + sum(actions_by_op.values())
     busiest = max(measured["bytes_sent_per_party"]) / measured["bytes_sent"] * total
     return {
         "bytes_sent": total, "bytes_by_op": by_op, "bytes_linear_and_rest": linear, "send_actions": actions,
@@ -290,7 +290,8 @@ def report(result: dict) -> str:
               f"convolution levels), control image 512x512, secret-shared; image-to-image at strength {result['strength']} "
               f"(the user's VAE encodes and noises the image locally, so only int({result['run_steps']} x "
               f"{result['strength']}) UNet steps run under MPC). The ControlNet check row extrapolates the medium "
-              "UNet's per-element rates to a measured small UNet + ControlNet step.", ""]
+              "UNet's measurement (its per-element and per-call rates, every softmax call priced in its own form) to a "
+              "measured small UNet + ControlNet step.", ""]
     lines += markdown_table(
         ["protocol set", "check: medium->small+ControlNet GB (error)", "SD v1.5 + ControlNet step: GB",
          "vs text-to-image step", "send actions", "network time LAN / WAN (s)"],
