@@ -12,8 +12,9 @@ network estimates.
   each kernel at the model's shapes, its seconds also split by SPU's own ops (`COMPARISON_OPS` among them).
   What the step costs beyond their sum is the linear part (convolutions, matmuls, the norms' arithmetic) and
   the sampler update.
-- `linear_floor` is a protocol set whose every kernel is the identity: not a correct network, only a
-  lower bound on what any kernel design could reach.
+- `FLOORS`, protocol sets measured beside the real ones, not correct networks: `linear_floor`, whose every kernel
+  is the identity (what any kernel design leaves), and `cipherdm_spu.floor_kernels.kernel_floor`, whose kernels
+  are only the blocks every kernel of our designs needs (what no such kernel can beat, in seconds as in bytes).
 - `estimate_latency`: measured seconds (three parties in one process, memory links) plus the busiest
   party's bytes over the bandwidth plus one one-way latency (RTT/2) per send action of the busiest party;
   ABY3 parties send one message per round, so send actions count rounds.
@@ -35,6 +36,7 @@ import numpy as np
 
 from . import ops, registry
 from .models import DDIMSampler, ScheduleConfig, UNet2DModel
+from .floor_kernels import kernel_floor
 from .profiling import RunStats
 from .protocols.cipherdm import fold_exps_pays, softmax_in_form, tournament_arities
 from .protocols.reference import EXTREMES, REFERENCES, encoded, softmax
@@ -65,6 +67,10 @@ def linear_floor(base: str = registry.BASELINE) -> registry.ProtocolSet:
     """``base`` with every nonlinear kernel replaced by the identity (a lower bound, not a model)."""
     pset = registry.resolve(base, {op: IDENTITY for op in registry.OPS})
     return dataclasses.replace(pset, name="linear-floor", description="every kernel replaced by the identity")
+
+
+#: protocol sets that bound what kernels can reach, by name: measured beside the real sets, with no error of their own
+FLOORS = {"linear-floor": linear_floor, "kernel-floor": kernel_floor}
 
 
 def estimate_latency(stats: RunStats, network: str) -> float:

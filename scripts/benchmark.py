@@ -5,8 +5,9 @@ Rows (select with --rows):
   kernels  every registered kernel per protocol set (the measurements of scripts/benchmark_kernels.py)
   step     one denoising step (UNet + DDIM update) of the shipped MNIST SiLU and Mish models (batch 1 and 8)
            and of a small Stable-Diffusion-shaped UNet2DConditionModel (random weights, 4x16x16 latent,
-           2 levels, cross-attention over 77 tokens), per protocol set, plus the linear floor
-           (every kernel the identity), with a per-kernel breakdown and the error against plaintext
+           2 levels, cross-attention over 77 tokens), per protocol set, plus two floors (not correct networks):
+           linear-floor (every kernel the identity) and kernel-floor (every kernel only the SPU blocks our
+           designs need, cipherdm_spu/floor_kernels.py), with a per-kernel breakdown and the error against plaintext
   sample   a full DDIM sample of the MNIST SiLU model per protocol set, with quality beside the cost
 Protocol sets: every available one (configs/protocols: spu, SPU's defaults; spu-pade, CipherDM code's baseline;
 cipherdm-paper; cipherdm, ours for rounds; cipherdm-low-byte, ours for bytes).
@@ -43,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cipherdm_spu import Public, SecureSession, cluster_config, quality
-from cipherdm_spu.benchmark import (COMPARISON_OPS, NETWORKS, StepCase, estimate_latency, estimate_terms, linear_floor,
+from cipherdm_spu.benchmark import (COMPARISON_OPS, FLOORS, NETWORKS, StepCase, estimate_latency, estimate_terms,
                                     measure_kernels, measure_step, mnist_step_case, ratios)
 from cipherdm_spu.cli_common import load_model_dir
 from cipherdm_spu.client import PartyClients
@@ -120,8 +121,8 @@ def run_steps(args) -> list:
     for make in cases:
         case = make()
         rows = {}
-        for name in tqdm(list(args.sets) + ["linear-floor"], desc=case.name):
-            with SecureSession(linear_floor() if name == "linear-floor" else name) as session:
+        for name in tqdm(list(args.sets) + list(FLOORS), desc=case.name):
+            with SecureSession(FLOORS[name]() if name in FLOORS else name) as session:
                 rows[name] = measure_step(session, case, repeat=args.repeat, breakdown=name != "linear-floor")
         ratios(rows)
         results.append({"case": case.name, "rows": rows})
@@ -298,10 +299,15 @@ def render_kernel_seconds(block: dict) -> list:
         rows.append([name, *(f"{kernels[o]['seconds']:.2f}" if o in kernels else "-" for o in ops), f"{total:.2f}",
                      f"{comparisons:.2f}", f"{spu_total / total:.2f}x" if spu_total else "-",
                      f"{100 * comparisons / spu_total:.0f} %" if spu_total else "-"])
+    floor = (["", "`kernel-floor`'s kernels are only the SPU blocks every kernel of our designs needs (comparisons, their "
+              "conversions, bit and secret products: cipherdm_spu/floor_kernels.py): no activation, exp or rsqrt built "
+              "from them takes fewer seconds than its row. Its softmax takes the fewest comparisons (the row max by pairs), "
+              "which is not always the fewest seconds: a wider tournament has fewer levels, each of a few dozen ops."]
+             if "kernel-floor" in dict(sets) else [])
     return ["Kernel seconds (each op's calls alone, three parties on this machine's cores), the part of them in SPU's "
             "comparison ops, the total against `spu`'s, and those comparisons alone as a share of `spu`'s total:", ""] + \
         markdown_table(["protocol set", *(f"{o} s" for o in ops), "kernels s", "of which comparisons s", "kernels vs spu",
-                        "comparisons / spu's kernels"], rows)
+                        "comparisons / spu's kernels"], rows) + floor
 
 
 STEP_SECONDS_OPS = 5  # the SPU ops a step's seconds are broken into (the rest summed)
@@ -348,7 +354,7 @@ def render(results: dict, command: str) -> str:
             if "psnr_vs_plaintext" in r:
                 extra = (f"PSNR {r['psnr_vs_plaintext']:.1f} dB, cond. acc. {100 * r['conditional_accuracy']:.0f} % "
                          f"(plaintext {100 * r['plaintext_conditional_accuracy']:.0f} %)")
-            err = f"{r['max_abs_err']:.3g}" if "max_abs_err" in r and name != "linear-floor" else "n/a"
+            err = f"{r['max_abs_err']:.3g}" if "max_abs_err" in r and name not in FLOORS else "n/a"
             rows.append([name, f"{r['seconds']:.2f}", f"{r['bytes_sent'] / 1e6:.1f}", r["send_actions"],
                          f"{r['estimated_seconds']['LAN']:.2f}", f"{r['estimated_seconds']['WAN']:.1f}",
                          f"{v.get('bytes', 0):.2f}x", f"{v.get('seconds', 0):.2f}x", f"{v.get('WAN', 0):.2f}x", err, extra])

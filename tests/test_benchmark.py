@@ -148,10 +148,11 @@ def test_benchmark_script_quick_mode_writes_every_row(tiny_model, tmp_path):  # 
     assert set(results["kernels"]) == {"spu", "cipherdm"}
     assert results["kernels"]["cipherdm"]["silu"]["grid"]["max_abs_err"] < 1e-2
     (step,) = results["step"]
-    assert set(step["rows"]) == {"spu", "cipherdm", "linear-floor"}
+    assert set(step["rows"]) == {"spu", "cipherdm", "linear-floor", "kernel-floor"}
     assert step["rows"]["spu"]["vs_spu"]["bytes"] == 1.0
     assert step["rows"]["cipherdm"]["bytes_sent"] < step["rows"]["spu"]["bytes_sent"]
-    assert step["rows"]["linear-floor"]["bytes_sent"] < step["rows"]["cipherdm"]["bytes_sent"]
+    assert step["rows"]["linear-floor"]["bytes_sent"] < step["rows"]["kernel-floor"]["bytes_sent"] \
+        < step["rows"]["cipherdm"]["bytes_sent"]
     assert step["rows"]["cipherdm"]["max_abs_err"] < 0.1
     (sample,) = results["sample"]
     for row in sample["rows"].values():
@@ -159,7 +160,7 @@ def test_benchmark_script_quick_mode_writes_every_row(tiny_model, tmp_path):  # 
         assert row["estimated_seconds"]["WAN"] > row["seconds"]
     markdown = (out / "benchmark.md").read_text()
     assert "Command: `python scripts/benchmark.py --quick" in markdown and "DDIM-2" in markdown
-    assert "of which comparisons s" in markdown  # the kernel seconds table
+    assert "of which comparisons s" in markdown and "| kernel-floor |" in markdown  # the kernel seconds table
     assert "The step's seconds by SPU op" in markdown and "other ops s" in markdown
     assert (out / "benchmark_bytes_time.png").stat().st_size > 0 and (out / "benchmark_kernels.png").stat().st_size > 0
 

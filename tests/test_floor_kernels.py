@@ -1,0 +1,81 @@
+"""cipherdm_spu.floor_kernels: a floor kernel for every op, each made of the blocks it names and no more (its send
+actions are the blocks' own, as scripts/rounds_budget.py counts them), and never dearer than our kernels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cipherdm_spu import SecureSession, ops, registry
+from cipherdm_spu.floor_kernels import NAME, _row_max_by_pairs, kernel_floor
+from cipherdm_spu.ring import encoding, indicator
+
+RNG = np.random.default_rng(0)
+FEATURES = RNG.normal(size=(1, 14, 14, 16)).astype(np.float32)
+GROUPS, AFFINE = np.abs(RNG.normal(size=(1, 1, 8, 1))).astype(np.float32) + 0.1, np.ones((1, 1, 8, 2), np.float32)
+LOGITS = RNG.normal(size=(1, 2, 49, 49)).astype(np.float32)
+CALLS = {  # an op as a model calls it, with its inputs
+    "silu": (lambda v: ops.silu(v), (FEATURES,)),
+    "gelu": (lambda v: ops.gelu(v), (FEATURES,)),
+    "rsqrt": (lambda v, w: ops.rsqrt(v, w, scale=1.3), (GROUPS, AFFINE)),
+    "softmax": (lambda v: ops.softmax(v, axis=-1, scale=0.5), (LOGITS,)),
+    "exp": (lambda v: ops.exp(v - 10.0), (FEATURES,)),
+}
+
+
+@pytest.fixture(scope="module")
+def floor_session():
+    with SecureSession(kernel_floor()) as session:
+        yield session
+
+
+def _cost(session, name):
+    fn, args = CALLS[name]
+    session.run(fn, *args)
+    return session.last_stats
+
+
+def test_every_op_has_a_floor_kernel_that_traces_in_plain_jax():
+    pset = kernel_floor()
+    assert pset.name == "kernel-floor" and set(pset.kernels) == set(registry.OPS)
+    assert set(pset.kernels.values()) == {NAME}
+    with registry.use_protocol(pset):
+        for name, (fn, args) in CALLS.items():
+            out = jax.jit(lambda *a, fn=fn: fn(*a))(*args)  # a fresh function: jit caches traces per function
+            assert np.all(np.isfinite(np.asarray(out))), name
+
+
+def test_the_floors_take_no_more_than_their_blocks_send_actions(floor_session):
+    """(in sequence SPU may take one fewer than the blocks' sum: docs/results/primitives.md)"""
+    with SecureSession(registry.BASELINE) as session:
+        blocks = {}
+        for block, fn in {"compare": lambda x: x < 0.5, "indicator": lambda x: indicator(x > 0.5),
+                          "integer_product": lambda x: encoding(x) * encoding(x), "secret_product": lambda x: x * x}.items():
+            session.run(fn, FEATURES)
+            blocks[block] = session.last_stats.send_actions
+    decide = blocks["indicator"]  # a comparison and its conversion
+    # activations: decide, the step's bit product, one secret product
+    assert _cost(floor_session, "silu").send_actions <= decide + blocks["integer_product"] + blocks["secret_product"]
+    assert _cost(floor_session, "gelu").send_actions == _cost(floor_session, "silu").send_actions
+    # rsqrt: decide, then two rounds of secret products
+    assert _cost(floor_session, "rsqrt").send_actions <= decide + 2 * blocks["secret_product"]
+    # exp: the clamp (decide, a bit product) and three secret products
+    assert _cost(floor_session, "exp").send_actions <= decide + blocks["integer_product"] + 3 * blocks["secret_product"]
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_a_floor_kernel_costs_no_more_than_ours(floor_session, sessions, name):
+    floor = _cost(floor_session, name)
+    # (`cipherdm-low-byte`'s rsqrt reads the octave off the encoding's bits, a block the floor does not take)
+    for pset in ("cipherdm",) if name == "rsqrt" else ("cipherdm", "cipherdm-low-byte"):
+        ours = _cost(sessions[pset], name)
+        assert floor.bytes_sent <= ours.bytes_sent, pset
+        if name != "softmax":  # the floor's row max takes pairs: the fewest comparisons, not the fewest rounds
+            assert floor.send_actions <= ours.send_actions, pset
+
+
+def test_the_floor_row_max_is_a_max():
+    x = RNG.normal(size=(3, 7)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(_row_max_by_pairs(jnp.asarray(x))), x.max(axis=-1, keepdims=True))
+    with SecureSession(registry.BASELINE) as session:
+        np.testing.assert_allclose(session.run(_row_max_by_pairs, x), x.max(axis=-1, keepdims=True), atol=1e-5)
