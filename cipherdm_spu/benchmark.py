@@ -14,7 +14,8 @@ network estimates.
   the sampler update.
 - `FLOORS`, protocol sets measured beside the real ones, not correct networks: `linear_floor`, whose every kernel
   is the identity (what any kernel design leaves), and `cipherdm_spu.floor_kernels.kernel_floor`, whose kernels
-  are only the blocks every kernel of our designs needs (what no such kernel can beat, in seconds as in bytes).
+  are only the blocks every kernel of our designs needs (what no such kernel can beat in bytes, nor, but for the
+  softmax's row max by pairs, in seconds; rounds: scripts/rounds_budget.py).
 - `estimate_latency`: measured seconds (three parties in one process, memory links) plus the busiest
   party's bytes over the bandwidth plus one one-way latency (RTT/2) per send action of the busiest party;
   ABY3 parties send one message per round, so send actions count rounds.
@@ -35,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import ops, registry
-from .models import DDIMSampler, ScheduleConfig, UNet2DModel
 from .floor_kernels import kernel_floor
+from .models import DDIMSampler, ScheduleConfig, UNet2DModel
 from .profiling import RunStats
 from .protocols.cipherdm import fold_exps_pays, softmax_in_form, tournament_arities
 from .protocols.reference import EXTREMES, REFERENCES, encoded, softmax

@@ -8,8 +8,9 @@ What each takes, per element of its input (why each block is needed: docs/result
 - activations (SiLU, Mish, GeLU, sigmoid: a step plus a polynomial in a = min(|x|, T)): the sign and the window
   from one batched comparison (two MSB extractions; without the product our kernels spend to batch them), both
   bits converted once, one bit product (the step), one secret product (a curve needs a truncated product);
-- exp (x <= 0): the clamp (a comparison, its conversion, a bit product) and three secret products, the fewest
-  with which an exp holds the softmax's accuracy contract;
+- exp (x <= 0): the clamp (a comparison, its conversion, a bit product) and three secret products: fewer cannot
+  hold the softmax's accuracy contract (the best three-product design found fails it too, four hold it:
+  docs/results/primitives.md);
 - rsqrt (one value per norm group): the octave by one batched comparison (one threshold per factor of 4 of the
   range our kernels cover, 2**-18 .. 2**22), its bits turned into two factors locally, and two rounds of secret
   products (normalise, with ``times`` beside it; rescale) (`cipherdm-low-byte`'s rsqrt reads the octave off the
@@ -31,7 +32,7 @@ import numpy as np
 from . import registry
 from .ring import bit_times, indicator, int_type
 
-NAME = "floor"
+NAME = "kernel-floor"
 WINDOW = 5.75  # any threshold: the floor's arithmetic is not the function's
 CLAMP = -18.0
 OCTAVE_THRESHOLDS = 4.0 ** np.arange(-9, 11)  # one per factor of 4 of 2**-18 .. 2**22
@@ -77,7 +78,8 @@ def _row_max_by_pairs(a):
     while a.shape[-1] > 1:
         if a.shape[-1] % 2:
             a = jnp.concatenate([a, a[..., -1:]], axis=-1)
-        first, second = a[..., 0::2], a[..., 1::2]
+        pairs = a.reshape(a.shape[:-1] + (a.shape[-1] // 2, 2))  # slices, where a strided slice compiles to a gather
+        first, second = pairs[..., 0], pairs[..., 1]
         a = second + bit_times(indicator(first - second >= 0), first - second)
     return a
 
@@ -98,4 +100,4 @@ for _op in registry.OPS:
 def kernel_floor(base: str = registry.BASELINE) -> registry.ProtocolSet:
     """``base`` with every kernel replaced by its floor (a lower bound to measure, not a model)."""
     pset = registry.resolve(base, {op: NAME for op in registry.OPS})
-    return dataclasses.replace(pset, name="kernel-floor", description="every kernel replaced by the blocks it needs")
+    return dataclasses.replace(pset, name=NAME, description="every kernel replaced by the blocks it needs")

@@ -301,8 +301,9 @@ def render_kernel_seconds(block: dict) -> list:
                      f"{100 * comparisons / spu_total:.0f} %" if spu_total else "-"])
     floor = (["", "`kernel-floor`'s kernels are only the SPU blocks every kernel of our designs needs (comparisons, their "
               "conversions, bit and secret products: cipherdm_spu/floor_kernels.py): no activation, exp or rsqrt built "
-              "from them takes fewer seconds than its row. Its softmax takes the fewest comparisons (the row max by pairs), "
-              "which is not always the fewest seconds: a wider tournament has fewer levels, each of a few dozen ops."]
+              "from them takes fewer seconds than its row. Its softmax takes the fewest comparisons and bytes (the row max "
+              "by pairs), in more levels than a wider tournament: not necessarily the fewest seconds, nor the fewest "
+              "rounds (rounds.md counts the rounds floor)."]
              if "kernel-floor" in dict(sets) else [])
     return ["Kernel seconds (each op's calls alone, three parties on this machine's cores), the part of them in SPU's "
             "comparison ops, the total against `spu`'s, and those comparisons alone as a share of `spu`'s total:", ""] + \
