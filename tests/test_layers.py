@@ -18,7 +18,7 @@ SOURCES = {PACKAGE: ROOT / "cipherdm_spu", f"{PACKAGE}.models": ROOT / "models",
 #: layer: its modules, relative to cipherdm_spu ("models.*": every module of cipherdm_spu.models)
 LAYERS = {
     "core": ["errors", "_version", "registry", "ops", "spu_config", "ring", "spu_threads"],
-    "kernels": ["protocols", "protocols.*"],
+    "kernels": ["protocols", "protocols.*", "floor_kernels"],
     "models": ["models", "models.*"],
     "runtime": ["session", "profiling", "ir_audit", "cluster_config", "messages", "pki", "plan", "party", "client", "netem",
                 "control", "driver"],
