@@ -1,5 +1,5 @@
-"""Floor kernels: for each nonlinear op, only the SPU building blocks that every kernel of our designs needs, in the
-fewest comparisons and ops, without the arithmetic that would make them correct. Not kernels to compute with:
+"""Floor kernels: for each nonlinear op, only the SPU building blocks that every kernel of our designs needs, with the
+fewest comparisons, without the arithmetic that would make them correct. Not kernels to compute with:
 a protocol set of them (`kernel_floor`) measures, at a model's own calls and in the same run as the real sets, what
 no kernel built from these blocks can beat (scripts/benchmark.py's step rows; scripts/rounds_budget.py counts the
 rounds floor from the blocks' costs alone).
