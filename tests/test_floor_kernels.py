@@ -8,7 +8,8 @@ import pytest
 
 from cipherdm_spu import SecureSession, ops, registry
 from cipherdm_spu.floor_kernels import NAME, _row_max_by_pairs, kernel_floor
-from cipherdm_spu.ring import encoding, indicator
+
+from .scripts import load_script
 
 RNG = np.random.default_rng(0)
 FEATURES = RNG.normal(size=(1, 14, 14, 16)).astype(np.float32)
@@ -47,10 +48,9 @@ def test_every_op_has_a_floor_kernel_that_traces_in_plain_jax():
 
 def test_the_floors_take_no_more_than_their_blocks_send_actions(floor_session):
     """(in sequence SPU may take one fewer than the blocks' sum: docs/results/primitives.md)"""
-    with SecureSession(registry.BASELINE) as session:
+    with SecureSession(registry.BASELINE) as session:  # the blocks scripts/rounds_budget.py counts floors in
         blocks = {}
-        for block, fn in {"compare": lambda x: x < 0.5, "indicator": lambda x: indicator(x > 0.5),
-                          "integer_product": lambda x: encoding(x) * encoding(x), "secret_product": lambda x: x * x}.items():
+        for block, fn in load_script("rounds_budget").BLOCKS.items():
             session.run(fn, FEATURES)
             blocks[block] = session.last_stats.send_actions
     decide = blocks["indicator"]  # a comparison and its conversion
