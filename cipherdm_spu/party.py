@@ -44,6 +44,7 @@ from . import ir_audit, messages, spu_config
 from ._version import __version__
 from .cluster_config import ClusterConfig, PartyConfig, split_address
 from .errors import PartyError
+from .link_front import LinkFront
 from .messages import METHODS, POLL_S
 from .pki import peer_identity
 from .plan import NAME, JobCatalog, Policy, StepProgram, names_of
@@ -100,6 +101,7 @@ class _Session:
     compiled: Optional[tuple] = None  # (program, agreement, runtime config) once compiled and audited
     program: Optional[StepProgram] = None  # once started: the worker is linked and holds the weights
     worker: Optional["_Worker"] = None
+    front: Optional[LinkFront] = None  # the mutual-TLS door to the worker's link, while the worker lives
     slots: set = dataclasses.field(default_factory=set)
     reports: list = dataclasses.field(default_factory=list)
     open_report: dict = dataclasses.field(default_factory=dict)
@@ -364,7 +366,12 @@ class PartyService:
         with self.lock:
             if self.session is not session:
                 raise PartyError("the session ended while it started")
-            worker = session.worker = _Worker(self.cluster, self.party, self.log_path, session.id, config, agreement)
+            try:
+                front = session.front = LinkFront(self.party.spu_address, self.party.tls)
+            except OSError as e:
+                raise PartyError(f"party {self.party.id} cannot serve its spu_address {self.party.spu_address}: {e}") from None
+            worker = session.worker = _Worker(self.cluster, self.party, self.log_path, session.id, config, agreement,
+                                              front.worker_address)
         worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
         worker.call("set_vars", [(_tensor(n), *model.shares[n]) for n in program.resident], timeout=TRANSFER_S)
         with self.lock:
@@ -488,6 +495,8 @@ class PartyService:
             return
         if session.worker is not None:
             session.worker.stop()
+        if session.front is not None:
+            session.front.close()
         log.info("party %s: session %s dropped: %s", self.party.id, session.id, why)
 
     def _drop_idle_sessions(self) -> None:
@@ -555,12 +564,12 @@ class _Worker:
     session lives in a child: a lost peer ends the session, never the party.
     """
 
-    def __init__(self, cluster, party, log_path, session_id: str, runtime_config: bytes, agreement: str):
+    def __init__(self, cluster, party, log_path, session_id: str, runtime_config: bytes, agreement: str, listen: str):
         self.party = party
         context = mp.get_context("spawn")  # never fork a process that runs gRPC threads
         self.conn, child = context.Pipe()
         self.process = context.Process(
-            target=_worker_main, args=(child, cluster, party, str(log_path), session_id, runtime_config, agreement),
+            target=_worker_main, args=(child, cluster, party, str(log_path), session_id, runtime_config, agreement, listen),
             name=f"spu-{party.id}-{session_id}", daemon=True,
         )
         self.process.start()
@@ -596,8 +605,8 @@ class _Worker:
 
 
 def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str, session_id: str,
-                 runtime_config: bytes, agreement: str):
-    """The worker process: build the link, check that the three parties agree on the session (the same
+                 runtime_config: bytes, agreement: str, listen: str):
+    """The worker process: build the link (listening at ``listen``, behind the party's `LinkFront`), check that the three parties agree on the session (the same
     session, user, model, job and executable), build the runtime, then serve the party's jobs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the party process decides when this one ends
     _die_with_parent()
@@ -605,7 +614,7 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
     try:
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config)
-        link = libspu.link.create_brpc(link_desc(cluster, party, session_id), party.rank)
+        link = libspu.link.create_brpc(link_desc(cluster, party, session_id, listen), party.rank)
         agreed = link.all_gather(agreement)
     except Exception as e:  # noqa: BLE001 - reported to the client through the party
         conn.send(("error", f"cannot open the SPU link: {_first_lines(e)}"))
@@ -689,8 +698,9 @@ def _first_lines(error: BaseException) -> str:
     return " ".join(lines[:2]) if lines else type(error).__name__
 
 
-def link_desc(cluster: ClusterConfig, party: PartyConfig, session_id: str):
-    """The SPU link of ``party`` for one session: it listens on its own ``spu_address`` and dials each peer at
+def link_desc(cluster: ClusterConfig, party: PartyConfig, session_id: str, listen: Optional[str] = None):
+    """The SPU link of ``party`` for one session: it listens on its own ``spu_address`` (on ``listen`` instead where
+    given: a party's sessions listen on a private socket behind `LinkFront`, which serves spu_address) and dials each peer at
     the address its config gives for that peer (`ClusterConfig.dial_addresses`: the peer's ``spu_address``
     unless ``spu_dial`` routes it, e.g. through a link emulator). Mutual TLS either way: whoever answers
     a dial must hold a certificate of the party CA."""
@@ -700,7 +710,7 @@ def link_desc(cluster: ClusterConfig, party: PartyConfig, session_id: str):
     desc.connect_retry_interval_ms = 200
     desc.connect_retry_times = max(1, int(cluster.connect_timeout_s / 0.2))
     for p, address in zip(cluster.parties, cluster.dial_addresses(party)):
-        desc.add_party(p.id, address)
+        desc.add_party(p.id, listen if listen is not None and p.id == party.id else address)
     _enable_link_tls(desc, party)
     return desc
 

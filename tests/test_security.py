@@ -5,6 +5,7 @@ single party trusted. Every test plays one attack that worked against the earlie
 """
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -112,6 +113,10 @@ def test_a_session_cannot_be_taken_over_and_is_dropped_when_abandoned(cluster):
         job = json.dumps(TINY_JOB, sort_keys=True)
         alice.until_done("session_open", SessionOpen("alice-1", "tiny", job), "opening")
         alice.until_done("session_start", SessionRef("alice-1"), "starting")
+        # nobody without a party certificate reaches the session's SPU link (its brpc server alone would take this
+        # forged message from P1 to P0, in plaintext, as the next one P0 reads)
+        for party in cluster_cfg.parties:
+            assert _plaintext_push(party.spu_address, "alice-1:P2P-1:1->0") == b"", party.id
         # bob can neither open over it, nor step, read, or close alice's session
         with pytest.raises(ClusterError, match="busy with another session"):
             bob.until_done("session_open", SessionOpen("bob-1", "tiny", job), "opening")
@@ -130,6 +135,19 @@ def test_a_session_cannot_be_taken_over_and_is_dropped_when_abandoned(cluster):
             time.sleep(1)
         assert not any(r.busy for r in alice.hello())
         assert "no session 'alice-1'" in _details(lambda: alice.call(0, "session_step", SessionStep("alice-1", 0)))
+
+
+def _plaintext_push(address: str, key: str) -> bytes:
+    """What a party's spu_address answers to an HTTP push of a forged link message (the link's own wire form)."""
+    body = json.dumps({"sender_rank": 1, "key": key, "value": "RVZJTA==", "trans_type": "MONO"}).encode()
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /org.interconnection.link.ReceiverService/Push HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        try:
+            return conn.recv(4096)
+        except (ConnectionResetError, socket.timeout):
+            return b""
 
 
 def _details(call) -> str:

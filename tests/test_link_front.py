@@ -1,0 +1,125 @@
+"""cipherdm_spu.link_front: only a holder of a party certificate reaches a session's SPU link; plaintext (which SPU's
+own link server would answer) and clients' certificates are refused before a byte is relayed."""
+
+import socket
+import ssl
+import stat
+import threading
+
+import pytest
+
+from cipherdm_spu import cluster_config
+from cipherdm_spu.link_front import LinkFront
+
+from .cluster_fixtures import free_ports, make_certs, write_config
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    path = write_config(tmp_path_factory.mktemp("front") / "cluster.json")
+    make_certs(path)
+    return cluster_config.load(path)
+
+
+@pytest.fixture
+def front(cluster):
+    """A front for P0 on a free port, and what its private socket received (a stand-in for the worker's link)."""
+    party = cluster.parties[0]
+    port = free_ports(1)[0]
+    front = LinkFront(f"127.0.0.1:{port}", party.tls)
+    received, ready = [], threading.Event()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(front.socket_path))
+    server.listen()
+
+    def echo():
+        ready.set()
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(4096):
+                    received.append(data)
+                    conn.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    ready.wait()
+    yield front, port, received
+    front.close()
+    server.close()
+
+
+def _tls_client(credentials, trusted_ca):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(trusted_ca)
+    if credentials is not None:
+        context.load_cert_chain(credentials.cert, credentials.key)
+    return context
+
+
+def test_a_peer_with_a_party_certificate_is_relayed_both_ways(cluster, front):
+    front, port, received = front
+    peer = cluster.parties[1].tls
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with _tls_client(peer, peer.trusted_ca).wrap_socket(raw) as conn:
+            conn.sendall(b"share bytes")
+            assert conn.recv(4096) == b"share bytes"
+    assert b"".join(received) == b"share bytes"
+
+
+def test_the_private_socket_is_in_a_folder_only_its_user_can_enter(front):
+    front, _, _ = front
+    assert stat.S_IMODE(front.folder.stat().st_mode) == 0o700
+    assert front.worker_address == f"unix:{front.socket_path}"
+
+
+def test_a_plaintext_push_never_reaches_the_link(front):
+    """What SPU's link server would take from anyone: an HTTP push of a forged message."""
+    front, port, received = front
+    forged = (b"POST /org.interconnection.link.ReceiverService/Push HTTP/1.1\r\nHost: x\r\n"
+              b"Content-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+              b'{"sender_rank":1,"key":"s:P2P-1:1->0"}  ')
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.settimeout(15)
+        conn.sendall(forged)
+        try:
+            answer = conn.recv(4096)
+        except (ConnectionResetError, socket.timeout):
+            answer = b""
+    assert not answer.startswith(b"HTTP")
+    assert received == []
+
+
+@pytest.mark.parametrize("who", ["user", "none"])
+def test_a_client_certificate_or_none_is_refused(cluster, front, who):
+    front, port, received = front
+    credentials = cluster.client(who) if who != "none" else None
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            with _tls_client(credentials, cluster.parties[0].tls.trusted_ca).wrap_socket(raw) as conn:
+                conn.sendall(b"forged")
+                assert conn.recv(4096) == b""  # TLS 1.3: the refusal may only show on the first read
+                raise ConnectionError("closed without relaying")
+    assert received == []
+
+
+def test_closing_ends_relayed_connections_and_removes_the_socket(cluster, front):
+    front, port, _ = front
+    peer = cluster.parties[2].tls
+    raw = socket.create_connection(("127.0.0.1", port))
+    conn = _tls_client(peer, peer.trusted_ca).wrap_socket(raw)
+    conn.sendall(b"x")
+    assert conn.recv(16) == b"x"
+    front.close()
+    conn.settimeout(15)
+    try:
+        assert conn.recv(16) == b""
+    except (ssl.SSLError, ConnectionError):
+        pass
+    conn.close()
+    assert not front.folder.exists()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
