@@ -143,7 +143,8 @@ class SamplingCatalog:
         model, schedule, _, _ = _shapes(manifest)
         spec = parse_job(job, model, schedule)
         make_sampler(spec, schedule, parse_manifest(manifest)["scheduler"])  # a bad combination fails here, uncompiled
-        return JobTerms(spec["protocol_set"], spec["batch"], spec["steps"], json.dumps(spec, sort_keys=True))
+        return JobTerms(spec["protocol_set"], spec["batch"], spec["steps"], json.dumps(spec, sort_keys=True),
+                        tuple(sorted(spec["overrides"])))
 
     def program(self, manifest: str, job: str, fraction_bits: int) -> StepProgram:
         return _program(manifest, self.terms(manifest, job).canonical, fraction_bits)

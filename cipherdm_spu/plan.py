@@ -67,6 +67,9 @@ class Policy:
         if self.protocol_sets is not None and job.protocol_set not in self.protocol_sets:
             return (f"the model owner's policy allows protocol sets {', '.join(self.protocol_sets)}, "
                     f"not {job.protocol_set!r}")
+        if self.protocol_sets is not None and job.overridden_ops:
+            return (f"the model owner's policy allows protocol sets {', '.join(self.protocol_sets)} as they are, "
+                    f"without kernels from elsewhere (overrides of {', '.join(job.overridden_ops)})")
         if job.batch > self.max_batch:
             return f"batch {job.batch} is above the policy's max_batch {self.max_batch}"
         if job.steps > self.max_steps:
@@ -120,6 +123,8 @@ class JobTerms:
     steps: int
     #: the job in one canonical text: equal jobs compile once, and the parties compare it
     canonical: str
+    #: the ops whose kernels the job takes from elsewhere than its protocol set (sorted)
+    overridden_ops: Tuple[str, ...] = ()
 
 
 class JobCatalog(Protocol):

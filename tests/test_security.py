@@ -176,6 +176,26 @@ def test_the_owners_policy_binds_users_and_jobs(cluster):
             carol.call_all("model_info", ModelRef("tiny"))
 
 
+def test_overrides_cannot_bring_kernels_the_owners_policy_does_not_allow():
+    """A policy that names protocol sets binds every kernel: a job may not take the named set and swap its kernels
+    for another set's (an independent review ran every op of an `spu`-only model on `cipherdm-low-byte`'s)."""
+    from cipherdm_spu.jobs import SamplingCatalog, build_manifest
+    from cipherdm_spu.plan import Policy
+
+    from .cluster_fixtures import tiny_unet
+
+    model, _, scheduler = tiny_unet()
+    policy = Policy.from_dict({"protocol_sets": ["spu"]})
+    manifest = build_manifest(model, scheduler, policy)
+    catalog = SamplingCatalog()
+    plain = {**TINY_JOB, "protocol_set": "spu"}
+    assert policy.refusal("user", catalog.terms(manifest, json.dumps(plain))) is None
+    swapped = {**plain, "overrides": {op: "cipherdm-low-byte" for op in ("silu", "softmax")}}
+    assert "without kernels from elsewhere (overrides of silu, softmax)" in policy.refusal(
+        "user", catalog.terms(manifest, json.dumps(swapped)))
+    assert Policy().refusal("user", catalog.terms(manifest, json.dumps(swapped))) is None  # no list: any kernels
+
+
 def test_a_protocol_set_cannot_set_secrecy_relevant_runtime_options():
     for option in ({"enable_runtime_snapshot": True}, {"snapshot_dump_dir": "/tmp/x"}, {"public_random_seed": 7},
                    {"enable_pphlo_trace": True}, {"beaver_type": 1}, {"trunc_allow_msb_error": False}):
