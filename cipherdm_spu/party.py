@@ -476,8 +476,9 @@ class PartyService:
             raise PartyError(f"{what}: not an SPU share") from None
         got_shape = tuple(value.shape.dims)
         field = self.cluster.field
-        if value.visibility != libspu.Visibility.VIS_SECRET or field not in value.storage_type:
-            raise PartyError(f"{what}: must be a secret share on {field} (got {value.visibility}, {value.storage_type})")
+        storage = f"{self.cluster.protocol.lower()}.AShr<{field}>"  # an arithmetic share, never a public value's type
+        if value.visibility != libspu.Visibility.VIS_SECRET or value.storage_type != storage:
+            raise PartyError(f"{what}: must be a secret share ({storage}), got {value.visibility}, {value.storage_type}")
         if got_shape != tuple(shape) or str(value.data_type) != f"DataType.DT_{_SPU_DTYPES[dtype]}":
             raise PartyError(f"{what}: expected {dtype}{list(shape)}, got {value.data_type} {list(got_shape)}")
         # replicated shares of a ring element: two of them, plus a few bytes of framing per chunk

@@ -196,6 +196,28 @@ def test_overrides_cannot_bring_kernels_the_owners_policy_does_not_allow():
     assert Policy().refusal("user", catalog.terms(manifest, json.dumps(swapped))) is None  # no list: any kernels
 
 
+def test_a_party_takes_only_arithmetic_secret_shares_of_its_ring():
+    """A share whose type names the ring but is a public value's (marked secret, padded to size) would have one
+    party treat a user's input as public while the others treat it as secret (found by an independent review)."""
+    import types
+
+    import spu
+    import spu.libspu as libspu
+
+    from cipherdm_spu.party import PartyService
+
+    cfg = libspu.RuntimeConfig(protocol=libspu.ProtocolKind.ABY3, field=libspu.FieldType.FM64)
+    share = spu.Io(3, cfg).make_shares(np.ones((2, 2), np.float32), libspu.Visibility.VIS_SECRET)[0]
+    party = types.SimpleNamespace(cluster=types.SimpleNamespace(field="FM64", protocol="ABY3"))
+    check = lambda meta: PartyService._check_share(party, meta, share.share_chunks, ((2, 2), "float32"), "x")  # noqa: E731
+    check(share.meta)  # a real share passes
+    forged = libspu.ValueMeta()
+    forged.ParseFromString(share.meta)
+    forged.storage_type = "Pub2k<FM64>"
+    with pytest.raises(PartyError, match=r"must be a secret share \(aby3.AShr<FM64>\)"):
+        check(forged.SerializeToString())
+
+
 def test_a_protocol_set_cannot_set_secrecy_relevant_runtime_options():
     for option in ({"enable_runtime_snapshot": True}, {"snapshot_dump_dir": "/tmp/x"}, {"public_random_seed": 7},
                    {"enable_pphlo_trace": True}, {"beaver_type": 1}, {"trunc_allow_msb_error": False}):
