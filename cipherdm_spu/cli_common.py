@@ -41,6 +41,9 @@ def add_secure_options(p: argparse.ArgumentParser, out_default: str) -> None:
                    help="sample on the three-party cluster of this config (spu-launch) as a user, with --model-id, "
                         "instead of playing every role in this process")
     p.add_argument("--model-id", default=None, help="with --cluster: the id under which the owner uploaded the model")
+    p.add_argument("--model-owner", default=None, metavar="OWNER",
+                   help="with --cluster: refuse unless the model was uploaded by this owner (e.g. owner or owner-NAME; "
+                        "default: any owner, one the three parties agree on)")
     p.add_argument("--as", dest="identity", default="user",
                    help="with --cluster: this user's identity in the config's tls.clients (default: user)")
     p.add_argument("--out", type=Path, default=Path("runs") / out_default,
@@ -69,8 +72,8 @@ def check_secure_options(args) -> dict:
     except ProtocolError as err:
         raise UsageError(str(err)) from None
     if args.cluster is None:
-        if args.model_id is not None:
-            raise UsageError("--model-id is for --cluster runs")
+        if args.model_id is not None or args.model_owner is not None:
+            raise UsageError("--model-id and --model-owner are for --cluster runs")
         return overrides
     if args.model_id is None or not NAME.fullmatch(args.model_id):
         raise UsageError("--cluster needs --model-id ID (1-64 letters, digits, '.', '_' or '-')")
@@ -137,7 +140,8 @@ def secure_sample(args, desc: str, sampler, x_t, overrides: dict, job: dict, mod
         if condition is not None and not is_text_conditional(model):
             condition = one_hot(condition, model.config.num_class_embeds)
         with user_clients(args) as clients:
-            result, total, steps = sample_on_cluster(clients, args.model_id, job, x_t, condition, step_noise, on_step)
+            result, total, steps = sample_on_cluster(clients, args.model_id, job, x_t, condition, step_noise, on_step,
+                                                     expected_owner=args.model_owner)
         return result, total, steps, f"cluster {args.cluster.source} (as {args.identity}, model {args.model_id})"
     finally:
         bar.close()

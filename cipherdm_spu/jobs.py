@@ -391,10 +391,13 @@ def model_manifest(clients: PartyClients, model_id: str) -> dict:
 
 def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.ndarray, condition=None,
                       step_noise: Optional[np.ndarray] = None,
-                      on_step: Optional[Callable[[StepReport], None]] = None) -> tuple[np.ndarray, RunStats, List[StepReport]]:
+                      on_step: Optional[Callable[[StepReport], None]] = None,
+                      expected_owner: Optional[str] = None) -> tuple[np.ndarray, RunStats, List[StepReport]]:
     """Run a sampling job as the user; returns (the result, revealed to this user only, cost, per-step cost).
 
     ``condition``: the one-hot labels, or the tuple of text contexts (`sampling.text_condition`).
+    ``expected_owner``: refuse unless the model was uploaded by this owner (model ids are first come, first served
+    among owners); the three parties must report one owner in any case.
     """
     require_role(clients, "user")
     clients.check_ready()
@@ -404,6 +407,13 @@ def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.n
         opened = clients.until_done("session_open", open_request, "opening the session")
         if len({o["executable_sha256"] for o in opened}) != 1:
             raise ClusterError("the parties compiled different executables for the same job; refusing to run")
+        owners = sorted({o["model_owner"] for o in opened})
+        if len(owners) != 1:
+            raise ClusterError(f"the parties hold model {model_id!r} from different owners ({', '.join(owners)}); "
+                               "refusing to run")
+        if expected_owner is not None and owners[0] != expected_owner:
+            raise ClusterError(f"model {model_id!r} was uploaded by {owners[0]!r}, not {expected_owner!r}; "
+                               "refusing to send it inputs")
         clients.until_done("session_start", SessionRef(session_id), "starting the session")
         slots = opened[0]["slots"]
         state = tuple(slots["x"][0])  # a multistep solver's state: x_T and rows of zeros (nothing remembered yet)

@@ -345,9 +345,9 @@ class PartyService:
             raise PartyError(f"party {self.party.id} refuses to run the compiled step: {e}") from None
         compiled_s = time.perf_counter() - started
         executable = hashlib.sha256(program.code).hexdigest()
-        # what the three parties must agree on before any share meets another: checked over the SPU link
+        # what the three parties must agree on before any share meets another (whose model, too): checked over the SPU link
         agreement = hashlib.sha256(json.dumps(
-            [session.id, session.user, session.model_id, model.digest, terms.canonical, executable]).encode()).hexdigest()
+            [session.id, session.user, session.model_id, model.owner, model.digest, terms.canonical, executable]).encode()).hexdigest()
         config = self.cluster.runtime_config(program.runtime_options)
         config.enable_pphlo_profile, config.enable_hal_profile = True, False  # this party's own cost report
         with self.lock:

@@ -115,7 +115,8 @@ def test_run_ddim_as_a_user_of_the_cluster_writes_private_files(cluster, tmp_pat
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model-id", "tiny"], "--model-id is for --cluster runs"),
+    (["--model-id", "tiny"], "--model-id and --model-owner are for --cluster runs"),
+    (["--model-owner", "owner"], "--model-id and --model-owner are for --cluster runs"),
     (["--cluster", "CONFIG"], "--cluster needs --model-id"),
     (["--cluster", "CONFIG", "--model-id", "tiny", "--compare"], "does not hold"),
     (["--cluster", "CONFIG", "--model-id", "tiny", "--as", "mallory"], "no identity 'mallory'"),

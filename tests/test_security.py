@@ -170,6 +170,11 @@ def test_the_owners_policy_binds_users_and_jobs(cluster):
         for message, job in bad_jobs.items():
             with pytest.raises(ClusterError, match=message):
                 sample_on_cluster(user, "tiny", job, x_t, labels)
+    # a user who pins the model's owner refuses a model of the same id uploaded by another owner
+    with PartyClients(cc.load(config), "user") as user:
+        _, x_t, labels = tiny_inputs()
+        with pytest.raises(ClusterError, match="uploaded by 'owner', not 'owner-evil'; refusing to send it inputs"):
+            sample_on_cluster(user, "tiny", TINY_JOB, x_t, labels, expected_owner="owner-evil")
     # the policy of "tiny" lists users "user" and "user-bob" only: carol holds a valid certificate, but no right
     with PartyClients(cc.load(config), "user-carol") as carol:
         with pytest.raises(ClusterError, match="no model 'tiny'"):
