@@ -46,7 +46,7 @@ from .cluster_config import ClusterConfig, PartyConfig, split_address
 from .errors import PartyError
 from .link_front import LinkFront
 from .messages import METHODS, POLL_S
-from .pki import peer_identity
+from .pki import peer_identity, shares_a_key
 from .plan import NAME, JobCatalog, Policy, StepProgram, names_of
 from .profiling import SpuLog, parse_party_run
 
@@ -776,6 +776,9 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
     party.tls.check_files(f"party {party.id}")
     if not Path(party.client_ca).is_file():
         raise PartyError(f"party {party.id}: the client CA file {party.client_ca} does not exist")
+    if shares_a_key(party.tls.trusted_ca, party.client_ca):
+        raise PartyError(f"party {party.id}: the client CA {party.client_ca} is the party CA {party.tls.trusted_ca} "
+                         "(one CA would let a client join the parties' SPU link)")
     check_port_free(party.spu_address, f"party {party.id}: SPU link address")
     check_port_free(party.control_address, f"party {party.id}: control address")
     service = PartyService(cluster, party, catalog, private_log_file(log_dir, f"spu-{party.id}.log"))

@@ -110,6 +110,14 @@ def make_development_pki(cluster: ClusterConfig, clients: Iterable[str] = ("owne
     return written
 
 
+def shares_a_key(pem_a: os.PathLike, pem_b: os.PathLike) -> bool:
+    """Whether any certificate in PEM file a has the public key of any in PEM file b: the same CA however its file is
+    named or encoded (one CA for parties and clients would let a client join the parties' SPU link)."""
+    keys = [{c.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+             for c in x509.load_pem_x509_certificates(Path(p).read_bytes())} for p in (pem_a, pem_b)]
+    return bool(keys[0] & keys[1])
+
+
 def _general_name(host: str):
     return x509.IPAddress(ipaddress.ip_address(host)) if is_ip(host) else x509.DNSName(host)
 

@@ -74,6 +74,20 @@ def test_a_certificate_of_another_ca_named_owner_is_refused(cluster, tmp_path):
         grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
 
 
+def test_a_party_refuses_a_client_ca_that_is_a_copy_of_the_party_ca(tmp_path):
+    """Two CA paths, one CA: a client certificate would then pass on the parties' SPU link."""
+    import shutil
+
+    from cipherdm_spu.jobs import SamplingCatalog
+    from cipherdm_spu.party import serve
+
+    config = write_config(tmp_path / "cluster.json")
+    make_certs(config)
+    shutil.copyfile(tmp_path / "tls" / "party-ca.pem", tmp_path / "tls" / "client-ca.pem")
+    with pytest.raises(PartyError, match="is the party CA"):
+        serve(cc.load(config), "P0", SamplingCatalog(), tmp_path / "logs")
+
+
 def test_no_method_returns_or_runs_anything_but_what_roles_allow(cluster):
     config, _ = cluster
     with PartyClients(cc.load(config), "user") as user, PartyClients(cc.load(config), "owner") as owner:
