@@ -231,10 +231,10 @@ class PartyService:
                     raise PartyError(f"party {self.party.id} is busy with another session; try again later")
             else:
                 model = self.models.get(msg.model_id)
-                if model is None or not model.sealed:
+                # a user the owner's policy does not list is told what model_info tells it: no such model
+                if model is None or not model.sealed or (model.policy.users is not None
+                                                         and caller.name not in model.policy.users):
                     raise PartyError(f"party {self.party.id} has no model {msg.model_id!r}")
-                if model.policy.users is not None and caller.name not in model.policy.users:
-                    raise PartyError(f"the model owner's policy does not list user {caller.name!r}")
                 session = self.session = _Session(msg.session_id, caller.name, msg.model_id, time.monotonic())
                 session.job = self.jobs.submit(self._open, session, model, msg.job)
                 log.info("party %s: session %s opening for %s on model %s", self.party.id, session.id,

@@ -193,6 +193,8 @@ def test_the_owners_policy_binds_users_and_jobs(cluster):
     with PartyClients(cc.load(config), "user-carol") as carol:
         with pytest.raises(ClusterError, match="no model 'tiny'"):
             carol.call_all("model_info", ModelRef("tiny"))
+        with pytest.raises(ClusterError, match="no model 'tiny'"):  # opening a session tells her no more
+            carol.until_done("session_open", SessionOpen("carol-1", "tiny", json.dumps(TINY_JOB)), "opening")
 
 
 def test_overrides_cannot_bring_kernels_the_owners_policy_does_not_allow():
