@@ -6,7 +6,8 @@ protocol per connection, and the link exposes no option to refuse plaintext). An
 agreement) or make the worker allocate without bound. So a session's worker listens on a Unix socket in a folder
 only the party's own user can enter, and the party serves ``spu_address`` with this front: it completes a TLS
 handshake that requires a certificate of the party CA (the peers' own; clients' certificates come from another CA)
-and only then relays the bytes to the worker. A connection that does not finish the handshake never reaches it.
+whose common name is one of the other parties' ids, and only then relays the bytes to the worker. A connection
+that does not finish the handshake never reaches it.
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ import ssl
 import tempfile
 import threading
 from pathlib import Path
-from typing import List
+from typing import Iterable, List
 
 from .cluster_config import Credentials, split_address
 
 log = logging.getLogger(__name__)
 
 #: how long a connection may take to finish its TLS handshake
-HANDSHAKE_S = 10.0
+HANDSHAKE_S = 5.0
+#: connections in their handshake at once (anyone who reaches the port can open one)
+MAX_HANDSHAKES = 8
+#: authenticated connections relayed at once (a session's peers open a few)
+MAX_RELAYS = 16
 _CHUNK = 1 << 18
 
 
@@ -33,42 +38,64 @@ def server_context(tls: Credentials) -> ssl.SSLContext:
     """TLS that requires the peer's certificate, signed by ``tls.trusted_ca`` (the party CA)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(tls.trusted_ca)
     context.load_cert_chain(tls.cert, tls.key)
     return context
 
 
+def common_name(secure: ssl.SSLSocket) -> str:
+    """The common name of a verified peer certificate ("" if it has none)."""
+    for rdn in (secure.getpeercert() or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return ""
+
+
+def _end(*socks: socket.socket) -> None:
+    """End both directions of each socket at the OS level (never a TLS unwrap, which would leave the socket in
+    plaintext for the other direction's thread) and close it."""
+    for s in socks:
+        try:
+            socket.socket.shutdown(s, socket.SHUT_RDWR)
+        except OSError:
+            pass
+    for s in socks:
+        s.close()
+
+
 def _pump(src: socket.socket, dst: socket.socket) -> None:
-    """Copy src to dst until src ends, then end dst's sending side (the other direction may go on)."""
+    """Copy src to dst until either ends or fails."""
     try:
         while True:
             data = src.recv(_CHUNK)
             if not data:
-                break
+                return
             dst.sendall(data)
     except OSError:
-        pass
-    finally:
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        return
 
 
 class LinkFront:
-    """Serve ``address`` (host:port) with mutual TLS, relaying each authenticated connection to a private Unix
-    socket (`worker_address`, for the worker's link to listen on)."""
+    """Serve ``address`` (host:port) with mutual TLS for the parties ``peers`` (their ids: their certificates' common
+    names), relaying each authenticated connection to a private Unix socket (`worker_address`, for the worker's
+    link to listen on)."""
 
-    def __init__(self, address: str, tls: Credentials):
+    def __init__(self, address: str, tls: Credentials, peers: Iterable[str]):
         self.context = server_context(tls)
+        self.peers = frozenset(peers)
         host, port = split_address(address, "spu_address")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.create_server((host, port), family=family)
         self.folder = Path(tempfile.mkdtemp(prefix="cdm-link-"))  # 0700: no other user can reach the socket
         self.socket_path = self.folder / "link.sock"
-        self.listener = socket.create_server((host, port), reuse_port=False)
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._open: List[socket.socket] = []
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._relays = threading.BoundedSemaphore(MAX_RELAYS)
         threading.Thread(target=self._accept, daemon=True, name="spu-link-front").start()
 
     @property
@@ -78,20 +105,22 @@ class LinkFront:
 
     def _accept(self) -> None:
         while not self._closed.is_set():
+            self._handshakes.acquire()
             try:
                 conn, peer = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn, peer), daemon=True, name="spu-link-front-conn").start()
+            except OSError:  # closed; or out of descriptors for a moment: try again
+                self._handshakes.release()
+                if self._closed.wait(0.05):
+                    return
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(conn, peer), daemon=True, name="spu-link-front-conn").start()
+            except RuntimeError:  # no thread to be had: refuse this one
+                self._handshakes.release()
+                conn.close()
 
-    def _track(self, *socks: socket.socket) -> bool:
-        with self._lock:
-            if self._closed.is_set():
-                return False
-            self._open.extend(socks)
-            return True
-
-    def _serve(self, conn: socket.socket, peer) -> None:
+    def _handshake(self, conn: socket.socket, peer):
+        """The connection under TLS, from a peer party; None (closed, logged) otherwise."""
         try:
             conn.settimeout(HANDSHAKE_S)
             secure = self.context.wrap_socket(conn, server_side=True)
@@ -99,24 +128,49 @@ class LinkFront:
         except (OSError, ssl.SSLError) as e:
             log.warning("SPU link front: refused %s (no valid party certificate: %s)", peer, e)
             conn.close()
-            return
-        inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            return None
+        name = common_name(secure)
+        if name not in self.peers:
+            log.warning("SPU link front: refused %s (certificate of %r, not of a peer party)", peer, name)
+            _end(secure)
+            return None
+        return secure
+
+    def _serve(self, conn: socket.socket, peer) -> None:
         try:
-            inner.connect(str(self.socket_path))
-        except OSError:
-            secure.close()
-            inner.close()
+            secure = self._handshake(conn, peer)
+        finally:
+            self._handshakes.release()
+        if secure is None:
             return
-        if not self._track(secure, inner):
-            secure.close()
-            inner.close()
+        if not self._relays.acquire(blocking=False):
+            log.warning("SPU link front: refused %s (%d connections relayed already)", peer, MAX_RELAYS)
+            _end(secure)
             return
-        back = threading.Thread(target=_pump, args=(inner, secure), daemon=True)
-        back.start()
-        _pump(secure, inner)
-        back.join()
-        for s in (secure, inner):
-            s.close()
+        try:
+            inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                inner.connect(str(self.socket_path))
+            except OSError:
+                _end(secure, inner)
+                return
+            if not self._track(secure, inner):
+                _end(secure, inner)
+                return
+            back = threading.Thread(target=lambda: (_pump(inner, secure), _end(secure, inner)), daemon=True)
+            back.start()
+            _pump(secure, inner)
+            _end(secure, inner)  # either direction ending ends both (brpc does not half-close)
+            back.join()
+        finally:
+            self._relays.release()
+
+    def _track(self, *socks: socket.socket) -> bool:
+        with self._lock:
+            if self._closed.is_set():
+                return False
+            self._open.extend(socks)
+            return True
 
     def close(self) -> None:
         """Stop accepting, end every relayed connection, remove the socket's folder."""
@@ -127,11 +181,6 @@ class LinkFront:
             pass
         self.listener.close()
         with self._lock:
-            for s in self._open:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+            _end(*self._open)
             self._open.clear()
         shutil.rmtree(self.folder, ignore_errors=True)

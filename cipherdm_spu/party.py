@@ -367,7 +367,8 @@ class PartyService:
             if self.session is not session:
                 raise PartyError("the session ended while it started")
             try:
-                front = session.front = LinkFront(self.party.spu_address, self.party.tls)
+                front = session.front = LinkFront(self.party.spu_address, self.party.tls,
+                                                  [p.id for p in self.cluster.parties if p.id != self.party.id])
             except OSError as e:
                 raise PartyError(f"party {self.party.id} cannot serve its spu_address {self.party.spu_address}: {e}") from None
             worker = session.worker = _Worker(self.cluster, self.party, self.log_path, session.id, config, agreement,
@@ -476,8 +477,10 @@ class PartyService:
             raise PartyError(f"{what}: not an SPU share") from None
         got_shape = tuple(value.shape.dims)
         field = self.cluster.field
-        storage = f"{self.cluster.protocol.lower()}.AShr<{field}>"  # an arithmetic share, never a public value's type
-        if value.visibility != libspu.Visibility.VIS_SECRET or value.storage_type != storage:
+        # an arithmetic share (a boolean one for bool), never a public value's type
+        storage = f"{self.cluster.protocol.lower()}.{'BShr<' if dtype == 'bool' else 'AShr<' + field + '>'}"
+        if value.visibility != libspu.Visibility.VIS_SECRET or not (
+                value.storage_type.startswith(storage) if dtype == "bool" else value.storage_type == storage):
             raise PartyError(f"{what}: must be a secret share ({storage}), got {value.visibility}, {value.storage_type}")
         if got_shape != tuple(shape) or str(value.data_type) != f"DataType.DT_{_SPU_DTYPES[dtype]}":
             raise PartyError(f"{what}: expected {dtype}{list(shape)}, got {value.data_type} {list(got_shape)}")
@@ -494,10 +497,12 @@ class PartyService:
         session, self.session = self.session, None
         if session is None:
             return
-        if session.worker is not None:
-            session.worker.stop()
-        if session.front is not None:
-            session.front.close()
+        try:
+            if session.worker is not None:
+                session.worker.stop()
+        finally:
+            if session.front is not None:
+                session.front.close()
         log.info("party %s: session %s dropped: %s", self.party.id, session.id, why)
 
     def _drop_idle_sessions(self) -> None:
@@ -675,7 +680,7 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
 
 
 def _die_with_parent() -> None:
-    """End this worker when its party process ends, even by SIGKILL (it holds the party's SPU port)."""
+    """End this worker when its party process ends, even by SIGKILL (it holds the session's link and shares)."""
     parent = os.getppid()
     try:
         import ctypes
@@ -717,7 +722,8 @@ def link_desc(cluster: ClusterConfig, party: PartyConfig, session_id: str, liste
 
 
 def _enable_link_tls(desc, party: PartyConfig) -> None:
-    """The SPU link over mutual TLS: peers must hold a certificate of the party CA (clients' do not)."""
+    """The SPU link over mutual TLS: peers must hold a certificate of the party CA (clients' do not). A party's own
+    listener takes plaintext too (SPU's brpc server), so its sessions listen behind `LinkFront`."""
     desc.enable_ssl = True
     for opts in (desc.server_ssl_opts, desc.client_ssl_opts):
         opts.cert.certificate_path = party.tls.cert

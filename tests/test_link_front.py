@@ -26,7 +26,7 @@ def front(cluster):
     """A front for P0 on a free port, and what its private socket received (a stand-in for the worker's link)."""
     party = cluster.parties[0]
     port = free_ports(1)[0]
-    front = LinkFront(f"127.0.0.1:{port}", party.tls)
+    front = LinkFront(f"127.0.0.1:{port}", party.tls, ["P1", "P2"])
     received, ready = [], threading.Event()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(front.socket_path))
@@ -63,11 +63,24 @@ def _tls_client(credentials, trusted_ca):
 def test_a_peer_with_a_party_certificate_is_relayed_both_ways(cluster, front):
     front, port, received = front
     peer = cluster.parties[1].tls
-    with socket.create_connection(("127.0.0.1", port)) as raw:
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
         with _tls_client(peer, peer.trusted_ca).wrap_socket(raw) as conn:
             conn.sendall(b"share bytes")
             assert conn.recv(4096) == b"share bytes"
     assert b"".join(received) == b"share bytes"
+
+
+def test_a_party_certificate_that_is_not_a_peers_is_refused(cluster, front):
+    """P0's own certificate (of the party CA, but no peer of P0's) gets no further than the handshake."""
+    front, port, received = front
+    own = cluster.parties[0].tls
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            with _tls_client(own, own.trusted_ca).wrap_socket(raw) as conn:
+                conn.sendall(b"forged")
+                assert conn.recv(4096) == b""
+                raise ConnectionError("closed without relaying")
+    assert received == []
 
 
 def test_the_private_socket_is_in_a_folder_only_its_user_can_enter(front):
@@ -82,7 +95,7 @@ def test_a_plaintext_push_never_reaches_the_link(front):
     forged = (b"POST /org.interconnection.link.ReceiverService/Push HTTP/1.1\r\nHost: x\r\n"
               b"Content-Type: application/json\r\nContent-Length: 40\r\n\r\n"
               b'{"sender_rank":1,"key":"s:P2P-1:1->0"}  ')
-    with socket.create_connection(("127.0.0.1", port)) as conn:
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as conn:
         conn.settimeout(15)
         conn.sendall(forged)
         try:
@@ -97,7 +110,7 @@ def test_a_plaintext_push_never_reaches_the_link(front):
 def test_a_client_certificate_or_none_is_refused(cluster, front, who):
     front, port, received = front
     credentials = cluster.client(who) if who != "none" else None
-    with socket.create_connection(("127.0.0.1", port)) as raw:
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             with _tls_client(credentials, cluster.parties[0].tls.trusted_ca).wrap_socket(raw) as conn:
                 conn.sendall(b"forged")
@@ -109,7 +122,7 @@ def test_a_client_certificate_or_none_is_refused(cluster, front, who):
 def test_closing_ends_relayed_connections_and_removes_the_socket(cluster, front):
     front, port, _ = front
     peer = cluster.parties[2].tls
-    raw = socket.create_connection(("127.0.0.1", port))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=15)
     conn = _tls_client(peer, peer.trusted_ca).wrap_socket(raw)
     conn.sendall(b"x")
     assert conn.recv(16) == b"x"
