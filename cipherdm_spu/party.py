@@ -345,9 +345,10 @@ class PartyService:
             raise PartyError(f"party {self.party.id} refuses to run the compiled step: {e}") from None
         compiled_s = time.perf_counter() - started
         executable = hashlib.sha256(program.code).hexdigest()
-        # what the three parties must agree on before any share meets another (whose model, too): checked over the SPU link
-        agreement = hashlib.sha256(json.dumps(
-            [session.id, session.user, session.model_id, model.owner, model.digest, terms.canonical, executable]).encode()).hexdigest()
+        # what the three parties must agree on before any share meets another (whose model, too): checked over the
+        # SPU link
+        agreed = [session.id, session.user, session.model_id, model.owner, model.digest, terms.canonical, executable]
+        agreement = hashlib.sha256(json.dumps(agreed).encode()).hexdigest()
         config = self.cluster.runtime_config(program.runtime_options)
         config.enable_pphlo_profile, config.enable_hal_profile = True, False  # this party's own cost report
         with self.lock:
@@ -370,7 +371,8 @@ class PartyService:
                 front = session.front = LinkFront(self.party.spu_address, self.party.tls,
                                                   [p.id for p in self.cluster.parties if p.id != self.party.id])
             except OSError as e:
-                raise PartyError(f"party {self.party.id} cannot serve its spu_address {self.party.spu_address}: {e}") from None
+                raise PartyError(f"party {self.party.id} cannot serve its spu_address {self.party.spu_address}: "
+                                 f"{e}") from None
             worker = session.worker = _Worker(self.cluster, self.party, self.log_path, session.id, config, agreement,
                                               front.worker_address)
         worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
@@ -481,7 +483,8 @@ class PartyService:
         storage = f"{self.cluster.protocol.lower()}.{'BShr<' if dtype == 'bool' else 'AShr<' + field + '>'}"
         if value.visibility != libspu.Visibility.VIS_SECRET or not (
                 value.storage_type.startswith(storage) if dtype == "bool" else value.storage_type == storage):
-            raise PartyError(f"{what}: must be a secret share ({storage}), got {value.visibility}, {value.storage_type}")
+            raise PartyError(f"{what}: must be a secret share ({storage}), got {value.visibility}, "
+                             f"{value.storage_type}")
         if got_shape != tuple(shape) or str(value.data_type) != f"DataType.DT_{_SPU_DTYPES[dtype]}":
             raise PartyError(f"{what}: expected {dtype}{list(shape)}, got {value.data_type} {list(got_shape)}")
         # replicated shares of a ring element: two of them, plus a few bytes of framing per chunk
@@ -570,12 +573,14 @@ class _Worker:
     session lives in a child: a lost peer ends the session, never the party.
     """
 
-    def __init__(self, cluster, party, log_path, session_id: str, runtime_config: bytes, agreement: str, listen: str):
+    def __init__(self, cluster, party, log_path, session_id: str, runtime_config: bytes, agreement: str,
+                 listen: str):
         self.party = party
         context = mp.get_context("spawn")  # never fork a process that runs gRPC threads
         self.conn, child = context.Pipe()
         self.process = context.Process(
-            target=_worker_main, args=(child, cluster, party, str(log_path), session_id, runtime_config, agreement, listen),
+            target=_worker_main,
+            args=(child, cluster, party, str(log_path), session_id, runtime_config, agreement, listen),
             name=f"spu-{party.id}-{session_id}", daemon=True,
         )
         self.process.start()
@@ -612,8 +617,9 @@ class _Worker:
 
 def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str, session_id: str,
                  runtime_config: bytes, agreement: str, listen: str):
-    """The worker process: build the link (listening at ``listen``, behind the party's `LinkFront`), check that the three parties agree on the session (the same
-    session, user, model, job and executable), build the runtime, then serve the party's jobs."""
+    """The worker process: build the link (listening at ``listen``, behind the party's `LinkFront`), check that the
+    three parties agree on the session (the same session, user, model, its owner, job and executable), build the
+    runtime, then serve the party's jobs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the party process decides when this one ends
     _die_with_parent()
     spu_log = SpuLog.get(log_path)
@@ -706,8 +712,8 @@ def _first_lines(error: BaseException) -> str:
 
 def link_desc(cluster: ClusterConfig, party: PartyConfig, session_id: str, listen: Optional[str] = None):
     """The SPU link of ``party`` for one session: it listens on its own ``spu_address`` (on ``listen`` instead where
-    given: a party's sessions listen on a private socket behind `LinkFront`, which serves spu_address) and dials each peer at
-    the address its config gives for that peer (`ClusterConfig.dial_addresses`: the peer's ``spu_address``
+    given: a party's sessions listen on a private socket behind `LinkFront`, which serves spu_address) and dials
+    each peer at the address its config gives for that peer (`ClusterConfig.dial_addresses`: the peer's ``spu_address``
     unless ``spu_dial`` routes it, e.g. through a link emulator). Mutual TLS either way: whoever answers
     a dial must hold a certificate of the party CA."""
     desc = libspu.link.Desc()
