@@ -123,7 +123,7 @@ class JobTerms:
     steps: int
     #: the job in one canonical text: equal jobs compile once, and the parties compare it
     canonical: str
-    #: the ops whose kernels the job takes from elsewhere than its protocol set (sorted)
+    #: the ops the job names in its overrides (sorted): a policy listing protocol sets refuses any
     overridden_ops: Tuple[str, ...] = ()
 
 
