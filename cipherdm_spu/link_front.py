@@ -4,10 +4,11 @@ SPU 0.9.5's brpc link server, even with TLS enabled, also answers plaintext on t
 protocol per connection, and the link exposes no option to refuse plaintext). Anyone who reached a party's
 ``spu_address`` could then push messages as any peer into a running session (silently wrong results, a forged
 agreement) or make the worker allocate without bound. So a session's worker listens on a Unix socket in a folder
-only the party's own user can enter, and the party serves ``spu_address`` with this front: it completes a TLS
-handshake that requires a certificate of the party CA (the peers' own; clients' certificates come from another CA)
-whose common name is one of the other parties' ids, and only then relays the bytes to the worker. A connection
-that does not finish the handshake never reaches it.
+only the party's own user can enter, and the party serves ``spu_address`` with this front for as long as it runs (so
+that no other local process can take the port between sessions): it completes a TLS handshake that requires a
+certificate of the party CA (the peers' own; clients' certificates come from another CA) whose common name is one of
+the other parties' ids, and only then relays the bytes to the open session's worker. A connection that does not
+finish the handshake never reaches it; one that arrives while no session is open is closed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import ssl
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 from .cluster_config import Credentials, split_address
 
@@ -80,8 +81,8 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
 
 class LinkFront:
     """Serve ``address`` (host:port) with mutual TLS for the parties ``peers`` (their ids: their certificates' common
-    names), relaying each authenticated connection to a private Unix socket (`worker_address`, for the worker's
-    link to listen on)."""
+    names), relaying each authenticated connection to the private Unix socket of the open session (`open_session`),
+    if any."""
 
     def __init__(self, address: str, tls: Credentials, peers: Iterable[str]):
         self.context = server_context(tls)
@@ -89,19 +90,37 @@ class LinkFront:
         host, port = split_address(address, "spu_address")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.create_server((host, port), family=family)
-        self.folder = Path(tempfile.mkdtemp(prefix="cdm-link-"))  # 0700: no other user can reach the socket
-        self.socket_path = self.folder / "link.sock"
+        self.folder: Optional[Path] = None  # the open session's private folder
         self._closed = threading.Event()
         self._lock = threading.Lock()
-        self._open: List[socket.socket] = []
+        self._open: List[socket.socket] = []  # the open session's relayed connections, both ends
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._relays = threading.BoundedSemaphore(MAX_RELAYS)
         threading.Thread(target=self._accept, daemon=True, name="spu-link-front").start()
 
     @property
-    def worker_address(self) -> str:
-        """The address the worker's SPU link listens on (brpc's Unix socket form)."""
-        return f"unix:{self.socket_path}"
+    def socket_path(self) -> Optional[Path]:
+        """The open session's socket (None when none is open)."""
+        return None if self.folder is None else self.folder / "link.sock"
+
+    def open_session(self) -> str:
+        """A new private socket for a session's worker to listen on; returns its address (brpc's Unix form)."""
+        with self._lock:
+            if self._closed.is_set():
+                raise RuntimeError("the SPU link front is closed")
+            if self.folder is not None:
+                raise RuntimeError("a session is open on the SPU link front already")
+            self.folder = Path(tempfile.mkdtemp(prefix="cdm-link-"))  # 0700: no other user can reach the socket
+            return f"unix:{self.socket_path}"
+
+    def end_session(self) -> None:
+        """End the open session's relayed connections and remove its socket's folder (nothing if none is open)."""
+        with self._lock:
+            folder, self.folder = self.folder, None
+            _end(*self._open)
+            self._open.clear()
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _accept(self) -> None:
         while not self._closed.is_set():
@@ -122,6 +141,9 @@ class LinkFront:
     def _handshake(self, conn: socket.socket, peer):
         """The connection under TLS, from a peer party; None (closed, logged) otherwise."""
         try:
+            # the relayed link messages are requests and answers, each of one or more TLS records: Nagle's algorithm
+            # would hold a record back until the previous one is acknowledged, a delayed acknowledgement later
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(HANDSHAKE_S)
             secure = self.context.wrap_socket(conn, server_side=True)
             secure.settimeout(None)
@@ -148,13 +170,17 @@ class LinkFront:
             _end(secure)
             return
         try:
+            folder = self.folder
+            if folder is None:  # a peer that dials before this party's session opens: its link dials again
+                _end(secure)
+                return
             inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                inner.connect(str(self.socket_path))
+                inner.connect(str(folder / "link.sock"))
             except OSError:
                 _end(secure, inner)
                 return
-            if not self._track(secure, inner):
+            if not self._track(folder, secure, inner):
                 _end(secure, inner)
                 return
             back = threading.Thread(target=lambda: (_pump(inner, secure), _end(secure, inner)), daemon=True)
@@ -165,22 +191,20 @@ class LinkFront:
         finally:
             self._relays.release()
 
-    def _track(self, *socks: socket.socket) -> bool:
+    def _track(self, folder: Path, *socks: socket.socket) -> bool:
+        """Count ``socks`` among ``folder``'s session's connections; False when that session has ended."""
         with self._lock:
-            if self._closed.is_set():
+            if self.folder != folder:
                 return False
             self._open.extend(socks)
             return True
 
     def close(self) -> None:
-        """Stop accepting, end every relayed connection, remove the socket's folder."""
+        """Stop accepting, end the open session (its relayed connections and its socket's folder)."""
         self._closed.set()
         try:
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread and stops listening (Linux)
         except OSError:
             pass
         self.listener.close()
-        with self._lock:
-            _end(*self._open)
-            self._open.clear()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.end_session()

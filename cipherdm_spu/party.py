@@ -101,7 +101,6 @@ class _Session:
     compiled: Optional[tuple] = None  # (program, agreement, runtime config) once compiled and audited
     program: Optional[StepProgram] = None  # once started: the worker is linked and holds the weights
     worker: Optional["_Worker"] = None
-    front: Optional[LinkFront] = None  # the mutual-TLS door to the worker's link, while the worker lives
     slots: set = dataclasses.field(default_factory=set)
     reports: list = dataclasses.field(default_factory=list)
     open_report: dict = dataclasses.field(default_factory=dict)
@@ -127,6 +126,10 @@ class PartyService:
         self.models: Dict[str, _Model] = {}
         self.session: Optional[_Session] = None
         self.lock = threading.RLock()
+        try:  # the mutual-TLS door to the sessions' SPU links, held for the party's lifetime
+            self.front = LinkFront(party.spu_address, party.tls, [p.id for p in cluster.parties if p.id != party.id])
+        except OSError as e:
+            raise PartyError(f"party {party.id} cannot serve its spu_address {party.spu_address}: {e}") from None
         self.jobs = cf.ThreadPoolExecutor(1, thread_name_prefix=f"party-{party.id}-job")
         # programs are compiled in a process of their own: SPU's compiler holds the GIL for seconds, which
         # would stall this process's control service (and its deadlines) meanwhile
@@ -323,6 +326,7 @@ class PartyService:
         self._stop.set()
         with self.lock:
             self._drop_session("the party is shutting down")
+        self.front.close()
         self.jobs.shutdown(wait=False, cancel_futures=True)
         _stop_compiler(self.compiler)
 
@@ -367,14 +371,8 @@ class PartyService:
         with self.lock:
             if self.session is not session:
                 raise PartyError("the session ended while it started")
-            try:
-                front = session.front = LinkFront(self.party.spu_address, self.party.tls,
-                                                  [p.id for p in self.cluster.parties if p.id != self.party.id])
-            except OSError as e:
-                raise PartyError(f"party {self.party.id} cannot serve its spu_address {self.party.spu_address}: "
-                                 f"{e}") from None
             worker = session.worker = _Worker(self.cluster, self.party, self.log_path, session.id, config, agreement,
-                                              front.worker_address)
+                                              self.front.open_session())
         worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
         worker.call("set_vars", [(_tensor(n), *model.shares[n]) for n in program.resident], timeout=TRANSFER_S)
         with self.lock:
@@ -504,8 +502,7 @@ class PartyService:
             if session.worker is not None:
                 session.worker.stop()
         finally:
-            if session.front is not None:
-                session.front.close()
+            self.front.end_session()
         log.info("party %s: session %s dropped: %s", self.party.id, session.id, why)
 
     def _drop_idle_sessions(self) -> None:

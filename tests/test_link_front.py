@@ -1,5 +1,6 @@
-"""cipherdm_spu.link_front: only a holder of a party certificate reaches a session's SPU link; plaintext (which SPU's
-own link server would answer) and clients' certificates are refused before a byte is relayed."""
+"""cipherdm_spu.link_front: only a peer party's certificate reaches a session's SPU link; plaintext (which SPU's
+own link server would answer) and clients' certificates are refused before a byte is relayed, and between sessions
+the front keeps the port and relays nothing."""
 
 import socket
 import ssl
@@ -21,19 +22,14 @@ def cluster(tmp_path_factory):
     return cluster_config.load(path)
 
 
-@pytest.fixture
-def front(cluster):
-    """A front for P0 on a free port, and what its private socket received (a stand-in for the worker's link)."""
-    party = cluster.parties[0]
-    port = free_ports(1)[0]
-    front = LinkFront(f"127.0.0.1:{port}", party.tls, ["P1", "P2"])
-    received, ready = [], threading.Event()
+def _echo_worker(front, received):
+    """A stand-in for a session's worker: listens on the open session's socket, echoes and records what it gets."""
+    assert front.open_session() == f"unix:{front.socket_path}"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(front.socket_path))
     server.listen()
 
     def echo():
-        ready.set()
         while True:
             try:
                 conn, _ = server.accept()
@@ -45,10 +41,35 @@ def front(cluster):
                     conn.sendall(data)
 
     threading.Thread(target=echo, daemon=True).start()
-    ready.wait()
+    return server
+
+
+@pytest.fixture
+def front(cluster):
+    """A front for P0 on a free port with a session open, and what that session's socket received."""
+    party = cluster.parties[0]
+    port = free_ports(1)[0]
+    front = LinkFront(f"127.0.0.1:{port}", party.tls, ["P1", "P2"])
+    received = []
+    server = _echo_worker(front, received)
     yield front, port, received
     front.close()
     server.close()
+
+
+def _peer_connection(cluster, port, peer="P1"):
+    tls = cluster.party(peer).tls
+    raw = socket.create_connection(("127.0.0.1", port), timeout=15)
+    return _tls_client(tls, tls.trusted_ca).wrap_socket(raw)
+
+
+def _ends(conn) -> bool:
+    """Whether the far side ends the connection (rather than answering) after we send a byte."""
+    try:
+        conn.sendall(b"x")
+        return conn.recv(16) == b""
+    except (ssl.SSLError, ConnectionError):
+        return True
 
 
 def _tls_client(credentials, trusted_ca):
@@ -62,11 +83,9 @@ def _tls_client(credentials, trusted_ca):
 
 def test_a_peer_with_a_party_certificate_is_relayed_both_ways(cluster, front):
     front, port, received = front
-    peer = cluster.parties[1].tls
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
-        with _tls_client(peer, peer.trusted_ca).wrap_socket(raw) as conn:
-            conn.sendall(b"share bytes")
-            assert conn.recv(4096) == b"share bytes"
+    with _peer_connection(cluster, port) as conn:
+        conn.sendall(b"share bytes")
+        assert conn.recv(4096) == b"share bytes"
     assert b"".join(received) == b"share bytes"
 
 
@@ -86,7 +105,6 @@ def test_a_party_certificate_that_is_not_a_peers_is_refused(cluster, front):
 def test_the_private_socket_is_in_a_folder_only_its_user_can_enter(front):
     front, _, _ = front
     assert stat.S_IMODE(front.folder.stat().st_mode) == 0o700
-    assert front.worker_address == f"unix:{front.socket_path}"
 
 
 def test_a_plaintext_push_never_reaches_the_link(front):
@@ -119,13 +137,56 @@ def test_a_client_certificate_or_none_is_refused(cluster, front, who):
     assert received == []
 
 
-def test_closing_ends_relayed_connections_and_removes_the_socket(cluster, front):
+def test_relayed_records_are_sent_at_once(cluster, front):
+    """TCP_NODELAY on the peer's connection: otherwise an answer of several TLS records waits for an acknowledgement
+    (tens of ms per link message on Linux)."""
     front, port, _ = front
-    peer = cluster.parties[2].tls
-    raw = socket.create_connection(("127.0.0.1", port), timeout=15)
-    conn = _tls_client(peer, peer.trusted_ca).wrap_socket(raw)
+    with _peer_connection(cluster, port) as conn:
+        conn.sendall(b"x")
+        assert conn.recv(16) == b"x"
+        relayed = [s for s in front._open if s.family != socket.AF_UNIX]
+        assert relayed and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in relayed)
+
+
+def test_ending_a_session_ends_its_connections_and_keeps_the_port(cluster, front):
+    """Between sessions the front keeps spu_address (no other local process can take it), relays nothing, and the
+    next session gets a new private folder."""
+    front, port, received = front
+    conn = _peer_connection(cluster, port, "P2")
     conn.sendall(b"x")
     assert conn.recv(16) == b"x"
+    folder = front.folder
+    front.end_session()
+    assert _ends(conn)
+    conn.close()
+    assert not folder.exists() and front.folder is None
+    with _peer_connection(cluster, port) as idle:  # no session open: a peer's connection is closed, not relayed
+        assert _ends(idle)
+    assert b"".join(received) == b"x"
+    with pytest.raises(OSError):  # the port is still the front's
+        socket.create_server(("127.0.0.1", port))
+    server = _echo_worker(front, received)
+    try:
+        assert front.folder != folder
+        with _peer_connection(cluster, port) as again:
+            again.sendall(b"y")
+            assert again.recv(16) == b"y"
+    finally:
+        server.close()
+
+
+def test_one_session_at_a_time(front):
+    front, _, _ = front
+    with pytest.raises(RuntimeError, match="open"):
+        front.open_session()
+
+
+def test_closing_ends_relayed_connections_and_frees_the_port(cluster, front):
+    front, port, _ = front
+    conn = _peer_connection(cluster, port, "P2")
+    conn.sendall(b"x")
+    assert conn.recv(16) == b"x"
+    folder = front.folder
     front.close()
     conn.settimeout(15)
     try:
@@ -133,6 +194,8 @@ def test_closing_ends_relayed_connections_and_removes_the_socket(cluster, front)
     except (ssl.SSLError, ConnectionError):
         pass
     conn.close()
-    assert not front.folder.exists()
+    assert not folder.exists()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
+    with pytest.raises(RuntimeError, match="closed"):
+        front.open_session()

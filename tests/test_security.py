@@ -149,6 +149,13 @@ def test_a_session_cannot_be_taken_over_and_is_dropped_when_abandoned(cluster):
             time.sleep(1)
         assert not any(r.busy for r in alice.hello())
         assert "no session 'alice-1'" in _details(lambda: alice.call(0, "session_step", SessionStep("alice-1", 0)))
+        # between sessions each party still holds its spu_address: no local process can take it (and have the next
+        # session fail), and a forged push still gets nothing
+        for party in cluster_cfg.parties:
+            host, _, port = party.spu_address.rpartition(":")
+            with pytest.raises(OSError):
+                socket.create_server((host, int(port)))
+            assert _plaintext_push(party.spu_address, "alice-1:P2P-1:1->0") == b"", party.id
 
 
 def _plaintext_push(address: str, key: str) -> bytes:
