@@ -8,7 +8,8 @@ only the party's own user can enter, and the party serves ``spu_address`` with t
 that no other local process can take the port between sessions): it completes a TLS handshake that requires a
 certificate of the party CA (the peers' own; clients' certificates come from another CA) whose common name is one of
 the other parties' ids, and only then relays the bytes to the open session's worker. A connection that does not
-finish the handshake never reaches it; one that arrives while no session is open is closed.
+finish the handshake never reaches it; one that arrives while no session is open is closed, and one accepted during
+a session is relayed to that session's worker or to none.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import ssl
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, Optional, Set
 
 from .cluster_config import Credentials, split_address
 
@@ -55,14 +56,20 @@ def common_name(secure: ssl.SSLSocket) -> str:
     return ""
 
 
-def _end(*socks: socket.socket) -> None:
-    """End both directions of each socket at the OS level (never a TLS unwrap, which would leave the socket in
-    plaintext for the other direction's thread) and close it."""
+def _shut(*socks: socket.socket) -> None:
+    """End both directions of each socket at the OS level: the threads reading them see the end. Never a TLS unwrap
+    (which would leave the socket in plaintext for the other direction's thread), and never a close while another
+    thread may still use the socket (its descriptor could be reused meanwhile)."""
     for s in socks:
         try:
             socket.socket.shutdown(s, socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _end(*socks: socket.socket) -> None:
+    """`_shut` and close sockets no other thread uses."""
+    _shut(*socks)
     for s in socks:
         s.close()
 
@@ -81,8 +88,8 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
 
 class LinkFront:
     """Serve ``address`` (host:port) with mutual TLS for the parties ``peers`` (their ids: their certificates' common
-    names), relaying each authenticated connection to the private Unix socket of the open session (`open_session`),
-    if any."""
+    names), relaying each authenticated connection to the private Unix socket of the session open when it was
+    accepted (`open_session`), while that session lasts."""
 
     def __init__(self, address: str, tls: Credentials, peers: Iterable[str]):
         self.context = server_context(tls)
@@ -91,9 +98,10 @@ class LinkFront:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.create_server((host, port), family=family)
         self.folder: Optional[Path] = None  # the open session's private folder
+        self._session = 0  # counts sessions opened and ended: a connection is tied to the count at its accept
         self._closed = threading.Event()
         self._lock = threading.Lock()
-        self._open: List[socket.socket] = []  # the open session's relayed connections, both ends
+        self._open: Set[socket.socket] = set()  # the open session's relayed connections, both ends
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._relays = threading.BoundedSemaphore(MAX_RELAYS)
         threading.Thread(target=self._accept, daemon=True, name="spu-link-front").start()
@@ -111,13 +119,15 @@ class LinkFront:
             if self.folder is not None:
                 raise RuntimeError("a session is open on the SPU link front already")
             self.folder = Path(tempfile.mkdtemp(prefix="cdm-link-"))  # 0700: no other user can reach the socket
+            self._session += 1
             return f"unix:{self.socket_path}"
 
     def end_session(self) -> None:
         """End the open session's relayed connections and remove its socket's folder (nothing if none is open)."""
         with self._lock:
             folder, self.folder = self.folder, None
-            _end(*self._open)
+            self._session += 1
+            _shut(*self._open)  # their relays close them
             self._open.clear()
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -132,8 +142,15 @@ class LinkFront:
                 if self._closed.wait(0.05):
                     return
                 continue
+            with self._lock:
+                session = self._session if self.folder is not None else None
+            if session is None:  # a peer that dials before this party's session opens: its link dials again
+                self._handshakes.release()
+                conn.close()
+                continue
             try:
-                threading.Thread(target=self._serve, args=(conn, peer), daemon=True, name="spu-link-front-conn").start()
+                threading.Thread(target=self._serve, args=(conn, peer, session), daemon=True,
+                                 name="spu-link-front-conn").start()
             except RuntimeError:  # no thread to be had: refuse this one
                 self._handshakes.release()
                 conn.close()
@@ -158,7 +175,7 @@ class LinkFront:
             return None
         return secure
 
-    def _serve(self, conn: socket.socket, peer) -> None:
+    def _serve(self, conn: socket.socket, peer, session: int) -> None:
         try:
             secure = self._handshake(conn, peer)
         finally:
@@ -169,34 +186,35 @@ class LinkFront:
             log.warning("SPU link front: refused %s (%d connections relayed already)", peer, MAX_RELAYS)
             _end(secure)
             return
+        inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            folder = self.folder
-            if folder is None:  # a peer that dials before this party's session opens: its link dials again
-                _end(secure)
+            with self._lock:
+                folder = self.folder if self._session == session else None
+            if folder is None:  # its session ended during the handshake
                 return
-            inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 inner.connect(str(folder / "link.sock"))
             except OSError:
-                _end(secure, inner)
                 return
-            if not self._track(folder, secure, inner):
-                _end(secure, inner)
+            if not self._track(session, secure, inner):
                 return
-            back = threading.Thread(target=lambda: (_pump(inner, secure), _end(secure, inner)), daemon=True)
+            back = threading.Thread(target=lambda: (_pump(inner, secure), _shut(secure, inner)), daemon=True)
             back.start()
             _pump(secure, inner)
-            _end(secure, inner)  # either direction ending ends both (brpc does not half-close)
+            _shut(secure, inner)  # either direction ending ends both (brpc does not half-close)
             back.join()
         finally:
+            with self._lock:
+                self._open.difference_update((secure, inner))
+            _end(secure, inner)
             self._relays.release()
 
-    def _track(self, folder: Path, *socks: socket.socket) -> bool:
-        """Count ``socks`` among ``folder``'s session's connections; False when that session has ended."""
+    def _track(self, session: int, *socks: socket.socket) -> bool:
+        """Count ``socks`` among the open session's connections; False when ``session`` is no longer open."""
         with self._lock:
-            if self.folder != folder:
+            if self._session != session:
                 return False
-            self._open.extend(socks)
+            self._open.update(socks)
             return True
 
     def close(self) -> None:

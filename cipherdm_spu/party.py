@@ -126,15 +126,16 @@ class PartyService:
         self.models: Dict[str, _Model] = {}
         self.session: Optional[_Session] = None
         self.lock = threading.RLock()
-        try:  # the mutual-TLS door to the sessions' SPU links, held for the party's lifetime
-            self.front = LinkFront(party.spu_address, party.tls, [p.id for p in cluster.parties if p.id != party.id])
-        except OSError as e:
-            raise PartyError(f"party {party.id} cannot serve its spu_address {party.spu_address}: {e}") from None
         self.jobs = cf.ThreadPoolExecutor(1, thread_name_prefix=f"party-{party.id}-job")
         # programs are compiled in a process of their own: SPU's compiler holds the GIL for seconds, which
         # would stall this process's control service (and its deadlines) meanwhile
         self.compiler = _compiler_process()
         self._io = spu.Io(3, cluster.runtime_config())
+        try:  # the mutual-TLS door to the sessions' SPU links, held for the party's lifetime
+            self.front = LinkFront(party.spu_address, party.tls, [p.id for p in cluster.parties if p.id != party.id])
+        except OSError as e:
+            _stop_compiler(self.compiler)
+            raise PartyError(f"party {party.id} cannot serve its spu_address {party.spu_address}: {e}") from None
         self._stop = threading.Event()
         threading.Thread(target=self._drop_idle_sessions, daemon=True, name=f"party-{party.id}-idle").start()
 
@@ -796,20 +797,22 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     server.add_generic_rpc_handlers((_handler(service),))
     try:
-        bound = server.add_secure_port(party.control_address, server_credentials(party))
-    except RuntimeError as e:
-        raise PartyError(f"party {party.id}: cannot listen on {party.control_address}: {e}") from None
-    if not bound:
-        raise PartyError(f"party {party.id}: cannot listen on {party.control_address}")
-    server.start()
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"party {party.id} ready: control {party.control_address}, SPU link {party.spu_address}, "
-          f"config {cluster.fingerprint}", flush=True)
-    stop.wait()
-    print(f"party {party.id}: shutting down", flush=True)
-    service.shutdown()  # first, so that a run blocked inside SPU ends and its gRPC call returns
+        try:
+            bound = server.add_secure_port(party.control_address, server_credentials(party))
+        except RuntimeError as e:
+            raise PartyError(f"party {party.id}: cannot listen on {party.control_address}: {e}") from None
+        if not bound:
+            raise PartyError(f"party {party.id}: cannot listen on {party.control_address}")
+        server.start()
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"party {party.id} ready: control {party.control_address}, SPU link {party.spu_address}, "
+              f"config {cluster.fingerprint}", flush=True)
+        stop.wait()
+        print(f"party {party.id}: shutting down", flush=True)
+    finally:
+        service.shutdown()  # first, so that a run blocked inside SPU ends and its gRPC call returns
     server.stop(grace=2).wait()
     return 0
 

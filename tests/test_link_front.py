@@ -6,11 +6,12 @@ import socket
 import ssl
 import stat
 import threading
+import time
 
 import pytest
 
 from cipherdm_spu import cluster_config
-from cipherdm_spu.link_front import LinkFront
+from cipherdm_spu.link_front import MAX_HANDSHAKES, LinkFront
 
 from .cluster_fixtures import free_ports, make_certs, write_config
 
@@ -160,8 +161,10 @@ def test_ending_a_session_ends_its_connections_and_keeps_the_port(cluster, front
     assert _ends(conn)
     conn.close()
     assert not folder.exists() and front.folder is None
-    with _peer_connection(cluster, port) as idle:  # no session open: a peer's connection is closed, not relayed
-        assert _ends(idle)
+    with pytest.raises((ssl.SSLError, OSError)):  # no session open: a peer's connection is closed at once
+        with _peer_connection(cluster, port) as idle:
+            assert _ends(idle)
+            raise ConnectionError("closed without relaying")
     assert b"".join(received) == b"x"
     with pytest.raises(OSError):  # the port is still the front's
         socket.create_server(("127.0.0.1", port))
@@ -173,6 +176,28 @@ def test_ending_a_session_ends_its_connections_and_keeps_the_port(cluster, front
             assert again.recv(16) == b"y"
     finally:
         server.close()
+
+
+def test_a_connection_accepted_in_one_session_never_reaches_the_next(cluster, front):
+    """A connection belongs to the session open when it was accepted: one that finishes its handshake after that
+    session ended (and another opened) is closed, not relayed to the new session's worker."""
+    front, port, received = front
+    raw = socket.create_connection(("127.0.0.1", port), timeout=15)
+    deadline = time.monotonic() + 15
+    while front._handshakes._value > MAX_HANDSHAKES - 2 and time.monotonic() < deadline:  # accepted, handshaking
+        time.sleep(0.01)
+    front.end_session()
+    server = _echo_worker(front, received)
+    try:
+        tls = cluster.party("P1").tls
+        with pytest.raises((ssl.SSLError, OSError)):
+            with _tls_client(tls, tls.trusted_ca).wrap_socket(raw) as conn:
+                assert _ends(conn)
+                raise ConnectionError("closed without relaying")
+    finally:
+        raw.close()
+        server.close()
+    assert received == []
 
 
 def test_one_session_at_a_time(front):
