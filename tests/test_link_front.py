@@ -64,6 +64,14 @@ def _peer_connection(cluster, port, peer="P1"):
     return _tls_client(tls, tls.trusted_ca).wrap_socket(raw)
 
 
+def _relayed(cluster, port):
+    """A peer's connection through which a byte has gone to the worker and back."""
+    conn = _peer_connection(cluster, port, "P2")
+    conn.sendall(b"x")
+    assert conn.recv(16) == b"x"
+    return conn
+
+
 def _ends(conn) -> bool:
     """Whether the far side ends the connection (rather than answering) after we send a byte."""
     try:
@@ -153,9 +161,7 @@ def test_ending_a_session_ends_its_connections_and_keeps_the_port(cluster, front
     """Between sessions the front keeps spu_address (no other local process can take it), relays nothing, and the
     next session gets a new private folder."""
     front, port, received = front
-    conn = _peer_connection(cluster, port, "P2")
-    conn.sendall(b"x")
-    assert conn.recv(16) == b"x"
+    conn = _relayed(cluster, port)
     folder = front.folder
     front.end_session()
     assert _ends(conn)
@@ -208,9 +214,7 @@ def test_one_session_at_a_time(front):
 
 def test_closing_ends_relayed_connections_and_frees_the_port(cluster, front):
     front, port, _ = front
-    conn = _peer_connection(cluster, port, "P2")
-    conn.sendall(b"x")
-    assert conn.recv(16) == b"x"
+    conn = _relayed(cluster, port)
     folder = front.folder
     front.close()
     conn.settimeout(15)
