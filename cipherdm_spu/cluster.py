@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -67,6 +68,9 @@ def parse_args(argv=None):
                         "upload a model as its owner")
     p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help=f"cluster config (default: {DEFAULT_CONFIG})")
     p.add_argument("--party", help="start: only this party (its id in the config)")
+    p.add_argument("--share-memory-gib", type=_positive_gib, default=None, metavar="GIB",
+                   help="start: the most memory the models' shares may take in each party, all models together; an "
+                        "upload beyond it is refused (default: half of this machine's memory)")
     p.add_argument("--log-dir", type=Path, default=None,
                    help="start: a private folder for the parties' SPU logs (default: a new temporary folder, 0700)")
     p.add_argument("--as", dest="identity", default=None,
@@ -102,11 +106,28 @@ def main(argv=None) -> int:
             from .jobs import SamplingCatalog
             from .party import serve
 
-            return serve(cluster, args.party, SamplingCatalog(), _log_dir(args))
-        return supervise(args.config, cluster, _log_dir(args))
+            return serve(cluster, args.party, SamplingCatalog(), _log_dir(args), _share_memory(args))
+        return supervise(args.config, cluster, _log_dir(args), _share_memory(args))
     except (ClusterConfigError, PartyError, ClusterError, InputError, ConfigError, SchedulerConfigError) as e:
         print(f"spu-launch: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ClusterConfigError, PartyError, ValueError)) else 1
+
+
+def _positive_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, not {text!r}")
+    return value
+
+
+def _share_memory(args) -> int:
+    """The parties' share-memory budget in bytes: --share-memory-gib, or half of this machine's physical memory."""
+    if args.share_memory_gib is not None:
+        return int(args.share_memory_gib * 2**30)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
 def _log_dir(args) -> Path:
@@ -175,7 +196,7 @@ def upload(cluster: ClusterConfig, args) -> int:
     return 0
 
 
-def supervise(config_path: Path, cluster: ClusterConfig, log_dir: Path) -> int:
+def supervise(config_path: Path, cluster: ClusterConfig, log_dir: Path, share_memory: int) -> int:
     """Start the local parties as child processes and watch them until a signal or their end."""
     ids = local_parties(cluster)
     if not ids:
@@ -187,7 +208,7 @@ def supervise(config_path: Path, cluster: ClusterConfig, log_dir: Path) -> int:
     for party_id in ids:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cipherdm_spu.cluster", "--config", str(config_path), "--party", party_id,
-             "--log-dir", str(log_dir)],
+             "--log-dir", str(log_dir), "--share-memory-gib", repr(share_memory / 2**30)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         )
         children[party_id] = proc

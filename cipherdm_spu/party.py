@@ -85,6 +85,7 @@ class _Model:
     digest: str
     policy: Policy
     expected: Dict[str, tuple]
+    size: int  # bytes its shares take in this party's memory, once all uploaded
     shares: Dict[str, tuple] = dataclasses.field(default_factory=dict)  # name -> (meta, chunks)
     sealed: bool = False
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
@@ -95,7 +96,8 @@ class _Session:
     id: str
     user: str
     model_id: str
-    last_seen: float
+    last_seen: float  # when its user's last call on it began or, for a call that waited on its job, ended
+    polls: int = 0  # its user's calls waiting on its job now: the session is not silent meanwhile
     job: Optional[cf.Future] = None  # the open or step job in flight
     job_index: int = -1  # what the job in flight is: -1 the compile, -2 the start, i step i
     compiled: Optional[tuple] = None  # (program, agreement, runtime config) once compiled and audited
@@ -121,8 +123,10 @@ def check_port_free(address: str, what: str) -> None:
 class PartyService:
     """The state of one party: the models it holds shares of, and at most one session."""
 
-    def __init__(self, cluster: ClusterConfig, party: PartyConfig, catalog: JobCatalog, log_path: Path):
+    def __init__(self, cluster: ClusterConfig, party: PartyConfig, catalog: JobCatalog, log_path: Path,
+                 share_memory: int):
         self.cluster, self.party, self.catalog, self.log_path = cluster, party, catalog, log_path
+        self.share_memory = share_memory  # bytes all models' shares may take, uploaded or announced
         self.models: Dict[str, _Model] = {}
         self.session: Optional[_Session] = None
         self.lock = threading.RLock()
@@ -161,20 +165,27 @@ class PartyService:
             raise PartyError(f"model {msg.model_id!r}: bad manifest: {e}") from None
         if len(expected) > MAX_TENSORS:
             raise PartyError(f"model {msg.model_id!r} has {len(expected)} tensors, more than {MAX_TENSORS}")
+        size = sum(self._share_bytes(shape) for shape, _ in expected.values())
         with self.lock:
-            self._check_room(caller, msg.model_id)
+            self._check_room(caller, msg.model_id, size)
             digest = hashlib.sha256(msg.manifest.encode()).hexdigest()
-            self.models[msg.model_id] = _Model(caller.name, msg.manifest, digest, policy, expected)
+            self.models[msg.model_id] = _Model(caller.name, msg.manifest, digest, policy, expected, size)
         log.info("party %s: %s began uploading model %s", self.party.id, caller.name, msg.model_id)
         return messages.Empty()
 
-    def _check_room(self, caller: Caller, model_id: str) -> None:
+    def _check_room(self, caller: Caller, model_id: str, size: int = 0) -> None:
+        """Refuse a model that the party has no room for: its id taken, too many models, or (``size``: its shares'
+        bytes) more share memory than is left of the party's budget."""
         if model_id in self.models:
             raise PartyError(f"model {model_id!r} exists; its owner must delete it before uploading again")
         if len(self.models) >= MAX_MODELS:
             raise PartyError(f"party {self.party.id} holds {MAX_MODELS} models already; try again later")
         if sum(m.owner == caller.name for m in self.models.values()) >= MAX_MODELS_PER_OWNER:
             raise PartyError(f"{caller.name} holds {MAX_MODELS_PER_OWNER} models on party {self.party.id}; delete one first")
+        held = sum(m.size for m in self.models.values())
+        if held + size > self.share_memory:
+            raise PartyError(f"model {model_id!r} needs {_gib(size)} of share memory; party {self.party.id} has "
+                             f"{_gib(max(0, self.share_memory - held))} of its {_gib(self.share_memory)} left")
 
     def model_put(self, caller: Caller, msg: messages.ModelPut) -> messages.Empty:
         if not len(msg.names) == len(msg.metas) == len(msg.chunks):
@@ -422,7 +433,15 @@ class PartyService:
 
     def _progress(self, session: _Session, report: Callable[[], dict]) -> messages.Progress:
         """Wait up to POLL_S for the session's job; then "done" with its report, or "running"."""
-        if not self._settle(session, wait=True):
+        with self.lock:
+            session.polls += 1
+        try:
+            settled = self._settle(session, wait=True)
+        finally:
+            with self.lock:
+                session.polls -= 1
+                session.last_seen = time.monotonic()
+        if not settled:
             return messages.Progress("running", "{}")
         return messages.Progress("done", json.dumps(report()))
 
@@ -486,11 +505,15 @@ class PartyService:
                              f"{value.storage_type}")
         if got_shape != tuple(shape) or str(value.data_type) != f"DataType.DT_{_SPU_DTYPES[dtype]}":
             raise PartyError(f"{what}: expected {dtype}{list(shape)}, got {value.data_type} {list(got_shape)}")
-        # replicated shares of a ring element: two of them, plus a few bytes of framing per chunk
-        expected = 2 * spu_config.RING_BITS[field] // 8 * int(np.prod(shape, dtype=np.int64))
+        # a few bytes of framing per chunk
+        expected = self._share_bytes(shape)
         size = sum(len(c) for c in chunks)
         if not expected <= size <= expected + 64 * max(1, len(chunks)):
             raise PartyError(f"{what}: {size} bytes of share data, expected about {expected}")
+
+    def _share_bytes(self, shape) -> int:
+        """A party's share of a value of this shape: replicated shares, two ring elements per element."""
+        return 2 * spu_config.RING_BITS[self.cluster.field] // 8 * int(np.prod(shape, dtype=np.int64))
 
     def _info(self, model_id: str, model: _Model) -> messages.ModelInfo:
         return messages.ModelInfo(model_id, model.owner, model.manifest, model.sealed, model.digest)
@@ -516,14 +539,24 @@ class PartyService:
                         del self.models[model_id]
                         log.info("party %s: unsealed model %s dropped after %g s of silence", self.party.id, model_id, idle)
                 session = self.session
-                if session is None or (session.job is not None and not session.job.done()):
+                if session is None or session.polls:
+                    continue
+                if session.job is not None and not session.job.done():
+                    # a compile runs for up to COMPILE_S: one its user abandoned ends now (`_in_compiler` gives it
+                    # up); a step or a start is bounded by the link's timeouts and ends on its own
+                    if session.compiled is None and now - session.last_seen > idle:
+                        self._drop_session(f"no request from {session.user} for {idle:g} s while it compiled")
                     continue
                 failed = session.job is not None and session.job.exception() is not None
-                if failed and time.monotonic() - session.last_seen > FAILED_SESSION_S:  # its user did not come back
+                if failed and now - session.last_seen > FAILED_SESSION_S:  # its user did not come back
                     self._drop_session(f"its job failed: {session.job.exception()}")
                     continue
-                if time.monotonic() - session.last_seen > self.cluster.session_idle_s:
-                    self._drop_session(f"no request from {session.user} for {self.cluster.session_idle_s:g} s")
+                if now - session.last_seen > idle:
+                    self._drop_session(f"no request from {session.user} for {idle:g} s")
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.3g} GiB"
 
 
 def _compiler_process() -> cf.ProcessPoolExecutor:
@@ -776,8 +809,9 @@ def server_credentials(party: PartyConfig) -> grpc.ServerCredentials:
     )
 
 
-def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: Path) -> int:
-    """Run one party until SIGINT/SIGTERM; returns the process exit code."""
+def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: Path, share_memory: int) -> int:
+    """Run one party until SIGINT/SIGTERM, its models' shares within ``share_memory`` bytes; returns the process exit
+    code."""
     party = cluster.party(party_id)
     handler = logging.FileHandler(private_log_file(log_dir, f"party-{party.id}.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -791,7 +825,7 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
                          "(one CA would let a client join the parties' SPU link)")
     check_port_free(party.spu_address, f"party {party.id}: SPU link address")
     check_port_free(party.control_address, f"party {party.id}: control address")
-    service = PartyService(cluster, party, catalog, private_log_file(log_dir, f"spu-{party.id}.log"))
+    service = PartyService(cluster, party, catalog, private_log_file(log_dir, f"spu-{party.id}.log"), share_memory)
     server = grpc.server(cf.ThreadPoolExecutor(max_workers=8), maximum_concurrent_rpcs=32,
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])

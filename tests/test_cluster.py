@@ -360,6 +360,14 @@ def test_shipped_config_is_valid_and_launcher_refuses_bad_files(tmp_path, capsys
     assert "not valid JSON" in capsys.readouterr().err
 
 
+def test_launcher_refuses_a_share_memory_that_is_not_a_positive_size(tmp_path, capsys):
+    config = write_config(tmp_path / "3pc.json")
+    for value in ("0", "-1", "inf", "nan", "lots"):
+        with pytest.raises(SystemExit) as exit_info:
+            launch_main(["--config", str(config), "--party", "P0", "--share-memory-gib", value])
+        assert exit_info.value.code == 2 and "must be a positive number of GiB" in capsys.readouterr().err
+
+
 def test_launcher_help_runs():
     result = subprocess.run([sys.executable, "-m", "cipherdm_spu.cluster", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "upload" in result.stdout and "certs" in result.stdout

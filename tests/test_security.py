@@ -85,7 +85,7 @@ def test_a_party_refuses_a_client_ca_that_is_a_copy_of_the_party_ca(tmp_path):
     make_certs(config)
     shutil.copyfile(tmp_path / "tls" / "party-ca.pem", tmp_path / "tls" / "client-ca.pem")
     with pytest.raises(PartyError, match="is the party CA"):
-        serve(cc.load(config), "P0", SamplingCatalog(), tmp_path / "logs")
+        serve(cc.load(config), "P0", SamplingCatalog(), tmp_path / "logs", 1 << 30)
 
 
 def test_no_method_returns_or_runs_anything_but_what_roles_allow(cluster):
@@ -277,7 +277,7 @@ def test_a_party_refuses_a_program_that_reveals(tmp_path):
     config = write_config(tmp_path / "3pc.json")
     make_certs(config)
     cluster = cc.load(config)
-    service = PartyService(cluster, cluster.parties[0], LeakyCatalog(), tmp_path / "spu.log")
+    service = PartyService(cluster, cluster.parties[0], LeakyCatalog(), tmp_path / "spu.log", 1 << 30)
     service.compiler.shutdown()
     service.compiler = _InProcess()
     try:
@@ -295,14 +295,90 @@ def test_a_party_refuses_a_program_that_reveals(tmp_path):
         service.shutdown()
 
 
+def test_a_session_abandoned_while_it_compiles_is_dropped(tmp_path):
+    """A user who opens a session and goes silent must not hold the cluster for a whole compile (up to COMPILE_S):
+    here a compile that never ends, given up once the user has been silent for session_idle_s."""
+    from cipherdm_spu.party import Caller, PartyService
+    from cipherdm_spu.plan import JobTerms
+
+    class SlowCatalog:
+        def model_tensors(self, manifest):
+            return {}
+
+        def terms(self, manifest, job):
+            return JobTerms("spu", 1, 1, job)
+
+        def program(self, manifest, job, fraction_bits):
+            raise AssertionError("the stand-in compiler never runs this")
+
+    config = write_config(tmp_path / "3pc.json", session_idle_s=2)
+    make_certs(config)
+    cluster = cc.load(config)
+    service = PartyService(cluster, cluster.parties[0], SlowCatalog(), tmp_path / "spu.log", 1 << 30)
+    service.compiler.shutdown()
+    service.compiler = _InProcess()
+    try:
+        owner = Caller("owner", "owner")
+        service.model_begin(owner, ModelBegin("m", json.dumps({"policy": None})))
+        service.model_seal(owner, ModelRef("m"))
+        for user in ("user", "user-bob"):  # the cluster is free again for the next user
+            service.compiler.shutdown()
+            stalled = service.compiler = _InProcess(stall="program")  # the compile hangs
+            assert service.session_open(Caller(user, "user"), SessionOpen(user, "m", "{}")).state == "running"
+            deadline = time.monotonic() + 30
+            while service.session is not None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert service.session is None
+            # the compile was given up (its compiler replaced), not waited for
+            assert service.jobs.submit(lambda: None).result(timeout=30) is None and service.compiler is not stalled
+    finally:
+        service.shutdown()
+
+
+def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
+    """An owner's manifest decides how much share memory its model takes: a party refuses a model that would take
+    more than what is left of its budget (--share-memory-gib), counting models still uploading, before any share."""
+    from cipherdm_spu.party import Caller, PartyService
+
+    class SizedCatalog:  # the manifest names its one tensor's length
+        def model_tensors(self, manifest):
+            return {"w": ((json.loads(manifest)["elements"],), "float32")}
+
+    config = write_config(tmp_path / "3pc.json")
+    make_certs(config)
+    cluster = cc.load(config)
+    budget = 2 * 8 * 1000  # FM64 replicated shares: 16 bytes per element, so room for 1000 elements
+    service = PartyService(cluster, cluster.parties[0], SizedCatalog(), tmp_path / "spu.log", budget)
+    service.compiler.shutdown()
+    service.compiler = _InProcess()
+    try:
+        owner, other = Caller("owner", "owner"), Caller("owner-eve", "owner")
+        with pytest.raises(PartyError, match="needs 1.49e-05 GiB of share memory; party P0 has 1.49e-05 GiB"):
+            service.model_begin(owner, ModelBegin("big", json.dumps({"elements": 1001})))
+        service.model_begin(owner, ModelBegin("a", json.dumps({"elements": 600})))  # unsealed: counted all the same
+        with pytest.raises(PartyError, match="has 5.96e-06 GiB of its 1.49e-05 GiB left"):
+            service.model_begin(other, ModelBegin("b", json.dumps({"elements": 401})))
+        service.model_begin(other, ModelBegin("b", json.dumps({"elements": 400})))
+        service.model_delete(owner, ModelRef("a"))
+        service.model_begin(other, ModelBegin("c", json.dumps({"elements": 600})))
+        assert set(service.models) == {"b", "c"}
+    finally:
+        service.shutdown()
+
+
 class _InProcess:
-    """A stand-in for the party's compiler process (the leaky catalog is defined in this test)."""
+    """A stand-in for the party's compiler process (the tests' catalogs are defined in them): runs a job at once,
+    except one of the catalog method named ``stall``, which never finishes."""
+
+    def __init__(self, stall: str = ""):
+        self.stall = stall
 
     def submit(self, fn, *args):
         import concurrent.futures as cf
 
         future = cf.Future()
-        future.set_result(fn(*args))
+        if fn.__name__ != self.stall:
+            future.set_result(fn(*args))
         return future
 
     def shutdown(self, **kwargs):
