@@ -20,6 +20,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Iterable, Optional, Set
 
@@ -33,7 +34,33 @@ HANDSHAKE_S = 5.0
 MAX_HANDSHAKES = 8
 #: authenticated connections relayed at once (a session's peers open a few)
 MAX_RELAYS = 16
+#: refusals logged one by one per minute; beyond, only their count (anyone can be refused, as fast as it connects)
+REFUSALS_LOGGED_PER_MINUTE = 20
 _CHUNK = 1 << 18
+
+
+class _RefusalLog:
+    """Warnings about refused connections, at most REFUSALS_LOGGED_PER_MINUTE a minute: a flood of connections from
+    anyone who reaches the port must not fill the party's log. Those left out are counted in the next minute's
+    first line."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._minute_began, self._logged, self._left_out = time.monotonic(), 0, 0
+
+    def __call__(self, peer, why: str, *args) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._minute_began >= 60.0:
+                if self._left_out:
+                    log.warning("SPU link front: %d more connections refused in the last minute, not logged one by one",
+                                self._left_out)
+                self._minute_began, self._logged, self._left_out = now, 0, 0
+            if self._logged >= REFUSALS_LOGGED_PER_MINUTE:
+                self._left_out += 1
+                return
+            self._logged += 1
+        log.warning("SPU link front: refused %s (" + why + ")", peer, *args)
 
 
 def server_context(tls: Credentials) -> ssl.SSLContext:
@@ -104,6 +131,7 @@ class LinkFront:
         self._open: Set[socket.socket] = set()  # the open session's relayed connections, both ends
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._relays = threading.BoundedSemaphore(MAX_RELAYS)
+        self._refused = _RefusalLog()
         threading.Thread(target=self._accept, daemon=True, name="spu-link-front").start()
 
     @property
@@ -165,12 +193,12 @@ class LinkFront:
             secure = self.context.wrap_socket(conn, server_side=True)
             secure.settimeout(None)
         except (OSError, ssl.SSLError) as e:
-            log.warning("SPU link front: refused %s (no valid party certificate: %s)", peer, e)
+            self._refused(peer, "no valid party certificate: %s", e)
             conn.close()
             return None
         name = common_name(secure)
         if name not in self.peers:
-            log.warning("SPU link front: refused %s (certificate of %r, not of a peer party)", peer, name)
+            self._refused(peer, "certificate of %r, not of a peer party", name)
             _end(secure)
             return None
         return secure
@@ -183,7 +211,7 @@ class LinkFront:
         if secure is None:
             return
         if not self._relays.acquire(blocking=False):
-            log.warning("SPU link front: refused %s (%d connections relayed already)", peer, MAX_RELAYS)
+            self._refused(peer, "%d connections relayed already", MAX_RELAYS)
             _end(secure)
             return
         inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

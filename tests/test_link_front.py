@@ -2,6 +2,8 @@
 own link server would answer) and clients' certificates are refused before a byte is relayed, and between sessions
 the front keeps the port and relays nothing."""
 
+import contextlib
+import logging
 import socket
 import ssl
 import stat
@@ -11,7 +13,7 @@ import time
 import pytest
 
 from cipherdm_spu import cluster_config
-from cipherdm_spu.link_front import MAX_HANDSHAKES, LinkFront
+from cipherdm_spu.link_front import MAX_HANDSHAKES, REFUSALS_LOGGED_PER_MINUTE, LinkFront
 
 from .cluster_fixtures import free_ports, make_certs, write_config
 
@@ -228,3 +230,35 @@ def test_closing_ends_relayed_connections_and_frees_the_port(cluster, front):
         socket.create_connection(("127.0.0.1", port), timeout=5)
     with pytest.raises(RuntimeError, match="closed"):
         front.open_session()
+
+
+def test_a_flood_of_refused_connections_is_logged_a_few_lines_a_minute(front, caplog):
+    """Anyone who reaches the port can be refused as fast as it connects: the party's log must not grow with it."""
+    front, port, received = front
+    flood = REFUSALS_LOGGED_PER_MINUTE + 15
+
+    def refusals():
+        return [r.getMessage() for r in caplog.records if "SPU link front" in r.getMessage()]
+
+    def refuse_one():
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            conn.settimeout(15)
+            with contextlib.suppress(OSError):
+                conn.recv(4096)  # the front closes it
+
+    with caplog.at_level(logging.WARNING, logger="cipherdm_spu.link_front"):
+        for _ in range(flood):
+            refuse_one()
+        deadline = time.monotonic() + 30
+        while front._refused._left_out < flood - REFUSALS_LOGGED_PER_MINUTE and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(refusals()) == REFUSALS_LOGGED_PER_MINUTE
+        front._refused._minute_began -= 60.0  # a minute later: the count of those left out, then the next refusal
+        refuse_one()
+        deadline = time.monotonic() + 30
+        while len(refusals()) < REFUSALS_LOGGED_PER_MINUTE + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lines = refusals()
+    assert lines[-2] == "SPU link front: 15 more connections refused in the last minute, not logged one by one"
+    assert lines[-1].startswith("SPU link front: refused ") and received == []
