@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Set
+from typing import Dict, Iterable, Optional, Set
 
 from .cluster_config import Credentials, split_address
 
@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 #: how long a connection may take to finish its TLS handshake
 HANDSHAKE_S = 5.0
-#: connections in their handshake at once (anyone who reaches the port can open one)
-MAX_HANDSHAKES = 8
+#: connections in their handshake at once (anyone who reaches the port can open one), and from one address: one
+#: address cannot hold every handshake slot and so keep the peers' dials waiting
+MAX_HANDSHAKES = 32
+MAX_HANDSHAKES_PER_ADDRESS = 4
 #: authenticated connections relayed at once (a session's peers open a few)
 MAX_RELAYS = 16
 #: refusals logged one by one per minute; beyond, only their count (anyone can be refused, as fast as it connects)
@@ -130,6 +132,7 @@ class LinkFront:
         self._lock = threading.Lock()
         self._open: Set[socket.socket] = set()  # the open session's relayed connections, both ends
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._handshaking: Dict[str, int] = {}  # source address -> its connections in their handshake
         self._relays = threading.BoundedSemaphore(MAX_RELAYS)
         self._refused = _RefusalLog()
         threading.Thread(target=self._accept, daemon=True, name="spu-link-front").start()
@@ -172,16 +175,29 @@ class LinkFront:
                 continue
             with self._lock:
                 session = self._session if self.folder is not None else None
-            if session is None:  # a peer that dials before this party's session opens: its link dials again
+                crowded = self._handshaking.get(peer[0], 0) >= MAX_HANDSHAKES_PER_ADDRESS
+                if session is not None and not crowded:
+                    self._handshaking[peer[0]] = self._handshaking.get(peer[0], 0) + 1
+            if session is None or crowded:  # a peer that dials before this party's session opens dials again
                 self._handshakes.release()
+                if crowded:
+                    self._refused(peer, "%d connections from its address in their handshake already",
+                                  MAX_HANDSHAKES_PER_ADDRESS)
                 conn.close()
                 continue
             try:
                 threading.Thread(target=self._serve, args=(conn, peer, session), daemon=True,
                                  name="spu-link-front-conn").start()
             except RuntimeError:  # no thread to be had: refuse this one
-                self._handshakes.release()
+                self._handshake_ended(peer)
                 conn.close()
+
+    def _handshake_ended(self, peer) -> None:
+        with self._lock:
+            left = self._handshaking.pop(peer[0]) - 1
+            if left:
+                self._handshaking[peer[0]] = left
+        self._handshakes.release()
 
     def _handshake(self, conn: socket.socket, peer):
         """The connection under TLS, from a peer party; None (closed, logged) otherwise."""
@@ -207,7 +223,7 @@ class LinkFront:
         try:
             secure = self._handshake(conn, peer)
         finally:
-            self._handshakes.release()
+            self._handshake_ended(peer)
         if secure is None:
             return
         if not self._relays.acquire(blocking=False):

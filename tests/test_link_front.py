@@ -13,7 +13,8 @@ import time
 import pytest
 
 from cipherdm_spu import cluster_config
-from cipherdm_spu.link_front import MAX_HANDSHAKES, REFUSALS_LOGGED_PER_MINUTE, LinkFront
+from cipherdm_spu import link_front
+from cipherdm_spu.link_front import MAX_HANDSHAKES_PER_ADDRESS, REFUSALS_LOGGED_PER_MINUTE, LinkFront
 
 from .cluster_fixtures import free_ports, make_certs, write_config
 
@@ -192,7 +193,7 @@ def test_a_connection_accepted_in_one_session_never_reaches_the_next(cluster, fr
     front, port, received = front
     raw = socket.create_connection(("127.0.0.1", port), timeout=15)
     deadline = time.monotonic() + 15
-    while front._handshakes._value > MAX_HANDSHAKES - 2 and time.monotonic() < deadline:  # accepted, handshaking
+    while not front._handshaking and time.monotonic() < deadline:  # accepted, handshaking
         time.sleep(0.01)
     front.end_session()
     server = _echo_worker(front, received)
@@ -262,3 +263,27 @@ def test_a_flood_of_refused_connections_is_logged_a_few_lines_a_minute(front, ca
         lines = refusals()
     assert lines[-2] == "SPU link front: 15 more connections refused in the last minute, not logged one by one"
     assert lines[-1].startswith("SPU link front: refused ") and received == []
+
+
+def test_one_address_cannot_hold_every_handshake_slot(cluster, front, monkeypatch):
+    """Connections that never start their handshake hold a slot each until HANDSHAKE_S: from one address only a few
+    are let in, the rest closed at once, and a peer dialling from another address is relayed meanwhile."""
+    monkeypatch.setattr(link_front, "HANDSHAKE_S", 60.0)  # held past this test's waits: nothing here times out
+    front, port, received = front
+    idle = []
+    try:
+        for _ in range(link_front.MAX_HANDSHAKES + 4):  # more than all the slots, from 127.0.0.2
+            conn = socket.socket()
+            conn.bind(("127.0.0.2", 0))
+            conn.settimeout(15)
+            conn.connect(("127.0.0.1", port))
+            idle.append(conn)
+        for conn in idle[MAX_HANDSHAKES_PER_ADDRESS:]:  # closed by the front without a byte from us
+            conn.settimeout(10)
+            with contextlib.suppress(ConnectionError):
+                assert conn.recv(16) == b""
+        assert front._handshaking == {"127.0.0.2": MAX_HANDSHAKES_PER_ADDRESS}
+        assert _relayed(cluster, port) and received  # the peer, from 127.0.0.1
+    finally:
+        for conn in idle:
+            conn.close()
