@@ -4,6 +4,7 @@ Threat model (SECURITY.md): semi-honest parties with an honest majority; no clie
 single party trusted. Every test plays one attack that worked against the earlier cluster.
 """
 
+import contextlib
 import json
 import socket
 import time
@@ -256,112 +257,110 @@ def test_a_protocol_set_cannot_set_secrecy_relevant_runtime_options():
 def test_a_party_refuses_a_program_that_reveals(tmp_path):
     """Defence in depth: even a program its own catalog built is audited before it runs."""
     from cipherdm_spu import SecureSession
-    from cipherdm_spu.party import PartyService
-    from cipherdm_spu.plan import JobTerms, Step, StepProgram
+    from cipherdm_spu.plan import Step, StepProgram
 
     with SecureSession("spu") as session:
         leaky = session.compile(lambda x: x * 2.0, np.ones(3, np.float32))
     code = leaky.mlir.replace("-> tensor<3x!pphlo.secret<f32>>", "-> tensor<3xf32>")  # the output in the clear
 
-    class LeakyCatalog:
-        def model_tensors(self, manifest):
-            return {}
-
-        def terms(self, manifest, job):
-            return JobTerms("spu", 1, 1, job)
-
+    class LeakyCatalog(_Catalog):
         def program(self, manifest, job, fraction_bits):
             return StepProgram(code.encode(), "leak", "spu", {}, 1, {"x": ((3,), "float32")}, (),
                                (Step(("slot:x",), (), {}, "x/1"),), "x/1")
 
-    config = write_config(tmp_path / "3pc.json")
-    make_certs(config)
-    cluster = cc.load(config)
-    service = PartyService(cluster, cluster.parties[0], LeakyCatalog(), tmp_path / "spu.log", 1 << 30)
-    service.compiler.shutdown()
-    service.compiler = _InProcess()
-    try:
-        from cipherdm_spu.party import Caller
-
-        owner, user = Caller("owner", "owner"), Caller("user", "user")
-        service.model_begin(owner, ModelBegin("m", json.dumps({"policy": None})))
-        service.model_seal(owner, ModelRef("m"))
+    with _party_in_process(tmp_path, LeakyCatalog()) as service:
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+        service.model_seal(OWNER, ModelRef("m"))
         with pytest.raises(PartyError, match="refuses to run the compiled step"):
             for _ in range(10):
-                if service.session_open(user, SessionOpen("s", "m", "{}")).state == "done":
+                if service.session_open(_user("user"), SessionOpen("s", "m", "{}")).state == "done":
                     break
         assert service.session is None
-    finally:
-        service.shutdown()
 
 
 def test_a_session_abandoned_while_it_compiles_is_dropped(tmp_path):
     """A user who opens a session and goes silent must not hold the cluster for a whole compile (up to COMPILE_S):
     here a compile that never ends, given up once the user has been silent for session_idle_s."""
-    from cipherdm_spu.party import Caller, PartyService
-    from cipherdm_spu.plan import JobTerms
-
-    class SlowCatalog:
-        def model_tensors(self, manifest):
-            return {}
-
-        def terms(self, manifest, job):
-            return JobTerms("spu", 1, 1, job)
-
-        def program(self, manifest, job, fraction_bits):
-            raise AssertionError("the stand-in compiler never runs this")
-
-    config = write_config(tmp_path / "3pc.json", session_idle_s=2)
-    make_certs(config)
-    cluster = cc.load(config)
-    service = PartyService(cluster, cluster.parties[0], SlowCatalog(), tmp_path / "spu.log", 1 << 30)
-    service.compiler.shutdown()
-    service.compiler = _InProcess()
-    try:
-        owner = Caller("owner", "owner")
-        service.model_begin(owner, ModelBegin("m", json.dumps({"policy": None})))
-        service.model_seal(owner, ModelRef("m"))
+    with _party_in_process(tmp_path, _Catalog(), session_idle_s=2) as service:
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+        service.model_seal(OWNER, ModelRef("m"))
         for user in ("user", "user-bob"):  # the cluster is free again for the next user
             service.compiler.shutdown()
             stalled = service.compiler = _InProcess(stall="program")  # the compile hangs
-            assert service.session_open(Caller(user, "user"), SessionOpen(user, "m", "{}")).state == "running"
+            assert service.session_open(_user(user), SessionOpen(user, "m", "{}")).state == "running"
             deadline = time.monotonic() + 30
             while service.session is not None and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert service.session is None
             # the compile was given up (its compiler replaced), not waited for
             assert service.jobs.submit(lambda: None).result(timeout=30) is None and service.compiler is not stalled
-    finally:
-        service.shutdown()
 
 
 def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
     """An owner's manifest decides how much share memory its model takes: a party refuses a model that would take
     more than what is left of its budget (--share-memory-gib), counting models still uploading, before any share."""
-    from cipherdm_spu.party import Caller, PartyService
 
-    class SizedCatalog:  # the manifest names its one tensor's length
+    class SizedCatalog(_Catalog):  # the manifest names its one tensor's length
         def model_tensors(self, manifest):
             return {"w": ((json.loads(manifest)["elements"],), "float32")}
 
-    config = write_config(tmp_path / "3pc.json")
-    make_certs(config)
-    cluster = cc.load(config)
     budget = 2 * 8 * 1000  # FM64 replicated shares: 16 bytes per element, so room for 1000 elements
-    service = PartyService(cluster, cluster.parties[0], SizedCatalog(), tmp_path / "spu.log", budget)
-    service.compiler.shutdown()
-    service.compiler = _InProcess()
-    try:
-        owner, other = Caller("owner", "owner"), Caller("owner-eve", "owner")
+    with _party_in_process(tmp_path, SizedCatalog(), share_memory=budget) as service:
+        other = _owner("owner-eve")
         with pytest.raises(PartyError, match="needs 1.49e-05 GiB of share memory; party P0 has 1.49e-05 GiB"):
-            service.model_begin(owner, ModelBegin("big", json.dumps({"elements": 1001})))
-        service.model_begin(owner, ModelBegin("a", json.dumps({"elements": 600})))  # unsealed: counted all the same
+            service.model_begin(OWNER, ModelBegin("big", json.dumps({"elements": 1001})))
+        service.model_begin(OWNER, ModelBegin("a", json.dumps({"elements": 600})))  # unsealed: counted all the same
         with pytest.raises(PartyError, match="has 5.96e-06 GiB of its 1.49e-05 GiB left"):
             service.model_begin(other, ModelBegin("b", json.dumps({"elements": 401})))
         service.model_begin(other, ModelBegin("b", json.dumps({"elements": 400})))
-        service.model_delete(owner, ModelRef("a"))
+        service.model_delete(OWNER, ModelRef("a"))
         service.model_begin(other, ModelBegin("c", json.dumps({"elements": 600})))
         assert set(service.models) == {"b", "c"}
+
+
+def _owner(name):
+    from cipherdm_spu.party import Caller
+
+    return Caller(name, "owner")
+
+
+def _user(name):
+    from cipherdm_spu.party import Caller
+
+    return Caller(name, "user")
+
+
+OWNER = _owner("owner")
+
+
+class _Catalog:
+    """A party's catalog for the in-process tests: models of no tensors, any job; tests override what they probe."""
+
+    def model_tensors(self, manifest):
+        return {}
+
+    def terms(self, manifest, job):
+        from cipherdm_spu.plan import JobTerms
+
+        return JobTerms("spu", 1, 1, job)
+
+    def program(self, manifest, job, fraction_bits):
+        raise AssertionError("not compiled in this test")
+
+
+@contextlib.contextmanager
+def _party_in_process(tmp_path, catalog, share_memory=1 << 30, **timeouts):
+    """P0's control service in this process, on ``catalog``, its compiler a stand-in (`_InProcess`)."""
+    from cipherdm_spu.party import PartyService
+
+    config = write_config(tmp_path / "3pc.json", **timeouts)
+    make_certs(config)
+    cluster = cc.load(config)
+    service = PartyService(cluster, cluster.parties[0], catalog, tmp_path / "spu.log", share_memory)
+    service.compiler.shutdown()
+    service.compiler = _InProcess()
+    try:
+        yield service
     finally:
         service.shutdown()
 
