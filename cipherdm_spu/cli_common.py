@@ -32,7 +32,10 @@ MAX_SEED = 2**32 - 1
 
 
 def add_secure_options(p: argparse.ArgumentParser, out_default: str) -> None:
-    p.add_argument("--seed", type=int, default=0, help=f"seed of the user's noise, 0..{MAX_SEED} (default: 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the user's noise, 0..{MAX_SEED}, to reproduce a run (default: fresh noise from the "
+                        "operating system's randomness: the noise is the user's secret, and a default seed would make it "
+                        "public)")
     p.add_argument("--protocol", default="cipherdm",
                    help=f"protocol set: {' | '.join(available_protocol_sets())} (default: cipherdm)")
     p.add_argument("--override", action="append", default=[], metavar="OP=KERNEL",
@@ -64,7 +67,7 @@ def check_secure_options(args) -> dict:
     """Validate the shared options; returns the overrides. Loads --cluster into a ClusterConfig."""
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder")
-    if not 0 <= args.seed <= MAX_SEED:
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     overrides = parse_overrides(args.override)
     try:

@@ -48,6 +48,7 @@ from .plan import JobTerms, Policy, Step, StepProgram
 from .profiling import RunStats, combine_party_runs
 from .sampling import StepReport, is_text_conditional, needs_noise, sampler_step, secure_params
 from .session import compile_function
+from .share_wire import chunks_of, content_of
 
 MANIFEST_FORMAT = "cipherdm-spu/model-1"
 MODEL_KINDS = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel, "ControlledUNet": ControlledUNet}
@@ -353,7 +354,7 @@ def upload_model(clients: PartyClients, model_id: str, model, params, schedule_c
     for batch in _upload_batches(names, tensors):
         shares = [io.make_shares(tensors[n], libspu.Visibility.VIS_SECRET) for n in batch]
         clients.call_all("model_put", lambda rank: ModelPut(
-            model_id, batch, [s[rank].meta for s in shares], [list(s[rank].share_chunks) for s in shares]))
+            model_id, batch, [s[rank].meta for s in shares], [content_of(s[rank].share_chunks) for s in shares]))
         done += len(batch)
         if progress is not None:
             progress(done, len(names))
@@ -436,7 +437,7 @@ def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.n
             check_shareable(array, f"input {slot}", limit)
             shares = io.make_shares(array, libspu.Visibility.VIS_SECRET)
             clients.put_shares("session_put", shares, lambda rank, s, slot=slot: SessionPut(
-                session_id, slot, s.meta, list(s.share_chunks)))
+                session_id, slot, s.meta, content_of(s.share_chunks)))
         total, reports = RunStats.zero(), []
         timesteps = opened[0]["timesteps"]
         for i in range(opened[0]["steps"]):
@@ -451,7 +452,7 @@ def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.n
         result = []
         for share in shares:
             s = libspu.Share()
-            s.meta, s.share_chunks = share.meta, list(share.chunks)
+            s.meta, s.share_chunks = share.meta, chunks_of(share.content)
             result.append(s)
         image = np.asarray(io.reconstruct(result)).reshape(state)
         image = image if state == x_t.shape else image[0]

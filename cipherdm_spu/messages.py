@@ -22,6 +22,8 @@ from .errors import MessageError
 SERVICE = "cipherdm_spu.Party"
 #: no size limit on messages: a weight share can exceed gRPC's 4 MB default
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+#: the most items a list of a message may hold (a flood of tiny items would cost a party far more memory decoded)
+MAX_LIST_ITEMS = 4096
 #: the longest a party holds a call open while a job it started runs; the client then calls again
 POLL_S = 5.0
 
@@ -36,7 +38,7 @@ class Message:
     @classmethod
     def decode(cls, data: bytes):
         try:
-            raw = msgpack.unpackb(data, raw=False)
+            raw = msgpack.unpackb(data, raw=False, max_array_len=MAX_LIST_ITEMS, max_map_len=64)
         except Exception as e:  # noqa: BLE001 - msgpack raises several types for garbage
             raise MessageError(f"{cls.__name__}: not a msgpack message ({type(e).__name__})") from None
         if not isinstance(raw, dict):
@@ -95,12 +97,13 @@ class ModelBegin(Message):
 
 @dataclasses.dataclass(frozen=True)
 class ModelPut(Message):
-    """This party's shares of some of the model's tensors (names from the manifest's tensor list)."""
+    """This party's shares of some of the model's tensors (names from the manifest's tensor list), each a meta and its
+    content (`share_wire`)."""
 
     model_id: str
     names: List[str]
     metas: List[bytes]
-    chunks: List[List[bytes]]
+    contents: List[bytes]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +138,7 @@ class SessionPut(Message):
     session_id: str
     slot: str
     meta: bytes
-    chunks: List[bytes]
+    content: bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +162,10 @@ class Progress(Message):
 
 @dataclasses.dataclass(frozen=True)
 class Share(Message):
+    """A party's share of a session's result: its meta and its content (`share_wire`)."""
+
     meta: bytes
-    chunks: List[bytes]
+    content: bytes
 
 
 # -- methods -------------------------------------------------------------------------------------

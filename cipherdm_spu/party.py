@@ -33,14 +33,14 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import grpc
 import numpy as np
 import spu
 import spu.libspu as libspu
 
-from . import ir_audit, messages, spu_config
+from . import ir_audit, messages, share_wire, spu_config
 from ._version import __version__
 from .cluster_config import ClusterConfig, PartyConfig, split_address
 from .errors import PartyError
@@ -78,6 +78,24 @@ class Caller:
     role: str
 
 
+@dataclasses.dataclass(frozen=True)
+class _Share:
+    """A secret share as this party hands it to its SPU runtime, and the digests of its two components
+    (`share_wire.component_digests`) that the parties compare before a step uses it."""
+
+    meta: bytes
+    chunks: List[bytes]
+    digests: Tuple[str, str]
+
+    def value(self, name: str) -> tuple:
+        """(name, meta, chunks): what the worker's set_vars takes."""
+        return name, self.meta, self.chunks
+
+    def check(self, name: str) -> tuple:
+        """(name, first component's digest, second's): what the worker's check_shares takes."""
+        return (name, *self.digests)
+
+
 @dataclasses.dataclass
 class _Model:
     owner: str
@@ -86,7 +104,7 @@ class _Model:
     policy: Policy
     expected: Dict[str, tuple]
     size: int  # bytes its shares take in this party's memory, once all uploaded
-    shares: Dict[str, tuple] = dataclasses.field(default_factory=dict)  # name -> (meta, chunks)
+    shares: Dict[str, _Share] = dataclasses.field(default_factory=dict)
     sealed: bool = False
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -103,7 +121,8 @@ class _Session:
     compiled: Optional[tuple] = None  # (program, agreement, runtime config) once compiled and audited
     program: Optional[StepProgram] = None  # once started: the worker is linked and holds the weights
     worker: Optional["_Worker"] = None
-    slots: set = dataclasses.field(default_factory=set)
+    slots: Dict[str, _Share] = dataclasses.field(default_factory=dict)  # the user's inputs, by slot
+    checked: set = dataclasses.field(default_factory=set)  # runtime names whose shares the parties found consistent
     reports: list = dataclasses.field(default_factory=list)
     open_report: dict = dataclasses.field(default_factory=dict)
 
@@ -188,20 +207,19 @@ class PartyService:
                              f"{_gib(max(0, self.share_memory - held))} of its {_gib(self.share_memory)} left")
 
     def model_put(self, caller: Caller, msg: messages.ModelPut) -> messages.Empty:
-        if not len(msg.names) == len(msg.metas) == len(msg.chunks):
-            raise PartyError("model_put: names, metas and chunks differ in length")
+        if not len(msg.names) == len(msg.metas) == len(msg.contents):
+            raise PartyError("model_put: names, metas and contents differ in length")
         with self.lock:
             model = self._owned_model(caller, msg.model_id)
             if model.sealed:
                 raise PartyError(f"model {msg.model_id!r} is sealed; delete it to upload again")
-            for name, meta, chunks in zip(msg.names, msg.metas, msg.chunks):
+            for name, meta, content in zip(msg.names, msg.metas, msg.contents):
                 if name not in model.expected:
                     raise PartyError(f"model {msg.model_id!r} has no tensor {name!r}")
                 if name in model.shares:
                     raise PartyError(f"model {msg.model_id!r}: tensor {name!r} was already uploaded")
-                self._check_share(meta, chunks, model.expected[name], f"tensor {name!r}")
-                model.shares[name] = (meta, list(chunks))
-                log.info("party %s: received %s sha256=%s", self.party.id, name, _digest(meta, chunks))
+                model.shares[name] = self._check_share(meta, content, model.expected[name], f"tensor {name!r}")
+                log.info("party %s: received %s sha256=%s", self.party.id, name, _digest(meta, content))
             model.last_seen = time.monotonic()
         return messages.Empty()
 
@@ -284,15 +302,15 @@ class PartyService:
                                  f"(slots: {names_of(sorted(session.program.slots))})")
             if msg.slot in session.slots:
                 raise PartyError(f"input slot {msg.slot!r} was already given")
-            self._check_share(msg.meta, msg.chunks, spec, f"input slot {msg.slot!r}")
-            session.slots.add(msg.slot)  # taken now; the worker is called without the lock
+            share = self._check_share(msg.meta, msg.content, spec, f"input slot {msg.slot!r}")
+            session.slots[msg.slot] = share  # taken now; the worker is called without the lock
         try:
-            session.worker.call("set_vars", [(_slot(msg.slot), msg.meta, list(msg.chunks))], timeout=TRANSFER_S)
+            session.worker.call("set_vars", [share.value(_slot(msg.slot))], timeout=TRANSFER_S)
         except PartyError:
             with self.lock:
-                session.slots.discard(msg.slot)
+                session.slots.pop(msg.slot, None)
             raise
-        log.info("party %s: received %s sha256=%s", self.party.id, msg.slot, _digest(msg.meta, msg.chunks))
+        log.info("party %s: received %s sha256=%s", self.party.id, msg.slot, _digest(msg.meta, msg.content))
         return messages.Empty()
 
     def session_step(self, caller: Caller, msg: messages.SessionStep) -> messages.Progress:
@@ -307,7 +325,7 @@ class PartyService:
             if msg.index != done or msg.index >= len(program.steps):
                 raise PartyError(f"step {msg.index} cannot run now: {done} of {len(program.steps)} steps are done")
             if session.job is None:
-                missing = sorted(set(program.slots) - session.slots)
+                missing = sorted(set(program.slots) - set(session.slots))
                 if missing:
                     raise PartyError(f"the job's input slots {names_of(missing)} were not given")
                 session.job_index = msg.index
@@ -325,7 +343,7 @@ class PartyService:
             worker, result = session.worker, session.program.result
         meta, chunks = worker.call("get_var", result, timeout=TRANSFER_S)
         log.info("party %s: released its share of session %s's result to %s", self.party.id, session.id, caller.name)
-        return messages.Share(meta, chunks)
+        return messages.Share(meta, share_wire.content_of(chunks))
 
     def session_close(self, caller: Caller, msg: messages.SessionRef) -> messages.Empty:
         with self.lock:
@@ -386,7 +404,9 @@ class PartyService:
             worker = session.worker = _Worker(self.cluster, self.party, self.log_path, session.id, config, agreement,
                                               self.front.open_session())
         worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
-        worker.call("set_vars", [(_tensor(n), *model.shares[n]) for n in program.resident], timeout=TRANSFER_S)
+        resident = {_tensor(n): model.shares[n] for n in program.resident}
+        worker.call("set_vars", [share.value(name) for name, share in resident.items()], timeout=TRANSFER_S)
+        self._check_shares(session, worker, resident)
         with self.lock:
             if self.session is not session:  # dropped meanwhile (its worker is stopped with it)
                 raise PartyError("the session ended while it started")
@@ -418,11 +438,17 @@ class PartyService:
         program, worker = session.program, session.worker
         step = program.steps[index]
         model = self.models[session.model_id]
-        values = [(_tensor(n), *model.shares[n]) for n in step.model_tensors]
+        secret = {_tensor(n): model.shares[n] for n in step.model_tensors}
+        values = [share.value(name) for name, share in secret.items()]
         for name, value in step.public.items():
             share = self._io.make_shares(np.asarray(value), libspu.Visibility.VIS_PUBLIC)[self.party.rank]
             values.append((name, share.meta, list(share.share_chunks)))
         worker.call("set_vars", values, timeout=TRANSFER_S)
+        for name in step.inputs:
+            kind, _, slot = name.partition(":")
+            if kind == "slot":
+                secret[_slot(slot)] = session.slots[slot]
+        self._check_shares(session, worker, secret)
         inputs = [_runtime_name(n) for n in step.inputs]
         # no deadline of its own: a stalled peer fails this run within the SPU link's receive timeout
         report = worker.call("run", (program.name, program.code, inputs, [step.output]))
@@ -430,6 +456,14 @@ class PartyService:
                     timeout=TRANSFER_S)
         with self.lock:
             session.reports.append(report)
+
+    def _check_shares(self, session: _Session, worker: "_Worker", shares: Dict[str, _Share]) -> None:
+        """Have the three workers check that their shares of these values (those not checked yet this session) are
+        consistent (`_consistent_shares`) before a step uses them."""
+        checks = [share.check(name) for name, share in shares.items() if name not in session.checked]
+        if checks:
+            worker.call("check_shares", checks, timeout=self.cluster.recv_timeout_s + 60)
+            session.checked.update(name for name, _, _ in checks)
 
     def _progress(self, session: _Session, report: Callable[[], dict]) -> messages.Progress:
         """Wait up to POLL_S for the session's job; then "done" with its report, or "running"."""
@@ -487,8 +521,9 @@ class PartyService:
             raise PartyError(f"session {session_id!r} is still opening")
         return session
 
-    def _check_share(self, meta: bytes, chunks, spec: tuple, what: str) -> None:
-        """Refuse a share that is not a secret share of ``spec``'s shape and dtype on this ring, whole."""
+    def _check_share(self, meta: bytes, content: bytes, spec: tuple, what: str) -> "_Share":
+        """The share of ``meta`` and ``content`` (`share_wire`), cut into chunks by this party; refused unless it is a
+        secret share of ``spec``'s shape and dtype on this ring, whole: its content exactly that many bytes."""
         shape, dtype = spec
         value = libspu.ValueMeta()
         try:
@@ -503,13 +538,15 @@ class PartyService:
                 value.storage_type.startswith(storage) if dtype == "bool" else value.storage_type == storage):
             raise PartyError(f"{what}: must be a secret share ({storage}), got {value.visibility}, "
                              f"{value.storage_type}")
-        if got_shape != tuple(shape) or str(value.data_type) != f"DataType.DT_{_SPU_DTYPES[dtype]}":
-            raise PartyError(f"{what}: expected {dtype}{list(shape)}, got {value.data_type} {list(got_shape)}")
-        # a few bytes of framing per chunk
+        if (got_shape != tuple(shape) or value.is_complex
+                or str(value.data_type) != f"DataType.DT_{_SPU_DTYPES[dtype]}"):
+            raise PartyError(f"{what}: expected {dtype}{list(shape)}, got {value.data_type} {list(got_shape)}"
+                             f"{' (complex)' if value.is_complex else ''}")
         expected = self._share_bytes(shape)
-        size = sum(len(c) for c in chunks)
-        if not expected <= size <= expected + 64 * max(1, len(chunks)):
-            raise PartyError(f"{what}: {size} bytes of share data, expected about {expected}")
+        if len(content) != expected:
+            raise PartyError(f"{what}: {len(content)} bytes of share data, expected {expected}")
+        elements = int(np.prod(shape, dtype=np.int64))
+        return _Share(meta, share_wire.chunks_of(content), share_wire.component_digests(content, elements))
 
     def _share_bytes(self, shape) -> int:
         """A party's share of a value of this shape: replicated shares, two ring elements per element."""
@@ -593,8 +630,8 @@ def _runtime_name(name: str) -> str:
     return {"model": _tensor, "slot": _slot}.get(kind, lambda n: name)(rest)
 
 
-def _digest(meta: bytes, chunks) -> str:
-    return hashlib.sha256(meta + b"".join(chunks)).hexdigest()
+def _digest(meta: bytes, content: bytes) -> str:
+    return hashlib.sha256(meta + content).hexdigest()
 
 
 class _Worker:
@@ -687,6 +724,8 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
                     share.meta, share.share_chunks = meta, chunks
                     runtime.set_var(name, share)
                 result = None
+            elif op == "check_shares":
+                result = _consistent_shares(link, payload)
             elif op == "get_var":
                 share = runtime.get_var(payload)
                 result = (share.meta, list(share.share_chunks))
@@ -714,6 +753,27 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
             conn.send(reply)
         except (BrokenPipeError, EOFError):  # the party ended this session meanwhile
             return
+
+
+def _consistent_shares(link, checks) -> None:
+    """Refuse values whose replicated shares disagree between the parties.
+
+    Under ABY3 party i holds components (a_i, a_{i+1}) of each value, and a product's share z_i = x_i y_i + x_i y_{i+1}
+    + x_{i+1} y_i: a client that gives one party a wrong copy of a component (x_{i+1} + e) adds e y_i to the product,
+    where y_i is one component of the other operand (a weight's, say), and so could read weight components off its
+    results. So each party sends the digests of its second components (``checks``: name, first's digest, second's) to
+    the next party alone, which holds those components itself and learns nothing from them, and compares what the
+    previous party sent with its own first components; the three verdicts (the public names of the values that
+    disagree, never digests) are then gathered, so that all three parties refuse together."""
+    link.send_async(link.next_rank(), json.dumps([[name, second] for name, _, second in checks]))
+    theirs = json.loads(link.recv(link.next_rank(link.world_size - 1)))
+    if [name for name, _ in theirs] != [name for name, _, _ in checks]:
+        disagree = ["the list of values checked"]
+    else:
+        disagree = [name for (name, first, _), (_, copy) in zip(checks, theirs) if copy != first]
+    names = sorted({name for verdict in link.all_gather(json.dumps(disagree)) for name in json.loads(verdict)})
+    if names:
+        raise ValueError(f"the parties' shares of {names_of(names)} disagree: a client gave them inconsistent shares")
 
 
 def _die_with_parent() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import secrets
 from typing import Callable, List, Optional
 
 import jax
@@ -46,9 +47,16 @@ def needs_noise(sampler: schedulers.Sampler) -> bool:
     return sampler.noisy
 
 
-def draw_noise(seed: int, sampler: schedulers.Sampler, shape) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """The user's noise: x_T and (if the sampler needs it) one noise array per step, from one seed."""
-    rng = np.random.default_rng(seed)
+def noise_generator(seed: Optional[int]) -> np.random.Generator:
+    """The user's noise source: from ``seed`` to reproduce a run, else from 128 bits of the operating system's
+    randomness (the noise is the user's secret; a seed everyone can guess would make it public)."""
+    return np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+
+
+def draw_noise(seed: Optional[int], sampler: schedulers.Sampler, shape) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The user's noise: x_T and (if the sampler needs it) one noise array per step, from one seed (`noise_generator`:
+    None draws fresh noise)."""
+    rng = noise_generator(seed)
     x_t = rng.standard_normal(shape).astype(np.float32)
     steps = rng.standard_normal((sampler.num_steps, *shape)).astype(np.float32) if needs_noise(sampler) else None
     return x_t, steps

@@ -25,7 +25,7 @@ from .models.schedulers import SchedulerConfigError
 from .stable_diffusion import StableDiffusionDirError
 from .models import ControlledUNet, ScheduleConfig, UNet2DConditionModel, schedulers
 from .models.img2img import noised_latent
-from .sampling import sample_plaintext, text_condition
+from .sampling import noise_generator, sample_plaintext, text_condition
 from .sampling_cli import image_grid
 
 MAX_BATCH = 8
@@ -129,7 +129,7 @@ def run(args) -> dict:
     context = text_condition(uncond, cond, args.guidance_scale)  # the user's, secret-shared below
     if user_images.control is not None:
         context = context + (user_images.control,)  # the control image: the user's, secret-shared too
-    rng = np.random.default_rng(args.seed)
+    rng = noise_generator(args.seed)
     latents_t = noise = rng.standard_normal(shape).astype(np.float32)
     if user_images.init is not None:  # image-to-image: encoded and noised here; only the noised latent is shared
         init_latents = sd_images.encode_image(args.model, user_images.init)

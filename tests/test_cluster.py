@@ -146,9 +146,9 @@ def test_each_party_receives_only_its_own_shares(cluster, tmp_path, monkeypatch)
 
     def recording_call(self, rank, method, request, **kwargs):
         if isinstance(request, ModelPut):
-            sent[rank] += [(n, _digest(m, c)) for n, m, c in zip(request.names, request.metas, request.chunks)]
+            sent[rank] += [(n, _digest(m, c)) for n, m, c in zip(request.names, request.metas, request.contents)]
         elif isinstance(request, SessionPut):
-            sent[rank].append((request.slot, _digest(request.meta, request.chunks)))
+            sent[rank].append((request.slot, _digest(request.meta, request.content)))
         return original(self, rank, method, request, **kwargs)
 
     monkeypatch.setattr(PartyClients, "call", recording_call)
@@ -170,10 +170,10 @@ def test_each_party_receives_only_its_own_shares(cluster, tmp_path, monkeypatch)
         assert not others & {d for _, d in received[rank]}
 
 
-def _digest(meta, chunks):
+def _digest(meta, content):
     import hashlib
 
-    return hashlib.sha256(meta + b"".join(chunks)).hexdigest()
+    return hashlib.sha256(meta + content).hexdigest()
 
 
 def test_a_checkpoint_with_nan_is_refused_before_anything_is_shared(tmp_path):

@@ -158,3 +158,13 @@ def test_one_executable_serves_every_step(tiny_model):
         assert session.resident == []  # weights, noise, labels and time terms all dropped
     plain = sample_plaintext(model, params, sampler, x_t, [5])
     assert np.abs(image - plain).max() < 0.1
+
+
+def test_the_noise_is_fresh_unless_a_seed_asks_to_reproduce_it():
+    """The user's noise is its secret: with no seed each run draws its own; a seed reproduces a run."""
+    sampler = DDPMSampler(ScheduleConfig(), 3)
+    fresh = [draw_noise(None, sampler, (2, 1, 4, 4)) for _ in range(2)]
+    assert not np.array_equal(fresh[0][0], fresh[1][0]) and not np.array_equal(fresh[0][1], fresh[1][1])
+    again = [draw_noise(7, sampler, (2, 1, 4, 4)) for _ in range(2)]
+    assert np.array_equal(again[0][0], again[1][0]) and np.array_equal(again[0][1], again[1][1])
+    assert build_parser("ddim").parse_args([]).seed is None

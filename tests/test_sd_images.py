@@ -66,7 +66,7 @@ def test_controlnet_plaintext_port_matches_the_diffusers_pipeline(tiny_sd, contr
 
 def test_the_controlnet_changes_the_result(tiny_sd, controlnet_dir, pictures, tmp_path):
     """The control image matters: the tiny ControlNet's residuals are not zero (the parity above is not vacuous)."""
-    base = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "2", "--plaintext"]
+    base = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "2", "--plaintext", "--seed", "0"]
     assert main(base + ["--out", str(tmp_path / "text")]) == 0
     assert main(base + ["--controlnet", str(controlnet_dir), "--control-image", str(pictures / "control.png"),
                         "--out", str(tmp_path / "control")]) == 0
@@ -185,7 +185,7 @@ def test_img2img_as_a_user_of_the_cluster_matches_plaintext(sd_cluster, tiny_sd,
     model, params = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
     with PartyClients(cluster_config.load(config), "owner") as owner:
         upload_model(owner, "tiny-sd", model, params, scheduler_config(tiny_sd), Policy(users=["user"]))
-    argv = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "4", "--guidance-scale", "5",
+    argv = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "4", "--guidance-scale", "5", "--seed", "0",
             "--init-image", str(pictures / "init.png"), "--strength", "0.5"]
     assert main(argv + ["--cluster", str(config), "--model-id", "tiny-sd", "--out", str(tmp_path / "cluster")]) == 0
     assert main(argv + ["--plaintext", "--out", str(tmp_path / "plain")]) == 0
@@ -207,7 +207,7 @@ def test_controlnet_as_a_user_of_the_cluster_matches_plaintext(sd_cluster, tiny_
     assert launch(["--config", str(config), "upload", "--model", str(tiny_sd), "--controlnet", str(controlnet_dir),
                    "--model-id", "tiny-sd-cn"]) == 0
     assert launch(["--config", str(config), "upload", "--model", str(tiny_sd), "--model-id", "tiny-sd-text"]) == 0
-    argv = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "2", "--guidance-scale", "5",
+    argv = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "2", "--guidance-scale", "5", "--seed", "0",
             "--control-image", str(pictures / "control.png"), "--controlnet-scale", "0.7", "--guess-mode"]
     assert main(argv + ["--cluster", str(config), "--model-id", "tiny-sd-cn", "--out", str(tmp_path / "cluster")]) == 0
     assert main(argv[:-5] + ["--controlnet", str(controlnet_dir)] + argv[-5:]

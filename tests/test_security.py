@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+import msgpack
 import numpy as np
 import pytest
 
@@ -23,6 +24,7 @@ from cipherdm_spu.messages import (CHANNEL_OPTIONS, METHODS, SERVICE, Empty, Mod
                                    SessionRef, SessionStep)
 from cipherdm_spu.party import private_log_file
 from cipherdm_spu.registry import ProtocolSet
+from cipherdm_spu.share_wire import content_of
 
 from .cluster_fixtures import TINY_JOB, make_certs, tiny_inputs, write_config
 
@@ -113,8 +115,6 @@ def test_malformed_messages_are_refused(cluster):
         for payload in (b"\xff\x00garbage", json.dumps({"model_id": "tiny"}).encode(),
                         Empty().encode(), ModelRef("tiny").encode()[:-2]):
             assert refused(lambda: raw_call(ch, "model_info", payload)) == grpc.StatusCode.INVALID_ARGUMENT
-        import msgpack
-
         typed_wrong = msgpack.packb({"model_id": 7})
         extra = msgpack.packb({"model_id": "tiny", "runtime_config": b"snapshot"})
         for payload in (typed_wrong, extra):
@@ -157,6 +157,37 @@ def test_a_session_cannot_be_taken_over_and_is_dropped_when_abandoned(cluster):
             with pytest.raises(OSError):
                 socket.create_server((host, int(port)))
             assert _plaintext_push(party.spu_address, "alice-1:P2P-1:1->0") == b"", party.id
+
+
+@pytest.mark.slow
+def test_inconsistent_replicated_shares_are_refused_before_a_step(cluster, monkeypatch):
+    """Party i holds components (a_i, a_{i+1}) of each value. A user who gave P0 a wrong copy of x's a_1 would get
+    products carrying e * (a weight's component): weight components read off its results (found by an independent
+    attacker review). The parties compare the copies (digests, each only to the party holding the component) and
+    refuse the step; the session ends, and the next one, consistent, runs."""
+    import dataclasses
+
+    from cipherdm_spu.messages import SessionPut
+
+    config, _ = cluster
+    original = PartyClients.call
+
+    def tampering_call(self, rank, method, request, **kwargs):
+        if isinstance(request, SessionPut) and rank == 0 and request.slot == "x":
+            content = bytearray(request.content)
+            content[8] ^= 1  # element 0's second component (a_1): P1 holds the true one
+            request = dataclasses.replace(request, content=bytes(content))
+        return original(self, rank, method, request, **kwargs)
+
+    _, x_t, labels = tiny_inputs()
+    with PartyClients(cc.load(config), "user") as user:
+        monkeypatch.setattr(PartyClients, "call", tampering_call)
+        with pytest.raises(ClusterError, match=r"shares of slot/x disagree: a client gave them inconsistent shares"):
+            sample_on_cluster(user, "tiny", TINY_JOB, x_t, labels)
+        assert not any(r.busy for r in user.hello())
+        monkeypatch.setattr(PartyClients, "call", original)
+        image, _, _ = sample_on_cluster(user, "tiny", TINY_JOB, x_t, labels)
+        assert np.isfinite(image).all()
 
 
 def _plaintext_push(address: str, key: str) -> bytes:
@@ -228,23 +259,68 @@ def test_overrides_cannot_bring_kernels_the_owners_policy_does_not_allow():
 def test_a_party_takes_only_arithmetic_secret_shares_of_its_ring():
     """A share whose type names the ring but is a public value's (marked secret, padded to size) would have one
     party treat a user's input as public while the others treat it as secret (found by an independent review)."""
-    import types
-
     import spu
     import spu.libspu as libspu
 
-    from cipherdm_spu.party import PartyService
-
     cfg = libspu.RuntimeConfig(protocol=libspu.ProtocolKind.ABY3, field=libspu.FieldType.FM64)
     share = spu.Io(3, cfg).make_shares(np.ones((2, 2), np.float32), libspu.Visibility.VIS_SECRET)[0]
-    party = types.SimpleNamespace(cluster=types.SimpleNamespace(field="FM64", protocol="ABY3"))
-    check = lambda meta: PartyService._check_share(party, meta, share.share_chunks, ((2, 2), "float32"), "x")  # noqa: E731
+    content = content_of(share.share_chunks)
+    check = lambda meta, content=content: _check_share(meta, content, ((2, 2), "float32"))  # noqa: E731
     check(share.meta)  # a real share passes
     forged = libspu.ValueMeta()
     forged.ParseFromString(share.meta)
     forged.storage_type = "Pub2k<FM64>"
     with pytest.raises(PartyError, match=r"must be a secret share \(aby3.AShr<FM64>\)"):
         check(forged.SerializeToString())
+
+
+def test_a_share_is_its_exact_content_and_only_the_party_cuts_it_into_chunks():
+    """SPU 0.9.5's Value::fromProto copies each chunk to its offset before checking the total: chunks from a client,
+    a real one then more at offsets past the end, overflowed the worker's buffer (found by an independent attacker
+    review, which crashed a party's worker so). Clients now send a share's content; its size must be exact; the
+    party cuts the chunks; complex values are refused; lists of a message are capped."""
+    import spu
+    import spu.libspu as libspu
+
+    from cipherdm_spu.errors import MessageError
+    from cipherdm_spu.messages import MAX_LIST_ITEMS, SessionPut
+
+    cfg = libspu.RuntimeConfig(protocol=libspu.ProtocolKind.ABY3, field=libspu.FieldType.FM64)
+    share = spu.Io(3, cfg).make_shares(np.arange(6, dtype=np.float32).reshape(2, 3), libspu.Visibility.VIS_SECRET)[0]
+    content = content_of(share.share_chunks)
+    assert len(content) == 2 * 8 * 6
+    checked = _check_share(share.meta, content, ((2, 3), "float32"))
+    assert content_of(checked.chunks) == content
+    for wrong in (content[:-1], content + b"\0", content + content, b""):
+        with pytest.raises(PartyError, match=f"{len(wrong)} bytes of share data, expected 96"):
+            _check_share(share.meta, wrong, ((2, 3), "float32"))
+    complex_meta = libspu.ValueMeta()
+    complex_meta.ParseFromString(share.meta)
+    complex_meta.is_complex = True
+    with pytest.raises(PartyError, match="complex"):
+        _check_share(complex_meta.SerializeToString(), content, ((2, 3), "float32"))
+    # the message carries no chunks: a client's chunk list is not even a SessionPut
+    crafted = msgpack.packb({"session_id": "s", "slot": "x", "meta": share.meta, "chunks": list(share.share_chunks)})
+    with pytest.raises(MessageError, match="fields"):
+        SessionPut.decode(crafted)
+    # and chunks that do not cover a value in order are refused where a client reads them
+    chunks = list(share.share_chunks)
+    with pytest.raises(ValueError, match="out of order|announce"):
+        content_of(chunks + chunks)
+    flood = ModelPut("m", ["w"] * (MAX_LIST_ITEMS + 1), [b""] * (MAX_LIST_ITEMS + 1), [b""] * (MAX_LIST_ITEMS + 1))
+    with pytest.raises(MessageError, match="not a msgpack message"):
+        ModelPut.decode(flood.encode())
+
+
+def _check_share(meta, content, spec):
+    """PartyService._check_share of an FM64 ABY3 cluster's party, without a party."""
+    import types
+
+    from cipherdm_spu.party import PartyService
+
+    party = types.SimpleNamespace(cluster=types.SimpleNamespace(field="FM64", protocol="ABY3"))
+    party._share_bytes = lambda shape: PartyService._share_bytes(party, shape)
+    return PartyService._check_share(party, meta, content, spec, "x")
 
 
 def test_a_protocol_set_cannot_set_secrecy_relevant_runtime_options():
