@@ -70,7 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--party", help="start: only this party (its id in the config)")
     p.add_argument("--share-memory-gib", type=_positive_gib, default=None, metavar="GIB",
                    help="start: the most memory the models' shares may take in each party, all models together; an "
-                        "upload beyond it is refused (default: half of this machine's memory)")
+                        "upload beyond it is refused. A session holds its model's shares a second time, in its SPU "
+                        "runtime (default: a quarter of this machine's memory)")
     p.add_argument("--log-dir", type=Path, default=None,
                    help="start: a private folder for the parties' SPU logs (default: a new temporary folder, 0700)")
     p.add_argument("--as", dest="identity", default=None,
@@ -124,10 +125,11 @@ def _positive_gib(text: str) -> float:
 
 
 def _share_memory(args) -> int:
-    """The parties' share-memory budget in bytes: --share-memory-gib, or half of this machine's physical memory."""
+    """The parties' share-memory budget in bytes: --share-memory-gib, or a quarter of this machine's physical memory
+    (a session's SPU runtime holds its model's shares again)."""
     if args.share_memory_gib is not None:
         return int(args.share_memory_gib * 2**30)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
 def _log_dir(args) -> Path:

@@ -30,8 +30,9 @@ from typing import Dict, List, Optional, Tuple
 from . import spu_config
 from .errors import ClusterConfigError
 
-#: the protocols that run with exactly three parties
-THREE_PARTY_PROTOCOLS = ("ABY3", "SEMI2K")
+#: the protocols a cluster runs: ABY3's replicated shares (party i holds components i and i+1), which the parties'
+#: consistency check of a client's shares relies on (`party._consistent_shares`)
+THREE_PARTY_PROTOCOLS = ("ABY3",)
 #: client roles, read from the common name of a client certificate ("owner", "user-alice", ...)
 ROLES = ("owner", "user")
 #: the longest timeout a config may set (one day): a bound, so that every wait ends

@@ -14,6 +14,7 @@ a session is relayed to that session's worker or to none.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import shutil
 import socket
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 
 #: how long a connection may take to finish its TLS handshake
 HANDSHAKE_S = 5.0
-#: connections in their handshake at once (anyone who reaches the port can open one), and from one address: one
-#: address cannot hold every handshake slot and so keep the peers' dials waiting
+#: connections in their handshake at once (anyone who reaches the port can open one), and from one address (an IPv6
+#: /64): one address cannot hold every handshake slot and so keep the peers' dials waiting
 MAX_HANDSHAKES = 32
 MAX_HANDSHAKES_PER_ADDRESS = 4
 #: authenticated connections relayed at once (a session's peers open a few)
@@ -63,6 +64,17 @@ class _RefusalLog:
                 return
             self._logged += 1
         log.warning("SPU link front: refused %s (" + why + ")", peer, *args)
+
+
+def _source(peer) -> str:
+    """Whom a connection's handshake slot counts against: its IPv4 address (also when mapped into IPv6), or its IPv6
+    /64, the block one host usually holds (one address each would let a single host hold every slot)."""
+    address = ipaddress.ip_address(peer[0].split("%")[0])
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def server_context(tls: Credentials) -> ssl.SSLContext:
@@ -173,11 +185,12 @@ class LinkFront:
                 if self._closed.wait(0.05):
                     return
                 continue
+            source = _source(peer)
             with self._lock:
                 session = self._session if self.folder is not None else None
-                crowded = self._handshaking.get(peer[0], 0) >= MAX_HANDSHAKES_PER_ADDRESS
+                crowded = self._handshaking.get(source, 0) >= MAX_HANDSHAKES_PER_ADDRESS
                 if session is not None and not crowded:
-                    self._handshaking[peer[0]] = self._handshaking.get(peer[0], 0) + 1
+                    self._handshaking[source] = self._handshaking.get(source, 0) + 1
             if session is None or crowded:  # a peer that dials before this party's session opens dials again
                 self._handshakes.release()
                 if crowded:
@@ -193,10 +206,11 @@ class LinkFront:
                 conn.close()
 
     def _handshake_ended(self, peer) -> None:
+        source = _source(peer)
         with self._lock:
-            left = self._handshaking.pop(peer[0]) - 1
+            left = self._handshaking.pop(source) - 1
             if left:
-                self._handshaking[peer[0]] = left
+                self._handshaking[source] = left
         self._handshakes.release()
 
     def _handshake(self, conn: socket.socket, peer):

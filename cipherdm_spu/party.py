@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -57,6 +58,8 @@ MAX_MODELS = 16
 MAX_MODELS_PER_OWNER = 4
 #: the most tensors one model may have
 MAX_TENSORS = 1_000_000
+#: what a party holds per model tensor beside its share (meta, chunk list, digests), counted against its budget
+TENSOR_OVERHEAD_BYTES = 1024
 #: how long the compiler process may take to judge a manifest or a job, and to compile a program
 JUDGE_S = 300.0
 COMPILE_S = 3600.0
@@ -184,7 +187,11 @@ class PartyService:
             raise PartyError(f"model {msg.model_id!r}: bad manifest: {e}") from None
         if len(expected) > MAX_TENSORS:
             raise PartyError(f"model {msg.model_id!r} has {len(expected)} tensors, more than {MAX_TENSORS}")
-        size = sum(self._share_bytes(shape) for shape, _ in expected.values())
+        too_big = [name for name, (shape, _) in expected.items() if self._share_bytes(shape) > MAX_MESSAGE_BYTES // 2]
+        if too_big:
+            raise PartyError(f"model {msg.model_id!r}: the shares of {names_of(sorted(too_big))} would not fit a message "
+                             f"({MAX_MESSAGE_BYTES // 2 >> 20} MiB at most per tensor)")
+        size = sum(self._share_bytes(shape) + TENSOR_OVERHEAD_BYTES for shape, _ in expected.values())
         with self.lock:
             self._check_room(caller, msg.model_id, size)
             digest = hashlib.sha256(msg.manifest.encode()).hexdigest()
@@ -209,19 +216,33 @@ class PartyService:
     def model_put(self, caller: Caller, msg: messages.ModelPut) -> messages.Empty:
         if not len(msg.names) == len(msg.metas) == len(msg.contents):
             raise PartyError("model_put: names, metas and contents differ in length")
+        if len(set(msg.names)) != len(msg.names):
+            raise PartyError("model_put: a tensor is named twice")
         with self.lock:
-            model = self._owned_model(caller, msg.model_id)
-            if model.sealed:
-                raise PartyError(f"model {msg.model_id!r} is sealed; delete it to upload again")
-            for name, meta, content in zip(msg.names, msg.metas, msg.contents):
-                if name not in model.expected:
-                    raise PartyError(f"model {msg.model_id!r} has no tensor {name!r}")
-                if name in model.shares:
-                    raise PartyError(f"model {msg.model_id!r}: tensor {name!r} was already uploaded")
-                model.shares[name] = self._check_share(meta, content, model.expected[name], f"tensor {name!r}")
-                log.info("party %s: received %s sha256=%s", self.party.id, name, _digest(meta, content))
+            model = self._open_upload(caller, msg.model_id, msg.names)
+        # checking and digesting shares takes a while: not under the lock, which every other call needs
+        shares = {name: self._check_share(meta, content, model.expected[name], f"tensor {name!r}")
+                  for name, meta, content in zip(msg.names, msg.metas, msg.contents)}
+        with self.lock:
+            if self._open_upload(caller, msg.model_id, msg.names) is not model:
+                raise PartyError(f"model {msg.model_id!r} was deleted meanwhile")
+            model.shares.update(shares)
             model.last_seen = time.monotonic()
+        for name, meta, content in zip(msg.names, msg.metas, msg.contents):
+            log.info("party %s: received %s sha256=%s", self.party.id, name, _digest(meta, content))
         return messages.Empty()
+
+    def _open_upload(self, caller: Caller, model_id: str, names) -> _Model:
+        """The caller's unsealed model, which has tensors of these names not uploaded yet."""
+        model = self._owned_model(caller, model_id)
+        if model.sealed:
+            raise PartyError(f"model {model_id!r} is sealed; delete it to upload again")
+        for name in names:
+            if name not in model.expected:
+                raise PartyError(f"model {model_id!r} has no tensor {name!r}")
+            if name in model.shares:
+                raise PartyError(f"model {model_id!r}: tensor {name!r} was already uploaded")
+        return model
 
     def model_seal(self, caller: Caller, msg: messages.ModelRef) -> messages.ModelInfo:
         with self.lock:
@@ -404,9 +425,7 @@ class PartyService:
             worker = session.worker = _Worker(self.cluster, self.party, self.log_path, session.id, config, agreement,
                                               self.front.open_session())
         worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
-        resident = {_tensor(n): model.shares[n] for n in program.resident}
-        worker.call("set_vars", [share.value(name) for name, share in resident.items()], timeout=TRANSFER_S)
-        self._check_shares(session, worker, resident)
+        worker.call("set_vars", [model.shares[n].value(_tensor(n)) for n in program.resident], timeout=TRANSFER_S)
         with self.lock:
             if self.session is not session:  # dropped meanwhile (its worker is stopped with it)
                 raise PartyError("the session ended while it started")
@@ -448,6 +467,9 @@ class PartyService:
             kind, _, slot = name.partition(":")
             if kind == "slot":
                 secret[_slot(slot)] = session.slots[slot]
+        # the resident weights too (checked at the first step: by then every party has loaded them, however long that
+        # took each)
+        secret.update({_tensor(n): model.shares[n] for n in program.resident})
         self._check_shares(session, worker, secret)
         inputs = [_runtime_name(n) for n in step.inputs]
         # no deadline of its own: a stalled peer fails this run within the SPU link's receive timeout
@@ -545,12 +567,13 @@ class PartyService:
         expected = self._share_bytes(shape)
         if len(content) != expected:
             raise PartyError(f"{what}: {len(content)} bytes of share data, expected {expected}")
-        elements = int(np.prod(shape, dtype=np.int64))
-        return _Share(meta, share_wire.chunks_of(content), share_wire.component_digests(content, elements))
+        elements = math.prod(int(d) for d in shape)
+        return _Share(meta, share_wire.chunks_of(content), share_wire.component_digests(meta, content, elements))
 
     def _share_bytes(self, shape) -> int:
-        """A party's share of a value of this shape: replicated shares, two ring elements per element."""
-        return 2 * spu_config.RING_BITS[self.cluster.field] // 8 * int(np.prod(shape, dtype=np.int64))
+        """A party's share of a value of this shape: replicated shares, two ring elements per element (counted in
+        Python's integers: a manifest's shapes can be anything, and int64 would wrap)."""
+        return 2 * spu_config.RING_BITS[self.cluster.field] // 8 * math.prod(int(d) for d in shape)
 
     def _info(self, model_id: str, model: _Model) -> messages.ModelInfo:
         return messages.ModelInfo(model_id, model.owner, model.manifest, model.sealed, model.digest)
@@ -667,6 +690,7 @@ class _Worker:
                         f"{self.process.exitcode}; SPU's link stops the process when a peer is lost)"
                     )
                 if deadline is not None and time.monotonic() > deadline:
+                    self.process.kill()  # its late reply must never answer a later call
                     raise PartyError(f"party {self.party.id}: {op} did not finish in {timeout:g} s")
             try:
                 status, result = self.conn.recv()

@@ -50,8 +50,9 @@ def chunks_of(content: bytes) -> List[bytes]:
     return chunks
 
 
-def component_digests(content: bytes, elements: int) -> Tuple[str, str]:
-    """SHA-256 of the first and of the second component a party holds of each element (a_i and a_{i+1} for party i):
-    party i's second must be party i+1's first, and only party i+1, which holds it, may see its digest."""
-    pairs = np.frombuffer(content, np.uint8).reshape(max(elements, 1), 2, -1) if elements else np.zeros((0, 2, 0))
-    return tuple(hashlib.sha256(np.ascontiguousarray(pairs[:, k]).tobytes()).hexdigest() for k in (0, 1))
+def component_digests(meta: bytes, content: bytes, elements: int) -> Tuple[str, str]:
+    """SHA-256 of the share's (public) meta with the first, and with the second, component a party holds of each
+    element (a_i and a_{i+1} for party i): party i's second must be party i+1's first, and only party i+1, which holds
+    it, may see its digest. The meta makes the parties agree on the value's type too."""
+    pairs = np.frombuffer(content, np.uint8).reshape(elements, 2, -1) if elements else np.zeros((0, 2, 0), np.uint8)
+    return tuple(hashlib.sha256(meta + np.ascontiguousarray(pairs[:, k]).tobytes()).hexdigest() for k in (0, 1))

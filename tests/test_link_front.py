@@ -287,3 +287,12 @@ def test_one_address_cannot_hold_every_handshake_slot(cluster, front, monkeypatc
     finally:
         for conn in idle:
             conn.close()
+
+
+def test_handshake_slots_count_against_an_ipv4_address_or_an_ipv6_64():
+    from cipherdm_spu.link_front import _source
+
+    assert _source(("10.0.0.7", 5)) == "10.0.0.7" == _source(("::ffff:10.0.0.7", 5, 0, 0))
+    assert _source(("2001:db8::1", 5, 0, 0)) == _source(("2001:db8::ffff:1", 5, 0, 0)) == "2001:db8::/64"
+    assert _source(("2001:db8:0:1::1", 5, 0, 0)) == "2001:db8:0:1::/64"
+    assert _source(("fe80::1%eth0", 5, 0, 2)) == "fe80::/64"

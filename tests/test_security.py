@@ -22,7 +22,7 @@ from cipherdm_spu.errors import ClusterError, PartyError, ProtocolError
 from cipherdm_spu.jobs import sample_on_cluster
 from cipherdm_spu.messages import (CHANNEL_OPTIONS, METHODS, SERVICE, Empty, ModelBegin, ModelPut, ModelRef, SessionOpen,
                                    SessionRef, SessionStep)
-from cipherdm_spu.party import private_log_file
+from cipherdm_spu.party import TENSOR_OVERHEAD_BYTES, private_log_file
 from cipherdm_spu.registry import ProtocolSet
 from cipherdm_spu.share_wire import content_of
 
@@ -188,6 +188,70 @@ def test_inconsistent_replicated_shares_are_refused_before_a_step(cluster, monke
         monkeypatch.setattr(PartyClients, "call", original)
         image, _, _ = sample_on_cluster(user, "tiny", TINY_JOB, x_t, labels)
         assert np.isfinite(image).all()
+
+
+@pytest.mark.parametrize("tampered", [None, (0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)],
+                         ids=lambda t: "consistent" if t is None else f"P{t[0]}-component-{t[1]}")
+def test_the_parties_refuse_shares_whose_copies_disagree_wherever_the_copy_is_wrong(tampered):
+    """Three SPU runtimes on an in-memory link, as a session's workers: each party checks y's replicated shares
+    (`_consistent_shares`), runs x * y, and checks again (the check and SPU's own use of the link stay in step).
+    A wrong byte in either component any one party holds makes all three refuse, naming the value."""
+    import threading
+
+    import jax
+    import spu
+    import spu.libspu as libspu
+    import spu.utils.frontend as frontend
+
+    from cipherdm_spu import share_wire, spu_config
+    from cipherdm_spu.party import _consistent_shares
+
+    config = spu_config.runtime_config({})
+    io = spu.Io(3, config)
+    x, y = np.arange(1, 7, dtype=np.float32).reshape(2, 3), np.full((2, 3), 0.5, np.float32)
+    spec = jax.ShapeDtypeStruct((2, 3), np.float32)
+    product, _ = frontend.compile(frontend.Kind.JAX, lambda a, b: a * b, [spec, spec], {}, ["x", "y"],
+                                  [libspu.Visibility.VIS_SECRET] * 2, lambda outs: ["z"])
+    shares = {name: io.make_shares(value, libspu.Visibility.VIS_SECRET) for name, value in (("x", x), ("y", y))}
+    contents = {name: [content_of(s.share_chunks) for s in parts] for name, parts in shares.items()}
+    if tampered is not None:
+        rank, component = tampered
+        wrong = bytearray(contents["y"][rank])
+        wrong[component * 8] ^= 1  # element 0's component (a_rank or a_rank+1), 8 bytes each
+        contents["y"][rank] = bytes(wrong)
+    desc = libspu.link.Desc()
+    for rank in range(3):
+        desc.add_party(f"P{rank}", f"mem:{rank}")
+    desc.recv_timeout_ms = 30_000
+    results, errors = {}, {}
+
+    def worker(rank):
+        try:
+            link = libspu.link.create_mem(desc, rank)
+            runtime = spu.Runtime(link, config)
+            checks = []
+            for name in ("x", "y"):
+                share = libspu.Share()
+                share.meta, share.share_chunks = shares[name][rank].meta, share_wire.chunks_of(contents[name][rank])
+                runtime.set_var(name, share)
+                checks.append((name, *share_wire.component_digests(share.meta, contents[name][rank], 6)))
+            for _ in range(2):
+                _consistent_shares(link, checks)
+                runtime.run(libspu.Executable(name="xy", input_names=["x", "y"], output_names=["z"], code=product.code))
+            results[rank] = runtime.get_var("z")
+        except Exception as e:  # noqa: BLE001 - what each party reports
+            errors[rank] = str(e)
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if tampered is None:
+        assert errors == {} and np.allclose(io.reconstruct([results[r] for r in range(3)]), x * y)
+    else:
+        assert sorted(errors) == [0, 1, 2] and results == {}
+        assert all("the parties' shares of y disagree" in e for e in errors.values()), errors
 
 
 def _plaintext_push(address: str, key: str) -> bytes:
@@ -380,18 +444,23 @@ def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
         def model_tensors(self, manifest):
             return {"w": ((json.loads(manifest)["elements"],), "float32")}
 
-    budget = 2 * 8 * 1000  # FM64 replicated shares: 16 bytes per element, so room for 1000 elements
+    # 16 bytes per element (FM64, replicated) and TENSOR_OVERHEAD_BYTES per tensor: room for 1000 elements in 2 tensors
+    budget = 16 * 1000 + 2 * TENSOR_OVERHEAD_BYTES
     with _party_in_process(tmp_path, SizedCatalog(), share_memory=budget) as service:
         other = _owner("owner-eve")
-        with pytest.raises(PartyError, match="needs 1.49e-05 GiB of share memory; party P0 has 1.49e-05 GiB"):
-            service.model_begin(OWNER, ModelBegin("big", json.dumps({"elements": 1001})))
+        with pytest.raises(PartyError, match=r"'big' needs \S+ GiB of share memory; party P0 has \S+ GiB of its"):
+            service.model_begin(OWNER, ModelBegin("big", json.dumps({"elements": 1065})))
         service.model_begin(OWNER, ModelBegin("a", json.dumps({"elements": 600})))  # unsealed: counted all the same
-        with pytest.raises(PartyError, match="has 5.96e-06 GiB of its 1.49e-05 GiB left"):
+        with pytest.raises(PartyError, match="'b' needs .* GiB left"):
             service.model_begin(other, ModelBegin("b", json.dumps({"elements": 401})))
         service.model_begin(other, ModelBegin("b", json.dumps({"elements": 400})))
         service.model_delete(OWNER, ModelRef("a"))
         service.model_begin(other, ModelBegin("c", json.dumps({"elements": 600})))
         assert set(service.models) == {"b", "c"}
+        # a shape whose element count wraps int64 (2**64 + 1 elements: 1 in int64) is counted in full, and refused
+        # (found by an independent review: a negative size would have switched the budget off)
+        with pytest.raises(PartyError, match="would not fit a message"):
+            service.model_begin(OWNER, ModelBegin("wrap", json.dumps({"elements": 2**64 + 1})))
 
 
 def _owner(name):
