@@ -606,8 +606,8 @@ def test_an_owner_has_a_quota_and_silent_uploads_expire(cluster):
             # a share of the wrong size is refused, whatever its meta says
             name = "w/params/conv_in/bias"  # (8,) in the tiny UNet
             good = spu_shares(np.zeros(8, np.float32))
-            assert "bytes of share data" in _details(lambda: owner.call(
-                0, "model_put", ModelPut("quota-0", [name], [good[0].meta], [[bytes(1 << 20)]])))
+            assert "1048576 bytes of share data, expected 128" in _details(lambda: owner.call(
+                0, "model_put", ModelPut("quota-0", [name], [good[0].meta], [bytes(1 << 20)])))
             # silent unsealed uploads are dropped after session_idle_s
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
