@@ -103,13 +103,14 @@ class LinkEmulator:
         self.raw = json.loads(self.source.read_text())
         self.link = link
         self.routes = _routes(self.cluster)
+        self.reserved = _config_ports(self.cluster)
         self.ports: Dict[Tuple[int, int], int] = {}
         self.process: Optional[mp.Process] = None
 
     def start(self) -> "LinkEmulator":
         context = mp.get_context("spawn")
         self._conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, self.routes, self.link), daemon=True,
+        self.process = context.Process(target=_serve, args=(child, self.routes, self.reserved, self.link), daemon=True,
                                        name="cipherdm-netem")
         self.process.start()
         child.close()
@@ -179,6 +180,13 @@ def _routes(cluster: ClusterConfig) -> List[Tuple[int, int, str]]:
         if p.spu_dial:
             raise LinkEmulatorError(f"party {p.id} already has spu_dial routes; emulate links of a config without them")
     return [(i, j, cluster.parties[j].spu_address) for i in range(3) for j in range(3) if i != j]
+
+
+def _config_ports(cluster: ClusterConfig) -> Tuple[int, ...]:
+    """Every port the config names: a relay must not take one, since the parties bind them after the relays
+    start (a config written on free ports may name a port the OS would hand a relay)."""
+    return tuple(split_address(address, "address")[1] for p in cluster.parties
+                 for address in (p.spu_address, p.control_address))
 
 
 def _absolute_paths(tls, base: Path):
@@ -251,10 +259,10 @@ class _Route:
     connection opened and closed at once); it stops listening again when j closes every connection (j's
     worker ended with its session) or refuses a new one."""
 
-    def __init__(self, target: str, forward: _Wire, backward: _Wire):
+    def __init__(self, target: str, forward: _Wire, backward: _Wire, reserved: Tuple[int, ...]):
         self.host, self.target_port = split_address(target, "relay target")
         self.forward, self.backward = forward, backward
-        self.sock = _bound(0)
+        self.sock = _free_port_socket(reserved)
         self.port = self.sock.getsockname()[1]
         self.conns: List[socket.socket] = []
         self.live = 0  # connections whose peer side is still open
@@ -318,6 +326,19 @@ class _Route:
             sock.close()
 
 
+def _free_port_socket(reserved: Tuple[int, ...]) -> socket.socket:
+    """`_bound` on a port the OS picks, picked again while it is one of ``reserved`` (the sockets held meanwhile
+    keep the OS from handing the same port back)."""
+    held = []
+    try:
+        while (sock := _bound(0)).getsockname()[1] in reserved:
+            held.append(sock)
+        return sock
+    finally:
+        for other in held:
+            other.close()
+
+
 def _bound(port: int) -> socket.socket:
     """A socket bound to 127.0.0.1:port, not listening yet (a dial to it is refused); accept() polls."""
     sock = socket.socket()
@@ -336,7 +357,7 @@ def _accepts(host: str, port: int) -> bool:
     return True
 
 
-def _serve(conn, routes, link: Link) -> None:
+def _serve(conn, routes, reserved: Tuple[int, ...], link: Link) -> None:
     """The relay process: a `_Route` per ordered pair; answers their ports, then forwards until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # its parent decides when it ends
     _die_with_parent()
@@ -346,7 +367,7 @@ def _serve(conn, routes, link: Link) -> None:
     relays = []
     try:
         for i, j, target in routes:
-            relays.append(_Route(target, wires[i], wires[j]))
+            relays.append(_Route(target, wires[i], wires[j], reserved))
     except OSError as e:
         conn.send(("error", str(e)))
         return

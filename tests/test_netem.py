@@ -53,6 +53,33 @@ def test_relays_refuse_while_the_peer_is_down_and_stop_without_a_trace(config):
     assert all(refused(port) for port in ports)
 
 
+def test_a_relay_never_takes_a_port_the_config_names(config, monkeypatch):
+    """The parties bind their config's ports after the relays start; a relay the OS handed one of them would
+    make the routed config name one port twice (seen in CI on a config written on free ports)."""
+    from cipherdm_spu import netem
+
+    assert sorted(netem._config_ports(cc.load(config))) == sorted(
+        int(p[kind].rsplit(":", 1)[1]) for p in json.loads(config.read_text())["parties"]
+        for kind in ("spu_address", "control_address"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        taken = s.getsockname()[1]
+    handed, real_bound = [], netem._bound
+
+    def os_hands_the_reserved_port_first(port):
+        sock = real_bound(taken if port == 0 and not handed else port)
+        handed.append(sock)
+        return sock
+
+    monkeypatch.setattr(netem, "_bound", os_hands_the_reserved_port_first)
+    relay = netem._free_port_socket((taken,))
+    try:
+        assert relay.getsockname()[1] != taken
+        assert handed[0].fileno() == -1  # the reserved port was let go
+    finally:
+        relay.close()
+
+
 def test_what_cannot_be_emulated_is_refused_clearly(config, tmp_path, capsys):
     raw = json.loads(config.read_text())
     raw["parties"][2]["spu_address"] = "192.0.2.7:7000"  # another host
