@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import grpc
 import jax
+import jax.numpy as jnp
 import numpy as np
 import spu
 import spu.libspu as libspu
@@ -46,6 +47,7 @@ from .messages import ModelBegin, ModelPut, ModelRef, SessionOpen, SessionPut, S
 from .models import ControlledUNet, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
 from .plan import JobTerms, Policy, Step, StepProgram
 from .profiling import RunStats, combine_party_runs
+from .ring import bit_times, indicator
 from .sampling import StepReport, is_text_conditional, needs_noise, sampler_step, secure_params
 from .session import compile_function
 from .share_wire import chunks_of, content_of
@@ -200,7 +202,8 @@ def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
     coefficients = sampler.coefficient_table()  # (steps, ...): a vector per step, or a multistep solver's matrix
     known["public/coefficients"] = (tuple(coefficients.shape[1:]), "float32")
     specs = tuple((*known[leaf.name], "public" if leaf.name.startswith("public/") else "secret") for leaf in leaves)
-    step_fn = sampler_step(model, sampler, guidance)
+    policy = Policy.from_dict(parse_manifest(manifest)["policy"])
+    step_fn = clamped_inputs(sampler_step(model, sampler, guidance), policy.input_bound)
     try:
         compiled = compile_function(step_fn, in_tree, specs, pset, fraction_bits)
     except InputError as e:
@@ -222,6 +225,22 @@ def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
         description={"sampler": spec["sampler"], "timesteps": [int(t) for t in sampler.timesteps],
                      "kernels": pset.name},
     )
+
+
+def clamped_inputs(step_fn, bound: float):
+    """``step_fn`` with its secret inputs (the sampler's state x, the conditions, the noise) clamped to [-bound, bound]
+    before the step uses them (`Policy.input_bound`): v + [v > b] (b - v) + [-v > b] (-b - v), the two comparisons
+    in one batched MSB extraction, their bits converted once and multiplied in as integers (`ring.bit_times`)."""
+
+    def clamp(v):
+        over = indicator(jnp.stack([v, -v]) > bound)
+        return v + bit_times(over, jnp.stack([bound - v, -bound - v])).sum(axis=0)
+
+    def step(weights, x, condition, terms, coefficients, noise):
+        condition = jax.tree_util.tree_map(clamp, condition)
+        return step_fn(weights, clamp(x), condition, terms, coefficients, None if noise is None else clamp(noise))
+
+    return step
 
 
 class _Named:

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from multiprocessing.connection import wait as connection_wait
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -394,6 +395,10 @@ def _die_with_parent() -> None:
 # -- the probe: what a round and a transfer take over the links --------------------------------------
 
 
+#: how long the probe waits for the other parties' reports once one failed
+PROBE_GRACE_S = 5.0
+
+
 def probe(config_path: os.PathLike, rounds: int = 20, payload: int = 1 << 20, session_id: str = "netem-probe") -> dict:
     """Three processes link as the parties would (`party.link_desc`: TLS, dial routes) and time, at party 0,
     ``rounds`` all_gathers of a few bytes (each waits one one-way delay at least) and ``payload`` bytes sent
@@ -410,22 +415,34 @@ def probe(config_path: os.PathLike, rounds: int = 20, payload: int = 1 << 20, se
         child.close()
         pipes.append(parent)
         procs.append(proc)
-    limit = cluster.connect_timeout_s + cluster.recv_timeout_s + 60
-    try:
-        replies = []
-        for rank, pipe in enumerate(pipes):
-            if not pipe.poll(limit):
-                raise LinkEmulatorError(f"probe: party {cluster.parties[rank].id} did not finish in {limit:g} s")
-            replies.append(pipe.recv())
+    deadline = time.monotonic() + cluster.connect_timeout_s + cluster.recv_timeout_s + 60
+    replies: Dict[int, tuple] = {}
+    try:  # a failure ends the probe soon (its peers would wait for the failed party until their timeouts), once
+        # the others had PROBE_GRACE_S to report theirs: the first to report is not always the cause
+        while len(replies) < 3:
+            waiting = {pipes[r]: r for r in range(3) if r not in replies}
+            ready = connection_wait(list(waiting), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                if any(status != "ok" for status, _ in replies.values()):
+                    break
+                late = ", ".join(cluster.parties[r].id for r in waiting.values())
+                raise LinkEmulatorError(f"probe: {late} did not finish in time")
+            for pipe in ready:
+                replies[waiting[pipe]] = pipe.recv()
+                if replies[waiting[pipe]][0] != "ok":
+                    deadline = min(deadline, time.monotonic() + PROBE_GRACE_S)
     except EOFError:
         raise LinkEmulatorError("probe: a party's process ended without a report") from None
     finally:
         for proc in procs:
-            proc.join(5)
+            proc.join(5 if len(replies) == 3 else 0)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    errors = [f"{cluster.parties[r].id}: {msg}" for r, (status, msg) in enumerate(replies) if status != "ok"]
+    errors = [f"{cluster.parties[r].id}: {msg}" for r, (status, msg) in sorted(replies.items()) if status != "ok"]
+    silent = [cluster.parties[r].id for r in range(3) if r not in replies]
+    if silent:  # e.g. a party whose TLS dial keeps failing: its peers time out waiting for it
+        errors.insert(0, f"{', '.join(silent)} did not report in {PROBE_GRACE_S:g} s after a peer failed")
     if errors:
         raise LinkEmulatorError("probe: " + "; ".join(errors))
     return replies[0][1]

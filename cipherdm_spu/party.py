@@ -13,8 +13,8 @@ A party holds only its own shares and runs only programs it built itself:
   party's share of the final result.
 - nothing else: no method returns a weight, an input or an intermediate share, and none takes code.
 
-One session at a time; no session can be taken over by another client, and one whose user goes
-silent for ``timeouts.session_idle_s`` is dropped with its shares. Long jobs (compiling, a step)
+One session at a time; no session can be taken over by another client, and one whose user does not move it on
+(a new input, a step, a poll of its running job) for ``timeouts.session_idle_s`` is dropped with its shares. Long jobs (compiling, a step)
 run in the background: a call waits at most `messages.POLL_S` and the client calls again, so every
 call has a deadline and a party that stops answering is named at once.
 """
@@ -44,6 +44,7 @@ import spu.libspu as libspu
 from . import ir_audit, messages, share_wire, spu_config
 from ._version import __version__
 from .cluster_config import ClusterConfig, PartyConfig, split_address
+from .compiler_process import CompilerProcess, die_with_parent
 from .errors import PartyError
 from .link_front import LinkFront
 from .messages import METHODS, POLL_S
@@ -60,9 +61,14 @@ MAX_MODELS_PER_OWNER = 4
 MAX_TENSORS = 1_000_000
 #: what a party holds per model tensor beside its share (meta, chunk list, digests), counted against its budget
 TENSOR_OVERHEAD_BYTES = 1024
-#: how long the compiler process may take to judge a manifest or a job, and to compile a program
+#: how long judging a manifest or a job, and compiling a program, may take from its start (`compiler_process`)
 JUDGE_S = 300.0
 COMPILE_S = 3600.0
+#: how long an owner's manifest waits for another's to be judged before the party answers that it is busy
+JUDGE_WAIT_S = 30.0
+#: the largest manifest a party takes (a model's config, scheduler and policy: kilobytes); it is held in memory
+#: and counted against the share-memory budget
+MAX_MANIFEST_BYTES = 1 << 20
 #: the longest a party waits for its worker to take or give back values (they are in memory)
 TRANSFER_S = 600.0
 #: how long a session whose job failed waits for its user to learn why before it is dropped
@@ -106,7 +112,7 @@ class _Model:
     digest: str
     policy: Policy
     expected: Dict[str, tuple]
-    size: int  # bytes its shares take in this party's memory, once all uploaded
+    size: int  # bytes its manifest and shares take in this party's memory, once all uploaded
     shares: Dict[str, _Share] = dataclasses.field(default_factory=dict)
     sealed: bool = False
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
@@ -117,7 +123,10 @@ class _Session:
     id: str
     user: str
     model_id: str
-    last_seen: float  # when its user's last call on it began or, for a call that waited on its job, ended
+    # when its user last moved it on: opened it, started it, gave an input, began a step, or ended a call that waited on
+    # its running job; a call that changes nothing (an open repeated once compiled, a result fetched again) does not
+    # keep it alive, so a user cannot hold the cluster by pinging it
+    last_seen: float
     polls: int = 0  # its user's calls waiting on its job now: the session is not silent meanwhile
     job: Optional[cf.Future] = None  # the open or step job in flight
     job_index: int = -1  # what the job in flight is: -1 the compile, -2 the start, i step i
@@ -153,14 +162,16 @@ class PartyService:
         self.session: Optional[_Session] = None
         self.lock = threading.RLock()
         self.jobs = cf.ThreadPoolExecutor(1, thread_name_prefix=f"party-{party.id}-job")
-        # programs are compiled in a process of their own: SPU's compiler holds the GIL for seconds, which
-        # would stall this process's control service (and its deadlines) meanwhile
-        self.compiler = _compiler_process()
+        # manifests are judged and programs compiled in processes of their own (`compiler_process`): one for owners,
+        # one for the session, so that neither delays or breaks the other's work
+        self.judge = CompilerProcess(f"party {party.id}'s manifest judge")
+        self.compiler = CompilerProcess(f"party {party.id}'s session compiler")
         self._io = spu.Io(3, cluster.runtime_config())
         try:  # the mutual-TLS door to the sessions' SPU links, held for the party's lifetime
             self.front = LinkFront(party.spu_address, party.tls, [p.id for p in cluster.parties if p.id != party.id])
         except OSError as e:
-            _stop_compiler(self.compiler)
+            self.judge.close()
+            self.compiler.close()
             raise PartyError(f"party {party.id} cannot serve its spu_address {party.spu_address}: {e}") from None
         self._stop = threading.Event()
         threading.Thread(target=self._drop_idle_sessions, daemon=True, name=f"party-{party.id}-idle").start()
@@ -177,12 +188,16 @@ class PartyService:
 
     def model_begin(self, caller: Caller, msg: messages.ModelBegin) -> messages.Empty:
         _check_name(msg.model_id, "model id")
+        manifest_bytes = len(msg.manifest.encode())
+        if manifest_bytes > MAX_MANIFEST_BYTES:
+            raise PartyError(f"model {msg.model_id!r}: its manifest is {manifest_bytes} bytes, more than "
+                             f"{MAX_MANIFEST_BYTES}")
         with self.lock:
-            self._check_room(caller, msg.model_id)
-        try:  # in the compiler process: judging a manifest may take seconds, and never stalls this service
+            self._check_room(caller, msg.model_id, manifest_bytes)
+        try:  # in the judge's process: judging a manifest may take seconds, and never stalls this service
             manifest = json.loads(msg.manifest)
             policy = Policy.from_dict(manifest.get("policy") if isinstance(manifest, dict) else None)
-            expected = dict(self._in_compiler(JUDGE_S, self.catalog.model_tensors, msg.manifest))
+            expected = dict(self.judge.run(JUDGE_S, JUDGE_WAIT_S, self.catalog.model_tensors, msg.manifest))
         except ValueError as e:
             raise PartyError(f"model {msg.model_id!r}: bad manifest: {e}") from None
         if len(expected) > MAX_TENSORS:
@@ -191,7 +206,7 @@ class PartyService:
         if too_big:
             raise PartyError(f"model {msg.model_id!r}: the shares of {names_of(sorted(too_big))} would not fit a message "
                              f"({MAX_MESSAGE_BYTES // 2 >> 20} MiB at most per tensor)")
-        size = sum(self._share_bytes(shape) + TENSOR_OVERHEAD_BYTES for shape, _ in expected.values())
+        size = manifest_bytes + sum(self._share_bytes(shape) + TENSOR_OVERHEAD_BYTES for shape, _ in expected.values())
         with self.lock:
             self._check_room(caller, msg.model_id, size)
             digest = hashlib.sha256(msg.manifest.encode()).hexdigest()
@@ -200,8 +215,8 @@ class PartyService:
         return messages.Empty()
 
     def _check_room(self, caller: Caller, model_id: str, size: int = 0) -> None:
-        """Refuse a model that the party has no room for: its id taken, too many models, or (``size``: its shares'
-        bytes) more share memory than is left of the party's budget."""
+        """Refuse a model that the party has no room for: its id taken, too many models, or (``size``: its manifest's
+        and shares' bytes) more share memory than is left of the party's budget."""
         if model_id in self.models:
             raise PartyError(f"model {model_id!r} exists; its owner must delete it before uploading again")
         if len(self.models) >= MAX_MODELS:
@@ -293,7 +308,6 @@ class PartyService:
                 session.job = self.jobs.submit(self._open, session, model, msg.job)
                 log.info("party %s: session %s opening for %s on model %s", self.party.id, session.id,
                          caller.name, msg.model_id)
-            session.last_seen = time.monotonic()
             if session.compiled is not None:  # already compiled
                 return messages.Progress("done", json.dumps(session.open_report))
         return self._progress(session, lambda: session.open_report)
@@ -312,6 +326,7 @@ class PartyService:
             if session.job is None and session.worker is None:
                 session.job_index = -2
                 session.job = self.jobs.submit(self._start, session, self.models[session.model_id])
+                session.last_seen = time.monotonic()
         return self._progress(session, lambda: session.open_report)
 
     def session_put(self, caller: Caller, msg: messages.SessionPut) -> messages.Empty:
@@ -325,6 +340,7 @@ class PartyService:
                 raise PartyError(f"input slot {msg.slot!r} was already given")
             share = self._check_share(msg.meta, msg.content, spec, f"input slot {msg.slot!r}")
             session.slots[msg.slot] = share  # taken now; the worker is called without the lock
+            session.last_seen = time.monotonic()
         try:
             session.worker.call("set_vars", [share.value(_slot(msg.slot))], timeout=TRANSFER_S)
         except PartyError:
@@ -351,6 +367,7 @@ class PartyService:
                     raise PartyError(f"the job's input slots {names_of(missing)} were not given")
                 session.job_index = msg.index
                 session.job = self.jobs.submit(self._step, session, msg.index)
+                session.last_seen = time.monotonic()
         return self._progress(session, lambda: session.reports[msg.index])
 
     def session_result(self, caller: Caller, msg: messages.SessionRef) -> messages.Share:
@@ -379,19 +396,23 @@ class PartyService:
             self._drop_session("the party is shutting down")
         self.front.close()
         self.jobs.shutdown(wait=False, cancel_futures=True)
-        _stop_compiler(self.compiler)
+        self.judge.close()
+        self.compiler.close()
 
     # -- jobs (run in the background; their errors end the session) -------------------------------
 
     def _open(self, session: _Session, model: _Model, job: str) -> None:
         started = time.perf_counter()
         try:  # the owner's policy first, on the job's terms: nothing it forbids is ever compiled
-            terms = self._in_compiler(JUDGE_S, self.catalog.terms, model.manifest, job, session=session)
+            def abandoned():  # a closed or dropped session never holds the compiler
+                return self.session is not session
+
+            terms = self.compiler.run(JUDGE_S, COMPILE_S, self.catalog.terms, model.manifest, job, abandoned=abandoned)
             refusal = model.policy.refusal(session.user, terms)
             if refusal:
                 raise ValueError(refusal)
-            program = self._in_compiler(COMPILE_S, self.catalog.program, model.manifest, terms.canonical,
-                                        self.cluster.fraction_bits, session=session)
+            program = self.compiler.run(COMPILE_S, COMPILE_S, self.catalog.program, model.manifest, terms.canonical,
+                                        self.cluster.fraction_bits, abandoned=abandoned)
         except ValueError as e:
             raise PartyError(f"party {self.party.id} refuses the job: {e}") from None
         try:
@@ -432,27 +453,6 @@ class PartyService:
             session.program = program
         log.info("party %s: session %s open (SPU worker pid %d)", self.party.id, session.id, worker.process.pid)
 
-    def _in_compiler(self, limit_s: float, fn, *args, session: Optional[_Session] = None):
-        """``fn(*args)`` in the compiler process, within ``limit_s``; abandoned (the process restarted) when
-        it overruns or when ``session`` ends meanwhile, so a closed session never holds the compiler."""
-        future = self.compiler.submit(fn, *args)
-        deadline = time.monotonic() + limit_s
-        try:
-            while True:
-                try:
-                    return future.result(timeout=1.0)
-                except cf.TimeoutError:
-                    if session is not None and self.session is not session:
-                        raise PartyError("the session ended while it opened") from None
-                    if time.monotonic() > deadline:
-                        raise PartyError(f"party {self.party.id}: compiling took more than {limit_s:g} s") from None
-        except cf.process.BrokenProcessPool:
-            raise PartyError(f"party {self.party.id}: its compiler process died") from None
-        finally:
-            if not future.done() or isinstance(future.exception(), cf.process.BrokenProcessPool):
-                _stop_compiler(self.compiler)
-                self.compiler = _compiler_process()
-
     def _step(self, session: _Session, index: int) -> None:
         program, worker = session.program, session.worker
         step = program.steps[index]
@@ -491,12 +491,14 @@ class PartyService:
         """Wait up to POLL_S for the session's job; then "done" with its report, or "running"."""
         with self.lock:
             session.polls += 1
+            waited = session.job is not None and not session.job.done()
         try:
             settled = self._settle(session, wait=True)
         finally:
             with self.lock:
                 session.polls -= 1
-                session.last_seen = time.monotonic()
+                if waited:
+                    session.last_seen = time.monotonic()
         if not settled:
             return messages.Progress("running", "{}")
         return messages.Progress("done", json.dumps(report()))
@@ -538,7 +540,6 @@ class PartyService:
         if session is None or session.id != session_id or session.user != caller.name:
             raise PartyError(f"party {self.party.id} has no session {session_id!r} of {caller.name} "
                              "(a failed job, a close or a long silence ends a session)")
-        session.last_seen = time.monotonic()
         if ready and session.program is None:
             raise PartyError(f"session {session_id!r} is still opening")
         return session
@@ -617,18 +618,6 @@ class PartyService:
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.3g} GiB"
-
-
-def _compiler_process() -> cf.ProcessPoolExecutor:
-    """The party's compiler: a spawned process that ends with the party, even when the party is killed."""
-    return cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_die_with_parent)
-
-
-def _stop_compiler(pool: cf.ProcessPoolExecutor) -> None:
-    """End the compiler process now, even mid-compile (shutdown alone would wait for the job)."""
-    for process in list(getattr(pool, "_processes", {}).values()):
-        process.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
 
 
 _SPU_DTYPES = {"float32": "F32", "float64": "F64", "int32": "I32", "int64": "I64", "bool": "I1"}
@@ -713,7 +702,7 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
     three parties agree on the session (the same session, user, model, its owner, job and executable), build the
     runtime, then serve the party's jobs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the party process decides when this one ends
-    _die_with_parent()
+    die_with_parent()
     spu_log = SpuLog.get(log_path)
     try:
         config = libspu.RuntimeConfig()
@@ -798,26 +787,6 @@ def _consistent_shares(link, checks) -> None:
     names = sorted({name for verdict in link.all_gather(json.dumps(disagree)) for name in json.loads(verdict)})
     if names:
         raise ValueError(f"the parties' shares of {names_of(names)} disagree: a client gave them inconsistent shares")
-
-
-def _die_with_parent() -> None:
-    """End this worker when its party process ends, even by SIGKILL (it holds the session's link and shares)."""
-    parent = os.getppid()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent was already gone before prctl took effect
-        os._exit(1)
-
-    def watch():  # elsewhere than Linux: poll
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def _first_lines(error: BaseException) -> str:

@@ -10,6 +10,7 @@ compare their digests.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Mapping, Optional, Protocol, Sequence, Tuple
 
@@ -20,26 +21,35 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 TensorSpec = Tuple[Tuple[int, ...], str]  # (shape, numpy dtype name)
 
+#: the largest input bound an owner may set: a diffusion model's inputs are units to tens; beyond this the bound no
+#: longer keeps x * W, and SPU's truncation failures with it, near what in-range inputs give
+MAX_INPUT_BOUND = 65536.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """The model owner's terms, part of the public manifest (``"policy"``).
 
     users: client names allowed to sample (None: every user); protocol_sets: the protocol sets a
-    session may use (None: any installed one); max_batch / max_steps: bounds on one session.
+    session may use (None: any installed one); max_batch / max_steps: bounds on one session;
+    input_bound: every secret input of a step (the user's noise, latents, conditions, and the sampler's state) is
+    clamped to [-input_bound, input_bound] inside the step program, before it meets a weight. Without it a user
+    could share huge values and learn from how often SPU's truncation then fails (its probability grows with
+    the magnitude of x * W) the magnitudes of the first layers' weights.
     """
 
     users: Optional[Tuple[str, ...]] = None
     protocol_sets: Optional[Tuple[str, ...]] = None
     max_batch: int = 64
     max_steps: int = 1000
+    input_bound: float = 256.0
 
     @classmethod
     def from_dict(cls, raw) -> "Policy":
         if raw is None:
             return cls()
-        if not isinstance(raw, dict) or set(raw) - {"users", "protocol_sets", "max_batch", "max_steps"}:
-            raise ValueError("policy must be an object with users, protocol_sets, max_batch, max_steps")
+        if not isinstance(raw, dict) or set(raw) - {"users", "protocol_sets", "max_batch", "max_steps", "input_bound"}:
+            raise ValueError("policy must be an object with users, protocol_sets, max_batch, max_steps, input_bound")
         values = {}
         for key in ("users", "protocol_sets"):
             if raw.get(key) is not None:
@@ -51,13 +61,19 @@ class Policy:
                 if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
                     raise ValueError(f"policy.{key} must be a positive integer")
                 values[key] = raw[key]
+        if "input_bound" in raw:
+            bound = raw["input_bound"]
+            if (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound)
+                    or not 0 < bound <= MAX_INPUT_BOUND):
+                raise ValueError(f"policy.input_bound must be a number in (0, {MAX_INPUT_BOUND:g}]")
+            values["input_bound"] = float(bound)
         return cls(**values)
 
     def to_dict(self) -> dict:
         return {
             "users": None if self.users is None else list(self.users),
             "protocol_sets": None if self.protocol_sets is None else list(self.protocol_sets),
-            "max_batch": self.max_batch, "max_steps": self.max_steps,
+            "max_batch": self.max_batch, "max_steps": self.max_steps, "input_bound": self.input_bound,
         }
 
     def refusal(self, user: str, job: "JobTerms") -> Optional[str]:

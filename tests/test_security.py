@@ -22,7 +22,8 @@ from cipherdm_spu.errors import ClusterError, PartyError, ProtocolError
 from cipherdm_spu.jobs import sample_on_cluster
 from cipherdm_spu.messages import (CHANNEL_OPTIONS, METHODS, SERVICE, Empty, ModelBegin, ModelPut, ModelRef, SessionOpen,
                                    SessionRef, SessionStep)
-from cipherdm_spu.party import TENSOR_OVERHEAD_BYTES, private_log_file
+from cipherdm_spu.compiler_process import CompilerProcess
+from cipherdm_spu.party import MAX_MANIFEST_BYTES, TENSOR_OVERHEAD_BYTES, private_log_file
 from cipherdm_spu.registry import ProtocolSet
 from cipherdm_spu.share_wire import content_of
 
@@ -144,9 +145,15 @@ def test_a_session_cannot_be_taken_over_and_is_dropped_when_abandoned(cluster):
         # the result is released only after the last step, and steps only in order
         assert "released only after the last step" in _details(lambda: alice.call(0, "session_result", SessionRef("alice-1")))
         assert "cannot run now" in _details(lambda: alice.call(0, "session_step", SessionStep("alice-1", 1)))
-        # alice goes silent: the parties drop her session and its shares after timeouts.session_idle_s
+        # alice goes silent: the parties drop her session and its shares after timeouts.session_idle_s; calls that
+        # move nothing on (a start repeated, a result asked for early, a step out of turn) do not keep it alive
+        # (an independent review: re-sending them every few minutes held the cluster for ever)
         deadline = time.monotonic() + 60
         while any(r.busy for r in alice.hello()) and time.monotonic() < deadline:
+            for method, request in (("session_start", SessionRef("alice-1")), ("session_result", SessionRef("alice-1")),
+                                    ("session_step", SessionStep("alice-1", 1))):
+                with contextlib.suppress(ClusterError, grpc.RpcError):
+                    alice.call(0, method, request)
             time.sleep(1)
         assert not any(r.busy for r in alice.hello())
         assert "no session 'alice-1'" in _details(lambda: alice.call(0, "session_step", SessionStep("alice-1", 0)))
@@ -425,15 +432,15 @@ def test_a_session_abandoned_while_it_compiles_is_dropped(tmp_path):
         service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
         service.model_seal(OWNER, ModelRef("m"))
         for user in ("user", "user-bob"):  # the cluster is free again for the next user
-            service.compiler.shutdown()
-            stalled = service.compiler = _InProcess(stall="program")  # the compile hangs
+            started = []
+            service.compiler = CompilerProcess("compiler", lambda: started.append(_InProcess(stall="program")) or started[-1])
             assert service.session_open(_user(user), SessionOpen(user, "m", "{}")).state == "running"
             deadline = time.monotonic() + 30
             while service.session is not None and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert service.session is None
-            # the compile was given up (its compiler replaced), not waited for
-            assert service.jobs.submit(lambda: None).result(timeout=30) is None and service.compiler is not stalled
+            # the compile was given up (its compiler process replaced), not waited for
+            assert service.jobs.submit(lambda: None).result(timeout=30) is None and len(started) == 2
 
 
 def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
@@ -444,12 +451,13 @@ def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
         def model_tensors(self, manifest):
             return {"w": ((json.loads(manifest)["elements"],), "float32")}
 
-    # 16 bytes per element (FM64, replicated) and TENSOR_OVERHEAD_BYTES per tensor: room for 1000 elements in 2 tensors
-    budget = 16 * 1000 + 2 * TENSOR_OVERHEAD_BYTES
+    # 16 bytes per element (FM64, replicated), TENSOR_OVERHEAD_BYTES per tensor and the manifest's bytes: room for
+    # 1000 elements in 2 models of one tensor
+    budget = 16 * 1000 + 2 * (TENSOR_OVERHEAD_BYTES + len(json.dumps({"elements": 600})))
     with _party_in_process(tmp_path, SizedCatalog(), share_memory=budget) as service:
         other = _owner("owner-eve")
         with pytest.raises(PartyError, match=r"'big' needs \S+ GiB of share memory; party P0 has \S+ GiB of its"):
-            service.model_begin(OWNER, ModelBegin("big", json.dumps({"elements": 1065})))
+            service.model_begin(OWNER, ModelBegin("big", json.dumps({"elements": 1067})))
         service.model_begin(OWNER, ModelBegin("a", json.dumps({"elements": 600})))  # unsealed: counted all the same
         with pytest.raises(PartyError, match="'b' needs .* GiB left"):
             service.model_begin(other, ModelBegin("b", json.dumps({"elements": 401})))
@@ -459,8 +467,46 @@ def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
         assert set(service.models) == {"b", "c"}
         # a shape whose element count wraps int64 (2**64 + 1 elements: 1 in int64) is counted in full, and refused
         # (found by an independent review: a negative size would have switched the budget off)
+        service.model_delete(other, ModelRef("c"))  # room for its manifest
         with pytest.raises(PartyError, match="would not fit a message"):
             service.model_begin(OWNER, ModelBegin("wrap", json.dumps({"elements": 2**64 + 1})))
+
+
+def test_a_padded_manifest_is_refused_and_a_manifest_counts_against_the_budget(tmp_path):
+    """A manifest is kilobytes: one padded to fill a party's memory is refused before it is parsed (an independent
+    review held 200 MB manifests outside the share-memory budget), and what a party keeps of it is counted."""
+    with _party_in_process(tmp_path, _Catalog(), share_memory=1 << 20) as service:
+        padded = json.dumps({"policy": None, "config": {"_pad": "A" * MAX_MANIFEST_BYTES}})
+        with pytest.raises(PartyError, match=f"its manifest is {len(padded)} bytes, more than {MAX_MANIFEST_BYTES}"):
+            service.model_begin(OWNER, ModelBegin("m", padded))
+        assert not service.models
+        small = json.dumps({"policy": None, "config": {"_pad": "A" * 1000}})
+        service.model_begin(OWNER, ModelBegin("m", small))  # a model of no tensors: its manifest alone is counted
+        assert service.models["m"].size == len(small)
+        with pytest.raises(PartyError, match="needs .* of share memory"):
+            service.model_begin(_owner("owner-eve"), ModelBegin("n", json.dumps({"policy": None, "config": {
+                "_pad": "A" * (MAX_MANIFEST_BYTES - 100)}})))  # within the cap, beyond what is left of the budget
+
+
+def test_an_owners_manifest_cannot_break_a_users_compile(tmp_path, monkeypatch):
+    """Manifests are judged in a process of their own: an owner whose manifest overruns its deadline (its judge
+    killed) leaves a user's compile in progress untouched (an independent review: with one shared compiler process,
+    the owner's overrun killed the user's compile)."""
+    from cipherdm_spu import party
+
+    monkeypatch.setattr(party, "JUDGE_S", 2.0)
+    with _party_in_process(tmp_path, _Catalog()) as service:
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+        service.model_seal(OWNER, ModelRef("m"))
+        compilers, judges = [], []
+        service.compiler = CompilerProcess("compiler", lambda: compilers.append(_InProcess(stall="program")) or compilers[-1])
+        service.judge = CompilerProcess("judge", lambda: judges.append(_InProcess(stall="model_tensors")) or judges[-1])
+        assert service.session_open(_user("user"), SessionOpen("s", "m", "{}")).state == "running"  # compiling
+        with pytest.raises(PartyError, match="judge: the job took more than 2 s"):
+            service.model_begin(_owner("owner-mallory"), ModelBegin("slow", json.dumps({"policy": None})))
+        assert len(judges) == 2 and len(compilers) == 1  # the judge was restarted, the user's compiler not
+        assert service.session is not None and service.session.job is not None and not service.session.job.done()
+        service.session_close(_user("user"), SessionRef("s"))
 
 
 def _owner(name):
@@ -502,8 +548,9 @@ def _party_in_process(tmp_path, catalog, share_memory=1 << 30, **timeouts):
     make_certs(config)
     cluster = cc.load(config)
     service = PartyService(cluster, cluster.parties[0], catalog, tmp_path / "spu.log", share_memory)
-    service.compiler.shutdown()
-    service.compiler = _InProcess()
+    service.judge.close()
+    service.compiler.close()
+    service.judge, service.compiler = CompilerProcess("judge", _InProcess), CompilerProcess("compiler", _InProcess)
     try:
         yield service
     finally:
@@ -642,8 +689,8 @@ def test_a_partys_compiler_process_ends_with_the_party():
     import subprocess
     import sys
 
-    code = ("import time\nfrom cipherdm_spu.party import _compiler_process\n"
-            "print(_compiler_process().submit(__import__('os').getpid).result(), flush=True)\ntime.sleep(60)\n")
+    code = ("import time\nfrom cipherdm_spu.compiler_process import _spawned_pool\n"
+            "print(_spawned_pool().submit(__import__('os').getpid).result(), flush=True)\ntime.sleep(60)\n")
     party = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     compiler = int(party.stdout.readline())
     os.kill(party.pid, signal.SIGKILL)

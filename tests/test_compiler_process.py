@@ -1,0 +1,53 @@
+"""A party's compiler process: one job at a time, each within its own deadline, and only an overrun job killed."""
+
+import concurrent.futures as cf
+import os
+import threading
+import time
+
+import pytest
+
+from cipherdm_spu.compiler_process import CompilerProcess
+from cipherdm_spu.errors import PartyError
+
+
+def test_a_jobs_deadline_counts_from_its_start_not_while_it_waits():
+    """A job queued behind a long one still gets its whole deadline (an independent review: with the wait counted,
+    a queued job overran and killed the process under the job before it)."""
+    compiler = CompilerProcess("test compiler", lambda: cf.ThreadPoolExecutor(1))
+    first = threading.Thread(target=compiler.run, args=(10.0, 10.0, time.sleep, 3.0))
+    first.start()
+    time.sleep(0.5)
+    assert compiler.run(2.0, 10.0, sum, [1, 2]) == 3  # waited ~2.5 s for its turn, then ran at once
+    first.join()
+
+
+def test_a_busy_compiler_refuses_after_the_wait_and_a_given_up_job_never_runs():
+    compiler = CompilerProcess("test compiler", lambda: cf.ThreadPoolExecutor(1))
+    ran = []
+    first = threading.Thread(target=compiler.run, args=(10.0, 10.0, time.sleep, 4.0))
+    first.start()
+    time.sleep(0.5)
+    with pytest.raises(PartyError, match="test compiler is busy with another job"):
+        compiler.run(10.0, 1.0, ran.append, 1)
+    with pytest.raises(PartyError, match="the job was given up"):
+        compiler.run(10.0, 10.0, ran.append, 2, abandoned=lambda: True)
+    first.join()
+    assert ran == []
+
+
+def test_an_overrun_kills_only_its_own_job_and_the_next_runs_on_a_fresh_process():
+    compiler = CompilerProcess("test compiler")  # a spawned process, as a party's
+    try:
+        first_pid = compiler.run(120.0, 1.0, os.getpid)
+        results = []
+        waiting = threading.Thread(target=lambda: results.append(compiler.run(120.0, 120.0, os.getpid)))
+        with pytest.raises(PartyError, match="the job took more than 1 s"):
+            threading.Timer(0.3, waiting.start).start()
+            compiler.run(1.0, 1.0, time.sleep, 60)
+        waiting.join(120)
+        assert results and results[0] != first_pid  # it ran, on the process started after the kill
+        with pytest.raises(ProcessLookupError):
+            os.kill(first_pid, 0)
+    finally:
+        compiler.close()
