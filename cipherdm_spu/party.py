@@ -13,8 +13,9 @@ A party holds only its own shares and runs only programs it built itself:
   party's share of the final result.
 - nothing else: no method returns a weight, an input or an intermediate share, and none takes code.
 
-One session at a time; no session can be taken over by another client, and one whose user does not move it on
-(a new input, a step, a poll of its running job) for ``timeouts.session_idle_s`` is dropped with its shares. Long jobs (compiling, a step)
+One session at a time; no session can be taken over by another client, and one whose user goes silent for
+``timeouts.session_idle_s``, or does not move it on (a new input, a step, a poll of its running job) for
+`PROGRESS_S`, is dropped with its shares. Long jobs (compiling, a step)
 run in the background: a call waits at most `messages.POLL_S` and the client calls again, so every
 call has a deadline and a party that stops answering is named at once.
 """
@@ -64,6 +65,9 @@ TENSOR_OVERHEAD_BYTES = 1024
 #: how long judging a manifest or a job, and compiling a program, may take from its start (`compiler_process`)
 JUDGE_S = 300.0
 COMPILE_S = 3600.0
+#: how long a session may go without its user moving it on (`_Session.last_progress`) while its user keeps calling:
+#: as long as a peer may still compile (the one wait a user has no part in)
+PROGRESS_S = COMPILE_S
 #: how long an owner's manifest waits for another's to be judged before the party answers that it is busy
 JUDGE_WAIT_S = 30.0
 #: the largest manifest a party takes (a model's config, scheduler and policy: kilobytes); it is held in memory
@@ -123,10 +127,11 @@ class _Session:
     id: str
     user: str
     model_id: str
+    last_seen: float  # when its user's last call on it began or, for a call that waited on its job, ended
     # when its user last moved it on: opened it, started it, gave an input, began a step, or ended a call that waited on
-    # its running job; a call that changes nothing (an open repeated once compiled, a result fetched again) does not
-    # keep it alive, so a user cannot hold the cluster by pinging it
-    last_seen: float
+    # its running job. Calls that change nothing (an open repeated once compiled, a result fetched again) keep a
+    # session whose peers are still busy alive, but for PROGRESS_S at most: nobody holds the cluster by pinging it
+    last_progress: float = dataclasses.field(default_factory=time.monotonic)
     polls: int = 0  # its user's calls waiting on its job now: the session is not silent meanwhile
     job: Optional[cf.Future] = None  # the open or step job in flight
     job_index: int = -1  # what the job in flight is: -1 the compile, -2 the start, i step i
@@ -308,6 +313,7 @@ class PartyService:
                 session.job = self.jobs.submit(self._open, session, model, msg.job)
                 log.info("party %s: session %s opening for %s on model %s", self.party.id, session.id,
                          caller.name, msg.model_id)
+            session.last_seen = time.monotonic()
             if session.compiled is not None:  # already compiled
                 return messages.Progress("done", json.dumps(session.open_report))
         return self._progress(session, lambda: session.open_report)
@@ -326,7 +332,7 @@ class PartyService:
             if session.job is None and session.worker is None:
                 session.job_index = -2
                 session.job = self.jobs.submit(self._start, session, self.models[session.model_id])
-                session.last_seen = time.monotonic()
+                session.last_progress = time.monotonic()
         return self._progress(session, lambda: session.open_report)
 
     def session_put(self, caller: Caller, msg: messages.SessionPut) -> messages.Empty:
@@ -340,7 +346,7 @@ class PartyService:
                 raise PartyError(f"input slot {msg.slot!r} was already given")
             share = self._check_share(msg.meta, msg.content, spec, f"input slot {msg.slot!r}")
             session.slots[msg.slot] = share  # taken now; the worker is called without the lock
-            session.last_seen = time.monotonic()
+            session.last_progress = time.monotonic()
         try:
             session.worker.call("set_vars", [share.value(_slot(msg.slot))], timeout=TRANSFER_S)
         except PartyError:
@@ -367,7 +373,7 @@ class PartyService:
                     raise PartyError(f"the job's input slots {names_of(missing)} were not given")
                 session.job_index = msg.index
                 session.job = self.jobs.submit(self._step, session, msg.index)
-                session.last_seen = time.monotonic()
+                session.last_progress = time.monotonic()
         return self._progress(session, lambda: session.reports[msg.index])
 
     def session_result(self, caller: Caller, msg: messages.SessionRef) -> messages.Share:
@@ -497,8 +503,9 @@ class PartyService:
         finally:
             with self.lock:
                 session.polls -= 1
+                session.last_seen = time.monotonic()
                 if waited:
-                    session.last_seen = time.monotonic()
+                    session.last_progress = session.last_seen
         if not settled:
             return messages.Progress("running", "{}")
         return messages.Progress("done", json.dumps(report()))
@@ -540,6 +547,7 @@ class PartyService:
         if session is None or session.id != session_id or session.user != caller.name:
             raise PartyError(f"party {self.party.id} has no session {session_id!r} of {caller.name} "
                              "(a failed job, a close or a long silence ends a session)")
+        session.last_seen = time.monotonic()
         if ready and session.program is None:
             raise PartyError(f"session {session_id!r} is still opening")
         return session
@@ -614,6 +622,8 @@ class PartyService:
                     continue
                 if now - session.last_seen > idle:
                     self._drop_session(f"no request from {session.user} for {idle:g} s")
+                elif now - session.last_progress > max(PROGRESS_S, idle):
+                    self._drop_session(f"{session.user} did not move it on for {max(PROGRESS_S, idle):g} s")
 
 
 def _gib(size: int) -> str:

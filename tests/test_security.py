@@ -145,15 +145,9 @@ def test_a_session_cannot_be_taken_over_and_is_dropped_when_abandoned(cluster):
         # the result is released only after the last step, and steps only in order
         assert "released only after the last step" in _details(lambda: alice.call(0, "session_result", SessionRef("alice-1")))
         assert "cannot run now" in _details(lambda: alice.call(0, "session_step", SessionStep("alice-1", 1)))
-        # alice goes silent: the parties drop her session and its shares after timeouts.session_idle_s; calls that
-        # move nothing on (a start repeated, a result asked for early, a step out of turn) do not keep it alive
-        # (an independent review: re-sending them every few minutes held the cluster for ever)
+        # alice goes silent: the parties drop her session and its shares after timeouts.session_idle_s
         deadline = time.monotonic() + 60
         while any(r.busy for r in alice.hello()) and time.monotonic() < deadline:
-            for method, request in (("session_start", SessionRef("alice-1")), ("session_result", SessionRef("alice-1")),
-                                    ("session_step", SessionStep("alice-1", 1))):
-                with contextlib.suppress(ClusterError, grpc.RpcError):
-                    alice.call(0, method, request)
             time.sleep(1)
         assert not any(r.busy for r in alice.hello())
         assert "no session 'alice-1'" in _details(lambda: alice.call(0, "session_step", SessionStep("alice-1", 0)))
@@ -441,6 +435,29 @@ def test_a_session_abandoned_while_it_compiles_is_dropped(tmp_path):
             assert service.session is None
             # the compile was given up (its compiler process replaced), not waited for
             assert service.jobs.submit(lambda: None).result(timeout=30) is None and len(started) == 2
+
+
+def test_pinging_a_session_does_not_hold_the_cluster(tmp_path, monkeypatch):
+    """Calls that move a session on nothing (an open repeated once compiled, a result asked for early) keep it alive
+    while its peers may still be busy, for PROGRESS_S at most (an independent review: re-sending session_open every
+    few minutes held the cluster for ever)."""
+    from cipherdm_spu import party
+
+    monkeypatch.setattr(party, "PROGRESS_S", 4.0)
+    with _party_in_process(tmp_path, _Catalog(), session_idle_s=2) as service:
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+        service.model_seal(OWNER, ModelRef("m"))
+        alice = _user("user")
+        with service.lock:  # a session compiled here, its user waiting for the other parties to compile
+            service.session = party._Session("s", "user", "m", time.monotonic(), compiled=("program", "", b""))
+        opened, pings = service.session, 0
+        while service.session is opened and pings < 40:
+            assert service.session_open(alice, SessionOpen("s", "m", "{}")).state == "done"
+            with pytest.raises(PartyError, match="still opening"):
+                service.session_result(alice, SessionRef("s"))
+            pings += 1
+            time.sleep(0.5)
+        assert service.session is None and 6 <= pings < 40  # alive past session_idle_s, dropped after PROGRESS_S
 
 
 def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
