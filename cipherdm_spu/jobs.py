@@ -229,16 +229,19 @@ def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
 
 def clamped_inputs(step_fn, bound: float):
     """``step_fn`` with its secret inputs (the sampler's state x, the conditions, the noise) clamped to [-bound, bound]
-    before the step uses them (`Policy.input_bound`): v + [v > b] (b - v) + [-v > b] (-b - v), the two comparisons
-    in one batched MSB extraction, their bits converted once and multiplied in as integers (`ring.bit_times`)."""
-
-    def clamp(v):
-        over = indicator(jnp.stack([v, -v]) > bound)
-        return v + bit_times(over, jnp.stack([bound - v, -bound - v])).sum(axis=0)
+    before the step uses them (`Policy.input_bound`): v + [v > b] (b - v) + [-v > b] (-b - v) on all of them as one
+    vector, so that both comparisons of every element take one batched MSB extraction's rounds; their bits are
+    converted once and multiplied in as integers (`ring.bit_times`)."""
 
     def step(weights, x, condition, terms, coefficients, noise):
-        condition = jax.tree_util.tree_map(clamp, condition)
-        return step_fn(weights, clamp(x), condition, terms, coefficients, None if noise is None else clamp(noise))
+        leaves, tree = jax.tree_util.tree_flatten((x, condition, noise))
+        v = jnp.concatenate([leaf.ravel() for leaf in leaves])
+        over = indicator(jnp.stack([v, -v]) > bound)
+        v = v + bit_times(over, jnp.stack([bound - v, -bound - v])).sum(axis=0)
+        ends = np.cumsum([leaf.size for leaf in leaves])[:-1]
+        clamped = [part.reshape(leaf.shape) for part, leaf in zip(jnp.split(v, ends), leaves)]
+        x, condition, noise = jax.tree_util.tree_unflatten(tree, clamped)
+        return step_fn(weights, x, condition, terms, coefficients, noise)
 
     return step
 
