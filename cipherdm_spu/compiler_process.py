@@ -33,6 +33,7 @@ class CompilerProcess:
         self._start = start or _spawned_pool
         self._turn = threading.Lock()  # held by the caller whose job runs
         self._pool = self._start()
+        self._closed = False
 
     def run(self, limit_s: float, wait_s: float, fn, *args, abandoned: Callable[[], bool] = lambda: False):
         """``fn(*args)`` in the process, once the job before it ended (waiting at most ``wait_s``), within
@@ -44,30 +45,53 @@ class CompilerProcess:
                 raise PartyError(f"{self.name}: the job was given up")
             if time.monotonic() > waited:
                 raise PartyError(f"{self.name} is busy with another job; try again later")
-        future = None
+        try:
+            if self._closed:
+                raise PartyError(f"{self.name} is shutting down")
+            if abandoned():
+                raise PartyError(f"{self.name}: the job was given up")
+            return self._run(limit_s, fn, args, abandoned)
+        finally:
+            self._turn.release()
+
+    def _run(self, limit_s: float, fn, args, abandoned: Callable[[], bool]):
+        """The job on the process, the caller holding the turn; the process restarted unless the job ended."""
         try:
             future = self._pool.submit(fn, *args)
+        except (cf.BrokenExecutor, RuntimeError):  # the process died while idle: this job gets a fresh one
+            self._restart()
+            future = self._pool.submit(fn, *args)
+        ended = False
+        try:
             deadline = time.monotonic() + limit_s
             while True:
                 try:
-                    return future.result(timeout=CHECK_S)
-                except cf.TimeoutError:
+                    result = future.result(timeout=CHECK_S)
+                except (cf.BrokenExecutor, cf.CancelledError):
+                    raise PartyError(f"{self.name}: its process died") from None
+                except Exception:
+                    if future.done():  # the job's own error: the process is fine
+                        ended = True
+                        raise
                     if abandoned():
                         raise PartyError(f"{self.name}: the job was given up") from None
                     if time.monotonic() > deadline:
                         raise PartyError(f"{self.name}: the job took more than {limit_s:g} s") from None
-        except cf.BrokenExecutor:
-            raise PartyError(f"{self.name}: its process died") from None
+                    continue
+                ended = True
+                return result
         finally:
-            try:
-                if future is None or not future.done() or isinstance(future.exception(), cf.BrokenExecutor):
-                    _stop(self._pool)
-                    self._pool = self._start()
-            finally:
-                self._turn.release()
+            if not ended:
+                self._restart()
+
+    def _restart(self) -> None:
+        _stop(self._pool)
+        if not self._closed:
+            self._pool = self._start()
 
     def close(self) -> None:
-        """End the process now, even mid-job."""
+        """End the process now, even mid-job; a later run is refused."""
+        self._closed = True
         _stop(self._pool)
 
 

@@ -202,7 +202,7 @@ def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
     coefficients = sampler.coefficient_table()  # (steps, ...): a vector per step, or a multistep solver's matrix
     known["public/coefficients"] = (tuple(coefficients.shape[1:]), "float32")
     specs = tuple((*known[leaf.name], "public" if leaf.name.startswith("public/") else "secret") for leaf in leaves)
-    policy = Policy.from_dict(parse_manifest(manifest)["policy"])
+    policy = Policy.from_dict(parse_manifest(manifest).get("policy"))
     step_fn = clamped_inputs(sampler_step(model, sampler, guidance), policy.input_bound)
     try:
         compiled = compile_function(step_fn, in_tree, specs, pset, fraction_bits)
@@ -229,15 +229,21 @@ def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
 
 def clamped_inputs(step_fn, bound: float):
     """``step_fn`` with its secret inputs (the sampler's state x, the conditions, the noise) clamped to [-bound, bound]
-    before the step uses them (`Policy.input_bound`): v + [v > b] (b - v) + [-v > b] (-b - v) on all of them as one
-    vector, so that both comparisons of every element take one batched MSB extraction's rounds; their bits are
-    converted once and multiplied in as integers (`ring.bit_times`)."""
+    before the step uses them (`Policy.input_bound`), on all of them as one vector:
+    v + [v > b and v >= 0] (b - v) + [v < -b and v < 0] (-b - v).
+
+    Under SPU a comparison is the sign of a difference, which wraps for |v| near the ring's edge (2^45 at 18 fraction
+    bits: b - v for v near -2^45 reads as negative, "v > b"); the sign of v itself never wraps, so each side is gated
+    on it (an independent review fed such values to a clamp without it, and got -v back). The three signs take one
+    batched MSB extraction's rounds, the two gates one AND, and the two bits are converted once and multiplied in as
+    integers (`ring.bit_times`)."""
 
     def step(weights, x, condition, terms, coefficients, noise):
         leaves, tree = jax.tree_util.tree_flatten((x, condition, noise))
         v = jnp.concatenate([leaf.ravel() for leaf in leaves])
-        over = indicator(jnp.stack([v, -v]) > bound)
-        v = v + bit_times(over, jnp.stack([bound - v, -bound - v])).sum(axis=0)
+        above, below, negative = jnp.stack([bound - v, bound + v, v]) < 0
+        sides = indicator(jnp.stack([above & ~negative, below & negative]))
+        v = v + bit_times(sides, jnp.stack([bound - v, -bound - v])).sum(axis=0)
         ends = np.cumsum([leaf.size for leaf in leaves])[:-1]
         clamped = [part.reshape(leaf.shape) for part, leaf in zip(jnp.split(v, ends), leaves)]
         x, condition, noise = jax.tree_util.tree_unflatten(tree, clamped)

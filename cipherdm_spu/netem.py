@@ -428,11 +428,14 @@ def probe(config_path: os.PathLike, rounds: int = 20, payload: int = 1 << 20, se
                 late = ", ".join(cluster.parties[r].id for r in waiting.values())
                 raise LinkEmulatorError(f"probe: {late} did not finish in time")
             for pipe in ready:
-                replies[waiting[pipe]] = pipe.recv()
-                if replies[waiting[pipe]][0] != "ok":
+                rank = waiting[pipe]
+                try:
+                    replies[rank] = pipe.recv()
+                except EOFError:  # e.g. brpc ended the process: named, and the others still heard
+                    procs[rank].join(1)
+                    replies[rank] = ("error", f"its process ended without a report (exit code {procs[rank].exitcode})")
+                if replies[rank][0] != "ok":
                     deadline = min(deadline, time.monotonic() + PROBE_GRACE_S)
-    except EOFError:
-        raise LinkEmulatorError("probe: a party's process ended without a report") from None
     finally:
         for proc in procs:
             proc.join(5 if len(replies) == 3 else 0)

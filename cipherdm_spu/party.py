@@ -14,10 +14,10 @@ A party holds only its own shares and runs only programs it built itself:
 - nothing else: no method returns a weight, an input or an intermediate share, and none takes code.
 
 One session at a time; no session can be taken over by another client, and one whose user goes silent for
-``timeouts.session_idle_s``, or does not move it on (a new input, a step, a poll of its running job) for
-`PROGRESS_S`, is dropped with its shares. Long jobs (compiling, a step)
-run in the background: a call waits at most `messages.POLL_S` and the client calls again, so every
-call has a deadline and a party that stops answering is named at once.
+``timeouts.session_idle_s``, or does not move it on (a new input, a step, a poll of its running job) for longer
+than its peers may take (`OPENING_PROGRESS_S`, `RUNNING_PROGRESS_S`), is dropped with its shares. Long jobs
+(compiling, a step) run in the background: a call waits at most `messages.POLL_S` and the client calls again, so
+every call has a deadline and a party that stops answering is named at once.
 """
 
 from __future__ import annotations
@@ -65,16 +65,19 @@ TENSOR_OVERHEAD_BYTES = 1024
 #: how long judging a manifest or a job, and compiling a program, may take from its start (`compiler_process`)
 JUDGE_S = 300.0
 COMPILE_S = 3600.0
-#: how long a session may go without its user moving it on (`_Session.last_progress`) while its user keeps calling:
-#: as long as a peer may still compile (the one wait a user has no part in)
-PROGRESS_S = COMPILE_S
-#: how long an owner's manifest waits for another's to be judged before the party answers that it is busy
-JUDGE_WAIT_S = 30.0
+#: how long an owner's manifest waits for another's to be judged before the party answers that it is busy (briefly:
+#: a waiting call holds one of the control service's threads)
+JUDGE_WAIT_S = 1.0
 #: the largest manifest a party takes (a model's config, scheduler and policy: kilobytes); it is held in memory
 #: and counted against the share-memory budget
 MAX_MANIFEST_BYTES = 1 << 20
 #: the longest a party waits for its worker to take or give back values (they are in memory)
 TRANSFER_S = 600.0
+#: how long a session may go without its user moving it on (`_Session.last_progress`) while its user keeps calling:
+#: the waits on its peers a user has no part in. Before it starts, as long as a peer may still judge and compile the
+#: job; then as long as a peer may still link and load values (plus the link's connect timeout)
+OPENING_PROGRESS_S = JUDGE_S + COMPILE_S + 60.0
+RUNNING_PROGRESS_S = TRANSFER_S + 120.0
 #: how long a session whose job failed waits for its user to learn why before it is dropped
 FAILED_SESSION_S = 30.0
 #: how long a worker waits for its peers' link goodbye before it reports a refused session anyway
@@ -130,7 +133,8 @@ class _Session:
     last_seen: float  # when its user's last call on it began or, for a call that waited on its job, ended
     # when its user last moved it on: opened it, started it, gave an input, began a step, or ended a call that waited on
     # its running job. Calls that change nothing (an open repeated once compiled, a result fetched again) keep a
-    # session whose peers are still busy alive, but for PROGRESS_S at most: nobody holds the cluster by pinging it
+    # session whose peers are still busy alive, but only as long as a peer may be (OPENING_PROGRESS_S,
+    # RUNNING_PROGRESS_S): nobody holds the cluster by pinging it
     last_progress: float = dataclasses.field(default_factory=time.monotonic)
     polls: int = 0  # its user's calls waiting on its job now: the session is not silent meanwhile
     job: Optional[cf.Future] = None  # the open or step job in flight
@@ -611,8 +615,8 @@ class PartyService:
                 if session is None or session.polls:
                     continue
                 if session.job is not None and not session.job.done():
-                    # a compile runs for up to COMPILE_S: one its user abandoned ends now (`_in_compiler` gives it
-                    # up); a step or a start is bounded by the link's timeouts and ends on its own
+                    # a compile runs for up to COMPILE_S: one its user abandoned ends now (`CompilerProcess.run` gives
+                    # it up); a step or a start is bounded by the link's timeouts and ends on its own
                     if session.compiled is None and now - session.last_seen > idle:
                         self._drop_session(f"no request from {session.user} for {idle:g} s while it compiled")
                     continue
@@ -622,8 +626,12 @@ class PartyService:
                     continue
                 if now - session.last_seen > idle:
                     self._drop_session(f"no request from {session.user} for {idle:g} s")
-                elif now - session.last_progress > max(PROGRESS_S, idle):
-                    self._drop_session(f"{session.user} did not move it on for {max(PROGRESS_S, idle):g} s")
+                    continue
+                opening = session.program is None and session.job_index == -1
+                allowed = max(idle, OPENING_PROGRESS_S if opening
+                              else RUNNING_PROGRESS_S + self.cluster.connect_timeout_s)
+                if now - session.last_progress > allowed:
+                    self._drop_session(f"{session.user} did not move it on for {allowed:g} s")
 
 
 def _gib(size: int) -> str:

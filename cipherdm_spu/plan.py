@@ -10,7 +10,6 @@ compare their digests.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Mapping, Optional, Protocol, Sequence, Tuple
 
@@ -24,6 +23,8 @@ TensorSpec = Tuple[Tuple[int, ...], str]  # (shape, numpy dtype name)
 #: the largest input bound an owner may set: a diffusion model's inputs are units to tens; beyond this the bound no
 #: longer keeps x * W, and SPU's truncation failures with it, near what in-range inputs give
 MAX_INPUT_BOUND = 65536.0
+#: the smallest: well above the fixed point's resolution (2^-18), so that the clamp's constants keep their value
+MIN_INPUT_BOUND = 2.0**-10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +63,9 @@ class Policy:
                     raise ValueError(f"policy.{key} must be a positive integer")
                 values[key] = raw[key]
         if "input_bound" in raw:
-            bound = raw["input_bound"]
-            if (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound)
-                    or not 0 < bound <= MAX_INPUT_BOUND):
-                raise ValueError(f"policy.input_bound must be a number in (0, {MAX_INPUT_BOUND:g}]")
+            bound = raw["input_bound"]  # (exact comparisons: a huge integer or NaN is refused, never converted)
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not MIN_INPUT_BOUND <= bound <= MAX_INPUT_BOUND:
+                raise ValueError(f"policy.input_bound must be a number in [{MIN_INPUT_BOUND:g}, {MAX_INPUT_BOUND:g}]")
             values["input_bound"] = float(bound)
         return cls(**values)
 

@@ -4,6 +4,7 @@ import concurrent.futures as cf
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,8 +19,30 @@ def test_a_jobs_deadline_counts_from_its_start_not_while_it_waits():
     first = threading.Thread(target=compiler.run, args=(10.0, 10.0, time.sleep, 3.0))
     first.start()
     time.sleep(0.5)
-    assert compiler.run(2.0, 10.0, sum, [1, 2]) == 3  # waited ~2.5 s for its turn, then ran at once
+    started = time.monotonic()
+    assert compiler.run(2.5, 10.0, time.sleep, 1.5) is None  # ~2.5 s for its turn, then 1.5 s of its 2.5
+    assert time.monotonic() - started >= 3.5
     first.join()
+
+
+def test_a_jobs_own_error_keeps_the_process_and_one_that_died_idle_is_replaced():
+    pools = []
+
+    class DiesWhileIdle(cf.ThreadPoolExecutor):
+        def submit(self, fn, *args):
+            if len(pools) == 1:  # the first pool's process is gone by the time a job comes
+                raise cf.BrokenExecutor("gone")
+            return super().submit(fn, *args)
+
+    compiler = CompilerProcess("test compiler", lambda: pools.append(DiesWhileIdle(1)) or pools[-1])
+    assert compiler.run(5.0, 5.0, sum, [1, 2]) == 3 and len(pools) == 2  # ran on a fresh one, not refused
+    with pytest.raises(ZeroDivisionError):
+        compiler.run(5.0, 5.0, divmod, 1, 0)
+    assert len(pools) == 2  # a job that fails is the caller's error; its process is kept
+    compiler.close()
+    with pytest.raises(PartyError, match="shutting down"):
+        compiler.run(5.0, 5.0, sum, [1])
+    assert len(pools) == 2
 
 
 def test_a_busy_compiler_refuses_after_the_wait_and_a_given_up_job_never_runs():
@@ -47,7 +70,7 @@ def test_an_overrun_kills_only_its_own_job_and_the_next_runs_on_a_fresh_process(
             compiler.run(1.0, 1.0, time.sleep, 60)
         waiting.join(120)
         assert results and results[0] != first_pid  # it ran, on the process started after the kill
-        with pytest.raises(ProcessLookupError):
-            os.kill(first_pid, 0)
+        status = Path(f"/proc/{first_pid}/status")
+        assert not status.exists() or "Z" in status.read_text().split("State:")[1][:4]  # gone, or dead unreaped
     finally:
         compiler.close()

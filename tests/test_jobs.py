@@ -33,9 +33,20 @@ def test_every_secret_input_is_clamped_to_the_bound_under_spu(sessions):
     assert clamped_inputs(_echo, 1.0)(None, x, None, None, None, None)[2] is None  # no noise slot: none made
 
 
+def test_values_at_the_rings_edge_are_clamped_to_their_own_side(sessions):
+    """Made inside the program (x + x + y: float32 cannot share them), these lie within the bound of the ring's edge
+    (2^45 at 18 fraction bits), where a comparison's difference wraps: each still clamps to the bound on its own
+    side (an independent review got -v back from a clamp that did not gate on the sign)."""
+    x = np.array([-(2.0**44 - 2.0**20), 2.0**44 - 2.0**20, -2.0**43, 2.0**43, 3.0], np.float32)
+    y = np.array([-(2.0**21 - 64), 2.0**21 - 64, 0.0, 0.0, 0.0], np.float32)  # v = +-(2^45 - 64), +-2^44, 6
+    step = clamped_inputs(_echo, 256.0)
+    got, _, _ = sessions["cipherdm"].run(lambda x, y: step(None, x + x + y, None, None, None, None), x, y)
+    np.testing.assert_array_equal(got, [-256.0, 256.0, -256.0, 256.0, 6.0])
+
+
 def test_the_policy_bound_is_validated_and_reaches_the_compiled_step():
     assert Policy.from_dict(None).input_bound == 256.0 and Policy.from_dict({"input_bound": 8}).input_bound == 8.0
-    for bad in (0, -1, float("inf"), MAX_INPUT_BOUND * 2, True, "8"):
+    for bad in (0, 1e-300, -1, float("inf"), float("nan"), 10**400, MAX_INPUT_BOUND * 2, True, "8"):
         with pytest.raises(ValueError, match="policy.input_bound must be a number"):
             Policy.from_dict({"input_bound": bad})
     model, params, scheduler = tiny_unet()

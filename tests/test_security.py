@@ -8,6 +8,7 @@ import contextlib
 import json
 import socket
 import time
+import types
 from pathlib import Path
 
 import grpc
@@ -439,25 +440,30 @@ def test_a_session_abandoned_while_it_compiles_is_dropped(tmp_path):
 
 def test_pinging_a_session_does_not_hold_the_cluster(tmp_path, monkeypatch):
     """Calls that move a session on nothing (an open repeated once compiled, a result asked for early) keep it alive
-    while its peers may still be busy, for PROGRESS_S at most (an independent review: re-sending session_open every
-    few minutes held the cluster for ever)."""
+    only as long as its peers may still be busy: compiling before it starts (OPENING_PROGRESS_S), linking and loading
+    after (RUNNING_PROGRESS_S); an independent review held the cluster for ever by re-sending session_open."""
     from cipherdm_spu import party
 
-    monkeypatch.setattr(party, "PROGRESS_S", 4.0)
+    monkeypatch.setattr(party, "OPENING_PROGRESS_S", 4.0)
+    monkeypatch.setattr(party, "RUNNING_PROGRESS_S", 6.0 - cc.load(write_config(tmp_path / "t.json")).connect_timeout_s)
     with _party_in_process(tmp_path, _Catalog(), session_idle_s=2) as service:
         service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
         service.model_seal(OWNER, ModelRef("m"))
         alice = _user("user")
-        with service.lock:  # a session compiled here, its user waiting for the other parties to compile
-            service.session = party._Session("s", "user", "m", time.monotonic(), compiled=("program", "", b""))
-        opened, pings = service.session, 0
-        while service.session is opened and pings < 40:
-            assert service.session_open(alice, SessionOpen("s", "m", "{}")).state == "done"
-            with pytest.raises(PartyError, match="still opening"):
-                service.session_result(alice, SessionRef("s"))
-            pings += 1
-            time.sleep(0.5)
-        assert service.session is None and 6 <= pings < 40  # alive past session_idle_s, dropped after PROGRESS_S
+        for started, (least, most) in ((False, (6, 12)), (True, (10, 16))):  # 4 s, then 6 s, of pings every 0.5 s
+            with service.lock:  # compiled here, its user waiting for the others to compile (or, started, to load)
+                opened = service.session = party._Session("s", "user", "m", time.monotonic(),
+                                                          compiled=("program", "", b""))
+                if started:
+                    opened.program, opened.job_index = types.SimpleNamespace(steps=("step 0",)), 0
+            pings = 0
+            while service.session is opened and pings < 40:
+                assert service.session_open(alice, SessionOpen("s", "m", "{}")).state == "done"
+                with pytest.raises(PartyError, match="released only after" if started else "still opening"):
+                    service.session_result(alice, SessionRef("s"))
+                pings += 1
+                time.sleep(0.5)
+            assert service.session is None and least <= pings <= most, (started, pings)
 
 
 def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
