@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from cipherdm_spu import jobs
 from cipherdm_spu.jobs import _program, build_manifest, clamped_inputs
 from cipherdm_spu.plan import MAX_INPUT_BOUND, Policy
 
@@ -44,13 +45,26 @@ def test_values_at_the_rings_edge_are_clamped_to_their_own_side(sessions):
     np.testing.assert_array_equal(got, [-256.0, 256.0, -256.0, 256.0, 6.0])
 
 
-def test_the_policy_bound_is_validated_and_reaches_the_compiled_step():
+def test_the_policy_bound_is_validated_and_reaches_the_step_program(monkeypatch):
     assert Policy.from_dict(None).input_bound == 256.0 and Policy.from_dict({"input_bound": 8}).input_bound == 8.0
     for bad in (0, 1e-300, -1, float("inf"), float("nan"), 10**400, MAX_INPUT_BOUND * 2, True, "8"):
         with pytest.raises(ValueError, match="policy.input_bound must be a number"):
             Policy.from_dict({"input_bound": bad})
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def wrap(step_fn, bound):  # records the bound the step program was built with, and stops before compiling
+        seen.append(bound)
+        raise Stop
+
+    monkeypatch.setattr(jobs, "clamped_inputs", wrap)
     model, params, scheduler = tiny_unet()
-    code = _program(build_manifest(model, scheduler, Policy(input_bound=8.0)), json.dumps(TINY_JOB, sort_keys=True),
-                    18).code.decode()
-    # the owner's bound is a public constant of the step (the default's is not there)
-    assert "dense<-8.000000e+00>" in code and "dense<8.000000e+00>" in code and "2.560000e+02>" not in code
+    for policy, bound in ((Policy(input_bound=8.0), 8.0), (None, 256.0)):
+        manifest = json.loads(build_manifest(model, scheduler, policy or Policy()))
+        if policy is None:
+            del manifest["policy"]  # a manifest without a policy: the defaults
+        with pytest.raises(Stop):
+            _program(json.dumps(manifest, sort_keys=True), json.dumps(TINY_JOB, sort_keys=True), 18)
+        assert seen[-1] == bound
