@@ -13,6 +13,7 @@ from cipherdm_spu.benchmark import (COMPARISON_OPS, NonlinearCall, StepCase, est
 from cipherdm_spu.protocols.cipherdm import tournament_arities
 from cipherdm_spu.models import UNet2DModel
 
+from .conftest import fewest_send_actions
 from .scripts import load_script
 from .test_sampling import TINY, tiny_model  # noqa: F401 - the fixture
 
@@ -76,10 +77,13 @@ def test_a_softmax_call_is_priced_by_fewer_rows_in_its_own_form(sessions):
         session = sessions[name]
         session.run(lambda a: ops.softmax(a, axis=2, scale=0.25), x)
         full = session.last_stats
-        priced = softmax_call_cost(session, call, max_elements=16 * 256)
+        # send actions vary by a few from run to run (5 seen once): each side's fewest of a few runs
+        fewest = fewest_send_actions(session, lambda a: ops.softmax(a, axis=2, scale=0.25), x)
+        pricings = [softmax_call_cost(session, call, max_elements=16 * 256) for _ in range(2)]
+        priced = pricings[0]
         assert (priced["rows"], priced["measured_rows"]) == (64, 16)
         assert priced["bytes_sent"] == pytest.approx(full.bytes_sent, rel=0.02), name
-        assert abs(priced["send_actions"] - full.send_actions) <= 3, name
+        assert abs(min(p["send_actions"] for p in pricings) - fewest) <= 3, name
     assert tournament_arities(256, 2**18) != tournament_arities(256, 2**12)
     large = softmax_call_cost(sessions["cipherdm"], NonlinearCall("softmax", (1024, 256), {"axis": 1}), max_elements=2**12)
     small = softmax_call_cost(sessions["cipherdm"], NonlinearCall("softmax", (16, 256), {"axis": 1}), max_elements=2**12)
