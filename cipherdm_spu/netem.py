@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Tuple
 
 from . import cluster_config
 from .cluster_config import ClusterConfig, split_address
+from .compiler_process import die_with_parent
 from .errors import ClusterConfigError, LinkEmulatorError
 
 #: bytes a relay reads at once (at 400 Mbps one chunk is 5 ms on the wire)
@@ -361,7 +362,7 @@ def _accepts(host: str, port: int) -> bool:
 def _serve(conn, routes, reserved: Tuple[int, ...], link: Link) -> None:
     """The relay process: a `_Route` per ordered pair; answers their ports, then forwards until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # its parent decides when it ends
-    _die_with_parent()
+    die_with_parent()
     with contextlib.suppress(OSError):  # not root: the relays share the CPUs at the parties' priority
         os.setpriority(os.PRIO_PROCESS, 0, NICE)
     wires = [_Wire(link) for _ in range(3)]
@@ -379,17 +380,6 @@ def _serve(conn, routes, reserved: Tuple[int, ...], link: Link) -> None:
         conn.recv()  # "stop", or the parent is gone
     for relay in relays:
         relay.close()
-
-
-def _die_with_parent() -> None:
-    """End this process when its parent ends, even by SIGKILL (Linux; elsewhere the pipe's EOF ends it)."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 # -- the probe: what a round and a transfer take over the links --------------------------------------
