@@ -12,17 +12,18 @@ rank: a comparison (an MSB extraction: 8 send actions) costs most, then converti
 one MSB extraction, and independent products into one stacked product, because a WAN waits per round.
 
 Activations use f(x) = step(x) + R(min(|x|, T)):
-  one comparison gives sign(x) and, batched with it, the window [|x| < T] (from the sign of E^2 - E_T^2 of
+  one comparison gives sign(x) and, batched with it, the window [|x| < T] (from the sign of E_T^2 - E^2 of
   the encoding E, one integer product before it: |x| < 11585); one bit product gives relu(x) and, for free,
   |x| = 2 relu(x) - x; a second clamps |x| to T *before* any power is taken, so no intermediate can wrap the
   ring; R is fitted by minimax over the whole real line including the clamped tail (scripts/fit_kernels.py).
-  (`cipherdm-low-byte`'s SiLU compares the window after |x| is known: 8 B fewer, 9 send actions more, no
-  range limit.)
-  SiLU and Mish (the UNets' activations), fitted error <= 9.5e-3. SiLU: R is a quartic with 2 truncations
-  ("half-square": u = c * a rounded to 9 fraction bits, so (u + beta0) * u is an integer product, and the
-  linear term rides in the last product's truncation). Mish: a times a quartic in Knuth's adapted form, its
-  two quartics (x > 0, x <= 0) one, with coefficients picked by the sign bit (`_pick`: local, on the ring
-  encodings).
+  SiLU and Mish (the UNets' activations), fitted error <= 9.5e-3. Mish: a times a quartic in Knuth's adapted
+  form, its two quartics (x > 0, x <= 0) one, with coefficients picked by the sign bit (`_pick`: local, on the
+  ring encodings). SiLU (`cipherdm`): the "masked square" turns the clamp around: R = lam * t^2 + s * a + c
+  with t = a^2 / 16 + t1 * a + t0 is evaluated on |x| itself, t from ONE truncation of sums of the window's own
+  product E_T^2 - E^2, and the window bit multiplies R last (outside the window R may wrap the ring; the mask
+  zeroes it, leaving a constant tail): one product fewer than a clamp and a quartic in two truncations
+  (`cipherdm-low-byte`'s "half-square": u = c * a rounded to 9 fraction bits, so (u + beta0) * u is an integer
+  product; its window compared after |x| is known: as many bytes, more send actions, no range limit).
   GeLU and sigmoid (to beat SPU's Pade-based kernels on error): R is a degree-13 polynomial (sigmoid:
   two pieces, degrees 9 and 7, split by one more comparison in the same batch, one evaluation with
   picked coefficients) evaluated as E(v^2) + v O(v^2), Horner in v^2 for both halves side by side, with
@@ -59,6 +60,7 @@ from .coefficients import (
     EXP_BASE,
     HORNER_ACTIVATIONS,
     HORNER_SCALE,
+    MASKED_ACTIVATIONS,
     RECIPROCAL_PIECES,
     RSQRT_GUESS,
     RSQRT_PIECES,
@@ -80,6 +82,12 @@ MAX_TOURNAMENT_ARITY = 8  # groups of up to 8: a candidate's product of 7 bits a
 RSQRT_OCTAVES = (-18, 21)
 # `_octave_polynomial` without a secret factor: the bits its sum is kept larger by until one public product.
 HEADROOM_BITS = 8
+# The largest |value| the masked square truncates by a tiny public constant (2**-28 at 18 fraction bits), which SPU
+# multiplies at extra precision first: measured exact to one unit up to 2**44, wrong beyond 2**46 (primitives.md).
+MAX_TINY_TRUNCATION = 2.0**43
+# The masked square's second truncation: a public product by 2**-PLAIN_SHIFT, which SPU truncates plainly (at an
+# integer product's cost plus a truncation, 4 B less than a tiny constant's) from 18 fraction bits up.
+PLAIN_SHIFT = 16
 # rsqrt_low_byte: inputs normalised into [1, 4) by 4**j for j in this range (covers ~4e-6 .. 2.6e5).
 RSQRT_LOW_BYTE_EXPONENTS = np.arange(-9, 9)
 
@@ -232,44 +240,107 @@ def _product_plus_linear(p, q, v, s: float):
 
 
 def _sign_and_window(x, T: float):
-    """Arithmetic bits ([x > 0], [|x| < T]) from ONE batched comparison, so the window does not wait for |x|.
+    """Arithmetic bits ([x > 0], [|x| < T]) from ONE batched comparison, so the window does not wait for |x|, and
+    the window's product (None in float).
 
-    Under SPU the window is the sign of (E - E_T)(E + E_T) = E^2 - E_T^2, an integer product of the
-    encodings E = x * 2**f and E_T = T * 2**f (no constant beyond 32 bits, so nothing for XLA to fold). Its
+    Under SPU the window is the sign of (E - E_T)(E + E_T) = E_T^2 - E^2 (the product returned), an integer product
+    of the encodings E = x * 2**f and E_T = T * 2**f (no constant beyond 32 bits, so nothing for XLA to fold). Its
     square must fit the ring: correct for |x| < 2**(31.5 - f) (11585 at f = 18); beyond, the window bit is
     that of a wrapped square (`_relu_and_clamped_abs` has no such limit, at 9 more send actions)."""
     fraction_bits = registry.fixed_point_bits()
     if fraction_bits is None:
-        bits = jnp.stack([x > 0, jnp.abs(x) < T])
-    else:
-        e = _encoding(x)
-        e_t = e.dtype.type(round(T * 2.0**fraction_bits))
-        bits = jnp.stack([e, (e_t - e) * (e + e_t)]) > 0
-    both = _indicator(bits)  # one conversion for both bits
-    return both[0], both[1]
+        return (*_indicator(jnp.stack([x > 0, jnp.abs(x) < T])), None)
+    e = _encoding(x)
+    e_t = e.dtype.type(round(T * 2.0**fraction_bits))
+    gap = (e_t - e) * (e + e_t)
+    both = _indicator(jnp.stack([e, gap]) > 0)  # one conversion for both bits
+    return both[0], both[1], gap
 
 
 def _relu_and_clamped_abs_low_round(x, T: float):
     """(sign bit, relu(x), min(|x|, T)) as `_relu_and_clamped_abs`, its two bits from one comparison
     (`_sign_and_window`)."""
-    positive, inside = _sign_and_window(x, T)
+    positive, inside, _ = _sign_and_window(x, T)
     relu = _bit_times(positive, x)
     return positive, relu, _select(inside, relu + relu - x, T)
 
 
-def _relu_plus_half_square(x, name: str, low_round: bool = True):
+def _relu_plus_half_square(x, name: str):
     """relu(x) + (z + gamma1) * z + s * a + gamma0, a = min(|x|, T), z = (u + beta0) * u, u = c * a rounded
     to ``bits`` = 9 fraction bits: z is an integer product at 18 bits (no truncation), so the quartic costs
     two truncations (u's and the last product's) where Knuth's form costs three. u's rounding is part of
     the fit (scripts/fit_kernels.py); the exact a carries R's linear term, so it moves R by < 4.4e-3.
-    ``low_round``: sign and window from one comparison (`_sign_and_window`); otherwise the window is
-    compared after |x| is known (fewer bytes, more send actions, no range limit)."""
+    The window is compared after |x| is known (`_relu_and_clamped_abs`: no range limit)."""
     c = ACTIVATIONS[name]
-    clamp = _relu_and_clamped_abs_low_round if low_round else _relu_and_clamped_abs
-    _, relu, a = clamp(x, c["T"])
+    _, relu, a = _relu_and_clamped_abs(x, c["T"])
     u = _rounded_integer(a, c["scale"])  # u * 2**bits
     z = _from_integer((u + c["beta0"]) * u, 2 * c["bits"], x.dtype)
     return relu + _product_plus_linear(z + c["gamma1"], z, a, c["linear"]) + c["gamma0"]
+
+
+def _masked_square_base(magnitude, gap, c: dict):
+    """t = a^2 / 2**shift + t1 * a + t0 for a = |x| (``magnitude``), as an integer at t_bits fraction bits.
+
+    Under SPU from ONE truncation: t * 2**(2f + shift) = E^2 + K * |E| + t0 * 2**(2f + shift) with K = t1 * 2**(f +
+    shift), and E^2 = E_T^2 - gap comes from the window's product, so the only products are by public integers. The
+    constant's multiple of 2**k (k the truncation's shift) is added after it, so no constant passes 32 bits; the rest
+    is truncated by a public product by 2**-k (k > 16: SPU's tiny-constant path), whose input must stay below
+    MAX_TINY_TRUNCATION: t's leading coefficient is 2**-shift for that reason (scripts/fit_kernels.py)."""
+    fraction_bits = registry.fixed_point_bits()
+    t_bits, shift = c["t_bits"], c["square_shift"]
+    if fraction_bits is None:
+        a = magnitude
+        return jnp.round((a * a * 2.0**-shift + c["t1"] * a + c["t0"]) * 2.0**t_bits).astype(_int_type(a.dtype))
+    as_int = _int_type(magnitude.dtype)
+    k = 2 * fraction_bits + shift - t_bits
+    e_t = round(c["T"] * 2.0**fraction_bits)
+    slope = round(c["t1"] * 2.0 ** (fraction_bits + shift))
+    above, rest = divmod(e_t * e_t + round(c["t0"] * 2.0 ** (2 * fraction_bits + shift)), 2**k)
+    # the truncated sum's largest |value| on the window (a quadratic in |E| on [0, E_T]: its ends and its vertex)
+    ends = [0.0, float(e_t), min(max(-slope / 2.0, 0.0), float(e_t))]
+    largest = max(abs(v * v + slope * v - e_t * e_t + rest) for v in ends)
+    if largest >= MAX_TINY_TRUNCATION:
+        raise NotImplementedError(f"the masked square's truncated sum reaches 2**{math.log2(largest):.1f} with "
+                                  f"{fraction_bits} fraction bits, past SPU's 2**{math.log2(MAX_TINY_TRUNCATION):.0f}")
+    total = _encoding(magnitude) * as_int(slope) - gap + as_int(rest)
+    return _encoding(jax.lax.bitcast_convert_type(total, magnitude.dtype) * 2.0**-k) + as_int(above)
+
+
+def _scaled_square_plus_linear(t, magnitude, c: dict):
+    """lam * t^2 + s * a for t an integer at t_bits fraction bits: under SPU one integer product and one plain
+    truncation (a public product by 2**-PLAIN_SHIFT) of lam's integer times t^2 plus s's integer times |E|, both at
+    f + PLAIN_SHIFT fraction bits."""
+    fraction_bits = registry.fixed_point_bits()
+    t_bits = c["t_bits"]
+    if fraction_bits is None:
+        real_t = t.astype(magnitude.dtype) * 2.0**-t_bits
+        return c["lam"] * real_t * real_t + c["linear"] * magnitude
+    as_int = _int_type(magnitude.dtype)
+    wide = fraction_bits + PLAIN_SHIFT
+    if wide < 2 * t_bits:
+        raise NotImplementedError(f"the masked square needs at least {2 * t_bits - PLAIN_SHIFT} fraction bits; the "
+                                  f"session has {fraction_bits}")
+    lam = as_int(round(c["lam"] * 2.0 ** (wide - 2 * t_bits)))
+    total = t * t * lam + _encoding(magnitude) * as_int(round(c["linear"] * 2.0**PLAIN_SHIFT))
+    return jax.lax.bitcast_convert_type(total, magnitude.dtype) * 2.0**-PLAIN_SHIFT
+
+
+def _relu_plus_masked_square(x, name: str):
+    """relu(x) + tail + [|x| < T] (lam * t^2 + s * a + c - tail), a = |x|, t = a^2 / 2**shift + t1 * a + t0 held at
+    t_bits fraction bits (MASKED_ACTIVATIONS, scripts/fit_kernels.py).
+
+    Sign and window from one comparison (`_sign_and_window`: |x| < 11585), relu and so |x| from one bit product;
+    t from one truncation of sums of the window's own product (`_masked_square_base`), lam * t^2 + s * a from an
+    integer product and one truncation (`_scaled_square_plus_linear`), and the window bit masks them (a bit
+    product): no clamp of |x| before the powers, since outside the window they may wrap the ring and the mask
+    zeroes them; there f(x) = relu(x) + tail. Three bit or integer products and two truncations after the
+    comparison, where the clamped half-square (`_relu_plus_half_square`) takes four and two."""
+    c = MASKED_ACTIVATIONS[name]
+    positive, inside, gap = _sign_and_window(x, c["T"])
+    relu = _bit_times(positive, x)
+    magnitude = relu + relu - x
+    r = _scaled_square_plus_linear(_masked_square_base(magnitude, gap, c), magnitude, c)
+    return relu + _bit_times(inside, r + (c["constant"] - c["tail"])) + c["tail"]
 
 
 def _polynomial(m, coef):
@@ -335,14 +406,15 @@ def _piecewise_horner(x, name: str):
 
 @register_kernel("silu", NAME)
 def silu(x):
-    """Sign and window from one comparison: correct for |x| < 11585 (see `_sign_and_window`)."""
-    return _relu_plus_half_square(x, "silu")
+    """The masked square: sign and window from one comparison, correct for |x| < 11585 (see `_sign_and_window`)."""
+    return _relu_plus_masked_square(x, "silu")
 
 
 @register_kernel("silu", f"{NAME}-low-byte")
 def silu_low_byte(x):
-    """The window compared after |x|: fewer bytes, more send actions (docs/results/kernels.md), no range limit."""
-    return _relu_plus_half_square(x, "silu", low_round=False)
+    """The clamped half-square, the window compared after |x|: as many bytes, more send actions
+    (docs/results/kernels.md), no range limit."""
+    return _relu_plus_half_square(x, "silu")
 
 
 @register_kernel("mish", NAME)

@@ -7,6 +7,9 @@ adapted form (alpha0..alpha4), R_plus for x > 0 and R_minus otherwise. SiLU (R e
 form): R = (z + gamma1) * z + linear * a + gamma0, z = (u + beta0 / 2**bits) * u, u = round(scale * a) / 2**bits.
 Fitted by minimax weighted towards |x| < ~2, where activations mostly lie, held to ERR_CAP everywhere
 (see BULK_WEIGHT there); SiLU's err includes u's rounding (rounded_bulk_err likewise, bulk_err not).
+MASKED_ACTIVATIONS (SiLU in the `cipherdm` set, the masked-square form): f(x) = relu(x) + tail for |x| >= T,
+else relu(x) + lam * t**2 + linear * a + constant, a = |x|, t = a**2 / 2**square_shift + t1 * a + t0 held at
+t_bits fraction bits; err includes t's rounding (rounded_bulk_err likewise, bulk_err not).
 HORNER_ACTIVATIONS (GeLU, sigmoid): f(x) = relu(x) + R(|x|) (step 'relu') or R(|x|) for x <= 0 and
 1 - R(|x|) for x > 0 (step 'heaviside'); R is piecewise, each piece a polynomial in powers of
 v = min(|x|, hi) - center (increasing degree) for lo <= |x| < hi, the last piece also beyond its hi.
@@ -33,6 +36,23 @@ ACTIVATIONS = {
         'minus': [-15.242442801615896, -110.70910415507501, 291.53112417075954, 21821.234723422218, -0.00034332275390625],
         'err': 0.0095,
         'bulk_err': 0.00410079,
+    },
+}
+
+MASKED_ACTIVATIONS = {
+    'silu': {
+        'T': 5.75,
+        'square_shift': 4,
+        't_bits': 12,
+        't1': -0.45479999999999987,
+        't0': 0.5906487694329372,
+        'lam': 1.0693359375,
+        'linear': 0.06303934774989517,
+        'constant': -0.37321510397596125,
+        'tail': -0.009121463172145017,
+        'err': 0.00950011,
+        'bulk_err': 0.00378904,
+        'rounded_bulk_err': 0.00381238,
     },
 }
 

@@ -13,7 +13,9 @@ holds on the whole real line. Two families:
   one), its error weighted towards small |x| and capped at ERR_CAP everywhere (see BULK_WEIGHT), T chosen
   to minimise the weighted bound. Mish's is converted to Knuth's adapted coefficients (two secret
   multiplications); SiLU's is fitted in the "half-square" form (two truncations, its variable rounded to
-  9 fraction bits, the rounding part of the fit: see fit_half_square).
+  9 fraction bits, the rounding part of the fit: see fit_half_square), the `cipherdm-low-byte` SiLU, and in
+  the "masked square" form (the window bit masks a square of one truncation: see fit_masked_square), the
+  `cipherdm` SiLU.
 - GeLU and sigmoid, where the `cipherdm` set must beat SPU's own Pade-based kernels on error (~1.6e-5) at
   lower cost: R is a piecewise polynomial of high degree (HORNER_DESIGNS), fitted to ~2e-6 and evaluated
   around each piece's centre as E(v^2) + v O(v^2), Horner in v^2 with scaled accumulators (HORNER_SCALE).
@@ -168,6 +170,84 @@ def fit_half_square(residual):
             "gamma1": float(gamma1), "linear": float(s), "gamma0": float(gamma0),
             "err": float(rerr.max()), "bulk_err": float(err[x <= BULK].max()),
             "rounded_bulk_err": float(rerr[rx <= BULK].max())}
+
+
+# The `cipherdm` SiLU, "masked square": f(x) = relu(x) + tail + [|x| < T] (lam * t^2 + s * a + c - tail), a = |x|,
+# t = a^2 / 2**MASKED_SQUARE_SHIFT + t1 * a + t0. Under SPU t comes from ONE truncation of an integer sum of the
+# window's product E_T^2 - E^2 (already paid for by the window's comparison), |E| and a constant, held at
+# MASKED_T_BITS fraction bits; lam * t^2 + s * a from a second (an integer product and a plain truncation), and the
+# window bit masks the lot (an integer product): outside it the polynomial may wrap the ring, the mask zeroes it.
+# The tail (|x| >= T) is the constant tail = R(T) / 2, which bounds its error by |R(T)| / 2 (so T >= 5.75).
+# t's leading coefficient is a power of two because t's truncation is of E^2 times that coefficient's integer
+# numerator: a finer one would grow the truncated sum past the 2**44 that SPU's truncation by a tiny constant
+# holds (docs/results/primitives.md); lam restores the quartic's free leading coefficient, on the 2**-LAMBDA_BITS
+# grid of its integer product. t's rounding (< 1 unit of 2**-MASKED_T_BITS either way) is part of the fit.
+MASKED_SQUARE_SHIFT = 4
+MASKED_T_BITS = 12
+MASKED_LAMBDA_BITS = 10  # 34 - 2 * MASKED_T_BITS: lam * t^2 and s * |E| are summed at 34 fraction bits
+MASKED_THRESHOLDS = (5.75, 5.8, 5.9, 6.0)  # below 5.75 the tail alone errs > ERR_CAP
+
+
+def _masked_square_rows(residual, T: float, t1: float, offsets):
+    """Basis [z^2, z, a, 1] (z = a^2 / 2**shift + t1 * a, t = z + t0), target R(a), on [0, T] (the window is open,
+    its closure keeps the steep quartic's error bounded up to T), with t off its exact value by each of ``offsets``
+    units of 2**-MASKED_T_BITS (z shifted by it); and a."""
+    a = np.linspace(0.0, T, 1201)
+    z = a * a * 2.0**-MASKED_SQUARE_SHIFT + t1 * a
+    rows = [np.stack([(z + e) ** 2, z + e, a, np.ones_like(a)], 1) for e in np.asarray(offsets) * 2.0**-MASKED_T_BITS]
+    return np.concatenate(rows), np.tile(residual(a), len(offsets)), np.tile(a, len(offsets))
+
+
+def _fit_masked_square_at(residual, T: float, t1: float, lam=None):
+    """(lam, 2 lam t0, s, lam t0^2 + c) and the weighted max error, t exact (held to ERR_CAP with t rounded either
+    way); with ``lam`` given, the others for that lam. inf where the cap cannot be met."""
+    basis, target, a = _masked_square_rows(residual, T, t1, [0.0])
+    rounded_basis, rounded_target, _ = _masked_square_rows(residual, T, t1, [-0.999, 0.0, 0.999])
+    weight = 1.0 + BULK_WEIGHT * np.exp(-(a / BULK_SCALE) ** 2 / 2)
+    try:
+        if lam is None:
+            return minimax(a, target, basis, weight=weight, cap=ERR_CAP, capped=(rounded_basis, rounded_target))
+        coef, weighted = minimax(a, target - lam * basis[:, 0], basis[:, 1:], weight=weight, cap=ERR_CAP,
+                                 capped=(rounded_basis[:, 1:], rounded_target - lam * rounded_basis[:, 0]))
+        return np.r_[lam, coef], weighted
+    except RuntimeError:
+        return None, np.inf
+
+
+def fit_masked_square(residual):
+    """The "masked square" fit: for each T, t1 on a coarse grid then a fine one around its best; lam is then put on
+    its grid and the rest refitted around it."""
+    best = (np.inf,)
+    for T in MASKED_THRESHOLDS:
+        if abs(residual(T)) / 2 > ERR_CAP:
+            continue
+        for grid in (np.arange(-0.60, -0.35, 0.002), None):
+            if grid is None:
+                if best[0] == np.inf or best[2] != T:
+                    break
+                grid = best[1] + np.arange(-0.002, 0.0021, 0.0001)
+            for t1 in grid:
+                coef, weighted = _fit_masked_square_at(residual, T, float(t1))
+                if weighted < best[0] - 1e-12:
+                    best = (weighted, float(t1), T, coef)
+    if best[0] == np.inf:
+        raise RuntimeError("no masked-square SiLU fit meets ERR_CAP")
+    _, t1, T, coef = best
+    lam = round(coef[0] * 2**MASKED_LAMBDA_BITS) / 2**MASKED_LAMBDA_BITS
+    (lam, twice_lam_t0, s, constant), _ = _fit_masked_square_at(residual, T, t1, lam)
+    t0 = twice_lam_t0 / (2 * lam)
+    tail = residual(T) / 2
+    x = np.concatenate([np.linspace(0.0, 20.0, 20001), np.geomspace(20.0, 1e4, 500)])
+    errs = []
+    for e in np.array([-0.999, 0.0, 0.999]) * 2.0**-MASKED_T_BITS:
+        t = x * x * 2.0**-MASKED_SQUARE_SHIFT + t1 * x + t0 + e
+        r = np.where(x < T, lam * t * t + s * x + constant - lam * t0 * t0, tail)
+        errs.append(np.abs(r - residual(x)))
+    exact, worst = errs[1], np.max(errs, axis=0)
+    return {"T": float(T), "square_shift": MASKED_SQUARE_SHIFT, "t_bits": MASKED_T_BITS, "t1": t1, "t0": float(t0),
+            "lam": float(lam), "linear": float(s), "constant": float(constant - lam * t0 * t0), "tail": float(tail),
+            "err": float(worst.max()), "bulk_err": float(exact[x <= BULK].max()),
+            "rounded_bulk_err": float(worst[x <= BULK].max())}
 
 
 def knuth_quartic(c):
@@ -366,6 +446,7 @@ def fit_exp_base():
 
 def render() -> str:
     acts = {name: fit_activation(name) for name in RESIDUALS}
+    masked = {"silu": fit_masked_square(RESIDUALS["silu"][0])}
     references = {"gelu": gelu, "gelu_tanh": gelu_tanh, "sigmoid": sigmoid}
     horner = {name: fit_horner(name, references[name]) for name in HORNER_DESIGNS}
     rsqrt_guess, rsqrt_err = fit_inverse_root(0.5, 1.0, 4.0, 3)  # cubic: one Newton step then errs ~1e-4
@@ -383,6 +464,9 @@ def render() -> str:
         "form): R = (z + gamma1) * z + linear * a + gamma0, z = (u + beta0 / 2**bits) * u, u = round(scale * a) / 2**bits.",
         "Fitted by minimax weighted towards |x| < ~2, where activations mostly lie, held to ERR_CAP everywhere",
         "(see BULK_WEIGHT there); SiLU's err includes u's rounding (rounded_bulk_err likewise, bulk_err not).",
+        "MASKED_ACTIVATIONS (SiLU in the `cipherdm` set, the masked-square form): f(x) = relu(x) + tail for |x| >= T,",
+        "else relu(x) + lam * t**2 + linear * a + constant, a = |x|, t = a**2 / 2**square_shift + t1 * a + t0 held at",
+        "t_bits fraction bits; err includes t's rounding (rounded_bulk_err likewise, bulk_err not).",
         "HORNER_ACTIVATIONS (GeLU, sigmoid): f(x) = relu(x) + R(|x|) (step 'relu') or R(|x|) for x <= 0 and",
         "1 - R(|x|) for x > 0 (step 'heaviside'); R is piecewise, each piece a polynomial in powers of",
         "v = min(|x|, hi) - center (increasing degree) for lo <= |x| < hi, the last piece also beyond its hi.",
@@ -401,6 +485,12 @@ def render() -> str:
                 lines.append(f"        {key!r}: {[float(v) for v in value]!r},")
             else:
                 lines.append(f"        {key!r}: {value!r},")
+        lines.append("    },")
+    lines += ["}", "", "MASKED_ACTIVATIONS = {"]
+    for name, f in masked.items():
+        lines.append(f"    {name!r}: {{")
+        lines += [f"        {key!r}: {value:.6g}," if key.endswith("err") else f"        {key!r}: {value!r},"
+                  for key, value in f.items()]
         lines.append("    },")
     lines += [
         "}",

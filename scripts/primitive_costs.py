@@ -6,9 +6,9 @@ send actions of: a comparison with a public constant, its bit converted to an ar
 select, the integer product of that bit and a value (`_bit_times`), a secret product (reshare +
 truncation), a product with a public constant (truncation only), the same with a constant whose encoding
 is below 4 (SPU truncates those with extra precision, at a higher cost), a secret product of integers
-(reshare only), and our SiLU. From these it writes the accounting of the `cipherdm` SiLU (relu + clamped
-"half-square" quartic: two comparisons, two conversions, four integer products, two truncations) and what
-else was tried against it, and a softmax's byte floor: the comparisons that an exact row max and a clamped exp
+(reshare only), and our SiLUs. From these it writes the accounting of the `cipherdm` SiLU (relu + a "masked
+square": two comparisons, two conversions, four integer products, two truncations) and what else was tried
+against it, and a softmax's byte floor: the comparisons that an exact row max and a clamped exp
 need, their conversions and bit products, one product to normalise, and the fewest secret products an exp
 polynomial needs to hold the softmax accuracy contract (searched in float64 over clamped bases raised by
 squarings; `fewest_exp_products`), against vanilla SPU's softmax measured on the same logits
@@ -47,12 +47,14 @@ PRIMITIVES = {
              lambda x: _bit_times(_indicator(x > 0), x)),
     "secret_product": ("x * x (reshare + truncation)", lambda x: x * x),
     "public_product": ("x * 0.3 (truncation)", lambda x: x * 0.3),
-    "tiny_public_product": ("x * 2**-18 (encoding 1: SPU's extra-precision truncation)", lambda x: x * 2.0**-18),
+    "tiny_public_product": ("x * 2**-28 (a constant below 4 units of 2**-18: SPU's extra-precision truncation)",
+                            lambda x: x * 2.0**-28),
     "integer_product": ("int(x) * int(x) (reshare, no truncation)", lambda x: _encoding(x) * _encoding(x)),
     "batched_compare": ("x < 6 and -x < 6 as one batched comparison (two MSB extractions in one)",
                         lambda x: jnp.stack([x, -x]) < 6.0),
     "silu": ("ops.silu under the protocol set", ops.silu),
-    "silu_low_byte": ("the `cipherdm-low-byte` SiLU (window compared after |x|)", registry.kernel("silu", "cipherdm-low-byte")),
+    "silu_low_byte": ("the `cipherdm-low-byte` SiLU (clamped half-square, window compared after |x|)",
+                      registry.kernel("silu", "cipherdm-low-byte")),
 }
 
 
@@ -181,13 +183,14 @@ def accounting(rows: dict) -> dict:
     conversion = (b["indicator"] - b["compare"], a["indicator"] - a["compare"])  # B2A of the bit
     bit_product = (b["relu"] - b["indicator"], a["relu"] - a["indicator"])
     parts = {
-        "1 integer product (the window's E^2 - E_T^2 of the encoding E)": reshare,
+        "1 integer product (the window's E_T^2 - E^2 of the encoding E)": reshare,
         "2 comparisons (sign, window) in one batched MSB extraction": (2 * b["compare"], a["batched_compare"]),
         "2 conversions of their bits to arithmetic, batched": (2 * conversion[0], conversion[1]),
-        "2 integer bit products (relu; the clamp, after it)": (2 * bit_product[0], 2 * bit_product[1]),
-        "1 public product (u = c * a, rounded to 9 fraction bits)": truncation,
-        "2 integer products (z = (u + beta0) * u; (z + gamma1) * z + s * a before truncation)": (2 * reshare[0], 2 * reshare[1]),
-        "1 truncation of that by 18 bits (a public product by 2**-18)": tiny,
+        "1 integer bit product (relu, and |x| = 2 relu - x)": bit_product,
+        "1 truncation by 28 bits of E^2 + K |E| + const, to t at 12 fraction bits (a public product by 2**-28)": tiny,
+        "1 integer product (t^2)": reshare,
+        "1 truncation by 16 bits of lam t^2 + s |E| (a public product by 2**-16)": truncation,
+        "1 integer bit product (the window's bit masks R, last)": bit_product,
     }
     return {
         "parts": parts,
@@ -261,8 +264,8 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float, floor
         "",
         "## Accounting of the `cipherdm` SiLU",
         "",
-        "relu(x) + R(a), a = min(|x|, T), R(a) = (z + gamma1) * z + s * a + gamma0 with z = (u + beta0) * u and",
-        "u = c * a rounded to 9 fraction bits (protocols/cipherdm.py, scripts/fit_kernels.py).",
+        "relu(x) + tail + [|x| < T] (lam t^2 + s a + c - tail), a = |x|, t = a^2 / 16 + t1 a + t0 held at 12 fraction",
+        "bits: the \"masked square\" (protocols/cipherdm.py, scripts/fit_kernels.py).",
         "",
     ]
     lines += markdown_table(["part", "B/elem/party", "send actions"],
@@ -272,39 +275,46 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float, floor
     low_bytes, low_actions = acc["low_byte"]
     lines += [
         "",
-        "Send actions are each block's alone; in sequence SPU takes one fewer than their sum (prefixes of the",
-        "kernel, measured while writing it: 13 send actions up to the clamp, 14 with u, 16 with z, 18 in all).",
+        "Send actions are each block's alone; in sequence SPU may take one fewer than their sum.",
         "",
         f"Vanilla SPU SiLU (the `spu` set) in this run: {spu_silu:.1f} B, so the 4x target of issue 3 needs",
         f"<= {spu_silu / 4:.1f} B. The `cipherdm` SiLU is {acc['measured']:.1f} B ({spu_silu / acc['measured']:.2f}x) in",
-        f"{acc['measured_send_actions']} send actions; the `cipherdm-low-byte` SiLU, which compares the window only after |x|",
-        f"is known (no window product, one more comparison round), is {low_bytes:.1f} B ({spu_silu / low_bytes:.2f}x) in",
-        f"{low_actions} send actions: issue 26 traded those {acc['measured'] - low_bytes:.0f} B for "
-        f"{low_actions - acc['measured_send_actions']} fewer rounds.",
+        f"{acc['measured_send_actions']} send actions; the `cipherdm-low-byte` SiLU (the clamped \"half-square\" below, its",
+        f"window compared only after |x| is known: no range limit) is {low_bytes:.1f} B ({spu_silu / low_bytes:.2f}x) in",
+        f"{low_actions} send actions.",
         "",
         "How the parts were chosen (each measured in the rows above):",
         "",
         "- Two comparisons are needed: the sign (relu outside the window) and the window |x| < T (without it",
         "  the polynomial is wrong for large |x|). Batched, they take one MSB extraction's rounds (row",
-        "  `batched_compare`); the window is then the sign of E^2 - E_T^2, which needs |x| < 11585 (the square of",
+        "  `batched_compare`); the window is then the sign of E_T^2 - E^2, which needs |x| < 11585 (the square of",
         "  the encoding must fit the ring). Each bit is converted to arithmetic once",
-        f"  ({acc['conversion']:.1f} B) and multiplied into a value as an integer product (relu; the clamp), a",
+        f"  ({acc['conversion']:.1f} B) and multiplied into a value as an integer product (relu; the mask), a",
         f"  reshare of {acc['reshare']:.1f} B with no truncation (a select costs more: row `select_relu`).",
-        f"- A truncation costs {acc['truncation']:.1f} B and sheds 18 fraction bits. A quartic in Knuth's form at",
-        "  18 fraction bits needs three (two products and its small leading coefficient, ~1/240; 153.3 B in",
-        "  all, 3.98x). Ours needs two: u = c * a with c^4 the leading coefficient makes the quartic monic, and",
-        "  u held at 9 fraction bits makes (u + beta0) * u an integer product landing on 18 bits; the linear term",
-        "  s * a is added to the last integer product before its truncation. That truncation is a product by",
-        "  2**-18, whose encoding (1) SPU truncates with extra precision: row `tiny_public_product`, 4 B more",
-        "  than a plain truncation (constants encoded >= 4 take the plain path; 2 fewer bits would need u at",
-        "  8 fraction bits, whose rounding breaks the error bound).",
-        "- u's rounding (SPU's truncation errs by < 1 unit of 2^-9) moves R by up to 4.4e-3 near a = 0; the fit",
-        "  holds every point to 9.5e-3 with u off by -1, 0, +1 units, and keeps the linear term on the exact a,",
-        "  where a first try (all of R in u, session 13) erred 0.0100-0.012.",
+        "- The window's product is E_T^2 - E^2, so E^2, the square a quartic starts from, is already paid for. t =",
+        "  a^2 / 16 + t1 a + t0 is then one truncation of E^2 + K |E| + const (integers: local), and lam t^2 + s a",
+        "  one integer product and one more truncation: a quartic in two truncations and ONE product after the",
+        "  relu. No clamp of |x| comes first: outside the window those powers wrap the ring, and the window's bit,",
+        "  multiplied in last, zeroes them (beyond T the SiLU is relu(x) plus a constant tail, R(T) / 2).",
+        f"- A truncation costs {acc['truncation']:.1f} B and sheds up to 16 fraction bits; shedding more takes a public",
+        "  constant below 4 units of 2^-18, which SPU truncates with extra precision (row `tiny_public_product`, 4 B",
+        "  more) and gets wrong for inputs past 2^44 (measured: exact to one unit up to 2^44, 7 % wrong at 2^46).",
+        "  t's truncation sheds 28 bits, so t's leading coefficient is 1/16: a finer one would be E^2 times a",
+        "  larger integer, past 2^44. lam (on a 2^-10 grid, its integer product's) gives the quartic back its free",
+        "  leading coefficient; t at 12 fraction bits moves R by < 4e-4 (the fit holds its cap with t off by one",
+        "  unit either way).",
+        "- The clamped \"half-square\" it replaced (now `cipherdm-low-byte`'s, with its window compared after |x|):",
+        "  relu(x) + (z + gamma1) z + s a + gamma0 on a = min(|x|, T), z = (u + beta0) u, u = c a rounded to 9",
+        "  fraction bits: a bit product more (the clamp, before the powers) and an integer product less, 156 B",
+        "  in 18 send actions with the window batched (its last measurement as the `cipherdm` SiLU), where a",
+        "  quartic in Knuth's form at 18 fraction bits needs three truncations (153.3 B).",
         "- Also tried: the relu and last products as one dot product (17.3 B for two products, but SPU 0.9.5",
         "  runs a batched dot as one matmul per element: thousands of send actions); both bits converted in one",
         "  2-bit conversion (18.7 B for two, but the two bits cannot then be separated without a product); a",
-        "  quadratic R (errs 0.051 at best) and a polynomial in x instead of |x| (0.019 at degree 8 on [-6, 6]).",
+        "  quadratic R (errs 0.051 at best), a polynomial in x instead of |x| (0.019 at degree 8 on [-6, 6]), the",
+        "  masked square without lam (a square of t plus constants: 0.017 weighted where the fit reaches 0.011) or",
+        "  without s a (errs 0.022 at best); and both truncations as one public product by a per-element constant",
+        "  (SPU then encodes the tiny one at 18 bits: zero).",
         "",
     ]
     return "\n".join(lines + softmax_markdown(floor))

@@ -25,6 +25,7 @@ from cipherdm_spu.protocols.cipherdm import (
     tournament_arities,
     tournament_cost,
 )
+from cipherdm_spu.protocols.coefficients import MASKED_ACTIVATIONS
 from cipherdm_spu.protocols.reference import REFERENCES, activation_inputs, encoded, gelu_tanh, softmax
 
 from .conftest import fewest_send_actions
@@ -114,9 +115,9 @@ def test_sign_and_window_bits_from_one_comparison_at_their_boundaries(sessions):
     x = np.array([0.0, ulp, -ulp, T, -T, T - ulp, -T + ulp, T + ulp, -T - ulp, 3.0, -3.0, 11000.0, -11000.0, 1e-3, -1e-3],
                  dtype=np.float32)
     want = np.stack([encoded(x) > 0, np.abs(encoded(x)) < T]).astype(np.int32)
-    got = np.asarray(sessions["cipherdm"].run(lambda v: jax.numpy.stack(_sign_and_window(v, T)), x))
+    got = np.asarray(sessions["cipherdm"].run(lambda v: jax.numpy.stack(_sign_and_window(v, T)[:2]), x))
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: jax.numpy.stack(_sign_and_window(v, T)))(x)), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: jax.numpy.stack(_sign_and_window(v, T)[:2]))(x)), want)
 
 
 @pytest.mark.parametrize("arities", [(2,), (3,), (4,), (7,), (2, 4, 7), (8, 3)])
@@ -369,14 +370,32 @@ def test_picked_kernels_agree_in_float_and_under_spu(sessions, op):
     assert np.abs(plain - secure)[np.abs(x) < 1e3].max() <= tolerance
 
 
-def test_silu_agrees_in_float_and_under_spu_up_to_the_rounding_of_u(sessions):
-    """SiLU's u is rounded to 9 fraction bits (in float: to nearest; under SPU: within one unit either way),
-    which moves the result by < 4.5e-3 (the fit's bound); all else is exact or 2^-18 rounding."""
+def test_silu_agrees_in_float_and_under_spu_up_to_the_rounding_of_t(sessions):
+    """SiLU's t is held at 12 fraction bits (in float: rounded to nearest; under SPU: truncated within one unit
+    either way), which moves lam * t^2 by < 1.5 units * 2 * lam * |t| (|t| < 0.7 on the window); all else is exact
+    or 2^-18 rounding."""
     x = activation_inputs(401)
     with registry.use_protocol("cipherdm"):
         plain = np.asarray(jax.jit(ops.silu)(x), np.float64)
     secure = sessions["cipherdm"].run(ops.silu, x)
-    assert np.abs(plain - secure)[np.abs(x) < 1e3].max() <= 4.5e-3
+    bound = 1.5 * 2.0**-12 * 2 * MASKED_ACTIVATIONS["silu"]["lam"] * 0.7 + 8 * 2.0**-18
+    assert np.abs(plain - secure)[np.abs(x) < 1e3].max() <= bound
+
+
+def test_masked_square_outside_its_window_is_relu_plus_the_tail_even_where_the_square_wraps(sessions):
+    """Beyond T the polynomial's powers wrap the ring (|x| = 5e3: t * 2**40 is ~2**58); the window bit zeroes
+    them exactly, leaving relu(x) + tail (SPU's encoding of it)."""
+    fit = MASKED_ACTIVATIONS["silu"]
+    x = np.array([fit["T"], -fit["T"], 6.0, -6.0, 50.0, -50.0, 5e3, -5e3, 11000.0, -11000.0], np.float32)
+    want = np.maximum(encoded(x), 0.0) + fit["tail"]
+    got = np.asarray(sessions["cipherdm"].run(registry.kernel("silu", "cipherdm"), x), np.float64)
+    assert (np.abs(got - want) <= 4 * 2.0**-18 + np.abs(want) * 2.0**-23).all()  # the float32 output's own rounding
+
+
+@pytest.mark.parametrize("fraction_bits, message", [(20, "past SPU's"), (6, "at least 8 fraction bits")])
+def test_masked_square_refuses_fraction_bits_it_cannot_hold(fraction_bits, message):
+    with registry.fixed_point(fraction_bits), pytest.raises(NotImplementedError, match=message):
+        jax.make_jaxpr(registry.kernel("silu", "cipherdm"))(np.zeros(3, np.float32))
 
 
 def test_half_square_building_blocks_under_spu_and_in_float(sessions):

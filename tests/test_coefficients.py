@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cipherdm_spu.protocols.coefficients import ACTIVATIONS, EXP_BASE, HORNER_ACTIVATIONS
+from cipherdm_spu.protocols.coefficients import ACTIVATIONS, EXP_BASE, HORNER_ACTIVATIONS, MASKED_ACTIVATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +40,24 @@ def test_half_square_silu_holds_its_bound_with_u_rounded_either_way():
         worst = np.maximum(worst, np.maximum(np.abs(x + r - silu), np.abs(r - (silu - x))))
     assert worst.max() < 1e-2
     assert worst[x <= 2].max() < 5e-3
+
+
+def test_masked_square_silu_holds_its_bound_with_t_rounded_either_way():
+    """The fit's claim, re-checked here independently of its LP: with t off its exact value by up to one unit of
+    2^-t_bits (SPU's truncation), and the tail's constant beyond T, SiLU errs < 1e-2 on the whole line and
+    < 4.5e-3 on |x| <= 2."""
+    fit = MASKED_ACTIVATIONS["silu"]
+    x = np.concatenate([np.linspace(0.0, 20.0, 20001), np.geomspace(20.0, 1e4, 500)])
+    silu = x / (1.0 + np.exp(-x))
+    worst = np.zeros_like(x)
+    for off in np.linspace(-1.0, 1.0, 9):
+        t = x * x * 2.0 ** -fit["square_shift"] + fit["t1"] * x + fit["t0"] + off * 2.0 ** -fit["t_bits"]
+        r = np.where(x < fit["T"], fit["lam"] * t * t + fit["linear"] * x + fit["constant"], fit["tail"])
+        # the same on the negative side: silu(-x) = silu(x) - x, relu(-x) = 0
+        worst = np.maximum(worst, np.maximum(np.abs(x + r - silu), np.abs(r - (silu - x))))
+    assert worst.max() < 1e-2
+    assert worst[x <= 2].max() < 4.5e-3
+    assert fit["lam"] * 2**10 == round(fit["lam"] * 2**10)  # on its integer product's grid
 
 
 def test_horner_fits_are_within_2e6_and_their_pieces_tile_the_half_line():
