@@ -11,19 +11,19 @@ rank: a comparison (an MSB extraction: 8 send actions) costs most, then converti
 (reshare and truncation: 3) and a public product (a truncation: 2). Independent comparisons are batched into
 one MSB extraction, and independent products into one stacked product, because a WAN waits per round.
 
-Activations use f(x) = step(x) + R(min(|x|, T)):
+Activations use f(x) = step(x) + R(|x|), R fitted by minimax over the whole real line (scripts/fit_kernels.py):
   one comparison gives sign(x) and, batched with it, the window [|x| < T] (from the sign of E_T^2 - E^2 of
   the encoding E, one integer product before it: |x| < 11585); one bit product gives relu(x) and, for free,
-  |x| = 2 relu(x) - x; a second clamps |x| to T *before* any power is taken, so no intermediate can wrap the
-  ring; R is fitted by minimax over the whole real line including the clamped tail (scripts/fit_kernels.py).
-  SiLU and Mish (the UNets' activations), fitted error <= 9.5e-3. Mish: a times a quartic in Knuth's adapted
-  form, its two quartics (x > 0, x <= 0) one, with coefficients picked by the sign bit (`_pick`: local, on the
-  ring encodings). SiLU (`cipherdm`): the "masked square" turns the clamp around: R = lam * t^2 + s * a + c
-  with t = a^2 / 16 + t1 * a + t0 is evaluated on |x| itself, t from ONE truncation of sums of the window's own
-  product E_T^2 - E^2, and the window bit multiplies R last (outside the window R may wrap the ring; the mask
-  zeroes it, leaving a constant tail): one product fewer than a clamp and a quartic in two truncations
-  (`cipherdm-low-byte`'s "half-square": u = c * a rounded to 9 fraction bits, so (u + beta0) * u is an integer
-  product; its window compared after |x| is known: as many bytes, more send actions, no range limit).
+  |x| = 2 relu(x) - x.
+  SiLU and Mish (the UNets' activations), fitted error <= 9.5e-3. Mish: a second bit product clamps |x| to T
+  *before* any power is taken, so no intermediate can wrap the ring, and R(min(|x|, T)) is a times a quartic in
+  Knuth's adapted form, its two quartics (x > 0, x <= 0) one, with coefficients picked by the sign bit (`_pick`:
+  local, on the ring encodings). SiLU (`cipherdm`): the "masked square" turns the clamp around: R = lam * t^2 +
+  s * a + c with t = a^2 / 16 + t1 * a + t0 is evaluated on |x| itself, t from ONE truncation of sums of the
+  window's own product E_T^2 - E^2, and the window bit multiplies R last (outside the window R may wrap the ring;
+  the mask zeroes it, leaving a constant tail R(T) / 2): one product fewer than a clamp and a quartic in two
+  truncations (`cipherdm-low-byte`'s "half-square": u = c * a rounded to 9 fraction bits, so (u + beta0) * u is an
+  integer product; its window compared after |x| is known: as many bytes, more send actions, no range limit).
   GeLU and sigmoid (to beat SPU's Pade-based kernels on error): R is a degree-13 polynomial (sigmoid:
   two pieces, degrees 9 and 7, split by one more comparison in the same batch, one evaluation with
   picked coefficients) evaluated as E(v^2) + v O(v^2), Horner in v^2 for both halves side by side, with
@@ -83,11 +83,9 @@ RSQRT_OCTAVES = (-18, 21)
 # `_octave_polynomial` without a secret factor: the bits its sum is kept larger by until one public product.
 HEADROOM_BITS = 8
 # The largest |value| the masked square truncates by a tiny public constant (2**-28 at 18 fraction bits), which SPU
-# multiplies at extra precision first: measured exact to one unit up to 2**44, wrong beyond 2**46 (primitives.md).
+# multiplies at extra precision first and gets wrong for large inputs: a bit under the largest that
+# docs/results/primitives.md measures it exact for.
 MAX_TINY_TRUNCATION = 2.0**43
-# The masked square's second truncation: a public product by 2**-PLAIN_SHIFT, which SPU truncates plainly (at an
-# integer product's cost plus a truncation, 4 B less than a tiny constant's) from 18 fraction bits up.
-PLAIN_SHIFT = 16
 # rsqrt_low_byte: inputs normalised into [1, 4) by 4**j for j in this range (covers ~4e-6 .. 2.6e5).
 RSQRT_LOW_BYTE_EXPONENTS = np.arange(-9, 9)
 
@@ -243,7 +241,7 @@ def _sign_and_window(x, T: float):
     """Arithmetic bits ([x > 0], [|x| < T]) from ONE batched comparison, so the window does not wait for |x|, and
     the window's product (None in float).
 
-    Under SPU the window is the sign of (E - E_T)(E + E_T) = E_T^2 - E^2 (the product returned), an integer product
+    Under SPU the window is the sign of (E_T - E)(E + E_T) = E_T^2 - E^2 (the product returned), an integer product
     of the encodings E = x * 2**f and E_T = T * 2**f (no constant beyond 32 bits, so nothing for XLA to fold). Its
     square must fit the ring: correct for |x| < 2**(31.5 - f) (11585 at f = 18); beyond, the window bit is
     that of a wrapped square (`_relu_and_clamped_abs` has no such limit, at 9 more send actions)."""
@@ -285,44 +283,45 @@ def _masked_square_base(magnitude, gap, c: dict):
     shift), and E^2 = E_T^2 - gap comes from the window's product, so the only products are by public integers. The
     constant's multiple of 2**k (k the truncation's shift) is added after it, so no constant passes 32 bits; the rest
     is truncated by a public product by 2**-k (k > 16: SPU's tiny-constant path), whose input must stay below
-    MAX_TINY_TRUNCATION: t's leading coefficient is 2**-shift for that reason (scripts/fit_kernels.py)."""
+    MAX_TINY_TRUNCATION on the window: t's leading coefficient is 2**-shift for that reason (scripts/fit_kernels.py).
+    The coefficients are on the grids of one session's fraction bits (c["fraction_bits"]); another is refused."""
     fraction_bits = registry.fixed_point_bits()
     t_bits, shift = c["t_bits"], c["square_shift"]
     if fraction_bits is None:
         a = magnitude
         return jnp.round((a * a * 2.0**-shift + c["t1"] * a + c["t0"]) * 2.0**t_bits).astype(_int_type(a.dtype))
+    if fraction_bits != c["fraction_bits"]:
+        raise NotImplementedError(f"the masked-square SiLU's constants are fitted on the grid of {c['fraction_bits']} "
+                                  f"fraction bits; the session has {fraction_bits}")
     as_int = _int_type(magnitude.dtype)
     k = 2 * fraction_bits + shift - t_bits
     e_t = round(c["T"] * 2.0**fraction_bits)
     slope = round(c["t1"] * 2.0 ** (fraction_bits + shift))
     above, rest = divmod(e_t * e_t + round(c["t0"] * 2.0 ** (2 * fraction_bits + shift)), 2**k)
-    # the truncated sum's largest |value| on the window (a quadratic in |E| on [0, E_T]: its ends and its vertex)
+    # the truncated sum on the window, v^2 + slope v - e_t^2 + rest for v = |E| in [0, e_t): a quadratic, largest in
+    # magnitude at an end or at its vertex
     ends = [0.0, float(e_t), min(max(-slope / 2.0, 0.0), float(e_t))]
     largest = max(abs(v * v + slope * v - e_t * e_t + rest) for v in ends)
     if largest >= MAX_TINY_TRUNCATION:
-        raise NotImplementedError(f"the masked square's truncated sum reaches 2**{math.log2(largest):.1f} with "
-                                  f"{fraction_bits} fraction bits, past SPU's 2**{math.log2(MAX_TINY_TRUNCATION):.0f}")
+        raise NotImplementedError(f"the masked square's truncated sum reaches 2**{math.log2(largest):.1f}, past "
+                                  f"2**{math.log2(MAX_TINY_TRUNCATION):.0f}")
     total = _encoding(magnitude) * as_int(slope) - gap + as_int(rest)
     return _encoding(jax.lax.bitcast_convert_type(total, magnitude.dtype) * 2.0**-k) + as_int(above)
 
 
 def _scaled_square_plus_linear(t, magnitude, c: dict):
     """lam * t^2 + s * a for t an integer at t_bits fraction bits: under SPU one integer product and one plain
-    truncation (a public product by 2**-PLAIN_SHIFT) of lam's integer times t^2 plus s's integer times |E|, both at
-    f + PLAIN_SHIFT fraction bits."""
+    truncation (a public product by 2**-plain_shift) of lam's integer times t^2 plus s's integer times |E|, both at
+    f + plain_shift fraction bits (lam and s are on those integers' grids: scripts/fit_kernels.py)."""
     fraction_bits = registry.fixed_point_bits()
-    t_bits = c["t_bits"]
+    t_bits, plain_shift = c["t_bits"], c["plain_shift"]
     if fraction_bits is None:
         real_t = t.astype(magnitude.dtype) * 2.0**-t_bits
         return c["lam"] * real_t * real_t + c["linear"] * magnitude
     as_int = _int_type(magnitude.dtype)
-    wide = fraction_bits + PLAIN_SHIFT
-    if wide < 2 * t_bits:
-        raise NotImplementedError(f"the masked square needs at least {2 * t_bits - PLAIN_SHIFT} fraction bits; the "
-                                  f"session has {fraction_bits}")
-    lam = as_int(round(c["lam"] * 2.0 ** (wide - 2 * t_bits)))
-    total = t * t * lam + _encoding(magnitude) * as_int(round(c["linear"] * 2.0**PLAIN_SHIFT))
-    return jax.lax.bitcast_convert_type(total, magnitude.dtype) * 2.0**-PLAIN_SHIFT
+    lam = as_int(round(c["lam"] * 2.0 ** (fraction_bits + plain_shift - 2 * t_bits)))
+    total = t * t * lam + _encoding(magnitude) * as_int(round(c["linear"] * 2.0**plain_shift))
+    return jax.lax.bitcast_convert_type(total, magnitude.dtype) * 2.0**-plain_shift
 
 
 def _relu_plus_masked_square(x, name: str):

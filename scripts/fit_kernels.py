@@ -6,8 +6,8 @@ One step away: the kernels that use them (protocols/cipherdm.py), the float64 fu
 
 Every activation is written as f(x) = step(x) + R_sign(min(|x|, T)), with R_+(a) = f(a) - step-part and
 R_-(a) = f(-a) - step-part for a >= 0 (step-part: a for silu/gelu/mish, 1 for sigmoid), fitted by minimax
-(a linear program) on [0, T] *including the clamped tail* (|x| > T maps to R(T)), so the error bound
-holds on the whole real line. Two families:
+(a linear program) on [0, T] *including the clamped tail* (|x| > T maps to R(T); in the masked square, to the
+constant R(T) / 2), so the error bound holds on the whole real line. Two families:
 
 - SiLU and Mish, the UNets' activations, where bytes decide: R is a degree-4 polynomial (Mish: a times
   one), its error weighted towards small |x| and capped at ERR_CAP everywhere (see BULK_WEIGHT), T chosen
@@ -173,19 +173,29 @@ def fit_half_square(residual):
 
 
 # The `cipherdm` SiLU, "masked square": f(x) = relu(x) + tail + [|x| < T] (lam * t^2 + s * a + c - tail), a = |x|,
-# t = a^2 / 2**MASKED_SQUARE_SHIFT + t1 * a + t0. Under SPU t comes from ONE truncation of an integer sum of the
-# window's product E_T^2 - E^2 (already paid for by the window's comparison), |E| and a constant, held at
-# MASKED_T_BITS fraction bits; lam * t^2 + s * a from a second (an integer product and a plain truncation), and the
-# window bit masks the lot (an integer product): outside it the polynomial may wrap the ring, the mask zeroes it.
-# The tail (|x| >= T) is the constant tail = R(T) / 2, which bounds its error by |R(T)| / 2 (so T >= 5.75).
-# t's leading coefficient is a power of two because t's truncation is of E^2 times that coefficient's integer
-# numerator: a finer one would grow the truncated sum past the 2**44 that SPU's truncation by a tiny constant
-# holds (docs/results/primitives.md); lam restores the quartic's free leading coefficient, on the 2**-LAMBDA_BITS
-# grid of its integer product. t's rounding (< 1 unit of 2**-MASKED_T_BITS either way) is part of the fit.
+# t = a^2 / 2**MASKED_SQUARE_SHIFT + t1 * a + t0. Under SPU (MASKED_FRACTION_BITS fraction bits) t comes from ONE
+# truncation of an integer sum of the window's product E_T^2 - E^2 (already paid for by the window's comparison),
+# |E| and a constant, held at MASKED_T_BITS fraction bits; lam * t^2 + s * a from a second (an integer product and a
+# truncation by 2**-MASKED_PLAIN_SHIFT), and the window bit masks the lot (an integer product): outside the window
+# the polynomial may wrap the ring, the mask zeroes it. The tail (|x| >= T) is the constant tail = R(T) / 2, which
+# bounds its error by |R(T)| / 2 (so T >= 5.75).
+# The kernel's integers set the grids: t1 * 2**(f + shift) is the slope of |E| in t's sum, lam * 2**(f + plain shift
+# - 2 t_bits) and s * 2**plain_shift multiply t^2 and |E| in the second sum. t's leading coefficient is a power of two
+# because t's truncation is of E^2 times that coefficient's integer numerator: a finer one would grow the truncated
+# sum past what SPU's truncation by a tiny constant holds (docs/results/primitives.md); lam restores the quartic's
+# free leading coefficient. t is off by less than MASKED_T_ERROR units of 2**-t_bits (SPU's truncation, one unit, and
+# the slope's rounding) and the fit holds its cap at both ends of that.
+MASKED_FRACTION_BITS = 18
 MASKED_SQUARE_SHIFT = 4
 MASKED_T_BITS = 12
-MASKED_LAMBDA_BITS = 10  # 34 - 2 * MASKED_T_BITS: lam * t^2 and s * |E| are summed at 34 fraction bits
+MASKED_PLAIN_SHIFT = 16
+MASKED_LAMBDA_BITS = MASKED_FRACTION_BITS + MASKED_PLAIN_SHIFT - 2 * MASKED_T_BITS
+MASKED_T_ERROR = 1.01
 MASKED_THRESHOLDS = (5.75, 5.8, 5.9, 6.0)  # below 5.75 the tail alone errs > ERR_CAP
+
+
+def _on_grid(value: float, bits: int) -> float:
+    return round(value * 2**bits) / 2**bits
 
 
 def _masked_square_rows(residual, T: float, t1: float, offsets):
@@ -198,25 +208,32 @@ def _masked_square_rows(residual, T: float, t1: float, offsets):
     return np.concatenate(rows), np.tile(residual(a), len(offsets)), np.tile(a, len(offsets))
 
 
-def _fit_masked_square_at(residual, T: float, t1: float, lam=None):
-    """(lam, 2 lam t0, s, lam t0^2 + c) and the weighted max error, t exact (held to ERR_CAP with t rounded either
-    way); with ``lam`` given, the others for that lam. inf where the cap cannot be met."""
+def _fit_masked_square_at(residual, T: float, t1: float, fixed=()):
+    """(lam, 2 lam t0, s, lam t0^2 + c) and the weighted max error, t exact (held to ERR_CAP with t off by
+    MASKED_T_ERROR units either way); with ``fixed`` = (lam,) or (lam, s), the others for those. inf where the cap
+    cannot be met."""
+    offsets = [-MASKED_T_ERROR, 0.0, MASKED_T_ERROR]
     basis, target, a = _masked_square_rows(residual, T, t1, [0.0])
-    rounded_basis, rounded_target, _ = _masked_square_rows(residual, T, t1, [-0.999, 0.0, 0.999])
+    rounded_basis, rounded_target, _ = _masked_square_rows(residual, T, t1, offsets)
+    free = [i for i in range(4) if i not in (0, 2)[:len(fixed)]]
+    for column, value in zip((0, 2), fixed):
+        target, rounded_target = target - value * basis[:, column], rounded_target - value * rounded_basis[:, column]
     weight = 1.0 + BULK_WEIGHT * np.exp(-(a / BULK_SCALE) ** 2 / 2)
     try:
-        if lam is None:
-            return minimax(a, target, basis, weight=weight, cap=ERR_CAP, capped=(rounded_basis, rounded_target))
-        coef, weighted = minimax(a, target - lam * basis[:, 0], basis[:, 1:], weight=weight, cap=ERR_CAP,
-                                 capped=(rounded_basis[:, 1:], rounded_target - lam * rounded_basis[:, 0]))
-        return np.r_[lam, coef], weighted
+        coef, weighted = minimax(a, target, basis[:, free], weight=weight, cap=ERR_CAP,
+                                 capped=(rounded_basis[:, free], rounded_target))
     except RuntimeError:
         return None, np.inf
+    full = np.zeros(4)
+    full[free] = coef
+    for column, value in zip((0, 2), fixed):
+        full[column] = value
+    return full, weighted
 
 
 def fit_masked_square(residual):
-    """The "masked square" fit: for each T, t1 on a coarse grid then a fine one around its best; lam is then put on
-    its grid and the rest refitted around it."""
+    """The "masked square" fit: for each T, t1 on a coarse grid then a fine one around its best; t1, lam and s are
+    then put on the grids of the kernel's integers in turn, the rest refitted around each."""
     best = (np.inf,)
     for T in MASKED_THRESHOLDS:
         if abs(residual(T)) / 2 > ERR_CAP:
@@ -233,19 +250,27 @@ def fit_masked_square(residual):
     if best[0] == np.inf:
         raise RuntimeError("no masked-square SiLU fit meets ERR_CAP")
     _, t1, T, coef = best
-    lam = round(coef[0] * 2**MASKED_LAMBDA_BITS) / 2**MASKED_LAMBDA_BITS
-    (lam, twice_lam_t0, s, constant), _ = _fit_masked_square_at(residual, T, t1, lam)
+    t1 = _on_grid(t1, MASKED_FRACTION_BITS + MASKED_SQUARE_SHIFT)
+    coef, _ = _fit_masked_square_at(residual, T, t1)
+    lam = _on_grid(coef[0], MASKED_LAMBDA_BITS)
+    coef, _ = _fit_masked_square_at(residual, T, t1, (lam,))
+    s = _on_grid(coef[2], MASKED_PLAIN_SHIFT)
+    coef, weighted = _fit_masked_square_at(residual, T, t1, (lam, s))
+    if coef is None:
+        raise RuntimeError("the masked-square SiLU misses ERR_CAP with its constants on the kernel's grids")
+    _, twice_lam_t0, _, constant = coef
     t0 = twice_lam_t0 / (2 * lam)
     tail = residual(T) / 2
     x = np.concatenate([np.linspace(0.0, 20.0, 20001), np.geomspace(20.0, 1e4, 500)])
     errs = []
-    for e in np.array([-0.999, 0.0, 0.999]) * 2.0**-MASKED_T_BITS:
+    for e in np.array([-MASKED_T_ERROR, 0.0, MASKED_T_ERROR]) * 2.0**-MASKED_T_BITS:
         t = x * x * 2.0**-MASKED_SQUARE_SHIFT + t1 * x + t0 + e
         r = np.where(x < T, lam * t * t + s * x + constant - lam * t0 * t0, tail)
         errs.append(np.abs(r - residual(x)))
     exact, worst = errs[1], np.max(errs, axis=0)
-    return {"T": float(T), "square_shift": MASKED_SQUARE_SHIFT, "t_bits": MASKED_T_BITS, "t1": t1, "t0": float(t0),
-            "lam": float(lam), "linear": float(s), "constant": float(constant - lam * t0 * t0), "tail": float(tail),
+    return {"T": float(T), "fraction_bits": MASKED_FRACTION_BITS, "square_shift": MASKED_SQUARE_SHIFT,
+            "t_bits": MASKED_T_BITS, "plain_shift": MASKED_PLAIN_SHIFT, "t1": t1, "t0": float(t0), "lam": float(lam),
+            "linear": float(s), "constant": float(constant - lam * t0 * t0), "tail": float(tail),
             "err": float(worst.max()), "bulk_err": float(exact[x <= BULK].max()),
             "rounded_bulk_err": float(worst[x <= BULK].max())}
 
@@ -460,17 +485,19 @@ def render() -> str:
         "GENERATED by scripts/fit_kernels.py (minimax fits by linear programming); do not edit by hand.",
         "Kernels: protocols/cipherdm.py; functions fitted to: protocols/reference.py; measured: docs/results/kernels.md.",
         "ACTIVATIONS (SiLU, Mish): f(x) = relu(x) + R(a), a = min(|x|, T). Mish: R = a times a quartic in Knuth's",
-        "adapted form (alpha0..alpha4), R_plus for x > 0 and R_minus otherwise. SiLU (R even, the half-square",
-        "form): R = (z + gamma1) * z + linear * a + gamma0, z = (u + beta0 / 2**bits) * u, u = round(scale * a) / 2**bits.",
+        "adapted form (alpha0..alpha4), R_plus for x > 0 and R_minus otherwise. SiLU (R even; the half-square",
+        "form, `cipherdm-low-byte`'s SiLU): R = (z + gamma1) * z + linear * a + gamma0, z = (u + beta0 / 2**bits) * u,",
+        "u = round(scale * a) / 2**bits.",
         "Fitted by minimax weighted towards |x| < ~2, where activations mostly lie, held to ERR_CAP everywhere",
         "(see BULK_WEIGHT there); SiLU's err includes u's rounding (rounded_bulk_err likewise, bulk_err not).",
         "MASKED_ACTIVATIONS (SiLU in the `cipherdm` set, the masked-square form): f(x) = relu(x) + tail for |x| >= T,",
         "else relu(x) + lam * t**2 + linear * a + constant, a = |x|, t = a**2 / 2**square_shift + t1 * a + t0 held at",
-        "t_bits fraction bits; err includes t's rounding (rounded_bulk_err likewise, bulk_err not).",
+        "t_bits fraction bits; t1, lam and linear on the grids of the kernel's integers at fraction_bits; err includes",
+        "t's rounding (rounded_bulk_err likewise, bulk_err not) and the tail beyond T.",
         "HORNER_ACTIVATIONS (GeLU, sigmoid): f(x) = relu(x) + R(|x|) (step 'relu') or R(|x|) for x <= 0 and",
         "1 - R(|x|) for x > 0 (step 'heaviside'); R is piecewise, each piece a polynomial in powers of",
         "v = min(|x|, hi) - center (increasing degree) for lo <= |x| < hi, the last piece also beyond its hi.",
-        "err: the fit's max abs error in float64 over the whole real line (clamped tail included);",
+        "err: the fit's max abs error in float64 over the whole real line (tail included);",
         "bulk_err: the same on |x| <= 2.",
         '"""',
         "",

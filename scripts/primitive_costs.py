@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -173,6 +174,32 @@ def measure(protocol_set: str, n: int) -> dict:
     return rows
 
 
+#: where a truncation by a tiny public constant is exact: ring values of about 2**m (m here), truncated by
+#: TINY_SHIFT bits as the masked-square SiLU truncates its t (protocols/cipherdm.py, `_masked_square_base`)
+TINY_RANGE_BITS, TINY_SHIFT = (42, 44, 46, 48), 28
+
+
+def tiny_truncation_range(n: int, seed: int = 0) -> dict:
+    """For each m in TINY_RANGE_BITS, the share of n ring values of magnitude 2**(m-1)..2**m (squares of encodings,
+    either sign) whose truncation by a public product by 2**-TINY_SHIFT is off by more than one unit."""
+    rng = np.random.default_rng(seed)
+    wrong = {}
+    with SecureSession("cipherdm") as session:
+        for m in TINY_RANGE_BITS:
+            x = (np.sqrt(rng.uniform(0.5, 1.0, n)) * 2.0 ** (m / 2 - 18)).astype(np.float32)
+            sign = rng.choice(np.array([-1, 1], np.int32), n)
+            e = np.trunc(x.astype(np.float64) * 2**18).astype(np.int64)  # SPU's encoding (reference.encoded)
+
+            def truncate(v, sign):
+                square = jnp.asarray(_encoding(v) * _encoding(v) * sign)
+                return _encoding(jax.lax.bitcast_convert_type(square, v.dtype) * 2.0**-TINY_SHIFT)
+
+            got = np.asarray(session.run(truncate, x, sign), np.int64)
+            want = (e * e * sign) >> TINY_SHIFT
+            wrong[m] = float(np.mean(np.abs(got - want) > 1))
+    return wrong
+
+
 def accounting(rows: dict) -> dict:
     """Split the cipherdm SiLU into measured parts: bytes per element per party and send actions, each part's
     send actions as its block takes them alone."""
@@ -248,7 +275,7 @@ def softmax_markdown(floor: dict) -> list:
     return lines + [""]
 
 
-def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float, floor: dict) -> str:
+def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float, floor: dict, tiny_range: dict) -> str:
     lines = [
         "# SPU building blocks, how they add up to our SiLU, and a softmax's byte floor",
         "",
@@ -298,9 +325,12 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float, floor
         "  multiplied in last, zeroes them (beyond T the SiLU is relu(x) plus a constant tail, R(T) / 2).",
         f"- A truncation costs {acc['truncation']:.1f} B and sheds up to 16 fraction bits; shedding more takes a public",
         "  constant below 4 units of 2^-18, which SPU truncates with extra precision (row `tiny_public_product`, 4 B",
-        "  more) and gets wrong for inputs past 2^44 (measured: exact to one unit up to 2^44, 7 % wrong at 2^46).",
+        f"  more) and gets wrong for large inputs: truncated by {TINY_SHIFT} bits, ring values of about 2^m come out off by",
+        "  more than one unit in "
+        + ", ".join(f"{100 * share:.3g} % (m = {m})" for m, share in tiny_range.items()) + f" of {n}.",
         "  t's truncation sheds 28 bits, so t's leading coefficient is 1/16: a finer one would be E^2 times a",
-        "  larger integer, past 2^44. lam (on a 2^-10 grid, its integer product's) gives the quartic back its free",
+        "  larger integer, beyond that range (protocols/cipherdm.py refuses a sum that could reach 2^43). lam (on a",
+        "  2^-10 grid, its integer product's) gives the quartic back its free",
         "  leading coefficient; t at 12 fraction bits moves R by < 4e-4 (the fit holds its cap with t off by one",
         "  unit either way).",
         "- The clamped \"half-square\" it replaced (now `cipherdm-low-byte`'s, with its window compared after |x|):",
@@ -329,6 +359,7 @@ def main(argv=None) -> int:
     if args.elements < 100:
         parser.error("--elements must be at least 100")
     rows = measure("cipherdm", args.elements)
+    tiny_range = tiny_truncation_range(args.elements)
     spu_silu = measure("spu", args.elements)["silu"]["bytes_per_element_per_party"]
     acc = accounting(rows)
     measured = {name: measure_softmax(name) for name in ("spu", "cipherdm", "cipherdm-low-byte")}
@@ -337,8 +368,9 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "elements": args.elements, "blocks": rows, "silu_accounting": acc,
-         "spu_silu_bytes_per_element_per_party": spu_silu, "softmax_floor": floor}, indent=2))
-    text = markdown(command, args.elements, rows, acc, spu_silu, floor)
+         "spu_silu_bytes_per_element_per_party": spu_silu, "softmax_floor": floor,
+         "tiny_truncation_wrong_by_magnitude_bits": tiny_range}, indent=2))
+    text = markdown(command, args.elements, rows, acc, spu_silu, floor, tiny_range)
     args.out.with_suffix(".md").write_text(text)
     print(text)
     return 0

@@ -372,8 +372,8 @@ def test_picked_kernels_agree_in_float_and_under_spu(sessions, op):
 
 def test_silu_agrees_in_float_and_under_spu_up_to_the_rounding_of_t(sessions):
     """SiLU's t is held at 12 fraction bits (in float: rounded to nearest; under SPU: truncated within one unit
-    either way), which moves lam * t^2 by < 1.5 units * 2 * lam * |t| (|t| < 0.7 on the window); all else is exact
-    or 2^-18 rounding."""
+    either way), which moves lam * t^2 by < 1.5 units * 2 * lam * |t| (|t| < 0.7 on the window); s * |x|'s and the
+    constants' encodings add a few units of 2^-18."""
     x = activation_inputs(401)
     with registry.use_protocol("cipherdm"):
         plain = np.asarray(jax.jit(ops.silu)(x), np.float64)
@@ -383,8 +383,8 @@ def test_silu_agrees_in_float_and_under_spu_up_to_the_rounding_of_t(sessions):
 
 
 def test_masked_square_outside_its_window_is_relu_plus_the_tail_even_where_the_square_wraps(sessions):
-    """Beyond T the polynomial's powers wrap the ring (|x| = 5e3: t * 2**40 is ~2**58); the window bit zeroes
-    them exactly, leaving relu(x) + tail (SPU's encoding of it)."""
+    """Beyond T the truncated sum leaves the range SPU truncates correctly (|x| = 5e3: ~2**60.6) and t^2 wraps the
+    ring; the window bit zeroes them exactly, leaving relu(x) + tail (SPU's encoding of it)."""
     fit = MASKED_ACTIVATIONS["silu"]
     x = np.array([fit["T"], -fit["T"], 6.0, -6.0, 50.0, -50.0, 5e3, -5e3, 11000.0, -11000.0], np.float32)
     want = np.maximum(encoded(x), 0.0) + fit["tail"]
@@ -392,10 +392,16 @@ def test_masked_square_outside_its_window_is_relu_plus_the_tail_even_where_the_s
     assert (np.abs(got - want) <= 4 * 2.0**-18 + np.abs(want) * 2.0**-23).all()  # the float32 output's own rounding
 
 
-@pytest.mark.parametrize("fraction_bits, message", [(20, "past SPU's"), (6, "at least 8 fraction bits")])
-def test_masked_square_refuses_fraction_bits_it_cannot_hold(fraction_bits, message):
-    with registry.fixed_point(fraction_bits), pytest.raises(NotImplementedError, match=message):
+@pytest.mark.parametrize("fraction_bits", [16, 17, 20])
+def test_masked_square_refuses_fraction_bits_its_constants_are_not_fitted_for(fraction_bits):
+    with registry.fixed_point(fraction_bits), pytest.raises(NotImplementedError, match="grid of 18 fraction bits"):
         jax.make_jaxpr(registry.kernel("silu", "cipherdm"))(np.zeros(3, np.float32))
+
+
+def test_masked_square_refuses_coefficients_whose_truncated_sum_spu_would_get_wrong():
+    fit = dict(MASKED_ACTIVATIONS["silu"], t1=40.0)  # a slope of 40 on the window: a sum of ~2**47.5
+    with registry.fixed_point(18), pytest.raises(NotImplementedError, match="past 2\\*\\*43"):
+        jax.make_jaxpr(lambda v: cipherdm._masked_square_base(v, v.astype(np.int32), fit))(np.zeros(3, np.float32))
 
 
 def test_half_square_building_blocks_under_spu_and_in_float(sessions):

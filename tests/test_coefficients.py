@@ -42,22 +42,37 @@ def test_half_square_silu_holds_its_bound_with_u_rounded_either_way():
     assert worst[x <= 2].max() < 5e-3
 
 
-def test_masked_square_silu_holds_its_bound_with_t_rounded_either_way():
-    """The fit's claim, re-checked here independently of its LP: with t off its exact value by up to one unit of
-    2^-t_bits (SPU's truncation), and the tail's constant beyond T, SiLU errs < 1e-2 on the whole line and
-    < 4.5e-3 on |x| <= 2."""
+def test_masked_square_silu_on_the_kernels_integers_holds_the_fits_bound():
+    """The fit's claim, re-checked independently of its LP on the integers the kernel computes with
+    (protocols/cipherdm.py, `_masked_square_base` and `_scaled_square_plus_linear`): E = round(x 2^f); t's sum
+    E^2 + K |E| + const truncated by k bits, off by up to one unit either way (SPU's truncation); lam t^2 + s |E|
+    truncated by plain_shift bits, off by up to one unit; relu(x) plus the tail's constant beyond T. SiLU then errs
+    no more than the recorded bound (plus the constants' own 2^-18 encodings) on the whole line, and < 4.5e-3 on
+    |x| <= 2; by symmetry (R is even) the negative side errs the same."""
     fit = MASKED_ACTIVATIONS["silu"]
+    f, shift, t_bits, plain = fit["fraction_bits"], fit["square_shift"], fit["t_bits"], fit["plain_shift"]
     x = np.concatenate([np.linspace(0.0, 20.0, 20001), np.geomspace(20.0, 1e4, 500)])
-    silu = x / (1.0 + np.exp(-x))
-    worst = np.zeros_like(x)
-    for off in np.linspace(-1.0, 1.0, 9):
-        t = x * x * 2.0 ** -fit["square_shift"] + fit["t1"] * x + fit["t0"] + off * 2.0 ** -fit["t_bits"]
-        r = np.where(x < fit["T"], fit["lam"] * t * t + fit["linear"] * x + fit["constant"], fit["tail"])
-        # the same on the negative side: silu(-x) = silu(x) - x, relu(-x) = 0
-        worst = np.maximum(worst, np.maximum(np.abs(x + r - silu), np.abs(r - (silu - x))))
-    assert worst.max() < 1e-2
-    assert worst[x <= 2].max() < 4.5e-3
-    assert fit["lam"] * 2**10 == round(fit["lam"] * 2**10)  # on its integer product's grid
+    residual = x / (1.0 + np.exp(-x)) - x  # silu(x) - relu(x) for x >= 0; silu(-x) for x <= 0 by symmetry
+    e_t = round(fit["T"] * 2**f)
+    slope = fit["t1"] * 2 ** (f + shift)
+    lam, s = fit["lam"] * 2 ** (f + plain - 2 * t_bits), fit["linear"] * 2**plain
+    assert slope == round(slope) and lam == round(lam) and s == round(s)  # the kernel's integers, exactly
+    k = 2 * f + shift - t_bits
+    above, rest = divmod(e_t * e_t + round(fit["t0"] * 2 ** (2 * f + shift)), 2**k)
+    e = np.round(x * 2**f)
+    inside = e < e_t
+    total = (e * e + slope * e - e_t * e_t + rest)[inside]  # exact in float64: below 2**53 on the window
+    worst = np.zeros(inside.sum())
+    for t_error in (-1.0, 0.0, 1.0):
+        t = total / 2**k + t_error + above
+        for p_error in (-1.0, 0.0, 1.0):
+            r = ((lam * t * t + s * e[inside]) / 2**plain + p_error) * 2.0**-f + fit["constant"]
+            worst = np.maximum(worst, np.abs(r - residual[inside]))
+    err = np.zeros_like(x)
+    err[inside] = worst
+    err[~inside] = np.abs(fit["tail"] - residual[~inside])
+    assert err.max() <= fit["err"] + 4 * 2.0**-f
+    assert err[x <= 2].max() < 4.5e-3
 
 
 def test_horner_fits_are_within_2e6_and_their_pieces_tile_the_half_line():

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from cipherdm_spu.protocols.coefficients import MASKED_ACTIVATIONS
+
 from .scripts import load_script
 
 
@@ -22,6 +24,11 @@ def test_silu_is_the_sum_of_its_parts(primitive_costs, tmp_path):
     integer, secret = (blocks[k]["bytes_per_element_per_party"] for k in ("integer_product", "secret_product"))
     assert integer < secret
     assert result["spu_silu_bytes_per_element_per_party"] > 3 * acc["measured"]
+    # the masked-square SiLU truncates sums below 2**43 by a tiny constant: SPU gets them right up to 2**44
+    wrong = result["tiny_truncation_wrong_by_magnitude_bits"]
+    assert wrong["42"] == wrong["44"] == 0.0 and wrong["48"] > 0.5
+    assert primitive_costs.TINY_SHIFT == (2 * 18 + MASKED_ACTIVATIONS["silu"]["square_shift"]
+                                          - MASKED_ACTIVATIONS["silu"]["t_bits"])
     text = (tmp_path / "p.md").read_text()
     assert "4x target" in text
     floor = result["softmax_floor"]
