@@ -255,7 +255,7 @@ def fit_masked_square(residual):
     lam = _on_grid(coef[0], MASKED_LAMBDA_BITS)
     coef, _ = _fit_masked_square_at(residual, T, t1, (lam,))
     s = _on_grid(coef[2], MASKED_PLAIN_SHIFT)
-    coef, weighted = _fit_masked_square_at(residual, T, t1, (lam, s))
+    coef, _ = _fit_masked_square_at(residual, T, t1, (lam, s))
     if coef is None:
         raise RuntimeError("the masked-square SiLU misses ERR_CAP with its constants on the kernel's grids")
     _, twice_lam_t0, _, constant = coef
