@@ -84,9 +84,10 @@ def parse_args(argv=None):
                    help="upload: a local diffusers ControlNetModel directory, uploaded with the Stable Diffusion UNet "
                         "of --model as one model (users then pass --control-image)")
     p.add_argument("--policy", type=Path, default=None,
-                   help="upload: a JSON policy file {users, protocol_sets, max_batch, max_steps, input_bound} (default: "
-                        "any user, any installed protocol set, batch <= 64, steps <= 1000, every secret input of a "
-                        "step clamped to [-256, 256])")
+                   help="upload: a JSON policy file {users, protocol_sets, max_batch, max_steps, input_bound, "
+                        "max_guidance_scale, max_controlnet_scale} (default: any user, any installed protocol set, "
+                        "batch <= 64, steps <= 1000, every secret input of a step clamped to [-256, 256], guidance "
+                        "scale <= 20, |ControlNet scale| <= 2)")
     return p.parse_args(argv)
 
 

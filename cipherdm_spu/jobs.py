@@ -135,9 +135,12 @@ def _shapes(manifest_text: str):
 class SamplingCatalog:
     """The party's `plan.JobCatalog` for diffusion sampling with this project's UNet ports."""
 
-    def model_tensors(self, manifest: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    def model_tensors(self, manifest: str, most: int) -> Dict[str, Tuple[Tuple[int, ...], str]]:
         _, schedule, params, terms = _shapes(manifest)
         specs = {name: (tuple(s.shape), str(s.dtype)) for name, s in weight_names(params).items()}
+        count = len(specs) + schedule.num_train_timesteps * len(time_term_names(terms, 0))
+        if count > most:  # counted before the list is built: a small manifest can name millions of time terms
+            raise ValueError(f"the model has {count} tensors, more than {most}")
         for t in range(schedule.num_train_timesteps):
             specs.update({name: (tuple(s.shape), str(s.dtype)) for name, s in time_term_names(terms, t).items()})
         return specs
@@ -147,7 +150,7 @@ class SamplingCatalog:
         spec = parse_job(job, model, schedule)
         make_sampler(spec, schedule, parse_manifest(manifest)["scheduler"])  # a bad combination fails here, uncompiled
         return JobTerms(spec["protocol_set"], spec["batch"], spec["steps"], json.dumps(spec, sort_keys=True),
-                        tuple(sorted(spec["overrides"])))
+                        tuple(sorted(spec["overrides"])), float(spec["guidance_scale"]), float(spec["controlnet_scale"]))
 
     def program(self, manifest: str, job: str, fraction_bits: int) -> StepProgram:
         return _program(manifest, self.terms(manifest, job).canonical, fraction_bits)

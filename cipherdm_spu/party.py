@@ -71,6 +71,10 @@ JUDGE_WAIT_S = 1.0
 #: the largest manifest a party takes (a model's config, scheduler and policy: kilobytes); it is held in memory
 #: and counted against the share-memory budget
 MAX_MANIFEST_BYTES = 1 << 20
+#: the largest job a party takes (a user's public job description: a few hundred bytes of JSON), refused before it is
+#: parsed; and the most of a client-influenced reason (a refused job's error) that goes into the party's log
+MAX_JOB_BYTES = 1 << 16
+MAX_LOGGED_CHARS = 500
 #: the longest a party waits for its worker to take or give back values (they are in memory)
 TRANSFER_S = 600.0
 #: how long a session may go without its user moving it on (`_Session.last_progress`) while its user keeps calling:
@@ -206,10 +210,11 @@ class PartyService:
         try:  # in the judge's process: judging a manifest may take seconds, and never stalls this service
             manifest = json.loads(msg.manifest)
             policy = Policy.from_dict(manifest.get("policy") if isinstance(manifest, dict) else None)
-            expected = dict(self.judge.run(JUDGE_S, JUDGE_WAIT_S, self.catalog.model_tensors, msg.manifest))
+            expected = dict(self.judge.run(JUDGE_S, JUDGE_WAIT_S, self.catalog.model_tensors, msg.manifest,
+                                           MAX_TENSORS))
         except ValueError as e:
             raise PartyError(f"model {msg.model_id!r}: bad manifest: {e}") from None
-        if len(expected) > MAX_TENSORS:
+        if len(expected) > MAX_TENSORS:  # (a catalog that ignored its bound)
             raise PartyError(f"model {msg.model_id!r} has {len(expected)} tensors, more than {MAX_TENSORS}")
         too_big = [name for name, (shape, _) in expected.items() if self._share_bytes(shape) > MAX_MESSAGE_BYTES // 2]
         if too_big:
@@ -302,6 +307,9 @@ class PartyService:
 
     def session_open(self, caller: Caller, msg: messages.SessionOpen) -> messages.Progress:
         _check_name(msg.session_id, "session id")
+        job_bytes = len(msg.job.encode())
+        if job_bytes > MAX_JOB_BYTES:
+            raise PartyError(f"the job is {job_bytes} bytes, more than {MAX_JOB_BYTES}")
         with self.lock:
             session = self.session
             if session is not None:
@@ -600,7 +608,7 @@ class PartyService:
                 session.worker.stop()
         finally:
             self.front.end_session()
-        log.info("party %s: session %s dropped: %s", self.party.id, session.id, why)
+        log.info("party %s: session %s dropped: %s", self.party.id, session.id, _brief(why))
 
     def _drop_idle_sessions(self) -> None:
         """Drop a session, and an unsealed upload, whose client has been silent for session_idle_s."""
@@ -639,6 +647,14 @@ def _gib(size: int) -> str:
 
 
 _SPU_DTYPES = {"float32": "F32", "float64": "F64", "int32": "I32", "int64": "I64", "bool": "I1"}
+
+
+def _brief(text: str) -> str:
+    """``text`` cut to MAX_LOGGED_CHARS for the log: a reason may quote a client's job, which must not fill a party's
+    disk."""
+    if len(text) <= MAX_LOGGED_CHARS:
+        return text
+    return f"{text[:MAX_LOGGED_CHARS]}... ({len(text)} characters)"
 
 
 def _check_name(name: str, what: str) -> None:

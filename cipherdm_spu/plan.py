@@ -25,6 +25,10 @@ TensorSpec = Tuple[Tuple[int, ...], str]  # (shape, numpy dtype name)
 MAX_INPUT_BOUND = 65536.0
 #: the smallest: well above the fixed point's resolution (2^-18), so that the clamp's constants keep their value
 MIN_INPUT_BOUND = 2.0**-10
+#: the largest public scale an owner may let a job multiply the weights' values by (`Policy.max_guidance_scale`,
+#: `Policy.max_controlnet_scale`): like the input bound, it keeps x * W within a few powers of two of what in-range
+#: jobs give
+MAX_JOB_SCALE = 1000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +41,9 @@ class Policy:
     clamped to [-input_bound, input_bound] inside the step program, before it meets a weight. Without it a user
     could share huge values and learn from how often SPU's truncation then fails (its probability grows with
     the magnitude of x * W) the magnitudes of the first layers' weights.
+    max_guidance_scale / max_controlnet_scale: bounds on the job's public scales that multiply values computed from
+    the weights after that clamp (classifier-free guidance's eps_u + g (eps_c - eps_u); a ControlNet's residuals,
+    by |scale|): unbounded, a job could blow those values up to where truncations fail, as huge inputs would.
     """
 
     users: Optional[Tuple[str, ...]] = None
@@ -44,13 +51,15 @@ class Policy:
     max_batch: int = 64
     max_steps: int = 1000
     input_bound: float = 256.0
+    max_guidance_scale: float = 20.0
+    max_controlnet_scale: float = 2.0
 
     @classmethod
     def from_dict(cls, raw) -> "Policy":
         if raw is None:
             return cls()
-        if not isinstance(raw, dict) or set(raw) - {"users", "protocol_sets", "max_batch", "max_steps", "input_bound"}:
-            raise ValueError("policy must be an object with users, protocol_sets, max_batch, max_steps, input_bound")
+        if not isinstance(raw, dict) or set(raw) - set(POLICY_FIELDS):
+            raise ValueError(f"policy must be an object with {', '.join(POLICY_FIELDS)}")
         values = {}
         for key in ("users", "protocol_sets"):
             if raw.get(key) is not None:
@@ -67,6 +76,12 @@ class Policy:
             if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not MIN_INPUT_BOUND <= bound <= MAX_INPUT_BOUND:
                 raise ValueError(f"policy.input_bound must be a number in [{MIN_INPUT_BOUND:g}, {MAX_INPUT_BOUND:g}]")
             values["input_bound"] = float(bound)
+        for key in ("max_guidance_scale", "max_controlnet_scale"):
+            if key in raw:
+                scale = raw[key]
+                if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= MAX_JOB_SCALE:
+                    raise ValueError(f"policy.{key} must be a number in [0, {MAX_JOB_SCALE:g}]")
+                values[key] = float(scale)
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -74,6 +89,7 @@ class Policy:
             "users": None if self.users is None else list(self.users),
             "protocol_sets": None if self.protocol_sets is None else list(self.protocol_sets),
             "max_batch": self.max_batch, "max_steps": self.max_steps, "input_bound": self.input_bound,
+            "max_guidance_scale": self.max_guidance_scale, "max_controlnet_scale": self.max_controlnet_scale,
         }
 
     def refusal(self, user: str, job: "JobTerms") -> Optional[str]:
@@ -90,7 +106,17 @@ class Policy:
             return f"batch {job.batch} is above the policy's max_batch {self.max_batch}"
         if job.steps > self.max_steps:
             return f"{job.steps} steps are above the policy's max_steps {self.max_steps}"
+        if job.guidance_scale > self.max_guidance_scale:
+            return (f"guidance_scale {job.guidance_scale:g} is above the policy's max_guidance_scale "
+                    f"{self.max_guidance_scale:g}")
+        if abs(job.controlnet_scale) > self.max_controlnet_scale:
+            return (f"controlnet_scale {job.controlnet_scale:g} is beyond the policy's max_controlnet_scale "
+                    f"{self.max_controlnet_scale:g} (either sign)")
         return None
+
+
+#: the fields of a policy (`Policy.from_dict`)
+POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(Policy))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,14 +167,18 @@ class JobTerms:
     canonical: str
     #: the ops the job names in its overrides (sorted): a policy listing protocol sets refuses any
     overridden_ops: Tuple[str, ...] = ()
+    #: public scales the job multiplies values computed from the weights by (1: none)
+    guidance_scale: float = 1.0
+    controlnet_scale: float = 1.0
 
 
 class JobCatalog(Protocol):
     """What the application tells a party about the programs it may run (each call may take seconds:
     the party runs them in its compiler process, never in its control service)."""
 
-    def model_tensors(self, manifest: str) -> Mapping[str, TensorSpec]:
-        """The tensors a model with this manifest consists of; ValueError for a manifest it cannot serve."""
+    def model_tensors(self, manifest: str, most: int) -> Mapping[str, TensorSpec]:
+        """The tensors a model with this manifest consists of; ValueError for a manifest it cannot serve, or for one
+        of more than ``most`` tensors (refused before they are listed)."""
 
     def terms(self, manifest: str, job: str) -> JobTerms:
         """Validate ``job`` on this model without compiling it; ValueError for a bad job."""

@@ -330,6 +330,7 @@ def test_a_party_killed_or_stalled_mid_run_is_named_and_the_others_recover(tmp_p
     (lambda r: r["parties"][0].update(control_address="127.0.0.1"), "must be 'host:port'"),
     (lambda r: r["parties"][0].update(control_address="127.0.0.1:70000"), "outside 1..65535"),
     (lambda r: r["runtime"].update(protocol="CHEETAH"), "runtime.protocol"),
+    (lambda r: r["runtime"].update(protocol="SEMI2K"), "runtime.protocol must be one of ('ABY3',), got 'SEMI2K'"),
     (lambda r: r["runtime"].update(field="FM16"), "field must be one of"),
     (lambda r: r["runtime"].update(fraction_bits=0), "fraction_bits must be an integer in 1..40"),
     (lambda r: r["timeouts"].update(recv_s=-1), "timeouts.recv_s"),

@@ -1,4 +1,5 @@
-"""The cluster's step programs: the owner's input bound, applied to every secret input inside the program."""
+"""The cluster's step programs and catalog: the owner's input bound, applied to every secret input inside the
+program; a manifest's tensors, counted before they are listed; a job's public scales, judged by the policy."""
 
 import json
 
@@ -68,3 +69,42 @@ def test_the_policy_bound_is_validated_and_reaches_the_step_program(monkeypatch)
         with pytest.raises(Stop):
             _program(json.dumps(manifest, sort_keys=True), json.dumps(TINY_JOB, sort_keys=True), 18)
         assert seen[-1] == bound
+
+
+def test_a_manifest_of_too_many_tensors_is_refused_before_they_are_listed():
+    """A 1 KB manifest can name millions of time terms (timesteps x the terms of each): an independent review made a
+    party build such a list (gigabytes) before counting it. The catalog counts first."""
+    model, _, scheduler = tiny_unet()
+    manifest = build_manifest(model, {**scheduler, "num_train_timesteps": 10000}, Policy())
+    catalog = jobs.SamplingCatalog()
+    listed = catalog.model_tensors(build_manifest(model, scheduler, Policy()), 10**6)
+    per_timestep = sum(name.startswith("t/0/") for name in listed)
+    weights = sum(name.startswith("w/") for name in listed)
+    assert per_timestep > 0 and len(listed) == weights + 1000 * per_timestep  # the shipped config: 1000 timesteps
+    with pytest.raises(ValueError, match=f"the model has {weights + 10000 * per_timestep} tensors, more than 5000"):
+        catalog.model_tensors(manifest, 5000)
+
+
+def test_a_jobs_public_scales_reach_the_policy():
+    """The job's guidance and ControlNet scales go to the owner's policy with the job's terms (`Policy.refusal`), on a
+    text-conditional UNet with a ControlNet (configs of tests/test_sd_cli.py's tiny SD and test_sd_images' ControlNet)."""
+    from cipherdm_spu.models import ControlledUNet
+
+    unet = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    controlnet = dict(in_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32,
+                      attention_head_dim=4, norm_num_groups=8, conditioning_embedding_out_channels=(8, 16))
+    model = ControlledUNet.from_config({"unet": unet, "controlnet": controlnet})
+    _, _, scheduler = tiny_unet()
+    manifest = build_manifest(model, scheduler, Policy())
+    catalog = jobs.SamplingCatalog()
+    job = {"sampler": "ddim", "steps": 2, "batch": 1, "tokens": 16}
+    assert Policy().refusal("user", catalog.terms(manifest, json.dumps({**job, "guidance_scale": 7.5}))) is None
+    for scales, message in (({"guidance_scale": 50}, "guidance_scale 50 is above the policy's max_guidance_scale 20"),
+                            ({"controlnet_scale": -3}, "controlnet_scale -3 is beyond the policy's max_controlnet_scale 2")):
+        terms = catalog.terms(manifest, json.dumps({**job, **scales}))
+        assert (terms.guidance_scale, terms.controlnet_scale) == (scales.get("guidance_scale", 1.0),
+                                                                  scales.get("controlnet_scale", 1.0))
+        assert Policy().refusal("user", terms).startswith(message)

@@ -5,7 +5,10 @@ single party trusted. Every test plays one attack that worked against the earlie
 """
 
 import contextlib
+import dataclasses
 import json
+import logging
+import re
 import socket
 import time
 import types
@@ -302,6 +305,55 @@ def test_the_owners_policy_binds_users_and_jobs(cluster):
             carol.until_done("session_open", SessionOpen("carol-1", "tiny", json.dumps(TINY_JOB)), "opening")
 
 
+def test_the_policy_bounds_a_jobs_batch_steps_and_public_scales():
+    """max_batch and max_steps, and the public scales a job multiplies values computed from the weights by, after the
+    input clamp (an independent review: a ControlNet scale of 1e6 would undo the clamp, as huge inputs would)."""
+    from cipherdm_spu.plan import MAX_JOB_SCALE, POLICY_FIELDS, JobTerms, Policy
+
+    policy = Policy(max_batch=4, max_steps=10)
+    within = JobTerms("spu", 4, 10, "{}", (), guidance_scale=20.0, controlnet_scale=-2.0)
+    assert policy.refusal("user", within) is None
+    for change, message in ((dict(batch=5), "batch 5 is above the policy's max_batch 4"),
+                            (dict(steps=11), "11 steps are above the policy's max_steps 10"),
+                            (dict(guidance_scale=1e6), "guidance_scale 1e.06 is above the policy's max_guidance_scale 20"),
+                            (dict(controlnet_scale=2.5), "controlnet_scale 2.5 is beyond the policy's max_controlnet_scale 2"),
+                            (dict(controlnet_scale=-1e9), "controlnet_scale -1e.09 is beyond")):
+        assert re.match(message, policy.refusal("user", dataclasses.replace(within, **change))), change
+    owners = Policy.from_dict({"max_guidance_scale": 50, "max_controlnet_scale": 0})
+    assert (owners.max_guidance_scale, owners.max_controlnet_scale) == (50.0, 0.0)
+    assert Policy.from_dict(owners.to_dict()) == owners and set(owners.to_dict()) == set(POLICY_FIELDS)
+    for key in ("max_guidance_scale", "max_controlnet_scale"):
+        for bad in (-1, float("nan"), float("inf"), MAX_JOB_SCALE * 2, True, "5", None):
+            with pytest.raises(ValueError, match=f"policy.{key} must be a number"):
+                Policy.from_dict({key: bad})
+
+
+def test_a_job_is_capped_before_it_is_parsed_and_a_reason_quoting_it_is_cut_in_the_log(tmp_path, caplog):
+    """A job is hundreds of bytes: one of megabytes is refused at once, and a refused job's reason, which may quote
+    the job, goes into the party's log cut short (an independent review: a 2 MB job wrote 4 MB to each party's log
+    per session_open)."""
+    from cipherdm_spu.party import MAX_JOB_BYTES, MAX_LOGGED_CHARS
+
+    class Echoing(_Catalog):
+        def terms(self, manifest, job):
+            raise ValueError(f"sampler must be one of ddim, got {job!r}")
+
+    with _party_in_process(tmp_path, Echoing()) as service:
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+        service.model_seal(OWNER, ModelRef("m"))
+        with pytest.raises(PartyError, match=f"the job is {MAX_JOB_BYTES + 1} bytes, more than {MAX_JOB_BYTES}"):
+            service.session_open(_user("user"), SessionOpen("s", "m", "x" * (MAX_JOB_BYTES + 1)))
+        assert service.session is None
+        with caplog.at_level(logging.INFO, logger="cipherdm_spu.party"), pytest.raises(PartyError, match="refuses the job"):
+            service.session_open(_user("user"), SessionOpen("s", "m", "\x85" * (MAX_JOB_BYTES // 2)))  # at the cap
+        deadline = time.monotonic() + 30
+        while service.session is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+        assert dropped and all(len(line) < MAX_LOGGED_CHARS + 200 for line in dropped), [len(x) for x in dropped]
+        assert "characters)" in dropped[-1]
+
+
 def test_overrides_cannot_bring_kernels_the_owners_policy_does_not_allow():
     """A policy that names protocol sets binds every kernel: a job may not take the named set and swap its kernels
     for another set's (an independent review ran every op of an `spu`-only model on `cipherdm-low-byte`'s)."""
@@ -471,7 +523,7 @@ def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
     more than what is left of its budget (--share-memory-gib), counting models still uploading, before any share."""
 
     class SizedCatalog(_Catalog):  # the manifest names its one tensor's length
-        def model_tensors(self, manifest):
+        def model_tensors(self, manifest, most):
             return {"w": ((json.loads(manifest)["elements"],), "float32")}
 
     # 16 bytes per element (FM64, replicated), TENSOR_OVERHEAD_BYTES per tensor and the manifest's bytes: room for
@@ -550,7 +602,7 @@ OWNER = _owner("owner")
 class _Catalog:
     """A party's catalog for the in-process tests: models of no tensors, any job; tests override what they probe."""
 
-    def model_tensors(self, manifest):
+    def model_tensors(self, manifest, most):
         return {}
 
     def terms(self, manifest, job):
