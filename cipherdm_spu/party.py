@@ -433,6 +433,15 @@ class PartyService:
                                         self.cluster.fraction_bits, abandoned=abandoned)
         except ValueError as e:
             raise PartyError(f"party {self.party.id} refuses the job: {e}") from None
+        # the user's shares are held beside the models' (an independent review: uncounted, a job of the default
+        # policy's largest batch could take tens of GB a party)
+        inputs = sum(self._share_bytes(shape) for shape, _ in program.slots.values())
+        with self.lock:
+            held = sum(m.size for m in self.models.values())
+        if held + inputs > self.share_memory:
+            raise PartyError(f"party {self.party.id} refuses the job: its inputs need {_gib(inputs)} of share memory; "
+                             f"the party has {_gib(max(0, self.share_memory - held))} of its {_gib(self.share_memory)} "
+                             "left")
         try:
             ir_audit.audit(program.code.decode("utf-8"))
         except ValueError as e:

@@ -472,6 +472,39 @@ def test_a_party_refuses_a_program_that_reveals(tmp_path):
         assert service.session is None
 
 
+def test_a_sessions_inputs_count_against_the_share_memory_budget(tmp_path):
+    """A user's shares are held beside the models': a job whose inputs need more share memory than is left of the
+    party's budget is refused once compiled, before any input arrives (an independent review: uncounted, a job of
+    the default policy's largest batch would take tens of GB a party)."""
+    from cipherdm_spu import SecureSession
+    from cipherdm_spu.plan import Step, StepProgram
+
+    with SecureSession("spu") as session:
+        code = session.compile(lambda x: x * 2.0, np.ones(3, np.float32)).mlir.encode()
+
+    class SizedJobs(_Catalog):  # the job names its one input slot's length
+        def program(self, manifest, job, fraction_bits):
+            return StepProgram(code, "step", "spu", {}, 1, {"x": ((json.loads(job)["elements"],), "float32")}, (),
+                               (Step(("slot:x",), (), {}, "x/1"),), "x/1")
+
+    manifest = json.dumps({"policy": None})
+    with _party_in_process(tmp_path, SizedJobs(), share_memory=len(manifest) + 16 * 1000) as service:
+        service.model_begin(OWNER, ModelBegin("m", manifest))
+        service.model_seal(OWNER, ModelRef("m"))
+        def open_until_done(session_id, elements):
+            for _ in range(50):
+                if service.session_open(_user("user"), SessionOpen(session_id, "m", json.dumps(
+                        {"elements": elements}))).state == "done":
+                    return True
+                time.sleep(0.1)
+            return False
+
+        with pytest.raises(PartyError, match="its inputs need .* GiB of share memory; the party has .* GiB of its"):
+            open_until_done("s", 1001)
+        assert service.session is None
+        assert open_until_done("t", 1000)
+
+
 def test_a_session_abandoned_while_it_compiles_is_dropped(tmp_path):
     """A user who opens a session and goes silent must not hold the cluster for a whole compile (up to COMPILE_S):
     here a compile that never ends, given up once the user has been silent for session_idle_s."""
