@@ -26,8 +26,8 @@ MAX_INPUT_BOUND = 65536.0
 #: the smallest: well above the fixed point's resolution (2^-18), so that the clamp's constants keep their value
 MIN_INPUT_BOUND = 2.0**-10
 #: the largest public scale an owner may let a job multiply the weights' values by (`Policy.max_guidance_scale`,
-#: `Policy.max_controlnet_scale`): like the input bound, it keeps x * W within a few powers of two of what in-range
-#: jobs give
+#: `Policy.max_controlnet_scale`): like the input bound's, a cap on what an owner may allow, so that the values a job
+#: reaches stay within about 2^10 of what unscaled jobs give
 MAX_JOB_SCALE = 1000.0
 
 
