@@ -1,5 +1,6 @@
 """The cluster's step programs and catalog: the owner's input bound, applied to every secret input inside the
-program; a manifest's tensors, counted before they are listed; a job's public scales, judged by the policy."""
+program; a manifest's tensors, counted before they are listed; a job's public scales, judged by the policy; a
+user's checks of the parties' reports before it shares anything."""
 
 import json
 
@@ -108,3 +109,38 @@ def test_a_jobs_public_scales_reach_the_policy():
         assert (terms.guidance_scale, terms.controlnet_scale) == (scales.get("guidance_scale", 1.0),
                                                                   scales.get("controlnet_scale", 1.0))
         assert Policy().refusal("user", terms).startswith(message)
+
+
+class _Parties:
+    """Three parties' answers to a user's session_open, as `PartyClients` would return them; records every call."""
+
+    role, identity = "user", "user"
+
+    def __init__(self, opened):
+        self.opened, self.calls = opened, []
+
+    def check_ready(self):
+        pass
+
+    def until_done(self, method, request, what):
+        self.calls.append(method)
+        return self.opened if method == "session_open" else None
+
+    def call(self, rank, method, request):
+        self.calls.append(method)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"executable_sha256": "f" * 64}, "the parties compiled different executables for the same job; refusing to run"),
+    ({"model_owner": "owner-evil"}, "the parties hold model 'm' from different owners \\(owner, owner-evil\\)"),
+])
+def test_a_user_refuses_parties_that_disagree_before_sending_anything(change, message):
+    """The user checks the three parties' reports of a session before it starts: one executable (each party compiled
+    the job itself) and one owner of the model. Either mismatch ends the session with nothing shared."""
+    from cipherdm_spu.errors import ClusterError
+
+    one = {"executable_sha256": "e" * 64, "model_owner": "owner", "slots": {"x": [[1, 1, 8, 8], "float32"]}}
+    parties = _Parties([one, one, {**one, **change}])
+    with pytest.raises(ClusterError, match=message):
+        jobs.sample_on_cluster(parties, "m", TINY_JOB, np.zeros((1, 1, 8, 8), np.float32))
+    assert parties.calls == ["session_open"] + ["session_close"] * 3  # never started, nothing put
