@@ -69,9 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help=f"cluster config (default: {DEFAULT_CONFIG})")
     p.add_argument("--party", help="start: only this party (its id in the config)")
     p.add_argument("--share-memory-gib", type=_positive_gib, default=None, metavar="GIB",
-                   help="start: the most memory the models' shares may take in each party, all models together; an "
-                        "upload beyond it is refused. A session holds its model's shares a second time, in its SPU "
-                        "runtime (default: a quarter of this machine's memory)")
+                   help="start: the most memory the models' shares and a session's input shares may take in each "
+                        "party, all together; an upload or a session beyond it is refused. A session holds its model's "
+                        "shares a second time, in its SPU runtime (default: a quarter of this machine's memory)")
     p.add_argument("--log-dir", type=Path, default=None,
                    help="start: a private folder for the parties' SPU logs (default: a new temporary folder, 0700)")
     p.add_argument("--as", dest="identity", default=None,

@@ -149,8 +149,9 @@ class SamplingCatalog:
         model, schedule, _, _ = _shapes(manifest)
         spec = parse_job(job, model, schedule)
         make_sampler(spec, schedule, parse_manifest(manifest)["scheduler"])  # a bad combination fails here, uncompiled
+        controlnet_scale = float(spec["controlnet_scale"]) if isinstance(model, ControlledUNet) else None
         return JobTerms(spec["protocol_set"], spec["batch"], spec["steps"], json.dumps(spec, sort_keys=True),
-                        tuple(sorted(spec["overrides"])), float(spec["guidance_scale"]), float(spec["controlnet_scale"]))
+                        tuple(sorted(spec["overrides"])), float(spec["guidance_scale"]), controlnet_scale)
 
     def program(self, manifest: str, job: str, fraction_bits: int) -> StepProgram:
         return _program(manifest, self.terms(manifest, job).canonical, fraction_bits)
@@ -278,6 +279,14 @@ def sample_shape(model) -> Tuple[int, int, int]:
     return model.config.in_channels, h, w
 
 
+def _finite_number(value) -> bool:
+    """A JSON number that is finite as a float: not a bool, and not an integer too large to be one (math.isfinite would
+    raise OverflowError on 10**400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 2.0**1023 if isinstance(value, int) else math.isfinite(value)
+
+
 def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
     """The user's job description, validated (ValueError naming the field)."""
     try:
@@ -301,12 +310,12 @@ def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
             raise ValueError(f"{key} must be an integer in {low}..{high}, got {value!r}")
     for key, low in (("eta", 0.0), ("guidance_scale", 0.0), ("strength", 0.0)):
         value = job[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        if not _finite_number(value) or value < low:
             raise ValueError(f"{key} must be a finite number >= {low:g}, got {value!r}")
     if not 0.0 < job["strength"] <= 1.0:  # image-to-image: the user shares its noised latent at step strength * T
         raise ValueError(f"strength must be in (0, 1], got {job['strength']!r}")
     scale = job["controlnet_scale"]
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not _finite_number(scale):
         raise ValueError(f"controlnet_scale must be a finite number, got {scale!r}")
     if not isinstance(job["guess_mode"], bool):
         raise ValueError(f"guess_mode must be true or false, got {job['guess_mode']!r}")

@@ -150,6 +150,7 @@ class _Session:
     checked: set = dataclasses.field(default_factory=set)  # runtime names whose shares the parties found consistent
     reports: list = dataclasses.field(default_factory=list)
     open_report: dict = dataclasses.field(default_factory=dict)
+    input_bytes: int = 0  # its inputs' share memory, reserved once compiled (`PartyService._held_share_memory`)
 
 
 def check_port_free(address: str, what: str) -> None:
@@ -237,7 +238,7 @@ class PartyService:
             raise PartyError(f"party {self.party.id} holds {MAX_MODELS} models already; try again later")
         if sum(m.owner == caller.name for m in self.models.values()) >= MAX_MODELS_PER_OWNER:
             raise PartyError(f"{caller.name} holds {MAX_MODELS_PER_OWNER} models on party {self.party.id}; delete one first")
-        held = sum(m.size for m in self.models.values())
+        held = self._held_share_memory()
         if held + size > self.share_memory:
             raise PartyError(f"model {model_id!r} needs {_gib(size)} of share memory; party {self.party.id} has "
                              f"{_gib(max(0, self.share_memory - held))} of its {_gib(self.share_memory)} left")
@@ -433,15 +434,6 @@ class PartyService:
                                         self.cluster.fraction_bits, abandoned=abandoned)
         except ValueError as e:
             raise PartyError(f"party {self.party.id} refuses the job: {e}") from None
-        # the user's shares are held beside the models' (an independent review: uncounted, a job of the default
-        # policy's largest batch could take tens of GB a party)
-        inputs = sum(self._share_bytes(shape) for shape, _ in program.slots.values())
-        with self.lock:
-            held = sum(m.size for m in self.models.values())
-        if held + inputs > self.share_memory:
-            raise PartyError(f"party {self.party.id} refuses the job: its inputs need {_gib(inputs)} of share memory; "
-                             f"the party has {_gib(max(0, self.share_memory - held))} of its {_gib(self.share_memory)} "
-                             "left")
         try:
             ir_audit.audit(program.code.decode("utf-8"))
         except ValueError as e:
@@ -454,9 +446,18 @@ class PartyService:
         agreement = hashlib.sha256(json.dumps(agreed).encode()).hexdigest()
         config = self.cluster.runtime_config(program.runtime_options)
         config.enable_pphlo_profile, config.enable_hal_profile = True, False  # this party's own cost report
+        # the user's shares are held beside the models' (an independent review: uncounted, a job of the default
+        # policy's largest batch could take tens of GB a party); reserved with the compiled program, under one lock
+        inputs = sum(self._share_bytes(shape) for shape, _ in program.slots.values())
         with self.lock:
             if self.session is not session:
                 raise PartyError("the session ended while it opened")
+            held = self._held_share_memory()
+            if held + inputs > self.share_memory:
+                raise PartyError(f"party {self.party.id} refuses the job: its inputs need {_gib(inputs)} of share "
+                                 f"memory; the party has {_gib(max(0, self.share_memory - held))} of its "
+                                 f"{_gib(self.share_memory)} left")
+            session.input_bytes = inputs
             session.compiled = (program, agreement, config.SerializeToString())
             session.open_report = {
                 "executable_sha256": executable, "agreement_sha256": agreement, "compile_seconds": round(compiled_s, 3),
@@ -599,6 +600,10 @@ class PartyService:
             raise PartyError(f"{what}: {len(content)} bytes of share data, expected {expected}")
         elements = math.prod(int(d) for d in shape)
         return _Share(meta, share_wire.chunks_of(content), share_wire.component_digests(meta, content, elements))
+
+    def _held_share_memory(self) -> int:
+        """The share memory taken (under the lock): every model's, uploaded or announced, and the session's inputs."""
+        return sum(m.size for m in self.models.values()) + (self.session.input_bytes if self.session else 0)
 
     def _share_bytes(self, shape) -> int:
         """A party's share of a value of this shape: replicated shares, two ring elements per element (counted in

@@ -76,11 +76,12 @@ class Policy:
             if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not MIN_INPUT_BOUND <= bound <= MAX_INPUT_BOUND:
                 raise ValueError(f"policy.input_bound must be a number in [{MIN_INPUT_BOUND:g}, {MAX_INPUT_BOUND:g}]")
             values["input_bound"] = float(bound)
-        for key in ("max_guidance_scale", "max_controlnet_scale"):
+        # (a guidance scale of 1 is no guidance, which every policy allows; a ControlNet scale of 0 switches it off)
+        for key, low in (("max_guidance_scale", 1.0), ("max_controlnet_scale", 0.0)):
             if key in raw:
                 scale = raw[key]
-                if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= MAX_JOB_SCALE:
-                    raise ValueError(f"policy.{key} must be a number in [0, {MAX_JOB_SCALE:g}]")
+                if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not low <= scale <= MAX_JOB_SCALE:
+                    raise ValueError(f"policy.{key} must be a number in [{low:g}, {MAX_JOB_SCALE:g}]")
                 values[key] = float(scale)
         return cls(**values)
 
@@ -106,10 +107,10 @@ class Policy:
             return f"batch {job.batch} is above the policy's max_batch {self.max_batch}"
         if job.steps > self.max_steps:
             return f"{job.steps} steps are above the policy's max_steps {self.max_steps}"
-        if job.guidance_scale > self.max_guidance_scale:
+        if not job.guidance_scale <= self.max_guidance_scale:  # (so that a NaN is refused too)
             return (f"guidance_scale {job.guidance_scale:g} is above the policy's max_guidance_scale "
                     f"{self.max_guidance_scale:g}")
-        if abs(job.controlnet_scale) > self.max_controlnet_scale:
+        if job.controlnet_scale is not None and not abs(job.controlnet_scale) <= self.max_controlnet_scale:
             return (f"controlnet_scale {job.controlnet_scale:g} is beyond the policy's max_controlnet_scale "
                     f"{self.max_controlnet_scale:g} (either sign)")
         return None
@@ -167,9 +168,10 @@ class JobTerms:
     canonical: str
     #: the ops the job names in its overrides (sorted): a policy listing protocol sets refuses any
     overridden_ops: Tuple[str, ...] = ()
-    #: public scales the job multiplies values computed from the weights by (1: none)
+    #: public scales the job multiplies values computed from the weights by: classifier-free guidance's (1: no
+    #: guidance), and a ControlNet's residuals' (1: unscaled; None for a model without a ControlNet)
     guidance_scale: float = 1.0
-    controlnet_scale: float = 1.0
+    controlnet_scale: Optional[float] = None
 
 
 class JobCatalog(Protocol):

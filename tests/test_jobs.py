@@ -109,6 +109,12 @@ def test_a_jobs_public_scales_reach_the_policy():
         assert (terms.guidance_scale, terms.controlnet_scale) == (scales.get("guidance_scale", 1.0),
                                                                   scales.get("controlnet_scale", 1.0))
         assert Policy().refusal("user", terms).startswith(message)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0, got 1000"):  # not OverflowError
+        catalog.terms(manifest, json.dumps({**job, "guidance_scale": 10**400}))
+    model, _, _ = tiny_unet()  # a class-conditional model: no guidance, no ControlNet, whatever the policy's bounds
+    terms = catalog.terms(build_manifest(model, scheduler, Policy()), json.dumps(TINY_JOB))
+    assert (terms.guidance_scale, terms.controlnet_scale) == (1.0, None)
+    assert Policy(max_guidance_scale=1.0, max_controlnet_scale=0.0).refusal("user", terms) is None
 
 
 class _Parties:
