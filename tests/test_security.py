@@ -72,6 +72,27 @@ def test_no_client_without_a_client_certificate(cluster):
             assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED), (what, method, code)
 
 
+def test_a_client_refuses_a_party_whose_certificate_names_another_party(cluster):
+    """A client checks each party's certificate against the party's id, not only the party CA: with P0's and P1's
+    control addresses swapped in its config, it reaches two genuine parties and refuses both (a SECURITY.md claim no
+    test exercised, an independent review noted)."""
+    config, _ = cluster
+    raw = json.loads(config.read_text())
+    first, second = raw["parties"][0], raw["parties"][1]
+    first["control_address"], second["control_address"] = second["control_address"], first["control_address"]
+    swapped = config.parent / "swapped.json"  # (beside the original: its TLS paths are relative to its folder)
+    swapped.write_text(json.dumps(raw))
+    with PartyClients(cc.load(config), "user") as user:  # the true config: P0 answers
+        user.call(0, "hello", Empty(), timeout=10)
+    with PartyClients(cc.load(swapped), "user") as user:
+        for rank in (0, 1):
+            with pytest.raises(grpc.RpcError) as info:
+                user.call(rank, "hello", Empty(), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, rank
+            assert "Hostname Verification Check failed" in info.value.details(), info.value.details()
+        user.call(2, "hello", Empty(), timeout=10)  # the party at its own address still answers
+
+
 def test_a_certificate_of_another_ca_named_owner_is_refused(cluster, tmp_path):
     config, _ = cluster
     rogue = write_config(tmp_path / "rogue.json")  # the attacker's own CAs, with an "owner" client
