@@ -22,6 +22,7 @@ from ._version import __version__
 from .cluster_config import ClusterConfig, role_of
 from .errors import ClusterConfigError, ClusterError
 from .messages import METHODS, POLL_S
+from .share_wire import content_of
 
 #: grace added to a polled call's deadline (network, scheduling)
 DEADLINE_GRACE_S = 10.0
@@ -55,17 +56,30 @@ class PartyClients:
         base = self.cluster.connect_timeout_s + DEADLINE_GRACE_S
         return base + (max(POLL_S, self.cluster.recv_timeout_s) if METHODS[method].long else 0.0)
 
-    def call(self, rank: int, method: str, request: messages.Message, timeout: Optional[float] = None,
-             wait_for_ready: bool = False):
+    def call(self, rank: int, method: str, request: messages.Message, contents: Sequence[bytes] = (),
+             timeout: Optional[float] = None, wait_for_ready: bool = False):
+        """``method`` on one party; a share-carrying method (`messages.Method.streams_shares`) sends ``contents``, the
+        content of each share its header names, after the header."""
         spec = METHODS[method]
-        stub = self._channels[rank].unary_unary(spec.path)
         timeout = self.deadline(method) if timeout is None else timeout
-        return spec.reply.decode(stub(request.encode(), timeout=timeout, wait_for_ready=wait_for_ready))
+        if spec.streams_shares:
+            stub = self._channels[rank].stream_unary(spec.path)
+            reply = stub(messages.share_stream(request, contents), timeout=timeout, wait_for_ready=wait_for_ready)
+        elif contents:
+            raise ValueError(f"{method} carries no shares")
+        else:
+            reply = self._channels[rank].unary_unary(spec.path)(request.encode(), timeout=timeout,
+                                                                 wait_for_ready=wait_for_ready)
+        return spec.reply.decode(reply)
 
-    def call_all(self, method: str, request: Callable[[int], messages.Message] | messages.Message) -> list:
-        """``method`` on the three parties at once; the first failure raises ClusterError naming its party."""
+    def call_all(self, method: str, request: Callable[[int], messages.Message] | messages.Message,
+                 contents: Optional[Callable[[int], Sequence[bytes]]] = None) -> list:
+        """``method`` on the three parties at once (with ``contents(rank)``, party rank's share contents, for a
+        share-carrying method); the first failure raises ClusterError naming its party."""
         make = request if callable(request) else (lambda rank: request)
-        futures = {self._pool.submit(self.call, rank, method, make(rank)): rank for rank in range(3)}
+        futures = {self._pool.submit(self.call, rank, method, make(rank),
+                                      contents=contents(rank) if contents else ()): rank
+                   for rank in range(3)}
         done, pending = cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
         for fut in done:
             if fut.exception() is not None:
@@ -109,8 +123,9 @@ class PartyClients:
                 return reports
 
     def put_shares(self, method: str, shares: Sequence, request: Callable[[int, object], messages.Message]) -> None:
-        """Send share i to party i only."""
-        self.call_all(method, lambda rank: request(rank, shares[rank]))
+        """Send share i (an SPU share) to party i only, after the header ``request(i, share i)``."""
+        self.call_all(method, lambda rank: request(rank, shares[rank]),
+                      contents=lambda rank: [content_of(shares[rank].share_chunks)])
 
     def hello(self, timeout: Optional[float] = None) -> list:
         """Each party's HelloReply, or a string saying why it did not answer."""

@@ -393,8 +393,8 @@ def upload_model(clients: PartyClients, model_id: str, model, params, schedule_c
     names, done = sorted(tensors), 0
     for batch in _upload_batches(names, tensors):
         shares = [io.make_shares(tensors[n], libspu.Visibility.VIS_SECRET) for n in batch]
-        clients.call_all("model_put", lambda rank: ModelPut(
-            model_id, batch, [s[rank].meta for s in shares], [content_of(s[rank].share_chunks) for s in shares]))
+        clients.call_all("model_put", lambda rank: ModelPut(model_id, batch, [s[rank].meta for s in shares]),
+                         contents=lambda rank: [content_of(s[rank].share_chunks) for s in shares])
         done += len(batch)
         if progress is not None:
             progress(done, len(names))
@@ -476,8 +476,7 @@ def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.n
                 raise InputError(f"input {slot}: expected shape {tuple(shape)}, got {array.shape}")
             check_shareable(array, f"input {slot}", limit)
             shares = io.make_shares(array, libspu.Visibility.VIS_SECRET)
-            clients.put_shares("session_put", shares, lambda rank, s, slot=slot: SessionPut(
-                session_id, slot, s.meta, content_of(s.share_chunks)))
+            clients.put_shares("session_put", shares, lambda rank, s, slot=slot: SessionPut(session_id, slot, s.meta))
         total, reports = RunStats.zero(), []
         timesteps = opened[0]["timesteps"]
         for i in range(opened[0]["steps"]):

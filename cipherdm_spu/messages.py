@@ -1,27 +1,32 @@
 """The control channel's wire format: one typed message per request and reply, and who may call what.
 
-Every method of a party's control service takes one message and returns one, msgpack-encoded (bytes
-stay bytes). Each message is a frozen dataclass; `decode` refuses a message with a missing, extra or
-wrongly typed field, so a party never acts on a malformed request. `METHODS` lists every method with
-its request and reply types and the client roles allowed to call it: the model owner uploads and
-deletes its models; a user opens a sampling session on a model, shares its inputs, runs the steps
-and alone receives its session's result shares. No method returns a weight share or an intermediate
-value, and none takes code: the parties compile what they run (see `cipherdm_spu.party`).
+Every method of a party's control service takes one message and returns one, msgpack-encoded (bytes stay bytes);
+the two that carry shares (`Method.streams_shares`) take a header naming them, then the shares' content in
+`SharePart` messages, which a party reads only once it has checked the caller and the header, and never past the
+bytes the named shares take. Each message is a frozen dataclass; `decode` refuses a message with a missing, extra or
+wrongly typed field, so a party never acts on a malformed request. `METHODS` lists every method with its request and
+reply types and the client roles allowed to call it: the model owner uploads and deletes its models; a user opens a
+sampling session on a model, shares its inputs, runs the steps and alone receives its session's result shares. No
+method returns a weight share or an intermediate value, and none takes code: the parties compile what they run (see
+`cipherdm_spu.party`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Dict, List
+from typing import Dict, Iterator, List, Sequence
 
 import msgpack
 
 from .errors import MessageError
 
 SERVICE = "cipherdm_spu.Party"
-#: no size limit on messages: a weight share can exceed gRPC's 4 MB default
+#: a client's channel options: no size limit on the replies it receives (a session's result share can exceed gRPC's
+#: 4 MB default); a party limits what it receives itself (`party.MAX_REQUEST_BYTES`)
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+#: the most share content one `SharePart` carries
+PART_BYTES = 1 << 20
 #: the most items a list of a message may hold (a flood of tiny items would cost a party far more memory decoded)
 MAX_LIST_ITEMS = 4096
 #: the longest a party holds a call open while a job it started runs; the client then calls again
@@ -97,13 +102,12 @@ class ModelBegin(Message):
 
 @dataclasses.dataclass(frozen=True)
 class ModelPut(Message):
-    """This party's shares of some of the model's tensors (names from the manifest's tensor list), each a meta and its
-    content (`share_wire`)."""
+    """The header of this party's shares of some of the model's tensors (names from the manifest's tensor list): their
+    metas; their contents (`share_wire`) follow, in this order, as `SharePart` messages."""
 
     model_id: str
     names: List[str]
     metas: List[bytes]
-    contents: List[bytes]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +137,19 @@ class SessionOpen(Message):
 
 @dataclasses.dataclass(frozen=True)
 class SessionPut(Message):
-    """This party's share of one of the job's input slots ("x", "condition/0", "noise/3", ...)."""
+    """The header of this party's share of one of the job's input slots ("x", "condition/0", "noise/3", ...): its meta;
+    its content follows as `SharePart` messages."""
 
     session_id: str
     slot: str
     meta: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class SharePart(Message):
+    """Some of the content of the shares a header names, in order: a client's parts (`share_stream`) hold at most
+    PART_BYTES and never span two shares; a party takes any cut that fits its largest request."""
+
     content: bytes
 
 
@@ -179,6 +191,9 @@ class Method:
     roles: frozenset
     #: whether a call may take long (a transfer or a poll): its deadline grows accordingly
     long: bool = False
+    #: whether the request is a stream: the header (``request``), then the content of the shares it names as
+    #: `SharePart` messages (`share_stream`)
+    streams_shares: bool = False
 
     @property
     def path(self) -> str:
@@ -190,15 +205,23 @@ OWNER, USER = "owner", "user"
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("hello", Empty, HelloReply, frozenset({OWNER, USER})),
     Method("model_begin", ModelBegin, Empty, frozenset({OWNER})),
-    Method("model_put", ModelPut, Empty, frozenset({OWNER}), long=True),
+    Method("model_put", ModelPut, Empty, frozenset({OWNER}), long=True, streams_shares=True),
     Method("model_seal", ModelRef, ModelInfo, frozenset({OWNER})),
     Method("model_delete", ModelRef, Empty, frozenset({OWNER})),
     Method("model_info", ModelRef, ModelInfo, frozenset({OWNER, USER})),
     Method("session_open", SessionOpen, Progress, frozenset({USER}), long=True),
     Method("session_start", SessionRef, Progress, frozenset({USER}), long=True),
-    Method("session_put", SessionPut, Empty, frozenset({USER}), long=True),
+    Method("session_put", SessionPut, Empty, frozenset({USER}), long=True, streams_shares=True),
     Method("session_step", SessionStep, Progress, frozenset({USER}), long=True),
     Method("session_result", SessionRef, Share, frozenset({USER}), long=True),
     Method("session_close", SessionRef, Empty, frozenset({USER})),
 )}
 
+
+
+def share_stream(header: Message, contents: Sequence[bytes]) -> Iterator[bytes]:
+    """A share-carrying request on the wire: the header, then each share's content in parts of at most PART_BYTES."""
+    yield header.encode()
+    for content in contents:
+        for offset in range(0, len(content), PART_BYTES):
+            yield SharePart(content[offset:offset + PART_BYTES]).encode()

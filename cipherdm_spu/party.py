@@ -25,8 +25,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
+import logging.handlers
 import math
 import multiprocessing as mp
 import os
@@ -35,7 +37,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import grpc
 import numpy as np
@@ -86,8 +88,19 @@ RUNNING_PROGRESS_S = TRANSFER_S + 120.0
 FAILED_SESSION_S = 30.0
 #: how long a worker waits for its peers' link goodbye before it reports a refused session anyway
 LINK_GOODBYE_S = 10.0
-#: the largest message a party accepts (a model's shares arrive in many smaller ones)
-MAX_MESSAGE_BYTES = 512 << 20
+#: the largest message a party receives, refused unread by gRPC: a manifest's request, with room to spare. Shares
+#: arrive as a stream of parts (`messages.SharePart`), read only after the caller and the header are checked
+MAX_REQUEST_BYTES = MAX_MANIFEST_BYTES + (1 << 20)
+#: a party's log files (its own, and its sessions' SPU runtimes') start afresh at this size, one older file kept
+MAX_LOG_BYTES = 64 << 20
+#: the control service's threads; the most calls one client may have in progress on a party; the most calls that
+#: receive shares at once (the other threads stay free for control calls)
+CONTROL_THREADS = 8
+MAX_CALLS_PER_CLIENT = 4
+MAX_RECEIVING_CALLS = 4
+#: how long a call's request may take to arrive (a manifest's at most), and a share-carrying call's shares after it
+REQUEST_S = 60.0
+RECEIVE_S = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +138,7 @@ class _Model:
     expected: Dict[str, tuple]
     size: int  # bytes its manifest and shares take in this party's memory, once all uploaded
     shares: Dict[str, _Share] = dataclasses.field(default_factory=dict)
+    receiving: Dict[str, "_ShareParts"] = dataclasses.field(default_factory=dict)  # tensors' shares arriving now
     sealed: bool = False
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -147,6 +161,7 @@ class _Session:
     program: Optional[StepProgram] = None  # once started: the worker is linked and holds the weights
     worker: Optional["_Worker"] = None
     slots: Dict[str, _Share] = dataclasses.field(default_factory=dict)  # the user's inputs, by slot
+    receiving: Dict[str, "_ShareParts"] = dataclasses.field(default_factory=dict)  # slots' shares arriving now
     checked: set = dataclasses.field(default_factory=set)  # runtime names whose shares the parties found consistent
     reports: list = dataclasses.field(default_factory=list)
     open_report: dict = dataclasses.field(default_factory=dict)
@@ -217,10 +232,6 @@ class PartyService:
             raise PartyError(f"model {msg.model_id!r}: bad manifest: {e}") from None
         if len(expected) > MAX_TENSORS:  # (a catalog that ignored its bound)
             raise PartyError(f"model {msg.model_id!r} has {len(expected)} tensors, more than {MAX_TENSORS}")
-        too_big = [name for name, (shape, _) in expected.items() if self._share_bytes(shape) > MAX_MESSAGE_BYTES // 2]
-        if too_big:
-            raise PartyError(f"model {msg.model_id!r}: the shares of {names_of(sorted(too_big))} would not fit a message "
-                             f"({MAX_MESSAGE_BYTES // 2 >> 20} MiB at most per tensor)")
         size = manifest_bytes + sum(self._share_bytes(shape) + TENSOR_OVERHEAD_BYTES for shape, _ in expected.values())
         with self.lock:
             self._check_room(caller, msg.model_id, size)
@@ -243,27 +254,38 @@ class PartyService:
             raise PartyError(f"model {model_id!r} needs {_gib(size)} of share memory; party {self.party.id} has "
                              f"{_gib(max(0, self.share_memory - held))} of its {_gib(self.share_memory)} left")
 
-    def model_put(self, caller: Caller, msg: messages.ModelPut) -> messages.Empty:
-        if not len(msg.names) == len(msg.metas) == len(msg.contents):
-            raise PartyError("model_put: names, metas and contents differ in length")
+    def model_put(self, caller: Caller, msg: messages.ModelPut, parts: "_ShareParts") -> messages.Empty:
+        if len(msg.names) != len(msg.metas):
+            raise PartyError("model_put: names and metas differ in length")
         if len(set(msg.names)) != len(msg.names):
             raise PartyError("model_put: a tensor is named twice")
-        with self.lock:
+        with self.lock:  # the header, whole, before any content is read
             model = self._open_upload(caller, msg.model_id, msg.names)
-        # checking and digesting shares takes a while: not under the lock, which every other call needs
-        shares = {name: self._check_share(meta, content, model.expected[name], f"tensor {name!r}")
-                  for name, meta, content in zip(msg.names, msg.metas, msg.contents)}
-        with self.lock:
-            if self._open_upload(caller, msg.model_id, msg.names) is not model:
-                raise PartyError(f"model {msg.model_id!r} was deleted meanwhile")
-            model.shares.update(shares)
+            specs = [model.expected[name] for name in msg.names]
+            for name, meta, spec in zip(msg.names, msg.metas, specs):
+                self._check_meta(meta, spec, f"tensor {name!r}")
+            model.receiving.update(dict.fromkeys(msg.names, parts))  # no other call receives them meanwhile
             model.last_seen = time.monotonic()
-        for name, meta, content in zip(msg.names, msg.metas, msg.contents):
+        try:  # receiving, checking and digesting shares takes a while: not under the lock, which every other call needs
+            contents = _receive(parts, [self._share_bytes(shape) for shape, _ in specs], f"model {msg.model_id!r}")
+            shares = {name: self._check_share(meta, content, spec, f"tensor {name!r}")
+                      for name, meta, content, spec in zip(msg.names, msg.metas, contents, specs)}
+            with self.lock:
+                if self.models.get(msg.model_id) is not model:
+                    raise PartyError(f"model {msg.model_id!r} was deleted meanwhile")
+                model.shares.update(shares)
+                model.last_seen = time.monotonic()
+        finally:
+            with self.lock:
+                for name in msg.names:
+                    model.receiving.pop(name, None)
+                model.last_seen = time.monotonic()
+        for name, meta, content in zip(msg.names, msg.metas, contents):
             log.info("party %s: received %s sha256=%s", self.party.id, name, _digest(meta, content))
         return messages.Empty()
 
     def _open_upload(self, caller: Caller, model_id: str, names) -> _Model:
-        """The caller's unsealed model, which has tensors of these names not uploaded yet."""
+        """The caller's unsealed model, which has tensors of these names not uploaded, nor being received, yet."""
         model = self._owned_model(caller, model_id)
         if model.sealed:
             raise PartyError(f"model {model_id!r} is sealed; delete it to upload again")
@@ -272,6 +294,8 @@ class PartyService:
                 raise PartyError(f"model {model_id!r} has no tensor {name!r}")
             if name in model.shares:
                 raise PartyError(f"model {model_id!r}: tensor {name!r} was already uploaded")
+            if name in model.receiving:
+                raise PartyError(f"model {model_id!r}: tensor {name!r} is being uploaded by another call")
         return model
 
     def model_seal(self, caller: Caller, msg: messages.ModelRef) -> messages.ModelInfo:
@@ -286,10 +310,11 @@ class PartyService:
 
     def model_delete(self, caller: Caller, msg: messages.ModelRef) -> messages.Empty:
         with self.lock:
-            self._owned_model(caller, msg.model_id)
+            model = self._owned_model(caller, msg.model_id)
             if self.session is not None and self.session.model_id == msg.model_id:
                 raise PartyError(f"model {msg.model_id!r} is in use by a session; try again when it ends")
             del self.models[msg.model_id]
+            _cancel(model.receiving)
         log.info("party %s: model %s deleted", self.party.id, msg.model_id)
         return messages.Empty()
 
@@ -348,7 +373,7 @@ class PartyService:
                 session.last_progress = time.monotonic()
         return self._progress(session, lambda: session.open_report)
 
-    def session_put(self, caller: Caller, msg: messages.SessionPut) -> messages.Empty:
+    def session_put(self, caller: Caller, msg: messages.SessionPut, parts: "_ShareParts") -> messages.Empty:
         with self.lock:
             session = self._user_session(caller, msg.session_id, ready=True)
             spec = session.program.slots.get(msg.slot)
@@ -357,16 +382,29 @@ class PartyService:
                                  f"(slots: {names_of(sorted(session.program.slots))})")
             if msg.slot in session.slots:
                 raise PartyError(f"input slot {msg.slot!r} was already given")
-            share = self._check_share(msg.meta, msg.content, spec, f"input slot {msg.slot!r}")
-            session.slots[msg.slot] = share  # taken now; the worker is called without the lock
-            session.last_progress = time.monotonic()
+            if msg.slot in session.receiving:
+                raise PartyError(f"input slot {msg.slot!r} is being given by another call")
+            self._check_meta(msg.meta, spec, f"input slot {msg.slot!r}")
+            session.receiving[msg.slot] = parts
+        try:  # received without the lock
+            (content,) = _receive(parts, [self._share_bytes(spec[0])], f"input slot {msg.slot!r}")
+            share = self._check_share(msg.meta, content, spec, f"input slot {msg.slot!r}")
+            with self.lock:
+                if self.session is not session:
+                    raise PartyError(f"session {msg.session_id!r} ended while its input {msg.slot!r} arrived")
+                session.slots[msg.slot] = share  # taken now; the worker is called without the lock
+                session.last_progress = time.monotonic()
+        finally:
+            with self.lock:
+                session.receiving.pop(msg.slot, None)
+                session.last_seen = time.monotonic()
         try:
             session.worker.call("set_vars", [share.value(_slot(msg.slot))], timeout=TRANSFER_S)
         except PartyError:
             with self.lock:
                 session.slots.pop(msg.slot, None)
             raise
-        log.info("party %s: received %s sha256=%s", self.party.id, msg.slot, _digest(msg.meta, msg.content))
+        log.info("party %s: received %s sha256=%s", self.party.id, msg.slot, _digest(msg.meta, content))
         return messages.Empty()
 
     def session_step(self, caller: Caller, msg: messages.SessionStep) -> messages.Progress:
@@ -471,6 +509,7 @@ class PartyService:
         with self.lock:
             if self.session is not session:
                 raise PartyError("the session ended while it started")
+            rotate_log(self.log_path)  # (between sessions: a worker reads its runs' costs by offset)
             worker = session.worker = _Worker(self.cluster, self.party, self.log_path, session.id, config, agreement,
                                               self.front.open_session())
         worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
@@ -576,7 +615,19 @@ class PartyService:
 
     def _check_share(self, meta: bytes, content: bytes, spec: tuple, what: str) -> "_Share":
         """The share of ``meta`` and ``content`` (`share_wire`), cut into chunks by this party; refused unless it is a
-        secret share of ``spec``'s shape and dtype on this ring, whole: its content exactly that many bytes."""
+        secret share of ``spec``'s shape and dtype on this ring (`_check_meta`), whole: its content exactly that many
+        bytes."""
+        self._check_meta(meta, spec, what)
+        shape, _ = spec
+        expected = self._share_bytes(shape)
+        if len(content) != expected:
+            raise PartyError(f"{what}: {len(content)} bytes of share data, expected {expected}")
+        elements = math.prod(int(d) for d in shape)
+        return _Share(meta, share_wire.chunks_of(content), share_wire.component_digests(meta, content, elements))
+
+    def _check_meta(self, meta: bytes, spec: tuple, what: str) -> None:
+        """Refuse a share's meta unless it is a secret share of ``spec``'s shape and dtype on this ring (checked before
+        its content is received)."""
         shape, dtype = spec
         value = libspu.ValueMeta()
         try:
@@ -595,11 +646,6 @@ class PartyService:
                 or str(value.data_type) != f"DataType.DT_{_SPU_DTYPES[dtype]}"):
             raise PartyError(f"{what}: expected {dtype}{list(shape)}, got {value.data_type} {list(got_shape)}"
                              f"{' (complex)' if value.is_complex else ''}")
-        expected = self._share_bytes(shape)
-        if len(content) != expected:
-            raise PartyError(f"{what}: {len(content)} bytes of share data, expected {expected}")
-        elements = math.prod(int(d) for d in shape)
-        return _Share(meta, share_wire.chunks_of(content), share_wire.component_digests(meta, content, elements))
 
     def _held_share_memory(self) -> int:
         """The share memory taken (under the lock): every model's, uploaded or announced, and the session's inputs."""
@@ -617,6 +663,7 @@ class PartyService:
         session, self.session = self.session, None
         if session is None:
             return
+        _cancel(session.receiving)
         try:
             if session.worker is not None:
                 session.worker.stop()
@@ -629,12 +676,12 @@ class PartyService:
         while not self._stop.wait(1.0):
             with self.lock:
                 now, idle = time.monotonic(), self.cluster.session_idle_s
-                for model_id, model in list(self.models.items()):
-                    if not model.sealed and now - model.last_seen > idle:
+                for model_id, model in list(self.models.items()):  # (one receiving shares is not silent)
+                    if not model.sealed and not model.receiving and now - model.last_seen > idle:
                         del self.models[model_id]
                         log.info("party %s: unsealed model %s dropped after %g s of silence", self.party.id, model_id, idle)
                 session = self.session
-                if session is None or session.polls:
+                if session is None or session.polls or session.receiving:  # (a call receiving its input is not silence)
                     continue
                 if session.job is not None and not session.job.done():
                     # a compile runs for up to COMPILE_S: one its user abandoned ends now (`CompilerProcess.run` gives
@@ -669,6 +716,30 @@ def _brief(text: str) -> str:
     if len(text) <= MAX_LOGGED_CHARS:
         return text
     return f"{text[:MAX_LOGGED_CHARS]}... ({len(text)} characters)"
+
+
+def _receive(parts: Iterator[bytes], sizes: List[int], what: str) -> List[bytes]:
+    """The contents of shares of ``sizes`` bytes, read from a request's ``parts`` in order. A party reads no more than
+    their total: a part that would go past it, an empty part, a stream that ends short or goes on after it are
+    refused, so a client cannot make a party hold more than the shares it expects."""
+    total, content = sum(sizes), bytearray()
+    while len(content) < total:
+        part = next(parts, None)
+        if part is None:
+            raise PartyError(f"{what}: {len(content)} bytes of share content, expected {total}")
+        if not part or len(content) + len(part) > total:
+            raise PartyError(f"{what}: a part of {len(part)} bytes after {len(content)} of the {total} expected")
+        content += part
+    if next(parts, None) is not None:
+        raise PartyError(f"{what}: more share content than the {total} bytes expected")
+    offsets = list(itertools.accumulate(sizes, initial=0))
+    return [bytes(content[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def _cancel(receiving: Dict[str, "_ShareParts"]) -> None:
+    """End the calls still receiving shares for a model or session that is gone (its share memory is free again)."""
+    for parts in set(receiving.values()):
+        parts.cancel()
 
 
 def _check_name(name: str, what: str) -> None:
@@ -871,12 +942,42 @@ def _enable_link_tls(desc, party: PartyConfig) -> None:
 
 
 def _handler(service: PartyService):
-    """gRPC handlers: decode the typed request, authenticate the caller, authorise by role, answer."""
+    """gRPC handlers: authenticate the caller, authorise by role, then read and decode the typed request, and answer.
+
+    Every method is served as a stream (a unary client's one message is a stream of one), so that nothing waits on a
+    client without a deadline of the party's own: a request must arrive within REQUEST_S, and a share-carrying call's
+    shares within RECEIVE_S of its header, or the call is cancelled (a stalled client must not hold one of the
+    CONTROL_THREADS). A client has at most MAX_CALLS_PER_CLIENT calls in progress on a party, and at most
+    MAX_RECEIVING_CALLS calls receive shares at once, each only once its method has checked the header (`_ShareParts`).
+    """
+    receiving = threading.BoundedSemaphore(MAX_RECEIVING_CALLS)
+    in_progress: Dict[str, int] = {}
+    counting = threading.Lock()
 
     def wrap(method: messages.Method):
         implementation = getattr(service, method.name)
 
-        def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+        def answer(caller: Caller, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+            deadline, parts = _Deadline(context, REQUEST_S), None
+            try:
+                first = next(requests, None)
+                if first is None:
+                    raise messages.MessageError(f"{method.name}: no request")
+                request = method.request.decode(first)
+                if not method.streams_shares:
+                    if next(requests, None) is not None:
+                        raise messages.MessageError(f"{method.name} takes one message")
+                    deadline.stop()
+                    return implementation(caller, request).encode()
+                deadline.restart(RECEIVE_S)
+                parts = _ShareParts(requests, context, deadline, receiving, service.party.id)
+                return implementation(caller, request, parts).encode()
+            finally:
+                deadline.stop()
+                if parts is not None:
+                    parts.close()
+
+        def call(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
             name, role = peer_identity(context.auth_context())
             if role is None:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED,
@@ -885,20 +986,91 @@ def _handler(service: PartyService):
             if role not in method.roles:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,
                               f"party {service.party.id}: {method.name} is not allowed to the {role} role ({name})")
+            with counting:
+                admitted = in_progress.get(name, 0) < MAX_CALLS_PER_CLIENT
+                if admitted:
+                    in_progress[name] = in_progress.get(name, 0) + 1
+            if not admitted:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"party {service.party.id}: {name} has "
+                              f"{MAX_CALLS_PER_CLIENT} calls in progress already")
             try:
-                reply = implementation(Caller(name, role), method.request.decode(request))
-                return reply.encode()
+                return answer(Caller(name, role), requests, context)
             except messages.MessageError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"party {service.party.id}: {e}")
             except PartyError as e:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            except grpc.RpcError:  # the call ended before its request or shares arrived
+                context.abort(grpc.StatusCode.CANCELLED, f"party {service.party.id}: {method.name} was cancelled "
+                              "before its request or shares arrived (by its client, by the party's deadline, or "
+                              "because its model or session is gone)")
             except Exception as e:  # noqa: BLE001 - any other error goes back to the client, the party named
                 log.exception("party %s: %s failed", service.party.id, method.name)
                 context.abort(grpc.StatusCode.INTERNAL, f"party {service.party.id}: {_first_lines(e)}")
+            finally:
+                with counting:
+                    in_progress[name] -= 1
+                    if not in_progress[name]:
+                        del in_progress[name]
 
-        return grpc.unary_unary_rpc_method_handler(call)
+        return grpc.stream_unary_rpc_method_handler(call)
 
     return grpc.method_handlers_generic_handler(messages.SERVICE, {m.name: wrap(m) for m in METHODS.values()})
+
+
+class _Deadline:
+    """Cancels a call unless stopped within its seconds: no wait on a client outlasts the party's own deadline."""
+
+    def __init__(self, context: grpc.ServicerContext, seconds: float):
+        self._context, self._timer = context, None
+        self.restart(seconds)
+
+    def restart(self, seconds: float) -> None:
+        self.stop()
+        self._timer = threading.Timer(seconds, self._context.cancel)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class _ShareParts:
+    """The contents of a share-carrying request's `messages.SharePart` messages, read only as its method takes them,
+    which it does once it has checked the header. The first read takes one of the party's MAX_RECEIVING_CALLS turns
+    (refused when all are taken); the turn and the call's deadline end with the stream. `cancel` ends the call from
+    another thread: its model deleted or its session dropped while the shares arrive."""
+
+    def __init__(self, requests: Iterator[bytes], context: grpc.ServicerContext, deadline: _Deadline,
+                 turns: threading.BoundedSemaphore, party_id: str):
+        self._requests, self._context, self._deadline, self._turns = requests, context, deadline, turns
+        self._party_id, self._turn = party_id, False
+
+    def __iter__(self) -> "_ShareParts":
+        return self
+
+    def __next__(self) -> bytes:
+        if not self._turn:
+            if not self._turns.acquire(blocking=False):
+                raise PartyError(f"party {self._party_id} is receiving the shares of {MAX_RECEIVING_CALLS} other "
+                                 "calls; try again shortly")
+            self._turn = True
+        try:
+            raw = next(self._requests)
+        except StopIteration:
+            self.close()
+            raise
+        return messages.SharePart.decode(raw).content
+
+    def cancel(self) -> None:
+        self._context.cancel()
+
+    def close(self) -> None:
+        """The stream is over for this party: its deadline stops, its turn is given back."""
+        self._deadline.stop()
+        if self._turn:
+            self._turn = False
+            self._turns.release()
 
 
 def server_credentials(party: PartyConfig) -> grpc.ServerCredentials:
@@ -914,7 +1086,8 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
     """Run one party until SIGINT/SIGTERM, its models' shares within ``share_memory`` bytes; returns the process exit
     code."""
     party = cluster.party(party_id)
-    handler = logging.FileHandler(private_log_file(log_dir, f"party-{party.id}.log"))
+    handler = _PrivateRotatingFileHandler(private_log_file(log_dir, f"party-{party.id}.log"), maxBytes=MAX_LOG_BYTES,
+                                          backupCount=1)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -927,9 +1100,8 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
     check_port_free(party.spu_address, f"party {party.id}: SPU link address")
     check_port_free(party.control_address, f"party {party.id}: control address")
     service = PartyService(cluster, party, catalog, private_log_file(log_dir, f"spu-{party.id}.log"), share_memory)
-    server = grpc.server(cf.ThreadPoolExecutor(max_workers=8), maximum_concurrent_rpcs=32,
-                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    server = grpc.server(cf.ThreadPoolExecutor(max_workers=CONTROL_THREADS), maximum_concurrent_rpcs=32,
+                         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     server.add_generic_rpc_handlers((_handler(service),))
     try:
         try:
@@ -964,3 +1136,24 @@ def private_log_file(log_dir: Path, name: str) -> Path:
     os.fchmod(fd, 0o600)
     os.close(fd)
     return path
+
+
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A log that starts afresh at ``maxBytes`` (the older file kept as ``.1``), every file created 0600 and never
+    opened through a symlink (`private_log_file`'s folder is this user's alone)."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding)
+
+
+def rotate_log(path: Path) -> None:
+    """Start the log at ``path`` afresh (created 0600, as `private_log_file`), its content kept as ``path.1``, once it
+    holds MAX_LOG_BYTES. (The SPU log, between sessions: a session's runs may take it past the limit.)"""
+    try:
+        full = os.stat(path, follow_symlinks=False).st_size >= MAX_LOG_BYTES
+    except FileNotFoundError:  # (removed by its operator)
+        full = False
+    if full:
+        os.replace(path, f"{path}.1")
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))

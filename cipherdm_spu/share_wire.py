@@ -3,8 +3,9 @@
 SPU serialises a share as a ValueMeta and a list of ValueChunks (each: the value's total size, an offset, some
 bytes). SPU 0.9.5's ``Value::fromProto`` copies each chunk to its offset before it checks the total, so chunks from
 an untrusted client could write past the value's buffer in the party's SPU runtime. A client therefore sends the
-chunks' contents joined, a party checks that content's exact size against the declared shape, and only the party
-cuts it into chunks again (`chunks_of`), in the one form it trusts; results travel back the same way.
+chunks' contents joined (in `messages.SharePart` parts, which the party joins again), a party checks that content's
+exact size against the declared shape, and only the party cuts it into chunks again (`chunks_of`), in the one form it
+trusts; results travel back the same way.
 
 For the parties' consistency check (`component_digests`): under ABY3 a party holds, per element, two of the three
 additive components of a value, (a_i, a_{i+1}) for party i, stored side by side.

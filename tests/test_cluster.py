@@ -154,9 +154,9 @@ def test_each_party_receives_only_its_own_shares(cluster, tmp_path, monkeypatch)
 
     def recording_call(self, rank, method, request, **kwargs):
         if isinstance(request, ModelPut):
-            sent[rank] += [(n, _digest(m, c)) for n, m, c in zip(request.names, request.metas, request.contents)]
+            sent[rank] += [(n, _digest(m, c)) for n, m, c in zip(request.names, request.metas, kwargs["contents"])]
         elif isinstance(request, SessionPut):
-            sent[rank].append((request.slot, _digest(request.meta, request.content)))
+            sent[rank].append((request.slot, _digest(request.meta, kwargs["contents"][0])))
         return original(self, rank, method, request, **kwargs)
 
     monkeypatch.setattr(PartyClients, "call", recording_call)

@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import socket
+import threading
 import time
 import types
 from pathlib import Path
@@ -25,7 +26,7 @@ from cipherdm_spu.client import PartyClients
 from cipherdm_spu.errors import ClusterError, PartyError, ProtocolError
 from cipherdm_spu.jobs import sample_on_cluster
 from cipherdm_spu.messages import (CHANNEL_OPTIONS, METHODS, SERVICE, Empty, ModelBegin, ModelPut, ModelRef, SessionOpen,
-                                   SessionRef, SessionStep)
+                                   SessionRef, SessionStep, SharePart)
 from cipherdm_spu.compiler_process import CompilerProcess
 from cipherdm_spu.party import MAX_MANIFEST_BYTES, TENSOR_OVERHEAD_BYTES, private_log_file
 from cipherdm_spu.registry import ProtocolSet
@@ -125,13 +126,47 @@ def test_no_method_returns_or_runs_anything_but_what_roles_allow(cluster):
             assert refused(lambda: raw_call(user._channels[0], method, b"\x80")) == grpc.StatusCode.UNIMPLEMENTED
         # a user cannot upload, replace or delete a model; the owner cannot run or receive a session's result
         for method, request in (("model_begin", ModelBegin("evil", "{}")), ("model_delete", ModelRef("tiny")),
-                                ("model_put", ModelPut("tiny", [], [], []))):
+                                ("model_put", ModelPut("tiny", [], []))):
             assert refused(lambda: user.call(0, method, request)) == grpc.StatusCode.PERMISSION_DENIED
         for method, request in (("session_result", SessionRef("x")), ("session_open", SessionOpen("x", "tiny", "{}")),
                                 ("session_step", SessionStep("x", 0))):
             assert refused(lambda: owner.call(0, method, request)) == grpc.StatusCode.PERMISSION_DENIED
         # every method names its roles; none is open to a party
         assert all(m.roles <= {"owner", "user"} for m in METHODS.values())
+
+
+def test_no_share_content_is_read_before_the_caller_and_the_header_are_checked(cluster):
+    """Shares travel as a header and parts of a stream (a request used to be up to 512 MiB, received whole before any
+    check: an independent review's finding). A user's upload, an owner's to a sealed model and an input to a session
+    its sender does not hold are refused on their headers; gRPC's flow control then stops each client's 64 MiB stream
+    after a few parts. And no message larger than a manifest's request is received at all, whoever sends it."""
+    from cipherdm_spu.messages import PART_BYTES, SessionPut
+    from cipherdm_spu.party import MAX_REQUEST_BYTES
+
+    config, _ = cluster
+    with PartyClients(cc.load(config), "user") as user, PartyClients(cc.load(config), "owner") as owner:
+        for clients, method, header, code, message in (
+                (user, "model_put", ModelPut("tiny", ["w"], [b""]), grpc.StatusCode.PERMISSION_DENIED,
+                 "model_put is not allowed to the user role"),
+                (owner, "model_put", ModelPut("tiny", ["w"], [b""]), grpc.StatusCode.FAILED_PRECONDITION,
+                 "model 'tiny' is sealed"),
+                (user, "session_put", SessionPut("nobody", "x", b""), grpc.StatusCode.FAILED_PRECONDITION,
+                 "no session 'nobody' of user")):
+            taken = []
+
+            def stream():
+                yield header.encode()
+                for i in range(64):
+                    taken.append(i)
+                    yield SharePart(bytes(PART_BYTES)).encode()
+
+            with pytest.raises(grpc.RpcError) as info:
+                clients._channels[0].stream_unary(METHODS[method].path)(stream(), timeout=60)
+            assert (info.value.code(), message in info.value.details()) == (code, True), info.value.details()
+            assert len(taken) < 16, (method, len(taken))
+        for clients in (user, owner):
+            assert refused(lambda: raw_call(clients._channels[0], "hello", bytes(MAX_REQUEST_BYTES + 1))) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def test_malformed_messages_are_refused(cluster):
@@ -191,8 +226,6 @@ def test_inconsistent_replicated_shares_are_refused_before_a_step(cluster, monke
     products carrying e * (a weight's component): weight components read off its results (found by an independent
     attacker review). The parties compare the copies (digests, each only to the party holding the component) and
     refuse the step; the session ends, and the next one, consistent, runs."""
-    import dataclasses
-
     from cipherdm_spu.messages import SessionPut
 
     config, _ = cluster
@@ -200,9 +233,9 @@ def test_inconsistent_replicated_shares_are_refused_before_a_step(cluster, monke
 
     def tampering_call(self, rank, method, request, **kwargs):
         if isinstance(request, SessionPut) and rank == 0 and request.slot == "x":
-            content = bytearray(request.content)
+            content = bytearray(kwargs["contents"][0])
             content[8] ^= 1  # element 0's second component (a_1): P1 holds the true one
-            request = dataclasses.replace(request, content=bytes(content))
+            kwargs["contents"] = [bytes(content)]
         return original(self, rank, method, request, **kwargs)
 
     _, x_t, labels = tiny_inputs()
@@ -222,8 +255,6 @@ def test_the_parties_refuse_shares_whose_copies_disagree_wherever_the_copy_is_wr
     """Three SPU runtimes on an in-memory link, as a session's workers: each party checks y's replicated shares
     (`_consistent_shares`), runs x * y, and checks again (the check and SPU's own use of the link stay in step).
     A wrong byte in either component any one party holds makes all three refuse, naming the value."""
-    import threading
-
     import jax
     import spu
     import spu.libspu as libspu
@@ -451,7 +482,7 @@ def test_a_share_is_its_exact_content_and_only_the_party_cuts_it_into_chunks():
     chunks = list(share.share_chunks)
     with pytest.raises(ValueError, match="out of order|announce"):
         content_of(chunks + chunks)
-    flood = ModelPut("m", ["w"] * (MAX_LIST_ITEMS + 1), [b""] * (MAX_LIST_ITEMS + 1), [b""] * (MAX_LIST_ITEMS + 1))
+    flood = ModelPut("m", ["w"] * (MAX_LIST_ITEMS + 1), [b""] * (MAX_LIST_ITEMS + 1))
     with pytest.raises(MessageError, match="not a msgpack message"):
         ModelPut.decode(flood.encode())
 
@@ -464,6 +495,7 @@ def _check_share(meta, content, spec):
 
     party = types.SimpleNamespace(cluster=types.SimpleNamespace(field="FM64", protocol="ABY3"))
     party._share_bytes = lambda shape: PartyService._share_bytes(party, shape)
+    party._check_meta = lambda *args: PartyService._check_meta(party, *args)
     return PartyService._check_share(party, meta, content, spec, "x")
 
 
@@ -607,7 +639,7 @@ def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
         # a shape whose element count wraps int64 (2**64 + 1 elements: 1 in int64) is counted in full, and refused
         # (found by an independent review: a negative size would have switched the budget off)
         service.model_delete(other, ModelRef("c"))  # room for its manifest
-        with pytest.raises(PartyError, match="would not fit a message"):
+        with pytest.raises(PartyError, match=r"'wrap' needs \S+ GiB of share memory"):
             service.model_begin(OWNER, ModelBegin("wrap", json.dumps({"elements": 2**64 + 1})))
 
 
@@ -789,11 +821,31 @@ def test_an_owner_has_a_quota_and_silent_uploads_expire(cluster):
                     break
             else:
                 pytest.fail("the per-owner quota never refused an upload")
-            # a share of the wrong size is refused, whatever its meta says
+            # a share of the wrong size is refused, whatever its meta says, and no more of it read than expected
             name = "w/params/conv_in/bias"  # (8,) in the tiny UNet
             good = spu_shares(np.zeros(8, np.float32))
-            assert "1048576 bytes of share data, expected 128" in _details(lambda: owner.call(
-                0, "model_put", ModelPut("quota-0", [name], [good[0].meta], [bytes(1 << 20)])))
+            put = ModelPut("quota-0", [name], [good[0].meta])
+            assert "a part of 1048576 bytes after 0 of the 128 expected" in _details(
+                lambda: owner.call(0, "model_put", put, contents=[bytes(1 << 20)]))
+            # two calls sending the same tensor: one is refused, whichever the party took first
+            _one_of_two_uploads_of_a_tensor_is_refused(owner, put, content_of(good[0].share_chunks))
+            # a model deleted while its shares arrive: the call receiving them is cancelled, not left holding them
+            stop = threading.Event()
+
+            def stalled():
+                yield ModelPut("quota-1", [name], [good[0].meta]).encode()
+                stop.wait(60)
+                yield from ()
+
+            receiving = owner._channels[0].stream_unary(METHODS["model_put"].path).future(stalled(), timeout=60)
+            time.sleep(1)
+            try:
+                owner.call(0, "model_delete", ModelRef("quota-1"))
+                with pytest.raises(grpc.RpcError) as info:
+                    receiving.result()
+            finally:
+                stop.set()
+            assert info.value.code() == grpc.StatusCode.CANCELLED, info.value.details()
             # silent unsealed uploads are dropped after session_idle_s
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -810,6 +862,35 @@ def test_an_owner_has_a_quota_and_silent_uploads_expire(cluster):
                         owner.call(rank, "model_delete", ModelRef(model_id))
                     except grpc.RpcError:
                         pass  # already expired
+
+
+def _one_of_two_uploads_of_a_tensor_is_refused(owner, put, content):
+    """A first call sends its header and waits before its share's content; a second sends the same tensor whole."""
+    go = threading.Event()
+
+    def slow():
+        yield put.encode()
+        go.wait(30)
+        yield SharePart(content).encode()
+
+    first = owner._channels[0].stream_unary(METHODS["model_put"].path).future(slow(), timeout=60)
+    time.sleep(1)  # (either order is checked: the party takes the first header before the second, or after)
+    outcomes = []
+    try:
+        owner.call(0, "model_put", put, contents=[content])
+        outcomes.append("accepted")
+    except grpc.RpcError as e:
+        outcomes.append(e.details())
+    go.set()
+    try:
+        first.result()
+        outcomes.append("accepted")
+    except grpc.RpcError as e:
+        outcomes.append(e.details())
+    accepted, refused_one = sorted(outcomes)
+    assert accepted == "accepted", outcomes
+    # the second call while the first receives (the usual order), or the first once the second completed
+    assert re.search("is being uploaded by another call|was already uploaded", refused_one), outcomes
 
 
 def spu_shares(array):
