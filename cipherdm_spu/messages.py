@@ -218,7 +218,6 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
 )}
 
 
-
 def share_stream(header: Message, contents: Sequence[bytes]) -> Iterator[bytes]:
     """A share-carrying request on the wire: the header, then each share's content in parts of at most PART_BYTES."""
     yield header.encode()

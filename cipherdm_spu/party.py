@@ -93,11 +93,13 @@ LINK_GOODBYE_S = 10.0
 MAX_REQUEST_BYTES = MAX_MANIFEST_BYTES + (1 << 20)
 #: a party's log files (its own, and its sessions' SPU runtimes') start afresh at this size, one older file kept
 MAX_LOG_BYTES = 64 << 20
-#: the control service's threads; the most calls one client may have in progress on a party; the most calls that
-#: receive shares at once (the other threads stay free for control calls)
-CONTROL_THREADS = 8
+#: the control service's threads, and the most calls one client may have in progress on a party
+CONTROL_THREADS = 16
 MAX_CALLS_PER_CLIENT = 4
-MAX_RECEIVING_CALLS = 4
+#: the most calls receiving shares at once, per method (the other threads stay free for control calls, and owners'
+#: uploads never take the session's turns), and the most share content one call may carry (a model's largest tensor)
+RECEIVING_TURNS = {"model_put": 4, "session_put": 2}
+MAX_CALL_SHARE_BYTES = 256 << 20
 #: how long a call's request may take to arrive (a manifest's at most), and a share-carrying call's shares after it
 REQUEST_S = 60.0
 RECEIVE_S = 600.0
@@ -232,6 +234,10 @@ class PartyService:
             raise PartyError(f"model {msg.model_id!r}: bad manifest: {e}") from None
         if len(expected) > MAX_TENSORS:  # (a catalog that ignored its bound)
             raise PartyError(f"model {msg.model_id!r} has {len(expected)} tensors, more than {MAX_TENSORS}")
+        too_big = [name for name, (shape, _) in expected.items() if self._share_bytes(shape) > MAX_CALL_SHARE_BYTES]
+        if too_big:
+            raise PartyError(f"model {msg.model_id!r}: the shares of {names_of(sorted(too_big))} would not fit one call "
+                             f"({MAX_CALL_SHARE_BYTES >> 20} MiB at most per tensor)")
         size = manifest_bytes + sum(self._share_bytes(shape) + TENSOR_OVERHEAD_BYTES for shape, _ in expected.values())
         with self.lock:
             self._check_room(caller, msg.model_id, size)
@@ -264,10 +270,14 @@ class PartyService:
             specs = [model.expected[name] for name in msg.names]
             for name, meta, spec in zip(msg.names, msg.metas, specs):
                 self._check_meta(meta, spec, f"tensor {name!r}")
+            sizes = [self._share_bytes(shape) for shape, _ in specs]
+            if sum(sizes) > MAX_CALL_SHARE_BYTES:
+                raise PartyError(f"model_put: the shares named take {sum(sizes)} bytes, more than one call may carry "
+                                 f"({MAX_CALL_SHARE_BYTES})")
             model.receiving.update(dict.fromkeys(msg.names, parts))  # no other call receives them meanwhile
             model.last_seen = time.monotonic()
         try:  # receiving, checking and digesting shares takes a while: not under the lock, which every other call needs
-            contents = _receive(parts, [self._share_bytes(shape) for shape, _ in specs], f"model {msg.model_id!r}")
+            contents = _receive(parts, sizes, f"model {msg.model_id!r}")
             shares = {name: self._check_share(meta, content, spec, f"tensor {name!r}")
                       for name, meta, content, spec in zip(msg.names, msg.metas, contents, specs)}
             with self.lock:
@@ -487,6 +497,10 @@ class PartyService:
         # the user's shares are held beside the models' (an independent review: uncounted, a job of the default
         # policy's largest batch could take tens of GB a party); reserved with the compiled program, under one lock
         inputs = sum(self._share_bytes(shape) for shape, _ in program.slots.values())
+        too_big = [slot for slot, (shape, _) in program.slots.items() if self._share_bytes(shape) > MAX_CALL_SHARE_BYTES]
+        if too_big:
+            raise PartyError(f"party {self.party.id} refuses the job: the shares of its inputs {names_of(sorted(too_big))} "
+                             f"would not fit one call ({MAX_CALL_SHARE_BYTES >> 20} MiB at most per input)")
         with self.lock:
             if self.session is not session:
                 raise PartyError("the session ended while it opened")
@@ -613,7 +627,7 @@ class PartyService:
             raise PartyError(f"session {session_id!r} is still opening")
         return session
 
-    def _check_share(self, meta: bytes, content: bytes, spec: tuple, what: str) -> "_Share":
+    def _check_share(self, meta: bytes, content, spec: tuple, what: str) -> "_Share":
         """The share of ``meta`` and ``content`` (`share_wire`), cut into chunks by this party; refused unless it is a
         secret share of ``spec``'s shape and dtype on this ring (`_check_meta`), whole: its content exactly that many
         bytes."""
@@ -681,7 +695,7 @@ class PartyService:
                         del self.models[model_id]
                         log.info("party %s: unsealed model %s dropped after %g s of silence", self.party.id, model_id, idle)
                 session = self.session
-                if session is None or session.polls or session.receiving:  # (a call receiving its input is not silence)
+                if session is None or session.polls:
                     continue
                 if session.job is not None and not session.job.done():
                     # a compile runs for up to COMPILE_S: one its user abandoned ends now (`CompilerProcess.run` gives
@@ -693,7 +707,7 @@ class PartyService:
                 if failed and now - session.last_seen > FAILED_SESSION_S:  # its user did not come back
                     self._drop_session(f"its job failed: {session.job.exception()}")
                     continue
-                if now - session.last_seen > idle:
+                if now - session.last_seen > idle and not session.receiving:  # (a call receiving an input is no silence)
                     self._drop_session(f"no request from {session.user} for {idle:g} s")
                     continue
                 opening = session.program is None and session.job_index == -1
@@ -718,22 +732,27 @@ def _brief(text: str) -> str:
     return f"{text[:MAX_LOGGED_CHARS]}... ({len(text)} characters)"
 
 
-def _receive(parts: Iterator[bytes], sizes: List[int], what: str) -> List[bytes]:
-    """The contents of shares of ``sizes`` bytes, read from a request's ``parts`` in order. A party reads no more than
-    their total: a part that would go past it, an empty part, a stream that ends short or goes on after it are
-    refused, so a client cannot make a party hold more than the shares it expects."""
-    total, content = sum(sizes), bytearray()
-    while len(content) < total:
+def _receive(parts: Iterator[bytes], sizes: List[int], what: str) -> List[memoryview]:
+    """The contents of shares of ``sizes`` bytes, read from a request's ``parts`` in order into one buffer (views of
+    it, not copies). A party reads no more than their total: a part that would go past it, an empty part, a stream
+    that ends short or goes on after it are refused, so a client cannot make a party hold more than the shares it
+    expects."""
+    total, received, content = sum(sizes), 0, None
+    while received < total:
         part = next(parts, None)
         if part is None:
-            raise PartyError(f"{what}: {len(content)} bytes of share content, expected {total}")
-        if not part or len(content) + len(part) > total:
-            raise PartyError(f"{what}: a part of {len(part)} bytes after {len(content)} of the {total} expected")
-        content += part
+            raise PartyError(f"{what}: {received} bytes of share content, expected {total}")
+        if not part or received + len(part) > total:
+            raise PartyError(f"{what}: a part of {len(part)} bytes after {received} of the {total} expected")
+        if content is None:  # (once a part arrived: a header alone allocates nothing)
+            content = memoryview(bytearray(total))
+        content[received:received + len(part)] = part
+        received += len(part)
     if next(parts, None) is not None:
         raise PartyError(f"{what}: more share content than the {total} bytes expected")
     offsets = list(itertools.accumulate(sizes, initial=0))
-    return [bytes(content[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+    content = content if content is not None else memoryview(b"")
+    return [content[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def _cancel(receiving: Dict[str, "_ShareParts"]) -> None:
@@ -761,8 +780,10 @@ def _runtime_name(name: str) -> str:
     return {"model": _tensor, "slot": _slot}.get(kind, lambda n: name)(rest)
 
 
-def _digest(meta: bytes, content: bytes) -> str:
-    return hashlib.sha256(meta + content).hexdigest()
+def _digest(meta: bytes, content) -> str:
+    digest = hashlib.sha256(meta)
+    digest.update(content)
+    return digest.hexdigest()
 
 
 class _Worker:
@@ -948,9 +969,10 @@ def _handler(service: PartyService):
     client without a deadline of the party's own: a request must arrive within REQUEST_S, and a share-carrying call's
     shares within RECEIVE_S of its header, or the call is cancelled (a stalled client must not hold one of the
     CONTROL_THREADS). A client has at most MAX_CALLS_PER_CLIENT calls in progress on a party, and at most
-    MAX_RECEIVING_CALLS calls receive shares at once, each only once its method has checked the header (`_ShareParts`).
+    RECEIVING_TURNS calls of a method receive shares at once, each only once its method has checked the header
+    (`_ShareParts`).
     """
-    receiving = threading.BoundedSemaphore(MAX_RECEIVING_CALLS)
+    turns = {name: threading.BoundedSemaphore(most) for name, most in RECEIVING_TURNS.items()}
     in_progress: Dict[str, int] = {}
     counting = threading.Lock()
 
@@ -970,7 +992,9 @@ def _handler(service: PartyService):
                     deadline.stop()
                     return implementation(caller, request).encode()
                 deadline.restart(RECEIVE_S)
-                parts = _ShareParts(requests, context, deadline, receiving, service.party.id)
+                parts = _ShareParts(requests, context, deadline, turns[method.name],
+                                    f"party {service.party.id} is receiving the shares of "
+                                    f"{RECEIVING_TURNS[method.name]} other {method.name} calls; try again shortly")
                 return implementation(caller, request, parts).encode()
             finally:
                 deadline.stop()
@@ -999,10 +1023,10 @@ def _handler(service: PartyService):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"party {service.party.id}: {e}")
             except PartyError as e:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-            except grpc.RpcError:  # the call ended before its request or shares arrived
-                context.abort(grpc.StatusCode.CANCELLED, f"party {service.party.id}: {method.name} was cancelled "
-                              "before its request or shares arrived (by its client, by the party's deadline, or "
-                              "because its model or session is gone)")
+            except grpc.RpcError:  # the call ended before its request or shares arrived: its status is sent already
+                log.info("party %s: %s of %s cancelled before its request or shares arrived (by its client, by the "
+                         "party's deadline, or with its model or session)", service.party.id, method.name, name)
+                return b""
             except Exception as e:  # noqa: BLE001 - any other error goes back to the client, the party named
                 log.exception("party %s: %s failed", service.party.id, method.name)
                 context.abort(grpc.StatusCode.INTERNAL, f"party {service.party.id}: {_first_lines(e)}")
@@ -1037,23 +1061,24 @@ class _Deadline:
 
 class _ShareParts:
     """The contents of a share-carrying request's `messages.SharePart` messages, read only as its method takes them,
-    which it does once it has checked the header. The first read takes one of the party's MAX_RECEIVING_CALLS turns
+    which it does once it has checked the header. The first read takes one of the party's turns for the method
     (refused when all are taken); the turn and the call's deadline end with the stream. `cancel` ends the call from
     another thread: its model deleted or its session dropped while the shares arrive."""
 
     def __init__(self, requests: Iterator[bytes], context: grpc.ServicerContext, deadline: _Deadline,
-                 turns: threading.BoundedSemaphore, party_id: str):
+                 turns: threading.BoundedSemaphore, busy: str):
         self._requests, self._context, self._deadline, self._turns = requests, context, deadline, turns
-        self._party_id, self._turn = party_id, False
+        self._busy, self._turn, self._ended = busy, False, False  # (busy: the refusal when every turn is taken)
 
     def __iter__(self) -> "_ShareParts":
         return self
 
     def __next__(self) -> bytes:
+        if self._ended:
+            raise StopIteration
         if not self._turn:
             if not self._turns.acquire(blocking=False):
-                raise PartyError(f"party {self._party_id} is receiving the shares of {MAX_RECEIVING_CALLS} other "
-                                 "calls; try again shortly")
+                raise PartyError(self._busy)
             self._turn = True
         try:
             raw = next(self._requests)
@@ -1067,6 +1092,7 @@ class _ShareParts:
 
     def close(self) -> None:
         """The stream is over for this party: its deadline stops, its turn is given back."""
+        self._ended = True
         self._deadline.stop()
         if self._turn:
             self._turn = False

@@ -40,18 +40,18 @@ def content_of(chunks: Sequence[bytes]) -> bytes:
     return content
 
 
-def chunks_of(content: bytes) -> List[bytes]:
-    """Serialised ValueChunks of ``content``, in order, each at most CHUNK_BYTES."""
+def chunks_of(content) -> List[bytes]:
+    """Serialised ValueChunks of ``content`` (bytes, or a view of them), in order, each at most CHUNK_BYTES."""
     chunks = []
     for offset in range(0, max(len(content), 1), CHUNK_BYTES):
         chunk = libspu.ValueChunk()
         chunk.total_bytes, chunk.chunk_offset = len(content), offset
-        chunk.content = content[offset:offset + CHUNK_BYTES]
+        chunk.content = bytes(content[offset:offset + CHUNK_BYTES])
         chunks.append(chunk.SerializeToString())
     return chunks
 
 
-def component_digests(meta: bytes, content: bytes, elements: int) -> Tuple[str, str]:
+def component_digests(meta: bytes, content, elements: int) -> Tuple[str, str]:
     """SHA-256 of the share's (public) meta with the first, and with the second, component a party holds of each
     element (a_i and a_{i+1} for party i): party i's second must be party i+1's first, and only party i+1, which holds
     it, may see its digest. The meta makes the parties agree on the value's type too."""

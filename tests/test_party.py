@@ -148,10 +148,11 @@ def test_a_stream_that_never_ends_is_cancelled(served, monkeypatch):
 
 
 def test_calls_receiving_shares_leave_threads_for_the_others(served, monkeypatch):
-    """MAX_RECEIVING_CALLS calls receiving shares: one more is refused as soon as it would read a part, and control calls
-    are served."""
+    """RECEIVING_TURNS calls of model_put receiving shares: one more is refused as soon as it would read a part, one
+    refused on its header takes no turn, control calls are served, and the turns come back when the streams end."""
     service, channel = served
-    monkeypatch.setattr(party, "MAX_CALLS_PER_CLIENT", 2 * party.CONTROL_THREADS)  # (one client plays them all)
+    monkeypatch.setattr(party, "MAX_CALLS_PER_CLIENT", party.CONTROL_THREADS)  # (one client plays them all)
+    most = party.RECEIVING_TURNS["model_put"]
     stop = threading.Event()
 
     def stalled():
@@ -160,16 +161,14 @@ def test_calls_receiving_shares_leave_threads_for_the_others(served, monkeypatch
         stop.wait(60)
 
     stub = channel.stream_unary(METHODS["model_put"].path)
-    calls = [stub.future(stalled(), timeout=60) for _ in range(party.MAX_RECEIVING_CALLS)]
+    calls = [stub.future(stalled(), timeout=60) for _ in range(most)]
     try:
         for _ in calls:
             assert service.entered.acquire(timeout=30)
         code, details = refusal(lambda: put(channel, [header(), SharePart(b"abcde").encode()]))
         assert code == grpc.StatusCode.FAILED_PRECONDITION
-        assert f"receiving the shares of {party.MAX_RECEIVING_CALLS} other calls" in details
-        # a call refused on its header never takes a turn
-        code, details = refusal(lambda: put(channel, [header("other")]))
-        assert "no model 'other'" in details
+        assert f"receiving the shares of {most} other model_put calls" in details
+        assert "no model 'other'" in refusal(lambda: put(channel, [header("other")]))[1]
         hello = channel.unary_unary(METHODS["hello"].path)
         assert hello(Empty().encode(), timeout=30) == Empty().encode()
     finally:
@@ -177,42 +176,46 @@ def test_calls_receiving_shares_leave_threads_for_the_others(served, monkeypatch
     for call in calls:  # their streams ended: their turns given back
         with pytest.raises(grpc.RpcError, match="its shares ended"):
             call.result()
-    put(channel, [header(), SharePart(b"abcde").encode()])
-    assert service.received == [[b"abc", b"de"]]
+    for _ in range(most + 1):
+        put(channel, [header(), SharePart(b"abcde").encode()])
+    assert service.received == [[b"abc", b"de"]] * (most + 1)
 
 
-def test_a_client_that_never_sends_its_request_holds_no_thread_for_long(served, monkeypatch):
-    """A call whose client never sends its request (any method: a unary one too) is cancelled after REQUEST_S (here one
-    second), and one client holds at most MAX_CALLS_PER_CLIENT calls at once."""
-    _, channel = served
-    monkeypatch.setattr(party, "REQUEST_S", 1.0)
+def test_a_client_has_a_few_calls_at_once_and_none_waits_long_for_its_request(served, monkeypatch):
+    """One client holds at most MAX_CALLS_PER_CLIENT calls at once (here two, stalled in their shares); a call whose
+    client never sends its request (any method: a unary one too) is cancelled after REQUEST_S (here one second)."""
+    service, channel = served
+    monkeypatch.setattr(party, "MAX_CALLS_PER_CLIENT", 2)
     stop = threading.Event()
 
-    def nothing():
+    def stalled():
+        yield header("slow")
+        yield SharePart(b"a").encode()
         stop.wait(60)
-        yield from ()
 
-    hello = channel.stream_unary(METHODS["hello"].path)  # (a unary method, reached as a stream that sends nothing)
+    calls = [channel.stream_unary(METHODS["model_put"].path).future(stalled(), timeout=60) for _ in range(2)]
     try:
-        code, _ = refusal(lambda: hello(nothing(), timeout=60))
-        assert code == grpc.StatusCode.CANCELLED
-        monkeypatch.setattr(party, "REQUEST_S", 60.0)
-        calls = [hello.future(nothing(), timeout=60) for _ in range(party.MAX_CALLS_PER_CLIENT)]
-        code, details = None, ""
-        for _ in range(300):  # (until the party runs the four: they are admitted as threads take them)
-            try:
-                channel.unary_unary(METHODS["hello"].path)(Empty().encode(), timeout=30)
-            except grpc.RpcError as e:
-                code, details = e.code(), e.details()
-                break
-            threading.Event().wait(0.1)
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
-        assert f"owner has {party.MAX_CALLS_PER_CLIENT} calls in progress already" in details
+        for _ in calls:
+            assert service.entered.acquire(timeout=30)
+        code, details = refusal(lambda: channel.unary_unary(METHODS["hello"].path)(Empty().encode(), timeout=30))
+        assert (code, details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "party P0: owner has 2 calls in progress already")
     finally:
         stop.set()
-    for call in calls:  # a stream that ends without its request
-        with pytest.raises(grpc.RpcError):
+    for call in calls:
+        with pytest.raises(grpc.RpcError, match="its shares ended"):
             call.result()
+    monkeypatch.setattr(party, "REQUEST_S", 1.0)
+    never = threading.Event()
+
+    def nothing():
+        never.wait(60)
+        yield from ()
+
+    try:  # (a unary method, reached as a stream that sends nothing)
+        assert refusal(lambda: channel.stream_unary(METHODS["hello"].path)(nothing(), timeout=60))[0] == (
+            grpc.StatusCode.CANCELLED)
+    finally:
+        never.set()
     assert channel.unary_unary(METHODS["hello"].path)(Empty().encode(), timeout=30) == Empty().encode()
 
 
@@ -250,3 +253,8 @@ def test_a_partys_logs_start_afresh_at_their_size_limit_and_stay_private(tmp_pat
         assert file.stat().st_size <= 1000 + 100, file
     assert (path.parent / "spu-P0.log").stat().st_size == 0
     assert "line 099" in path.read_text()
+
+
+def test_every_share_carrying_method_has_its_own_receiving_turns():
+    assert set(party.RECEIVING_TURNS) == {m.name for m in METHODS.values() if m.streams_shares}
+    assert sum(party.RECEIVING_TURNS.values()) < party.CONTROL_THREADS

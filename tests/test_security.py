@@ -639,8 +639,59 @@ def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
         # a shape whose element count wraps int64 (2**64 + 1 elements: 1 in int64) is counted in full, and refused
         # (found by an independent review: a negative size would have switched the budget off)
         service.model_delete(other, ModelRef("c"))  # room for its manifest
-        with pytest.raises(PartyError, match=r"'wrap' needs \S+ GiB of share memory"):
+        with pytest.raises(PartyError, match="would not fit one call"):
             service.model_begin(OWNER, ModelBegin("wrap", json.dumps({"elements": 2**64 + 1})))
+
+
+def test_one_call_carries_at_most_a_tensors_worth_of_shares(tmp_path, monkeypatch):
+    """A call's shares are held whole until checked: a header naming more than MAX_CALL_SHARE_BYTES of them is refused
+    before any arrives (here 200 bytes: each 8-element tensor's share takes 128), as is a model with a larger tensor."""
+    from cipherdm_spu import party
+
+    class TwoTensors(_Catalog):
+        def model_tensors(self, manifest, most):
+            return {name: ((json.loads(manifest)["elements"],), "float32") for name in ("a", "b")}
+
+    monkeypatch.setattr(party, "MAX_CALL_SHARE_BYTES", 200)
+    meta = spu_shares(np.zeros(8, np.float32))[0].meta
+    with _party_in_process(tmp_path, TwoTensors()) as service:
+        with pytest.raises(PartyError, match="the shares of a, b would not fit one call"):
+            service.model_begin(OWNER, ModelBegin("big", json.dumps({"elements": 13})))
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"elements": 8})))
+        untouched = iter(())  # (a refused header reads nothing)
+        with pytest.raises(PartyError, match="the shares named take 256 bytes, more than one call may carry"):
+            service.model_put(OWNER, ModelPut("m", ["a", "b"], [meta, meta]), untouched)
+        assert not service.models["m"].receiving
+
+
+def test_an_input_that_never_arrives_does_not_hold_the_cluster(tmp_path, monkeypatch, caplog):
+    """A call receiving a session's input keeps the session from counting as silent, never from the limit on moving it
+    on: a user who keeps stalled input calls open one after another (an independent review's finding) is dropped
+    after RUNNING_PROGRESS_S, not after session_idle_s, and the calls are cancelled."""
+    from cipherdm_spu import party
+
+    monkeypatch.setattr(party, "RUNNING_PROGRESS_S", 6.0 - cc.load(write_config(tmp_path / "t.json")).connect_timeout_s)
+
+    class Stalled:  # a call still receiving: `_ShareParts.cancel` ends it
+        cancelled = 0
+
+        def cancel(self):
+            self.cancelled += 1
+
+    stalled = Stalled()
+    with caplog.at_level(logging.INFO, logger="cipherdm_spu.party"), \
+            _party_in_process(tmp_path, _Catalog(), session_idle_s=2) as service:
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+        service.model_seal(OWNER, ModelRef("m"))
+        with service.lock:
+            opened = service.session = party._Session("s", "user", "m", time.monotonic(), compiled=("program", "", b""))
+            opened.program, opened.job_index = types.SimpleNamespace(steps=("step 0",)), 0
+            opened.receiving["x"] = stalled
+        deadline = time.monotonic() + 60
+        while service.session is opened and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert service.session is None and stalled.cancelled == 1
+    assert "session s dropped: user did not move it on for 6 s" in caplog.text, caplog.text
 
 
 def test_a_padded_manifest_is_refused_and_a_manifest_counts_against_the_budget(tmp_path):
@@ -838,8 +889,12 @@ def test_an_owner_has_a_quota_and_silent_uploads_expire(cluster):
                 yield from ()
 
             receiving = owner._channels[0].stream_unary(METHODS["model_put"].path).future(stalled(), timeout=60)
-            time.sleep(1)
             try:
+                for _ in range(100):  # (until the party has taken its header: a header-only probe is refused so)
+                    time.sleep(0.2)
+                    if "being uploaded by another call" in _details(lambda: owner.call(
+                            0, "model_put", ModelPut("quota-1", [name], [good[0].meta]))):
+                        break
                 owner.call(0, "model_delete", ModelRef("quota-1"))
                 with pytest.raises(grpc.RpcError) as info:
                     receiving.result()
