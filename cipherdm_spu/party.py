@@ -86,6 +86,8 @@ OPENING_PROGRESS_S = JUDGE_S + COMPILE_S + 60.0
 RUNNING_PROGRESS_S = TRANSFER_S + 120.0
 #: how long a session whose job failed waits for its user to learn why before it is dropped
 FAILED_SESSION_S = 30.0
+#: the longest a model may stay unsealed, however busy its owner's calls keep it (its share memory is reserved)
+UNSEALED_S = 6 * 3600.0
 #: how long a worker waits for its peers' link goodbye before it reports a refused session anyway
 LINK_GOODBYE_S = 10.0
 #: the largest message a party receives, refused unread by gRPC: a manifest's request, with room to spare. Shares
@@ -97,9 +99,11 @@ MAX_LOG_BYTES = 64 << 20
 CONTROL_THREADS = 16
 MAX_CALLS_PER_CLIENT = 4
 #: the most calls receiving shares at once, per method (the other threads stay free for control calls, and owners'
-#: uploads never take the session's turns), and the most share content one call may carry (a model's largest tensor)
+#: uploads never take the session's turns), and the most share content they hold together (each call's is held whole
+#: until checked), which is also the most one call may carry: a model's largest tensor (an SD UNet's widest
+#: convolution takes hundreds of MB of shares)
 RECEIVING_TURNS = {"model_put": 4, "session_put": 2}
-MAX_CALL_SHARE_BYTES = 256 << 20
+MAX_RECEIVING_BYTES = 1 << 30
 #: how long a call's request may take to arrive (a manifest's at most), and a share-carrying call's shares after it
 REQUEST_S = 60.0
 RECEIVE_S = 600.0
@@ -143,6 +147,7 @@ class _Model:
     receiving: Dict[str, "_ShareParts"] = dataclasses.field(default_factory=dict)  # tensors' shares arriving now
     sealed: bool = False
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
+    began: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @dataclasses.dataclass
@@ -189,6 +194,7 @@ class PartyService:
                  share_memory: int):
         self.cluster, self.party, self.catalog, self.log_path = cluster, party, catalog, log_path
         self.share_memory = share_memory  # bytes all models' shares may take, uploaded or announced
+        self.receiving_bytes = 0  # share content the calls receiving now hold (`_reserve_receiving`)
         self.models: Dict[str, _Model] = {}
         self.session: Optional[_Session] = None
         self.lock = threading.RLock()
@@ -234,10 +240,10 @@ class PartyService:
             raise PartyError(f"model {msg.model_id!r}: bad manifest: {e}") from None
         if len(expected) > MAX_TENSORS:  # (a catalog that ignored its bound)
             raise PartyError(f"model {msg.model_id!r} has {len(expected)} tensors, more than {MAX_TENSORS}")
-        too_big = [name for name, (shape, _) in expected.items() if self._share_bytes(shape) > MAX_CALL_SHARE_BYTES]
+        too_big = [name for name, (shape, _) in expected.items() if self._share_bytes(shape) > MAX_RECEIVING_BYTES]
         if too_big:
             raise PartyError(f"model {msg.model_id!r}: the shares of {names_of(sorted(too_big))} would not fit one call "
-                             f"({MAX_CALL_SHARE_BYTES >> 20} MiB at most per tensor)")
+                             f"({MAX_RECEIVING_BYTES >> 20} MiB at most per tensor)")
         size = manifest_bytes + sum(self._share_bytes(shape) + TENSOR_OVERHEAD_BYTES for shape, _ in expected.values())
         with self.lock:
             self._check_room(caller, msg.model_id, size)
@@ -271,9 +277,7 @@ class PartyService:
             for name, meta, spec in zip(msg.names, msg.metas, specs):
                 self._check_meta(meta, spec, f"tensor {name!r}")
             sizes = [self._share_bytes(shape) for shape, _ in specs]
-            if sum(sizes) > MAX_CALL_SHARE_BYTES:
-                raise PartyError(f"model_put: the shares named take {sum(sizes)} bytes, more than one call may carry "
-                                 f"({MAX_CALL_SHARE_BYTES})")
+            self._reserve_receiving(sum(sizes))
             model.receiving.update(dict.fromkeys(msg.names, parts))  # no other call receives them meanwhile
             model.last_seen = time.monotonic()
         try:  # receiving, checking and digesting shares takes a while: not under the lock, which every other call needs
@@ -287,6 +291,7 @@ class PartyService:
                 model.last_seen = time.monotonic()
         finally:
             with self.lock:
+                self.receiving_bytes -= sum(sizes)
                 for name in msg.names:
                     model.receiving.pop(name, None)
                 model.last_seen = time.monotonic()
@@ -395,9 +400,11 @@ class PartyService:
             if msg.slot in session.receiving:
                 raise PartyError(f"input slot {msg.slot!r} is being given by another call")
             self._check_meta(msg.meta, spec, f"input slot {msg.slot!r}")
+            size = self._share_bytes(spec[0])
+            self._reserve_receiving(size)
             session.receiving[msg.slot] = parts
         try:  # received without the lock
-            (content,) = _receive(parts, [self._share_bytes(spec[0])], f"input slot {msg.slot!r}")
+            (content,) = _receive(parts, [size], f"input slot {msg.slot!r}")
             share = self._check_share(msg.meta, content, spec, f"input slot {msg.slot!r}")
             with self.lock:
                 if self.session is not session:
@@ -406,6 +413,7 @@ class PartyService:
                 session.last_progress = time.monotonic()
         finally:
             with self.lock:
+                self.receiving_bytes -= size
                 session.receiving.pop(msg.slot, None)
                 session.last_seen = time.monotonic()
         try:
@@ -497,10 +505,10 @@ class PartyService:
         # the user's shares are held beside the models' (an independent review: uncounted, a job of the default
         # policy's largest batch could take tens of GB a party); reserved with the compiled program, under one lock
         inputs = sum(self._share_bytes(shape) for shape, _ in program.slots.values())
-        too_big = [slot for slot, (shape, _) in program.slots.items() if self._share_bytes(shape) > MAX_CALL_SHARE_BYTES]
+        too_big = [slot for slot, (shape, _) in program.slots.items() if self._share_bytes(shape) > MAX_RECEIVING_BYTES]
         if too_big:
             raise PartyError(f"party {self.party.id} refuses the job: the shares of its inputs {names_of(sorted(too_big))} "
-                             f"would not fit one call ({MAX_CALL_SHARE_BYTES >> 20} MiB at most per input)")
+                             f"would not fit one call ({MAX_RECEIVING_BYTES >> 20} MiB at most per input)")
         with self.lock:
             if self.session is not session:
                 raise PartyError("the session ended while it opened")
@@ -661,6 +669,15 @@ class PartyService:
             raise PartyError(f"{what}: expected {dtype}{list(shape)}, got {value.data_type} {list(got_shape)}"
                              f"{' (complex)' if value.is_complex else ''}")
 
+    def _reserve_receiving(self, size: int) -> None:
+        """Count ``size`` bytes of shares a call is about to receive (under the lock), within MAX_RECEIVING_BYTES."""
+        if size > MAX_RECEIVING_BYTES:
+            raise PartyError(f"the shares named take {size} bytes, more than one call may carry ({MAX_RECEIVING_BYTES})")
+        if self.receiving_bytes + size > MAX_RECEIVING_BYTES:
+            raise PartyError(f"party {self.party.id} is receiving {self.receiving_bytes >> 20} MiB of other calls' shares; "
+                             "try again shortly")
+        self.receiving_bytes += size
+
     def _held_share_memory(self) -> int:
         """The share memory taken (under the lock): every model's, uploaded or announced, and the session's inputs."""
         return sum(m.size for m in self.models.values()) + (self.session.input_bytes if self.session else 0)
@@ -686,14 +703,23 @@ class PartyService:
         log.info("party %s: session %s dropped: %s", self.party.id, session.id, _brief(why))
 
     def _drop_idle_sessions(self) -> None:
-        """Drop a session, and an unsealed upload, whose client has been silent for session_idle_s."""
+        """Drop a session, and an unsealed upload, whose client has been silent for session_idle_s (or, an upload, that
+        is not sealed within UNSEALED_S)."""
         while not self._stop.wait(1.0):
             with self.lock:
                 now, idle = time.monotonic(), self.cluster.session_idle_s
                 for model_id, model in list(self.models.items()):  # (one receiving shares is not silent)
-                    if not model.sealed and not model.receiving and now - model.last_seen > idle:
-                        del self.models[model_id]
-                        log.info("party %s: unsealed model %s dropped after %g s of silence", self.party.id, model_id, idle)
+                    if model.sealed:
+                        continue
+                    if now - model.began > UNSEALED_S:
+                        why = f"not sealed {UNSEALED_S:g} s after it began"
+                    elif not model.receiving and now - model.last_seen > idle:
+                        why = f"{idle:g} s of silence"
+                    else:
+                        continue
+                    del self.models[model_id]
+                    _cancel(model.receiving)
+                    log.info("party %s: unsealed model %s dropped: %s", self.party.id, model_id, why)
                 session = self.session
                 if session is None or session.polls:
                     continue

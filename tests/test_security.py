@@ -643,25 +643,62 @@ def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
             service.model_begin(OWNER, ModelBegin("wrap", json.dumps({"elements": 2**64 + 1})))
 
 
-def test_one_call_carries_at_most_a_tensors_worth_of_shares(tmp_path, monkeypatch):
-    """A call's shares are held whole until checked: a header naming more than MAX_CALL_SHARE_BYTES of them is refused
-    before any arrives (here 200 bytes: each 8-element tensor's share takes 128), as is a model with a larger tensor."""
+def test_calls_receiving_shares_hold_at_most_max_receiving_bytes(tmp_path, monkeypatch):
+    """A call's shares are held whole until checked, so the calls receiving hold at most MAX_RECEIVING_BYTES together
+    (here 200 bytes: each 8-element tensor's share takes 128): a model with a larger tensor is refused with its
+    manifest, a header naming more before any share arrives, and a call while others hold too much is told to try
+    again."""
     from cipherdm_spu import party
 
     class TwoTensors(_Catalog):
         def model_tensors(self, manifest, most):
             return {name: ((json.loads(manifest)["elements"],), "float32") for name in ("a", "b")}
 
-    monkeypatch.setattr(party, "MAX_CALL_SHARE_BYTES", 200)
-    meta = spu_shares(np.zeros(8, np.float32))[0].meta
+    monkeypatch.setattr(party, "MAX_RECEIVING_BYTES", 200)
+    share = spu_shares(np.zeros(8, np.float32))[0]
+    meta, content = share.meta, content_of(share.share_chunks)
     with _party_in_process(tmp_path, TwoTensors()) as service:
         with pytest.raises(PartyError, match="the shares of a, b would not fit one call"):
             service.model_begin(OWNER, ModelBegin("big", json.dumps({"elements": 13})))
         service.model_begin(OWNER, ModelBegin("m", json.dumps({"elements": 8})))
-        untouched = iter(())  # (a refused header reads nothing)
         with pytest.raises(PartyError, match="the shares named take 256 bytes, more than one call may carry"):
-            service.model_put(OWNER, ModelPut("m", ["a", "b"], [meta, meta]), untouched)
-        assert not service.models["m"].receiving
+            service.model_put(OWNER, ModelPut("m", ["a", "b"], [meta, meta]), iter(()))
+        go = threading.Event()
+
+        def slow():
+            go.wait(30)
+            yield content
+
+        first = threading.Thread(target=service.model_put, args=(OWNER, ModelPut("m", ["a"], [meta]), slow()))
+        first.start()
+        deadline = time.monotonic() + 30
+        while service.receiving_bytes == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(PartyError, match="of other calls' shares; try again shortly"):
+            service.model_put(OWNER, ModelPut("m", ["b"], [meta]), iter([content]))
+        go.set()
+        first.join(30)
+        assert service.receiving_bytes == 0 and set(service.models["m"].shares) == {"a"}
+        service.model_put(OWNER, ModelPut("m", ["b"], [meta]), iter([content]))
+        assert set(service.models["m"].shares) == {"a", "b"} and not service.models["m"].receiving
+
+
+def test_an_upload_kept_busy_is_dropped_when_not_sealed_in_time(tmp_path, monkeypatch, caplog):
+    """Calls keep an unsealed model from counting as silent, not from UNSEALED_S (here two seconds): an owner's no-op
+    puts every half second (an independent review's finding) no longer hold its share memory for ever."""
+    from cipherdm_spu import party
+
+    monkeypatch.setattr(party, "UNSEALED_S", 2.0)
+    with caplog.at_level(logging.INFO, logger="cipherdm_spu.party"), \
+            _party_in_process(tmp_path, _Catalog(), session_idle_s=60) as service:
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+        puts = 0
+        while "m" in service.models and puts < 60:
+            service.model_put(OWNER, ModelPut("m", [], []), iter(()))
+            puts += 1
+            time.sleep(0.5)
+        assert "m" not in service.models
+    assert "unsealed model m dropped: not sealed 2 s after it began" in caplog.text
 
 
 def test_an_input_that_never_arrives_does_not_hold_the_cluster(tmp_path, monkeypatch, caplog):
