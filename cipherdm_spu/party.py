@@ -99,8 +99,8 @@ MAX_LOG_BYTES = 64 << 20
 CONTROL_THREADS = 16
 MAX_CALLS_PER_CLIENT = 4
 #: the most calls receiving shares at once, per method (the other threads stay free for control calls, and owners'
-#: uploads never take the session's turns), and the most share content they hold together (each call's is held whole
-#: until checked), which is also the most one call may carry: a model's largest tensor (an SD UNet's widest
+#: uploads never take the session's turns), and the most share content a method's calls hold together (each call's is
+#: held whole until checked), which is also the most one call may carry: a model's largest tensor (an SD UNet's widest
 #: convolution takes hundreds of MB of shares)
 RECEIVING_TURNS = {"model_put": 4, "session_put": 2}
 MAX_RECEIVING_BYTES = 1 << 30
@@ -194,7 +194,8 @@ class PartyService:
                  share_memory: int):
         self.cluster, self.party, self.catalog, self.log_path = cluster, party, catalog, log_path
         self.share_memory = share_memory  # bytes all models' shares may take, uploaded or announced
-        self.receiving_bytes = 0  # share content the calls receiving now hold (`_reserve_receiving`)
+        # share content the calls receiving now hold, per method (`_reserve_receiving`)
+        self.receiving_bytes = dict.fromkeys(RECEIVING_TURNS, 0)
         self.models: Dict[str, _Model] = {}
         self.session: Optional[_Session] = None
         self.lock = threading.RLock()
@@ -277,7 +278,7 @@ class PartyService:
             for name, meta, spec in zip(msg.names, msg.metas, specs):
                 self._check_meta(meta, spec, f"tensor {name!r}")
             sizes = [self._share_bytes(shape) for shape, _ in specs]
-            self._reserve_receiving(sum(sizes))
+            self._reserve_receiving("model_put", sum(sizes))
             model.receiving.update(dict.fromkeys(msg.names, parts))  # no other call receives them meanwhile
             model.last_seen = time.monotonic()
         try:  # receiving, checking and digesting shares takes a while: not under the lock, which every other call needs
@@ -291,7 +292,7 @@ class PartyService:
                 model.last_seen = time.monotonic()
         finally:
             with self.lock:
-                self.receiving_bytes -= sum(sizes)
+                self.receiving_bytes["model_put"] -= sum(sizes)
                 for name in msg.names:
                     model.receiving.pop(name, None)
                 model.last_seen = time.monotonic()
@@ -401,7 +402,7 @@ class PartyService:
                 raise PartyError(f"input slot {msg.slot!r} is being given by another call")
             self._check_meta(msg.meta, spec, f"input slot {msg.slot!r}")
             size = self._share_bytes(spec[0])
-            self._reserve_receiving(size)
+            self._reserve_receiving("session_put", size)
             session.receiving[msg.slot] = parts
         try:  # received without the lock
             (content,) = _receive(parts, [size], f"input slot {msg.slot!r}")
@@ -413,7 +414,7 @@ class PartyService:
                 session.last_progress = time.monotonic()
         finally:
             with self.lock:
-                self.receiving_bytes -= size
+                self.receiving_bytes["session_put"] -= size
                 session.receiving.pop(msg.slot, None)
                 session.last_seen = time.monotonic()
         try:
@@ -669,14 +670,17 @@ class PartyService:
             raise PartyError(f"{what}: expected {dtype}{list(shape)}, got {value.data_type} {list(got_shape)}"
                              f"{' (complex)' if value.is_complex else ''}")
 
-    def _reserve_receiving(self, size: int) -> None:
-        """Count ``size`` bytes of shares a call is about to receive (under the lock), within MAX_RECEIVING_BYTES."""
+    def _reserve_receiving(self, method: str, size: int) -> None:
+        """Count ``size`` bytes of shares a call of ``method`` is about to receive (under the lock), within the
+        method's MAX_RECEIVING_BYTES (owners' uploads never take the session's room)."""
         if size > MAX_RECEIVING_BYTES:
-            raise PartyError(f"the shares named take {size} bytes, more than one call may carry ({MAX_RECEIVING_BYTES})")
-        if self.receiving_bytes + size > MAX_RECEIVING_BYTES:
-            raise PartyError(f"party {self.party.id} is receiving {self.receiving_bytes >> 20} MiB of other calls' shares; "
-                             "try again shortly")
-        self.receiving_bytes += size
+            raise PartyError(f"{method}: the shares named take {size} bytes, more than one call may carry "
+                             f"({MAX_RECEIVING_BYTES})")
+        held = self.receiving_bytes[method]
+        if held + size > MAX_RECEIVING_BYTES:
+            raise PartyError(f"{method}: party {self.party.id} is receiving {held} bytes of other calls' shares; this "
+                             f"call's {size} would pass {MAX_RECEIVING_BYTES}: try again shortly")
+        self.receiving_bytes[method] = held + size
 
     def _held_share_memory(self) -> int:
         """The share memory taken (under the lock): every model's, uploaded or announced, and the session's inputs."""
@@ -770,7 +774,7 @@ def _receive(parts: Iterator[bytes], sizes: List[int], what: str) -> List[memory
             raise PartyError(f"{what}: {received} bytes of share content, expected {total}")
         if not part or received + len(part) > total:
             raise PartyError(f"{what}: a part of {len(part)} bytes after {received} of the {total} expected")
-        if content is None:  # (once a part arrived: a header alone allocates nothing)
+        if content is None:  # (allocated once a part arrives)
             content = memoryview(bytearray(total))
         content[received:received + len(part)] = part
         received += len(part)

@@ -672,32 +672,67 @@ def test_calls_receiving_shares_hold_at_most_max_receiving_bytes(tmp_path, monke
         first = threading.Thread(target=service.model_put, args=(OWNER, ModelPut("m", ["a"], [meta]), slow()))
         first.start()
         deadline = time.monotonic() + 30
-        while service.receiving_bytes == 0 and time.monotonic() < deadline:
+        while service.receiving_bytes["model_put"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        with pytest.raises(PartyError, match="of other calls' shares; try again shortly"):
+        with pytest.raises(PartyError, match="receiving 128 bytes of other calls' shares; this call's 128 would pass "
+                                             "200: try again shortly"):
             service.model_put(OWNER, ModelPut("m", ["b"], [meta]), iter([content]))
         go.set()
         first.join(30)
-        assert service.receiving_bytes == 0 and set(service.models["m"].shares) == {"a"}
+        assert service.receiving_bytes["model_put"] == 0 and set(service.models["m"].shares) == {"a"}
         service.model_put(OWNER, ModelPut("m", ["b"], [meta]), iter([content]))
         assert set(service.models["m"].shares) == {"a", "b"} and not service.models["m"].receiving
 
 
 def test_an_upload_kept_busy_is_dropped_when_not_sealed_in_time(tmp_path, monkeypatch, caplog):
     """Calls keep an unsealed model from counting as silent, not from UNSEALED_S (here two seconds): an owner's no-op
-    puts every half second (an independent review's finding) no longer hold its share memory for ever."""
+    puts every half second (an independent review's finding) no longer hold its share memory for ever, and a call still
+    receiving its shares is cancelled, its room given back."""
     from cipherdm_spu import party
 
+    class Stalled:  # a call receiving a share that never comes, until the party cancels it (as `_ShareParts`)
+        def __init__(self):
+            self.cancelled = threading.Event()
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.cancelled.wait(60)
+            raise PartyError("cancelled")
+
+        def cancel(self):
+            self.cancelled.set()
+
+    class OneTensor(_Catalog):
+        def model_tensors(self, manifest, most):
+            return {"a": ((8,), "float32")}
+
     monkeypatch.setattr(party, "UNSEALED_S", 2.0)
+    meta = spu_shares(np.zeros(8, np.float32))[0].meta
+    stalled, failed = Stalled(), []
     with caplog.at_level(logging.INFO, logger="cipherdm_spu.party"), \
-            _party_in_process(tmp_path, _Catalog(), session_idle_s=60) as service:
+            _party_in_process(tmp_path, OneTensor(), session_idle_s=60) as service:
         service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
-        puts = 0
-        while "m" in service.models and puts < 60:
-            service.model_put(OWNER, ModelPut("m", [], []), iter(()))
-            puts += 1
+
+        def receive():
+            try:
+                service.model_put(OWNER, ModelPut("m", ["a"], [meta]), stalled)
+            except PartyError as e:
+                failed.append(str(e))
+
+        receiving = threading.Thread(target=receive)
+        receiving.start()
+        for _ in range(120):
+            try:
+                service.model_put(OWNER, ModelPut("m", [], []), iter(()))
+            except PartyError as e:  # (dropped between two puts)
+                assert "has no model 'm'" in str(e)
+                break
             time.sleep(0.5)
-        assert "m" not in service.models
+        receiving.join(60)
+        assert "m" not in service.models and stalled.cancelled.is_set() and failed == ["cancelled"]
+        assert service.receiving_bytes["model_put"] == 0
     assert "unsealed model m dropped: not sealed 2 s after it began" in caplog.text
 
 
