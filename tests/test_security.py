@@ -68,7 +68,7 @@ def test_no_client_without_a_client_certificate(cluster):
         "a party's own certificate as a client": channel(config, 1, cert=tls / "P1.pem", key=tls / "P1.key"),
     }
     for what, ch in attempts.items():
-        for method in ("hello", "model_info", "session_result"):
+        for method in ("hello", "model_info", "session_result", "model_put", "session_put"):  # (the last two: streams)
             code = refused(lambda: raw_call(ch, method, Empty().encode(), timeout=5))
             assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED), (what, method, code)
 
