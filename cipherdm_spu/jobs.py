@@ -46,7 +46,7 @@ from .models.schedulers import SchedulerConfigError
 from .messages import ModelBegin, ModelPut, ModelRef, SessionOpen, SessionPut, SessionRef, SessionStep
 from .models import ControlledUNet, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
 from .plan import JobTerms, Policy, Step, StepProgram
-from .profiling import RunStats, combine_party_runs
+from .profiling import RunStats, SpuLog, combine_party_runs
 from .ring import bit_times, indicator
 from .sampling import StepReport, is_text_conditional, needs_noise, sampler_step, secure_params
 from .session import compile_function
@@ -388,7 +388,7 @@ def upload_model(clients: PartyClients, model_id: str, model, params, schedule_c
     for name, value in tensors.items():
         check_shareable(value, f"model tensor {name}", limit)
     clients.check_ready()
-    io = spu.Io(3, clients.cluster.runtime_config())
+    io = _share_io(clients)
     clients.call_all("model_begin", ModelBegin(model_id, manifest))
     names, done = sorted(tensors), 0
     for batch in _upload_batches(names, tensors):
@@ -403,6 +403,13 @@ def upload_model(clients: PartyClients, model_id: str, model, params, schedule_c
     if len(digests) != 1:
         raise ClusterError(f"the parties sealed different manifests for {model_id!r}")
     return digests.pop()
+
+
+def _share_io(clients: PartyClients) -> spu.Io:
+    """SPU's Io, which cuts this client's values into shares for the cluster's runtime; SPU's log goes to its file
+    (`SpuLog`), never to the terminal."""
+    SpuLog.get()
+    return spu.Io(3, clients.cluster.runtime_config())
 
 
 def _upload_batches(names, tensors):
@@ -467,7 +474,7 @@ def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.n
             values.update({f"noise/{i}": v for i, v in enumerate(step_noise)})
         if set(values) != set(slots):
             raise InputError(f"the job takes inputs {sorted(slots)}, given {sorted(values)}")
-        io = spu.Io(3, clients.cluster.runtime_config())
+        io = _share_io(clients)
         limit = spu_config.largest_magnitude(clients.cluster.field, clients.cluster.fraction_bits)
         for slot, value in values.items():
             shape, dtype = slots[slot]

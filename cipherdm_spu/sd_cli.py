@@ -72,6 +72,10 @@ def prepare(args):
         raise UsageError("--reference needs the owner's UNet, which a user of a cluster does not hold")
     overrides = check_secure_options(args)
     sd_images.check_options(args)
+    missing = stable_diffusion.missing_user_packages()
+    if missing:
+        raise UsageError(f"the prompt encoder and the VAE run on {', '.join(missing)}, not installed here: "
+                         "pip install -e '.[test]'")
     try:
         stable_diffusion.check_directory(args.model, user_only=args.cluster is not None)
         scale = stable_diffusion.vae_scale_factor(args.model)

@@ -8,6 +8,7 @@ model owner's) runs under MPC through `SecureDiffusion`, with classifier-free gu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -19,6 +20,13 @@ from .errors import StableDiffusionDirError
 PARTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 #: the parts a user of a cluster needs on its own machine
 USER_PARTS = ("text_encoder", "tokenizer", "vae")
+#: the packages the user's plaintext parts run on (setup.cfg's `test` extra)
+USER_PACKAGES = ("torch", "transformers", "diffusers")
+
+
+def missing_user_packages() -> list:
+    """Those of USER_PACKAGES not installed: a command line refuses to start without them, before it loads a model."""
+    return [name for name in USER_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 def check_directory(path: Path, user_only: bool = False) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .activations import get_activation
 from .config import ConfigError, ControlNetConfig, UNet2DConditionConfig
-from .embeddings import TimestepEmbedding, timestep_embedding
+from .embeddings import TimestepEmbedding, one_timestep, timestep_embedding
 from .pretrained import PretrainedMixin
 from .resnet import conv
 from .unet_2d_condition import UNet2DConditionModel, conditioned_time_terms
@@ -117,7 +117,7 @@ class ControlNetModel(PretrainedMixin, nn.Module):
 
     def time_terms(self, timestep):
         """The owner's plaintext tables for one public timestep: per ResNet, (1, channels)."""
-        return self._time_terms_from_embedding(self._embed(jnp.reshape(jnp.asarray(timestep), (1,))))
+        return self._time_terms_from_embedding(self._embed(one_timestep(timestep)))
 
     def check_control_image(self, sample_shape, image_shape):
         """Refuse a control image the network cannot take: (N, conditioning_channels, factor*H, factor*W)."""

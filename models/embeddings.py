@@ -39,6 +39,14 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(get_activation(self.act_fn)(self.linear_1(x)))
 
 
+def one_timestep(timestep):
+    """A public timestep that must be one value (the owner's time terms serve every sample of a step), as shape (1,)."""
+    t = jnp.asarray(timestep)
+    if t.size != 1:
+        raise ValueError(f"time_terms takes one timestep (every sample of a step shares it), got shape {t.shape}")
+    return jnp.reshape(t, (1,))
+
+
 def broadcast_timesteps(timestep, batch: int):
     """A scalar or per-sample timestep as a (batch,) array."""
     t = jnp.atleast_1d(jnp.asarray(timestep))

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from cipherdm_spu import ops
 
 from .config import UNet2DConfig
-from .embeddings import TimestepEmbedding, broadcast_timesteps, one_hot_labels, select_time_terms, timestep_embedding
+from .embeddings import (TimestepEmbedding, broadcast_timesteps, one_hot_labels, one_timestep, select_time_terms,
+                         timestep_embedding)
 from .normalization import GroupNorm
 from .pretrained import PretrainedMixin
 from .resnet import conv
@@ -123,9 +124,9 @@ class UNet2DModel(PretrainedMixin, UNetTimePath, nn.Module):
 
     def time_terms(self, timestep):
         """The owner's plaintext tables for one public timestep: per ResNet, (classes or 1, channels)."""
-        emb = self._embed(jnp.reshape(jnp.asarray(timestep), (1,)), None) if not self.config.num_class_embeds else (
-            self._embed(jnp.full((self.config.num_class_embeds,), timestep), jnp.arange(self.config.num_class_embeds))
-        )
+        t = one_timestep(timestep)
+        classes = self.config.num_class_embeds
+        emb = self._embed(t, None) if not classes else self._embed(jnp.repeat(t, classes), jnp.arange(classes))
         return self._time_terms_from_embedding(emb)
 
     def __call__(self, sample, timestep=None, class_labels=None, time_terms=None):

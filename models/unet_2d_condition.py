@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from .activations import get_activation
 from .config import UNet2DConditionConfig
-from .embeddings import TimestepEmbedding, broadcast_timesteps, select_time_terms, timestep_embedding
+from .embeddings import TimestepEmbedding, broadcast_timesteps, one_timestep, select_time_terms, timestep_embedding
 from .normalization import GroupNorm
 from .pretrained import PretrainedMixin
 from .resnet import conv
@@ -84,7 +84,7 @@ class UNet2DConditionModel(PretrainedMixin, UNetTimePath, nn.Module):
 
     def time_terms(self, timestep):
         """The owner's plaintext tables for one public timestep: per ResNet, (1, channels)."""
-        return self._time_terms_from_embedding(self._embed(jnp.reshape(jnp.asarray(timestep), (1,))))
+        return self._time_terms_from_embedding(self._embed(one_timestep(timestep)))
 
     def __call__(self, sample, timestep=None, encoder_hidden_states=None, time_terms=None,
                  down_block_additional_residuals=None, mid_block_additional_residual=None):

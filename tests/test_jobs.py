@@ -150,3 +150,26 @@ def test_a_user_refuses_parties_that_disagree_before_sending_anything(change, me
     with pytest.raises(ClusterError, match=message):
         jobs.sample_on_cluster(parties, "m", TINY_JOB, np.zeros((1, 1, 8, 8), np.float32))
     assert parties.calls == ["session_open"] + ["session_close"] * 3  # never started, nothing put
+
+
+def test_a_clients_shares_keep_spus_log_off_the_terminal(tmp_path):
+    """The owner's upload and the user's inputs cut shares with SPU's Io (`jobs._share_io`); SPU's first log lines
+    (its thread pool) go to the SPU log file, not to the client's terminal. In a fresh process, since SPU's logger is
+    the process's."""
+    import subprocess
+    import sys
+
+    code = """
+import types, numpy as np, spu.libspu as libspu
+from cipherdm_spu import jobs, spu_config
+cluster = types.SimpleNamespace(runtime_config=lambda: spu_config.runtime_config({}))
+io = jobs._share_io(types.SimpleNamespace(cluster=cluster))
+io.make_shares(np.zeros(1 << 20, np.float32), libspu.Visibility.VIS_SECRET)  # large: SPU starts a thread pool
+print("shared")
+"""
+    env = {**__import__("os").environ, "CIPHERDM_SPU_LOG": str(tmp_path / "spu.log")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "shared"
+    assert "thread_pool" not in done.stdout + done.stderr
+    assert "thread_pool" in (tmp_path / "spu.log").read_text()  # the line it logged, in its file

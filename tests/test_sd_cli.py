@@ -99,6 +99,21 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_sd, tmp_path, capsys, a
     assert not (tmp_path / "out").exists()
 
 
+def test_without_the_user_packages_it_stops_before_loading_the_unet(tiny_sd, tmp_path, capsys, monkeypatch):
+    """On the base install (no torch, transformers or diffusers) the prompt encoder and VAE cannot run: refused by name
+    before the owner's UNet, which may take minutes to load, is read."""
+    from cipherdm_spu import sd_cli, stable_diffusion
+
+    real = stable_diffusion.importlib.util.find_spec
+    monkeypatch.setattr(stable_diffusion.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("torch", "diffusers") else real(name, *a))
+    loads = []
+    monkeypatch.setattr(sd_cli.UNet2DConditionModel, "from_pretrained", lambda *a, **k: loads.append(a))
+    assert main(["--model", str(tiny_sd), "--prompt", "x", "--out", str(tmp_path / "out")]) == 2
+    assert "run on torch, diffusers, not installed here: pip install -e '.[test]'" in capsys.readouterr().err
+    assert loads == [] and not (tmp_path / "out").exists()
+
+
 def test_not_a_stable_diffusion_directory(tmp_path, capsys):
     (tmp_path / "unet").mkdir()
     assert main(["--model", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "out")]) == 2

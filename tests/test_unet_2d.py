@@ -78,6 +78,17 @@ def test_precomputed_time_terms_give_the_same_output(pair):
     np.testing.assert_allclose(np.asarray(via_terms), np.asarray(direct), atol=1e-5)
 
 
+def test_time_terms_take_one_timestep(pair):
+    """The owner's terms serve every sample of a step: a per-sample array is refused by name, one value is accepted
+    as a scalar or as shape (1,)."""
+    _, _, model, params = pair
+    with pytest.raises(ValueError, match="time_terms takes one timestep"):
+        model.apply(params, jnp.array([10, 10]), method=model.time_terms)
+    as_array = model.apply(params, jnp.array([10]), method=model.time_terms)
+    as_scalar = model.apply(params, 10, method=model.time_terms)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, as_array, as_scalar)
+
+
 def test_time_terms_need_no_time_weights(pair):
     """The secure path never touches the time MLP, the class table or the time projections."""
     config, _, model, params = pair
