@@ -9,7 +9,8 @@ disagrees with a value's definition, more than one module -- raises `IrAuditErro
 what it cannot check (fail closed).
 
 Reported as declassifications: any op, anywhere (inside regions, calls and custom calls too), with a
-secret operand and a public result or region argument; any op whose name, symbols or attributes say
+secret operand and a public result or region argument, or with a region that returns a secret and a public result;
+any op whose name, symbols or attributes say
 reveal/declassify/dbg_print; a function other than @main returning a public value derived from
 secrets; and public results of @main (outputs stay secret: the final image is released separately,
 as shares to its owner).
@@ -246,6 +247,15 @@ class _Parser:
         self.scopes.pop()
         return levels, last
 
+    @staticmethod
+    def _nested(region: tuple, region_levels: list[int], returned: list[int]) -> tuple[list[int], list[int]]:
+        """An op's regions so far with one more: its block arguments' levels, and the levels of the values its
+        terminator (its last op, a return) hands to the op's results (a while's or an if's: a secret there makes them
+        secret, a tainted one taints them)."""
+        levels, last = region
+        yields = last[1] if last is not None and last[0] in ("pphlo.return", "return") else []
+        return region_levels + levels, returned + yields
+
     def op(self) -> tuple[str, list[int], tuple]:
         """One op, custom or generic form: [results =] name operands/attributes/regions : types [regions]."""
         results = []
@@ -261,14 +271,14 @@ class _Parser:
         name = _unescape(head[1][1:-1]) if head[0] == "str" else head[1]
         if head[0] not in ("id", "str") or not re.fullmatch(r"(pphlo|func)\.[\w.$]+|return", name):
             raise self.error(f"expected a pphlo or func operation, found {head[1]!r}", head)
-        words, uses, region_levels, stack = [name], [], [], []
+        words, uses, region_levels, returned, stack = [name], [], [], [], []
         while stack or self.peek()[1] != ":":  # operands, attributes, regions in generic form
             t = self.peek()
             if t[0] in ("eof", "label") or (not stack and t[1] in ("}", ")", "]")):
                 raise self.error(f"unexpected {t[1] or 'end'!r} in {name} (unbalanced, or no ':' type)", t)
             if t[1] == "{" and self.is_region():
                 self.next()
-                region_levels += self.region([])[0]
+                region_levels, returned = self._nested(self.region([]), region_levels, returned)
             elif t[1] == "{" or (t[1] == "<" and self.peek(1)[1] == "{"):
                 words += self.attributes()
             elif self.next()[0] == "ssa":
@@ -303,15 +313,16 @@ class _Parser:
             else:
                 break
             self.expect("{")
-            region_levels += self.region(args)[0]
+            region_levels, returned = self._nested(self.region(args), region_levels, returned)
         if len(outs) != n_results:
             raise self.error(f"{name}: {len(outs)} result types for {n_results} results", head)
         if len(ins) != len(uses) or any((a == SECRET) != (b == SECRET) for a, b in zip(ins, uses)):
             raise self.error(f"{name}: operand types do not match their definitions", head)
-        secret_in, derived = SECRET in uses, TAINTED if max(uses, default=PUBLIC) > PUBLIC else PUBLIC
+        secret_in, derived = SECRET in uses, TAINTED if max(uses + returned, default=PUBLIC) > PUBLIC else PUBLIC
         for what, hit in (("reveal operation", any(_REVEAL.search(_unescape(w)) for w in words)),
                           ("secret operand, public result", secret_in and PUBLIC in outs),
-                          ("secret operand, public region argument", secret_in and PUBLIC in region_levels)):
+                          ("secret operand, public region argument", secret_in and PUBLIC in region_levels),
+                          ("secret returned by a region, public result", SECRET in returned and PUBLIC in outs)):
             if hit:
                 source = " ".join(self.text[start:end[2] + len(end[1])].split())[:300]
                 self.found.append(f"{self.where(head)}: {what}: {source}")

@@ -224,6 +224,28 @@ def test_public_region_argument_of_secret_reduce_is_found(small_ir):
         declassifications(edited)
 
 
+P4 = "tensor<4xf32>"
+LOOP_YIELDING = (  # a while over a public value whose body hands the secret %0 out as its (public) result
+    f'%w = "pphlo.while"(%arg2) ({{\n    ^bb0(%it: {P4}):\n      %c = pphlo.constant dense<true> : tensor<i1>\n'
+    f'      pphlo.return %c : tensor<i1>\n    }}, {{\n    ^bb0(%it: {P4}):\n      pphlo.return VALUE : TYPE\n'
+    f'    }}) : ({P4}) -> RESULT')
+
+
+def loop_module(value: str, value_type: str, result: str) -> str:
+    body = LOOP_YIELDING.replace("VALUE", value).replace("TYPE", value_type).replace("RESULT", result)
+    return (f"module @m {{\n  func.func @main(%arg0: {S4}, %arg1: tensor<f32>, %arg2: {P4}) -> {S4} {{\n"
+            f"    %0 = pphlo.add %arg0, %arg0 : {S4}\n    {body}\n    return %0 : {S4}\n  }}\n}}\n")
+
+
+def test_a_secret_returned_by_a_region_into_a_public_result_is_found():
+    """An independent review's probe: the secret leaves through the loop body's return, with no op inside taking a
+    secret to a public value; its parent's public result is the declassification. Kept secret, it is not one."""
+    found = declassifications(loop_module("%0", S4, P4))
+    assert len(found) == 1 and "secret returned by a region, public result" in found[0]
+    assert declassifications(loop_module("%0", S4, S4)) == []
+    assert declassifications(loop_module("%it", P4, P4)) == []
+
+
 @pytest.mark.parametrize("tail", ["garbage", "\nmodule {}", "}", "%1 = pphlo.negate %0 : tensor<f32>",
                                   "#loc = something", "\x00"])
 def test_appended_text_is_refused(small_ir, tail):
