@@ -31,6 +31,19 @@ from .sampling import SecureDiffusion, is_text_conditional, one_hot
 MAX_SEED = 2**32 - 1
 
 
+#: arguments may come from a file named after this prefix (argparse's fromfile_prefix_chars)
+FROM_FILE = "@"
+
+
+def secret_arguments_epilog(secrets: str) -> str:
+    """The help text on keeping a user's secret arguments off the command line, which any local user can read (ps,
+    /proc/PID/cmdline) for as long as the run lasts."""
+    return (f"Arguments may also come from a file, one per line (e.g. --seed=1234): {FROM_FILE}FILE. On a shared machine "
+            f"any user can read a process's command line, so give {secrets} in a file only you can read (chmod 600), "
+            f"e.g. run with {FROM_FILE}secret-args. (A value of its own that starts with {FROM_FILE} is read as a file "
+            "name: write it as --option=VALUE.)")
+
+
 def add_secure_options(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help=f"seed of the user's noise, 0..{MAX_SEED}, to reproduce a run (default: fresh noise from the "

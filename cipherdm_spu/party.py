@@ -264,8 +264,8 @@ class PartyService:
             raise PartyError(f"{caller.name} holds {MAX_MODELS_PER_OWNER} models on party {self.party.id}; delete one first")
         held = self._held_share_memory()
         if held + size > self.share_memory:
-            raise PartyError(f"model {model_id!r} needs {_gib(size)} of share memory; party {self.party.id} has "
-                             f"{_gib(max(0, self.share_memory - held))} of its {_gib(self.share_memory)} left")
+            raise PartyError(f"model {model_id!r} needs {_gib(size)} of share memory, more than party {self.party.id} "
+                             f"has free of its {_gib(self.share_memory)}; try again later")
 
     def model_put(self, caller: Caller, msg: messages.ModelPut, parts: "_ShareParts") -> messages.Empty:
         if len(msg.names) != len(msg.metas):
@@ -516,8 +516,7 @@ class PartyService:
             held = self._held_share_memory()
             if held + inputs > self.share_memory:
                 raise PartyError(f"party {self.party.id} refuses the job: its inputs need {_gib(inputs)} of share "
-                                 f"memory; the party has {_gib(max(0, self.share_memory - held))} of its "
-                                 f"{_gib(self.share_memory)} left")
+                                 f"memory, more than the party has free of its {_gib(self.share_memory)}")
             session.input_bytes = inputs
             session.compiled = (program, agreement, config.SerializeToString())
             session.open_report = {

@@ -17,8 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from . import quality, sd_images, stable_diffusion
-from .cli_common import (add_secure_options, check_finite, check_secure_options, cluster_model, private_output_dir,
-                         run_main, secure_sample, write_array, write_json, write_private)
+from .cli_common import (FROM_FILE, add_secure_options, check_finite, check_secure_options, cluster_model,
+                         private_output_dir, run_main, secret_arguments_epilog, secure_sample, write_array,
+                         write_json, write_private)
 from .errors import UsageError
 from .models import ConfigError
 from .models.schedulers import SchedulerConfigError
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stable Diffusion with the UNet secret-shared among three SPU parties (ABY3). The prompt is "
                     "encoded and the final latent decoded on this machine, in plaintext: the prompt never leaves "
                     "it, and only the final latent is revealed, to this machine.",
+        epilog=secret_arguments_epilog("--prompt, --negative-prompt and --seed"), fromfile_prefix_chars=FROM_FILE,
     )
     p.add_argument("--model", type=Path, required=True,
                    help="local diffusers Stable Diffusion directory (unet/, text_encoder/, tokenizer/, vae/, scheduler/)")

@@ -168,3 +168,16 @@ def test_the_noise_is_fresh_unless_a_seed_asks_to_reproduce_it():
     again = [draw_noise(7, sampler, (2, 1, 4, 4)) for _ in range(2)]
     assert np.array_equal(again[0][0], again[1][0]) and np.array_equal(again[0][1], again[1][1])
     assert build_parser("ddim").parse_args([]).seed is None
+
+
+def test_the_users_secret_arguments_can_come_from_a_private_file(tiny_model, tmp_path):
+    """An independent review: any local user can read a process's command line for as long as a run lasts, so the
+    labels and the seed may come from a file instead (@FILE, one argument per line), with the same effect."""
+    secret = tmp_path / "secret-args"
+    secret.write_text("--labels=7,2\n--seed=11\n")
+    args = build_parser("ddim").parse_args([f"@{secret}", "--model", str(tiny_model), "--steps", "2"])
+    assert (args.labels, args.seed, args.steps) == ("7,2", 11, 2)
+    assert "@FILE" in build_parser("ddim").format_help()
+    args.kind = "ddim"
+    _, _, _, labels, batch, _, _ = prepare(args)
+    assert list(labels) == [7, 2] and batch == 2

@@ -114,6 +114,17 @@ def test_without_the_user_packages_it_stops_before_loading_the_unet(tiny_sd, tmp
     assert loads == [] and not (tmp_path / "out").exists()
 
 
+def test_the_prompt_and_seed_can_come_from_a_private_file(tmp_path):
+    """Off the command line, which any local user can read while the run lasts: @FILE, one argument per line; a
+    prompt that starts with @ itself is given as --prompt=@..."""
+    from cipherdm_spu.sd_cli import build_parser
+
+    secret = tmp_path / "secret-args"
+    secret.write_text("--prompt=a photo of my own cat\n--negative-prompt=@nobody\n--seed=5\n")
+    args = build_parser().parse_args(["--model", str(tmp_path), f"@{secret}"])
+    assert (args.prompt, args.negative_prompt, args.seed) == ("a photo of my own cat", "@nobody", 5)
+
+
 def test_not_a_stable_diffusion_directory(tmp_path, capsys):
     (tmp_path / "unet").mkdir()
     assert main(["--model", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "out")]) == 2

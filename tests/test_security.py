@@ -558,13 +558,13 @@ def test_a_sessions_inputs_count_against_the_share_memory_budget(tmp_path):
                 time.sleep(0.1)
             return False
 
-        with pytest.raises(PartyError, match="its inputs need .* GiB of share memory; the party has .* GiB of its"):
+        with pytest.raises(PartyError, match="its inputs need .* GiB of share memory, more than the party has free of"):
             open_until_done("s", 1001)
         assert service.session is None
         assert open_until_done("t", 1000)
         # reserved: an upload after the session compiled finds no room left (review: the session's check and an
         # upload's must not both take the same memory)
-        with pytest.raises(PartyError, match="needs .* GiB of share memory; party P0 has 0.* GiB of its"):
+        with pytest.raises(PartyError, match="needs .* GiB of share memory, more than party P0 has free"):
             service.model_begin(_owner("owner-eve"), ModelBegin("n", json.dumps({"policy": None})))
 
 
@@ -627,10 +627,14 @@ def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
     budget = 16 * 1000 + 2 * (TENSOR_OVERHEAD_BYTES + len(json.dumps({"elements": 600})))
     with _party_in_process(tmp_path, SizedCatalog(), share_memory=budget) as service:
         other = _owner("owner-eve")
-        with pytest.raises(PartyError, match=r"'big' needs \S+ GiB of share memory; party P0 has \S+ GiB of its"):
+        with pytest.raises(PartyError, match=r"'big' needs \S+ GiB of share memory, more than party P0 has free of its "
+                                             r"\S+ GiB; try again later$") as refused:
             service.model_begin(OWNER, ModelBegin("big", json.dumps({"elements": 1067})))
         service.model_begin(OWNER, ModelBegin("a", json.dumps({"elements": 600})))  # unsealed: counted all the same
-        with pytest.raises(PartyError, match="'b' needs .* GiB left"):
+        # what is free is not said (an independent review: another principal's figure would tell the size of a model
+        # it may not see, or of a user's job)
+        assert str(refused.value).count("GiB") == 2
+        with pytest.raises(PartyError, match="'b' needs .* GiB of share memory, more than"):
             service.model_begin(other, ModelBegin("b", json.dumps({"elements": 401})))
         service.model_begin(other, ModelBegin("b", json.dumps({"elements": 400})))
         service.model_delete(OWNER, ModelRef("a"))
