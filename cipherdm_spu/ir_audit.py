@@ -248,13 +248,20 @@ class _Parser:
         return levels, last
 
     @staticmethod
-    def _nested(region: tuple, region_levels: list[int], returned: list[int]) -> tuple[list[int], list[int]]:
-        """An op's regions so far with one more: its block arguments' levels, and the levels of the values its
-        terminator (its last op, a return) hands to the op's results (a while's or an if's: a secret there makes them
-        secret, a tainted one taints them)."""
+    def _nested(region: tuple, region_levels: list[int], returned: list[list[int]]) -> tuple[list[int], list]:
+        """An op's regions so far with one more: its block arguments' levels, and (one list per region) the levels of
+        the values its terminator (its last op, a return) hands on: a while's body or an if's branch, one per result
+        of the op; a while's condition or a sort's comparator, a decision on them."""
         levels, last = region
         yields = last[1] if last is not None and last[0] in ("pphlo.return", "return") else []
-        return region_levels + levels, returned + yields
+        return region_levels + levels, returned + [yields]
+
+    @staticmethod
+    def _secret_returned_as_public(returned: list[list[int]], outs: list[int]) -> bool:
+        """Whether a region hands a secret to a public result: result by result where it returns one value per result,
+        else (a decision) any secret where any result is public."""
+        return any(any(y == SECRET and o == PUBLIC for y, o in zip(yields, outs)) if len(yields) == len(outs)
+                   else SECRET in yields and PUBLIC in outs for yields in returned)
 
     def op(self) -> tuple[str, list[int], tuple]:
         """One op, custom or generic form: [results =] name operands/attributes/regions : types [regions]."""
@@ -318,11 +325,13 @@ class _Parser:
             raise self.error(f"{name}: {len(outs)} result types for {n_results} results", head)
         if len(ins) != len(uses) or any((a == SECRET) != (b == SECRET) for a, b in zip(ins, uses)):
             raise self.error(f"{name}: operand types do not match their definitions", head)
-        secret_in, derived = SECRET in uses, TAINTED if max(uses + returned, default=PUBLIC) > PUBLIC else PUBLIC
+        handed = [level for yields in returned for level in yields]
+        secret_in, derived = SECRET in uses, TAINTED if max(uses + handed, default=PUBLIC) > PUBLIC else PUBLIC
         for what, hit in (("reveal operation", any(_REVEAL.search(_unescape(w)) for w in words)),
                           ("secret operand, public result", secret_in and PUBLIC in outs),
                           ("secret operand, public region argument", secret_in and PUBLIC in region_levels),
-                          ("secret returned by a region, public result", SECRET in returned and PUBLIC in outs)):
+                          ("secret returned by a region, public result",
+                           self._secret_returned_as_public(returned, outs))):
             if hit:
                 source = " ".join(self.text[start:end[2] + len(end[1])].split())[:300]
                 self.found.append(f"{self.where(head)}: {what}: {source}")
