@@ -35,13 +35,37 @@ MAX_SEED = 2**32 - 1
 FROM_FILE = "@"
 
 
-def secret_arguments_epilog(secrets: str) -> str:
-    """The help text on keeping a user's secret arguments off the command line, which any local user can read (ps,
-    /proc/PID/cmdline) for as long as the run lasts."""
-    return (f"Arguments may also come from a file, one per line (e.g. --seed=1234): {FROM_FILE}FILE. On a shared machine "
-            f"any user can read a process's command line, so give {secrets} in a file only you can read (chmod 600), "
-            f"e.g. run with {FROM_FILE}secret-args. (A value of its own that starts with {FROM_FILE} is read as a file "
-            "name: write it as --option=VALUE.)")
+class UserArgumentParser(argparse.ArgumentParser):
+    """A user's command line, whose arguments may also come from files (FROM_FILE + name): a process's command line is
+    readable by every local user (ps, /proc/PID/cmdline) while a run lasts, so a user keeps its secret arguments (a
+    prompt, labels, a seed) in a file only it can read. One argument per line, or an option and its value on one
+    line (`--prompt a cat`); blank lines are skipped. A file that others may read is warned about."""
+
+    def __init__(self, *, secrets: str, **kwargs):
+        epilog = (f"Arguments may also come from a file, {FROM_FILE}FILE: one per line, or an option and its value "
+                  f"(--seed 1234). Any user of this machine can read a process's command line, so give {secrets} in a "
+                  f"file only you can read (chmod 600). An option's value that starts with {FROM_FILE} is read as a "
+                  f"file name: write it as --option={FROM_FILE}...")
+        super().__init__(epilog=epilog, fromfile_prefix_chars=FROM_FILE, **kwargs)
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list:
+        line = arg_line.strip()
+        if not line:
+            return []
+        option, space, value = line.partition(" ")
+        return [option, value.strip()] if option.startswith("-") and "=" not in option and space else [line]
+
+    def parse_known_args(self, args=None, namespace=None):
+        for arg in sys.argv[1:] if args is None else args:
+            if isinstance(arg, str) and arg.startswith(FROM_FILE):
+                try:
+                    mode = os.stat(arg[1:]).st_mode
+                except OSError:
+                    continue  # argparse names a missing file
+                if mode & (stat.S_IRGRP | stat.S_IROTH):
+                    print(f"warning: {arg[1:]} is readable by other users of this machine (chmod 600 keeps its "
+                          "arguments yours)", file=sys.stderr)
+        return super().parse_known_args(args, namespace)
 
 
 def add_secure_options(p: argparse.ArgumentParser, out_default: str) -> None:

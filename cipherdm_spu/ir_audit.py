@@ -228,10 +228,10 @@ class _Parser:
             if level != SECRET and name[1] == "@main":
                 self.public_outputs.append((k, len(outs), f"{self.where(name)}: public output #{k} of @main"))
 
-    def region(self, args) -> tuple[list[int], tuple | None]:
-        """A region, after its '{', up to its '}': (levels of its block arguments, its last op)."""
+    def region(self, args) -> tuple[list[int], tuple | None, int]:
+        """A region, after its '{', up to its '}': (levels of its block arguments, its last op, how many blocks)."""
         self.scopes.append({})
-        levels, last = [], None
+        levels, last, blocks = [], None, 1
         while True:
             for tok, level in args:
                 self.define(tok, [level])
@@ -239,22 +239,24 @@ class _Parser:
             if self.skip("}"):
                 break
             if self.peek()[0] == "label":  # a block: ^bb0(%a: type, ...):
+                blocks += last is not None  # a label after an op starts another block
                 self.next()
                 args = self.types(with_names=True) if self.peek()[1] == "(" else []
                 self.expect(":")
             else:
                 last, args = self.op(), []
         self.scopes.pop()
-        return levels, last
+        return levels, last, blocks
 
-    @staticmethod
-    def _nested(region: tuple, region_levels: list[int], returned: list[list[int]]) -> tuple[list[int], list]:
+    def _nested(self, region: tuple, region_levels: list[int], returned: list[list[int]]) -> tuple[list[int], list]:
         """An op's regions so far with one more: its block arguments' levels, and (one list per region) the levels of
-        the values its terminator (its last op, a return) hands on: a while's body or an if's branch, one per result
-        of the op; a while's condition or a sort's comparator, a decision on them."""
-        levels, last = region
-        yields = last[1] if last is not None and last[0] in ("pphlo.return", "return") else []
-        return region_levels + levels, returned + [yields]
+        the values its terminator hands on: a while's body or an if's branch, one per result of the op; a while's
+        condition or a sort's comparator, a decision on them. A region must be one block ending in a return (what
+        SPU's structured control flow makes): another could hand a value on past the check."""
+        levels, last, blocks = region
+        if blocks > 1 or last is None or last[0] not in ("pphlo.return", "return"):
+            raise self.error("a region of other than one block ending in a return", last[2] if last else self.peek())
+        return region_levels + levels, returned + [last[1]]
 
     @staticmethod
     def _secret_returned_as_public(returned: list[list[int]], outs: list[int]) -> bool:
@@ -325,8 +327,11 @@ class _Parser:
             raise self.error(f"{name}: {len(outs)} result types for {n_results} results", head)
         if len(ins) != len(uses) or any((a == SECRET) != (b == SECRET) for a, b in zip(ins, uses)):
             raise self.error(f"{name}: operand types do not match their definitions", head)
-        handed = [level for yields in returned for level in yields]
-        secret_in, derived = SECRET in uses, TAINTED if max(uses + handed, default=PUBLIC) > PUBLIC else PUBLIC
+        secret_in, derived = SECRET in uses, [TAINTED if max(uses, default=PUBLIC) > PUBLIC else PUBLIC] * len(outs)
+        for yields in returned:  # what a region hands on taints its own result, or (a decision) all of them
+            for k in range(len(outs)):
+                if max(yields[k:k + 1] if len(yields) == len(outs) else yields, default=PUBLIC) > PUBLIC:
+                    derived[k] = TAINTED
         for what, hit in (("reveal operation", any(_REVEAL.search(_unescape(w)) for w in words)),
                           ("secret operand, public result", secret_in and PUBLIC in outs),
                           ("secret operand, public region argument", secret_in and PUBLIC in region_levels),
@@ -339,7 +344,7 @@ class _Parser:
             self.calls.append((head, next((w for w in words if w.startswith("@")), None), uses, outs))
         k = 0
         for tok, count in results:
-            self.define(tok, [SECRET if level == SECRET else derived for level in outs[k:k + count]])
+            self.define(tok, [SECRET if level == SECRET else derived[k + j] for j, level in enumerate(outs[k:k + count])])
             k += count
         return name, uses, head
 

@@ -262,8 +262,10 @@ class PartyService:
             raise PartyError(f"party {self.party.id} holds {MAX_MODELS} models already; try again later")
         if sum(m.owner == caller.name for m in self.models.values()) >= MAX_MODELS_PER_OWNER:
             raise PartyError(f"{caller.name} holds {MAX_MODELS_PER_OWNER} models on party {self.party.id}; delete one first")
-        held = self._held_share_memory()
-        if held + size > self.share_memory:
+        if size > self.share_memory:
+            raise PartyError(f"model {model_id!r} needs {_gib(size)} of share memory, more than party {self.party.id}'s "
+                             f"whole budget, {_gib(self.share_memory)}")
+        if self._held_share_memory() + size > self.share_memory:
             raise PartyError(f"model {model_id!r} needs {_gib(size)} of share memory, more than party {self.party.id} "
                              f"has free of its {_gib(self.share_memory)}; try again later")
 
@@ -513,10 +515,10 @@ class PartyService:
         with self.lock:
             if self.session is not session:
                 raise PartyError("the session ended while it opened")
-            held = self._held_share_memory()
-            if held + inputs > self.share_memory:
+            if self._held_share_memory() + inputs > self.share_memory:
+                room = "the party's whole budget," if inputs > self.share_memory else "the party has free of its"
                 raise PartyError(f"party {self.party.id} refuses the job: its inputs need {_gib(inputs)} of share "
-                                 f"memory, more than the party has free of its {_gib(self.share_memory)}")
+                                 f"memory, more than {room} {_gib(self.share_memory)}")
             session.input_bytes = inputs
             session.compiled = (program, agreement, config.SerializeToString())
             session.open_report = {
@@ -677,8 +679,8 @@ class PartyService:
                              f"({MAX_RECEIVING_BYTES})")
         held = self.receiving_bytes[method]
         if held + size > MAX_RECEIVING_BYTES:
-            raise PartyError(f"{method}: party {self.party.id} is receiving {held} bytes of other calls' shares; this "
-                             f"call's {size} would pass {MAX_RECEIVING_BYTES}: try again shortly")
+            raise PartyError(f"{method}: party {self.party.id} is receiving other calls' shares; with this call's {size} "
+                             f"bytes they would pass {MAX_RECEIVING_BYTES}: try again shortly")
         self.receiving_bytes[method] = held + size
 
     def _held_share_memory(self) -> int:

@@ -9,7 +9,6 @@ sampling has finished. With --cluster this process is the user only (see `cli_co
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -17,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from . import quality
-from .cli_common import (FROM_FILE, add_secure_options, check_finite, check_secure_options, cluster_model, model_dirs,
-                         private_output_dir, run_main, secret_arguments_epilog, secure_sample, write_array,
-                         write_json, write_private)
+from .cli_common import (UserArgumentParser, add_secure_options, check_finite, check_secure_options, cluster_model,
+                         model_dirs, private_output_dir, run_main, secure_sample, write_array, write_json,
+                         write_private)
 from .errors import UsageError
 from .models import ConfigError
 from .models.schedulers import SchedulerConfigError
@@ -41,13 +40,13 @@ DEFAULT_STEPS = {"ddim": 10, "ddpm": 20, "dpmsolver++": 6, "unipc": 5}
 MAIN_SAMPLER = "unipc"
 
 
-def build_parser(kind: str) -> argparse.ArgumentParser:
+def build_parser(kind: str) -> UserArgumentParser:
     name = "diffusion (DDIM, DPM-Solver++, UniPC or DDPM)" if kind == "ddim" else "ancestral DDPM"
-    p = argparse.ArgumentParser(
+    p = UserArgumentParser(
         prog=f"run_{kind}.py",
         description=f"Secure {name} sampling in a three-party SPU session (ABY3): the model owner's weights and "
                     "the user's noise and labels stay secret-shared; only the final image is revealed, to the user.",
-        epilog=secret_arguments_epilog("--labels and --seed"), fromfile_prefix_chars=FROM_FILE,
+        secrets="--labels and --seed",
     )
     d = DEFAULTS[kind]
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,

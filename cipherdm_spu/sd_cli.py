@@ -9,7 +9,6 @@ The user's image inputs (--controlnet/--control-image, --init-image/--strength) 
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -17,9 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import quality, sd_images, stable_diffusion
-from .cli_common import (FROM_FILE, add_secure_options, check_finite, check_secure_options, cluster_model,
-                         private_output_dir, run_main, secret_arguments_epilog, secure_sample, write_array,
-                         write_json, write_private)
+from .cli_common import (UserArgumentParser, add_secure_options, check_finite, check_secure_options, cluster_model,
+                         private_output_dir, run_main, secure_sample, write_array, write_json, write_private)
 from .errors import UsageError
 from .models import ConfigError
 from .models.schedulers import SchedulerConfigError
@@ -32,13 +30,13 @@ from .sampling_cli import image_grid
 MAX_BATCH = 8
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> UserArgumentParser:
+    p = UserArgumentParser(
         prog="run_sd.py",
         description="Stable Diffusion with the UNet secret-shared among three SPU parties (ABY3). The prompt is "
                     "encoded and the final latent decoded on this machine, in plaintext: the prompt never leaves "
                     "it, and only the final latent is revealed, to this machine.",
-        epilog=secret_arguments_epilog("--prompt, --negative-prompt and --seed"), fromfile_prefix_chars=FROM_FILE,
+        secrets="--prompt, --negative-prompt and --seed",
     )
     p.add_argument("--model", type=Path, required=True,
                    help="local diffusers Stable Diffusion directory (unet/, text_encoder/, tokenizer/, vae/, scheduler/)")
@@ -77,7 +75,7 @@ def prepare(args):
     missing = stable_diffusion.missing_user_packages()
     if missing:
         raise UsageError(f"the prompt encoder and the VAE run on {', '.join(missing)}, not installed here: "
-                         "pip install -e '.[test]'")
+                         "pip install -e '.[sd]'")
     try:
         stable_diffusion.check_directory(args.model, user_only=args.cluster is not None)
         scale = stable_diffusion.vae_scale_factor(args.model)

@@ -20,7 +20,7 @@ from .errors import StableDiffusionDirError
 PARTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 #: the parts a user of a cluster needs on its own machine
 USER_PARTS = ("text_encoder", "tokenizer", "vae")
-#: the packages the user's plaintext parts run on (setup.cfg's `test` extra)
+#: the packages the user's plaintext parts run on (setup.cfg's `sd` extra)
 USER_PACKAGES = ("torch", "transformers", "diffusers")
 
 

@@ -89,6 +89,13 @@ def test_precomputed_time_terms_give_the_same_residuals(pair):
                             ([np.asarray(r) for r in direct[0]], np.asarray(direct[1])), atol=1e-5)
 
 
+def test_time_terms_take_one_timestep(pair):
+    """One timestep serves every sample of a step: a per-sample array is refused by name."""
+    _, _, model, params = pair
+    with pytest.raises(ValueError, match="time_terms takes one timestep"):
+        model.apply(params, jnp.array([321, 321]), method=model.time_terms)
+
+
 def test_control_image_of_the_wrong_size_or_channels_is_refused(pair):
     config, _, model, params = pair
     x, context, image = _inputs(config)

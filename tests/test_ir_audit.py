@@ -246,6 +246,38 @@ def test_a_secret_returned_by_a_region_into_a_public_result_is_found():
     assert declassifications(loop_module("%it", P4, P4)) == []
 
 
+@pytest.mark.parametrize("tail", [
+    f"^bb1:\n      pphlo.return %it : {P4}",  # a second block
+    f"%n = pphlo.negate %it : {P4}",  # an op after the return
+])
+def test_a_region_must_be_one_block_ending_in_a_return(tail):
+    """An independent review: the check reads what a region's last op returns, so a region whose return is not its
+    last op could hand a secret on unseen; such a region (SPU makes none) is refused."""
+    ir = loop_module("%0", S4, P4).replace(f"pphlo.return %0 : {S4}\n", f"pphlo.return %0 : {S4}\n      {tail}\n")
+    with pytest.raises(IrAuditError, match="a region of other than one block ending in a return"):
+        declassifications(ir)
+
+
+def test_what_a_region_hands_on_taints_only_its_own_result():
+    """A function's public result beside a secret one that a loop body hands on (a secret of the outer scope): the
+    public one is not derived from secrets, so the helper returning it is no finding; handing the secret on to the
+    public result is (and taints it)."""
+    def helper(returned):
+        return (f"  func.func private @h(%s: {S4}, %p: {P4}) -> ({P4}, {S4}) {{\n"
+                f'    %w:2 = "pphlo.while"(%p, %p) ({{\n    ^bb0(%i: {P4}, %j: {P4}):\n'
+                f"      %c = pphlo.constant dense<true> : tensor<i1>\n      pphlo.return %c : tensor<i1>\n    }}, {{\n"
+                f"    ^bb0(%i: {P4}, %j: {P4}):\n      pphlo.return {returned}\n    }}) : ({P4}, {P4}) -> ({P4}, {S4})\n"
+                f"    return %w#0, %w#1 : {P4}, {S4}\n  }}\n")
+    call = f"    %c:2 = func.call @h(%0, %arg2) : ({S4}, {P4}) -> ({P4}, {S4})"
+    ir = lambda returned: loop_module("%0", S4, S4).replace(  # noqa: E731
+        "module @m {\n", "module @m {\n" + helper(returned)).replace("    return %0", call + "\n    return %0")
+    kept = declassifications(ir(f"%i, %s : {P4}, {S4}"))  # (the call itself is refused: a secret in, a public out)
+    assert not any("@h returns" in f or "returned by a region" in f for f in kept)
+    found = declassifications(ir(f"%s, %s : {S4}, {S4}"))
+    assert any("secret returned by a region" in f for f in found)
+    assert any("@h returns public value #0 derived from secrets" in f for f in found)
+
+
 def test_a_region_is_judged_result_by_result():
     """A loop with a public counter and a secret carry (what jax's fori_loop makes): its body hands each result its own
     kind, so that is no region's declassification (the audit refuses such a loop all the same, conservatively: a

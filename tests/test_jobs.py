@@ -3,6 +3,9 @@ program; a manifest's tensors, counted before they are listed; a job's public sc
 user's checks of the parties' reports before it shares anything."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -156,9 +159,6 @@ def test_a_clients_shares_keep_spus_log_off_the_terminal(tmp_path):
     """The owner's upload and the user's inputs cut shares with SPU's Io (`jobs._share_io`); SPU's first log lines
     (its thread pool) go to the SPU log file, not to the client's terminal. In a fresh process, since SPU's logger is
     the process's."""
-    import subprocess
-    import sys
-
     code = """
 import types, numpy as np, spu.libspu as libspu
 from cipherdm_spu import jobs, spu_config
@@ -167,7 +167,7 @@ io = jobs._share_io(types.SimpleNamespace(cluster=cluster))
 io.make_shares(np.zeros(1 << 20, np.float32), libspu.Visibility.VIS_SECRET)  # large: SPU starts a thread pool
 print("shared")
 """
-    env = {**__import__("os").environ, "CIPHERDM_SPU_LOG": str(tmp_path / "spu.log")}
+    env = {**os.environ, "CIPHERDM_SPU_LOG": str(tmp_path / "spu.log")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "shared"

@@ -110,19 +110,28 @@ def test_without_the_user_packages_it_stops_before_loading_the_unet(tiny_sd, tmp
     loads = []
     monkeypatch.setattr(sd_cli.UNet2DConditionModel, "from_pretrained", lambda *a, **k: loads.append(a))
     assert main(["--model", str(tiny_sd), "--prompt", "x", "--out", str(tmp_path / "out")]) == 2
-    assert "run on torch, diffusers, not installed here: pip install -e '.[test]'" in capsys.readouterr().err
+    assert "run on torch, diffusers, not installed here: pip install -e '.[sd]'" in capsys.readouterr().err
     assert loads == [] and not (tmp_path / "out").exists()
 
 
-def test_the_prompt_and_seed_can_come_from_a_private_file(tmp_path):
-    """Off the command line, which any local user can read while the run lasts: @FILE, one argument per line; a
-    prompt that starts with @ itself is given as --prompt=@..."""
+def test_the_prompt_and_seed_can_come_from_a_private_file(tmp_path, capsys):
+    """Off the command line, which any local user can read while the run lasts: @FILE, one argument per line or an
+    option and its value on one, blank lines skipped; a value that starts with @ itself is given as --option=@...; a
+    file others may read is warned about, a missing one refused by name."""
     from cipherdm_spu.sd_cli import build_parser
 
     secret = tmp_path / "secret-args"
-    secret.write_text("--prompt=a photo of my own cat\n--negative-prompt=@nobody\n--seed=5\n")
+    secret.write_text("--prompt a photo of my own cat\n\n--negative-prompt=@nobody\n--seed\n5\n")
+    secret.chmod(0o600)
     args = build_parser().parse_args(["--model", str(tmp_path), f"@{secret}"])
     assert (args.prompt, args.negative_prompt, args.seed) == ("a photo of my own cat", "@nobody", 5)
+    assert capsys.readouterr().err == ""
+    secret.chmod(0o644)
+    build_parser().parse_args(["--model", str(tmp_path), f"@{secret}"])
+    assert "is readable by other users of this machine" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", str(tmp_path), f"@{tmp_path / 'nowhere'}"])
+    assert "nowhere" in capsys.readouterr().err
 
 
 def test_not_a_stable_diffusion_directory(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """UNet2DConditionModel port: parity with diffusers on two small SD-shaped configs (float32, 1e-4)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,6 +46,15 @@ def test_matches_diffusers(pair):
         want = torch_forward(torch_model, x, t, context)
         got = model.apply(params, jnp.asarray(x), t, jnp.asarray(context))
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+
+
+def test_time_terms_take_one_timestep(pair):
+    """One timestep serves every sample of a step: a per-sample array is refused by name."""
+    _, _, model, params = pair
+    with pytest.raises(ValueError, match="time_terms takes one timestep"):
+        model.apply(params, jnp.array([321, 321]), method=model.time_terms)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, model.apply(params, jnp.array([321]), method=model.time_terms),
+                           model.apply(params, 321, method=model.time_terms))
 
 
 def test_precomputed_time_terms_give_the_same_output(pair):
