@@ -38,9 +38,11 @@ def tiny_model(tmp_path_factory):
 
 @pytest.mark.parametrize("protocol", SHIPPED_SETS)
 def test_run_ddim_end_to_end(tiny_model, tmp_path, protocol):
+    """Seeded, so that the accuracy bounds judge one fixed draw: on fresh noise an 8x8 sample now and then comes out
+    nearly flat, where SSIM swings (the paper's set once scored 0.84 at a PSNR of 31.6 dB; seeds 0-5 score 0.993-0.998)."""
     out = tmp_path / "out"
     assert main("ddim", ["--model", str(tiny_model), "--scheduler", "ddim", "--steps", "2", "--labels", "1,4",
-                         "--protocol", protocol, "--out", str(out), "--compare", "--eta", "0.5"]) == 0
+                         "--protocol", protocol, "--out", str(out), "--compare", "--eta", "0.5", "--seed", "0"]) == 0
     for name in ("samples.png", "samples.npy", "plaintext.png", "plaintext.npy", "report.json", "spu.log"):
         assert (out / name).stat().st_size > 0, name
         assert (out / name).stat().st_mode & 0o077 == 0, name  # the user's alone
