@@ -259,11 +259,14 @@ class _Parser:
         return region_levels + levels, returned + [last[1]]
 
     @staticmethod
-    def _secret_returned_as_public(returned: list[list[int]], outs: list[int]) -> bool:
-        """Whether a region hands a secret to a public result: result by result where it returns one value per result,
-        else (a decision) any secret where any result is public."""
-        return any(any(y == SECRET and o == PUBLIC for y, o in zip(yields, outs)) if len(yields) == len(outs)
-                   else SECRET in yields and PUBLIC in outs for yields in returned)
+    def _handed(returned: list[list[int]], results: int) -> list[int]:
+        """Per result of an op, the highest level its regions hand it: result by result where a region returns one
+        value per result, else (a decision on them) the region's highest, to every result."""
+        handed = [PUBLIC] * results
+        for yields in returned:
+            for k in range(results):
+                handed[k] = max(handed[k], *(yields[k:k + 1] if len(yields) == results else yields), PUBLIC)
+        return handed
 
     def op(self) -> tuple[str, list[int], tuple]:
         """One op, custom or generic form: [results =] name operands/attributes/regions : types [regions]."""
@@ -327,16 +330,14 @@ class _Parser:
             raise self.error(f"{name}: {len(outs)} result types for {n_results} results", head)
         if len(ins) != len(uses) or any((a == SECRET) != (b == SECRET) for a, b in zip(ins, uses)):
             raise self.error(f"{name}: operand types do not match their definitions", head)
-        secret_in, derived = SECRET in uses, [TAINTED if max(uses, default=PUBLIC) > PUBLIC else PUBLIC] * len(outs)
-        for yields in returned:  # what a region hands on taints its own result, or (a decision) all of them
-            for k in range(len(outs)):
-                if max(yields[k:k + 1] if len(yields) == len(outs) else yields, default=PUBLIC) > PUBLIC:
-                    derived[k] = TAINTED
+        handed = self._handed(returned, len(outs))
+        secret_in = SECRET in uses
+        derived = [TAINTED if max(uses + [level], default=PUBLIC) > PUBLIC else PUBLIC for level in handed]
         for what, hit in (("reveal operation", any(_REVEAL.search(_unescape(w)) for w in words)),
                           ("secret operand, public result", secret_in and PUBLIC in outs),
                           ("secret operand, public region argument", secret_in and PUBLIC in region_levels),
                           ("secret returned by a region, public result",
-                           self._secret_returned_as_public(returned, outs))):
+                           any(h == SECRET and o == PUBLIC for h, o in zip(handed, outs)))):
             if hit:
                 source = " ".join(self.text[start:end[2] + len(end[1])].split())[:300]
                 self.found.append(f"{self.where(head)}: {what}: {source}")
