@@ -82,8 +82,8 @@ def add_secure_options(p: argparse.ArgumentParser, out_default: str) -> None:
                         "instead of playing every role in this process")
     p.add_argument("--model-id", default=None, help="with --cluster: the id under which the owner uploaded the model")
     p.add_argument("--model-owner", default=None, metavar="OWNER",
-                   help="with --cluster: refuse unless the model was uploaded by this owner (e.g. owner or owner-NAME; "
-                        "default: any owner, one the three parties agree on)")
+                   help="with --cluster: whose model --model-id is, its owner's certificate name (owner or owner-NAME, "
+                        "as `spu-launch upload` prints it; each owner's ids are its own)")
     p.add_argument("--as", dest="identity", default="user",
                    help="with --cluster: this user's identity in the config's tls.clients (default: user)")
     p.add_argument("--out", type=Path, default=Path("runs") / out_default,
@@ -117,6 +117,10 @@ def check_secure_options(args) -> dict:
         return overrides
     if args.model_id is None or not NAME.fullmatch(args.model_id):
         raise UsageError("--cluster needs --model-id ID (1-64 letters, digits, '.', '_' or '-')")
+    if args.model_owner is None:
+        raise UsageError("--cluster needs --model-owner OWNER, whose model --model-id is (each owner's ids are its own)")
+    if cluster_config.role_of(args.model_owner) != "owner":
+        raise UsageError(f"--model-owner {args.model_owner!r} is no owner's name (owner or owner-NAME)")
     if getattr(args, "compare", False):
         raise UsageError("--compare needs the owner's weights, which a user of a cluster does not hold")
     try:
@@ -146,7 +150,7 @@ def cluster_model(args) -> tuple[dict, object]:
     from .jobs import MODEL_KINDS, model_manifest
 
     with user_clients(args) as clients:
-        manifest = model_manifest(clients, args.model_id)
+        manifest = model_manifest(clients, args.model_id, owner=args.model_owner)
     return manifest, MODEL_KINDS[manifest["kind"]].from_config(manifest["config"])
 
 
@@ -181,8 +185,9 @@ def secure_sample(args, desc: str, sampler, x_t, overrides: dict, job: dict, mod
             condition = one_hot(condition, model.config.num_class_embeds)
         with user_clients(args) as clients:
             result, total, steps = sample_on_cluster(clients, args.model_id, job, x_t, condition, step_noise, on_step,
-                                                     expected_owner=args.model_owner)
-        return result, total, steps, f"cluster {args.cluster.source} (as {args.identity}, model {args.model_id})"
+                                                     owner=args.model_owner)
+        where = f"cluster {args.cluster.source} (as {args.identity}, model {args.model_id} of {args.model_owner})"
+        return result, total, steps, where
     finally:
         bar.close()
 

@@ -10,7 +10,8 @@
 Each party is its own OS process (see `cipherdm_spu.party`). Started together, the launcher supervises
 them: Ctrl-C or SIGTERM stops all of them cleanly; a party that fails to start stops the others; a
 party that dies later is reported and the others keep serving. Users sample with
-`scripts/run_ddim.py --cluster CONFIG --model-id ID` (or run_ddpm.py, run_sd.py).
+`scripts/run_ddim.py --cluster CONFIG --model-id ID --model-owner OWNER` (or run_ddpm.py, run_sd.py): each
+owner's model ids are its own.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--clients", default="owner,user",
                    help="certs: the client identities to make certificates for (default: owner,user)")
     p.add_argument("--model", type=Path, help="upload: a local diffusers model directory (or a pipeline with unet/)")
-    p.add_argument("--model-id", help="upload: the id users will sample with")
+    p.add_argument("--model-id", help="upload: the id users will sample with, in this owner's own namespace (users "
+                                      "name the owner too: --model-owner)")
     p.add_argument("--controlnet", type=Path, default=None, metavar="DIR",
                    help="upload: a local diffusers ControlNetModel directory, uploaded with the Stable Diffusion UNet "
                         "of --model as one model (users then pass --control-image)")
@@ -195,8 +197,9 @@ def upload(cluster: ClusterConfig, args) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        digest = upload_model(clients, args.model_id, model, params, scheduler, policy, progress)
-    print(f"model {args.model_id} shared with the three parties (manifest {digest[:16]})")
+        sealed = upload_model(clients, args.model_id, model, params, scheduler, policy, progress)
+    print(f"model {args.model_id} shared with the three parties (manifest {sealed.digest[:16]}); users name it "
+          f"--model-id {args.model_id} --model-owner {sealed.owner}")
     return 0
 
 

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 from . import spu_config
 from .errors import ClusterConfigError
+from .plan import NAME
 
 #: the protocols a cluster runs: ABY3's replicated shares (party i holds components i and i+1), which the parties'
 #: consistency check of a client's shares relies on (`party._consistent_shares`)
@@ -40,7 +41,10 @@ MAX_TIMEOUT_S = 86400.0
 
 
 def role_of(common_name: str) -> Optional[str]:
-    """The role a client certificate's common name grants ("owner", "user"), or None."""
+    """The role a client certificate's common name grants ("owner", "user"), or None (also for a name a party could
+    not take as an owner's namespace or a user's name: not `plan.NAME`)."""
+    if not NAME.fullmatch(common_name):
+        return None
     for role in ROLES:
         if common_name == role or (common_name.startswith(role + "-") and len(common_name) > len(role) + 1):
             return role

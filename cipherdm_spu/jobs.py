@@ -43,7 +43,7 @@ from .errors import ClusterError, InputError, ProtocolError
 from .models import ConfigError
 from .models.img2img import StrengthSampler
 from .models.schedulers import SchedulerConfigError
-from .messages import ModelBegin, ModelPut, ModelRef, SessionOpen, SessionPut, SessionRef, SessionStep
+from .messages import ModelBegin, ModelInfo, ModelPut, ModelRef, SessionOpen, SessionPut, SessionRef, SessionStep
 from .models import ControlledUNet, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
 from .plan import JobTerms, Policy, Step, StepProgram
 from .profiling import RunStats, SpuLog, combine_party_runs
@@ -376,8 +376,10 @@ def owner_tensors(model, params, num_train_timesteps: int) -> Dict[str, np.ndarr
 
 
 def upload_model(clients: PartyClients, model_id: str, model, params, schedule_config: Mapping, policy: Policy,
-                 progress: Optional[Callable[[int, int], None]] = None) -> str:
-    """Share the model under ``model_id`` (party i receives share i only); returns the manifest digest."""
+                 progress: Optional[Callable[[int, int], None]] = None) -> ModelInfo:
+    """Share the model under ``model_id`` in this owner's namespace (party i receives share i only); returns the
+    sealed model's info, the same on the three parties: its owner (the name users give as the model's owner, this
+    client's certificate name) and manifest digest."""
     require_role(clients, "owner")
     limit = spu_config.largest_magnitude(clients.cluster.field, clients.cluster.fraction_bits)
     for name, leaf in flatten_dict(params).items():  # refuse before anything is computed or shared
@@ -399,10 +401,9 @@ def upload_model(clients: PartyClients, model_id: str, model, params, schedule_c
         if progress is not None:
             progress(done, len(names))
     infos = clients.call_all("model_seal", ModelRef(model_id))
-    digests = {info.digest for info in infos}
-    if len(digests) != 1:
-        raise ClusterError(f"the parties sealed different manifests for {model_id!r}")
-    return digests.pop()
+    if len({(info.digest, info.owner) for info in infos}) != 1:
+        raise ClusterError(f"the parties sealed different manifests or owners for {model_id!r}")
+    return infos[0]
 
 
 def _share_io(clients: PartyClients) -> spu.Io:
@@ -429,28 +430,28 @@ def _upload_batches(names, tensors):
 # -- a user -------------------------------------------------------------------------------------
 
 
-def model_manifest(clients: PartyClients, model_id: str) -> dict:
-    """The model's public manifest, checked to be the same on the three parties."""
-    infos = clients.call_all("model_info", ModelRef(model_id))
-    if len({info.digest for info in infos}) != 1:
-        raise ClusterError(f"the parties hold different models under {model_id!r}")
+def model_manifest(clients: PartyClients, model_id: str, *, owner: str) -> dict:
+    """The public manifest of ``owner``'s model ``model_id``, checked to be the same on the three parties."""
+    infos = clients.call_all("model_info", ModelRef(model_id, owner))
+    if len({info.digest for info in infos}) != 1 or {info.owner for info in infos} != {owner}:
+        raise ClusterError(f"the parties hold different models under {owner}'s {model_id!r}")
     return parse_manifest(infos[0].manifest)
 
 
 def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.ndarray, condition=None,
                       step_noise: Optional[np.ndarray] = None,
-                      on_step: Optional[Callable[[StepReport], None]] = None,
-                      expected_owner: Optional[str] = None) -> tuple[np.ndarray, RunStats, List[StepReport]]:
+                      on_step: Optional[Callable[[StepReport], None]] = None, *,
+                      owner: str) -> tuple[np.ndarray, RunStats, List[StepReport]]:
     """Run a sampling job as the user; returns (the result, revealed to this user only, cost, per-step cost).
 
     ``condition``: the one-hot labels, or the tuple of text contexts (`sampling.text_condition`).
-    ``expected_owner``: refuse unless the model was uploaded by this owner (model ids are first come, first served
-    among owners); the three parties must report one owner in any case.
+    ``owner``: whose model ``model_id`` is (each owner's ids are its own namespace); the three parties must report that
+    owner.
     """
     require_role(clients, "user")
     clients.check_ready()
     session_id = uuid.uuid4().hex[:16]
-    open_request = SessionOpen(session_id, model_id, json.dumps(job, sort_keys=True))
+    open_request = SessionOpen(session_id, model_id, json.dumps(job, sort_keys=True), owner)
     try:
         opened = clients.until_done("session_open", open_request, "opening the session")
         if len({o["executable_sha256"] for o in opened}) != 1:
@@ -459,8 +460,8 @@ def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.n
         if len(owners) != 1:
             raise ClusterError(f"the parties hold model {model_id!r} from different owners ({', '.join(owners)}); "
                                "refusing to run")
-        if expected_owner is not None and owners[0] != expected_owner:
-            raise ClusterError(f"model {model_id!r} was uploaded by {owners[0]!r}, not {expected_owner!r}; "
+        if owners[0] != owner:
+            raise ClusterError(f"model {model_id!r} was uploaded by {owners[0]!r}, not {owner!r}; "
                                "refusing to send it inputs")
         clients.until_done("session_start", SessionRef(session_id), "starting the session")
         slots = opened[0]["slots"]

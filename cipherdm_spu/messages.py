@@ -112,7 +112,11 @@ class ModelPut(Message):
 
 @dataclasses.dataclass(frozen=True)
 class ModelRef(Message):
+    """A model: its owner's id for it, in the owner's own namespace (``owner`` its certificate name; "" names the
+    caller's own model)."""
+
     model_id: str
+    owner: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +137,8 @@ class SessionOpen(Message):
     session_id: str
     model_id: str
     job: str
+    #: whose model: the owner's certificate name (each owner's model ids are its own namespace)
+    model_owner: str
 
 
 @dataclasses.dataclass(frozen=True)

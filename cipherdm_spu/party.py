@@ -2,8 +2,9 @@
 
 A party holds only its own shares and runs only programs it built itself:
 - the model owner (a client whose certificate names it ``owner``/``owner-*``) uploads this party's
-  shares of a model's tensors under a model id, with a public manifest (model and scheduler config,
-  the owner's policy). Nobody can read them back; only their owner can delete them.
+  shares of a model's tensors under a model id of its own namespace (a user names the owner and the id), with a
+  public manifest (model and scheduler config, the owner's policy). Nobody can read them back; only their owner can
+  delete them.
 - a user (``user``/``user-*``) opens a sampling session on a model: the party builds the step program
   from the manifest and the user's public job description (`plan.JobCatalog`), compiles it, audits
   the compiled IR (no secret may become public), checks the job against the owner's policy, then
@@ -154,7 +155,7 @@ class _Model:
 class _Session:
     id: str
     user: str
-    model_id: str
+    model_key: str  # `_model_key`: whose model, and its id
     last_seen: float  # when its user's last call on it began or, for a call that waited on its job, ended
     # when its user last moved it on: opened it, started it, gave an input, began a step, or ended a call that waited on
     # its running job. Calls that change nothing (an open repeated once compiled, a result fetched again) keep a
@@ -196,7 +197,7 @@ class PartyService:
         self.share_memory = share_memory  # bytes all models' shares may take, uploaded or announced
         # share content the calls receiving now hold, per method (`_reserve_receiving`)
         self.receiving_bytes = dict.fromkeys(RECEIVING_TURNS, 0)
-        self.models: Dict[str, _Model] = {}
+        self.models: Dict[str, _Model] = {}  # by `_model_key`: each owner's ids are its own namespace
         self.session: Optional[_Session] = None
         self.lock = threading.RLock()
         self.jobs = cf.ThreadPoolExecutor(1, thread_name_prefix=f"party-{party.id}-job")
@@ -249,15 +250,17 @@ class PartyService:
         with self.lock:
             self._check_room(caller, msg.model_id, size)
             digest = hashlib.sha256(msg.manifest.encode()).hexdigest()
-            self.models[msg.model_id] = _Model(caller.name, msg.manifest, digest, policy, expected, size)
+            model = _Model(caller.name, msg.manifest, digest, policy, expected, size)
+            self.models[_model_key(caller.name, msg.model_id)] = model
         log.info("party %s: %s began uploading model %s", self.party.id, caller.name, msg.model_id)
         return messages.Empty()
 
     def _check_room(self, caller: Caller, model_id: str, size: int = 0) -> None:
-        """Refuse a model that the party has no room for: its id taken, too many models, or (``size``: its manifest's
-        and shares' bytes) more share memory than is left of the party's budget."""
-        if model_id in self.models:
-            raise PartyError(f"model {model_id!r} exists; its owner must delete it before uploading again")
+        """Refuse a model of the caller's that the party has no room for: the caller holds one of that id, too many
+        models, or (``size``: its manifest's and shares' bytes) more share memory than is left of the party's
+        budget."""
+        if _model_key(caller.name, model_id) in self.models:
+            raise PartyError(f"model {model_id!r} exists; delete it before uploading again")
         if len(self.models) >= MAX_MODELS:
             raise PartyError(f"party {self.party.id} holds {MAX_MODELS} models already; try again later")
         if sum(m.owner == caller.name for m in self.models.values()) >= MAX_MODELS_PER_OWNER:
@@ -276,6 +279,7 @@ class PartyService:
             raise PartyError("model_put: a tensor is named twice")
         with self.lock:  # the header, whole, before any content is read
             model = self._open_upload(caller, msg.model_id, msg.names)
+            key = _model_key(caller.name, msg.model_id)
             specs = [model.expected[name] for name in msg.names]
             for name, meta, spec in zip(msg.names, msg.metas, specs):
                 self._check_meta(meta, spec, f"tensor {name!r}")
@@ -288,7 +292,7 @@ class PartyService:
             shares = {name: self._check_share(meta, content, spec, f"tensor {name!r}")
                       for name, meta, content, spec in zip(msg.names, msg.metas, contents, specs)}
             with self.lock:
-                if self.models.get(msg.model_id) is not model:
+                if self.models.get(key) is not model:
                     raise PartyError(f"model {msg.model_id!r} was deleted meanwhile")
                 model.shares.update(shares)
                 model.last_seen = time.monotonic()
@@ -318,57 +322,62 @@ class PartyService:
 
     def model_seal(self, caller: Caller, msg: messages.ModelRef) -> messages.ModelInfo:
         with self.lock:
-            model = self._owned_model(caller, msg.model_id)
+            model = self._owned_model(caller, msg.model_id, msg.owner)
             missing = sorted(set(model.expected) - set(model.shares))
             if missing:
                 raise PartyError(f"model {msg.model_id!r} misses {len(missing)} tensor(s): {names_of(missing)}")
             model.sealed = True
-        log.info("party %s: model %s sealed", self.party.id, msg.model_id)
+        log.info("party %s: model %s sealed", self.party.id, _model_key(caller.name, msg.model_id))
         return self._info(msg.model_id, model)
 
     def model_delete(self, caller: Caller, msg: messages.ModelRef) -> messages.Empty:
         with self.lock:
-            model = self._owned_model(caller, msg.model_id)
-            if self.session is not None and self.session.model_id == msg.model_id:
+            model = self._owned_model(caller, msg.model_id, msg.owner)
+            key = _model_key(caller.name, msg.model_id)
+            if self.session is not None and self.session.model_key == key:
                 raise PartyError(f"model {msg.model_id!r} is in use by a session; try again when it ends")
-            del self.models[msg.model_id]
+            del self.models[key]
             _cancel(model.receiving)
-        log.info("party %s: model %s deleted", self.party.id, msg.model_id)
+        log.info("party %s: model %s deleted", self.party.id, key)
         return messages.Empty()
 
     def model_info(self, caller: Caller, msg: messages.ModelRef) -> messages.ModelInfo:
+        owner = msg.owner or caller.name
+        _check_name(owner, "owner")
         with self.lock:
-            model = self.models.get(msg.model_id)
+            model = self.models.get(_model_key(owner, msg.model_id))
             visible = model is not None and (
                 model.owner == caller.name
                 or (caller.role == messages.USER and model.sealed
                     and (model.policy.users is None or caller.name in model.policy.users)))
             if not visible:
-                raise PartyError(f"party {self.party.id} has no model {msg.model_id!r} for {caller.name}")
+                raise PartyError(f"party {self.party.id} has no model {msg.model_id!r} of {owner} for {caller.name}")
             return self._info(msg.model_id, model)
 
     # -- a user ---------------------------------------------------------------------------------
 
     def session_open(self, caller: Caller, msg: messages.SessionOpen) -> messages.Progress:
         _check_name(msg.session_id, "session id")
+        _check_name(msg.model_owner, "model owner")
+        key = _model_key(msg.model_owner, msg.model_id)
         job_bytes = len(msg.job.encode())
         if job_bytes > MAX_JOB_BYTES:
             raise PartyError(f"the job is {job_bytes} bytes, more than {MAX_JOB_BYTES}")
         with self.lock:
             session = self.session
             if session is not None:
-                if session.id != msg.session_id or session.user != caller.name or session.model_id != msg.model_id:
+                if session.id != msg.session_id or session.user != caller.name or session.model_key != key:
                     raise PartyError(f"party {self.party.id} is busy with another session; try again later")
             else:
-                model = self.models.get(msg.model_id)
+                model = self.models.get(key)
                 # a user the owner's policy does not list is told what model_info tells it: no such model
                 if model is None or not model.sealed or (model.policy.users is not None
                                                          and caller.name not in model.policy.users):
-                    raise PartyError(f"party {self.party.id} has no model {msg.model_id!r}")
-                session = self.session = _Session(msg.session_id, caller.name, msg.model_id, time.monotonic())
+                    raise PartyError(f"party {self.party.id} has no model {msg.model_id!r} of {msg.model_owner}")
+                session = self.session = _Session(msg.session_id, caller.name, key, time.monotonic())
                 session.job = self.jobs.submit(self._open, session, model, msg.job)
                 log.info("party %s: session %s opening for %s on model %s", self.party.id, session.id,
-                         caller.name, msg.model_id)
+                         caller.name, key)
             session.last_seen = time.monotonic()
             if session.compiled is not None:  # already compiled
                 return messages.Progress("done", json.dumps(session.open_report))
@@ -387,7 +396,7 @@ class PartyService:
                 raise PartyError(f"session {msg.session_id!r} is not compiled yet")
             if session.job is None and session.worker is None:
                 session.job_index = -2
-                session.job = self.jobs.submit(self._start, session, self.models[session.model_id])
+                session.job = self.jobs.submit(self._start, session, self.models[session.model_key])
                 session.last_progress = time.monotonic()
         return self._progress(session, lambda: session.open_report)
 
@@ -501,7 +510,7 @@ class PartyService:
         executable = hashlib.sha256(program.code).hexdigest()
         # what the three parties must agree on before any share meets another (whose model, too): checked over the
         # SPU link
-        agreed = [session.id, session.user, session.model_id, model.owner, model.digest, terms.canonical, executable]
+        agreed = [session.id, session.user, session.model_key, model.owner, model.digest, terms.canonical, executable]
         agreement = hashlib.sha256(json.dumps(agreed).encode()).hexdigest()
         config = self.cluster.runtime_config(program.runtime_options)
         config.enable_pphlo_profile, config.enable_hal_profile = True, False  # this party's own cost report
@@ -547,7 +556,7 @@ class PartyService:
     def _step(self, session: _Session, index: int) -> None:
         program, worker = session.program, session.worker
         step = program.steps[index]
-        model = self.models[session.model_id]
+        model = self.models[session.model_key]
         secret = {_tensor(n): model.shares[n] for n in step.model_tensors}
         values = [share.value(name) for name, share in secret.items()]
         for name, value in step.public.items():
@@ -621,9 +630,10 @@ class PartyService:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _owned_model(self, caller: Caller, model_id: str) -> _Model:
-        model = self.models.get(model_id)
-        if model is None or model.owner != caller.name:
+    def _owned_model(self, caller: Caller, model_id: str, owner: str = "") -> _Model:
+        """The caller's own model of this id (``owner``, if named, must be the caller)."""
+        model = self.models.get(_model_key(caller.name, model_id)) if owner in ("", caller.name) else None
+        if model is None:
             raise PartyError(f"party {self.party.id} has no model {model_id!r} owned by {caller.name}")
         return model
 
@@ -713,7 +723,7 @@ class PartyService:
         while not self._stop.wait(1.0):
             with self.lock:
                 now, idle = time.monotonic(), self.cluster.session_idle_s
-                for model_id, model in list(self.models.items()):  # (one receiving shares is not silent)
+                for key, model in list(self.models.items()):  # (one receiving shares is not silent)
                     if model.sealed:
                         continue
                     if now - model.began > UNSEALED_S:
@@ -722,9 +732,9 @@ class PartyService:
                         why = f"{idle:g} s of silence"
                     else:
                         continue
-                    del self.models[model_id]
+                    del self.models[key]
                     _cancel(model.receiving)
-                    log.info("party %s: unsealed model %s dropped: %s", self.party.id, model_id, why)
+                    log.info("party %s: unsealed model %s dropped: %s", self.party.id, key, why)
                 session = self.session
                 if session is None or session.polls:
                     continue
@@ -795,6 +805,13 @@ def _cancel(receiving: Dict[str, "_ShareParts"]) -> None:
 def _check_name(name: str, what: str) -> None:
     if not NAME.fullmatch(name):
         raise PartyError(f"{what} {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+
+
+def _model_key(owner: str, model_id: str) -> str:
+    """Where a party holds ``owner``'s model ``model_id``: each owner's ids are its own namespace, so an owner learns
+    nothing of another's ids, and a user's inputs go to the model of the owner it named ('/' is in neither name)."""
+    _check_name(model_id, "model id")
+    return f"{owner}/{model_id}"
 
 
 def _tensor(name: str) -> str:

@@ -133,5 +133,8 @@ def peer_identity(auth_context: dict) -> tuple[Optional[str], Optional[str]]:
     names = auth_context.get("x509_common_name") or []
     if len(names) != 1:
         return None, None
-    name = names[0].decode("utf-8", "replace")
+    try:
+        name = names[0].decode("utf-8")
+    except UnicodeDecodeError:  # (a lenient decoding could give two certificates' names one string)
+        return None, None
     return name, role_of(name)

@@ -182,7 +182,7 @@ def run_network(args, steps: list) -> list:
                 job = {"sampler": "ddim", "steps": args.cluster_steps, "batch": 1, "protocol_set": name}
                 relay_cpu = emulator.cpu_seconds() if emulator else 0.0
                 with PartyClients(cluster, "user") as user:
-                    image, total, reports = sample_on_cluster(user, "mnist", job, x_t, one_hot([0], 10))
+                    image, total, reports = sample_on_cluster(user, "mnist", job, x_t, one_hot([0], 10), owner="owner")
                 n = len(reports)
                 relay_cpu = (emulator.cpu_seconds() - relay_cpu) / n if emulator else 0.0
                 per_step = dataclasses.replace(

@@ -42,7 +42,7 @@ def test_a_user_samples_what_the_owner_uploaded_as_the_embedded_session_does(clu
     model, params, _ = tiny_unet()
     sampler, x_t, labels = tiny_inputs()
     with user(config) as clients:
-        remote, stats_c, steps = sample_on_cluster(clients, "tiny", TINY_JOB, x_t, labels)
+        remote, stats_c, steps = sample_on_cluster(clients, "tiny", TINY_JOB, x_t, labels, owner="owner")
     with SecureSession("cipherdm") as session:
         diffusion = SecureDiffusion(session, model, params, sampler)
         embedded, stats_e, _ = diffusion.sample(x_t, [3, 8])
@@ -79,7 +79,7 @@ def test_a_multistep_solver_on_the_cluster_matches_the_embedded_session(cluster)
     _, x_t, labels = tiny_inputs()
     job = {**TINY_JOB, "sampler": "dpmsolver++", "steps": 3}
     with user(config) as clients:
-        remote, _, steps = sample_on_cluster(clients, "tiny", job, x_t, labels)
+        remote, _, steps = sample_on_cluster(clients, "tiny", job, x_t, labels, owner="owner")
     sampler = make_sampler("dpmsolver++", ScheduleConfig.from_dict(scheduler), 3, options=scheduler)
     with SecureSession("cipherdm") as session:
         diffusion = SecureDiffusion(session, model, params, sampler)
@@ -111,10 +111,11 @@ def test_parse_job_takes_the_samplers_by_name_and_refuses_bad_combinations():
 def test_run_ddim_as_a_user_of_the_cluster_writes_private_files(cluster, tmp_path):
     config, _ = cluster
     out = tmp_path / "out"
-    assert sampling_main("ddim", ["--cluster", str(config), "--model-id", "tiny", "--steps", "2",
-                                  "--labels", "3,8", "--out", str(out)]) == 0
+    assert sampling_main("ddim", ["--cluster", str(config), "--model-id", "tiny", "--model-owner", "owner",
+                                  "--steps", "2", "--labels", "3,8", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["parties"].startswith(f"cluster {config}") and report["model"] == "tiny"
+    assert report["parties"].startswith(f"cluster {config}") and report["parties"].endswith("model tiny of owner)")
+    assert report["model"] == "tiny"
     assert len(report["bytes_sent_per_party"]) == 3 and min(report["bytes_sent_per_party"]) > 0
     assert np.load(out / "samples.npy").shape == (2, 1, 8, 8)
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
@@ -126,9 +127,14 @@ def test_run_ddim_as_a_user_of_the_cluster_writes_private_files(cluster, tmp_pat
     (["--model-id", "tiny"], "--model-id and --model-owner are for --cluster runs"),
     (["--model-owner", "owner"], "--model-id and --model-owner are for --cluster runs"),
     (["--cluster", "CONFIG"], "--cluster needs --model-id"),
-    (["--cluster", "CONFIG", "--model-id", "tiny", "--compare"], "does not hold"),
-    (["--cluster", "CONFIG", "--model-id", "tiny", "--as", "mallory"], "no identity 'mallory'"),
-    (["--cluster", "CONFIG", "--model-id", "tiny"], "does not exist (make them with `spu-launch certs`)"),
+    (["--cluster", "CONFIG", "--model-id", "tiny"], "--cluster needs --model-owner OWNER"),
+    (["--cluster", "CONFIG", "--model-id", "tiny", "--model-owner", "owner", "--compare"], "does not hold"),
+    (["--cluster", "CONFIG", "--model-id", "tiny", "--model-owner", "owner", "--as", "mallory"],
+     "no identity 'mallory'"),
+    (["--cluster", "CONFIG", "--model-id", "tiny", "--model-owner", "user"], "--model-owner 'user' is no owner's name"),
+    (["--cluster", "CONFIG", "--model-id", "tiny", "--model-owner", "owner-a/b"], "is no owner's name"),
+    (["--cluster", "CONFIG", "--model-id", "tiny", "--model-owner", "owner"],
+     "does not exist (make them with `spu-launch certs`)"),
     (["--eta", "nan"], "--eta must be a finite number"),
     (["--seed", "-1"], "--seed must be in"),
 ])
@@ -165,8 +171,8 @@ def test_each_party_receives_only_its_own_shares(cluster, tmp_path, monkeypatch)
         upload_model(owner, "tiny-audit", model, params, scheduler, Policy())
     _, x_t, labels = tiny_inputs()
     with user(config) as clients:
-        sample_on_cluster(clients, "tiny-audit", TINY_JOB, x_t, labels)
-        clients.call_all("model_info", ModelRef("tiny-audit"))
+        sample_on_cluster(clients, "tiny-audit", TINY_JOB, x_t, labels, owner="owner")
+        clients.call_all("model_info", ModelRef("tiny-audit", "owner"))
     with PartyClients(cc.load(config), "owner") as owner:
         owner.call_all("model_delete", ModelRef("tiny-audit"))
     logs = [(config.parent / "logs" / f"party-P{i}.log").read_text() for i in range(3)]
@@ -207,7 +213,8 @@ def test_status_and_upload_commands(cluster, tmp_path, capsys):
     args = ["--config", str(config), "upload", "--model", str(tmp_path / "tiny"), "--model-id", "tiny-cli",
             "--policy", str(tmp_path / "policy.json")]
     assert launch_main(args) == 0
-    assert launch_main(args) == 1  # the parties refuse: the id is taken
+    assert "users name it --model-id tiny-cli --model-owner owner" in capsys.readouterr().out
+    assert launch_main(args) == 1  # the parties refuse: this owner has a model of that id
     assert "exists" in capsys.readouterr().err
     with PartyClients(cc.load(config), "owner") as owner:
         infos = owner.call_all("model_info", ModelRef("tiny-cli"))
@@ -216,7 +223,7 @@ def test_status_and_upload_commands(cluster, tmp_path, capsys):
         # the policy is checked on the job's terms, before anything is compiled
         _, x_t, labels = tiny_inputs()
         with user(config) as clients, pytest.raises(ClusterError, match="allows protocol sets cipherdm, not 'spu'"):
-            sample_on_cluster(clients, "tiny-cli", {**TINY_JOB, "protocol_set": "spu"}, x_t, labels)
+            sample_on_cluster(clients, "tiny-cli", {**TINY_JOB, "protocol_set": "spu"}, x_t, labels, owner="owner")
         owner.call_all("model_delete", ModelRef("tiny-cli"))
 
 
@@ -285,7 +292,7 @@ def test_a_party_killed_or_stalled_mid_run_is_named_and_the_others_recover(tmp_p
 
         started = time.monotonic()
         with user(config) as clients, pytest.raises(ClusterError, match="step 1 failed: party P2 .* unreachable"):
-            sample_on_cluster(clients, "tiny", TINY_JOB, x_t, labels, on_step=kill_p2)
+            sample_on_cluster(clients, "tiny", TINY_JOB, x_t, labels, on_step=kill_p2, owner="owner")
         assert time.monotonic() - started < 600
         procs["P2"].wait()
 
@@ -305,7 +312,7 @@ def test_a_party_killed_or_stalled_mid_run_is_named_and_the_others_recover(tmp_p
         with PartyClients(cluster, "owner") as owner:
             upload_model(owner, "tiny-again", model, params, scheduler, Policy())
         with user(config) as clients:
-            result, _, _ = sample_on_cluster(clients, "tiny-again", TINY_JOB, x_t, labels)
+            result, _, _ = sample_on_cluster(clients, "tiny-again", TINY_JOB, x_t, labels, owner="owner")
         assert np.all(np.isfinite(result))
 
         # P1's SPU runtime stalls (its control service still answers): its peers time out, and the error blames P1
@@ -314,7 +321,7 @@ def test_a_party_killed_or_stalled_mid_run_is_named_and_the_others_recover(tmp_p
             os.kill(int(pids[-1]), signal.SIGSTOP)
 
         with user(config) as clients, pytest.raises(ClusterError, match="P1's SPU runtime stalled"):
-            sample_on_cluster(clients, "tiny-again", TINY_JOB, x_t, labels, on_step=stall_p1_worker)
+            sample_on_cluster(clients, "tiny-again", TINY_JOB, x_t, labels, on_step=stall_p1_worker, owner="owner")
     finally:
         stop(procs.values())
 

@@ -126,13 +126,14 @@ class _Parties:
     role, identity = "user", "user"
 
     def __init__(self, opened):
-        self.opened, self.calls = opened, []
+        self.opened, self.calls, self.requests = opened, [], []
 
     def check_ready(self):
         pass
 
     def until_done(self, method, request, what):
         self.calls.append(method)
+        self.requests.append(request)
         return self.opened if method == "session_open" else None
 
     def call(self, rank, method, request):
@@ -151,8 +152,22 @@ def test_a_user_refuses_parties_that_disagree_before_sending_anything(change, me
     one = {"executable_sha256": "e" * 64, "model_owner": "owner", "slots": {"x": [[1, 1, 8, 8], "float32"]}}
     parties = _Parties([one, one, {**one, **change}])
     with pytest.raises(ClusterError, match=message):
-        jobs.sample_on_cluster(parties, "m", TINY_JOB, np.zeros((1, 1, 8, 8), np.float32))
+        jobs.sample_on_cluster(parties, "m", TINY_JOB, np.zeros((1, 1, 8, 8), np.float32), owner="owner")
     assert parties.calls == ["session_open"] + ["session_close"] * 3  # never started, nothing put
+
+
+def test_a_user_names_the_owner_and_refuses_a_model_of_another():
+    """The user's session_open names the owner whose model it means (the parties look the id up in that owner's
+    namespace); should all three report another owner, the user still refuses before sending anything."""
+    from cipherdm_spu.errors import ClusterError
+
+    evil = {"executable_sha256": "e" * 64, "model_owner": "owner-evil", "slots": {"x": [[1, 1, 8, 8], "float32"]}}
+    parties = _Parties([evil] * 3)
+    with pytest.raises(ClusterError, match="model 'm' was uploaded by 'owner-evil', not 'owner'; refusing to send it"):
+        jobs.sample_on_cluster(parties, "m", TINY_JOB, np.zeros((1, 1, 8, 8), np.float32), owner="owner")
+    assert parties.calls == ["session_open"] + ["session_close"] * 3
+    (opened,) = parties.requests
+    assert (opened.model_id, opened.model_owner) == ("m", "owner")
 
 
 def test_a_clients_shares_keep_spus_log_off_the_terminal(tmp_path):

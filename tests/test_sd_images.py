@@ -187,7 +187,8 @@ def test_img2img_as_a_user_of_the_cluster_matches_plaintext(sd_cluster, tiny_sd,
         upload_model(owner, "tiny-sd", model, params, scheduler_config(tiny_sd), Policy(users=["user"]))
     argv = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "4", "--guidance-scale", "5", "--seed", "0",
             "--init-image", str(pictures / "init.png"), "--strength", "0.5"]
-    assert main(argv + ["--cluster", str(config), "--model-id", "tiny-sd", "--out", str(tmp_path / "cluster")]) == 0
+    assert main(argv + ["--cluster", str(config), "--model-id", "tiny-sd", "--model-owner", "owner",
+                        "--out", str(tmp_path / "cluster")]) == 0
     assert main(argv + ["--plaintext", "--out", str(tmp_path / "plain")]) == 0
     report = _report(tmp_path / "cluster")
     assert report["parties"].startswith(f"cluster {config}") and len(report["per_step"]) == 2
@@ -209,7 +210,8 @@ def test_controlnet_as_a_user_of_the_cluster_matches_plaintext(sd_cluster, tiny_
     assert launch(["--config", str(config), "upload", "--model", str(tiny_sd), "--model-id", "tiny-sd-text"]) == 0
     argv = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "2", "--guidance-scale", "5", "--seed", "0",
             "--control-image", str(pictures / "control.png"), "--controlnet-scale", "0.7", "--guess-mode"]
-    assert main(argv + ["--cluster", str(config), "--model-id", "tiny-sd-cn", "--out", str(tmp_path / "cluster")]) == 0
+    assert main(argv + ["--cluster", str(config), "--model-id", "tiny-sd-cn", "--model-owner", "owner",
+                        "--out", str(tmp_path / "cluster")]) == 0
     assert main(argv[:-5] + ["--controlnet", str(controlnet_dir)] + argv[-5:]
                 + ["--plaintext", "--out", str(tmp_path / "plain")]) == 0
     report = _report(tmp_path / "cluster")
@@ -219,6 +221,6 @@ def test_controlnet_as_a_user_of_the_cluster_matches_plaintext(sd_cluster, tiny_
     # a model without a ControlNet refuses a control image, and one with it needs one, before anything is shared
     for model_id, args, message in (("tiny-sd-text", argv[-5:], "uploaded without a ControlNet"),
                                     ("tiny-sd-cn", [], "has a ControlNet: pass --control-image")):
-        assert main(argv[:-5] + args + ["--cluster", str(config), "--model-id", model_id,
+        assert main(argv[:-5] + args + ["--cluster", str(config), "--model-id", model_id, "--model-owner", "owner",
                                         "--out", str(tmp_path / "refused")]) == 2
         assert message in capsys.readouterr().err

@@ -128,7 +128,8 @@ def test_no_method_returns_or_runs_anything_but_what_roles_allow(cluster):
         for method, request in (("model_begin", ModelBegin("evil", "{}")), ("model_delete", ModelRef("tiny")),
                                 ("model_put", ModelPut("tiny", [], []))):
             assert refused(lambda: user.call(0, method, request)) == grpc.StatusCode.PERMISSION_DENIED
-        for method, request in (("session_result", SessionRef("x")), ("session_open", SessionOpen("x", "tiny", "{}")),
+        for method, request in (("session_result", SessionRef("x")),
+                                ("session_open", SessionOpen("x", "tiny", "{}", "owner")),
                                 ("session_step", SessionStep("x", 0))):
             assert refused(lambda: owner.call(0, method, request)) == grpc.StatusCode.PERMISSION_DENIED
         # every method names its roles; none is open to a party
@@ -187,7 +188,7 @@ def test_a_session_cannot_be_taken_over_and_is_dropped_when_abandoned(cluster):
     cluster_cfg = cc.load(config)
     with PartyClients(cluster_cfg, "user") as alice, PartyClients(cluster_cfg, "user-bob") as bob:
         job = json.dumps(TINY_JOB, sort_keys=True)
-        alice.until_done("session_open", SessionOpen("alice-1", "tiny", job), "opening")
+        alice.until_done("session_open", SessionOpen("alice-1", "tiny", job, "owner"), "opening")
         alice.until_done("session_start", SessionRef("alice-1"), "starting")
         # nobody without a party certificate reaches the session's SPU link (its brpc server alone would take this
         # forged message from P1 to P0, in plaintext, as the next one P0 reads)
@@ -195,9 +196,9 @@ def test_a_session_cannot_be_taken_over_and_is_dropped_when_abandoned(cluster):
             assert _plaintext_push(party.spu_address, "alice-1:P2P-1:1->0") == b"", party.id
         # bob can neither open over it, nor step, read, or close alice's session
         with pytest.raises(ClusterError, match="busy with another session"):
-            bob.until_done("session_open", SessionOpen("bob-1", "tiny", job), "opening")
+            bob.until_done("session_open", SessionOpen("bob-1", "tiny", job, "owner"), "opening")
         with pytest.raises(ClusterError, match="busy with another session"):
-            bob.until_done("session_open", SessionOpen("alice-1", "tiny", job), "opening")
+            bob.until_done("session_open", SessionOpen("alice-1", "tiny", job, "owner"), "opening")
         for method, request in (("session_result", SessionRef("alice-1")), ("session_step", SessionStep("alice-1", 0))):
             assert "no session 'alice-1' of user-bob" in _details(lambda: bob.call(0, method, request))
         bob.call_all("session_close", SessionRef("alice-1"))  # no effect on alice's session
@@ -242,10 +243,10 @@ def test_inconsistent_replicated_shares_are_refused_before_a_step(cluster, monke
     with PartyClients(cc.load(config), "user") as user:
         monkeypatch.setattr(PartyClients, "call", tampering_call)
         with pytest.raises(ClusterError, match=r"shares of slot/x disagree: a client gave them inconsistent shares"):
-            sample_on_cluster(user, "tiny", TINY_JOB, x_t, labels)
+            sample_on_cluster(user, "tiny", TINY_JOB, x_t, labels, owner="owner")
         assert not any(r.busy for r in user.hello())
         monkeypatch.setattr(PartyClients, "call", original)
-        image, _, _ = sample_on_cluster(user, "tiny", TINY_JOB, x_t, labels)
+        image, _, _ = sample_on_cluster(user, "tiny", TINY_JOB, x_t, labels, owner="owner")
         assert np.isfinite(image).all()
 
 
@@ -343,18 +344,76 @@ def test_the_owners_policy_binds_users_and_jobs(cluster):
         _, x_t, labels = tiny_inputs()
         for message, job in bad_jobs.items():
             with pytest.raises(ClusterError, match=message):
-                sample_on_cluster(user, "tiny", job, x_t, labels)
-    # a user who pins the model's owner refuses a model of the same id uploaded by another owner
+                sample_on_cluster(user, "tiny", job, x_t, labels, owner="owner")
+    # a user names whose model it samples: another owner's "tiny" is another model (here none)
     with PartyClients(cc.load(config), "user") as user:
         _, x_t, labels = tiny_inputs()
-        with pytest.raises(ClusterError, match="uploaded by 'owner', not 'owner-evil'; refusing to send it inputs"):
-            sample_on_cluster(user, "tiny", TINY_JOB, x_t, labels, expected_owner="owner-evil")
+        with pytest.raises(ClusterError, match="has no model 'tiny' of owner-evil"):
+            sample_on_cluster(user, "tiny", TINY_JOB, x_t, labels, owner="owner-evil")
     # the policy of "tiny" lists users "user" and "user-bob" only: carol holds a valid certificate, but no right
     with PartyClients(cc.load(config), "user-carol") as carol:
         with pytest.raises(ClusterError, match="no model 'tiny'"):
-            carol.call_all("model_info", ModelRef("tiny"))
+            carol.call_all("model_info", ModelRef("tiny", "owner"))
         with pytest.raises(ClusterError, match="no model 'tiny'"):  # opening a session tells her no more
-            carol.until_done("session_open", SessionOpen("carol-1", "tiny", json.dumps(TINY_JOB)), "opening")
+            carol.until_done("session_open", SessionOpen("carol-1", "tiny", json.dumps(TINY_JOB), "owner"), "opening")
+
+
+def test_each_owners_model_ids_are_its_own(tmp_path):
+    """Model ids are per owner: another owner can neither see, take, delete nor stand in for an owner's model of the
+    same id (an independent review: in one namespace an owner learnt which ids were taken, and a model uploaded first
+    under an id served the users who meant another owner's), and a user names the owner whose model it samples."""
+    with _party_in_process(tmp_path, _Catalog()) as service:
+        eve = _owner("owner-eve")
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+        service.model_begin(eve, ModelBegin("m", json.dumps({"policy": None})))  # no "exists": eve's own "m"
+        with pytest.raises(PartyError, match="model 'm' exists; delete it before uploading again"):
+            service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+        assert service.model_seal(OWNER, ModelRef("m")).owner == "owner"
+        for method in (service.model_seal, service.model_delete):  # eve reaches only her own
+            with pytest.raises(PartyError, match="has no model 'm' owned by owner-eve"):
+                method(eve, ModelRef("m", "owner"))
+        refusals = []
+        for model_id in ("m", "absent"):  # an id another owner holds is refused as one nobody holds
+            with pytest.raises(PartyError, match=f"has no model '{model_id}' of owner for owner-eve") as refused:
+                service.model_info(eve, ModelRef(model_id, "owner"))
+            refusals.append(str(refused.value).replace(f"'{model_id}'", "ID"))
+        assert refusals[0] == refusals[1]
+        assert service.model_info(eve, ModelRef("m")).owner == "owner-eve"  # unsealed, her own
+        assert service.model_info(_user("user"), ModelRef("m", "owner")).owner == "owner"
+        for ref in (ModelRef("m"), ModelRef("m", "owner-eve")):  # a user owns nothing; eve's "m" is not sealed
+            with pytest.raises(PartyError, match="has no model 'm' of (user|owner-eve) for user"):
+                service.model_info(_user("user"), ref)
+        with pytest.raises(PartyError, match="has no model 'm' of owner-eve$"):
+            service.session_open(_user("user"), SessionOpen("s", "m", "{}", "owner-eve"))
+        for bad in ("owner/m", "../owner", ""):
+            with pytest.raises(PartyError, match="must be 1-64 letters"):
+                service.session_open(_user("user"), SessionOpen("s", "m", "{}", bad))
+            with pytest.raises(PartyError, match="must be 1-64 letters"):
+                service.model_info(_user("user"), ModelRef(bad, "owner"))
+            if bad:  # ("" names the caller's own namespace)
+                with pytest.raises(PartyError, match="must be 1-64 letters"):
+                    service.model_info(_user("user"), ModelRef("m", bad))
+        service.compiler = CompilerProcess("compiler", lambda: _InProcess(stall="program"))
+        assert service.session_open(_user("user"), SessionOpen("s", "m", "{}", "owner")).state == "running"
+        assert service.session.model_key == "owner/m"
+        with pytest.raises(PartyError, match="in use by a session"):
+            service.model_delete(OWNER, ModelRef("m"))
+        service.model_delete(eve, ModelRef("m"))  # hers is not the session's
+        assert set(service.models) == {"owner/m"}
+
+
+def test_a_client_name_that_is_no_namespace_grants_no_role():
+    """A client's certificate name is its models' namespace (an owner) or its name in a policy (a user): a name the
+    parties could not take as one ('/' in it, too long, not UTF-8) grants no role (an independent review: such an
+    owner could fill slots no user can ever name, and a lenient decoding gives two names one string)."""
+    from cipherdm_spu.pki import peer_identity
+
+    def identity(name: bytes):
+        return peer_identity({"transport_security_type": [b"ssl"], "x509_common_name": [name]})
+
+    assert identity(b"owner-eve") == ("owner-eve", "owner") and identity(b"user") == ("user", "user")
+    for name in (b"owner-a/b", b"owner-" + b"e" * 60, b"owner-\xff", b"owner-\xc3\xa9", b"user-\n"):
+        assert identity(name)[1] is None, name
 
 
 def test_the_policy_bounds_a_jobs_batch_steps_and_public_scales():
@@ -399,10 +458,10 @@ def test_a_job_is_capped_before_it_is_parsed_and_a_reason_quoting_it_is_cut_in_t
         service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
         service.model_seal(OWNER, ModelRef("m"))
         with pytest.raises(PartyError, match=f"the job is {MAX_JOB_BYTES + 1} bytes, more than {MAX_JOB_BYTES}"):
-            service.session_open(_user("user"), SessionOpen("s", "m", "x" * (MAX_JOB_BYTES + 1)))
+            service.session_open(_user("user"), SessionOpen("s", "m", "x" * (MAX_JOB_BYTES + 1), "owner"))
         assert service.session is None
         with caplog.at_level(logging.INFO, logger="cipherdm_spu.party"), pytest.raises(PartyError, match="refuses the job"):
-            service.session_open(_user("user"), SessionOpen("s", "m", "\x85" * (MAX_JOB_BYTES // 2)))  # at the cap
+            service.session_open(_user("user"), SessionOpen("s", "m", "\x85" * (MAX_JOB_BYTES // 2), "owner"))  # at the cap
         deadline = time.monotonic() + 30
         while service.session is not None and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -525,7 +584,7 @@ def test_a_party_refuses_a_program_that_reveals(tmp_path):
         service.model_seal(OWNER, ModelRef("m"))
         with pytest.raises(PartyError, match="refuses to run the compiled step"):
             for _ in range(10):
-                if service.session_open(_user("user"), SessionOpen("s", "m", "{}")).state == "done":
+                if service.session_open(_user("user"), SessionOpen("s", "m", "{}", "owner")).state == "done":
                     break
         assert service.session is None
 
@@ -553,7 +612,7 @@ def test_a_sessions_inputs_count_against_the_share_memory_budget(tmp_path):
         def open_until_done(session_id, elements):
             for _ in range(50):
                 if service.session_open(_user("user"), SessionOpen(session_id, "m", json.dumps(
-                        {"elements": elements}))).state == "done":
+                        {"elements": elements}), "owner")).state == "done":
                     return True
                 time.sleep(0.1)
             return False
@@ -577,7 +636,7 @@ def test_a_session_abandoned_while_it_compiles_is_dropped(tmp_path):
         for user in ("user", "user-bob"):  # the cluster is free again for the next user
             started = []
             service.compiler = CompilerProcess("compiler", lambda: started.append(_InProcess(stall="program")) or started[-1])
-            assert service.session_open(_user(user), SessionOpen(user, "m", "{}")).state == "running"
+            assert service.session_open(_user(user), SessionOpen(user, "m", "{}", "owner")).state == "running"
             deadline = time.monotonic() + 30
             while service.session is not None and time.monotonic() < deadline:
                 time.sleep(0.5)
@@ -600,13 +659,13 @@ def test_pinging_a_session_does_not_hold_the_cluster(tmp_path, monkeypatch):
         alice = _user("user")
         for started, (least, most) in ((False, (6, 12)), (True, (10, 16))):  # 4 s, then 6 s, of pings every 0.5 s
             with service.lock:  # compiled here, its user waiting for the others to compile (or, started, to load)
-                opened = service.session = party._Session("s", "user", "m", time.monotonic(),
+                opened = service.session = party._Session("s", "user", "owner/m", time.monotonic(),
                                                           compiled=("program", "", b""))
                 if started:
                     opened.program, opened.job_index = types.SimpleNamespace(steps=("step 0",)), 0
             pings = 0
             while service.session is opened and pings < 40:
-                assert service.session_open(alice, SessionOpen("s", "m", "{}")).state == "done"
+                assert service.session_open(alice, SessionOpen("s", "m", "{}", "owner")).state == "done"
                 with pytest.raises(PartyError, match="released only after" if started else "still opening"):
                     service.session_result(alice, SessionRef("s"))
                 pings += 1
@@ -640,7 +699,7 @@ def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
         service.model_begin(other, ModelBegin("b", json.dumps({"elements": 400})))
         service.model_delete(OWNER, ModelRef("a"))
         service.model_begin(other, ModelBegin("c", json.dumps({"elements": 600})))
-        assert set(service.models) == {"b", "c"}
+        assert set(service.models) == {"owner-eve/b", "owner-eve/c"}
         # a shape whose element count wraps int64 (2**64 + 1 elements: 1 in int64) is counted in full, and refused
         # (found by an independent review: a negative size would have switched the budget off)
         service.model_delete(other, ModelRef("c"))  # room for its manifest
@@ -684,9 +743,9 @@ def test_calls_receiving_shares_hold_at_most_max_receiving_bytes(tmp_path, monke
             service.model_put(OWNER, ModelPut("m", ["b"], [meta]), iter([content]))
         go.set()
         first.join(30)
-        assert service.receiving_bytes["model_put"] == 0 and set(service.models["m"].shares) == {"a"}
+        assert service.receiving_bytes["model_put"] == 0 and set(service.models["owner/m"].shares) == {"a"}
         service.model_put(OWNER, ModelPut("m", ["b"], [meta]), iter([content]))
-        assert set(service.models["m"].shares) == {"a", "b"} and not service.models["m"].receiving
+        assert set(service.models["owner/m"].shares) == {"a", "b"} and not service.models["owner/m"].receiving
 
 
 def test_an_upload_kept_busy_is_dropped_when_not_sealed_in_time(tmp_path, monkeypatch, caplog):
@@ -736,9 +795,9 @@ def test_an_upload_kept_busy_is_dropped_when_not_sealed_in_time(tmp_path, monkey
                 break
             time.sleep(0.5)
         receiving.join(60)
-        assert "m" not in service.models and stalled.cancelled.is_set() and failed == ["cancelled"]
+        assert "owner/m" not in service.models and stalled.cancelled.is_set() and failed == ["cancelled"]
         assert service.receiving_bytes["model_put"] == 0
-    assert "unsealed model m dropped: not sealed 2 s after it began" in caplog.text
+    assert "unsealed model owner/m dropped: not sealed 2 s after it began" in caplog.text
 
 
 def test_an_input_that_never_arrives_does_not_hold_the_cluster(tmp_path, monkeypatch, caplog):
@@ -761,7 +820,7 @@ def test_an_input_that_never_arrives_does_not_hold_the_cluster(tmp_path, monkeyp
         service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
         service.model_seal(OWNER, ModelRef("m"))
         with service.lock:
-            opened = service.session = party._Session("s", "user", "m", time.monotonic(), compiled=("program", "", b""))
+            opened = service.session = party._Session("s", "user", "owner/m", time.monotonic(), compiled=("program", "", b""))
             opened.program, opened.job_index = types.SimpleNamespace(steps=("step 0",)), 0
             opened.receiving["x"] = stalled
         deadline = time.monotonic() + 60
@@ -781,7 +840,7 @@ def test_a_padded_manifest_is_refused_and_a_manifest_counts_against_the_budget(t
         assert not service.models
         small = json.dumps({"policy": None, "config": {"_pad": "A" * 1000}})
         service.model_begin(OWNER, ModelBegin("m", small))  # a model of no tensors: its manifest alone is counted
-        assert service.models["m"].size == len(small)
+        assert service.models["owner/m"].size == len(small)
         with pytest.raises(PartyError, match="needs .* of share memory"):
             service.model_begin(_owner("owner-eve"), ModelBegin("n", json.dumps({"policy": None, "config": {
                 "_pad": "A" * (MAX_MANIFEST_BYTES - 100)}})))  # within the cap, beyond what is left of the budget
@@ -800,7 +859,7 @@ def test_an_owners_manifest_cannot_break_a_users_compile(tmp_path, monkeypatch):
         compilers, judges = [], []
         service.compiler = CompilerProcess("compiler", lambda: compilers.append(_InProcess(stall="program")) or compilers[-1])
         service.judge = CompilerProcess("judge", lambda: judges.append(_InProcess(stall="model_tensors")) or judges[-1])
-        assert service.session_open(_user("user"), SessionOpen("s", "m", "{}")).state == "running"  # compiling
+        assert service.session_open(_user("user"), SessionOpen("s", "m", "{}", "owner")).state == "running"  # compiling
         with pytest.raises(PartyError, match="judge: the job took more than 2 s"):
             service.model_begin(_owner("owner-mallory"), ModelBegin("slow", json.dumps({"policy": None})))
         assert len(judges) == 2 and len(compilers) == 1  # the judge was restarted, the user's compiler not
@@ -918,7 +977,7 @@ def test_the_parties_refuse_a_session_they_were_told_different_things_about(clus
     session id per party already fails to form a link: SPU's link keys carry the session id.)"""
     config, _ = cluster
     job = json.dumps(TINY_JOB, sort_keys=True)
-    request = SessionOpen("mixed", "tiny", job)
+    request = SessionOpen("mixed", "tiny", job, "owner")
     with PartyClients(cc.load(config), "user") as alice, PartyClients(cc.load(config), "user-bob") as bob:
         callers = [alice, bob, bob]
         try:
