@@ -127,6 +127,17 @@ class PartyClients:
         self.call_all(method, lambda rank: request(rank, shares[rank]),
                       contents=lambda rank: [content_of(shares[rank].share_chunks)])
 
+    def call_each(self, method: str, request: messages.Message) -> list:
+        """``method`` on each party in turn, whatever the others answer: each party's reply, or a string saying why
+        it failed (naming the party). For commands that report party by party (`spu-launch info`, `delete`)."""
+        outcomes = []
+        for rank in range(3):
+            try:
+                outcomes.append(self.call(rank, method, request))
+            except grpc.RpcError as e:
+                outcomes.append(self.describe(e, rank, method))
+        return outcomes
+
     def hello(self, timeout: Optional[float] = None) -> list:
         """Each party's HelloReply, or a string saying why it did not answer."""
         timeout = self.cluster.connect_timeout_s if timeout is None else timeout
@@ -209,4 +220,4 @@ class PartyClients:
 
 def require_role(clients: PartyClients, role: str) -> None:
     if clients.role != role:
-        raise ClusterConfigError(f"client {clients.identity!r} has the {clients.role} role; this needs a {role}")
+        raise ClusterConfigError(f"client {clients.identity!r} has the {clients.role} role; this needs the {role} role")

@@ -1,4 +1,5 @@
-"""spu-launch: the cluster's command line: certificates, parties, status, and the owner's upload.
+"""spu-launch: the cluster's command line: certificates, parties, status, and the owner's models (upload, info,
+delete).
 
     spu-launch --config configs/3pc.json certs        # a development PKI where the config expects it
     spu-launch --config configs/3pc.json              # every party whose host is this machine
@@ -6,6 +7,8 @@
     spu-launch --config configs/3pc.json status       # which parties are up (as client "user")
     spu-launch --config configs/3pc.json upload --model checkpoints/mnist-ddpm-silu --model-id mnist-silu
                                                       # the model owner shares its model (as "owner")
+    spu-launch --config configs/3pc.json info --model-id mnist-silu    # what each party holds under that id
+    spu-launch --config configs/3pc.json delete --model-id mnist-silu  # the owner deletes its model
 
 Each party is its own OS process (see `cipherdm_spu.party`). Started together, the launcher supervises
 them: Ctrl-C or SIGTERM stops all of them cleanly; a party that fails to start stops the others; a
@@ -33,9 +36,10 @@ from typing import Iterator, List, Optional, Tuple
 from tqdm import tqdm
 
 from . import cluster_config
-from .client import PartyClients
+from .client import PartyClients, require_role
 from .cluster_config import ClusterConfig
 from .errors import ClusterConfigError, ClusterError, InputError, PartyError
+from .messages import ModelRef
 from .models import ConfigError
 from .models.schedulers import SchedulerConfigError
 from .netem import Link, LinkEmulator
@@ -64,9 +68,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="spu-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("command", nargs="?", choices=["start", "status", "certs", "upload"], default="start",
-                   help="start parties (default), report which are up, make development certificates, or "
-                        "upload a model as its owner")
+    p.add_argument("command", nargs="?", choices=["start", "status", "certs", "upload", "info", "delete"],
+                   default="start",
+                   help="start parties (default), report which are up, make development certificates, upload a model "
+                        "as its owner, report what each party holds under a model id (owner or user), or delete a "
+                        "model as its owner")
     p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help=f"cluster config (default: {DEFAULT_CONFIG})")
     p.add_argument("--party", help="start: only this party (its id in the config)")
     p.add_argument("--share-memory-gib", type=_positive_gib, default=None, metavar="GIB",
@@ -76,12 +82,15 @@ def parse_args(argv=None):
     p.add_argument("--log-dir", type=Path, default=None,
                    help="start: a private folder for the parties' SPU logs (default: a new temporary folder, 0700)")
     p.add_argument("--as", dest="identity", default=None,
-                   help="status/upload: the client identity in tls.clients (default: user for status, owner for upload)")
+                   help="status/upload/info/delete: the client identity in tls.clients (default: user for status, "
+                        "owner for the others)")
     p.add_argument("--clients", default="owner,user",
                    help="certs: the client identities to make certificates for (default: owner,user)")
     p.add_argument("--model", type=Path, help="upload: a local diffusers model directory (or a pipeline with unet/)")
     p.add_argument("--model-id", help="upload: the id users will sample with, in this owner's own namespace (users "
-                                      "name the owner too: --model-owner)")
+                                      "name the owner too: --model-owner); info/delete: the model's id")
+    p.add_argument("--model-owner", default=None, metavar="OWNER",
+                   help="info: whose model --model-id is, its owner's certificate name (default: the caller's own)")
     p.add_argument("--controlnet", type=Path, default=None, metavar="DIR",
                    help="upload: a local diffusers ControlNetModel directory, uploaded with the Stable Diffusion UNet "
                         "of --model as one model (users then pass --control-image)")
@@ -107,6 +116,8 @@ def main(argv=None) -> int:
             return 0
         if args.command == "upload":
             return upload(cluster, args)
+        if args.command in ("info", "delete"):
+            return (model_info if args.command == "info" else delete)(cluster, args)
         if args.party:
             from .jobs import SamplingCatalog
             from .party import serve
@@ -157,6 +168,49 @@ def status(cluster: ClusterConfig, identity: str) -> int:
         print(f"{party.id}  UP    {party.control_address}  {state}  cipherdm-spu {reply.package}, spu {reply.spu}{agrees}")
     print(f"{up}/3 parties up")
     return 0 if up == len(cluster.parties) else 1
+
+
+def _model_ref(args) -> ModelRef:
+    """The model --model-id (and, for info, --model-owner) names."""
+    if args.model_id is None or not NAME.fullmatch(args.model_id):
+        raise ClusterConfigError(f"{args.command} needs --model-id ID (1-64 letters, digits, '.', '_' or '-')")
+    if args.model_owner is not None and (args.command != "info" or cluster_config.role_of(args.model_owner) != "owner"):
+        raise ClusterConfigError("--model-owner names an owner (owner or owner-NAME), for info only: an owner deletes "
+                                 "only its own models")
+    return ModelRef(args.model_id, args.model_owner or "")
+
+
+def model_info(cluster: ClusterConfig, args) -> int:
+    """Print what each party holds under the model id: its owner, whether sealed, the manifest digest; then the
+    manifest's kind and policy. Exit 0 when the three hold one sealed model."""
+    ref = _model_ref(args)
+    with PartyClients(cluster, args.identity or "owner") as clients:
+        outcomes = clients.call_each("model_info", ref)
+    held = [o for o in outcomes if not isinstance(o, str)]
+    for party, outcome in zip(cluster.parties, outcomes):
+        if isinstance(outcome, str):
+            print(f"{party.id}  {outcome}")
+        else:
+            state = "sealed" if outcome.sealed else "uploading"
+            print(f"{party.id}  {state}  owner {outcome.owner}  manifest {outcome.digest[:16]}")
+    agreed = len(held) == 3 and len({(o.owner, o.digest) for o in held}) == 1
+    if held:
+        manifest = json.loads(held[0].manifest)
+        print(f"kind {manifest.get('kind')}; policy {json.dumps(manifest.get('policy'), sort_keys=True)}")
+    if len(held) == 3 and not agreed:
+        print("the parties hold DIFFERENT models under this id")
+    return 0 if agreed and all(o.sealed for o in held) else 1
+
+
+def delete(cluster: ClusterConfig, args) -> int:
+    """The owner deletes its model from each party (each refusal is named); exit 0 when all three deleted it."""
+    ref = _model_ref(args)
+    with PartyClients(cluster, args.identity or "owner") as clients:
+        require_role(clients, "owner")
+        outcomes = clients.call_each("model_delete", ref)
+    for party, outcome in zip(cluster.parties, outcomes):
+        print(f"{party.id}  {outcome if isinstance(outcome, str) else 'deleted'}")
+    return 0 if not any(isinstance(o, str) for o in outcomes) else 1
 
 
 def upload(cluster: ClusterConfig, args) -> int:

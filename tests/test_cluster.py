@@ -220,11 +220,27 @@ def test_status_and_upload_commands(cluster, tmp_path, capsys):
         infos = owner.call_all("model_info", ModelRef("tiny-cli"))
         assert all(i.sealed and i.owner == "owner" for i in infos)
         assert json.loads(infos[0].manifest)["policy"]["users"] == ["user"]
-        # the policy is checked on the job's terms, before anything is compiled
-        _, x_t, labels = tiny_inputs()
-        with user(config) as clients, pytest.raises(ClusterError, match="allows protocol sets cipherdm, not 'spu'"):
-            sample_on_cluster(clients, "tiny-cli", {**TINY_JOB, "protocol_set": "spu"}, x_t, labels, owner="owner")
-        owner.call_all("model_delete", ModelRef("tiny-cli"))
+    # info: the owner's own, and a user's of the owner it names
+    info = ["--config", str(config), "info", "--model-id", "tiny-cli"]
+    assert launch_main(info) == 0
+    out = capsys.readouterr().out
+    assert out.count("sealed  owner owner  manifest ") == 3 and 'policy {"input_bound"' in out
+    assert launch_main(info + ["--as", "user", "--model-owner", "owner"]) == 0
+    assert out.splitlines()[:3] == capsys.readouterr().out.splitlines()[:3]
+    assert launch_main(info + ["--as", "user"]) == 1  # a user owns no model
+    assert capsys.readouterr().out.count("has no model 'tiny-cli' of user for user") == 3
+    # the policy is checked on the job's terms, before anything is compiled
+    _, x_t, labels = tiny_inputs()
+    with user(config) as clients, pytest.raises(ClusterError, match="allows protocol sets cipherdm, not 'spu'"):
+        sample_on_cluster(clients, "tiny-cli", {**TINY_JOB, "protocol_set": "spu"}, x_t, labels, owner="owner")
+    # delete: the owner's alone, party by party
+    delete = ["--config", str(config), "delete", "--model-id", "tiny-cli"]
+    assert launch_main(delete + ["--as", "user"]) == 2
+    assert "has the user role; this needs the owner role" in capsys.readouterr().err
+    assert launch_main(delete + ["--model-owner", "owner"]) == 2 and "for info only" in capsys.readouterr().err
+    assert launch_main(delete) == 0 and capsys.readouterr().out.count("  deleted") == 3
+    assert launch_main(delete) == 1 and capsys.readouterr().out.count("has no model 'tiny-cli' owned by owner") == 3
+    assert launch_main(info) == 1
 
 
 @pytest.mark.slow
