@@ -174,10 +174,11 @@ def _model_ref(args) -> ModelRef:
     """The model --model-id (and, for info, --model-owner) names."""
     if args.model_id is None or not NAME.fullmatch(args.model_id):
         raise ClusterConfigError(f"{args.command} needs --model-id ID (1-64 letters, digits, '.', '_' or '-')")
-    if args.model_owner is not None and (args.command != "info" or cluster_config.role_of(args.model_owner) != "owner"):
+    owner = args.model_owner
+    if owner is not None and (args.command != "info" or cluster_config.role_of(owner) != "owner"):
         raise ClusterConfigError("--model-owner names an owner (owner or owner-NAME), for info only: an owner deletes "
                                  "only its own models")
-    return ModelRef(args.model_id, args.model_owner or "")
+    return ModelRef(args.model_id, owner or "")
 
 
 def model_info(cluster: ClusterConfig, args) -> int:
