@@ -161,6 +161,9 @@ class PartyClients:
                 continue
             if reply.party != party.id:
                 problems.append(f"{party.control_address} answers as party {reply.party}, the config says {party.id}")
+            if reply.client != self.identity:  # the parties act (namespaces, policies) on the certificate's name
+                problems.append(f"party {party.id} knows this client as {reply.client!r}: the certificate of "
+                                f"tls.clients.{self.identity} names another client")
             if reply.package != __version__ or reply.spu != spu.__version__:
                 problems.append(f"party {party.id} runs cipherdm-spu {reply.package} / spu {reply.spu}, "
                                 f"this client {__version__} / {spu.__version__}")

@@ -94,6 +94,23 @@ def test_a_client_refuses_a_party_whose_certificate_names_another_party(cluster)
         user.call(2, "hello", Empty(), timeout=10)  # the party at its own address still answers
 
 
+def test_a_client_whose_certificate_names_another_client_is_not_ready(cluster):
+    """The parties know a client by its certificate's name (its models' namespace, a policy's user name), the client
+    by its config key: a key whose certificate names another client is refused before anything is sent (an
+    independent review: `upload` would have told users the wrong owner)."""
+    config, _ = cluster
+    raw = json.loads(config.read_text())
+    raw["tls"]["clients"]["owner"] = raw["tls"]["clients"]["user"]
+    mislabelled = config.parent / "mislabelled.json"  # (beside the original: its TLS paths are relative to its folder)
+    mislabelled.write_text(json.dumps(raw))
+    with PartyClients(cc.load(mislabelled), "owner") as owner:
+        with pytest.raises(ClusterError, match="party P0 knows this client as 'user': the certificate of "
+                                               "tls.clients.owner names another client"):
+            owner.check_ready()
+    with PartyClients(cc.load(config), "owner") as owner:
+        owner.check_ready()
+
+
 def test_a_certificate_of_another_ca_named_owner_is_refused(cluster, tmp_path):
     config, _ = cluster
     rogue = write_config(tmp_path / "rogue.json")  # the attacker's own CAs, with an "owner" client
