@@ -260,7 +260,7 @@ class PartyService:
         models, or (``size``: its manifest's and shares' bytes) more share memory than is left of the party's
         budget."""
         if _model_key(caller.name, model_id) in self.models:
-            raise PartyError(f"model {model_id!r} exists; delete it before uploading again")
+            raise PartyError(f"model {model_id!r} exists; delete it (spu-launch delete) before uploading again")
         if len(self.models) >= MAX_MODELS:
             raise PartyError(f"party {self.party.id} holds {MAX_MODELS} models already; try again later")
         if sum(m.owner == caller.name for m in self.models.values()) >= MAX_MODELS_PER_OWNER:
@@ -310,7 +310,7 @@ class PartyService:
         """The caller's unsealed model, which has tensors of these names not uploaded, nor being received, yet."""
         model = self._owned_model(caller, model_id)
         if model.sealed:
-            raise PartyError(f"model {model_id!r} is sealed; delete it to upload again")
+            raise PartyError(f"model {model_id!r} is sealed; delete it (spu-launch delete) to upload again")
         for name in names:
             if name not in model.expected:
                 raise PartyError(f"model {model_id!r} has no tensor {name!r}")

@@ -383,7 +383,7 @@ def test_each_owners_model_ids_are_its_own(tmp_path):
         eve = _owner("owner-eve")
         service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
         service.model_begin(eve, ModelBegin("m", json.dumps({"policy": None})))  # no "exists": eve's own "m"
-        with pytest.raises(PartyError, match="model 'm' exists; delete it before uploading again"):
+        with pytest.raises(PartyError, match=r"model 'm' exists; delete it \(spu-launch delete\) before uploading"):
             service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
         assert service.model_seal(OWNER, ModelRef("m")).owner == "owner"
         for method in (service.model_seal, service.model_delete):  # eve reaches only her own
