@@ -118,7 +118,8 @@ def check_secure_options(args) -> dict:
     if args.model_id is None or not NAME.fullmatch(args.model_id):
         raise UsageError("--cluster needs --model-id ID (1-64 letters, digits, '.', '_' or '-')")
     if args.model_owner is None:
-        raise UsageError("--cluster needs --model-owner OWNER, whose model --model-id is (each owner's ids are its own)")
+        raise UsageError("--cluster needs --model-owner OWNER, whose model --model-id is (each owner's ids are its "
+                         "own; `spu-launch upload` printed it)")
     if cluster_config.role_of(args.model_owner) != "owner":
         raise UsageError(f"--model-owner {args.model_owner!r} is no owner's name (owner or owner-NAME)")
     if getattr(args, "compare", False):

@@ -34,7 +34,7 @@ class PartyClients:
     def __init__(self, cluster: ClusterConfig, identity: str):
         self.cluster = cluster
         credentials = cluster.client(identity)
-        credentials.check_files(f"client {identity}")
+        credentials.check_files(f"client {identity}", "; or act as an identity whose files this host has: --as NAME")
         self.identity, self.role = identity, role_of(identity)
         read = lambda p: Path(p).read_bytes()  # noqa: E731
         creds = grpc.ssl_channel_credentials(

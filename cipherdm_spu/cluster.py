@@ -90,7 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--model-id", help="upload: the id users will sample with, in this owner's own namespace (users "
                                       "name the owner too: --model-owner); info/delete: the model's id")
     p.add_argument("--model-owner", default=None, metavar="OWNER",
-                   help="info: whose model --model-id is, its owner's certificate name (default: the caller's own)")
+                   help="info: whose model --model-id is, its owner's certificate name (an owner's own by default; "
+                        "a user names it)")
     p.add_argument("--controlnet", type=Path, default=None, metavar="DIR",
                    help="upload: a local diffusers ControlNetModel directory, uploaded with the Stable Diffusion UNet "
                         "of --model as one model (users then pass --control-image)")
@@ -186,6 +187,9 @@ def model_info(cluster: ClusterConfig, args) -> int:
     manifest's kind and policy. Exit 0 when the three hold one sealed model."""
     ref = _model_ref(args)
     with PartyClients(cluster, args.identity or "owner") as clients:
+        if clients.role == "user" and not ref.owner:
+            raise ClusterConfigError("info as a user needs --model-owner OWNER, whose model --model-id is (as "
+                                     "`spu-launch upload` printed it)")
         outcomes = clients.call_each("model_info", ref)
     held = [o for o in outcomes if not isinstance(o, str)]
     for party, outcome in zip(cluster.parties, outcomes):
@@ -193,7 +197,7 @@ def model_info(cluster: ClusterConfig, args) -> int:
             print(f"{party.id}  {outcome}")
         else:
             state = "sealed" if outcome.sealed else "uploading"
-            print(f"{party.id}  {state}  owner {outcome.owner}  manifest {outcome.digest[:16]}")
+            print(f"{party.id}  {state}  owner: {outcome.owner}  manifest: {outcome.digest[:16]}")
     agreed = len(held) == 3 and len({(o.owner, o.digest) for o in held}) == 1
     if held:
         manifest = json.loads(held[0].manifest)

@@ -59,12 +59,13 @@ class Credentials:
     cert: str
     key: str
 
-    def check_files(self, who: str) -> None:
+    def check_files(self, who: str, elsewhere: str = "") -> None:
         """Refuse, naming the file, where one is missing or the key is readable by others (checked on the
-        host that uses them)."""
+        host that uses them); ``elsewhere`` says how to pick another identity."""
         for what, value in dataclasses.asdict(self).items():
             if not Path(value).is_file():
-                raise ClusterConfigError(f"{who}: TLS {what} file {value} does not exist (make them with `spu-launch certs`)")
+                raise ClusterConfigError(f"{who}: TLS {what} file {value} does not exist (make them with `spu-launch "
+                                         f"certs`{elsewhere})")
         if Path(self.key).stat().st_mode & 0o077:
             raise ClusterConfigError(f"{who}: the key {self.key} is readable by others; chmod 600 it")
 

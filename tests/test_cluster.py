@@ -134,7 +134,7 @@ def test_run_ddim_as_a_user_of_the_cluster_writes_private_files(cluster, tmp_pat
     (["--cluster", "CONFIG", "--model-id", "tiny", "--model-owner", "user"], "--model-owner 'user' is no owner's name"),
     (["--cluster", "CONFIG", "--model-id", "tiny", "--model-owner", "owner-a/b"], "is no owner's name"),
     (["--cluster", "CONFIG", "--model-id", "tiny", "--model-owner", "owner"],
-     "does not exist (make them with `spu-launch certs`)"),
+     "does not exist (make them with `spu-launch certs`; or act as an identity whose files this host has: --as NAME)"),
     (["--eta", "nan"], "--eta must be a finite number"),
     (["--seed", "-1"], "--seed must be in"),
 ])
@@ -224,11 +224,11 @@ def test_status_and_upload_commands(cluster, tmp_path, capsys):
     info = ["--config", str(config), "info", "--model-id", "tiny-cli"]
     assert launch_main(info) == 0
     out = capsys.readouterr().out
-    assert out.count("sealed  owner owner  manifest ") == 3 and 'policy {"input_bound"' in out
+    assert out.count("sealed  owner: owner  manifest: ") == 3 and 'policy {"input_bound"' in out
     assert launch_main(info + ["--as", "user", "--model-owner", "owner"]) == 0
     assert out.splitlines()[:3] == capsys.readouterr().out.splitlines()[:3]
-    assert launch_main(info + ["--as", "user"]) == 1  # a user owns no model
-    assert capsys.readouterr().out.count("has no model 'tiny-cli' of user for user") == 3
+    assert launch_main(info + ["--as", "user"]) == 2  # a user owns no model: it names the owner
+    assert "info as a user needs --model-owner OWNER" in capsys.readouterr().err
     # the policy is checked on the job's terms, before anything is compiled
     _, x_t, labels = tiny_inputs()
     with user(config) as clients, pytest.raises(ClusterError, match="allows protocol sets cipherdm, not 'spu'"):
