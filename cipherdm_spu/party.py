@@ -343,7 +343,6 @@ class PartyService:
 
     def model_info(self, caller: Caller, msg: messages.ModelRef) -> messages.ModelInfo:
         owner = msg.owner or caller.name
-        _check_name(owner, "owner")
         with self.lock:
             model = self.models.get(_model_key(owner, msg.model_id))
             visible = model is not None and (
@@ -358,7 +357,6 @@ class PartyService:
 
     def session_open(self, caller: Caller, msg: messages.SessionOpen) -> messages.Progress:
         _check_name(msg.session_id, "session id")
-        _check_name(msg.model_owner, "model owner")
         key = _model_key(msg.model_owner, msg.model_id)
         job_bytes = len(msg.job.encode())
         if job_bytes > MAX_JOB_BYTES:
@@ -809,7 +807,9 @@ def _check_name(name: str, what: str) -> None:
 
 def _model_key(owner: str, model_id: str) -> str:
     """Where a party holds ``owner``'s model ``model_id``: each owner's ids are its own namespace, so an owner learns
-    nothing of another's ids, and a user's inputs go to the model of the owner it named ('/' is in neither name)."""
+    nothing of another's ids, and a user's inputs go to the model of the owner it named ('/' is in neither name: both
+    are checked here, whoever named them)."""
+    _check_name(owner, "model owner")
     _check_name(model_id, "model id")
     return f"{owner}/{model_id}"
 
