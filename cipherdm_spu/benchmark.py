@@ -123,7 +123,7 @@ def _unwrap(tree):
 
 class NonlinearCall(NamedTuple):
     """One registered-op call: its input's shape, the op's own params, and the shapes of further operands
-    (an rsqrt's ``times``)."""
+    (an rsqrt's ``times``, a softmax's ``values``)."""
 
     op: str
     shape: tuple
@@ -166,7 +166,7 @@ def kernel_breakdown(session: SecureSession, calls: List[NonlinearCall], seed: i
                   + [rng.standard_normal(s).astype(np.float32) for s in c.other_shapes] for c in items]
 
         def run_all(operands, _op=op, _params=[c.params for c in items]):
-            return [getattr(ops, _op)(*xs, **p) for xs, p in zip(operands, _params)]
+            return [ops.replay(_op, xs, p) for xs, p in zip(operands, _params)]
 
         session.run(run_all, inputs)
         costs[op] = session.last_stats
@@ -176,21 +176,25 @@ def kernel_breakdown(session: SecureSession, calls: List[NonlinearCall], seed: i
 def softmax_call_cost(session: SecureSession, call: NonlinearCall, max_elements: int = 2**16, seed: int = 0) -> dict:
     """Bytes (all parties) and send actions of one softmax ``call`` under ``session``'s kernels, priced by a call of
     at most ``max_elements``: rows of the same length, fewer of them, in the form the full call takes (the kernel's
-    ``for_call_size``, where it has one: see `cipherdm_spu.registry`). A softmax's bytes are a sum over its rows
-    (each row's max, exps, sum and reciprocal) and its send actions do not grow with the rows, so the bytes scale
-    by the rows and the send actions carry over. Logits: normal, standard deviation 4."""
+    ``for_call_size``, where it has one: see `cipherdm_spu.registry`), with values of the call's width where it
+    weighs values (attention's). A softmax's bytes are a sum over its rows (each row's max, exps, sum, reciprocal,
+    and its weighted sum of the values) and its send actions do not grow with the rows, so the bytes scale by the
+    rows and the send actions carry over. Logits: normal, standard deviation 4; values: standard normal."""
     axis = call.params["axis"]
     width, elements = call.shape[axis], int(np.prod(call.shape))
     rows, measured_rows = elements // width, max(1, min(elements // width, max_elements // width))
     scale = call.params.get("scale", 1.0)
 
-    def priced(x):
+    def priced(x, *values):
         kernel = registry.kernel("softmax", registry.active_impl("softmax"))
         sized = getattr(kernel, "for_call_size", None)
-        return (kernel if sized is None else sized(elements))(x, 1, registry.active_impl("exp"), scale=scale)
+        params = {"axis": 1, "exp_impl": registry.active_impl("exp"), "scale": scale}
+        return ops.softmax_kernel_call(kernel if sized is None else sized(elements), params)(x, *values)
 
-    x = np.random.default_rng(seed).normal(0.0, 4.0, (measured_rows, width)).astype(np.float32)
-    session.run(priced, x)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 4.0, (measured_rows, width)).astype(np.float32)
+    values = [rng.standard_normal((width, shape[-1])).astype(np.float32) for shape in call.other_shapes]
+    session.run(priced, x, *values)
     stats = session.last_stats
     return {"bytes_sent": stats.bytes_sent * rows / measured_rows, "send_actions": stats.send_actions,
             "measured_rows": measured_rows, "rows": rows}

@@ -16,7 +16,8 @@ What each takes, per element of its input (why each block is needed: docs/result
   products (normalise, with ``times`` beside it; rescale) (`cipherdm-low-byte`'s rsqrt reads the octave off the
   encoding's bits instead: fewer bytes on its few elements, more rounds and ops);
 - softmax: the row max by pairs (n - 1 comparisons a row: the fewest, in ceil(log2 n) levels of a comparison, a
-  conversion and a bit product each), the exp floor, the row sum's reciprocal by the rsqrt floor, one product by it.
+  conversion and a bit product each), the exp floor, the row sum's reciprocal by the rsqrt floor, one product by it
+  (with attention's values, of the values' weighted sum: `cipherdm_spu.ops.softmax`).
   The fewest comparisons and bytes, not the fewest rounds (one level of all pairs: docs/results/rounds.md), nor
   always the fewest seconds (on wide rows a tournament in wider groups has fewer levels, each a few dozen ops).
 """
@@ -84,11 +85,12 @@ def _row_max_by_pairs(a):
     return a
 
 
-def _softmax(x, axis: int, exp_impl: str, scale: float = 1.0):
+def _softmax(x, axis: int, exp_impl: str, scale: float = 1.0, values=None):
     del exp_impl
     rows = jnp.moveaxis(x, axis, -1)
     e = jnp.moveaxis(_exp(rows - _row_max_by_pairs(rows), scale), -1, axis)
-    return e * _rsqrt(jnp.sum(e, axis=axis, keepdims=True))
+    divided = e if values is None else jnp.matmul(e, values)  # with values, divided after the product (ours too)
+    return divided * _rsqrt(jnp.sum(e, axis=axis, keepdims=True))
 
 
 _KERNELS = {"silu": _activation, "mish": _activation, "gelu": _activation, "sigmoid": _activation,

@@ -14,6 +14,7 @@ fresh wrapper per compile, and plain-JAX users should jit one wrapper per protoc
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -30,22 +31,47 @@ from . import registry
 _PRIMITIVES: dict[str, Primitive] = {}
 #: Primitive params the protocol set chooses at trace time (kernel names); the others are the op's own.
 KERNEL_PARAMS = ("impl", "exp_impl")
+#: The keyword names of the operands an op takes after its input, in a jaxpr's order (`replay` passes them so).
+FURTHER_OPERANDS = {"rsqrt": ("times",), "softmax": ("values",)}
+
+
+def _takes_values(kernel) -> bool:
+    """Whether a softmax kernel takes ``values`` itself (a parameter of that name, not a catch-all ``**params``)."""
+    parameter = inspect.signature(kernel).parameters.get("values")
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
+def softmax_kernel_call(kernel, params):
+    """A softmax kernel as the op calls it, on the logits and optionally the values: ``kernel(x, values=values,
+    **params)`` where the kernel takes ``values``, else its probabilities times them here (a kernel written for
+    probabilities alone keeps working)."""
+    def call(x, *values):
+        if not values:
+            return kernel(x, **params)
+        if _takes_values(kernel):
+            return kernel(x, values=values[0], **params)
+        return jnp.matmul(kernel(x, **params), values[0])
+    return call
 
 
 def _define(op: str, *, axis_param: bool = False) -> Primitive:
     """Create the primitive for ``op`` with eager, abstract-eval, lowering, JVP and batching rules.
 
     Its operands broadcast against each other (numpy rules); the result has their broadcast shape and the
-    first operand's dtype."""
+    first operand's dtype. Softmax's are its logits and, optionally, the values its rows weigh (`softmax`)."""
     prim = Primitive(f"cipherdm_{op}")
 
     def kernel_fn(impl, params):
+        if op == "softmax":
+            return softmax_kernel_call(registry.kernel(op, impl), params)
         return functools.partial(registry.kernel(op, impl), **params)
 
     def impl_rule(*args, impl, **params):
         return kernel_fn(impl, params)(*args)
 
     def abstract_eval(*args, impl, **params):
+        if op == "softmax" and len(args) == 2:  # (..., q, k) rows weigh (..., k, d) values
+            return ShapedArray(args[0].shape[:-1] + args[1].shape[-1:], args[0].dtype)
         return ShapedArray(jnp.broadcast_shapes(*(a.shape for a in args)), args[0].dtype)
 
     def lowering(ctx, *args, impl, **params):
@@ -55,10 +81,12 @@ def _define(op: str, *, axis_param: bool = False) -> Primitive:
         return jax.jvp(kernel_fn(impl, params), primals, tuple(ad.instantiate_zeros(t) for t in tangents))
 
     def batch(args, dims, *, impl, **params):
-        if axis_param:  # one operand: keep the batch dimension in front and shift the reduction axis past it
-            (x,), (d,) = args, dims
-            x = batching.moveaxis(x, d, 0)
-            return prim.bind(x, impl=impl, **dict(params, axis=params["axis"] + 1)), 0
+        if axis_param:  # the batch dimension in front of every operand (an unbatched one broadcast along it), and the
+            # reduction axis shifted past it
+            size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+            lined_up = [batching.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size,) + a.shape)
+                        for a, d in zip(args, dims)]
+            return prim.bind(*lined_up, impl=impl, **dict(params, axis=params["axis"] + 1)), 0
         # the batch dimension in front of every operand, each padded to the result's rank so that they broadcast
         rank = max(a.ndim - (d is not None) for a, d in zip(args, dims))
         lined_up = []
@@ -112,18 +140,34 @@ def sigmoid(x):
     return _bind(_sigmoid_p, "sigmoid", x)
 
 
-def softmax(x, axis: int = -1, scale: float = 1.0):
+def softmax(x, axis: int = -1, scale: float = 1.0, *, values=None):
     """softmax(scale * x) over one axis: exp(scale (x - max)) / sum(exp(scale (x - max))), with ``scale`` a public
     constant > 0 (attention's 1 / sqrt(d)), which a kernel can fold into its exp's own input product where plain
     arithmetic spends a truncation on it; its exp is the protocol set's (op ``exp``). A softmax kernel is therefore
-    called as ``kernel(x, axis, exp_impl, scale=scale)``."""
+    called as ``kernel(x, axis, exp_impl, scale=scale)``.
+
+    With ``values`` (attention's v, shaped (..., k, d) for x shaped (..., q, k), the rows on the last axis) the result
+    is softmax(scale * x) @ values, (..., q, d): a kernel that takes ``values=`` itself may divide by the row sums
+    after the product, e @ values / sum(e), on q * d numbers instead of q * k; for one that does not, the product
+    follows its probabilities."""
     x = jnp.asarray(x)
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"softmax axis {axis} out of range for an array of rank {x.ndim}")
     scale = float(scale)
     if not 0 < scale < float("inf"):
         raise ValueError(f"softmax's scale must be a finite number > 0, got {scale}")
-    return _bind(_softmax_p, "softmax", x, axis=axis % x.ndim, exp_impl=registry.active_impl("exp"), scale=scale)
+    operands = (x,)
+    if values is not None:
+        values = jnp.asarray(values)
+        if axis % x.ndim != x.ndim - 1 or x.ndim < 2:
+            raise ValueError(f"softmax with values weighs rows on the last axis of logits of rank >= 2, not axis {axis} "
+                             f"of rank {x.ndim}")
+        if values.ndim != x.ndim or values.shape[:-2] != x.shape[:-2] or values.shape[-2] != x.shape[-1]:
+            raise ValueError(f"softmax's values must be shaped (..., {x.shape[-1]}, d) with the logits' leading "
+                             f"dimensions {x.shape[:-2]}, got {values.shape}")
+        operands = (x, values.astype(x.dtype))
+    return _bind(_softmax_p, "softmax", *operands, axis=axis % x.ndim, exp_impl=registry.active_impl("exp"),
+                 scale=scale)
 
 
 def exp(x):
@@ -148,6 +192,12 @@ def rsqrt(x, times=None, *, scale: float = 1.0):
 def relu(x):
     """max(x, 0): one comparison in every protocol set, so it needs no registered kernel."""
     return jnp.maximum(x, 0.0)
+
+
+def replay(op: str, operands, params: dict):
+    """``op`` called again on a recorded call's operands (its input, then FURTHER_OPERANDS) with its own params."""
+    x, *further = operands
+    return globals()[op](x, **dict(zip(FURTHER_OPERANDS.get(op, ()), further)), **params)
 
 
 def primitive(op: str) -> Primitive:

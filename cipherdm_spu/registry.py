@@ -25,7 +25,9 @@ Registering a new kernel from outside the package takes a few lines::
         ...  # trace / compile here
 
 A kernel takes what its op in `cipherdm_spu.ops` binds: the input and the op's own keyword parameters
-(softmax: ``axis``, ``exp_impl``, ``scale``; gelu: ``approximate``), and for rsqrt an optional second operand and a
+(softmax: ``axis``, ``exp_impl``, ``scale``, and where attention hands them the ``values`` its rows weigh, returning
+softmax @ values: a kernel without that parameter gets the product after it; gelu: ``approximate``), and for rsqrt an
+optional second operand and a
 public scale: ``def kernel(x, times=None, *, scale=1.0)`` returning times / sqrt(scale * x). An exp kernel also takes
 the public scale a softmax hands it, ``def kernel(x, scale=1.0)`` returning e^(scale * x), so that a kernel can fold
 it into its own products.

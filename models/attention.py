@@ -1,5 +1,6 @@
 """Attention layers of the diffusers UNets, channels-last: spatial self-attention blocks (UNet2DModel)
-and the cross-attention transformer (UNet2DConditionModel). The softmax is the registered op."""
+and the cross-attention transformer (UNet2DConditionModel). The softmax, with the values it weighs, is the
+registered op."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ def attend(q, k, v, heads: int):
     q = q.reshape(n, lq, heads, d)
     k = k.reshape(n, k.shape[1], heads, d)
     v = v.reshape(n, v.shape[1], heads, d)
-    # the scale goes to the softmax, whose kernel may fold it into its exp's input product
-    probs = ops.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k), axis=-1, scale=d**-0.5)
-    return jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, lq, inner)
+    # the scale goes to the softmax, whose kernel may fold it into its exp's input product, and so do the values,
+    # which it may weigh before dividing by the rows' sums (on d numbers a row instead of one per key)
+    out = ops.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k), axis=-1, scale=d**-0.5, values=v.transpose(0, 2, 1, 3))
+    return out.transpose(0, 2, 1, 3).reshape(n, lq, inner)
 
 
 class DenseWeights(nn.Module):

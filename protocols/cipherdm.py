@@ -237,22 +237,29 @@ def _product_plus_linear(p, q, v, s: float):
     return jax.lax.bitcast_convert_type(wide, p.dtype) * 2.0**-fraction_bits
 
 
-def _sign_and_window(x, T: float):
-    """Arithmetic bits ([x > 0], [|x| < T]) from ONE batched comparison, so the window does not wait for |x|, and
-    the window's product (None in float).
+def _sign_and_windows(x, thresholds):
+    """Arithmetic bits [x > 0] and, stacked, [|x| < T] for each of ``thresholds`` from ONE batched comparison, so the
+    windows do not wait for |x|; and the windows' products, stacked (None in float).
 
-    Under SPU the window is the sign of (E_T - E)(E + E_T) = E_T^2 - E^2 (the product returned), an integer product
-    of the encodings E = x * 2**f and E_T = T * 2**f (no constant beyond 32 bits, so nothing for XLA to fold). Its
-    square must fit the ring: correct for |x| < 2**(31.5 - f) (11585 at f = 18); beyond, the window bit is
+    Under SPU a window is the sign of (E_T - E)(E + E_T) = E_T^2 - E^2, an integer product of the encodings E = x *
+    2**f and E_T = T * 2**f (all windows' in one stacked product; no constant beyond 32 bits, so nothing for XLA to
+    fold). Its square must fit the ring: correct for |x| < 2**(31.5 - f) (11585 at f = 18); beyond, a window's bit is
     that of a wrapped square (`_relu_and_clamped_abs` has no such limit, at 9 more send actions)."""
     fraction_bits = registry.fixed_point_bits()
     if fraction_bits is None:
-        return (*_indicator(jnp.stack([x > 0, jnp.abs(x) < T])), None)
+        bits = _indicator(jnp.stack([x > 0] + [jnp.abs(x) < T for T in thresholds]))
+        return bits[0], bits[1:], None
     e = _encoding(x)
-    e_t = e.dtype.type(round(T * 2.0**fraction_bits))
-    gap = (e_t - e) * (e + e_t)
-    both = _indicator(jnp.stack([e, gap]) > 0)  # one conversion for both bits
-    return both[0], both[1], gap
+    ends = jnp.asarray([round(T * 2.0**fraction_bits) for T in thresholds], e.dtype).reshape((-1,) + (1,) * e.ndim)
+    gaps = (ends - e) * (e + ends)
+    bits = _indicator(jnp.concatenate([e[None], gaps]) > 0)  # one comparison, one conversion for all the bits
+    return bits[0], bits[1:], gaps
+
+
+def _sign_and_window(x, T: float):
+    """(`_sign_and_windows` of one threshold) [x > 0], [|x| < T] and the window's product E_T^2 - E^2."""
+    positive, inside, gaps = _sign_and_windows(x, [T])
+    return positive, inside[0], None if gaps is None else gaps[0]
 
 
 def _relu_and_clamped_abs_low_round(x, T: float):
@@ -373,22 +380,23 @@ def _horner_scaled(v, coef):
 
 
 def _piecewise_horner(x, name: str):
-    """step(x) + R(|x|) with R piecewise (one or two pieces); the bits |x| <= T and |x| <= split come
-    from one batched comparison. With two pieces the split bit picks the centre and the coefficients, so
-    one evaluation (of the higher degree) serves both."""
+    """step(x) + R(|x|) with R piecewise (one or two pieces); the sign and the bits |x| < T and |x| < split come
+    from one batched comparison (`_sign_and_windows`: |x| < 11585). With two pieces the split bit picks the centre
+    and the coefficients, so one evaluation (of the higher degree) serves both."""
     fit = HORNER_ACTIVATIONS[name]
     pieces = fit["pieces"]
     if len(pieces) > 2:
         raise NotImplementedError(f"{name}: more than two pieces")
-    positive, relu, magnitude = _relu_and_abs(x)
     bounds = [pieces[-1]["hi"]] + [p["hi"] for p in pieces[:-1]]
-    below = _batched_bits(-magnitude, [-b for b in bounds])  # |x| <= bound
-    a = _select(_indicator(below[0]), magnitude, bounds[0])
+    positive, below, _ = _sign_and_windows(x, bounds)  # [x > 0], [|x| < bound]
+    relu = _bit_times(positive, x)
+    magnitude = relu + relu - x
+    a = _select(below[0], magnitude, bounds[0])
     if len(pieces) == 1:
         r = _horner_scaled(a - pieces[0]["center"], pieces[0]["coef"])
     else:
         first, second = pieces
-        in_first = _indicator(below[1])
+        in_first = below[1]
         degree = max(len(first["coef"]), len(second["coef"]))
         coefs = [list(p["coef"]) + [0.0] * (degree - len(p["coef"])) for p in pieces]
         v = a - _pick(in_first, first["center"], second["center"], x.dtype)
@@ -715,49 +723,56 @@ def tournament_arities(width: int, elements: int) -> tuple:
 
 
 def fold_exps_pays(elements: int) -> bool:
-    """Whether the exps should ride in the reciprocal's first round (`softmax_in_form`), on REFERENCE_NETWORK: that
-    saves the product of exps and reciprocal and the reciprocal's own scaling down (a public product: see
-    `_octave_polynomial`) for three more secret products per element."""
+    """Whether the ``elements`` numbers the row sums divide (the exps, or their product with the values) should ride in
+    the reciprocal's first round (`softmax_in_form`), on REFERENCE_NETWORK: that saves their product with the
+    reciprocal and the reciprocal's own scaling down (a public product: see `_octave_polynomial`) for three more
+    secret products per number."""
     saved = SECRET_PRODUCT[1] + PUBLIC_PRODUCT[1]
     return _network_seconds(saved, 0.0, elements) > _network_seconds(0, 3 * SECRET_PRODUCT[0], elements)
 
 
-def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool, scale: float = 1.0):
-    """e / sum(e), e = exp(scale (x - max)), the max by a tournament of groups of ``arities`` (`_row_max`): with
-    ``fold_exps`` e rides in the reciprocal's first round (the product apart and the reciprocal's scaling saved,
-    three more products per element: `fold_exps_pays`), else a product of e and the reciprocal; ``scale`` goes to
-    the exp (ours folds it into its input product). The softmax kernels are its forms; the benchmark measures them
-    side by side."""
+def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool, scale: float = 1.0, values=None):
+    """e / sum(e), e = exp(scale (x - max)), the max by a tournament of groups of ``arities`` (`_row_max`); with
+    ``values`` (rows on the last axis), (e @ values) / sum(e): the division after the product, on the values'
+    width instead of the row's. With ``fold_exps`` what is divided rides in the reciprocal's first round (the
+    product apart and the reciprocal's scaling saved, three more products per number: `fold_exps_pays`), else a
+    product of it and the reciprocal; ``scale`` goes to the exp (ours folds it into its input product). The
+    softmax kernels are its forms; the benchmark measures them side by side."""
     shifted = x - _row_max(x, axis, arities)
     e = registry.kernel("exp", exp_impl)(shifted, scale=scale)
     total = jnp.sum(e, axis=axis, keepdims=True)  # in [1, n]: the max entry contributes exactly 1
+    divided = e if values is None else jnp.matmul(e, values)
     if fold_exps:
-        return reciprocal_in_range(total, 1.0, float(x.shape[axis]), times=e)
-    return e * reciprocal_in_range(total, 1.0, float(x.shape[axis]))
+        return reciprocal_in_range(total, 1.0, float(x.shape[axis]), times=divided)
+    return divided * reciprocal_in_range(total, 1.0, float(x.shape[axis]))
 
 
 def softmax_for_call_size(elements: int):
     """`softmax` as a call of ``elements`` elements runs it, on an input of any size: its form (the tournament's
-    group widths for the input's row length, whether the exps fold) is the one chosen for ``elements``."""
-    def kernel(x, axis: int, exp_impl: str, scale: float = 1.0):
-        return softmax_in_form(x, axis, exp_impl, tournament_arities(x.shape[axis], elements), fold_exps_pays(elements),
-                               scale)
+    group widths for the input's row length, whether what the row sums divide rides in their reciprocal) is the one
+    chosen for ``elements`` (with values, for the call's result: ``elements`` over the row length, times the values'
+    width)."""
+    def kernel(x, axis: int, exp_impl: str, scale: float = 1.0, values=None):
+        divided = elements if values is None else elements // x.shape[axis] * values.shape[-1]
+        return softmax_in_form(x, axis, exp_impl, tournament_arities(x.shape[axis], elements),
+                               fold_exps_pays(divided), scale, values)
     return kernel
 
 
 @register_kernel("softmax", NAME)
-def softmax(x, axis: int, exp_impl: str, scale: float = 1.0):
+def softmax(x, axis: int, exp_impl: str, scale: float = 1.0, values=None):
     """Max subtraction (`_row_max`), the set's exp (`exp_nonpositive` in the `cipherdm` set), one reciprocal per
     row (over [1, row length]), in the form that spends the least time on REFERENCE_NETWORK for the call's size
-    (`tournament_arities`, `fold_exps_pays`)."""
-    return softmax_for_call_size(x.size)(x, axis, exp_impl, scale)
+    (`tournament_arities`, `fold_exps_pays`); with ``values``, the division by the row sums after the product with
+    them (`softmax_in_form`)."""
+    return softmax_for_call_size(x.size)(x, axis, exp_impl, scale, values)
 
 
 softmax.for_call_size = softmax_for_call_size  # see cipherdm_spu.registry: a cost model prices large calls by it
 
 
 @register_kernel("softmax", f"{NAME}-low-byte")
-def softmax_low_byte(x, axis: int, exp_impl: str, scale: float = 1.0):
+def softmax_low_byte(x, axis: int, exp_impl: str, scale: float = 1.0, values=None):
     """As `softmax` with a pairwise tournament for the max (a third fewer comparisons than threes) and a separate
     product by the reciprocal: fewer bytes, more rounds."""
-    return softmax_in_form(x, axis, exp_impl, (2,), fold_exps=False, scale=scale)
+    return softmax_in_form(x, axis, exp_impl, (2,), fold_exps=False, scale=scale, values=values)

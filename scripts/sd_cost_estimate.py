@@ -148,8 +148,10 @@ def counts(case: StepCase) -> dict:
 
 
 def softmax_key(call: NonlinearCall) -> str:
-    """A softmax call's shape and params as a JSON key: calls with one key cost the same."""
-    return json.dumps({"shape": list(call.shape), "axis": call.params["axis"], "scale": call.params.get("scale", 1.0)})
+    """A softmax call's shape, params and its values' shape (attention's, where it weighs them) as a JSON key: calls
+    with one key cost the same."""
+    return json.dumps({"shape": list(call.shape), "axis": call.params["axis"], "scale": call.params.get("scale", 1.0),
+                       "values": [list(shape) for shape in call.other_shapes]})
 
 
 def price_softmax_calls(session: SecureSession, keys) -> dict:
@@ -157,7 +159,8 @@ def price_softmax_calls(session: SecureSession, keys) -> dict:
     prices = {}
     for key in tqdm(sorted(set(keys)), desc=f"softmax calls ({session.protocol.name})", leave=False):
         spec = json.loads(key)
-        call = NonlinearCall("softmax", tuple(spec["shape"]), {"axis": spec["axis"], "scale": spec["scale"]})
+        call = NonlinearCall("softmax", tuple(spec["shape"]), {"axis": spec["axis"], "scale": spec["scale"]},
+                             tuple(tuple(shape) for shape in spec.get("values", [])))
         prices[key] = softmax_call_cost(session, call)
     return prices
 

@@ -19,6 +19,7 @@ from cipherdm_spu.protocols.cipherdm import (
     _rounded_integer,
     _row_max,
     _sign_and_window,
+    _sign_and_windows,
     _table,
     fold_exps_pays,
     softmax_in_form,
@@ -120,6 +121,25 @@ def test_sign_and_window_bits_from_one_comparison_at_their_boundaries(sessions):
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: jax.numpy.stack(_sign_and_window(v, T)[:2]))(x)), want)
 
 
+def test_sign_and_several_windows_from_one_comparison_at_their_boundaries(sessions):
+    """GeLU's and sigmoid's bits (`_sign_and_windows`): [x > 0] and [|x| < T] for two thresholds (sigmoid's window and
+    split), as float64 says on the encoded input at each threshold's neighbours, in one comparison round."""
+    thresholds = (12.5, 5.0)
+    ulp = 2.0**-18
+    x = np.array([0.0, ulp, -ulp, 12.5, -12.5, 12.5 - ulp, -12.5 + ulp, 5.0, -5.0, 5.0 - ulp, 5.0 + ulp, -5.0 - ulp, 8.0,
+                  -8.0, 11000.0, -11000.0], dtype=np.float32)
+    want = np.stack([encoded(x) > 0] + [np.abs(encoded(x)) < T for T in thresholds]).astype(np.int32)
+
+    def bits(v):
+        positive, windows, _ = _sign_and_windows(v, thresholds)
+        return jax.numpy.concatenate([positive[None], windows])
+
+    np.testing.assert_array_equal(np.asarray(sessions["cipherdm"].run(bits, x)), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(bits)(x)), want)
+    one = fewest_send_actions(sessions["cipherdm"], lambda v: _sign_and_window(v, 5.0)[:2], x)
+    assert fewest_send_actions(sessions["cipherdm"], bits, x) <= one + 1
+
+
 @pytest.mark.parametrize("arities", [(2,), (3,), (4,), (7,), (2, 4, 7), (8, 3)])
 def test_row_max_is_exact_with_ties_padding_and_any_axis(sessions, rng, arities):
     """The tournaments (pairs: `cipherdm-low-byte`; schedules of wider groups: `cipherdm`) return the row's
@@ -157,17 +177,19 @@ def test_tournament_cost_model_matches_what_spu_spends(sessions, rng, rows, widt
 
 def test_the_kernel_takes_the_form_that_spends_least_on_the_reference_network(monkeypatch):
     """Few wide levels and the exps folded in small calls (MNIST's attention); in large ones, narrow groups first
-    and the exps apart, as their bytes weigh more. The row is the axis, wherever it is."""
+    and the exps apart, as their bytes weigh more. The row is the axis, wherever it is. With values the fold is
+    priced on what is divided, the values' weighted sums: a large call of narrow values folds them."""
     assert tournament_arities(49, 98 * 49) == (7, 7)
     assert tournament_arities(1024, 32 * 1024) == (4, 4, 8, 8)
     assert tournament_arities(256, 1024 * 256) == (2, 4, 4, 8)
     assert fold_exps_pays(98 * 49) and fold_exps_pays(32 * 1024) and not fold_exps_pays(1024 * 256)
     forms = []
     monkeypatch.setattr(cipherdm, "softmax_in_form",
-                        lambda x, axis, exp_impl, arities, fold_exps, scale: forms.append((arities, fold_exps)))
+                        lambda x, axis, exp_impl, arities, fold_exps, scale, values: forms.append((arities, fold_exps)))
     for shape, axis in [((98, 49), 1), ((1024, 256), 1), ((49, 2, 4), 0)]:
         cipherdm.softmax(np.zeros(shape, np.float32), axis, "cipherdm")
-    assert forms == [((7, 7), True), ((2, 4, 4, 8), False), ((7, 7), True)]
+    cipherdm.softmax(np.zeros((1024, 256), np.float32), 1, "cipherdm", values=np.zeros((256, 8), np.float32))
+    assert forms == [((7, 7), True), ((2, 4, 4, 8), False), ((7, 7), True), ((2, 4, 4, 8), True)]
 
 
 @pytest.mark.parametrize("protocol, head_dim", [("cipherdm", 32), ("cipherdm", 80), ("cipherdm", 160),
@@ -188,6 +210,24 @@ def test_softmax_folds_its_scale_into_the_exps_input_product(sessions, rng, prot
         folded = fewest_send_actions(session, lambda v: ops.softmax(v, -1, scale=scale), x, runs=5)
         # a run's count varies by up to 2 (a failure in a longer run, at + 1): scaling apart would add a truncation's
         assert folded <= fewest_send_actions(session, lambda v: ops.softmax(v, -1), x, runs=5) + 2
+
+
+@pytest.mark.parametrize("protocol", ["cipherdm", "cipherdm-low-byte"])
+def test_softmax_weighs_the_values_before_dividing_by_the_row_sums(sessions, rng, protocol):
+    """Attention's softmax(scale x) @ v with the values handed to the kernel: (e @ v) / sum(e), the division (or the
+    reciprocal's folded product) on the values' 8 numbers a row instead of the row's 77, as accurate as the product
+    after the probabilities, and fewer bytes (SPU's link counters, exact)."""
+    session = sessions[protocol]
+    scale = 8**-0.5
+    x = (rng.standard_normal((2, 64, 77)) * 2.0 / scale).astype(np.float32)
+    x[0, 5, 3] = 1e4
+    v = rng.standard_normal((2, 77, 8)).astype(np.float32)
+    want = softmax(x.astype(np.float64) * scale) @ v.astype(np.float64)
+    weighed = session.run(lambda a, b: ops.softmax(a, -1, scale=scale, values=b), x, v)
+    weighed_bytes = session.last_stats.bytes_sent
+    apart = session.run(lambda a, b: ops.softmax(a, -1, scale=scale) @ b, x, v)
+    assert np.abs(weighed - want).max() <= max(2e-3, 1.5 * np.abs(apart - want).max())
+    assert weighed_bytes < session.last_stats.bytes_sent
 
 
 @pytest.mark.parametrize("width, elements", [(49, 4802), (77, 78848), (100, 10**6)])

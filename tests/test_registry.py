@@ -68,6 +68,56 @@ def test_ops_run_under_plain_jit_grad_and_vmap_as_jax_nn():
 
 
 @pytest.mark.parametrize("name", PROTOCOL_SETS)
+def test_softmax_with_values_is_the_probabilities_times_them_in_every_set(name):
+    """softmax(scale x) @ values as the set's probabilities times them, whether its kernel weighs the values itself
+    (ours: divided after the product, which rounds apart in float by their fits' error) or not (the product follows
+    its probabilities); under jit, vmap (values batched or shared) and grad."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 2.0, (2, 3, 5, 7)).astype(np.float32)
+    values = rng.normal(size=(2, 3, 7, 4)).astype(np.float32)
+    with registry.use_protocol(name):
+        got = jax.jit(lambda a, v: ops.softmax(a, scale=0.5, values=v))(logits, values)
+        apart = jax.jit(lambda a: ops.softmax(a, scale=0.5))(logits) @ values
+        batched = jax.vmap(lambda a, v: ops.softmax(a, scale=0.5, values=v))(logits, values)
+        shared = jax.vmap(lambda a: ops.softmax(a, scale=0.5, values=values[0, 0]))(logits[:, 0])
+        shared_apart = jax.vmap(lambda a: ops.softmax(a, scale=0.5))(logits[:, 0]) @ values[0, 0]
+    np.testing.assert_allclose(got, apart, atol=2e-3)
+    np.testing.assert_allclose(batched, got, atol=1e-6)
+    np.testing.assert_allclose(shared, shared_apart, atol=2e-3)
+    if name == "spu":
+        np.testing.assert_allclose(got, jax.nn.softmax(logits.astype(np.float64) * 0.5, axis=-1) @ values, atol=1e-5)
+    assert jax.grad(lambda a: ops.softmax(a, values=values).sum())(logits).shape == logits.shape
+
+
+def test_a_softmax_kernel_without_values_gets_the_product_after_it():
+    """A kernel written for probabilities alone (no ``values`` parameter) keeps working: the op multiplies after it."""
+    calls = []
+
+    @registry.register_kernel("softmax", "test-probabilities-only")
+    def probabilities_only(x, axis, exp_impl, scale=1.0, **params):
+        calls.append(params)
+        return jax.nn.softmax(x * scale, axis=axis)
+
+    logits, values = jnp.arange(12.0).reshape(3, 4) / 5, jnp.arange(8.0).reshape(4, 2)
+    with registry.use_protocol("spu", overrides={"softmax": "test-probabilities-only"}):
+        got = ops.softmax(logits, values=values)
+    np.testing.assert_allclose(got, jax.nn.softmax(logits, axis=-1) @ values, rtol=1e-6)
+    assert calls == [{}]
+
+
+@pytest.mark.parametrize("logits, values, axis, match", [
+    ((2, 5, 7), (2, 7, 4), 1, "last axis"),
+    ((7,), (7, 4), 0, "rank"),
+    ((2, 5, 7), (2, 6, 4), -1, r"\(\.\.\., 7, d\)"),
+    ((2, 5, 7), (3, 7, 4), -1, "leading"),
+    ((2, 5, 7), (7, 4), -1, "leading"),
+])
+def test_softmax_refuses_values_it_cannot_weigh(logits, values, axis, match):
+    with pytest.raises(ValueError, match=match):
+        ops.softmax(jnp.ones(logits), axis=axis, values=jnp.ones(values))
+
+
+@pytest.mark.parametrize("name", PROTOCOL_SETS)
 def test_every_exp_kernel_takes_the_softmax_scale(name):
     """A softmax hands its scale to the set's exp (`ops.softmax`): each exp kernel computes e^(scale x)."""
     exp = registry.kernel("exp", registry.protocol_set(name).kernels["exp"])
