@@ -366,7 +366,8 @@ def render(results: dict, command: str) -> str:
         if kernel_rows:
             ops = sorted({op for _, k in kernel_rows for op in k})
             lines += ["", "Per-kernel MB (all parties) / send actions (the busiest party's: rounds); each op's calls run "
-                      "alone at the model's shapes, and the rest (linear layers, norms' arithmetic, sampler update):", ""]
+                      "alone at the model's shapes (softmax with attention's values: their product is the kernel's), "
+                      "and the rest (linear layers, norms' arithmetic, sampler update):", ""]
             lines += markdown_table(
                 ["protocol set", *ops, "rest"],
                 [[name, *(f"{k[o]['bytes_sent'] / 1e6:.1f} / {k[o]['send_actions']}" if o in k else "-" for o in ops),

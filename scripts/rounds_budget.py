@@ -17,7 +17,8 @@ kernel's). From them, an optimistic floor per kernel call:
            comparison round for all of a group's pairs, 1 conversion, ceil(log2 k) bit-product rounds; one
            group of the whole row takes one level, at n(n-1)/2 comparisons a row: floors ignore bytes) + the
            exp's clamp (comparison, conversion, bit product) + the reciprocal's floor (as rsqrt's; the exps
-           ride in its products, as `cipherdm`'s kernel lets them where that pays); exp's polynomial counted as free
+           ride in its products, as `cipherdm`'s kernel lets them where that pays); exp's polynomial counted as free;
+           attention's product with the values stays in the linear floor (the identity kernel's matmul)
 
 and the step's floor: the linear floor plus every call at its kernel's floor. A target below that floor
 cannot be met by any kernel design built from these blocks, without restructuring the model's arithmetic.
@@ -144,6 +145,9 @@ def render(result: dict, command: str) -> str:
                       f"+ every call at its kernel's floor): {case['step_floor']}, {base['send_actions'] / case['step_floor']:.2f}x "
                       f"fewer than `{BASELINE}`; {TARGET_RATIO}x fewer than `{BASELINE}` would be "
                       f"{base['send_actions'] / TARGET_RATIO:.0f}."]
+        if "softmax" in case["kernel_floor"]:
+            lines += ["A softmax call's measured send actions include its product with attention's values (handed to the "
+                      "kernel: `ops.softmax`'s ``values``), a matmul that the floor leaves in the linear floor."]
         if ours:
             at_floor = ours["wan_seconds"] - (ours["send_actions"] - case["step_floor"]) * WAN_ONE_WAY_S
             lines += [f"`cipherdm`: {ours['send_actions']} send actions ({base['send_actions'] / ours['send_actions']:.2f}x "
