@@ -175,25 +175,35 @@ def kernel_breakdown(session: SecureSession, calls: List[NonlinearCall], seed: i
 
 def softmax_call_cost(session: SecureSession, call: NonlinearCall, max_elements: int = 2**16, seed: int = 0) -> dict:
     """Bytes (all parties) and send actions of one softmax ``call`` under ``session``'s kernels, priced by a call of
-    at most ``max_elements``: rows of the same length, fewer of them, in the form the full call takes (the kernel's
-    ``for_call_size``, where it has one: see `cipherdm_spu.registry`), with values of the call's width where it
-    weighs values (attention's). A softmax's bytes are a sum over its rows (each row's max, exps, sum, reciprocal,
-    and its weighted sum of the values) and its send actions do not grow with the rows, so the bytes scale by the
-    rows and the send actions carry over. Logits: normal, standard deviation 4; values: standard normal."""
+    at most ``max_elements`` (or one row per batch element, where that is more): rows of the same length, fewer of
+    them, in the form the full call takes (the kernel's ``for_call_size``, where it has one: see
+    `cipherdm_spu.registry`). Where the call weighs values (attention's, rows on the last axis) it keeps its batch
+    dimensions (heads), each with values of the call's width: SPU multiplies each batch element's rows and values
+    apart, with send actions of its own. A softmax's bytes are a sum over its rows (each row's max, exps, sum,
+    reciprocal, and its weighted sum of the values) and its send actions do not grow with the rows, so the bytes
+    scale by the rows and the send actions carry over. Logits: normal, standard deviation 4; values: standard
+    normal."""
     axis = call.params["axis"]
     width, elements = call.shape[axis], int(np.prod(call.shape))
-    rows, measured_rows = elements // width, max(1, min(elements // width, max_elements // width))
+    rows = elements // width
     scale = call.params.get("scale", 1.0)
+    rng = np.random.default_rng(seed)
+    if call.other_shapes:
+        lead = tuple(call.shape[:-2])
+        kept = max(1, min(call.shape[-2], max_elements // (width * max(1, int(np.prod(lead))))))
+        x = rng.normal(0.0, 4.0, (*lead, kept, width)).astype(np.float32)
+        values = [rng.standard_normal((*lead, width, shape[-1])).astype(np.float32) for shape in call.other_shapes]
+    else:
+        x = rng.normal(0.0, 4.0, (max(1, min(rows, max_elements // width)), width)).astype(np.float32)
+        values = []
+    measured_rows = x.size // width
 
     def priced(x, *values):
         kernel = registry.kernel("softmax", registry.active_impl("softmax"))
         sized = getattr(kernel, "for_call_size", None)
-        params = {"axis": 1, "exp_impl": registry.active_impl("exp"), "scale": scale}
+        params = {"axis": x.ndim - 1, "exp_impl": registry.active_impl("exp"), "scale": scale}
         return ops.softmax_kernel_call(kernel if sized is None else sized(elements), params)(x, *values)
 
-    rng = np.random.default_rng(seed)
-    x = rng.normal(0.0, 4.0, (measured_rows, width)).astype(np.float32)
-    values = [rng.standard_normal((width, shape[-1])).astype(np.float32) for shape in call.other_shapes]
     session.run(priced, x, *values)
     stats = session.last_stats
     return {"bytes_sent": stats.bytes_sent * rows / measured_rows, "send_actions": stats.send_actions,
@@ -330,8 +340,9 @@ def measure_kernels(name: str, rng, n: int, rows: int) -> dict:
 
 
 def measure_softmax_forms(rng, shapes=SOFTMAX_FORM_SHAPES) -> list:
-    """`cipherdm`'s softmax in the form its kernel takes for each call (`tournament_arities`, `fold_exps_pays`)
-    and in two fixed forms (threes, and pairs as `cipherdm-low-byte` takes them; both with a separate product), on
+    """`cipherdm`'s softmax alone (no values: attention's calls, which hand the kernel their values, price the fold on
+    the values' weighted sums instead) in the form its kernel takes for each call (`tournament_arities`,
+    `fold_exps_pays`) and in two fixed forms (threes, and pairs as `cipherdm-low-byte` takes them; both with a separate product), on
     the same logits of each shape: error, the busiest party's bytes and send actions, and each form's time on
     each network of NETWORKS (send actions times RTT/2 plus the busiest party's bytes over the bandwidth; compute
     left out)."""

@@ -87,6 +87,8 @@ def _row_max_by_pairs(a):
 
 def _softmax(x, axis: int, exp_impl: str, scale: float = 1.0, values=None):
     del exp_impl
+    if values is not None and axis % x.ndim != x.ndim - 1:
+        raise ValueError(f"a softmax weighs values by rows on the last axis, not axis {axis} of rank {x.ndim}")
     rows = jnp.moveaxis(x, axis, -1)
     e = jnp.moveaxis(_exp(rows - _row_max_by_pairs(rows), scale), -1, axis)
     divided = e if values is None else jnp.matmul(e, values)  # with values, divided after the product (ours too)

@@ -58,7 +58,8 @@ def _define(op: str, *, axis_param: bool = False) -> Primitive:
     """Create the primitive for ``op`` with eager, abstract-eval, lowering, JVP and batching rules.
 
     Its operands broadcast against each other (numpy rules); the result has their broadcast shape and the
-    first operand's dtype. Softmax's are its logits and, optionally, the values its rows weigh (`softmax`)."""
+    first operand's dtype; but softmax's are its logits (..., q, k) and, optionally, the values its rows weigh
+    (..., k, d), and then its result is (..., q, d) (`softmax`)."""
     prim = Primitive(f"cipherdm_{op}")
 
     def kernel_fn(impl, params):
@@ -81,6 +82,13 @@ def _define(op: str, *, axis_param: bool = False) -> Primitive:
         return jax.jvp(kernel_fn(impl, params), primals, tuple(ad.instantiate_zeros(t) for t in tangents))
 
     def batch(args, dims, *, impl, **params):
+        if axis_param and len(args) == 2 and dims[0] is None:  # the same logits weigh a batch of values: the batch
+            # joins the values' width, so the rows' max, exps and sums are computed once, not once per batch element
+            x, values = args
+            values = jnp.moveaxis(values, dims[1], -2)  # (..., k, B, d)
+            *lead, k, size, d = values.shape
+            out = prim.bind(x, values.reshape(*lead, k, size * d), impl=impl, **params)  # (..., q, B * d)
+            return jnp.moveaxis(out.reshape(*out.shape[:-1], size, d), -2, 0), 0
         if axis_param:  # the batch dimension in front of every operand (an unbatched one broadcast along it), and the
             # reduction axis shifted past it
             size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
@@ -144,7 +152,7 @@ def softmax(x, axis: int = -1, scale: float = 1.0, *, values=None):
     """softmax(scale * x) over one axis: exp(scale (x - max)) / sum(exp(scale (x - max))), with ``scale`` a public
     constant > 0 (attention's 1 / sqrt(d)), which a kernel can fold into its exp's own input product where plain
     arithmetic spends a truncation on it; its exp is the protocol set's (op ``exp``). A softmax kernel is therefore
-    called as ``kernel(x, axis, exp_impl, scale=scale)``.
+    called as ``kernel(x, axis=axis, exp_impl=exp_impl, scale=scale)``.
 
     With ``values`` (attention's v, shaped (..., k, d) for x shaped (..., q, k), the rows on the last axis) the result
     is softmax(scale * x) @ values, (..., q, d): a kernel that takes ``values=`` itself may divide by the row sums

@@ -738,6 +738,8 @@ def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool, scale
     product apart and the reciprocal's scaling saved, three more products per number: `fold_exps_pays`), else a
     product of it and the reciprocal; ``scale`` goes to the exp (ours folds it into its input product). The
     softmax kernels are its forms; the benchmark measures them side by side."""
+    if values is not None and axis % x.ndim != x.ndim - 1:
+        raise ValueError(f"a softmax weighs values by rows on the last axis, not axis {axis} of rank {x.ndim}")
     shifted = x - _row_max(x, axis, arities)
     e = registry.kernel("exp", exp_impl)(shifted, scale=scale)
     total = jnp.sum(e, axis=axis, keepdims=True)  # in [1, n]: the max entry contributes exactly 1

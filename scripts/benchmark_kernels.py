@@ -41,7 +41,9 @@ def render_softmax_forms(rows: list) -> list:
     """The "Softmax forms" section: `measure_softmax_forms`' rows."""
     forms = ("kernel", "threes, apart", "pairs, apart")
     lines = ["## Softmax forms", "",
-             "`cipherdm`'s softmax in the form its kernel takes for the call (the tournament's group widths level by "
+             "`cipherdm`'s softmax alone (no values; attention hands the kernel its values, and then the fold below is "
+             "priced on their weighted sums, d numbers a row) in the form its kernel takes for the call (the "
+             "tournament's group widths level by "
              "level, and whether the exps ride in the reciprocal's first round or meet it in a product apart: "
              "whichever spends the least time on the benchmark's WAN by the building blocks' costs, "
              "protocols/cipherdm.py `tournament_arities` and `fold_exps_pays`), and in two fixed forms: threes "

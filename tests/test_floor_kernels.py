@@ -15,11 +15,13 @@ RNG = np.random.default_rng(0)
 FEATURES = RNG.normal(size=(1, 14, 14, 16)).astype(np.float32)
 GROUPS, AFFINE = np.abs(RNG.normal(size=(1, 1, 8, 1))).astype(np.float32) + 0.1, np.ones((1, 1, 8, 2), np.float32)
 LOGITS = RNG.normal(size=(1, 2, 49, 49)).astype(np.float32)
+VALUES = np.random.default_rng(1).normal(size=(1, 2, 49, 32)).astype(np.float32)  # apart: RNG feeds the tests below
 CALLS = {  # an op as a model calls it, with its inputs
     "silu": (lambda v: ops.silu(v), (FEATURES,)),
     "gelu": (lambda v: ops.gelu(v), (FEATURES,)),
     "rsqrt": (lambda v, w: ops.rsqrt(v, w, scale=1.3), (GROUPS, AFFINE)),
     "softmax": (lambda v: ops.softmax(v, axis=-1, scale=0.5), (LOGITS,)),
+    "attention softmax": (lambda v, w: ops.softmax(v, axis=-1, scale=0.5, values=w), (LOGITS, VALUES)),  # with values
     "exp": (lambda v: ops.exp(v - 10.0), (FEATURES,)),
 }
 
@@ -77,8 +79,18 @@ def test_a_floor_kernel_costs_no_more_than_ours(floor_session, sessions, name):
     for pset in ("cipherdm",) if name == "rsqrt" else ("cipherdm", "cipherdm-low-byte"):
         ours = _cost(sessions[pset], name)
         assert floor.bytes_sent <= ours.bytes_sent, pset
-        if name != "softmax":  # the floor's row max takes pairs: the fewest comparisons, not the fewest rounds
+        if "softmax" not in name:  # the floor's row max takes pairs: the fewest comparisons, not the fewest rounds
             assert floor.send_actions <= ours.send_actions, pset
+
+
+def test_a_softmax_kernel_refuses_values_on_another_axis():
+    """`ops.softmax` weighs values by rows on the last axis; a kernel called directly refuses any other, where a
+    product over the wrong axis could go unnoticed on square logits."""
+    from cipherdm_spu.protocols import cipherdm
+
+    for kernel in (registry.kernel("softmax", NAME), cipherdm.softmax, cipherdm.softmax_low_byte):
+        with pytest.raises(ValueError, match="last axis"):
+            kernel(np.zeros((4, 4), np.float32), 0, "cipherdm", values=np.zeros((4, 2), np.float32))
 
 
 def test_the_floor_row_max_is_a_max():

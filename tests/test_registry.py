@@ -71,7 +71,8 @@ def test_ops_run_under_plain_jit_grad_and_vmap_as_jax_nn():
 def test_softmax_with_values_is_the_probabilities_times_them_in_every_set(name):
     """softmax(scale x) @ values as the set's probabilities times them, whether its kernel weighs the values itself
     (ours: divided after the product, which rounds apart in float by their fits' error) or not (the product follows
-    its probabilities); under jit, vmap (values batched or shared) and grad."""
+    its probabilities); under jit, vmap (values batched or shared, or the logits shared by a batch of values) and
+    grad."""
     rng = np.random.default_rng(0)
     logits = rng.normal(0.0, 2.0, (2, 3, 5, 7)).astype(np.float32)
     values = rng.normal(size=(2, 3, 7, 4)).astype(np.float32)
@@ -81,9 +82,13 @@ def test_softmax_with_values_is_the_probabilities_times_them_in_every_set(name):
         batched = jax.vmap(lambda a, v: ops.softmax(a, scale=0.5, values=v))(logits, values)
         shared = jax.vmap(lambda a: ops.softmax(a, scale=0.5, values=values[0, 0]))(logits[:, 0])
         shared_apart = jax.vmap(lambda a: ops.softmax(a, scale=0.5))(logits[:, 0]) @ values[0, 0]
+        batch_of_values = np.stack([values[0], -values[0], 2 * values[0]], axis=2)  # (3, 7, batch 3, 4)
+        one_set_of_rows = jax.vmap(lambda v: ops.softmax(logits[0], scale=0.5, values=v), in_axes=2)(batch_of_values)
+        one_at_a_time = [ops.softmax(logits[0], scale=0.5, values=batch_of_values[:, :, i]) for i in range(3)]
     np.testing.assert_allclose(got, apart, atol=2e-3)
     np.testing.assert_allclose(batched, got, atol=1e-6)
     np.testing.assert_allclose(shared, shared_apart, atol=2e-3)
+    np.testing.assert_allclose(one_set_of_rows, np.stack(one_at_a_time), atol=1e-6)  # one logits, a batch of values
     if name == "spu":
         np.testing.assert_allclose(got, jax.nn.softmax(logits.astype(np.float64) * 0.5, axis=-1) @ values, atol=1e-5)
     assert jax.grad(lambda a: ops.softmax(a, values=values).sum())(logits).shape == logits.shape
