@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import ops, registry
+from . import linalg, ops, registry
 from .floor_kernels import kernel_floor
 from .models import DDIMSampler, ScheduleConfig, UNet2DModel
 from .profiling import RunStats
@@ -204,7 +204,8 @@ def softmax_call_cost(session: SecureSession, call: NonlinearCall, max_elements:
         params = {"axis": x.ndim - 1, "exp_impl": registry.active_impl("exp"), "scale": scale}
         return ops.softmax_kernel_call(kernel if sized is None else sized(elements), params)(x, *values)
 
-    session.run(priced, x, *values)
+    with linalg.rows_of_full_call(call.shape[-2] if call.other_shapes else rows):  # the full call's product form
+        session.run(priced, x, *values)
     stats = session.last_stats
     return {"bytes_sent": stats.bytes_sent * rows / measured_rows, "send_actions": stats.send_actions,
             "measured_rows": measured_rows, "rows": rows}

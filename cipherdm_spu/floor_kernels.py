@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import registry
+from .linalg import batched_matmul
 from .ring import bit_times, indicator, int_type
 
 NAME = "kernel-floor"
@@ -91,7 +92,7 @@ def _softmax(x, axis: int, exp_impl: str, scale: float = 1.0, values=None):
         raise ValueError(f"a softmax weighs values by rows on the last axis, not axis {axis} of rank {x.ndim}")
     rows = jnp.moveaxis(x, axis, -1)
     e = jnp.moveaxis(_exp(rows - _row_max_by_pairs(rows), scale), -1, axis)
-    divided = e if values is None else jnp.matmul(e, values)  # with values, divided after the product (ours too)
+    divided = e if values is None else batched_matmul(e, values)  # with values, divided after the product (ours too)
     return divided * _rsqrt(jnp.sum(e, axis=axis, keepdims=True))
 
 

@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - depends on the jax version
 from jax.core import ShapedArray
 
 from . import registry
+from .linalg import batched_matmul
 
 _PRIMITIVES: dict[str, Primitive] = {}
 #: Primitive params the protocol set chooses at trace time (kernel names); the others are the op's own.
@@ -50,7 +51,7 @@ def softmax_kernel_call(kernel, params):
             return kernel(x, **params)
         if _takes_values(kernel):
             return kernel(x, values=values[0], **params)
-        return jnp.matmul(kernel(x, **params), values[0])
+        return batched_matmul(kernel(x, **params), values[0])
     return call
 
 

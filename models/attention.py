@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cipherdm_spu import ops
+from cipherdm_spu.linalg import batched_matmul
 
 from .normalization import GroupNorm, LayerNorm
 from .resnet import conv
@@ -23,7 +24,8 @@ def attend(q, k, v, heads: int):
     v = v.reshape(n, v.shape[1], heads, d)
     # the scale goes to the softmax, whose kernel may fold it into its exp's input product, and so do the values,
     # which it may weigh before dividing by the rows' sums (on d numbers a row instead of one per key)
-    out = ops.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k), axis=-1, scale=d**-0.5, values=v.transpose(0, 2, 1, 3))
+    scores = batched_matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1))  # (N, heads, Lq, Lk)
+    out = ops.softmax(scores, axis=-1, scale=d**-0.5, values=v.transpose(0, 2, 1, 3))
     return out.transpose(0, 2, 1, 3).reshape(n, lq, inner)
 
 

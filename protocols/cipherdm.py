@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cipherdm_spu import registry
+from cipherdm_spu.linalg import batched_matmul
 from cipherdm_spu.ring import bit_times as _bit_times
 from cipherdm_spu.ring import encoding as _encoding
 from cipherdm_spu.ring import indicator as _indicator
@@ -743,7 +744,7 @@ def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool, scale
     shifted = x - _row_max(x, axis, arities)
     e = registry.kernel("exp", exp_impl)(shifted, scale=scale)
     total = jnp.sum(e, axis=axis, keepdims=True)  # in [1, n]: the max entry contributes exactly 1
-    divided = e if values is None else jnp.matmul(e, values)
+    divided = e if values is None else batched_matmul(e, values)
     if fold_exps:
         return reciprocal_in_range(total, 1.0, float(x.shape[axis]), times=divided)
     return divided * reciprocal_in_range(total, 1.0, float(x.shape[axis]))
