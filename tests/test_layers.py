@@ -17,7 +17,7 @@ PACKAGE = "cipherdm_spu"
 SOURCES = {PACKAGE: ROOT / "cipherdm_spu", f"{PACKAGE}.models": ROOT / "models", f"{PACKAGE}.protocols": ROOT / "protocols"}
 #: layer: its modules, relative to cipherdm_spu ("models.*": every module of cipherdm_spu.models)
 LAYERS = {
-    "core": ["errors", "_version", "registry", "ops", "spu_config", "ring", "spu_threads"],
+    "core": ["errors", "_version", "registry", "ops", "spu_config", "ring", "linalg", "spu_threads"],
     "kernels": ["protocols", "protocols.*", "floor_kernels"],
     "models": ["models", "models.*"],
     "runtime": ["session", "profiling", "ir_audit", "cluster_config", "messages", "share_wire", "pki", "plan", "link_front", "compiler_process", "party",
