@@ -2,7 +2,7 @@
 
 SPU 0.9.5 runs a product with batch dimensions (attention's heads: q k^T, and the probabilities times v) as one
 matrix product per batch element, each with its own reshare and truncation: send actions grow with the batch
-(docs/results/rounds.md). For B batch elements a @ b, with a (B, m, k) and b (B, k, n), is also ONE product:
+(tests/test_linalg.py compares the two forms). For B batch elements a @ b, with a (B, m, k) and b (B, k, n), is also ONE product:
 
     [a_1 | a_2 | ... | a_B]  (m, B k)   @   blockdiag(b_1, ..., b_B)  (B k, B n)   =   [a_1 b_1 | ... | a_B b_B]
 
