@@ -20,11 +20,10 @@ import contextlib
 import contextvars
 import math
 
-import jax
 import jax.numpy as jnp
 
 from . import registry
-from .ring import int_type
+from .ring import bit_times
 
 #: Above this many extra local multiply-adds (of the zero blocks) a batched product keeps SPU's per-element form.
 MAX_EXTRA_MULTIPLY_ADDS = 2**27
@@ -59,16 +58,11 @@ def rows_of_full_call(rows: int):
 
 
 def _block_diagonal(b):
-    """blockdiag(b_1, ..., b_B) (B k, B n) from b (B, k, n): b times a public 0/1 integer pattern, on its ring
-    encoding under SPU (local: no truncation), so that the zero blocks are exact zeros."""
+    """blockdiag(b_1, ..., b_B) (B k, B n) from b (B, k, n): b times a public 0/1 integer pattern (`bit_times`: on
+    its ring encoding under SPU, local, no truncation), so that the zero blocks are exact zeros."""
     batch, k, n = b.shape
-    eye = jnp.eye(batch, dtype=int_type(b.dtype))[:, None, :, None]  # (B, 1, B, 1)
-    if registry.fixed_point_bits() is None:
-        spread = b[:, :, None, :] * eye.astype(b.dtype)
-    else:
-        encoded = jax.lax.bitcast_convert_type(b, int_type(b.dtype))[:, :, None, :] * eye
-        spread = jax.lax.bitcast_convert_type(encoded, b.dtype)
-    return spread.reshape(batch * k, batch * n)
+    eye = jnp.eye(batch, dtype=jnp.int32)[:, None, :, None]  # (B, 1, B, 1)
+    return bit_times(eye, b[:, :, None, :]).reshape(batch * k, batch * n)
 
 
 def batched_matmul(a, b):

@@ -55,26 +55,29 @@ def softmax_kernel_call(kernel, params):
     return call
 
 
-def _define(op: str, *, axis_param: bool = False) -> Primitive:
+def _softmax_shape(x_shape, *values_shapes):
+    """softmax's result: the logits' shape, or with values (..., q, k) rows weighing (..., k, d): (..., q, d)."""
+    return x_shape if not values_shapes else x_shape[:-1] + values_shapes[0][-1:]
+
+
+def _define(op: str, *, axis_param: bool = False, kernel_call=None, result_shape=jnp.broadcast_shapes) -> Primitive:
     """Create the primitive for ``op`` with eager, abstract-eval, lowering, JVP and batching rules.
 
-    Its operands broadcast against each other (numpy rules); the result has their broadcast shape and the
-    first operand's dtype; but softmax's are its logits (..., q, k) and, optionally, the values its rows weigh
-    (..., k, d), and then its result is (..., q, d) (`softmax`)."""
+    By default its operands broadcast against each other (numpy rules) and the kernel takes them positionally; the
+    result has ``result_shape`` of the operands' shapes (their broadcast shape) and the first operand's dtype.
+    ``kernel_call(kernel, params)`` gives the kernel as the op calls it where that differs (softmax's values)."""
     prim = Primitive(f"cipherdm_{op}")
 
     def kernel_fn(impl, params):
-        if op == "softmax":
-            return softmax_kernel_call(registry.kernel(op, impl), params)
+        if kernel_call is not None:
+            return kernel_call(registry.kernel(op, impl), params)
         return functools.partial(registry.kernel(op, impl), **params)
 
     def impl_rule(*args, impl, **params):
         return kernel_fn(impl, params)(*args)
 
     def abstract_eval(*args, impl, **params):
-        if op == "softmax" and len(args) == 2:  # (..., q, k) rows weigh (..., k, d) values
-            return ShapedArray(args[0].shape[:-1] + args[1].shape[-1:], args[0].dtype)
-        return ShapedArray(jnp.broadcast_shapes(*(a.shape for a in args)), args[0].dtype)
+        return ShapedArray(tuple(result_shape(*(a.shape for a in args))), args[0].dtype)
 
     def lowering(ctx, *args, impl, **params):
         return mlir.lower_fun(kernel_fn(impl, params), multiple_results=False)(ctx, *args)
@@ -117,7 +120,7 @@ _silu_p = _define("silu")
 _mish_p = _define("mish")
 _gelu_p = _define("gelu")
 _sigmoid_p = _define("sigmoid")
-_softmax_p = _define("softmax", axis_param=True)
+_softmax_p = _define("softmax", axis_param=True, kernel_call=softmax_kernel_call, result_shape=_softmax_shape)
 _exp_p = _define("exp")
 _rsqrt_p = _define("rsqrt")
 
