@@ -39,7 +39,7 @@ from . import linalg, ops, registry
 from .floor_kernels import kernel_floor
 from .models import DDIMSampler, ScheduleConfig, UNet2DModel
 from .profiling import RunStats
-from .protocols.cipherdm import fold_exps_pays, softmax_in_form, tournament_arities
+from .protocols.cipherdm import fold_exps_pays, softmax_in_form, tournament_levels
 from .protocols.reference import EXTREMES, REFERENCES, encoded, softmax
 from .sampling import make_denoise_step, secure_params
 from .session import Public, SecureSession
@@ -342,7 +342,7 @@ def measure_kernels(name: str, rng, n: int, rows: int) -> dict:
 
 def measure_softmax_forms(rng, shapes=SOFTMAX_FORM_SHAPES) -> list:
     """`cipherdm`'s softmax alone (no values: attention's calls, which hand the kernel their values, price the fold on
-    the values' weighted sums instead) in the form its kernel takes for each call (`tournament_arities`,
+    the values' weighted sums instead) in the form its kernel takes for each call (`tournament_levels`,
     `fold_exps_pays`) and in two fixed forms (threes, and pairs as `cipherdm-low-byte` takes them; both with a separate product), on
     the same logits of each shape: error, the busiest party's bytes and send actions, and each form's time on
     each network of NETWORKS (send actions times RTT/2 plus the busiest party's bytes over the bandwidth; compute
@@ -353,14 +353,15 @@ def measure_softmax_forms(rng, shapes=SOFTMAX_FORM_SHAPES) -> list:
             logits = (rng.standard_normal(shape) * 4.0).astype(np.float32)
             logits[0, 1] = 1e4
             elements = int(np.prod(shape))
-            forms = {"kernel": (tournament_arities(shape[-1], elements), fold_exps_pays(elements)),
-                     "threes, apart": ((3,), False), "pairs, apart": ((2,), False)}
+            forms = {"kernel": (tournament_levels(shape[-1], elements), fold_exps_pays(elements)),
+                     "threes, apart": (((3, 0),), False), "pairs, apart": (((2, 0),), False)}
             row = {"shape": list(shape), "elements": elements}
-            for form, (arities, fold) in forms.items():
-                y = session.run(lambda v, a=arities, f=fold: softmax_in_form(v, -1, "cipherdm", a, f), logits)
+            for form, (levels, fold) in forms.items():
+                y = session.run(lambda v, a=levels, f=fold: softmax_in_form(v, -1, "cipherdm", a, f), logits)
                 stats = session.last_stats
                 busiest = max(stats.bytes_sent_per_party)
-                row[form] = {**_errors(y, softmax(logits)), "arities": list(arities), "fold_exps": fold,
+                row[form] = {**_errors(y, softmax(logits)), "levels": [list(level) for level in levels],
+                             "fold_exps": fold,
                              "send_actions": stats.send_actions, "busiest_party_bytes": busiest,
                              "seconds": stats.seconds,
                              "network_seconds": {net: stats.send_actions * rtt / 2 + busiest * 8 / bandwidth

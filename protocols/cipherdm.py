@@ -29,9 +29,10 @@ Activations use f(x) = step(x) + R(|x|), R fitted by minimax over the whole real
   picked coefficients) evaluated as E(v^2) + v O(v^2), Horner in v^2 for both halves side by side, with
   scaled accumulators; the fit errs < 2e-6 in float64, so what remains under MPC is mostly the input's own
   2^-18 encoding.
-SoftMax subtracts the row max (a tournament whose group widths, level by level, suit the call's size; pairs in
-`cipherdm-low-byte`), takes exp as a clamped quartic squared three times, and one reciprocal per row (which, where
-that saves time, takes the exps in its first round).
+SoftMax subtracts the row max (a tournament whose group widths, level by level, suit the call's size, a group's
+candidates ANDing their comparison bits while those are boolean shares, about a byte an AND, where that saves
+conversions and products; pairs in `cipherdm-low-byte`), takes exp as a clamped quartic squared three times, and
+one reciprocal per row (which, where that saves time, takes the exps in its first round).
 rsqrt and the softmax reciprocal find their input's half- or quarter-octave by one batched comparison and
 evaluate per-piece quadratics in three rounds of products, with no Newton step (`_octave_polynomial`);
 `cipherdm-low-byte`'s rsqrt reads the octave off the bits of the encoding (one conversion to boolean shares
@@ -41,8 +42,8 @@ and a prefix OR: fewer bytes, more rounds) and takes one Newton step.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,15 +70,30 @@ from .coefficients import (
 
 NAME = "cipherdm"
 
-# What `cipherdm`'s softmax optimises its form for: the time a call spends on the network, send actions times
-# RTT/2 plus a party's bytes over the bandwidth, on the benchmark's WAN (cipherdm_spu/benchmark.py, NETWORKS),
-# since the set is built for send actions. Its building blocks' costs (bytes per element per party, send
-# actions) as measured by scripts/primitive_costs.py (docs/results/primitives.md): a comparison, the conversion
-# of its bit to arithmetic, an integer product, a secret product, a public product (a truncation).
+# What `cipherdm`'s softmax optimises its form for: the time a call takes on the benchmark's WAN
+# (cipherdm_spu/benchmark.py, NETWORKS; the set is built for it): send actions times RTT/2, a party's bytes over the
+# bandwidth, and the parties' local compute, which for a comparison (SPU's MSB extraction) outweighs its bytes' transfer
+# by about three. Its building blocks' costs as measured by scripts/primitive_costs.py (docs/results/primitives.md).
 REFERENCE_NETWORK = (400e6, 40e-3)  # bits per second, round-trip seconds
-COMPARISON, CONVERSION, INTEGER_PRODUCT = (36.0, 8), (32.0 / 3, 2), (8.0, 1)
-SECRET_PRODUCT, PUBLIC_PRODUCT = (52.0 / 3, 3), (28.0 / 3, 2)
-MAX_TOURNAMENT_ARITY = 8  # groups of up to 8: a candidate's product of 7 bits and a difference in 3 rounds
+
+
+class Block(NamedTuple):
+    """A building block's cost per element: bytes a party sends, send actions (rounds), and wall seconds of the three
+    parties' compute as the benchmark measures a step's (three parties in one process on this project's two-core
+    machines: primitives.md's ns/elem, which vary by tens of % between runs; they steer a choice, nothing else)."""
+
+    bytes: float
+    actions: int
+    seconds: float
+
+
+COMPARISON = Block(36.0, 8, 3.1e-6)
+CONVERSION = Block(32.0 / 3, 2, 0.4e-6)  # of a comparison's bit to arithmetic
+BIT_AND = Block(1.0, 1, 0.0)  # of two comparison bits, boolean shares of one bit (its seconds: below the run's noise)
+INTEGER_PRODUCT = Block(8.0, 1, 1.8e-7)
+SECRET_PRODUCT = Block(52.0 / 3, 3, 3.5e-7)
+PUBLIC_PRODUCT = Block(28.0 / 3, 2, 3.3e-7)
+MAX_TOURNAMENT_ARITY = 8  # groups of up to 8: a candidate's 7 bits and a difference in 3 product rounds (4 with ANDs)
 # rsqrt: the octaves k of x in [2**k, 2**(k+1)) it tells apart (in halves) (x from 2**-18, SPU's smallest positive
 # value, to 2**22 = 4.2e6: a GroupNorm of 16 * variances up to 2.6e5).
 RSQRT_OCTAVES = (-18, 21)
@@ -607,120 +623,197 @@ def reciprocal_in_range(x, lo: float, hi: float, times=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _tournament_matrices(k: int):
-    """Public integer matrices of a group of k in `_row_max`: ``pairs`` (k, P), whose column p(i, j) (i < j, P =
-    k(k-1)/2) gives g_i - g_j; and, for the k-1 candidates' factors, ``signs`` (P, (k-1)^2) and ``offsets``
-    ((k-1)^2,) such that offsets + bits @ signs is, at candidate i's f-th factor, its bit against its f-th opponent
-    j: bits[p(i, j)] when i < j, else 1 - bits[p(j, i)]."""
-    pair_list = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    index = {pair: p for p, pair in enumerate(pair_list)}
-    pairs = np.zeros((k, len(pair_list)), np.int32)
-    for p, (i, j) in enumerate(pair_list):
-        pairs[i, p], pairs[j, p] = 1, -1
-    signs = np.zeros((len(pair_list), (k - 1) ** 2), np.int32)
-    offsets = np.zeros(((k - 1) ** 2,), np.int32)
-    for i in range(k - 1):
-        for f, j in enumerate(j for j in range(k) if j != i):
-            column = i * (k - 1) + f
-            if i < j:
-                signs[index[i, j], column] = 1
-            else:
-                signs[index[j, i], column], offsets[column] = -1, 1
-    for matrix in (pairs, signs, offsets):
-        matrix.flags.writeable = False  # shared by every call (cached)
-    return pairs, signs, offsets
+def _round_robin(k: int):
+    """The pairs of a group of k in `_row_max`, laid out so that every candidate's bits come from slices: for each
+    shift s = 1 .. ceil(k/2) - 1, the k pairs (i, (i + s) % k), then for even k the k/2 pairs (i, i + k/2); k(k-1)/2
+    in all, each once. Returns ``matrix`` (k, P), whose column for (i, j) gives g_i - g_j; ``strict`` (P,), 1 where
+    i > j: there the bit "g_i beats g_j" is g_i > g_j, elsewhere g_i >= g_j (ties go to the earlier element, a
+    strict order: exactly one element of a group beats all others); and, for 0/1 integer bits b, ``signs`` (P,
+    (k-1)^2) and ``offsets`` ((k-1)^2,) with offsets + b @ signs = `_candidates_bits` (b, 1 - b), flattened: one
+    product with a public matrix instead of its slices."""
+    pairs = [(i, (i + s) % k) for s in range(1, (k - 1) // 2 + 1) for i in range(k)]
+    if k % 2 == 0:
+        pairs += [(i, i + k // 2) for i in range(k // 2)]
+    matrix = np.zeros((k, len(pairs)), np.int32)
+    for column, (i, j) in enumerate(pairs):
+        matrix[i, column], matrix[j, column] = 1, -1
+    strict = np.array([int(i > j) for i, j in pairs], np.int32)
+    with jax.ensure_compile_time_eval():  # constants, also when first called inside a trace
+        factors = np.asarray(_candidates_bits(np.eye(len(pairs) + 1, len(pairs), -1, np.int32), k, lambda v: 1 - v))
+    offsets = factors[0].reshape(-1)  # from the zero row; the others add one pair's bit each
+    signs = factors[1:].reshape(len(pairs), -1) - offsets
+    for array in (matrix, strict, signs, offsets):
+        array.flags.writeable = False  # shared by every call (cached)
+    return matrix, strict, signs, offsets
 
 
-def _row_max(x, axis: int, arities=(3,)):
+def _candidates_bits(bits, k: int, negate):
+    """(..., k - 1, k - 1): candidate i's bits against its k - 1 opponents on axis -2 (a column per candidate i <
+    k - 1), from the bits of `_round_robin`'s pairs on the last axis: against (i + s) % k the pair's own bit,
+    against (i - s) % k the negation of that pair's, its row rolled by s. Slices, rolls and one stack: local."""
+    shifts = (k - 1) // 2
+    rows = []
+    for s in range(1, shifts + 1):
+        row = bits[..., (s - 1) * k:s * k]
+        rows += [row, negate(jnp.roll(row, s, axis=-1))]
+    if k % 2 == 0:  # the opposite pairs, once: i < k/2 holds their bits, i + k/2 the negations
+        half = bits[..., shifts * k:]
+        rows.append(jnp.concatenate([half, negate(half)], axis=-1))
+    return jnp.stack(rows, axis=-2)[..., :k - 1]
+
+
+def _checked_levels(levels) -> tuple:
+    """``levels`` as (k, and_rounds) pairs; a bare k is (k, 0)."""
+    levels = tuple((level, 0) if isinstance(level, (int, np.integer)) else tuple(level) for level in levels)
+    if not levels or min(k for k, _ in levels) < 2:
+        raise ValueError(f"a tournament needs groups of at least 2, not {levels}")
+    for k, rounds in levels:
+        if not 0 <= rounds <= _most_and_rounds(k):
+            raise ValueError(f"a group of {k} ANDs its candidates' {k - 1} bits in 0..{_most_and_rounds(k)} rounds, "
+                             f"not {rounds}")
+    return levels
+
+
+def _most_and_rounds(k: int) -> int:
+    """The AND rounds that leave a candidate of a group of k one bit: ceil(log2(k - 1))."""
+    return (k - 2).bit_length()
+
+
+def _and_rounds_left(bits_per_candidate: int, rounds: int) -> int:
+    """The bits a candidate has left after ``rounds`` rounds of pairwise ANDs."""
+    return -(-bits_per_candidate // 2**rounds)
+
+
+def _row_max(x, axis: int, levels):
     """max over ``axis`` (kept as size 1) by a tournament, exact (an element of the row): level i compares in
-    groups of ``arities[i]`` (the last arity repeats while more than one candidate is left).
+    groups of k = levels[i][0] (the last level repeats while more than one candidate is left).
 
-    Each level compares every pair of every group in one batched comparison and converts the bits once. In a
-    group g_0 .. g_{k-1}, g_i wins if g_i >= g_j for every later j and g_i > g_j for every earlier j (ties go to
-    the earlier element), so exactly one wins, and the max is g_{k-1} + sum_{i < k-1} win_i * (g_i - g_{k-1}):
-    each term a product of k - 1 bits and a difference, all of a level's products in one stacked integer
-    product per tree level (`_bit_times` on ring integers), ceil(log2 k) rounds. A level is one comparison, one
-    conversion and ceil(log2 k) products (pairs: 1, threes: 2, up to 8: 3) for k(k-1)/2 comparisons per group:
-    wider groups mean fewer levels (log_k of the row) and more comparisons per element.
+    Each level compares every pair of every group in one batched comparison. In a group g_0 .. g_{k-1}, g_i wins
+    if g_i >= g_j for every later j and g_i > g_j for every earlier j (ties go to the earlier element), so exactly
+    one wins, and the max is g_{k-1} + sum_{i < k-1} win_i * (g_i - g_{k-1}): win_i is the AND of candidate i's
+    k - 1 bits. A level (k, r) first ANDs each candidate's bits pairwise for r rounds while they are boolean
+    shares (an AND costs about a byte: docs/results/primitives.md), then converts what is left, m = ceil((k-1) /
+    2**r) bits per candidate, to arithmetic and multiplies them and the difference in ceil(log2(m + 1)) rounds
+    of stacked integer products (`_bit_times` on ring integers). With r = 0 the k(k-1)/2 pair bits are converted
+    once each and the candidates' factors formed from them arithmetically (1 - b is local). A level costs
+    k(k-1)/2 comparisons per group, then (r = 0) as many conversions and (k-1)^2 products, or (r > 0) (k-1)(k-1-m)
+    ANDs and (k-1) m conversions and products: wider groups mean fewer levels (log_k of the row) and more
+    comparisons per element; r AND rounds replace up to r product rounds (r + ceil(log2(m + 1)) >= ceil(log2 k)),
+    so ANDs save bytes in as many rounds or one more (`level_cost`).
 
-    The pairs' differences and the candidates' factors are products with public integer matrices
-    (`_tournament_matrices`: local under SPU, on the ring encodings), so a level is a few dozen ops of the SPU
-    program however wide its groups (each op costs the runtime time of its own, communication or not).
+    The pairs' differences are a product with a public integer matrix (`_round_robin`: local under SPU, on the ring
+    encodings) and the candidates' bits slices of its result (`_candidates_bits`; a gather, which SPU runs slowly,
+    is avoided), so a level is a few dozen ops of the SPU program however wide its groups (each op costs the
+    runtime time of its own, communication or not).
     """
-    arities = tuple(arities)
-    if not arities or min(arities) < 2:
-        raise ValueError(f"a tournament needs groups of at least 2, not {arities}")
+    levels = _checked_levels(levels)
     under_spu = registry.fixed_point_bits() is not None
     as_int = _int_type(x.dtype)
     a = jnp.moveaxis(x, axis, -1)
     level = 0
     while a.shape[-1] > 1:
-        k = min(arities[min(level, len(arities) - 1)], a.shape[-1])
+        k, and_rounds = levels[min(level, len(levels) - 1)]
+        k = min(k, a.shape[-1])
+        and_rounds = min(and_rounds, _most_and_rounds(k))
         level += 1
         pad = (-a.shape[-1]) % k
         if pad:  # repeat the last element: it cannot change the max
             a = jnp.concatenate([a, jnp.repeat(a[..., -1:], pad, axis=-1)], axis=-1)
         groups = a.reshape(a.shape[:-1] + (a.shape[-1] // k, k))  # consecutive runs of k
-        pairs, signs, offsets = _tournament_matrices(k)
-        if under_spu:  # g_i - g_j on the encodings: exact in the ring, no truncation
-            differences = _encoding(groups) @ jnp.asarray(pairs, as_int)
+        matrix, strict, signs, offsets = _round_robin(k)
+        if under_spu:  # g_i - g_j on the encodings, less 1 where strict: exact in the ring, no truncation
+            differences = _encoding(groups) @ jnp.asarray(matrix, as_int) - jnp.asarray(strict, as_int)
+            bits = differences >= 0
         else:  # in float, the differences themselves (a float product could round them, or meet an inf)
-            first, second = np.triu_indices(k, 1)  # the pairs in `_tournament_matrices`' order
+            first, second = np.nonzero(matrix.T > 0)[1], np.nonzero(matrix.T < 0)[1]
             differences = groups[..., first] - groups[..., second]
-        bits = _indicator(differences >= 0).astype(as_int)  # [g_i >= g_j] for i < j
-        factors = jnp.asarray(offsets, as_int) + bits @ jnp.asarray(signs, as_int)
-        factors = factors.reshape(groups.shape[:-1] + (k - 1, k - 1))  # candidate, its bit against each opponent
+            bits = jnp.where(strict.astype(bool), differences > 0, differences >= 0)
+        if and_rounds:  # each candidate's bits, ANDed pairwise while boolean, then converted
+            factors = _candidates_bits(bits, k, jnp.logical_not)
+            for _ in range(and_rounds):
+                half = factors.shape[-2] // 2
+                factors = jnp.concatenate([factors[..., :half, :] & factors[..., half:2 * half, :],
+                                           factors[..., 2 * half:, :]], axis=-2)
+            factors = _indicator(factors).astype(as_int)
+        else:  # every pair's bit converted once, the candidates' factors from them (1 - b: local)
+            converted = _indicator(bits).astype(as_int)
+            factors = jnp.asarray(offsets, as_int) + converted @ jnp.asarray(signs, as_int)
+            factors = factors.reshape(groups.shape[:-1] + (k - 1, k - 1))
         last = groups[..., -1]
-        lead = _encoding(groups[..., :-1] - last[..., None])[..., None]  # the candidates' differences
-        factors = jnp.concatenate([factors, lead], axis=-1)
-        while factors.shape[-1] > 1:  # one stacked integer product per tree level
-            half = factors.shape[-1] // 2
-            factors = jnp.concatenate([factors[..., :half] * factors[..., half:2 * half], factors[..., 2 * half:]],
-                                      axis=-1)
-        a = last + jnp.sum(jax.lax.bitcast_convert_type(factors[..., 0], x.dtype), axis=-1)
+        lead = _encoding(groups[..., :-1] - last[..., None])[..., None, :]  # the candidates' differences
+        factors = jnp.concatenate([factors, lead], axis=-2)
+        while factors.shape[-2] > 1:  # one stacked integer product per tree level
+            half = factors.shape[-2] // 2
+            factors = jnp.concatenate([factors[..., :half, :] * factors[..., half:2 * half, :],
+                                       factors[..., 2 * half:, :]], axis=-2)
+        a = last + jnp.sum(jax.lax.bitcast_convert_type(factors[..., 0, :], x.dtype), axis=-1)
     return jnp.moveaxis(a, -1, axis)
 
 
-def _network_seconds(send_actions: float, bytes_per_element: float, elements: int) -> float:
-    """A call's time on REFERENCE_NETWORK: its send actions' latency plus its bytes' transfer."""
+def _reference_seconds(send_actions: float, bytes_per_element: float, seconds_per_element: float,
+                       elements: int) -> float:
+    """A call's time on REFERENCE_NETWORK: its send actions' latency, its bytes' transfer, its compute."""
     bandwidth, rtt = REFERENCE_NETWORK
-    return send_actions * rtt / 2 + bytes_per_element * elements * 8 / bandwidth
+    return send_actions * rtt / 2 + elements * (bytes_per_element * 8 / bandwidth + seconds_per_element)
 
 
-def tournament_cost(width: int, arities) -> tuple:
-    """(send actions, bytes per row element per party) of `_row_max` over rows of ``width`` with ``arities``, from
-    the building blocks: a level of groups of k is one comparison, one conversion and ceil(log2 k) integer
-    products in sequence; per group, k(k-1)/2 compared pairs (their bits converted) and (k-1)^2 products (k-1
-    candidates, each k factors)."""
-    candidates, actions, total_bytes, level = width, 0, 0.0, 0
+def level_cost(k: int, and_rounds: int) -> tuple:
+    """(send actions, bytes per party, seconds) of one group of k at one level of `_row_max`, from the building
+    blocks: one comparison of the k(k-1)/2 pairs; with ``and_rounds`` = 0 their bits converted and (k-1)^2 integer
+    products in ceil(log2 k) rounds; else (k-1)(k-1-m) ANDs in ``and_rounds`` rounds, then (k-1) m conversions and
+    as many products in ceil(log2(m + 1)) rounds, m = ceil((k-1) / 2**and_rounds)."""
+    pairs = k * (k - 1) // 2
+    if and_rounds == 0:
+        actions = COMPARISON.actions + CONVERSION.actions + math.ceil(math.log2(k)) * INTEGER_PRODUCT.actions
+        counts = {COMPARISON: pairs, CONVERSION: pairs, INTEGER_PRODUCT: (k - 1) ** 2}
+    else:
+        m = _and_rounds_left(k - 1, and_rounds)
+        actions = (COMPARISON.actions + and_rounds * BIT_AND.actions + CONVERSION.actions
+                   + math.ceil(math.log2(m + 1)) * INTEGER_PRODUCT.actions)
+        counts = {COMPARISON: pairs, BIT_AND: (k - 1) * (k - 1 - m), CONVERSION: (k - 1) * m,
+                  INTEGER_PRODUCT: (k - 1) * m}
+    return (actions, sum(n * block.bytes for block, n in counts.items()),
+            sum(n * block.seconds for block, n in counts.items()))
+
+
+def tournament_cost(width: int, levels) -> tuple:
+    """(send actions, bytes per party per row element, seconds per row element) of `_row_max` over rows of ``width``
+    in ``levels`` (`level_cost` per level, times its groups)."""
+    levels = _checked_levels(levels)
+    candidates, actions, total_bytes, seconds, level = width, 0, 0.0, 0.0, 0
     while candidates > 1:
-        k = min(arities[min(level, len(arities) - 1)], candidates)
+        k, and_rounds = levels[min(level, len(levels) - 1)]
+        k = min(k, candidates)
+        level_actions, group_bytes, group_seconds = level_cost(k, min(and_rounds, _most_and_rounds(k)))
         groups = -(-candidates // k)
-        pairs = k * (k - 1) // 2
-        actions += COMPARISON[1] + CONVERSION[1] + math.ceil(math.log2(k)) * INTEGER_PRODUCT[1]
-        total_bytes += groups * (pairs * (COMPARISON[0] + CONVERSION[0]) + (k - 1) ** 2 * INTEGER_PRODUCT[0])
+        actions += level_actions
+        total_bytes += groups * group_bytes
+        seconds += groups * group_seconds
         candidates, level = groups, level + 1
-    return actions, total_bytes / width
+    return actions, total_bytes / width, seconds / width
 
 
 @functools.lru_cache(maxsize=None)
-def tournament_arities(width: int, elements: int) -> tuple:
-    """The group widths, level by level, of the row max for a call of ``elements`` in rows of ``width`` that spend
-    the least time on REFERENCE_NETWORK (`tournament_cost`): among rising widths of 2..MAX_TOURNAMENT_ARITY
-    (narrow groups first, where the candidates are many, so that wide ones cost little), searched whole. Small
-    calls take few levels of wide groups; large ones, where bytes weigh more, narrower groups and a level more.
-    Bytes are a mean party's (the busiest sends a few % more)."""
-    if width < 2:
-        return (2,)
-    best = None
-    for levels in range(1, math.ceil(math.log2(width)) + 1):
-        for arities in itertools.combinations_with_replacement(range(2, MAX_TOURNAMENT_ARITY + 1), levels):
-            if math.prod(arities) < width:
-                continue
-            seconds = _network_seconds(*tournament_cost(width, arities), elements)
-            if best is None or seconds < best[0]:
-                best = (seconds, arities)
-    return best[1]
+def tournament_levels(width: int, elements: int) -> tuple:
+    """The levels ((k, AND rounds) each) of the row max for a call of ``elements`` in rows of ``width`` that take
+    the least time on REFERENCE_NETWORK (`tournament_cost`), over groups of 2..MAX_TOURNAMENT_ARITY and every AND
+    round count: a level's time depends only on the candidates it starts with, so the least time from each count
+    of candidates down to one, found from one candidate up, gives the whole tournament's. Small calls take few
+    levels of wide groups; large ones, where bytes and comparisons' compute weigh more, narrower groups, ANDed
+    bits and more levels. Bytes are a mean party's (the busiest sends a few % more)."""
+    costs = {(k, r): level_cost(k, r)
+             for k in range(2, MAX_TOURNAMENT_ARITY + 1) for r in range(_most_and_rounds(k) + 1)}
+    rows = elements / max(width, 1)
+    best = {1: (0.0, ())}
+    for candidates in range(2, max(width, 2) + 1):
+        options = []
+        for (k, and_rounds), (actions, group_bytes, group_seconds) in costs.items():
+            if k <= candidates:
+                groups = -(-candidates // k)
+                seconds = _reference_seconds(actions, groups * group_bytes, groups * group_seconds, rows)
+                options.append((seconds + best[groups][0], ((k, and_rounds),) + best[groups][1]))
+        best[candidates] = min(options)
+    return best[max(width, 2)][1]
 
 
 def fold_exps_pays(elements: int) -> bool:
@@ -728,12 +821,13 @@ def fold_exps_pays(elements: int) -> bool:
     the reciprocal's first round (`softmax_in_form`), on REFERENCE_NETWORK: that saves their product with the
     reciprocal and the reciprocal's own scaling down (a public product: see `_octave_polynomial`) for three more
     secret products per number."""
-    saved = SECRET_PRODUCT[1] + PUBLIC_PRODUCT[1]
-    return _network_seconds(saved, 0.0, elements) > _network_seconds(0, 3 * SECRET_PRODUCT[0], elements)
+    saved = SECRET_PRODUCT.actions + PUBLIC_PRODUCT.actions
+    return (_reference_seconds(saved, 0.0, 0.0, elements)
+            > _reference_seconds(0, 3 * SECRET_PRODUCT.bytes, 3 * SECRET_PRODUCT.seconds, elements))
 
 
-def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool, scale: float = 1.0, values=None):
-    """e / sum(e), e = exp(scale (x - max)), the max by a tournament of groups of ``arities`` (`_row_max`); with
+def softmax_in_form(x, axis: int, exp_impl: str, levels, fold_exps: bool, scale: float = 1.0, values=None):
+    """e / sum(e), e = exp(scale (x - max)), the max by a tournament in ``levels`` (`_row_max`); with
     ``values`` (rows on the last axis), (e @ values) / sum(e): the division after the product, on the values'
     width instead of the row's. With ``fold_exps`` what is divided rides in the reciprocal's first round (the
     product apart and the reciprocal's scaling saved, three more products per number: `fold_exps_pays`), else a
@@ -741,7 +835,7 @@ def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool, scale
     softmax kernels are its forms; the benchmark measures them side by side."""
     if values is not None and axis % x.ndim != x.ndim - 1:
         raise ValueError(f"a softmax weighs values by rows on the last axis, not axis {axis} of rank {x.ndim}")
-    shifted = x - _row_max(x, axis, arities)
+    shifted = x - _row_max(x, axis, levels)
     e = registry.kernel("exp", exp_impl)(shifted, scale=scale)
     total = jnp.sum(e, axis=axis, keepdims=True)  # in [1, n]: the max entry contributes exactly 1
     divided = e if values is None else batched_matmul(e, values)
@@ -752,12 +846,12 @@ def softmax_in_form(x, axis: int, exp_impl: str, arities, fold_exps: bool, scale
 
 def softmax_for_call_size(elements: int):
     """`softmax` as a call of ``elements`` elements runs it, on an input of any size: its form (the tournament's
-    group widths for the input's row length, whether what the row sums divide rides in their reciprocal) is the one
-    chosen for ``elements`` (with values, for the call's result: ``elements`` over the row length, times the values'
-    width)."""
+    levels, group widths and AND rounds, for the input's row length; whether what the row sums divide rides in their
+    reciprocal) is the one chosen for ``elements`` (with values, for the call's result: ``elements`` over the row
+    length, times the values' width)."""
     def kernel(x, axis: int, exp_impl: str, scale: float = 1.0, values=None):
         divided = elements if values is None else elements // x.shape[axis] * values.shape[-1]
-        return softmax_in_form(x, axis, exp_impl, tournament_arities(x.shape[axis], elements),
+        return softmax_in_form(x, axis, exp_impl, tournament_levels(x.shape[axis], elements),
                                fold_exps_pays(divided), scale, values)
     return kernel
 
@@ -766,7 +860,7 @@ def softmax_for_call_size(elements: int):
 def softmax(x, axis: int, exp_impl: str, scale: float = 1.0, values=None):
     """Max subtraction (`_row_max`), the set's exp (`exp_nonpositive` in the `cipherdm` set), one reciprocal per
     row (over [1, row length]), in the form that spends the least time on REFERENCE_NETWORK for the call's size
-    (`tournament_arities`, `fold_exps_pays`); with ``values``, the division by the row sums after the product with
+    (`tournament_levels`, `fold_exps_pays`); with ``values``, the division by the row sums after the product with
     them (`softmax_in_form`)."""
     return softmax_for_call_size(x.size)(x, axis, exp_impl, scale, values)
 

@@ -34,7 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _form(f: dict) -> str:
-    return f"{'-'.join(map(str, f['arities']))}, {'folded' if f['fold_exps'] else 'apart'}"
+    """The tournament's levels (k: groups of k; k&r: groups of k whose candidates AND their bits for r rounds)
+    and the fold."""
+    levels = "-".join(str(k) if r == 0 else f"{k}&{r}" for k, r in f["levels"])
+    return f"{levels}, {'folded' if f['fold_exps'] else 'apart'}"
 
 
 def render_softmax_forms(rows: list) -> list:
@@ -43,10 +46,10 @@ def render_softmax_forms(rows: list) -> list:
     lines = ["## Softmax forms", "",
              "`cipherdm`'s softmax alone (no values; attention hands the kernel its values, and then the fold below is "
              "priced on their weighted sums, d numbers a row) in the form its kernel takes for the call (the "
-             "tournament's group widths level by "
-             "level, and whether the exps ride in the reciprocal's first round or meet it in a product apart: "
+             "tournament's levels: k for groups of k whose pair bits are converted, k&r for groups of k whose "
+             "candidates first AND their bits for r rounds; and whether the exps ride in the reciprocal's first round or meet it in a product apart: "
              "whichever spends the least time on the benchmark's WAN by the building blocks' costs, "
-             "protocols/cipherdm.py `tournament_arities` and `fold_exps_pays`), and in two fixed forms: threes "
+             "protocols/cipherdm.py `tournament_levels` and `fold_exps_pays`), and in two fixed forms: threes "
              "(`cipherdm` before the choice) and pairs (`cipherdm-low-byte`), each with a product apart. Same "
              "logits (standard deviation 4, one 1e4 logit); bytes are the busiest party's per element; network "
              "ms are send actions times RTT/2 plus those bytes over the bandwidth (LAN 5 Gbps / 0.4 ms RTT, "

@@ -1,18 +1,17 @@
 #!/usr/bin/env python
 """What SPU's building blocks cost under ABY3/FM64, how they add up to our SiLU, and the floor they set a softmax.
 
-Measures, in one three-party session, bytes per element per party (all parties' bytes / 3 / n) and
-send actions of: a comparison with a public constant, its bit converted to an arithmetic integer, a
-select, the integer product of that bit and a value (`_bit_times`), a secret product (reshare +
-truncation), a product with a public constant (truncation only), the same with a constant whose encoding
-is below 4 (SPU truncates those with extra precision, at a higher cost), a secret product of integers
-(reshare only), and our SiLUs. From these it writes the accounting of the `cipherdm` SiLU (relu + a "masked
-square": two comparisons, two conversions, four integer products, two truncations) and what else was tried
-against it, and a softmax's byte floor: the comparisons that an exact row max and a clamped exp
-need, their conversions and bit products, one product to normalise, and the fewest secret products an exp
-polynomial needs to hold the softmax accuracy contract (searched in float64 over clamped bases raised by
-squarings; `fewest_exp_products`), against vanilla SPU's softmax measured on the same logits
-(docs/results/primitives.md).
+Measures, in one three-party session, bytes per element per party (all parties' bytes / 3 / n) and send actions of:
+a comparison with a public constant, its bit converted to an arithmetic integer, an AND of two comparison bits
+(boolean shares), a select, the integer product of that bit and a value (`_bit_times`), a secret product (reshare +
+truncation), a product with a public constant (truncation only), the same with a constant whose encoding is below 4
+(SPU truncates those with extra precision, at a higher cost), a secret product of integers (reshare only), and our
+SiLUs. From these it writes the accounting of the `cipherdm` SiLU (relu + a "masked square": two comparisons, two
+conversions, four integer products, two truncations) and what else was tried against it, and a softmax's byte floor:
+the comparisons that an exact row max and a clamped exp need, their conversions and bit products, one product to
+normalise, and the fewest secret products an exp polynomial needs to hold the softmax accuracy contract (searched in
+float64 over clamped bases raised by squarings; `fewest_exp_products`), against vanilla SPU's softmax measured on
+the same logits (docs/results/primitives.md).
 
     python scripts/primitive_costs.py
 """
@@ -53,6 +52,8 @@ PRIMITIVES = {
     "integer_product": ("int(x) * int(x) (reshare, no truncation)", lambda x: _encoding(x) * _encoding(x)),
     "batched_compare": ("x < 6 and -x < 6 as one batched comparison (two MSB extractions in one)",
                         lambda x: jnp.stack([x, -x]) < 6.0),
+    "bit_and": ("(x < 6) & (-x < 6): batched_compare, then an AND of its two bits (boolean shares)",
+                lambda x: jnp.logical_and(*(jnp.stack([x, -x]) < 6.0))),
     "silu": ("ops.silu under the protocol set", ops.silu),
     "silu_low_byte": ("the `cipherdm-low-byte` SiLU (clamped half-square, window compared after |x|)",
                       registry.kernel("silu", "cipherdm-low-byte")),
@@ -159,17 +160,23 @@ def softmax_floor(rows: dict, exp_designs: list, measured: dict) -> dict:
     }
 
 
-def measure(protocol_set: str, n: int) -> dict:
+def measure(protocol_set: str, n: int, repeat: int = 3) -> dict:
+    """Each block's bytes per element per party, send actions, and wall seconds per element (the median of
+    ``repeat`` runs: the three parties' compute on this machine's cores, as the benchmark measures seconds)."""
     x = np.linspace(-20, 20, n).astype(np.float32)
     rows = {}
     with SecureSession(protocol_set) as session:
         for name, (what, fn) in PRIMITIVES.items():
-            session.run(fn, x)
+            seconds = []
+            for _ in range(repeat):
+                session.run(fn, x)
+                seconds.append(session.last_stats.seconds)
             s = session.last_stats
             rows[name] = {
                 "what": what,
                 "bytes_per_element_per_party": s.bytes_sent / 3 / n,
                 "send_actions": s.send_actions,
+                "seconds_per_element": float(np.median(seconds)) / n,
             }
     return rows
 
@@ -281,12 +288,13 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float, floor
         "",
         f"Command: `{command}`  ",
         f"ABY3, FM64, 18 fraction bits, three parties in one process, {n} elements; bytes per element per party",
-        "(all parties' bytes / 3 / elements), send actions of the busiest party.",
+        "(all parties' bytes / 3 / elements), send actions of the busiest party, and wall nanoseconds per element",
+        "(median of 3 runs: the three parties' compute on this machine's cores).",
         "",
     ]
-    lines += markdown_table(["block", "what", "B/elem/party", "send actions"],
-                            [[name, r["what"], f"{r['bytes_per_element_per_party']:.1f}", r["send_actions"]]
-                             for name, r in rows.items()], align="ll")
+    lines += markdown_table(["block", "what", "B/elem/party", "send actions", "ns/elem"],
+                            [[name, r["what"], f"{r['bytes_per_element_per_party']:.1f}", r["send_actions"],
+                              f"{r['seconds_per_element'] * 1e9:.0f}"] for name, r in rows.items()], align="ll")
     lines += [
         "",
         "## Accounting of the `cipherdm` SiLU",
@@ -352,7 +360,8 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float, floor
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--elements", type=int, default=20000, help="elements per measurement (default 20000)")
+    parser.add_argument("--elements", type=int, default=100000,
+                        help="elements per measurement (default 100000: the ops' fixed seconds then weigh little)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "primitives",
                         help="output path without suffix: writes .md and .json (default docs/results/primitives)")
     args = parser.parse_args(argv)

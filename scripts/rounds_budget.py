@@ -15,7 +15,9 @@ kernel's). From them, an optimistic floor per kernel call:
            secret product (a curve needs at least one truncated product)
   softmax  the row max by the cheapest tournament, in groups of any width k up to the row's (a level: 1
            comparison round for all of a group's pairs, 1 conversion, ceil(log2 k) bit-product rounds; one
-           group of the whole row takes one level, at n(n-1)/2 comparisons a row: floors ignore bytes) + the
+           group of the whole row takes one level, at n(n-1)/2 comparisons a row: floors ignore bytes; ANDing a
+           candidate's bits first, as `cipherdm` may, saves bytes, never rounds: after r AND rounds its
+           ceil((k-1)/2^r) bits and difference take at least ceil(log2 k) - r product rounds) + the
            exp's clamp (comparison, conversion, bit product) + the reciprocal's floor (as rsqrt's; the exps
            ride in its products, as `cipherdm`'s kernel lets them where that pays); exp's polynomial counted as free;
            attention's product with the values stays in the linear floor (the identity kernel's matmul)

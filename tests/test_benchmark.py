@@ -10,7 +10,7 @@ from cipherdm_spu import Public, RunStats, SecureSession, ops, registry
 from cipherdm_spu.benchmark import (COMPARISON_OPS, NonlinearCall, StepCase, estimate_latency, estimate_terms,
                                     linear_floor, measure_softmax_forms, measure_step, nonlinear_calls, ratios,
                                     softmax_call_cost)
-from cipherdm_spu.protocols.cipherdm import tournament_arities
+from cipherdm_spu.protocols.cipherdm import tournament_levels
 from cipherdm_spu.models import UNet2DModel
 
 from .conftest import fewest_send_actions
@@ -58,7 +58,8 @@ def test_softmax_forms_are_measured_side_by_side_on_the_same_logits():
     (row,) = measure_softmax_forms(np.random.default_rng(0), shapes=((20, 49),))
     assert row["elements"] == 980
     kernel, threes, pairs = row["kernel"], row["threes, apart"], row["pairs, apart"]
-    assert (kernel["arities"], kernel["fold_exps"], threes["arities"], pairs["arities"]) == ([7, 7], True, [3], [2])
+    assert (kernel["levels"], kernel["fold_exps"]) == ([[7, 1], [7, 1]], True)
+    assert (threes["levels"], pairs["levels"]) == ([[3, 0]], [[2, 0]])
     for form in (kernel, threes, pairs):
         assert form["max_abs_err"] <= 5e-3
         assert form["network_seconds"]["WAN"] == pytest.approx(form["send_actions"] * 0.020
@@ -69,8 +70,9 @@ def test_softmax_forms_are_measured_side_by_side_on_the_same_logits():
 
 def test_a_softmax_call_is_priced_by_fewer_rows_in_its_own_form(sessions):
     """A call priced by a quarter of its rows sends the call's bytes (within 2 %) in its send actions (within 3), for
-    SPU's softmax and ours; and a call too large to run here is priced in the form it would take (ours picks narrower
-    groups for 2**18 elements than for 2**12: more tournament levels, more send actions)."""
+    SPU's softmax and ours; and a call too large to run here is priced in the form it would take (ours takes another
+    for 2**18 elements than for 2**12: the tournament's bits ANDed and the exps apart, more send actions, fewer
+    bytes per row)."""
     call = NonlinearCall("softmax", (2, 32, 256), {"axis": 2, "scale": 0.25})
     x = np.random.default_rng(0).normal(0, 4, call.shape).astype(np.float32)
     for name in ("spu", "cipherdm"):
@@ -84,12 +86,12 @@ def test_a_softmax_call_is_priced_by_fewer_rows_in_its_own_form(sessions):
         assert (priced["rows"], priced["measured_rows"]) == (64, 16)
         assert priced["bytes_sent"] == pytest.approx(full.bytes_sent, rel=0.02), name
         assert abs(min(p["send_actions"] for p in pricings) - fewest) <= 3, name
-    assert tournament_arities(256, 2**18) != tournament_arities(256, 2**12)
+    assert tournament_levels(256, 2**18) != tournament_levels(256, 2**12)
     large = softmax_call_cost(sessions["cipherdm"], NonlinearCall("softmax", (1024, 256), {"axis": 1}), max_elements=2**12)
     small = softmax_call_cost(sessions["cipherdm"], NonlinearCall("softmax", (16, 256), {"axis": 1}), max_elements=2**12)
     assert large["measured_rows"] == small["measured_rows"] == 16
     assert large["send_actions"] > small["send_actions"] + 5
-    assert large["bytes_sent"] < 64 * small["bytes_sent"]  # narrower groups: fewer bytes per row
+    assert large["bytes_sent"] < 64 * small["bytes_sent"]  # ANDed bits, exps apart: fewer bytes per row
 
 
 def test_a_softmax_call_that_weighs_values_is_priced_with_them(sessions):
@@ -115,16 +117,16 @@ def test_a_softmax_call_that_weighs_values_is_priced_with_them(sessions):
 
 
 def test_the_softmax_forms_table_names_the_kernels_form_and_prices_each():
-    def form(arities, fold, actions):
-        return {"max_abs_err": 1e-3, "send_actions": actions, "busiest_party_bytes": 4000 * 49, "arities": arities,
+    def form(levels, fold, actions):
+        return {"max_abs_err": 1e-3, "send_actions": actions, "busiest_party_bytes": 4000 * 49, "levels": levels,
                 "fold_exps": fold, "network_seconds": {"LAN": 0.0123, "WAN": actions * 0.02}}
 
-    row = {"shape": [98, 49], "elements": 4802, "kernel": form([7, 7], True, 70),
-           "threes, apart": form([3], False, 95), "pairs, apart": form([2], False, 110)}
+    row = {"shape": [98, 49], "elements": 4802, "kernel": form([[7, 1], [7, 3]], True, 70),
+           "threes, apart": form([[3, 0]], False, 95), "pairs, apart": form([[2, 0]], False, 110)}
     table = load_script("benchmark_kernels").render_softmax_forms([row])
     assert table[0] == "## Softmax forms"
     (cells,) = [line.split(" | ") for line in table if line.startswith("| 98 x 49")]
-    assert cells[2] == "7-7, folded" and cells[3] == "41, 70, 0.001"
+    assert cells[2] == "7&1-7&3, folded" and cells[3] == "41, 70, 0.001"
     assert cells[6:] == ["1400 / 1900 / 2200", "12.3 / 12.3 / 12.3 |"]
 
 
