@@ -340,13 +340,13 @@ def measure_kernels(name: str, rng, n: int, rows: int) -> dict:
     return out
 
 
-def measure_softmax_forms(rng, shapes=SOFTMAX_FORM_SHAPES) -> list:
+def measure_softmax_forms(rng, shapes=SOFTMAX_FORM_SHAPES, repeat: int = 3) -> list:
     """`cipherdm`'s softmax alone (no values: attention's calls, which hand the kernel their values, price the fold on
     the values' weighted sums instead) in the form its kernel takes for each call (`tournament_levels`,
     `fold_exps_pays`) and in two fixed forms (threes, and pairs as `cipherdm-low-byte` takes them; both with a separate product), on
-    the same logits of each shape: error, the busiest party's bytes and send actions, and each form's time on
-    each network of NETWORKS (send actions times RTT/2 plus the busiest party's bytes over the bandwidth; compute
-    left out)."""
+    the same logits of each shape: error, the busiest party's bytes and send actions, its seconds (the median of
+    ``repeat`` runs after a first), and each form's time on each network of NETWORKS (send actions times RTT/2 plus
+    the busiest party's bytes over the bandwidth)."""
     rows = []
     with SecureSession("cipherdm") as session:
         for shape in shapes:
@@ -357,13 +357,18 @@ def measure_softmax_forms(rng, shapes=SOFTMAX_FORM_SHAPES) -> list:
                      "threes, apart": (((3, 0),), False), "pairs, apart": (((2, 0),), False)}
             row = {"shape": list(shape), "elements": elements}
             for form, (levels, fold) in forms.items():
-                y = session.run(lambda v, a=levels, f=fold: softmax_in_form(v, -1, "cipherdm", a, f), logits)
+                fn = lambda v, a=levels, f=fold: softmax_in_form(v, -1, "cipherdm", a, f)  # noqa: E731
+                session.run(fn, logits)  # a first run, its seconds left out (a program's first run is slower)
+                seconds = []
+                for _ in range(repeat):
+                    y = session.run(fn, logits)
+                    seconds.append(session.last_stats.seconds)
                 stats = session.last_stats
                 busiest = max(stats.bytes_sent_per_party)
                 row[form] = {**_errors(y, softmax(logits)), "levels": [list(level) for level in levels],
                              "fold_exps": fold,
                              "send_actions": stats.send_actions, "busiest_party_bytes": busiest,
-                             "seconds": stats.seconds,
+                             "seconds": statistics.median(seconds),
                              "network_seconds": {net: stats.send_actions * rtt / 2 + busiest * 8 / bandwidth
                                                  for net, (bandwidth, rtt) in NETWORKS.items()}}
             rows.append(row)

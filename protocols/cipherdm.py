@@ -73,7 +73,7 @@ NAME = "cipherdm"
 # What `cipherdm`'s softmax optimises its form for: the time a call takes on the benchmark's WAN
 # (cipherdm_spu/benchmark.py, NETWORKS; the set is built for it): send actions times RTT/2, a party's bytes over the
 # bandwidth, and the parties' local compute, which for a comparison (SPU's MSB extraction) outweighs its bytes' transfer
-# by about three. Its building blocks' costs as measured by scripts/primitive_costs.py (docs/results/primitives.md).
+# by about four. Its building blocks' costs as measured by scripts/primitive_costs.py (docs/results/primitives.md).
 REFERENCE_NETWORK = (400e6, 40e-3)  # bits per second, round-trip seconds
 
 
@@ -702,9 +702,9 @@ def _row_max(x, axis: int, levels):
     so ANDs save bytes in as many rounds or one more (`level_cost`).
 
     The pairs' differences are a product with a public integer matrix (`_round_robin`: local under SPU, on the ring
-    encodings) and the candidates' bits slices of its result (`_candidates_bits`; a gather, which SPU runs slowly,
-    is avoided), so a level is a few dozen ops of the SPU program however wide its groups (each op costs the
-    runtime time of its own, communication or not).
+    encodings), and the candidates' bits slices and rolls of its result (`_candidates_bits`, r > 0) or, converted,
+    one more product with public matrices (r = 0); no gather, which SPU runs slowly. So a level is a few dozen ops
+    of the SPU program however wide its groups (each op costs the runtime time of its own, communication or not).
     """
     levels = _checked_levels(levels)
     under_spu = registry.fixed_point_bits() is not None
@@ -799,8 +799,8 @@ def tournament_levels(width: int, elements: int) -> tuple:
     the least time on REFERENCE_NETWORK (`tournament_cost`), over groups of 2..MAX_TOURNAMENT_ARITY and every AND
     round count: a level's time depends only on the candidates it starts with, so the least time from each count
     of candidates down to one, found from one candidate up, gives the whole tournament's. Small calls take few
-    levels of wide groups; large ones, where bytes and comparisons' compute weigh more, narrower groups, ANDed
-    bits and more levels. Bytes are a mean party's (the busiest sends a few % more)."""
+    levels of wide groups; large ones, where bytes and comparisons' compute weigh more, more levels of narrower
+    groups; either may AND. Bytes are a mean party's (the busiest sends a few % more)."""
     costs = {(k, r): level_cost(k, r)
              for k in range(2, MAX_TOURNAMENT_ARITY + 1) for r in range(_most_and_rounds(k) + 1)}
     rows = elements / max(width, 1)

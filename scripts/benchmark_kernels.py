@@ -47,13 +47,15 @@ def render_softmax_forms(rows: list) -> list:
              "`cipherdm`'s softmax alone (no values; attention hands the kernel its values, and then the fold below is "
              "priced on their weighted sums, d numbers a row) in the form its kernel takes for the call (the "
              "tournament's levels: k for groups of k whose pair bits are converted, k&r for groups of k whose "
-             "candidates first AND their bits for r rounds; and whether the exps ride in the reciprocal's first round or meet it in a product apart: "
-             "whichever spends the least time on the benchmark's WAN by the building blocks' costs, "
+             "candidates first AND their bits for r rounds; and whether the exps ride in the reciprocal's first "
+             "round or meet it in a product apart: whichever takes the least time on the benchmark's WAN by the "
+             "building blocks' bytes, rounds and seconds, "
              "protocols/cipherdm.py `tournament_levels` and `fold_exps_pays`), and in two fixed forms: threes "
              "(`cipherdm` before the choice) and pairs (`cipherdm-low-byte`), each with a product apart. Same "
              "logits (standard deviation 4, one 1e4 logit); bytes are the busiest party's per element; network "
              "ms are send actions times RTT/2 plus those bytes over the bandwidth (LAN 5 Gbps / 0.4 ms RTT, "
-             "WAN 400 Mbps / 40 ms RTT; compute left out).", ""]
+             "WAN 400 Mbps / 40 ms RTT) plus the form's measured seconds (the median of 3 runs after a first: the "
+             "three parties' compute on this machine's cores).", ""]
     return lines + markdown_table(
         ["shape", "elements", "kernel's form", "kernel: B/elem, send actions, max err",
          "threes: B/elem, send actions, max err", "pairs: B/elem, send actions, max err",
@@ -61,7 +63,7 @@ def render_softmax_forms(rows: list) -> list:
         [[" x ".join(map(str, r["shape"])), r["elements"], _form(r["kernel"])]
          + [f"{r[f]['busiest_party_bytes'] / r['elements']:.0f}, {r[f]['send_actions']}, {r[f]['max_abs_err']:.2g}"
             for f in forms]
-         + [" / ".join(f"{1e3 * r[f]['network_seconds'][net]:.{digits}f}" for f in forms)
+         + [" / ".join(f"{1e3 * (r[f]['network_seconds'][net] + r[f]['seconds']):.{digits}f}" for f in forms)
             for net, digits in (("WAN", 0), ("LAN", 1))]
          for r in rows], align="l")
 

@@ -373,7 +373,7 @@ def main(argv=None) -> int:
     acc = accounting(rows)
     measured = {name: measure_softmax(name) for name in ("spu", "cipherdm", "cipherdm-low-byte")}
     floor = softmax_floor(rows, fewest_exp_products(), measured)
-    command = "python scripts/primitive_costs.py" + ("" if args.elements == 20000 else f" --elements {args.elements}")
+    command = "python scripts/primitive_costs.py" + ("" if args.elements == parser.get_default("elements") else f" --elements {args.elements}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "elements": args.elements, "blocks": rows, "silu_accounting": acc,

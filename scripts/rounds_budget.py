@@ -36,7 +36,6 @@ import math
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from cipherdm_spu import SecureSession

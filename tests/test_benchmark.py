@@ -119,7 +119,7 @@ def test_a_softmax_call_that_weighs_values_is_priced_with_them(sessions):
 def test_the_softmax_forms_table_names_the_kernels_form_and_prices_each():
     def form(levels, fold, actions):
         return {"max_abs_err": 1e-3, "send_actions": actions, "busiest_party_bytes": 4000 * 49, "levels": levels,
-                "fold_exps": fold, "network_seconds": {"LAN": 0.0123, "WAN": actions * 0.02}}
+                "fold_exps": fold, "network_seconds": {"LAN": 0.0123, "WAN": actions * 0.02}, "seconds": 0.001}
 
     row = {"shape": [98, 49], "elements": 4802, "kernel": form([[7, 1], [7, 3]], True, 70),
            "threes, apart": form([[3, 0]], False, 95), "pairs, apart": form([[2, 0]], False, 110)}
@@ -127,7 +127,7 @@ def test_the_softmax_forms_table_names_the_kernels_form_and_prices_each():
     assert table[0] == "## Softmax forms"
     (cells,) = [line.split(" | ") for line in table if line.startswith("| 98 x 49")]
     assert cells[2] == "7&1-7&3, folded" and cells[3] == "41, 70, 0.001"
-    assert cells[6:] == ["1400 / 1900 / 2200", "12.3 / 12.3 / 12.3 |"]
+    assert cells[6:] == ["1401 / 1901 / 2201", "13.3 / 13.3 / 13.3 |"]  # with the form's seconds
 
 
 def test_measure_step_on_a_tiny_unet():

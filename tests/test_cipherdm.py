@@ -182,8 +182,9 @@ def test_tournament_cost_model_matches_what_spu_spends(sessions, rng, rows, widt
 
 def test_the_kernel_takes_the_form_that_spends_least_on_the_reference_network(monkeypatch):
     """Few wide levels and the exps folded in small calls (MNIST's attention); in large ones, more levels of
-    narrower groups, ANDed bits and the exps apart, as their bytes and comparisons' compute weigh more. The row is the axis, wherever it is. With values the fold
-    is priced on what is divided, the values' weighted sums: a large call of narrow values folds them."""
+    narrower groups and the exps apart, as their bytes and comparisons' compute weigh more (either may AND). The
+    row is the axis, wherever it is. With values the fold is priced on what is divided, the values' weighted sums:
+    a large call of narrow values folds them."""
     mnist, large = ((7, 1), (7, 1)), ((2, 0), (2, 0), (2, 0), (4, 2), (8, 3))
     assert tournament_levels(49, 98 * 49) == mnist
     assert tournament_levels(1024, 32 * 1024) == ((4, 2), (4, 0), (8, 0), (8, 0))
@@ -281,7 +282,7 @@ def test_wide_groups_and_folded_exps_cost_fewer_rounds(sessions, rng):
     assert sevens <= threes - 18  # 3 levels of threes and a pair (47) against 2 of sevens (26), less a run's variation
     apart = fewest_send_actions(session, lambda v: softmax_in_form(v, 1, "cipherdm", (7,), fold_exps=False), x, runs=5)
     folded = fewest_send_actions(session, lambda v: softmax_in_form(v, 1, "cipherdm", (7,), fold_exps=True), x, runs=5)
-    saved = cipherdm.SECRET_PRODUCT[1] + cipherdm.PUBLIC_PRODUCT[1]
+    saved = cipherdm.SECRET_PRODUCT.actions + cipherdm.PUBLIC_PRODUCT.actions
     assert saved - 2 <= apart - folded <= saved + 1  # a run's count varies by up to 2
 
 
