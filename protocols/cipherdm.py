@@ -662,6 +662,14 @@ def _candidates_bits(bits, k: int, negate):
     return jnp.stack(rows, axis=-2)[..., :k - 1]
 
 
+def _pairwise(values, op):
+    """One round of a tree over axis -2: op of its first and second halves, stacked (one op under SPU, one round),
+    an odd last row carried as it is."""
+    half = values.shape[-2] // 2
+    return jnp.concatenate([op(values[..., :half, :], values[..., half:2 * half, :]), values[..., 2 * half:, :]],
+                           axis=-2)
+
+
 def _checked_levels(levels) -> tuple:
     """``levels`` as (k, and_rounds) pairs; a bare k is (k, 0)."""
     levels = tuple((level, 0) if isinstance(level, (int, np.integer)) else tuple(level) for level in levels)
@@ -731,9 +739,7 @@ def _row_max(x, axis: int, levels):
         if and_rounds:  # each candidate's bits, ANDed pairwise while boolean, then converted
             factors = _candidates_bits(bits, k, jnp.logical_not)
             for _ in range(and_rounds):
-                half = factors.shape[-2] // 2
-                factors = jnp.concatenate([factors[..., :half, :] & factors[..., half:2 * half, :],
-                                           factors[..., 2 * half:, :]], axis=-2)
+                factors = _pairwise(factors, jnp.logical_and)
             factors = _indicator(factors).astype(as_int)
         else:  # every pair's bit converted once, the candidates' factors from them (1 - b: local)
             converted = _indicator(bits).astype(as_int)
@@ -743,9 +749,7 @@ def _row_max(x, axis: int, levels):
         lead = _encoding(groups[..., :-1] - last[..., None])[..., None, :]  # the candidates' differences
         factors = jnp.concatenate([factors, lead], axis=-2)
         while factors.shape[-2] > 1:  # one stacked integer product per tree level
-            half = factors.shape[-2] // 2
-            factors = jnp.concatenate([factors[..., :half, :] * factors[..., half:2 * half, :],
-                                       factors[..., 2 * half:, :]], axis=-2)
+            factors = _pairwise(factors, jnp.multiply)
         a = last + jnp.sum(jax.lax.bitcast_convert_type(factors[..., 0, :], x.dtype), axis=-1)
     return jnp.moveaxis(a, -1, axis)
 
