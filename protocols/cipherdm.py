@@ -119,8 +119,8 @@ def _batched_bits(x, thresholds):
     fraction_bits = registry.fixed_point_bits()
     if fraction_bits is not None:
         thresholds = np.ceil(thresholds * 2.0**fraction_bits) * 2.0**-fraction_bits
-    t = jnp.asarray(thresholds, dtype=x.dtype).reshape((-1,) + (1,) * x.ndim)
-    return x[None] - t >= 0
+    t = np.broadcast_to(thresholds.reshape((-1,) + (1,) * x.ndim), thresholds.shape + x.shape)
+    return x[None] >= jnp.asarray(t, dtype=x.dtype)  # a constant of the full shape: no broadcast op of its own
 
 
 def _quartic(a, alpha):
@@ -559,41 +559,49 @@ def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, factor: float = 1.
     lo, hi = octaves
     per_unit = len(pieces)
     ks = np.arange(lo, hi + 1)
-    bits = _indicator(_batched_bits(x, 2.0 ** (unit_bits * ks[1:] / per_unit)))
     k_out = ks // per_unit
     piece = ks % per_unit
     middle = 2.0 * (2.0 ** (unit_bits * piece / per_unit) + 2.0 ** (unit_bits * (piece + 1) / per_unit))  # of 4m
     # sum_i c_i v^i = sum_j (sum_(i>=j) c_i C(i, j) middle^(i-j)) u^j with v = 4m, u = v - middle
     in_v = np.asarray(pieces, np.float64)[piece] * 4.0 ** -np.arange(3) * factor
     coef = np.stack([sum(in_v[:, i] * math.comb(i, j) * middle ** (i - j) for i in range(j, 3)) for j in range(3)], 1)
-    to_v, middles = 4.0 * 2.0 ** (-unit_bits * k_out), middle
+    to_v = 4.0 * 2.0 ** (-unit_bits * k_out)
+    thresholds = 2.0 ** (unit_bits * ks[1:] / per_unit)
     if times is None:  # R is a table, and so is c0 R
+        flat = x.reshape(-1)
         r_table = 2.0 ** (HEADROOM_BITS - k_out)
-        to_v, middles, c0_r, c1, c2, r = _tables(bits, [to_v, middles, coef[:, 0] * r_table, coef[:, 1], coef[:, 2],
-                                                        r_table], x.dtype)
-        u = x * to_v - middles
-        r_u, c2_u = jnp.stack([r, c2]) * u
-        return (c0_r + (c1 + c2_u) * r_u) * 2.0**-HEADROOM_BITS
-    r_table = 2.0 ** -k_out
-    to_v, middles, c0, c1, c2, r = _tables(bits, [to_v, middles, *coef.T, r_table], x.dtype)
+        tables = _tables(_indicator(_batched_bits(flat, thresholds)),
+                         [to_v, -middle, coef[:, 0] * r_table, coef[:, 1], r_table, coef[:, 2]], x.dtype)
+        u = flat * tables[0] + tables[1]
+        r_u, c2_u = tables[4:] * u
+        return ((tables[2] + (tables[3] + c2_u) * r_u) * 2.0**-HEADROOM_BITS).reshape(x.shape)
+    # every array is laid out as rows (one per element of x) and columns (the elements of the result that element
+    # scales), so that each round is one product of concatenated columns
     shape = jnp.broadcast_shapes(x.shape, times.shape)
-    wide = lambda v: jnp.broadcast_to(v, shape)  # noqa: E731
-    v, r = _one_product((x, to_v), (wide(r), wide(times)))
-    u = v - middles
-    r_u, c0_r, c2_u = _one_product((r, wide(u)), (wide(c0), r), (c2, u))
-    return c0_r + (c1 + c2_u) * r_u
+    x = x if _repeats_along_trailing_axes(x.shape, shape) else jnp.broadcast_to(x, shape)
+    rows = x.size
+    columns = math.prod(shape) // rows
+    column = x.reshape(rows, 1)
+    to_v, r, minus_middle, c0, c2, c1 = (
+        _tables(_indicator(_batched_bits(column[:, 0], thresholds)), [to_v, 2.0 ** -k_out, -middle, *coef[:, [0, 2, 1]].T],
+                x.dtype).T[:, j:j + 1] for j in range(6))
+    wide = lambda v: jnp.broadcast_to(v, (rows, columns))  # noqa: E731
+    v_rt = jnp.concatenate([column, wide(r)], 1) * jnp.concatenate([to_v, jnp.broadcast_to(times, shape).reshape(rows, columns)], 1)
+    u, rt = v_rt[:, :1] + minus_middle, v_rt[:, 1:]
+    products = jnp.concatenate([rt, rt, c2], 1) * jnp.concatenate([wide(u), wide(c0), u], 1)
+    r_u, c0_r, c2_u = products[:, :columns], products[:, columns:-1], products[:, -1:]
+    return (c0_r + (c1 + c2_u) * r_u).reshape(shape)
 
 
-def _one_product(*pairs):
-    """a * b for each (a, b) of ``pairs`` (same shapes within a pair), as one elementwise product of the pairs
-    concatenated: independent products of different shapes share one reshare and truncation (free slicing)."""
-    flat = [(a.reshape(-1), b.reshape(-1)) for a, b in pairs]
-    products = jnp.concatenate([a for a, _ in flat]) * jnp.concatenate([b for _, b in flat])
-    out, start = [], 0
-    for a, _ in pairs:
-        out.append(products[start:start + a.size].reshape(a.shape))
-        start += a.size
-    return out
+def _repeats_along_trailing_axes(shape, result_shape) -> bool:
+    """Whether broadcasting an array of ``shape`` to ``result_shape`` repeats each of its elements over a block of
+    consecutive elements of the result (its axes are the result's leading ones, then only ones), so that the result
+    reshapes to rows of one element's block each."""
+    shape = (1,) * (len(result_shape) - len(shape)) + tuple(shape)
+    lead = len(shape)
+    while lead and shape[lead - 1] == 1:
+        lead -= 1
+    return shape[:lead] == tuple(result_shape[:lead])
 
 
 @register_kernel("rsqrt", NAME)

@@ -11,7 +11,9 @@ conversions, four integer products, two truncations) and what else was tried aga
 the comparisons that an exact row max and a clamped exp need, their conversions and bit products, one product to
 normalise, and the fewest secret products an exp polynomial needs to hold the softmax accuracy contract (searched in
 float64 over clamped bases raised by squarings; `fewest_exp_products`), against vanilla SPU's softmax measured on
-the same logits (docs/results/primitives.md).
+the same logits (docs/results/primitives.md). It also measures what one more op of a program costs a run
+whatever the op does (a chain of additions, written out and as a loop's body: `op_overhead`), the reason a kernel's
+op count is part of its time.
 
     python scripts/primitive_costs.py
 """
@@ -181,6 +183,42 @@ def measure(protocol_set: str, n: int, repeat: int = 3) -> dict:
     return rows
 
 
+#: `op_overhead`: additions chained in one program, and the elements each adds
+OVERHEAD_OPS, OVERHEAD_ELEMENTS = 1000, 8
+
+
+def op_overhead(ops_: int = OVERHEAD_OPS, repeat: int = 5) -> dict:
+    """Milliseconds one more op adds to a run when it does next to nothing (an addition of OVERHEAD_ELEMENTS secrets):
+    ``ops_`` additions written out in the program, against the same additions as ``ops_`` iterations of a loop
+    whose body is one addition (the medians of ``repeat`` runs, less an empty program's). The program's text is the
+    difference: SPU parses and verifies it on every run, so a kernel pays for each op it is written with, every
+    time it runs, communication or not."""
+    x = np.ones(OVERHEAD_ELEMENTS, np.float32)
+
+    def written_out(a, b):
+        for _ in range(ops_):
+            a, b = b, a + b
+        return a
+
+    def looped(a, b):
+        return jax.lax.fori_loop(0, ops_, lambda _, ab: (ab[1], ab[0] + ab[1]), (a, b))[0]
+
+    def empty(a, b):
+        return a + b
+
+    with SecureSession("cipherdm") as session:
+        medians = {}
+        for name, fn in (("empty", empty), ("written_out", written_out), ("looped", looped)):
+            seconds = []
+            for _ in range(repeat + 1):  # the first run compiles
+                session.run(fn, x, x)
+                seconds.append(session.last_stats.seconds)
+            medians[name] = float(np.median(seconds[1:]))
+    per_op = lambda name: (medians[name] - medians["empty"]) / ops_ * 1e3  # noqa: E731
+    return {"ops": ops_, "elements": OVERHEAD_ELEMENTS, "repeat": repeat, "written_out_ms_per_op": per_op("written_out"),
+            "looped_ms_per_iteration": per_op("looped")}
+
+
 #: where a truncation by a tiny public constant is exact: ring values of about 2**m (m here), truncated by
 #: TINY_SHIFT bits as the masked-square SiLU truncates its t (protocols/cipherdm.py, `_masked_square_base`)
 TINY_RANGE_BITS, TINY_SHIFT = (42, 44, 46, 48), 28
@@ -282,7 +320,8 @@ def softmax_markdown(floor: dict) -> list:
     return lines + [""]
 
 
-def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float, floor: dict, tiny_range: dict) -> str:
+def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float, floor: dict, tiny_range: dict,
+             overhead: dict) -> str:
     lines = [
         "# SPU building blocks, how they add up to our SiLU, and a softmax's byte floor",
         "",
@@ -355,7 +394,25 @@ def markdown(command: str, n: int, rows: dict, acc: dict, spu_silu: float, floor
         "  (SPU then encodes the tiny one at 18 bits: zero).",
         "",
     ]
-    return "\n".join(lines + softmax_markdown(floor))
+    return "\n".join(lines + softmax_markdown(floor) + overhead_markdown(overhead))
+
+
+def overhead_markdown(overhead: dict) -> list:
+    written, looped = overhead["written_out_ms_per_op"], overhead["looped_ms_per_iteration"]
+    return [
+        "",
+        "## What one more op of a program costs a run",
+        "",
+        f"{overhead['ops']} additions of {overhead['elements']} secrets chained in one program: {written:.3f} ms per",
+        f"addition when they are written out, {looped:.3f} ms per iteration when they are the iterations of a loop whose",
+        "body is one addition (each iteration also runs the loop's counter and its test; medians of "
+        f"{overhead['repeat']} runs, less an",
+        "empty program's; three parties on this machine's cores). The additions do the same work either way; what",
+        "differs is the program's text, which SPU 0.9.5 parses and verifies on every run before it executes it. So",
+        "every op a kernel is written with costs a run about the first figure whatever it computes, communication or",
+        "not: the \"outside ops\" seconds of [benchmark.md](benchmark.md)'s step tables, which grow with the SPU ops a",
+        "step executes.",
+    ]
 
 
 def main(argv=None) -> int:
@@ -373,13 +430,14 @@ def main(argv=None) -> int:
     acc = accounting(rows)
     measured = {name: measure_softmax(name) for name in ("spu", "cipherdm", "cipherdm-low-byte")}
     floor = softmax_floor(rows, fewest_exp_products(), measured)
+    overhead = op_overhead()
     command = "python scripts/primitive_costs.py" + ("" if args.elements == parser.get_default("elements") else f" --elements {args.elements}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "elements": args.elements, "blocks": rows, "silu_accounting": acc,
          "spu_silu_bytes_per_element_per_party": spu_silu, "softmax_floor": floor,
-         "tiny_truncation_wrong_by_magnitude_bits": tiny_range}, indent=2))
-    text = markdown(command, args.elements, rows, acc, spu_silu, floor, tiny_range)
+         "tiny_truncation_wrong_by_magnitude_bits": tiny_range, "op_overhead": overhead}, indent=2))
+    text = markdown(command, args.elements, rows, acc, spu_silu, floor, tiny_range, overhead)
     args.out.with_suffix(".md").write_text(text)
     print(text)
     return 0

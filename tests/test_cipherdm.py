@@ -367,6 +367,22 @@ def test_rsqrt_with_a_scale_and_a_factor_under_spu_costs_no_more_rounds(sessions
     assert np.all(np.abs(y - ref) <= 8e-4 * np.abs(ref) + 6 * 2.0**-18)
 
 
+@pytest.mark.parametrize("x_shape, times_shape", [((4, 1), (4, 3)), ((1, 3), (4, 3)), ((3,), (2, 3)), ((2, 1, 3), (2, 4, 3))])
+def test_rsqrt_with_times_of_any_broadcast_shape(sessions, rng, x_shape, times_shape):
+    """times / sqrt(x) for every way x and times broadcast: the kernel lays the work out as one row per element of
+    x where x's elements each scale a block of the result, and broadcasts x first where they do not (x's axes
+    after a broadcast one)."""
+    x = rng.uniform(0.5, 50, x_shape).astype(np.float32)
+    times = rng.uniform(-2, 2, times_shape).astype(np.float32)
+    y = np.asarray(sessions["cipherdm"].run(lambda a, t: ops.rsqrt(a, t), x, times), np.float64)
+    ref = encoded(times) / np.sqrt(encoded(x))
+    assert y.shape == ref.shape
+    assert np.all(np.abs(y - ref) <= 8e-4 * np.abs(ref) + 6 * 2.0**-18)
+    with registry.use_protocol("cipherdm"):
+        plain = np.asarray(jax.jit(lambda a, t: ops.rsqrt(a, t))(x, times), np.float64)
+    np.testing.assert_allclose(plain, times / np.sqrt(x.astype(np.float64)), rtol=1e-3)
+
+
 def test_cipherdm_kernels_take_fewer_send_actions_than_spu(sessions, rng):
     """Rounds are what a WAN waits for: each of the step's kernels beats vanilla SPU's on send actions (exact
     counts from SPU's link, not time)."""
