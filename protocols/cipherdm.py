@@ -119,8 +119,7 @@ def _batched_bits(x, thresholds):
     fraction_bits = registry.fixed_point_bits()
     if fraction_bits is not None:
         thresholds = np.ceil(thresholds * 2.0**fraction_bits) * 2.0**-fraction_bits
-    t = np.broadcast_to(thresholds.reshape((-1,) + (1,) * x.ndim), thresholds.shape + x.shape)
-    return x[None] >= jnp.asarray(t, dtype=x.dtype)  # a constant of the full shape: no broadcast op of its own
+    return x[None] >= jnp.asarray(thresholds, dtype=x.dtype).reshape((-1,) + (1,) * x.ndim)
 
 
 def _quartic(a, alpha):
@@ -575,18 +574,22 @@ def _octave_polynomial(x, octaves, pieces, *, unit_bits: int, factor: float = 1.
         u = flat * tables[0] + tables[1]
         r_u, c2_u = tables[4:] * u
         return ((tables[2] + (tables[3] + c2_u) * r_u) * 2.0**-HEADROOM_BITS).reshape(x.shape)
-    # every array is laid out as rows (one per element of x) and columns (the elements of the result that element
-    # scales), so that each round is one product of concatenated columns
+    # every array is laid out as rows and columns, a row per element of x and its columns the elements of the result
+    # that element scales, so that each round is one product of concatenated columns; the bits and tables are x's
     shape = jnp.broadcast_shapes(x.shape, times.shape)
-    x = x if _repeats_along_trailing_axes(x.shape, shape) else jnp.broadcast_to(x, shape)
+    tables = _tables(_indicator(_batched_bits(x.reshape(-1), thresholds)),
+                     [to_v, 2.0 ** -k_out, -middle, *coef[:, [0, 2, 1]].T], x.dtype)
+    if not _repeats_along_trailing_axes(x.shape, shape):  # a row per element of the result: broadcast x and its tables
+        at_x = tables.reshape((len(tables),) + (1,) * (len(shape) - x.ndim) + x.shape)
+        tables = jnp.broadcast_to(at_x, (len(tables),) + shape).reshape(len(tables), -1)
+        x = jnp.broadcast_to(x, shape)
     rows = x.size
-    columns = math.prod(shape) // rows
-    column = x.reshape(rows, 1)
-    to_v, r, minus_middle, c0, c2, c1 = (
-        _tables(_indicator(_batched_bits(column[:, 0], thresholds)), [to_v, 2.0 ** -k_out, -middle, *coef[:, [0, 2, 1]].T],
-                x.dtype).T[:, j:j + 1] for j in range(6))
+    columns = math.prod(shape) // rows if rows else 0
+    by_row = tables.T
+    to_v, r, minus_middle, c0, c2, c1 = (by_row[:, j:j + 1] for j in range(len(tables)))
     wide = lambda v: jnp.broadcast_to(v, (rows, columns))  # noqa: E731
-    v_rt = jnp.concatenate([column, wide(r)], 1) * jnp.concatenate([to_v, jnp.broadcast_to(times, shape).reshape(rows, columns)], 1)
+    v_rt = (jnp.concatenate([x.reshape(rows, 1), wide(r)], 1)
+            * jnp.concatenate([to_v, jnp.broadcast_to(times, shape).reshape(rows, columns)], 1))
     u, rt = v_rt[:, :1] + minus_middle, v_rt[:, 1:]
     products = jnp.concatenate([rt, rt, c2], 1) * jnp.concatenate([wide(u), wide(c0), u], 1)
     r_u, c0_r, c2_u = products[:, :columns], products[:, columns:-1], products[:, -1:]

@@ -334,8 +334,8 @@ def render_step_seconds(block: dict) -> list:
         rows.append([name, *(f"{by_op.get(o, 0.0):.2f}" for o in ops),
                      f"{sum(s for o, s in by_op.items() if o not in ops):.2f}", f"{in_ops:.2f}", *outside])
     return ["The step's seconds by SPU op (one run's profile, all three parties on this machine's cores), and the same "
-            "run's seconds outside every op (the runtime's own work per op of the program, mostly parsing and verifying "
-            "its text, which SPU does on every run: it grows with the ops executed, communication or not; "
+            "run's seconds outside every op (the runtime's own work per op of the program, parsing and verifying its "
+            "text on every run among it: it grows with the program's ops, communication or not; "
             "[primitives.md](primitives.md) measures what one op adds):", ""] + \
         markdown_table(["protocol set", *(f"{o} s" for o in ops), "other ops s", "total s", "outside ops s",
                         "SPU ops executed"], rows)

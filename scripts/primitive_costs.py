@@ -190,9 +190,8 @@ OVERHEAD_OPS, OVERHEAD_ELEMENTS = 1000, 8
 def op_overhead(ops_: int = OVERHEAD_OPS, repeat: int = 5) -> dict:
     """Milliseconds one more op adds to a run when it does next to nothing (an addition of OVERHEAD_ELEMENTS secrets):
     ``ops_`` additions written out in the program, against the same additions as ``ops_`` iterations of a loop
-    whose body is one addition (the medians of ``repeat`` runs, less an empty program's). The program's text is the
-    difference: SPU parses and verifies it on every run, so a kernel pays for each op it is written with, every
-    time it runs, communication or not."""
+    whose body is one addition (the medians of ``repeat`` runs after a warm-up, less an empty program's). What
+    differs is the program's text, which SPU 0.9.5 parses and verifies on every run."""
     x = np.ones(OVERHEAD_ELEMENTS, np.float32)
 
     def written_out(a, b):
@@ -210,7 +209,7 @@ def op_overhead(ops_: int = OVERHEAD_OPS, repeat: int = 5) -> dict:
         medians = {}
         for name, fn in (("empty", empty), ("written_out", written_out), ("looped", looped)):
             seconds = []
-            for _ in range(repeat + 1):  # the first run compiles
+            for _ in range(repeat + 1):  # the first is a warm-up
                 session.run(fn, x, x)
                 seconds.append(session.last_stats.seconds)
             medians[name] = float(np.median(seconds[1:]))
@@ -406,12 +405,13 @@ def overhead_markdown(overhead: dict) -> list:
         f"{overhead['ops']} additions of {overhead['elements']} secrets chained in one program: {written:.3f} ms per",
         f"addition when they are written out, {looped:.3f} ms per iteration when they are the iterations of a loop whose",
         "body is one addition (each iteration also runs the loop's counter and its test; medians of "
-        f"{overhead['repeat']} runs, less an",
-        "empty program's; three parties on this machine's cores). The additions do the same work either way; what",
-        "differs is the program's text, which SPU 0.9.5 parses and verifies on every run before it executes it. So",
-        "every op a kernel is written with costs a run about the first figure whatever it computes, communication or",
-        "not: the \"outside ops\" seconds of [benchmark.md](benchmark.md)'s step tables, which grow with the SPU ops a",
-        "step executes.",
+        f"{overhead['repeat']} runs after a warm-up, less an empty program's; three parties on this machine's cores).",
+        "The additions are the same either way; the written-out program's text is about "
+        f"{overhead['ops']} ops longer, and SPU",
+        "0.9.5 parses and verifies a program's text on every run before it executes it (a profile of the written-out",
+        "program, once, found most of its samples in MLIR's parser and verifier). So every op a kernel is written with",
+        "costs a run time of its own, communication or not, and more for a longer op (a large constant is text too):",
+        "the \"outside ops\" seconds of [benchmark.md](benchmark.md)'s step tables, which grow with a step's SPU ops.",
     ]
 
 

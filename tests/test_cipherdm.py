@@ -367,11 +367,12 @@ def test_rsqrt_with_a_scale_and_a_factor_under_spu_costs_no_more_rounds(sessions
     assert np.all(np.abs(y - ref) <= 8e-4 * np.abs(ref) + 6 * 2.0**-18)
 
 
-@pytest.mark.parametrize("x_shape, times_shape", [((4, 1), (4, 3)), ((1, 3), (4, 3)), ((3,), (2, 3)), ((2, 1, 3), (2, 4, 3))])
+@pytest.mark.parametrize("x_shape, times_shape", [((4, 1), (4, 3)), ((2, 3), (2, 3)), ((), (2, 3)), ((1, 3), (4, 3)),
+                                                   ((3,), (2, 3)), ((2, 1, 3), (2, 4, 3))])
 def test_rsqrt_with_times_of_any_broadcast_shape(sessions, rng, x_shape, times_shape):
     """times / sqrt(x) for every way x and times broadcast: the kernel lays the work out as one row per element of
-    x where x's elements each scale a block of the result, and broadcasts x first where they do not (x's axes
-    after a broadcast one)."""
+    x where x's elements each scale a block of the result, and a row per element of the result where they do not
+    (x's axes after a broadcast one), its comparisons always x's own."""
     x = rng.uniform(0.5, 50, x_shape).astype(np.float32)
     times = rng.uniform(-2, 2, times_shape).astype(np.float32)
     y = np.asarray(sessions["cipherdm"].run(lambda a, t: ops.rsqrt(a, t), x, times), np.float64)

