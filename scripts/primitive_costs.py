@@ -410,8 +410,8 @@ def overhead_markdown(overhead: dict) -> list:
         f"{overhead['ops']} ops longer, and SPU",
         "0.9.5 parses and verifies a program's text on every run before it executes it (a profile of the written-out",
         "program, once, found most of its samples in MLIR's parser and verifier). So every op a kernel is written with",
-        "costs a run time of its own, communication or not, and more for a longer op (a large constant is text too):",
-        "the \"outside ops\" seconds of [benchmark.md](benchmark.md)'s step tables, which grow with a step's SPU ops.",
+        "costs a run time of its own, communication or not, consistent with the \"outside ops\" seconds of",
+        "[benchmark.md](benchmark.md)'s step tables, which grow with a step's SPU ops.",
     ]
 
 
