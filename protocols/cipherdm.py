@@ -80,7 +80,9 @@ REFERENCE_NETWORK = (400e6, 40e-3)  # bits per second, round-trip seconds
 class Block(NamedTuple):
     """A building block's cost per element: bytes a party sends, send actions (rounds), and wall seconds of the three
     parties' compute as the benchmark measures a step's (three parties in one process on this project's two-core
-    machines: primitives.md's ns/elem, which vary by tens of % between runs; they steer a choice, nothing else)."""
+    machines: primitives.md's ns/elem, which vary by tens of % between runs; they steer a choice, nothing else). The
+    seconds below are one run's (primitives.md at 2dcf415), the run whose forms the committed benchmarks measure; a
+    later run on a faster machine measured every block 25-70 % lower (a conversion's, a difference of two runs, most)."""
 
     bytes: float
     actions: int
