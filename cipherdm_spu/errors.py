@@ -59,3 +59,7 @@ class IrAuditError(ValueError):
 
 class LinkEmulatorError(RuntimeError):
     """The link emulator cannot run here (a party not on this machine, a bad link, relays that do not start) (`netem`)."""
+
+
+class ProgramError(ValueError):
+    """A traced program that SPU 0.9.5 would compute with other constants than its own (`public_constants`)."""

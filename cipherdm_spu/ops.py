@@ -30,8 +30,9 @@ from . import registry
 from .linalg import batched_matmul
 
 _PRIMITIVES: dict[str, Primitive] = {}
-#: Primitive params the protocol set chooses at trace time (kernel names); the others are the op's own.
-KERNEL_PARAMS = ("impl", "exp_impl")
+#: Primitive params chosen at trace time (the protocol set's kernel names; whether the op is in a loop's body); the
+#: others are the op's own.
+KERNEL_PARAMS = ("impl", "exp_impl", "loop_body")
 #: The keyword names of the operands an op takes after its input, in a jaxpr's order (`replay` passes them so).
 FURTHER_OPERANDS = {"rsqrt": ("times",), "softmax": ("values",)}
 
@@ -69,6 +70,14 @@ def _define(op: str, *, axis_param: bool = False, kernel_call=None, result_shape
     prim = Primitive(f"cipherdm_{op}")
 
     def kernel_fn(impl, params):
+        params = dict(params)
+        if params.pop("loop_body", False):  # bound in a loop's body: lowered (later) as one
+            fn = kernel_fn(impl, params)
+
+            def in_loop_body(*args):
+                with registry.loop_body():
+                    return fn(*args)
+            return in_loop_body
         if kernel_call is not None:
             return kernel_call(registry.kernel(op, impl), params)
         return functools.partial(registry.kernel(op, impl), **params)
@@ -130,7 +139,7 @@ def _bind(prim: Primitive, op: str, *operands, **params):
     for x in operands:
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"cipherdm_spu.ops.{op} needs floating-point inputs, got {x.dtype}")
-    return prim.bind(*operands, impl=registry.active_impl(op), **params)
+    return prim.bind(*operands, impl=registry.active_impl(op), loop_body=registry.in_loop_body(), **params)
 
 
 def silu(x):

@@ -66,6 +66,7 @@ _ACTIVE: contextvars.ContextVar[Optional["ProtocolSet"]] = contextvars.ContextVa
     "cipherdm_protocol_set", default=None
 )
 _FIXED_POINT: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("cipherdm_fixed_point", default=None)
+_LOOP_BODY: contextvars.ContextVar[bool] = contextvars.ContextVar("cipherdm_loop_body", default=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +253,25 @@ def fixed_point(fraction_bits: Optional[int]) -> Iterator[Optional[int]]:
 def fixed_point_bits() -> Optional[int]:
     """The fraction bits of the SPU compile in progress, or None when lowering for plain JAX."""
     return _FIXED_POINT.get()
+
+
+@contextlib.contextmanager
+def loop_body() -> Iterator[None]:
+    """Trace the ops inside this block as the body of a loop that SPU runs (``jax.lax.fori_loop``): SPU's compiler
+    hoists a body's constants out of the loop, so a kernel whose precision rests on multiplying by a constant below
+    SPU's fixed-point resolution (which SPU computes exactly only as a multiply's own constant operand:
+    `cipherdm_spu.public_constants`) takes a form without one. `cipherdm_spu.ops` records it on each op it binds here
+    and sets it again while the op's kernel is lowered (after this block); kernels read it with :func:`in_loop_body`."""
+    token = _LOOP_BODY.set(True)
+    try:
+        yield
+    finally:
+        _LOOP_BODY.reset(token)
+
+
+def in_loop_body() -> bool:
+    """Whether the ops being traced are a loop's body (:func:`loop_body`)."""
+    return _LOOP_BODY.get()
 
 
 def active_impl(op: str) -> str:

@@ -22,7 +22,7 @@ import spu
 import spu.libspu as libspu
 from spu.utils import frontend as spu_fe
 
-from . import registry, spu_config
+from . import public_constants, registry, spu_config
 from .errors import InputError, SessionError
 from .profiling import PARTY_PROFILE_FLAGS, RunStats, SpuLog, parse_run
 
@@ -179,6 +179,7 @@ def compile_function(fn: Callable, in_tree, specs, protocol_set: registry.Protoc
     except (TypeError, ValueError) as e:
         shapes = ", ".join(f"{dtype}{list(shape)}" for shape, dtype, _ in specs)
         raise InputError(f"{flat_fn.__name__} cannot be traced on inputs ({shapes}): {e}") from e
+    public_constants.check(executable.code.decode("utf-8"), fraction_bits, flat_fn.__name__)
     out_flat, out_tree = jax.tree_util.tree_flatten(out_info)
     return CompiledFunction(
         name=flat_fn.__name__,

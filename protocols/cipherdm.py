@@ -309,7 +309,12 @@ def _masked_square_base(magnitude, gap, c: dict):
     constant's multiple of 2**k (k the truncation's shift) is added after it, so no constant passes 32 bits; the rest
     is truncated by a public product by 2**-k (k > 16: SPU's tiny-constant path), whose input must stay below
     MAX_TINY_TRUNCATION on the window: t's leading coefficient is 2**-shift for that reason (scripts/fit_kernels.py).
-    The coefficients are on the grids of one session's fraction bits (c["fraction_bits"]); another is refused."""
+    The coefficients are on the grids of one session's fraction bits (c["fraction_bits"]); another is refused.
+
+    In a loop's body (`registry.in_loop_body`) SPU would multiply by that tiny constant's encoding, zero
+    (`cipherdm_spu.public_constants`), so the truncation is two plain ones of k/2 bits each: one more public product
+    (its bytes and 2 send actions). The constant's multiple of 2**(k/2) is added between them, which also keeps the
+    compiler from folding the two constants back into one."""
     fraction_bits = registry.fixed_point_bits()
     t_bits, shift = c["t_bits"], c["square_shift"]
     if fraction_bits is None:
@@ -331,6 +336,14 @@ def _masked_square_base(magnitude, gap, c: dict):
         raise NotImplementedError(f"the masked square's truncated sum reaches 2**{math.log2(largest):.1f}, past "
                                   f"2**{math.log2(MAX_TINY_TRUNCATION):.0f}")
     total = _encoding(magnitude) * as_int(slope) - gap + as_int(rest)
+    if registry.in_loop_body():
+        half = k // 2
+        partly = _encoding(jax.lax.bitcast_convert_type(total, magnitude.dtype) * 2.0**-half)
+        if above << (k - half) >= 2**31:
+            raise NotImplementedError(f"the masked square's loop form would add a constant of 2**"
+                                      f"{math.log2(above << (k - half)):.1f}, past 32 bits")
+        partly = partly + as_int(above << (k - half))
+        return _encoding(jax.lax.bitcast_convert_type(partly, magnitude.dtype) * 2.0 ** -(k - half))
     return _encoding(jax.lax.bitcast_convert_type(total, magnitude.dtype) * 2.0**-k) + as_int(above)
 
 

@@ -1,6 +1,7 @@
 """Accuracy of our kernels (protocol set `cipherdm`) under the three-party session, vs float64."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -461,6 +462,29 @@ def test_masked_square_outside_its_window_is_relu_plus_the_tail_even_where_the_s
     want = np.maximum(encoded(x), 0.0) + fit["tail"]
     got = np.asarray(sessions["cipherdm"].run(registry.kernel("silu", "cipherdm"), x), np.float64)
     assert (np.abs(got - want) <= 4 * 2.0**-18 + np.abs(want) * 2.0**-23).all()  # the float32 output's own rounding
+
+
+def test_masked_square_in_a_loop_body_truncates_twice_and_keeps_its_accuracy(sessions):
+    """In a loop's body SPU would multiply by the 2**-28 truncation's constant as its encoding, zero
+    (cipherdm_spu.public_constants); the loop form (`registry.loop_body`) truncates by 2**-14 twice: the values of the
+    straight form within the rounding of t, the contract on the whole line, for one more truncation's send actions."""
+    x = activation_inputs(401)
+
+    def in_a_loop(v):
+        with registry.loop_body():
+            return jax.lax.fori_loop(0, 2, lambda i, acc: acc + ops.silu(v), jnp.zeros_like(v)) * 0.5
+
+    def loop_form(v):
+        with registry.loop_body():
+            return ops.silu(v)
+
+    looped = sessions["cipherdm"].run(in_a_loop, x)
+    straight = sessions["cipherdm"].run(ops.silu, x)
+    bound = 2 * (1.5 * 2.0**-12 * 2 * MASKED_ACTIVATIONS["silu"]["lam"] * 0.7 + 8 * 2.0**-18)
+    assert np.abs(looped - straight)[np.abs(x) < 1e3].max() <= bound
+    assert np.abs(looped - REFERENCES["silu"](x.astype(np.float64))).max() <= 1e-2
+    session = sessions["cipherdm"]
+    assert fewest_send_actions(session, loop_form, x) == fewest_send_actions(session, ops.silu, x) + 2
 
 
 @pytest.mark.parametrize("fraction_bits", [16, 17, 20])
