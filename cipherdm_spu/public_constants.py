@@ -5,14 +5,16 @@ below 4 units of 2**-f that is not on that grid loses most of its value: 0.7 uni
 becomes 3. Only one case gets extra precision: a *splat* constant (one value, every element) that is itself an
 operand of ``pphlo.multiply`` (our kernels rely on it: the masked-square SiLU truncates by 2**-28 so,
 `protocols.cipherdm._masked_square_base`). Anything else is computed with the truncated encoding and no error is
-raised: a non-splat constant, a constant reached through a broadcast, a reshape or a slice, and, above all, a
-constant in a loop's body, which SPU's compiler hoists out of the loop and hands to the body through
-``pphlo.broadcast_as`` (a sampler written as one ``jax.lax.fori_loop`` of steps came out wrong for this reason:
-the SiLU's 2**-28 became 0; traced under `registry.loop_body` our kernels avoid such constants).
+raised. Measured (tests/test_public_constants.py): a non-splat constant and, above all, a constant in a loop's body, which SPU's compiler hoists out of the loop and hands to the body through
+``pphlo.broadcast_as``: a sampler written as one ``jax.lax.fori_loop`` of steps came out wrong for this reason (the
+SiLU's 2**-28 became 0; traced under `registry.loop_body` our kernels avoid such constants). Taken to behave alike:
+a constant reached through a broadcast, a reshape, a slice or another op that passes values on, and a constant of
+an enclosing region used in a loop's body directly.
 
 `imprecise_products` finds every ``pphlo.multiply``, ``pphlo.dot`` and ``pphlo.convolution`` with such an
 operand in a compiled program's text; `check` raises `ProgramError` naming them. On-grid constants (2**-17 is
-exactly 2 units) and constants of 4 units or more keep SPU's usual rounding and are not reported.
+exactly 2 units) and constants of 4 units or more keep SPU's usual rounding and are not reported; a changed one is
+refused whatever its weight in the result.
 
 A guard for programs this project compiles (SPU's printed form, one op a line), not a security check: a line it
 cannot read is passed over (the security audit of a party's IR is `ir_audit`).
@@ -55,9 +57,9 @@ def _floats(payload: str, element: str) -> Optional[List[float]]:
         if word.lower().startswith("0x"):  # a bit pattern (inf, nan)
             values.append(struct.unpack("<" + fmt, int(word, 16).to_bytes(size, "little"))[0])
         else:
-            try:
-                values.append(float(word))
-            except ValueError:
+            try:  # MLIR prints the shortest decimal that reads back as the element: read it back so
+                values.append(struct.unpack("<" + fmt, struct.pack("<" + fmt, float(word)))[0])
+            except (ValueError, OverflowError):
                 return None
     return values
 
@@ -86,14 +88,16 @@ def imprecise_products(text: str, fraction_bits: int) -> List[str]:
     scopes: List[Dict[str, _Value]] = [{}]
 
     def find(name: str) -> Optional[_Value]:
-        for scope in reversed(scopes):
+        for depth, scope in enumerate(reversed(scopes)):
             if name in scope:
-                return scope[name]
+                v = scope[name]
+                # a constant of an enclosing region, used in a nested one (a loop's body), is not taken for the
+                # multiply's own operand: SPU's compiler may hand it in through broadcast_as
+                return v if depth == 0 or not v.direct_splat else _Value(v.tiny, False, v.line)
         return None
 
     found = []
-    carried: Dict[str, _Value] = {}  # the last loop's carried values, for the scopes of its regions
-    loop_depth = -1  # the scope depth of that loop's op
+    carried: Dict[int, Dict[str, _Value]] = {}  # per scope depth, the carried values of the loop last defined there
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         if stripped.startswith("}"):
@@ -103,13 +107,11 @@ def imprecise_products(text: str, fraction_bits: int) -> List[str]:
         m = _DEF.match(line)
         if m:
             name, op, rest = m.groups()
-            if len(scopes) == loop_depth:
-                carried, loop_depth = {}, -1
+            carried.pop(len(scopes), None)  # an op after a loop at its depth: that loop's regions are over
             if op == "while":  # a constant passed in as a carried value is a public variable in the body
-                loop_depth = len(scopes)
-                carried = {inner: _Value(v.tiny, False, v.line)
-                           for inner, v in ((i, find(o)) for i, o in _CARRIED.findall(rest.split(":")[0]))
-                           if v is not None}
+                carried[len(scopes)] = {inner: _Value(v.tiny, False, v.line)
+                                        for inner, v in ((i, find(o)) for i, o in _CARRIED.findall(rest.split(":")[0]))
+                                        if v is not None}
             elif op == "constant":
                 c = _CONSTANT.search(rest)
                 values = _floats(c.group(1).strip(), c.group(2)) if c else None
@@ -127,8 +129,8 @@ def imprecise_products(text: str, fraction_bits: int) -> List[str]:
                 elif op in _PASS_THROUGH and operands:
                     scopes[-1][name] = _Value(sum((v.tiny for v in operands), []), False, operands[0].line)
         if stripped.endswith("{"):
-            regions_of_loop = len(scopes) == loop_depth and stripped.startswith(("cond", "} do"))
-            scopes.append(dict(carried) if regions_of_loop else {})
+            regions_of_loop = stripped.startswith(("cond", "} do"))
+            scopes.append(dict(carried.get(len(scopes), {})) if regions_of_loop else {})
     return found
 
 

@@ -312,9 +312,9 @@ def _masked_square_base(magnitude, gap, c: dict):
     The coefficients are on the grids of one session's fraction bits (c["fraction_bits"]); another is refused.
 
     In a loop's body (`registry.in_loop_body`) SPU would multiply by that tiny constant's encoding, zero
-    (`cipherdm_spu.public_constants`), so the truncation is two plain ones of k/2 bits each: one more public product
-    (its bytes and 2 send actions). The constant's multiple of 2**(k/2) is added between them, which also keeps the
-    compiler from folding the two constants back into one."""
+    (`cipherdm_spu.public_constants`), so the truncation is two plain ones, of k//2 and k - k//2 bits: one more public
+    product (docs/results/primitives.md prices one). The constant's multiple of 2**(k - k//2) is added between them,
+    which also keeps the compiler from folding the two constants back into one."""
     fraction_bits = registry.fixed_point_bits()
     t_bits, shift = c["t_bits"], c["square_shift"]
     if fraction_bits is None:
@@ -339,9 +339,9 @@ def _masked_square_base(magnitude, gap, c: dict):
     if registry.in_loop_body():
         half = k // 2
         partly = _encoding(jax.lax.bitcast_convert_type(total, magnitude.dtype) * 2.0**-half)
-        if above << (k - half) >= 2**31:
-            raise NotImplementedError(f"the masked square's loop form would add a constant of 2**"
-                                      f"{math.log2(above << (k - half)):.1f}, past 32 bits")
+        if abs(above << (k - half)) >= 2**31 or k - half > 16:
+            raise NotImplementedError(f"the masked square's loop form cannot truncate {k} bits in two plain public "
+                                      "products with a constant within 32 bits")
         partly = partly + as_int(above << (k - half))
         return _encoding(jax.lax.bitcast_convert_type(partly, magnitude.dtype) * 2.0 ** -(k - half))
     return _encoding(jax.lax.bitcast_convert_type(total, magnitude.dtype) * 2.0**-k) + as_int(above)

@@ -57,6 +57,20 @@ def test_constants_on_the_grid_or_of_four_units_and_more_are_not_reported(value)
     assert imprecise_products(text, 18) == []
 
 
+@pytest.mark.parametrize("printed, reported", [
+    ("3.81469727E-6", False), ("7.62939453E-6", False), ("1.14440918E-5", False),  # 1, 2, 3 units as MLIR prints them
+    ("9.53674316E-7", True), ("5.72204590E-6", True),  # 0.25 and 1.5 units
+])
+def test_constants_are_read_as_their_element_type_holds_them(printed, reported):
+    """MLIR prints an f32 with the fewest digits that read back as it: 2**-17 is 7.62939453E-6, a hair under two units
+    as a float64, exactly two as an f32."""
+    text = program(f"%0 = pphlo.constant dense<[{printed}, 1.0]> : tensor<2xf32>",
+                   "%1 = pphlo.reshape %arg0 : (tensor<4x8x!pphlo.secret<f32>>) -> tensor<16x2x!pphlo.secret<f32>>",
+                   "%2 = pphlo.multiply %1, %0 : (tensor<16x2x!pphlo.secret<f32>>, tensor<2xf32>) -> "
+                   "tensor<16x2x!pphlo.secret<f32>>", f"return %2 : {S}")
+    assert bool(imprecise_products(text, 18)) == reported
+
+
 LOOP = [
     "%0 = pphlo.constant dense<1> : tensor<i32>",
     f"%1 = pphlo.constant dense<9.53674316E-7> : {P}",
@@ -86,6 +100,13 @@ def test_a_tiny_constant_carried_into_a_loop_is_reported():
     body = [line.replace("%arg2 = %arg0", "%arg2 = %arg0, %arg3 = %1").replace("%12 = pphlo.multiply %arg2, %11",
                                                                             "%12 = pphlo.multiply %arg2, %arg3")
             for line in LOOP]
+    assert len(imprecise_products(program(*body), 18)) == 1
+
+
+def test_a_splat_constant_of_the_enclosing_region_used_directly_in_a_loop_body_is_reported():
+    """Not measured under SPU (its compiler hands hoisted constants in through broadcast_as): taken as handed in."""
+    body = [line.replace("%11 = pphlo.broadcast_as %1, %arg0", "%11 = pphlo.add %arg1, %0")
+            .replace("%12 = pphlo.multiply %arg2, %11", "%12 = pphlo.multiply %arg2, %1") for line in LOOP]
     assert len(imprecise_products(program(*body), 18)) == 1
 
 
