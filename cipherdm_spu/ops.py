@@ -3,8 +3,8 @@
 Each op binds a primitive carrying ``impl``, the kernel name chosen by the protocol set in force at trace
 time (see `cipherdm_spu.registry`); softmax also carries ``exp_impl``, the set's exp, which every softmax
 kernel uses; and every op ``loop_body``, whether it was bound under `registry.loop_body` (the kernel is then lowered
-under it too, in a form a loop computes right). The primitive's lowering emits that kernel's JAX code, so SPU compiles ordinary HLO; with no
-protocol set in force the vanilla kernels (`cipherdm_spu.protocols.vanilla`) are used, so a model built on
+under it too, in a form a loop computes right). The primitive's lowering emits that kernel's JAX code, so SPU
+compiles ordinary HLO; with no protocol set in force the vanilla kernels (`cipherdm_spu.protocols.vanilla`) are used, so a model built on
 these ops also runs unchanged under plain ``jax.jit`` and ``jax.grad``.
 
 Caution: ``jax.jit`` caches a trace per function object, not per active protocol set, so a function

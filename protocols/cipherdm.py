@@ -82,7 +82,7 @@ class Block(NamedTuple):
     parties' compute as the benchmark measures a step's (three parties in one process on this project's two-core
     machines: primitives.md's ns/elem, which vary by tens of % between runs; they steer a choice, nothing else). The
     seconds below are one run's (primitives.md at 2dcf415), the run whose forms the committed benchmarks measure; a
-    later run on a faster machine measured every block 25-70 % lower (a conversion's, a difference of two runs, most)."""
+    later run on a faster machine measured every block lower (README, beside the kernel table)."""
 
     bytes: float
     actions: int
@@ -338,10 +338,10 @@ def _masked_square_base(magnitude, gap, c: dict):
     total = _encoding(magnitude) * as_int(slope) - gap + as_int(rest)
     if registry.in_loop_body():
         half = k // 2
-        partly = _encoding(jax.lax.bitcast_convert_type(total, magnitude.dtype) * 2.0**-half)
         if abs(above << (k - half)) >= 2**31 or k - half > 16:
             raise NotImplementedError(f"the masked square's loop form cannot truncate {k} bits in two plain public "
                                       "products with a constant within 32 bits")
+        partly = _encoding(jax.lax.bitcast_convert_type(total, magnitude.dtype) * 2.0**-half)
         partly = partly + as_int(above << (k - half))
         return _encoding(jax.lax.bitcast_convert_type(partly, magnitude.dtype) * 2.0 ** -(k - half))
     return _encoding(jax.lax.bitcast_convert_type(total, magnitude.dtype) * 2.0**-k) + as_int(above)
