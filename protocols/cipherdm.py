@@ -82,7 +82,7 @@ class Block(NamedTuple):
     parties' compute as the benchmark measures a step's (three parties in one process on this project's two-core
     machines: primitives.md's ns/elem, which vary by tens of % between runs; they steer a choice, nothing else). The
     seconds below are one run's (primitives.md at 2dcf415), the run whose forms the committed benchmarks measure; a
-    later run on a faster machine measured every block lower (README, beside the kernel table)."""
+    later run on a faster machine measured every block lower (README, where the softmax's forms are priced)."""
 
     bytes: float
     actions: int
