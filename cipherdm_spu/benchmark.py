@@ -3,7 +3,8 @@ network estimates.
 
 - `measure_kernels` runs every op of one protocol set on its own under the session: bytes per element per
   party, send actions, and the error against the float64 references of `cipherdm_spu.protocols.reference`
-  (docs/results/kernels.md, scripts/benchmark_kernels.py).
+  (docs/results/kernels.md, scripts/benchmark_kernels.py); `measure_override` one activation of a set with
+  its kernel overridden (`OVERRIDE_KERNELS`: kernels outside the sets).
 
 - `StepCase` is a UNet step with fixed inputs: it runs under a session (weights and inputs secret, the
   owner's time terms shared, coefficients public) and in plaintext float32 for the error.
@@ -308,6 +309,18 @@ def _rsqrt_row(session: SecureSession, fn, v) -> dict:
     }
 
 
+def _activation_row(session: SecureSession, op: str, cats: dict) -> dict:
+    """The errors of activation ``op`` on each of `activation_categories`, and its cost on the samples."""
+    row = {}
+    for cat, x in cats.items():
+        x = x.astype(np.float32)
+        y = session.run(getattr(ops, op), x)
+        row[cat] = _errors(y, REFERENCES[op](x.astype(np.float64)))
+        if cat == "samples":
+            row["cost"] = _cost(session.last_stats, x.size)
+    return row
+
+
 def measure_kernels(name: str, rng, n: int, rows: int) -> dict:
     """Cost and error of every op under protocol set ``name``: activations on `activation_categories` (cost on
     the samples), exp on its softmax domain x <= 0, rsqrt by relative error over variances 1e-4..1e4, softmax
@@ -316,15 +329,7 @@ def measure_kernels(name: str, rng, n: int, rows: int) -> dict:
     with SecureSession(name) as session:
         cats = activation_categories(rng, n)
         for op in ACTIVATIONS:
-            fn = getattr(ops, op)
-            row = {}
-            for cat, x in cats.items():
-                x = x.astype(np.float32)
-                y = session.run(fn, x)
-                row[cat] = _errors(y, REFERENCES[op](x.astype(np.float64)))
-                if cat == "samples":
-                    row["cost"] = _cost(session.last_stats, x.size)
-            out[op] = row
+            out[op] = _activation_row(session, op, cats)
         x = np.concatenate([np.linspace(-20, 0, n + 1), [-1e4, -1e3, -100, -30]]).astype(np.float32)
         y = session.run(ops.exp, x)
         out["exp"] = {"domain_le_0": _errors(y, np.exp(x.astype(np.float64))), "cost": _cost(session.last_stats, x.size)}
@@ -338,6 +343,18 @@ def measure_kernels(name: str, rng, n: int, rows: int) -> dict:
             errs["max_row_sum_err"] = float(np.abs(np.asarray(y, np.float64).sum(-1) - 1).max())
             out[f"softmax{width}"] = {"rows": errs, "cost": _cost(session.last_stats, logits.size)}
     return out
+
+
+#: kernels outside the protocol sets measured beside them, as (set, activation, kernel): the set with that
+#: activation's kernel overridden (`registry.resolve`)
+OVERRIDE_KERNELS = (("cipherdm", "gelu", "cipherdm-masked-square"),)
+
+
+def measure_override(name: str, op: str, kernel: str, rng, n: int) -> dict:
+    """Cost and error of activation ``op`` under protocol set ``name`` with its kernel overridden by ``kernel``, as
+    `measure_kernels` measures the set's own."""
+    with SecureSession(name, {op: kernel}) as session:
+        return _activation_row(session, op, activation_categories(rng, n))
 
 
 def measure_softmax_forms(rng, shapes=SOFTMAX_FORM_SHAPES, repeat: int = 3) -> list:

@@ -28,7 +28,8 @@ Activations use f(x) = step(x) + R(|x|), R fitted by minimax over the whole real
   two pieces, degrees 9 and 7, split by one more comparison in the same batch, one evaluation with
   picked coefficients) evaluated as E(v^2) + v O(v^2), Horner in v^2 for both halves side by side, with
   scaled accumulators; the fit errs < 2e-6 in float64, so what remains under MPC is mostly the input's own
-  2^-18 encoding.
+  2^-18 encoding. GeLU's R is even too, so `cipherdm-masked-square` (a kernel outside the sets) takes the SiLU's
+  masked square for it: the SiLU's cost, fitted error <= 2.5e-3.
 SoftMax subtracts the row max (a tournament whose group widths, level by level, suit the call's size, a group's
 candidates ANDing their comparison bits while those are boolean shares, about a byte an AND, where that saves
 conversions and products; pairs in `cipherdm-low-byte`), takes exp as a clamped quartic squared three times, and
@@ -464,6 +465,15 @@ def mish(x):
 def gelu(x, approximate: bool = False):
     """The exact (erf) GeLU, or its tanh form with ``approximate`` (they differ by up to 5e-4)."""
     return _piecewise_horner(x, "gelu_tanh" if approximate else "gelu")
+
+
+@register_kernel("gelu", f"{NAME}-masked-square")
+def gelu_masked_square(x, approximate: bool = False):
+    """GeLU as the SiLU's masked square (its R(a) = -a Phi(-a), even as the SiLU's): the SiLU's bytes and send actions
+    at the fit's cap on the whole line (scripts/fit_kernels.py, MASKED_GELU_CAP) instead of the Horner GeLU's
+    precision; not in a set, a user's trade-off: ``overrides={"gelu": "cipherdm-masked-square"}``. Correct for
+    |x| < 11585 (`_sign_and_window`)."""
+    return _relu_plus_masked_square(x, "gelu_tanh" if approximate else "gelu")
 
 
 @register_kernel("sigmoid", NAME)

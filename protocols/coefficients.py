@@ -8,7 +8,8 @@ form, `cipherdm-low-byte`'s SiLU): R = (z + gamma1) * z + linear * a + gamma0, z
 u = round(scale * a) / 2**bits.
 Fitted by minimax weighted towards |x| < ~2, where activations mostly lie, held to ERR_CAP everywhere
 (see BULK_WEIGHT there); SiLU's err includes u's rounding (rounded_bulk_err likewise, bulk_err not).
-MASKED_ACTIVATIONS (SiLU in the `cipherdm` set, the masked-square form): f(x) = relu(x) + tail for |x| >= T,
+MASKED_ACTIVATIONS (the masked-square form: SiLU in the `cipherdm` set, GeLU in the `masked-square` kernel, an
+override): f(x) = relu(x) + tail for |x| >= T,
 else relu(x) + lam * t**2 + linear * a + constant, a = |x|, t = a**2 / 2**square_shift + t1 * a + t0 held at
 t_bits fraction bits; t1, lam and linear on the grids of the kernel's integers at fraction_bits; err includes
 t's rounding (rounded_bulk_err likewise, bulk_err not) and the tail beyond T.
@@ -57,6 +58,38 @@ MASKED_ACTIVATIONS = {
         'err': 0.00948681,
         'bulk_err': 0.00382894,
         'rounded_bulk_err': 0.00385287,
+    },
+    'gelu': {
+        'T': 3.0,
+        'fraction_bits': 18,
+        'square_shift': 4,
+        't_bits': 12,
+        'plain_shift': 16,
+        't1': -0.27649998664855957,
+        't0': 0.2086808710666693,
+        'lam': 5.2119140625,
+        'linear': 0.0671539306640625,
+        'constant': -0.22558822873092402,
+        'tail': -0.0020248470474450997,
+        'err': 0.0025,
+        'bulk_err': 0.00232693,
+        'rounded_bulk_err': 0.00249264,
+    },
+    'gelu_tanh': {
+        'T': 2.9,
+        'fraction_bits': 18,
+        'square_shift': 4,
+        't_bits': 12,
+        'plain_shift': 16,
+        't1': -0.2783999443054199,
+        't0': 0.20988947826430843,
+        'lam': 5.126953125,
+        'linear': 0.0658111572265625,
+        'constant': -0.22454620272551853,
+        'tail': -0.002483333117735853,
+        'err': 0.00249942,
+        'bulk_err': 0.00233417,
+        'rounded_bulk_err': 0.00249942,
     },
 }
 

@@ -19,11 +19,14 @@ cluster on this machine (spu-launch, TLS links), its links direct (none) or thro
 (cipherdm_spu/netem.py: relay adds nothing, lan 5 Gbps / 0.2 ms one-way, wan 400 Mbps / 20 ms one-way):
 measured seconds beside the estimates, each party's CPU seconds; writes benchmark_network.{md,json,png}
 (not benchmark.md). --cifar adds the CIFAR-10-scale step row (embedded).
+--override SET:OP=KERNEL adds, in each step case that calls OP, a row of SET with OP's kernel replaced (a kernel
+outside the sets, e.g. cipherdm:gelu=cipherdm-masked-square); --only-sd measures the SD-shaped case alone.
 
     python scripts/benchmark.py                         # everything
     python scripts/benchmark.py --rows step --batches 1 --repeat 3
     python scripts/benchmark.py --quick --out /tmp/bench   # CI smoke test
     python scripts/benchmark.py --rows step --network wan --sets spu cipherdm   # measured on emulated WAN links
+    python scripts/benchmark.py --rows step --only-sd --sets spu cipherdm --override cipherdm:gelu=cipherdm-masked-square
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from cipherdm_spu import Public, SecureSession, cluster_config, quality
+from cipherdm_spu import Public, SecureSession, cluster_config, quality, registry
 from cipherdm_spu.benchmark import (COMPARISON_OPS, FLOORS, NETWORKS, StepCase, estimate_latency, estimate_terms,
-                                    measure_kernels, measure_step, mnist_step_case, ratios)
+                                    measure_kernels, measure_step, mnist_step_case, nonlinear_calls, ratios)
 from cipherdm_spu.cli_common import load_model_dir
 from cipherdm_spu.client import PartyClients
 from cipherdm_spu.cluster import loopback_cluster
+from cipherdm_spu.errors import ProtocolError
 from cipherdm_spu.jobs import sample_on_cluster, sample_shape, upload_model
 from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
 from cipherdm_spu.netem import PRESETS, link_for
@@ -113,6 +117,8 @@ def run_steps(args) -> list:
         cases = [lambda: mnist_step_case(args.models[0], 1, args.seed)]
     if not args.quick and not args.only_cifar and not args.network:
         cases.append(lambda: sd_case(args.seed))
+    if args.only_sd:
+        cases = cases[-1:]
     if args.cifar or args.only_cifar:
         cases.append(lambda: cifar_case(args.seed))
     if args.only_cifar:
@@ -120,9 +126,13 @@ def run_steps(args) -> list:
     results = []
     for make in cases:
         case = make()
+        called = {call.op for call in nonlinear_calls(case.secure_fn, case.weights, *case.inputs)}
+        overridden = {registry.resolve(name, {op: kernel}).name: registry.resolve(name, {op: kernel})
+                      for name, op, kernel in args.override if op in called}
         rows = {}
-        for name in tqdm(list(args.sets) + list(FLOORS), desc=case.name):
-            with SecureSession(FLOORS[name]() if name in FLOORS else name) as session:
+        for name in tqdm(list(args.sets) + list(overridden) + list(FLOORS), desc=case.name):
+            protocol = FLOORS[name]() if name in FLOORS else overridden.get(name, name)
+            with SecureSession(protocol) as session:
                 rows[name] = measure_step(session, case, repeat=args.repeat, breakdown=name != "linear-floor")
         ratios(rows)
         results.append({"case": case.name, "rows": rows})
@@ -432,6 +442,19 @@ def charts(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def _override(text: str) -> tuple:
+    """SET:OP=KERNEL as (set, op, kernel), checked against the registry."""
+    name, _, choice = text.partition(":")
+    op, _, kernel = choice.partition("=")
+    if not (name and op and kernel):
+        raise argparse.ArgumentTypeError(f"{text!r} is not SET:OP=KERNEL")
+    try:
+        registry.resolve(name, {op: kernel})
+    except ProtocolError as error:  # an unknown set, op or kernel: the registry's message says which
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name, op, kernel
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", choices=["kernels", "step", "sample"], default=["kernels", "step", "sample"],
@@ -451,6 +474,10 @@ def main(argv=None) -> int:
                    help="also the CIFAR-10-scale step row (google/ddpm-cifar10-32's architecture, random weights; "
                         "about an hour per protocol set on 2 cores)")
     p.add_argument("--only-cifar", action="store_true", help="the CIFAR-10-scale step row alone")
+    p.add_argument("--only-sd", action="store_true", help="the SD-shaped step row alone")
+    p.add_argument("--override", nargs="+", default=[], type=_override, metavar="SET:OP=KERNEL",
+                   help="also a step row of SET with OP's kernel replaced by KERNEL (a registered kernel or a set's), "
+                        "in each case whose step calls OP; e.g. cipherdm:gelu=cipherdm-masked-square")
     p.add_argument("--network", nargs="+", choices=["none", *PRESETS], default=[],
                    help="also run the MNIST SiLU step (batch 1) on a three-process cluster per network: none (direct "
                         "loopback links), relay (the emulator adding nothing), lan, wan; writes benchmark_network.*")
@@ -465,6 +492,10 @@ def main(argv=None) -> int:
         p.error("--repeat, --sample-steps, --batches must be positive and --sample-batch in 1..64")
     if args.quick:
         args.models, args.batches, args.sample_steps, args.sample_batch = args.models[:1], [1], 2, 1
+    if any(name not in args.sets for name, _, _ in args.override) or (args.override and "step" not in args.rows):
+        p.error("--override's sets must be among --sets, and it adds step rows: --rows must include step")
+    if args.only_sd and (args.quick or args.only_cifar or args.network):
+        p.error("--only-sd runs without --quick, --only-cifar and --network")
     if args.network and (args.rows != ["step"] or args.cluster_steps < 1):
         p.error("--network runs with --rows step only, and --cluster-steps must be positive")
     command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cipherdm_spu.benchmark import ACTIVATIONS, SOFTMAX_FORM_SHAPES, SOFTMAX_ROWS, measure_kernels, measure_softmax_forms
+from cipherdm_spu.benchmark import (ACTIVATIONS, OVERRIDE_KERNELS, SOFTMAX_FORM_SHAPES, SOFTMAX_ROWS, measure_kernels,
+                                    measure_override, measure_softmax_forms)
+from cipherdm_spu.protocols.coefficients import MASKED_ACTIVATIONS
 from cipherdm_spu.registry import BASELINE, available_protocol_sets
 from cipherdm_spu.results import markdown_table
 
@@ -97,7 +99,15 @@ def render_markdown(results: dict, command: str) -> str:
         cost_header + ["seconds", "max err (grid)", "max err (samples)", "max err (extremes)", "max err (bulk)"],
         [[op, label, *cost(r, op), f"{r['grid']['max_abs_err']:.2g}", f"{r['samples']['max_abs_err']:.2g}",
           f"{r['extremes']['max_abs_err']:.3g}", f"{r['bulk']['max_abs_err']:.2g}"]
-         for op in ACTIVATIONS for label in sets for r in [results["sets"][label][op]]], align="ll")
+         for op in ACTIVATIONS for label, r in [(s, results["sets"][s][op]) for s in sets]
+         + [(f"{o['set']}, {op}={o['kernel']}", o["row"]) for o in results.get("overrides", []) if o["op"] == op]],
+        align="ll")
+    if results.get("overrides"):
+        lines += ["", "Rows `set, op=kernel`: a kernel outside the sets (`cipherdm_spu.benchmark.OVERRIDE_KERNELS`), "
+                  "what `SecureSession(set, overrides={op: kernel})` runs: `cipherdm-masked-square` is GeLU in the "
+                  f"SiLU's masked square (its fit's cap {MASKED_ACTIVATIONS['gelu']['err']:.2g} on the whole line, "
+                  "scripts/fit_kernels.py), a user's "
+                  "trade-off of precision for bytes and rounds."]
     lines.append("")
     lines += markdown_table(
         cost_header + ["seconds", "max err", "mean err", "max row-sum err"],
@@ -171,6 +181,9 @@ def main(argv=None) -> int:
         results["sets"][name] = measure_kernels(name, rng, args.elements, args.rows)
     if "cipherdm" in sets:
         results["softmax_forms"] = measure_softmax_forms(rng, SOFTMAX_FORM_SHAPES[:1] if args.quick else SOFTMAX_FORM_SHAPES)
+    results["overrides"] = [{"set": name, "op": op, "kernel": kernel,
+                             "row": measure_override(name, op, kernel, rng, args.elements)}
+                            for name, op, kernel in OVERRIDE_KERNELS if name in sets]
     command = "python scripts/benchmark_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["command"] = command.strip()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -172,13 +172,14 @@ def fit_half_square(residual):
             "rounded_bulk_err": float(rerr[rx <= BULK].max())}
 
 
-# The `cipherdm` SiLU, "masked square": f(x) = relu(x) + tail + [|x| < T] (lam * t^2 + s * a + c - tail), a = |x|,
-# t = a^2 / 2**MASKED_SQUARE_SHIFT + t1 * a + t0. Under SPU (MASKED_FRACTION_BITS fraction bits) t comes from ONE
+# The "masked square" (the `cipherdm` SiLU; GeLU's `masked-square` kernel, an override): f(x) = relu(x) + tail +
+# [|x| < T] (lam * t^2 + s * a + c - tail), a = |x|, t = a^2 / 2**MASKED_SQUARE_SHIFT + t1 * a + t0. Under SPU (MASKED_FRACTION_BITS fraction bits) t comes from ONE
 # truncation of an integer sum of the window's product E_T^2 - E^2 (already paid for by the window's comparison),
 # |E| and a constant, held at MASKED_T_BITS fraction bits; lam * t^2 + s * a from a second (an integer product and a
 # truncation by 2**-MASKED_PLAIN_SHIFT), and the window bit masks the lot (an integer product): outside the window
 # the polynomial may wrap the ring, the mask zeroes it. The tail (|x| >= T) is the constant tail = R(T) / 2, which
-# bounds its error by |R(T)| / 2 (so T >= 5.75).
+# bounds its error by |R(T)| / 2 (so for SiLU T >= 5.75). R must be even (R_+ = R_-): SiLU's -a sigmoid(-a), GeLU's
+# -a Phi(-a).
 # The kernel's integers set the grids: t1 * 2**(f + shift) is the slope of |E| in t's sum, lam * 2**(f + plain shift
 # - 2 t_bits) and s * 2**plain_shift multiply t^2 and |E| in the second sum. t's leading coefficient is a power of two
 # because t's truncation is of E^2 times that coefficient's integer numerator: a finer one would grow the truncated
@@ -191,7 +192,15 @@ MASKED_T_BITS = 12
 MASKED_PLAIN_SHIFT = 16
 MASKED_LAMBDA_BITS = MASKED_FRACTION_BITS + MASKED_PLAIN_SHIFT - 2 * MASKED_T_BITS
 MASKED_T_ERROR = 1.01
-MASKED_THRESHOLDS = (5.75, 5.8, 5.9, 6.0)  # below 5.75 the tail alone errs > ERR_CAP
+# GeLU's cap: the masked square cannot hold 2e-3 (no fit for any T in 2.6..3.5); the `cipherdm` GeLU (HORNER_DESIGNS)
+# holds ~1e-5 for more bytes and rounds (docs/results/kernels.md): which one a model runs is a user's trade-off.
+MASKED_GELU_CAP = 0.0025
+# name: (the activation f, the cap on the whole line, the thresholds T tried, t1's coarse grid (start, stop))
+MASKED_DESIGNS = {
+    "silu": (REFERENCES["silu"], ERR_CAP, (5.75, 5.8, 5.9, 6.0), (-0.60, -0.35)),  # T < 5.75: the tail errs > cap
+    "gelu": (gelu, MASKED_GELU_CAP, (2.9, 3.0, 3.1), (-0.40, -0.15)),
+    "gelu_tanh": (gelu_tanh, MASKED_GELU_CAP, (2.9, 3.0, 3.1), (-0.40, -0.15)),
+}
 
 
 def _on_grid(value: float, bits: int) -> float:
@@ -208,8 +217,8 @@ def _masked_square_rows(residual, T: float, t1: float, offsets):
     return np.concatenate(rows), np.tile(residual(a), len(offsets)), np.tile(a, len(offsets))
 
 
-def _fit_masked_square_at(residual, T: float, t1: float, fixed=()):
-    """(lam, 2 lam t0, s, lam t0^2 + c) and the weighted max error, t exact (held to ERR_CAP with t off by
+def _fit_masked_square_at(residual, cap: float, T: float, t1: float, fixed=()):
+    """(lam, 2 lam t0, s, lam t0^2 + c) and the weighted max error, t exact (held to ``cap`` with t off by
     MASKED_T_ERROR units either way); with ``fixed`` = (lam,) or (lam, s), the others for those. inf where the cap
     cannot be met."""
     offsets = [-MASKED_T_ERROR, 0.0, MASKED_T_ERROR]
@@ -220,7 +229,7 @@ def _fit_masked_square_at(residual, T: float, t1: float, fixed=()):
         target, rounded_target = target - value * basis[:, column], rounded_target - value * rounded_basis[:, column]
     weight = 1.0 + BULK_WEIGHT * np.exp(-(a / BULK_SCALE) ** 2 / 2)
     try:
-        coef, weighted = minimax(a, target, basis[:, free], weight=weight, cap=ERR_CAP,
+        coef, weighted = minimax(a, target, basis[:, free], weight=weight, cap=cap,
                                  capped=(rounded_basis[:, free], rounded_target))
     except RuntimeError:
         return None, np.inf
@@ -231,33 +240,38 @@ def _fit_masked_square_at(residual, T: float, t1: float, fixed=()):
     return full, weighted
 
 
-def fit_masked_square(residual):
-    """The "masked square" fit: for each T, t1 on a coarse grid then a fine one around its best; t1, lam and s are
-    then put on the grids of the kernel's integers in turn, the rest refitted around each."""
+def fit_masked_square(name: str):
+    """The "masked square" fit of MASKED_DESIGNS[name]: for each T, t1 on a coarse grid then a fine one around its
+    best; t1, lam and s are then put on the grids of the kernel's integers in turn, the rest refitted around each."""
+    f, cap, thresholds, (start, stop) = MASKED_DESIGNS[name]
+    residual = lambda a: f(a) - a  # noqa: E731 - R(a) = f(a) - relu(a) for a >= 0
+    a = np.linspace(0.0, 20.0, 201)
+    if not np.allclose(residual(a), f(-a), atol=1e-12):
+        raise ValueError(f"{name}: the masked square needs f(a) - a = f(-a) (one R for both signs)")
     best = (np.inf,)
-    for T in MASKED_THRESHOLDS:
-        if abs(residual(T)) / 2 > ERR_CAP:
+    for T in thresholds:
+        if abs(residual(T)) / 2 > cap:
             continue
-        for grid in (np.arange(-0.60, -0.35, 0.002), None):
+        for grid in (np.arange(start, stop, 0.002), None):
             if grid is None:
                 if best[0] == np.inf or best[2] != T:
                     break
                 grid = best[1] + np.arange(-0.002, 0.0021, 0.0001)
             for t1 in grid:
-                coef, weighted = _fit_masked_square_at(residual, T, float(t1))
+                coef, weighted = _fit_masked_square_at(residual, cap, T, float(t1))
                 if weighted < best[0] - 1e-12:
                     best = (weighted, float(t1), T, coef)
     if best[0] == np.inf:
-        raise RuntimeError("no masked-square SiLU fit meets ERR_CAP")
+        raise RuntimeError(f"no masked-square {name} fit meets its cap {cap}")
     _, t1, T, coef = best
     t1 = _on_grid(t1, MASKED_FRACTION_BITS + MASKED_SQUARE_SHIFT)
-    coef, _ = _fit_masked_square_at(residual, T, t1)
+    coef, _ = _fit_masked_square_at(residual, cap, T, t1)
     lam = _on_grid(coef[0], MASKED_LAMBDA_BITS)
-    coef, _ = _fit_masked_square_at(residual, T, t1, (lam,))
+    coef, _ = _fit_masked_square_at(residual, cap, T, t1, (lam,))
     s = _on_grid(coef[2], MASKED_PLAIN_SHIFT)
-    coef, _ = _fit_masked_square_at(residual, T, t1, (lam, s))
+    coef, _ = _fit_masked_square_at(residual, cap, T, t1, (lam, s))
     if coef is None:
-        raise RuntimeError("the masked-square SiLU misses ERR_CAP with its constants on the kernel's grids")
+        raise RuntimeError(f"the masked-square {name} misses its cap {cap} with its constants on the kernel's grids")
     _, twice_lam_t0, _, constant = coef
     t0 = twice_lam_t0 / (2 * lam)
     tail = residual(T) / 2
@@ -471,7 +485,7 @@ def fit_exp_base():
 
 def render() -> str:
     acts = {name: fit_activation(name) for name in RESIDUALS}
-    masked = {"silu": fit_masked_square(RESIDUALS["silu"][0])}
+    masked = {name: fit_masked_square(name) for name in MASKED_DESIGNS}
     references = {"gelu": gelu, "gelu_tanh": gelu_tanh, "sigmoid": sigmoid}
     horner = {name: fit_horner(name, references[name]) for name in HORNER_DESIGNS}
     rsqrt_guess, rsqrt_err = fit_inverse_root(0.5, 1.0, 4.0, 3)  # cubic: one Newton step then errs ~1e-4
@@ -490,7 +504,8 @@ def render() -> str:
         "u = round(scale * a) / 2**bits.",
         "Fitted by minimax weighted towards |x| < ~2, where activations mostly lie, held to ERR_CAP everywhere",
         "(see BULK_WEIGHT there); SiLU's err includes u's rounding (rounded_bulk_err likewise, bulk_err not).",
-        "MASKED_ACTIVATIONS (SiLU in the `cipherdm` set, the masked-square form): f(x) = relu(x) + tail for |x| >= T,",
+        "MASKED_ACTIVATIONS (the masked-square form: SiLU in the `cipherdm` set, GeLU in the `masked-square` kernel, an",
+        "override): f(x) = relu(x) + tail for |x| >= T,",
         "else relu(x) + lam * t**2 + linear * a + constant, a = |x|, t = a**2 / 2**square_shift + t1 * a + t0 held at",
         "t_bits fraction bits; t1, lam and linear on the grids of the kernel's integers at fraction_bits; err includes",
         "t's rounding (rounded_bulk_err likewise, bulk_err not) and the tail beyond T.",

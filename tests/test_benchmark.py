@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from cipherdm_spu import Public, RunStats, SecureSession, ops, registry
-from cipherdm_spu.benchmark import (COMPARISON_OPS, NonlinearCall, StepCase, estimate_latency, estimate_terms,
-                                    linear_floor, measure_softmax_forms, measure_step, nonlinear_calls, ratios,
-                                    softmax_call_cost)
+from cipherdm_spu.benchmark import (COMPARISON_OPS, OVERRIDE_KERNELS, NonlinearCall, StepCase, estimate_latency,
+                                    estimate_terms, linear_floor, measure_override, measure_softmax_forms, measure_step,
+                                    nonlinear_calls, ratios, softmax_call_cost)
 from cipherdm_spu.protocols.cipherdm import tournament_levels
 from cipherdm_spu.models import UNet2DModel
 
@@ -116,6 +116,20 @@ def test_a_softmax_call_that_weighs_values_is_priced_with_them(sessions):
         assert priced["bytes_sent"] != without["bytes_sent"], name
 
 
+@pytest.mark.parametrize("name, op, kernel", OVERRIDE_KERNELS)
+def test_an_override_kernel_is_measured_under_its_set_with_that_op_replaced(name, op, kernel):
+    """The kernel table's override rows run the set's session with the op overridden: the override's own cost (the
+    masked-square GeLU: the SiLU's bytes, fewer than the set's GeLU) and its error on every input category."""
+    row = measure_override(name, op, kernel, np.random.default_rng(0), 200)
+    assert set(row) == {"grid", "bulk", "samples", "extremes", "cost"}
+    assert registry.protocol_set(name).kernels[op] != kernel
+    with SecureSession(name) as session:
+        x = np.random.default_rng(0).normal(0, 2, 200).astype(np.float32)
+        session.run(getattr(ops, op), x)
+        assert row["cost"]["bytes_per_element_per_party"] < session.last_stats.bytes_sent / 3 / x.size
+    assert max(row[c]["max_abs_err"] for c in ("grid", "bulk", "samples", "extremes")) < 1e-2
+
+
 def test_the_softmax_forms_table_names_the_kernels_form_and_prices_each():
     def form(levels, fold, actions):
         return {"max_abs_err": 1e-3, "send_actions": actions, "busiest_party_bytes": 4000 * 49, "levels": levels,
@@ -169,16 +183,21 @@ def test_measure_step_on_a_tiny_unet():
 
 @pytest.mark.slow
 def test_benchmark_script_quick_mode_writes_every_row(tiny_model, tmp_path):  # noqa: F811
-    """scripts/benchmark.py --quick end to end (kernel, step and sample rows) on a tiny model."""
+    """scripts/benchmark.py --quick end to end (kernel, step and sample rows) on a tiny model, with a step row of a set
+    whose op is overridden (only where the step calls the op)."""
     script = load_script("benchmark")
     out = tmp_path / "bench"
     assert script.main(["--quick", "--sets", "spu", "cipherdm", "--models", str(tiny_model),
-                        "--sample-model", str(tiny_model), "--out", str(out)]) == 0
+                        "--sample-model", str(tiny_model), "--out", str(out),
+                        "--override", "cipherdm:silu=cipherdm-low-byte", "cipherdm:gelu=cipherdm-masked-square"]) == 0
     results = json.loads((out / "benchmark.json").read_text())
     assert set(results["kernels"]) == {"spu", "cipherdm"}
     assert results["kernels"]["cipherdm"]["silu"]["grid"]["max_abs_err"] < 1e-2
     (step,) = results["step"]
-    assert set(step["rows"]) == {"spu", "cipherdm", "linear-floor", "kernel-floor"}
+    assert set(step["rows"]) == {"spu", "cipherdm", "cipherdm[silu=cipherdm-low-byte]", "linear-floor", "kernel-floor"}
+    overridden = step["rows"]["cipherdm[silu=cipherdm-low-byte]"]
+    assert overridden["send_actions"] > step["rows"]["cipherdm"]["send_actions"]  # its SiLU's window waits for |x|
+    assert overridden["kernels"]["silu"]["bytes_sent"] == step["rows"]["cipherdm"]["kernels"]["silu"]["bytes_sent"]
     assert step["rows"]["spu"]["vs_spu"]["bytes"] == 1.0
     assert step["rows"]["cipherdm"]["bytes_sent"] < step["rows"]["spu"]["bytes_sent"]
     assert step["rows"]["linear-floor"]["bytes_sent"] < step["rows"]["kernel-floor"]["bytes_sent"] \
@@ -196,6 +215,16 @@ def test_benchmark_script_quick_mode_writes_every_row(tiny_model, tmp_path):  # 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("argv", [["--override", "cipherdm:gelu=nope"], ["--override", "cipherdm-gelu"],
+                                  ["--override", "cipherdm-low-byte:gelu=cipherdm-masked-square"],
+                                  ["--only-sd", "--quick"]])
+def test_benchmark_script_refuses_bad_overrides_and_case_options(argv):
+    """An unknown kernel, a malformed override, an override of a set not measured: refused before anything runs."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("benchmark").main(["--rows", "step", "--sets", "spu", "cipherdm", *argv])
+    assert exit_info.value.code == 2
+
+
 def test_benchmark_script_network_mode_runs_the_step_on_a_cluster(tiny_model, tmp_path):  # noqa: F811
     """scripts/benchmark.py --network relay: the step on three processes through the emulator, with each party's CPU."""
     script = load_script("benchmark")

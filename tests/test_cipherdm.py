@@ -109,6 +109,26 @@ def test_silu_variants_within_1e2_on_the_whole_line(sessions, impl):
     assert err[np.abs(x) <= 2].max() <= 5e-3
 
 
+@pytest.mark.parametrize("approximate", [False, True])
+def test_masked_square_gelu_holds_its_cap_on_the_whole_line_at_the_silus_cost(sessions, approximate):
+    """The `cipherdm-masked-square` GeLU (an override): its fit's cap in float64 (t's rounding included), plus the
+    input's 2^-18 encoding and the last truncation's unit, and half a float32 step of the output at the extremes; the
+    SiLU's bytes exactly (the same program but its constants), fewer send actions than the Horner GeLU's."""
+    x = activation_inputs()
+    session = sessions["cipherdm"]
+    masked = lambda v: registry.kernel("gelu", "cipherdm-masked-square")(v, approximate=approximate)  # noqa: E731
+    ref = (gelu_tanh if approximate else REFERENCES["gelu"])(x.astype(np.float64))
+    err = np.abs(session.run(masked, x) - ref)
+    cap = MASKED_ACTIVATIONS["gelu_tanh" if approximate else "gelu"]["err"]
+    assert np.all(err <= cap + 1e-5 + np.spacing(np.abs(ref).astype(np.float32)) / 2)
+    session.run(masked, x)
+    masked_bytes = session.last_stats.bytes_sent
+    session.run(registry.kernel("silu", "cipherdm"), x)
+    assert masked_bytes == session.last_stats.bytes_sent
+    horner = lambda v: ops.gelu(v, approximate=approximate)  # noqa: E731
+    assert fewest_send_actions(session, masked, x) < fewest_send_actions(session, horner, x)
+
+
 def test_sign_and_window_bits_from_one_comparison_at_their_boundaries(sessions):
     """[x > 0] and [|x| < T] as float64 says on the encoded input, at 0, at +-T and their neighbours, and out to
     |x| = 11000 (the window's square of the encoding must fit the ring)."""

@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cipherdm_spu.protocols.coefficients import ACTIVATIONS, EXP_BASE, HORNER_ACTIVATIONS, MASKED_ACTIVATIONS
+from cipherdm_spu.protocols.reference import REFERENCES, gelu_tanh
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,17 +44,21 @@ def test_half_square_silu_holds_its_bound_with_u_rounded_either_way():
     assert worst[x <= 2].max() < 5e-3
 
 
-def test_masked_square_silu_on_the_kernels_integers_holds_the_fits_bound():
+@pytest.mark.parametrize("name", sorted(MASKED_ACTIVATIONS))
+def test_masked_square_on_the_kernels_integers_holds_the_fits_bound(name):
     """The fit's claim, re-checked independently of its LP on the integers the kernel computes with
     (protocols/cipherdm.py, `_masked_square_base` and `_scaled_square_plus_linear`): E = round(x 2^f); t's sum
     E^2 + K |E| + const truncated by k bits, off by up to one unit either way (SPU's truncation); lam t^2 + s |E|
-    truncated by plain_shift bits, off by up to one unit; relu(x) plus the tail's constant beyond T. SiLU then errs
-    no more than the recorded bound (plus the constants' own 2^-18 encodings) on the whole line, and < 4.5e-3 on
-    |x| <= 2; by symmetry (R is even) the negative side errs the same."""
-    fit = MASKED_ACTIVATIONS["silu"]
+    truncated by plain_shift bits, off by up to one unit; relu(x) plus the tail's constant beyond T. The activation
+    (the `cipherdm` SiLU; the masked-square GeLU, both forms) then errs no more than the recorded bound (plus the
+    constants' own 2^-18 encodings) on the whole line, and < 4.5e-3 on |x| <= 2; R is even (checked), so the
+    negative side errs the same."""
+    fit = MASKED_ACTIVATIONS[name]
     f, shift, t_bits, plain = fit["fraction_bits"], fit["square_shift"], fit["t_bits"], fit["plain_shift"]
     x = np.concatenate([np.linspace(0.0, 20.0, 20001), np.geomspace(20.0, 1e4, 500)])
-    residual = x / (1.0 + np.exp(-x)) - x  # silu(x) - relu(x) for x >= 0; silu(-x) for x <= 0 by symmetry
+    activation = {"silu": REFERENCES["silu"], "gelu": REFERENCES["gelu"], "gelu_tanh": gelu_tanh}[name]
+    residual = activation(x) - x  # f(x) - relu(x) for x >= 0 ...
+    np.testing.assert_allclose(activation(-x), residual, atol=1e-12)  # ... and f(-x) for x <= 0: R is even
     e_t = round(fit["T"] * 2**f)
     slope = fit["t1"] * 2 ** (f + shift)
     lam, s = fit["lam"] * 2 ** (f + plain - 2 * t_bits), fit["linear"] * 2**plain
