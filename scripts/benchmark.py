@@ -26,7 +26,8 @@ outside the sets, e.g. cipherdm:gelu=cipherdm-masked-square); --only-sd measures
     python scripts/benchmark.py --rows step --batches 1 --repeat 3
     python scripts/benchmark.py --quick --out /tmp/bench   # CI smoke test
     python scripts/benchmark.py --rows step --network wan --sets spu cipherdm   # measured on emulated WAN links
-    python scripts/benchmark.py --rows step --only-sd --sets spu cipherdm --override cipherdm:gelu=cipherdm-masked-square
+    python scripts/benchmark.py --rows step --only-sd --sets spu cipherdm \\
+        --override cipherdm:gelu=cipherdm-masked-square   # the SD-shaped step with the masked-square GeLU
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def run_steps(args) -> list:
     results = []
     for make in cases:
         case = make()
-        called = {call.op for call in nonlinear_calls(case.secure_fn, case.weights, *case.inputs)}
+        called = ({call.op for call in nonlinear_calls(case.secure_fn, case.weights, *case.inputs)}
+                  if args.override else set())
         overridden = {registry.resolve(name, {op: kernel}).name: registry.resolve(name, {op: kernel})
                       for name, op, kernel in args.override if op in called}
         rows = {}

@@ -15,7 +15,8 @@ constant R(T) / 2), so the error bound holds on the whole real line. Two familie
   multiplications); SiLU's is fitted in the "half-square" form (two truncations, its variable rounded to
   9 fraction bits, the rounding part of the fit: see fit_half_square), the `cipherdm-low-byte` SiLU, and in
   the "masked square" form (the window bit masks a square of one truncation: see fit_masked_square), the
-  `cipherdm` SiLU.
+  `cipherdm` SiLU. GeLU's residual is even too, so it is also fitted in the masked square, to a cap of its own
+  (MASKED_GELU_CAP): the kernel `cipherdm-masked-square`, outside the sets.
 - GeLU and sigmoid, where the `cipherdm` set must beat SPU's own Pade-based kernels on error (~1.6e-5) at
   lower cost: R is a piecewise polynomial of high degree (HORNER_DESIGNS), fitted to ~2e-6 and evaluated
   around each piece's centre as E(v^2) + v O(v^2), Horner in v^2 with scaled accumulators (HORNER_SCALE).
