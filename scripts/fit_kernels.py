@@ -199,8 +199,8 @@ MASKED_GELU_CAP = 0.0025
 # name: (the activation f, the cap on the whole line, the thresholds T tried, t1's coarse grid (start, stop))
 MASKED_DESIGNS = {
     "silu": (REFERENCES["silu"], ERR_CAP, (5.75, 5.8, 5.9, 6.0), (-0.60, -0.35)),  # T < 5.75: the tail errs > cap
-    "gelu": (gelu, MASKED_GELU_CAP, (2.9, 3.0, 3.1), (-0.40, -0.15)),
-    "gelu_tanh": (gelu_tanh, MASKED_GELU_CAP, (2.9, 3.0, 3.1), (-0.40, -0.15)),
+    "gelu": (gelu, MASKED_GELU_CAP, (2.9, 3.0), (-0.34, -0.22)),  # T 3.1, t1 in -0.40..-0.15: no better fit
+    "gelu_tanh": (gelu_tanh, MASKED_GELU_CAP, (2.9, 3.0), (-0.34, -0.22)),
 }
 
 
