@@ -322,7 +322,7 @@ def _masked_square_base(magnitude, gap, c: dict):
         a = magnitude
         return jnp.round((a * a * 2.0**-shift + c["t1"] * a + c["t0"]) * 2.0**t_bits).astype(_int_type(a.dtype))
     if fraction_bits != c["fraction_bits"]:
-        raise NotImplementedError(f"the masked-square SiLU's constants are fitted on the grid of {c['fraction_bits']} "
+        raise NotImplementedError(f"the masked square's constants are fitted on the grid of {c['fraction_bits']} "
                                   f"fraction bits; the session has {fraction_bits}")
     as_int = _int_type(magnitude.dtype)
     k = 2 * fraction_bits + shift - t_bits

@@ -8,8 +8,8 @@ form, `cipherdm-low-byte`'s SiLU): R = (z + gamma1) * z + linear * a + gamma0, z
 u = round(scale * a) / 2**bits.
 Fitted by minimax weighted towards |x| < ~2, where activations mostly lie, held to ERR_CAP everywhere
 (see BULK_WEIGHT there); SiLU's err includes u's rounding (rounded_bulk_err likewise, bulk_err not).
-MASKED_ACTIVATIONS (the masked-square form: SiLU in the `cipherdm` set, GeLU in the `masked-square` kernel, an
-override): f(x) = relu(x) + tail for |x| >= T,
+MASKED_ACTIVATIONS (the masked-square form: SiLU in the `cipherdm` set, GeLU in the `cipherdm-masked-square`
+kernel, an override): f(x) = relu(x) + tail for |x| >= T,
 else relu(x) + lam * t**2 + linear * a + constant, a = |x|, t = a**2 / 2**square_shift + t1 * a + t0 held at
 t_bits fraction bits; t1, lam and linear on the grids of the kernel's integers at fraction_bits; err includes
 t's rounding (rounded_bulk_err likewise, bulk_err not) and the tail beyond T.

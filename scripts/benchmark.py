@@ -129,8 +129,11 @@ def run_steps(args) -> list:
         case = make()
         called = ({call.op for call in nonlinear_calls(case.secure_fn, case.weights, *case.inputs)}
                   if args.override else set())
-        overridden = {registry.resolve(name, {op: kernel}).name: registry.resolve(name, {op: kernel})
-                      for name, op, kernel in args.override if op in called}
+        overridden = {pset.name: pset for pset in (registry.resolve(name, {op: kernel})
+                                                   for name, op, kernel in args.override if op in called)}
+        for name, op, kernel in args.override:
+            if op not in called:
+                print(f"{case.name}: calls no {op}, so no row for {name}:{op}={kernel}", file=sys.stderr)
         rows = {}
         for name in tqdm(list(args.sets) + list(overridden) + list(FLOORS), desc=case.name):
             protocol = FLOORS[name]() if name in FLOORS else overridden.get(name, name)
@@ -226,7 +229,7 @@ def run_network(args, steps: list) -> list:
     return blocks
 
 
-def render_network(results: dict, command: str) -> str:
+def render_network(results: dict, command: str, out: Path) -> str:
     lines = ["# Step time on three processes over emulated links", "", f"Command: `{command}`", "",
              f"Machine: {platform.processor() or platform.machine()}, {results['cpus']} CPUs, load average "
              f"{results['load_before']} before the run. The MNIST SiLU step (batch 1, {results['cluster_steps']} DDIM "
@@ -257,7 +260,7 @@ def render_network(results: dict, command: str) -> str:
             lines += ["", "Measured step time vs spu: " + ", ".join(
                 f"{name} {base / r['seconds']:.2f}x" for name, r in block["rows"].items() if name != BASELINE)]
         lines.append("")
-    one_process = render(results, command).split("\n", 4)[4]  # the step rows as benchmark.md has them, less its charts
+    one_process = render(results, command, out).split("\n", 4)[4]  # the step rows as benchmark.md has them, less its charts
     lines += ["# The same steps in one process", ""] + [line for line in one_process.split("\n") if not line.startswith("Charts:")]
     lines += ["Chart: benchmark_network.png (per network and protocol set: the estimate's compute, bytes and rounds "
               "terms stacked, the measured step time as a black line)."]
@@ -326,9 +329,10 @@ def render_kernel_seconds(block: dict) -> list:
 STEP_SECONDS_OPS = 5  # the SPU ops a step's seconds are broken into (the rest summed)
 
 
-def render_step_seconds(block: dict) -> list:
+def render_step_seconds(block: dict, out: Path) -> list:
     """Where a step's seconds go on this machine: its SPU ops with the most seconds (the first run's profile; the
-    table above gives the median of the runs), over every set that recorded them."""
+    table above gives the median of the runs), over every set that recorded them; the markdown is written in ``out``
+    (the link to primitives.md is relative to it)."""
     sets = [(n, r["seconds_by_spu_op"]) for n, r in block["rows"].items() if r.get("seconds_by_spu_op")]
     if not sets:
         return []
@@ -348,12 +352,13 @@ def render_step_seconds(block: dict) -> list:
     return ["The step's seconds by SPU op (one run's profile, all three parties on this machine's cores), and the same "
             "run's seconds outside every op (the runtime's own work per op of the program, parsing and verifying its "
             "text on every run among it: it grows with the program's ops, communication or not; "
-            "[primitives.md](primitives.md) measures what one op adds):", ""] + \
+            f"[primitives.md]({os.path.relpath(ROOT / 'docs' / 'results' / 'primitives.md', out)}) measures what one op "
+            "adds):", ""] + \
         markdown_table(["protocol set", *(f"{o} s" for o in ops), "other ops s", "total s", "outside ops s",
                         "SPU ops executed"], rows)
 
 
-def render(results: dict, command: str) -> str:
+def render(results: dict, command: str, out: Path) -> str:
     lines = ["# Benchmark: cipherdm-spu against vanilla SPU", "",
              f"Command: `{command}`", "",
              f"Machine: {platform.processor() or platform.machine()}, {results['cpus']} CPUs; three parties in one process "
@@ -388,7 +393,7 @@ def render(results: dict, command: str) -> str:
                   f"{block['rows'][name]['send_actions'] - sum(v['send_actions'] for v in k.values())}"]
                  for name, k in kernel_rows])
             lines += ["", *render_kernel_seconds(block)]
-        lines += ["", *render_step_seconds(block)]
+        lines += ["", *render_step_seconds(block, out)]
         lines.append("")
     if "kernels" in results:
         sets = list(results["kernels"])
@@ -444,16 +449,18 @@ def charts(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def _override(text: str) -> tuple:
-    """SET:OP=KERNEL as (set, op, kernel), checked against the registry."""
+def _parse_override(text: str) -> tuple:
+    """SET:OP=KERNEL as (set, op, kernel), checked against the registry: a kernel other than the set's own."""
     name, _, choice = text.partition(":")
     op, _, kernel = choice.partition("=")
     if not (name and op and kernel):
         raise argparse.ArgumentTypeError(f"{text!r} is not SET:OP=KERNEL")
     try:
-        registry.resolve(name, {op: kernel})
+        resolved = registry.resolve(name, {op: kernel})
     except ProtocolError as error:  # an unknown set, op or kernel: the registry's message says which
         raise argparse.ArgumentTypeError(str(error)) from None
+    if resolved.kernels[op] == registry.protocol_set(name).kernels[op]:
+        raise argparse.ArgumentTypeError(f"{text!r}: {kernel!r} is already {name}'s {op} kernel")
     return name, op, kernel
 
 
@@ -477,7 +484,7 @@ def main(argv=None) -> int:
                         "about an hour per protocol set on 2 cores)")
     p.add_argument("--only-cifar", action="store_true", help="the CIFAR-10-scale step row alone")
     p.add_argument("--only-sd", action="store_true", help="the SD-shaped step row alone")
-    p.add_argument("--override", nargs="+", default=[], type=_override, metavar="SET:OP=KERNEL",
+    p.add_argument("--override", nargs="+", action="extend", default=[], type=_parse_override, metavar="SET:OP=KERNEL",
                    help="also a step row of SET with OP's kernel replaced by KERNEL (a registered kernel or a set's), "
                         "in each case whose step calls OP; e.g. cipherdm:gelu=cipherdm-masked-square")
     p.add_argument("--network", nargs="+", choices=["none", *PRESETS], default=[],
@@ -496,8 +503,11 @@ def main(argv=None) -> int:
         args.models, args.batches, args.sample_steps, args.sample_batch = args.models[:1], [1], 2, 1
     if any(name not in args.sets for name, _, _ in args.override) or (args.override and "step" not in args.rows):
         p.error("--override's sets must be among --sets, and it adds step rows: --rows must include step")
-    if args.only_sd and (args.quick or args.only_cifar or args.network):
-        p.error("--only-sd runs without --quick, --only-cifar and --network")
+    if args.override and args.network:
+        p.error("--override adds one-process step rows; --network runs the protocol sets on the cluster: one or the other")
+    if args.only_sd and (args.quick or args.cifar or args.only_cifar or args.network or "step" not in args.rows):
+        p.error("--only-sd measures the SD-shaped step alone: with --rows step, without --quick, --cifar, --only-cifar "
+                "and --network")
     if args.network and (args.rows != ["step"] or args.cluster_steps < 1):
         p.error("--network runs with --rows step only, and --cluster-steps must be positive")
     command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -513,12 +523,12 @@ def main(argv=None) -> int:
     if args.network:
         results["network"] = run_network(args, results["step"])
         (args.out / "benchmark_network.json").write_text(json.dumps(results, indent=2) + "\n")
-        (args.out / "benchmark_network.md").write_text(render_network(results, command.strip()))
+        (args.out / "benchmark_network.md").write_text(render_network(results, command.strip(), args.out))
         network_chart(results, args.out)
         print(f"wrote {args.out / 'benchmark_network.md'}")
         return 0
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "benchmark.md").write_text(render(results, command.strip()))
+    (args.out / "benchmark.md").write_text(render(results, command.strip(), args.out))
     charts(results, args.out)
     print(f"wrote {args.out / 'benchmark.md'}")
     return 0

@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from cipherdm_spu.benchmark import (ACTIVATIONS, OVERRIDE_KERNELS, SOFTMAX_FORM_SHAPES, SOFTMAX_ROWS, measure_kernels,
                                     measure_override, measure_softmax_forms)
-from cipherdm_spu.protocols.coefficients import MASKED_ACTIVATIONS
 from cipherdm_spu.registry import BASELINE, available_protocol_sets
 from cipherdm_spu.results import markdown_table
 
@@ -100,14 +99,12 @@ def render_markdown(results: dict, command: str) -> str:
         [[op, label, *cost(r, op), f"{r['grid']['max_abs_err']:.2g}", f"{r['samples']['max_abs_err']:.2g}",
           f"{r['extremes']['max_abs_err']:.3g}", f"{r['bulk']['max_abs_err']:.2g}"]
          for op in ACTIVATIONS for label, r in [(s, results["sets"][s][op]) for s in sets]
-         + [(f"{o['set']}, {op}={o['kernel']}", o["row"]) for o in results.get("overrides", []) if o["op"] == op]],
+         + [(f"{o['set']}[{op}={o['kernel']}]", o["row"]) for o in results.get("overrides", []) if o["op"] == op]],
         align="ll")
     if results.get("overrides"):
-        lines += ["", "Rows `set, op=kernel`: a kernel outside the sets (`cipherdm_spu.benchmark.OVERRIDE_KERNELS`), "
-                  "what `SecureSession(set, overrides={op: kernel})` runs: `cipherdm-masked-square` is GeLU in the "
-                  f"SiLU's masked square (its fit's cap {MASKED_ACTIVATIONS['gelu']['err']:.2g} on the whole line, "
-                  "scripts/fit_kernels.py), a user's "
-                  "trade-off of precision for bytes and rounds."]
+        lines += ["", "Rows `set[op=kernel]`: a kernel outside the sets (`cipherdm_spu.benchmark.OVERRIDE_KERNELS`), "
+                  "what `SecureSession(set, overrides={op: kernel})` runs, a user's trade-off (its design and contract: "
+                  "the kernel's docstring in protocols/)."]
     lines.append("")
     lines += markdown_table(
         cost_header + ["seconds", "max err", "mean err", "max row-sum err"],

@@ -173,8 +173,9 @@ def fit_half_square(residual):
             "rounded_bulk_err": float(rerr[rx <= BULK].max())}
 
 
-# The "masked square" (the `cipherdm` SiLU; GeLU's `masked-square` kernel, an override): f(x) = relu(x) + tail +
-# [|x| < T] (lam * t^2 + s * a + c - tail), a = |x|, t = a^2 / 2**MASKED_SQUARE_SHIFT + t1 * a + t0. Under SPU (MASKED_FRACTION_BITS fraction bits) t comes from ONE
+# The "masked square" (the `cipherdm` SiLU; GeLU's `cipherdm-masked-square` kernel, an override):
+# f(x) = relu(x) + tail + [|x| < T] (lam * t^2 + s * a + c - tail), a = |x|,
+# t = a^2 / 2**MASKED_SQUARE_SHIFT + t1 * a + t0. Under SPU (MASKED_FRACTION_BITS fraction bits) t comes from ONE
 # truncation of an integer sum of the window's product E_T^2 - E^2 (already paid for by the window's comparison),
 # |E| and a constant, held at MASKED_T_BITS fraction bits; lam * t^2 + s * a from a second (an integer product and a
 # truncation by 2**-MASKED_PLAIN_SHIFT), and the window bit masks the lot (an integer product): outside the window
@@ -193,8 +194,9 @@ MASKED_T_BITS = 12
 MASKED_PLAIN_SHIFT = 16
 MASKED_LAMBDA_BITS = MASKED_FRACTION_BITS + MASKED_PLAIN_SHIFT - 2 * MASKED_T_BITS
 MASKED_T_ERROR = 1.01
-# GeLU's cap: the masked square cannot hold 2e-3 (no fit for any T in 2.6..3.5); the `cipherdm` GeLU (HORNER_DESIGNS)
-# holds ~1e-5 for more bytes and rounds (docs/results/kernels.md): which one a model runs is a user's trade-off.
+# GeLU's cap: a one-off search at 2e-3 (T in 2.6..3.5, t1 in -0.50..-0.10) found no fit; the `cipherdm` GeLU
+# (HORNER_DESIGNS) holds ~1e-5 for more bytes and rounds (docs/results/kernels.md): which one a model runs is a
+# user's trade-off.
 MASKED_GELU_CAP = 0.0025
 # name: (the activation f, the cap on the whole line, the thresholds T tried, t1's coarse grid (start, stop))
 MASKED_DESIGNS = {
@@ -505,8 +507,8 @@ def render() -> str:
         "u = round(scale * a) / 2**bits.",
         "Fitted by minimax weighted towards |x| < ~2, where activations mostly lie, held to ERR_CAP everywhere",
         "(see BULK_WEIGHT there); SiLU's err includes u's rounding (rounded_bulk_err likewise, bulk_err not).",
-        "MASKED_ACTIVATIONS (the masked-square form: SiLU in the `cipherdm` set, GeLU in the `masked-square` kernel, an",
-        "override): f(x) = relu(x) + tail for |x| >= T,",
+        "MASKED_ACTIVATIONS (the masked-square form: SiLU in the `cipherdm` set, GeLU in the `cipherdm-masked-square`",
+        "kernel, an override): f(x) = relu(x) + tail for |x| >= T,",
         "else relu(x) + lam * t**2 + linear * a + constant, a = |x|, t = a**2 / 2**square_shift + t1 * a + t0 held at",
         "t_bits fraction bits; t1, lam and linear on the grids of the kernel's integers at fraction_bits; err includes",
         "t's rounding (rounded_bulk_err likewise, bulk_err not) and the tail beyond T.",

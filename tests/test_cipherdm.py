@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cipherdm_spu import ops, registry
+from cipherdm_spu import SecureSession, ops, registry
 from cipherdm_spu.protocols import cipherdm
 from cipherdm_spu.protocols.cipherdm import (
     RSQRT_LOW_BYTE_EXPONENTS,
@@ -127,6 +127,22 @@ def test_masked_square_gelu_holds_its_cap_on_the_whole_line_at_the_silus_cost(se
     assert masked_bytes == session.last_stats.bytes_sent
     horner = lambda v: ops.gelu(v, approximate=approximate)  # noqa: E731
     assert fewest_send_actions(session, masked, x) < fewest_send_actions(session, horner, x)
+
+
+def test_masked_square_gelu_is_what_a_session_with_the_override_runs():
+    """`overrides={"gelu": "cipherdm-masked-square"}` routes ops.gelu (both forms) to the kernel: its values up to SPU's
+    randomised truncations (t off by a unit either way), and its error, which the Horner GeLU's (~1e-5) is not."""
+    x = activation_inputs(201)
+    kernel = registry.kernel("gelu", "cipherdm-masked-square")
+    with SecureSession("cipherdm", {"gelu": "cipherdm-masked-square"}) as session:
+        for approximate, reference in ((False, REFERENCES["gelu"]), (True, gelu_tanh)):
+            fit = MASKED_ACTIVATIONS["gelu_tanh" if approximate else "gelu"]
+            through_the_op = session.run(lambda v: ops.gelu(v, approximate=approximate), x)
+            direct = session.run(lambda v: kernel(v, approximate=approximate), x)
+            bound = 2 * (1.5 * 2.0**-12 * 2 * fit["lam"] * 0.7 + 8 * 2.0**-18)
+            assert np.abs(through_the_op - direct).max() <= bound
+            err = np.abs(through_the_op - reference(x.astype(np.float64)))
+            assert 1e-3 < err.max() <= fit["err"] + 1e-5 + 2.0**-11
 
 
 def test_sign_and_window_bits_from_one_comparison_at_their_boundaries(sessions):
@@ -484,27 +500,30 @@ def test_masked_square_outside_its_window_is_relu_plus_the_tail_even_where_the_s
     assert (np.abs(got - want) <= 4 * 2.0**-18 + np.abs(want) * 2.0**-23).all()  # the float32 output's own rounding
 
 
-def test_masked_square_in_a_loop_body_truncates_twice_and_keeps_its_accuracy(sessions):
+@pytest.mark.parametrize("name, cap", [("silu", 1e-2), ("gelu", 3.5e-3)])
+def test_masked_square_in_a_loop_body_truncates_twice_and_keeps_its_accuracy(sessions, name, cap):
     """In a loop's body SPU would multiply by the 2**-28 truncation's constant as its encoding, zero
     (cipherdm_spu.public_constants); the loop form (`registry.loop_body`) truncates by 2**-14 twice: the values of the
-    straight form within the rounding of t, the contract on the whole line, for one more truncation's send actions."""
+    straight form within the rounding of t, the contract on the whole line, for one more truncation's send actions.
+    The same for the masked-square GeLU's constants."""
     x = activation_inputs(401)
+    kernel = registry.kernel(name, "cipherdm" if name == "silu" else "cipherdm-masked-square")
 
     def in_a_loop(v):
         with registry.loop_body():
-            return jax.lax.fori_loop(0, 2, lambda i, acc: acc + ops.silu(v), jnp.zeros_like(v)) * 0.5
+            return jax.lax.fori_loop(0, 2, lambda i, acc: acc + kernel(v), jnp.zeros_like(v)) * 0.5
 
     def loop_form(v):
         with registry.loop_body():
-            return ops.silu(v)
+            return kernel(v)
 
     looped = sessions["cipherdm"].run(in_a_loop, x)
-    straight = sessions["cipherdm"].run(ops.silu, x)
-    bound = 2 * (1.5 * 2.0**-12 * 2 * MASKED_ACTIVATIONS["silu"]["lam"] * 0.7 + 8 * 2.0**-18)
+    straight = sessions["cipherdm"].run(kernel, x)
+    bound = 2 * (1.5 * 2.0**-12 * 2 * MASKED_ACTIVATIONS[name]["lam"] * 0.7 + 8 * 2.0**-18)
     assert np.abs(looped - straight)[np.abs(x) < 1e3].max() <= bound
-    assert np.abs(looped - REFERENCES["silu"](x.astype(np.float64))).max() <= 1e-2
+    assert np.abs(looped - REFERENCES[name](x.astype(np.float64))).max() <= cap
     session = sessions["cipherdm"]
-    assert fewest_send_actions(session, loop_form, x) == fewest_send_actions(session, ops.silu, x) + 2
+    assert fewest_send_actions(session, loop_form, x) == fewest_send_actions(session, kernel, x) + 2
 
 
 @pytest.mark.parametrize("fraction_bits", [16, 17, 20])
