@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from cipherdm_spu.benchmark import (ACTIVATIONS, OVERRIDE_KERNELS, SOFTMAX_FORM_SHAPES, SOFTMAX_ROWS, measure_kernels,
                                     measure_override, measure_softmax_forms)
-from cipherdm_spu.registry import BASELINE, available_protocol_sets
+from cipherdm_spu.registry import BASELINE, available_protocol_sets, resolve
 from cipherdm_spu.results import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +99,8 @@ def render_markdown(results: dict, command: str) -> str:
         [[op, label, *cost(r, op), f"{r['grid']['max_abs_err']:.2g}", f"{r['samples']['max_abs_err']:.2g}",
           f"{r['extremes']['max_abs_err']:.3g}", f"{r['bulk']['max_abs_err']:.2g}"]
          for op in ACTIVATIONS for label, r in [(s, results["sets"][s][op]) for s in sets]
-         + [(f"{o['set']}[{op}={o['kernel']}]", o["row"]) for o in results.get("overrides", []) if o["op"] == op]],
+         + [(resolve(o["set"], {op: o["kernel"]}).name, o["row"])  # the label the step rows use
+            for o in results.get("overrides", []) if o["op"] == op]],
         align="ll")
     if results.get("overrides"):
         lines += ["", "Rows `set[op=kernel]`: a kernel outside the sets (`cipherdm_spu.benchmark.OVERRIDE_KERNELS`), "
