@@ -82,8 +82,8 @@ class Block(NamedTuple):
     """A building block's cost per element: bytes a party sends, send actions (rounds), and wall seconds of the three
     parties' compute as the benchmark measures a step's (three parties in one process on this project's two-core
     machines: primitives.md's ns/elem, which vary by tens of % between runs; they steer a choice, nothing else). The
-    seconds below are one run's (primitives.md at 2dcf415), the run whose forms the committed benchmarks measure; a
-    later run on a faster machine measured every block lower (README, where the softmax's forms are priced)."""
+    seconds below are one run's (primitives.md at 2dcf415), the run whose forms the committed benchmarks measure; later
+    runs measured the blocks lower and pick the same forms but at two SD shapes (docs/performance.md, "Rounds")."""
 
     bytes: float
     actions: int
