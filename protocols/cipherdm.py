@@ -833,6 +833,39 @@ def tournament_cost(width: int, levels) -> tuple:
     return actions, total_bytes / width, seconds / width
 
 
+def _level_costs() -> dict:
+    """`level_cost` of every level a tournament may take: groups of 2..MAX_TOURNAMENT_ARITY, every AND round count."""
+    return {(k, r): level_cost(k, r) for k in range(2, MAX_TOURNAMENT_ARITY + 1) for r in range(_most_and_rounds(k) + 1)}
+
+
+def tournament_frontier(width: int) -> list:
+    """The tournaments over rows of ``width`` that no other beats in both send actions and bytes (by `level_cost`), as
+    (send actions, bytes per party per row, levels), fewest send actions first: the trades between rounds and bytes
+    that `tournament_levels` chooses among. Found as it finds its best, from one candidate up: a tournament from n
+    candidates is a level of groups of k, then one from ceil(n / k), and only that one's frontier can be on n's."""
+    costs, front = _level_costs(), {1: [(0, 0.0, ())]}
+    for candidates in range(2, max(width, 2) + 1):
+        options = []
+        for (k, and_rounds), (actions, group_bytes, _) in costs.items():
+            if k <= candidates:
+                groups = -(-candidates // k)
+                options += [(actions + a, groups * group_bytes + b, ((k, and_rounds),) + levels)
+                            for a, b, levels in front[groups]]
+        front[candidates] = pareto_front(options)
+    return front[max(width, 2)]
+
+
+def pareto_front(points) -> list:
+    """The points (send actions, bytes, ...) that no other has at most as many of both of, fewest send actions first
+    (of equal ones, the fewest bytes)."""
+    front, fewest = [], math.inf
+    for point in sorted(points, key=lambda p: (p[0], p[1])):
+        if point[1] < fewest:
+            front.append(point)
+            fewest = point[1]
+    return front
+
+
 @functools.lru_cache(maxsize=None)
 def tournament_levels(width: int, elements: int) -> tuple:
     """The levels ((k, AND rounds) each) of the row max for a call of ``elements`` in rows of ``width`` that take
@@ -841,9 +874,7 @@ def tournament_levels(width: int, elements: int) -> tuple:
     of candidates down to one, found from one candidate up, gives the whole tournament's. Small calls take few
     levels of wide groups; large ones, where bytes and comparisons' compute weigh more, more levels of narrower
     groups; either may AND. Bytes are a mean party's (the busiest sends a few % more)."""
-    costs = {(k, r): level_cost(k, r)
-             for k in range(2, MAX_TOURNAMENT_ARITY + 1) for r in range(_most_and_rounds(k) + 1)}
-    rows = elements / max(width, 1)
+    costs, rows = _level_costs(), elements / max(width, 1)
     best = {1: (0.0, ())}
     for candidates in range(2, max(width, 2) + 1):
         options = []
