@@ -34,10 +34,9 @@ SET = "cipherdm"
 
 
 class SoftmaxForm(NamedTuple):
-    """A softmax call's form and the cost model's price of the parts in which forms differ (the row max, and the
-    division: riding in the reciprocal's first round, three products a divided number, or a product apart, one, and
-    the reciprocal's scaling down, a public product a row, in two more rounds): the busiest party's send actions and
-    a mean party's bytes for the whole call."""
+    """A softmax call's form and the cost model's price of the parts in which forms differ, the row max (`level_cost`)
+    and the division by the row sums (`division_cost`): the busiest party's send actions and a mean party's bytes for
+    the whole call."""
 
     levels: tuple
     fold_exps: bool
@@ -82,26 +81,31 @@ def step_softmax_shape(case: StepCase) -> SoftmaxCallShape:
     return SoftmaxCallShape(len(calls), width, rows, values_width)
 
 
+def division_cost(fold_exps: bool, shape: SoftmaxCallShape) -> tuple:
+    """(send actions beyond the folded form's, a mean party's bytes) of a call's division by its row sums, counted off
+    `_octave_polynomial`'s secret products: folded, every divided number rides in the reciprocal's three rounds (R
+    times it; R u and c0 R; the last product: four products a number) beside the row's own two (x times its octave's
+    factor, c2 u); apart, the reciprocal takes four products a row and a public one (its scaling down), two more
+    rounds, and then one product a divided number, one more."""
+    if fold_exps:
+        return 0, SECRET_PRODUCT.bytes * (4 * shape.divided + 2 * shape.rows)
+    return (SECRET_PRODUCT.actions + PUBLIC_PRODUCT.actions,
+            SECRET_PRODUCT.bytes * (shape.divided + 4 * shape.rows) + PUBLIC_PRODUCT.bytes * shape.rows)
+
+
 def _form(levels, fold_exps: bool, tournament_actions: int, tournament_bytes: float,
           shape: SoftmaxCallShape) -> SoftmaxForm:
-    if fold_exps:
-        actions, divided_bytes = 0, 3 * SECRET_PRODUCT.bytes * shape.divided
-    else:
-        actions = SECRET_PRODUCT.actions + PUBLIC_PRODUCT.actions
-        divided_bytes = SECRET_PRODUCT.bytes * shape.divided + PUBLIC_PRODUCT.bytes * shape.rows
+    actions, division_bytes = division_cost(fold_exps, shape)
     return SoftmaxForm(tuple(levels), fold_exps, tournament_actions + actions,
-                       shape.rows * tournament_bytes + divided_bytes)
+                       shape.rows * tournament_bytes + division_bytes)
 
 
 def kernel_form(shape: SoftmaxCallShape) -> SoftmaxForm:
-    """The form `cipherdm`'s kernel takes for calls of ``shape``, priced as `call_frontier` prices forms."""
-    elements = shape.rows * shape.width
-    levels = tournament_levels(shape.width, elements)
-    priced = {tuple(lv): (a, b) for a, b, lv in tournament_frontier(shape.width)}
-    if tuple(levels) not in priced:  # chosen for its time, so it need not be on the bytes/rounds frontier
-        actions, per_element, _ = tournament_cost(shape.width, levels)
-        priced[tuple(levels)] = (actions, per_element * shape.width)
-    return _form(levels, fold_exps_pays(shape.divided), *priced[tuple(levels)], shape)
+    """The form `cipherdm`'s kernel takes for calls of ``shape``, priced as `call_frontier` prices forms (chosen for
+    its time on the WAN, compute included, it need not be on the frontier)."""
+    levels = tournament_levels(shape.width, shape.rows * shape.width)
+    actions, per_element, _ = tournament_cost(shape.width, levels)
+    return _form(levels, fold_exps_pays(shape.divided), actions, per_element * shape.width, shape)
 
 
 def call_frontier(shape: SoftmaxCallShape) -> List[SoftmaxForm]:

@@ -839,10 +839,11 @@ def _level_costs() -> dict:
 
 
 def tournament_frontier(width: int) -> list:
-    """The tournaments over rows of ``width`` that no other beats in both send actions and bytes (by `level_cost`), as
+    """The tournaments over rows of ``width`` that no other beats on both send actions and bytes (by `level_cost`), as
     (send actions, bytes per party per row, levels), fewest send actions first: the trades between rounds and bytes
-    that `tournament_levels` chooses among. Found as it finds its best, from one candidate up: a tournament from n
-    candidates is a level of groups of k, then one from ceil(n / k), and only that one's frontier can be on n's."""
+    (`tournament_levels`, which also prices compute, may choose off it). Found as it finds its best, from one
+    candidate up: a tournament from n candidates is a level of groups of k, then one from ceil(n / k), and only that
+    one's frontier can be on n's."""
     costs, front = _level_costs(), {1: [(0, 0.0, ())]}
     for candidates in range(2, max(width, 2) + 1):
         options = []
@@ -856,8 +857,8 @@ def tournament_frontier(width: int) -> list:
 
 
 def pareto_front(points) -> list:
-    """The points (send actions, bytes, ...) that no other has at most as many of both of, fewest send actions first
-    (of equal ones, the fewest bytes)."""
+    """The points (send actions, bytes, ...) that no other point beats (as many or fewer of both, fewer of one; of
+    equal points, the first), fewest send actions first."""
     front, fewest = [], math.inf
     for point in sorted(points, key=lambda p: (p[0], p[1])):
         if point[1] < fewest:

@@ -3,9 +3,9 @@
 
 `cipherdm` picks a softmax call's form for the least time on the benchmark's WAN. Issue 26 caps the step's bytes
 (240 MB) and asks its WAN estimate to be 2.5x `spu`'s; forms with fewer bytes take more send actions. This runs the
-step once per form that the cost model puts on the frontier (no other form has both fewer modelled send actions and
-fewer bytes: cipherdm_spu/softmax_frontier.py), beside `spu` and `cipherdm` in the same run, and says which forms
-keep to the cap, which reach the ratio, and which do both.
+step once per form that the cost model puts on the frontier (no other form has as many or fewer modelled send
+actions and bytes, and fewer of one: cipherdm_spu/softmax_frontier.py), beside `spu` and `cipherdm` in the same run,
+and says which forms keep to the cap, which reach the ratio, and which do both.
 
     python scripts/softmax_frontier.py              # -> docs/results/softmax_frontier.{md,json}, ~20 min
 """
@@ -40,8 +40,10 @@ def render(result: dict, command: str) -> str:
         f"Command: `{command}`  ", f"Machine: {result['machine']}, {result['cpus']} CPUs; three parties in one process "
         "(ABY3, FM64, 18 fraction bits). Step: " + result["case"] + ", the step of docs/results/benchmark.md.", "",
         f"Its {result['calls']} softmax calls each take {result['rows_per_call']} rows of {result['width']} and divide "
-        f"{result['values_width']}-wide weighted sums of attention's values. `cipherdm` takes the form its kernel picks "
-        "for the least time on the benchmark's WAN; each `form` row runs the step with every call in one form of the "
+        + (f"{result['values_width']}-wide weighted sums of attention's values. " if result["values_width"]
+           else "their exps. ")
+        + f"`cipherdm` takes the form its kernel picks for the least time on the benchmark's WAN "
+        f"({result['kernel_form']['label']}); each `form` row runs the step with every call in one form of the "
         "cost model's frontier (cipherdm_spu/softmax_frontier.py: levels of the row max's tournament, k for groups of "
         "k whose pair bits are converted, k&r for groups that AND their bits for r rounds first; folded: the divided "
         "numbers ride in the reciprocal's first round, apart: a product after it). Modelled: the send actions and "
@@ -53,10 +55,10 @@ def render(result: dict, command: str) -> str:
     ]
     table = []
     for name, row in rows.items():
-        form = row.get("form")
+        form = result["kernel_form"] if name == softmax_frontier.SET else row.get("form")
         verdict = result["verdicts"].get(name)
         table.append([
-            f"`{name}`" if form is None else "form " + softmax_frontier.SoftmaxForm(
+            f"`{name}`" if "form" not in row else "form " + softmax_frontier.SoftmaxForm(
                 tuple(map(tuple, form["levels"])), form["fold_exps"], 0, 0.0).label,
             "" if form is None else f"{form['modelled_send_actions']} / {form['modelled_bytes'] * 3 / 1e6:.2f}",
             f"{row['bytes_sent'] / 1e6:.1f}", row["send_actions"], f"{row['seconds']:.2f}",
@@ -95,6 +97,7 @@ def main(argv=None) -> int:
     case = mnist_step_case(args.model, 1, args.seed)
     shape = softmax_frontier.step_softmax_shape(case)
     forms = softmax_frontier.call_frontier(shape)[:args.forms]
+    kernel = softmax_frontier.kernel_form(shape)
     progress = tqdm(total=len(forms) + 2, desc="steps")
 
     def advance(name):
@@ -105,7 +108,10 @@ def main(argv=None) -> int:
     progress.close()
     result = {"case": case.name, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "calls": shape.calls, "width": shape.width, "rows_per_call": shape.rows,
-              "values_width": shape.values_width, "repeat": args.repeat, "cap_mb": CAP_MB, "wan_ratio": WAN_RATIO,
+              "values_width": shape.values_width, "repeat": args.repeat,
+              "kernel_form": {"label": kernel.label, "levels": [list(level) for level in kernel.levels],
+                              "fold_exps": kernel.fold_exps, "modelled_send_actions": kernel.modelled_send_actions,
+                              "modelled_bytes": kernel.modelled_bytes}, "cap_mb": CAP_MB, "wan_ratio": WAN_RATIO,
               "rows": rows, "verdicts": softmax_frontier.verdicts(rows, CAP_MB * 1e6, WAN_RATIO)}
     command = "python scripts/softmax_frontier.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
