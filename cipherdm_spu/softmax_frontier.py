@@ -48,6 +48,11 @@ class SoftmaxForm(NamedTuple):
         levels = "-".join(f"{k}&{r}" if r else f"{k}" for k, r in self.levels)
         return f"{levels}, {'folded' if self.fold_exps else 'apart'}"
 
+    def record(self) -> dict:
+        """The form as a results file keeps it."""
+        return {"label": self.label, "levels": [list(level) for level in self.levels], "fold_exps": self.fold_exps,
+                "modelled_send_actions": self.modelled_send_actions, "modelled_bytes": self.modelled_bytes}
+
 
 class SoftmaxCallShape(NamedTuple):
     """The softmax calls of a step: how many, their rows' length and count per call, and the values' width (0 where
@@ -85,8 +90,8 @@ def division_cost(fold_exps: bool, shape: SoftmaxCallShape) -> tuple:
     """(send actions beyond the folded form's, a mean party's bytes) of a call's division by its row sums, counted off
     `_octave_polynomial`'s secret products: folded, every divided number rides in the reciprocal's three rounds (R
     times it; R u and c0 R; the last product: four products a number) beside the row's own two (x times its octave's
-    factor, c2 u); apart, the reciprocal takes four products a row and a public one (its scaling down), two more
-    rounds, and then one product a divided number, one more."""
+    factor, c2 u); apart, the reciprocal alone takes four products a row and a public one, its scaling down (two
+    send actions more), and the division one product a divided number (three more)."""
     if fold_exps:
         return 0, SECRET_PRODUCT.bytes * (4 * shape.divided + 2 * shape.rows)
     return (SECRET_PRODUCT.actions + PUBLIC_PRODUCT.actions,
@@ -142,9 +147,7 @@ def measure_frontier(case: StepCase, forms: List[SoftmaxForm], repeat: int = 3,
         if progress:
             progress(name)
         if form is not None:
-            row["form"] = {"levels": [list(level) for level in form.levels], "fold_exps": form.fold_exps,
-                           "modelled_send_actions": form.modelled_send_actions,
-                           "modelled_bytes": form.modelled_bytes}
+            row["form"] = form.record()
         rows[name] = row
     ratios(rows)
     return rows

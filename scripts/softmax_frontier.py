@@ -109,9 +109,7 @@ def main(argv=None) -> int:
     result = {"case": case.name, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "calls": shape.calls, "width": shape.width, "rows_per_call": shape.rows,
               "values_width": shape.values_width, "repeat": args.repeat,
-              "kernel_form": {"label": kernel.label, "levels": [list(level) for level in kernel.levels],
-                              "fold_exps": kernel.fold_exps, "modelled_send_actions": kernel.modelled_send_actions,
-                              "modelled_bytes": kernel.modelled_bytes}, "cap_mb": CAP_MB, "wan_ratio": WAN_RATIO,
+              "kernel_form": kernel.record(), "cap_mb": CAP_MB, "wan_ratio": WAN_RATIO,
               "rows": rows, "verdicts": softmax_frontier.verdicts(rows, CAP_MB * 1e6, WAN_RATIO)}
     command = "python scripts/softmax_frontier.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
