@@ -42,7 +42,7 @@ from cipherdm_spu import SecureSession
 from cipherdm_spu.benchmark import FLOORS, NETWORKS, linear_floor
 from cipherdm_spu.models.normalization import group_norm
 from cipherdm_spu.registry import BASELINE
-from cipherdm_spu.results import markdown_table
+from cipherdm_spu.results import markdown_table, write_report
 from cipherdm_spu.ring import encoding as _encoding
 from cipherdm_spu.ring import indicator as _indicator
 
@@ -184,10 +184,7 @@ def main(argv=None) -> int:
         source = args.benchmark
     result = {"source": str(source), "blocks": blocks, "cases": cases}
     command = "python scripts/rounds_budget.py"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(render(result, command))
-    print(render(result, command))
+    write_report(args.out, result, render(result, command))
     return 0
 
 

@@ -7,13 +7,12 @@ step once per form that the cost model puts on the frontier (no other form has a
 actions and bytes, and fewer of one: cipherdm_spu/softmax_frontier.py), beside `spu` and `cipherdm` in the same run,
 and says which forms keep to the cap, which reach the ratio, and which do both.
 
-    python scripts/softmax_frontier.py              # -> docs/results/softmax_frontier.{md,json}, ~20 min
+    python scripts/softmax_frontier.py              # -> docs/results/softmax_frontier.{md,json}, ~15 min here
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from cipherdm_spu import softmax_frontier
 from cipherdm_spu.benchmark import NETWORKS, mnist_step_case
 from cipherdm_spu.registry import BASELINE
-from cipherdm_spu.results import markdown_table
+from cipherdm_spu.results import markdown_table, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "results" / "softmax_frontier"
@@ -112,10 +111,7 @@ def main(argv=None) -> int:
               "kernel_form": kernel.record(), "cap_mb": CAP_MB, "wan_ratio": WAN_RATIO,
               "rows": rows, "verdicts": softmax_frontier.verdicts(rows, CAP_MB * 1e6, WAN_RATIO)}
     command = "python scripts/softmax_frontier.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(render(result, command))
-    print(render(result, command))
+    write_report(args.out, result, render(result, command))
     return 0
 
 
