@@ -33,7 +33,8 @@ Activations use f(x) = step(x) + R(|x|), R fitted by minimax over the whole real
 SoftMax subtracts the row max (a tournament whose group widths, level by level, suit the call's size, a group's
 candidates ANDing their comparison bits while those are boolean shares, about a byte an AND, where that saves
 conversions and products; pairs in `cipherdm-low-byte`), takes exp as a clamped quartic squared three times, and
-one reciprocal per row (which, where that saves time, takes the exps in its first round).
+one reciprocal per row (which, where that saves time, takes the exps in its first round). "Saves time" is priced on
+the benchmark's WAN; `cipherdm-lan` (a kernel outside the sets) prices the same forms on its LAN.
 rsqrt and the softmax reciprocal find their input's half- or quarter-octave by one batched comparison and
 evaluate per-piece quadratics in three rounds of products, with no Newton step (`_octave_polynomial`);
 `cipherdm-low-byte`'s rsqrt reads the octave off the bits of the encoding (one conversion to boolean shares
@@ -76,6 +77,9 @@ NAME = "cipherdm"
 # bandwidth, and the parties' local compute, which for a comparison (SPU's MSB extraction) outweighs its bytes' transfer
 # by about four. Its building blocks' costs as measured by scripts/primitive_costs.py (docs/results/primitives.md).
 REFERENCE_NETWORK = (400e6, 40e-3)  # bits per second, round-trip seconds
+# The benchmark's LAN, which the `cipherdm-lan` softmax prices its forms on instead: a send action costs a hundredth
+# of the WAN's there, so comparisons' compute and bytes outweigh rounds (a user's choice for such a deployment).
+LAN_NETWORK = (5e9, 0.4e-3)
 
 
 class Block(NamedTuple):
@@ -790,10 +794,11 @@ def _row_max(x, axis: int, levels):
     return jnp.moveaxis(a, -1, axis)
 
 
-def _reference_seconds(send_actions: float, bytes_per_element: float, seconds_per_element: float,
-                       elements: int) -> float:
-    """A call's time on REFERENCE_NETWORK: its send actions' latency, its bytes' transfer, its compute."""
-    bandwidth, rtt = REFERENCE_NETWORK
+def _call_seconds(send_actions: float, bytes_per_element: float, seconds_per_element: float,
+                       elements: int, network: tuple = REFERENCE_NETWORK) -> float:
+    """A call's time on ``network`` (bits per second, round-trip seconds): its send actions' latency, its bytes'
+    transfer, its compute."""
+    bandwidth, rtt = network
     return send_actions * rtt / 2 + elements * (bytes_per_element * 8 / bandwidth + seconds_per_element)
 
 
@@ -868,9 +873,9 @@ def pareto_front(points) -> list:
 
 
 @functools.lru_cache(maxsize=None)
-def tournament_levels(width: int, elements: int) -> tuple:
+def tournament_levels(width: int, elements: int, network: tuple = REFERENCE_NETWORK) -> tuple:
     """The levels ((k, AND rounds) each) of the row max for a call of ``elements`` in rows of ``width`` that take
-    the least time on REFERENCE_NETWORK (`tournament_cost`), over groups of 2..MAX_TOURNAMENT_ARITY and every AND
+    the least time on ``network`` (`tournament_cost`), over groups of 2..MAX_TOURNAMENT_ARITY and every AND
     round count: a level's time depends only on the candidates it starts with, so the least time from each count
     of candidates down to one, found from one candidate up, gives the whole tournament's. Small calls take few
     levels of wide groups; large ones, where bytes and comparisons' compute weigh more, more levels of narrower
@@ -882,20 +887,20 @@ def tournament_levels(width: int, elements: int) -> tuple:
         for (k, and_rounds), (actions, group_bytes, group_seconds) in costs.items():
             if k <= candidates:
                 groups = -(-candidates // k)
-                seconds = _reference_seconds(actions, groups * group_bytes, groups * group_seconds, rows)
+                seconds = _call_seconds(actions, groups * group_bytes, groups * group_seconds, rows, network)
                 options.append((seconds + best[groups][0], ((k, and_rounds),) + best[groups][1]))
         best[candidates] = min(options)
     return best[max(width, 2)][1]
 
 
-def fold_exps_pays(elements: int) -> bool:
+def fold_exps_pays(elements: int, network: tuple = REFERENCE_NETWORK) -> bool:
     """Whether the ``elements`` numbers the row sums divide (the exps, or their product with the values) should ride in
-    the reciprocal's first round (`softmax_in_form`), on REFERENCE_NETWORK: that saves their product with the
+    the reciprocal's first round (`softmax_in_form`), on ``network``: that saves their product with the
     reciprocal and the reciprocal's own scaling down (a public product: see `_octave_polynomial`) for three more
     secret products per number."""
     saved = SECRET_PRODUCT.actions + PUBLIC_PRODUCT.actions
-    return (_reference_seconds(saved, 0.0, 0.0, elements)
-            > _reference_seconds(0, 3 * SECRET_PRODUCT.bytes, 3 * SECRET_PRODUCT.seconds, elements))
+    return (_call_seconds(saved, 0.0, 0.0, elements, network)
+            > _call_seconds(0, 3 * SECRET_PRODUCT.bytes, 3 * SECRET_PRODUCT.seconds, elements, network))
 
 
 def softmax_in_form(x, axis: int, exp_impl: str, levels, fold_exps: bool, scale: float = 1.0, values=None):
@@ -916,15 +921,15 @@ def softmax_in_form(x, axis: int, exp_impl: str, levels, fold_exps: bool, scale:
     return divided * reciprocal_in_range(total, 1.0, float(x.shape[axis]))
 
 
-def softmax_for_call_size(elements: int):
-    """`softmax` as a call of ``elements`` elements runs it, on an input of any size: its form (the tournament's
-    levels, group widths and AND rounds, for the input's row length; whether what the row sums divide rides in their
-    reciprocal) is the one chosen for ``elements`` (with values, for the call's result: ``elements`` over the row
-    length, times the values' width)."""
+def softmax_for_call_size(elements: int, network: tuple = REFERENCE_NETWORK):
+    """`softmax` (on ``network``: `softmax_lan` on LAN_NETWORK) as a call of ``elements`` elements runs it, on an input
+    of any size: its form (the tournament's levels, group widths and AND rounds, for the input's row length; whether
+    what the row sums divide rides in their reciprocal) is the one chosen on ``network`` for ``elements`` (with values,
+    for the call's result: ``elements`` over the row length, times the values' width)."""
     def kernel(x, axis: int, exp_impl: str, scale: float = 1.0, values=None):
         divided = elements if values is None else elements // x.shape[axis] * values.shape[-1]
-        return softmax_in_form(x, axis, exp_impl, tournament_levels(x.shape[axis], elements),
-                               fold_exps_pays(divided), scale, values)
+        return softmax_in_form(x, axis, exp_impl, tournament_levels(x.shape[axis], elements, network),
+                               fold_exps_pays(divided, network), scale, values)
     return kernel
 
 
@@ -938,6 +943,18 @@ def softmax(x, axis: int, exp_impl: str, scale: float = 1.0, values=None):
 
 
 softmax.for_call_size = softmax_for_call_size  # see cipherdm_spu.registry: a cost model prices large calls by it
+
+
+@register_kernel("softmax", f"{NAME}-lan")
+def softmax_lan(x, axis: int, exp_impl: str, scale: float = 1.0, values=None):
+    """As `softmax`, in the form that spends the least time on LAN_NETWORK (the benchmark's LAN) instead: there a send
+    action costs a hundredth of the WAN's, so the tournament takes narrower groups in more levels (fewer comparisons,
+    their compute and bytes, for more send actions) and large calls divide apart. For a deployment whose links are
+    fast (`--override softmax=cipherdm-lan`); docs/results/benchmark.md measures both on the same steps."""
+    return softmax_for_call_size(x.size, LAN_NETWORK)(x, axis, exp_impl, scale, values)
+
+
+softmax_lan.for_call_size = functools.partial(softmax_for_call_size, network=LAN_NETWORK)
 
 
 @register_kernel("softmax", f"{NAME}-low-byte")
