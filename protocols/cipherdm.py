@@ -79,7 +79,7 @@ NAME = "cipherdm"
 REFERENCE_NETWORK = (400e6, 40e-3)  # bits per second, round-trip seconds
 # The benchmark's LAN, which the `cipherdm-lan` softmax prices its forms on instead: a send action costs a hundredth
 # of the WAN's there, so comparisons' compute and bytes outweigh rounds (a user's choice for such a deployment).
-LAN_NETWORK = (5e9, 0.4e-3)
+LAN_NETWORK = (5e9, 0.4e-3)  # bits per second, round-trip seconds
 
 
 class Block(NamedTuple):
@@ -794,8 +794,8 @@ def _row_max(x, axis: int, levels):
     return jnp.moveaxis(a, -1, axis)
 
 
-def _call_seconds(send_actions: float, bytes_per_element: float, seconds_per_element: float,
-                       elements: int, network: tuple = REFERENCE_NETWORK) -> float:
+def _call_seconds(send_actions: float, bytes_per_element: float, seconds_per_element: float, elements: int,
+                  network: tuple = REFERENCE_NETWORK) -> float:
     """A call's time on ``network`` (bits per second, round-trip seconds): its send actions' latency, its bytes'
     transfer, its compute."""
     bandwidth, rtt = network
@@ -947,10 +947,11 @@ softmax.for_call_size = softmax_for_call_size  # see cipherdm_spu.registry: a co
 
 @register_kernel("softmax", f"{NAME}-lan")
 def softmax_lan(x, axis: int, exp_impl: str, scale: float = 1.0, values=None):
-    """As `softmax`, in the form that spends the least time on LAN_NETWORK (the benchmark's LAN) instead: there a send
-    action costs a hundredth of the WAN's, so the tournament takes narrower groups in more levels (fewer comparisons,
-    their compute and bytes, for more send actions) and large calls divide apart. For a deployment whose links are
-    fast (`--override softmax=cipherdm-lan`); docs/results/benchmark.md measures both on the same steps."""
+    """As `softmax`, in the form that its cost model says spends the least time on LAN_NETWORK (the benchmark's LAN)
+    instead: there a send action costs a hundredth of the WAN's, so the tournament takes narrower groups in more levels
+    (fewer comparisons, their compute and bytes, for more send actions) and all but the smallest calls divide apart.
+    A user's choice where bytes or compute, not rounds, are scarce (`--override softmax=cipherdm-lan`);
+    docs/results/lan-softmax/benchmark.md measures it beside `cipherdm` on the benchmark's steps."""
     return softmax_for_call_size(x.size, LAN_NETWORK)(x, axis, exp_impl, scale, values)
 
 

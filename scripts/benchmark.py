@@ -28,6 +28,8 @@ outside the sets, e.g. cipherdm:gelu=cipherdm-masked-square); --only-sd measures
     python scripts/benchmark.py --rows step --network wan --sets spu cipherdm   # measured on emulated WAN links
     python scripts/benchmark.py --rows step --only-sd --sets spu cipherdm \\
         --override cipherdm:gelu=cipherdm-masked-square   # the SD-shaped step with the masked-square GeLU
+    python scripts/benchmark.py --rows step --batches 1 --repeat 3 --sets spu cipherdm \
+        --override cipherdm:softmax=cipherdm-lan --out docs/results/lan-softmax   # the softmax priced on the LAN
 """
 
 from __future__ import annotations

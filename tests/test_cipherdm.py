@@ -280,7 +280,7 @@ def _every_schedule(width: int, levels=()):
     if np.prod([k for k, _ in levels]) >= width:
         yield levels
         return
-    for k in range(2, 9):
+    for k in range(2, cipherdm.MAX_TOURNAMENT_ARITY + 1):
         for and_rounds in range(cipherdm._most_and_rounds(k) + 1):
             yield from _every_schedule(width, levels + ((k, and_rounds),))
 
@@ -293,10 +293,10 @@ def test_the_chosen_levels_lose_nothing_against_every_schedule(width, elements):
     for network in (cipherdm.REFERENCE_NETWORK, cipherdm.LAN_NETWORK):
         cost = lambda c: cipherdm._call_seconds(*c, elements, network)  # noqa: E731
         chosen = cost(tournament_cost(width, tournament_levels(width, elements, network)))
-        assert chosen <= min(cost(c) for c in costs) + 1e-12
+        assert chosen <= min(cost(c) for c in costs) * (1 + 1e-12)
 
 
-def test_the_lan_kernel_prices_the_same_forms_on_the_lan():
+def test_the_lan_kernel_prices_the_same_forms_on_the_lan(monkeypatch):
     """`cipherdm-lan` takes, per call, the form that spends least on the benchmark's LAN: on MNIST's attention call
     narrower groups in more levels than `cipherdm`'s 7&1-7&1 (by the model, more send actions for fewer bytes and
     comparisons' seconds) and the exps apart; its cost model prices every call size as its kernel runs it."""
@@ -309,16 +309,15 @@ def test_the_lan_kernel_prices_the_same_forms_on_the_lan():
     assert fold_exps_pays(mnist) and not fold_exps_pays(mnist, cipherdm.LAN_NETWORK)
     kernel = registry.kernel("softmax", "cipherdm-lan")
     forms = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cipherdm, "softmax_in_form",
-                      lambda x, axis, exp_impl, levels, fold_exps, scale, values: forms.append((levels, fold_exps)))
-        kernel(np.zeros((98, 49), np.float32), 1, "cipherdm")
-        kernel.for_call_size(mnist * 8)(np.zeros((98, 49), np.float32), 1, "cipherdm")
+    monkeypatch.setattr(cipherdm, "softmax_in_form",
+                        lambda x, axis, exp_impl, levels, fold_exps, scale, values: forms.append((levels, fold_exps)))
+    kernel(np.zeros((98, 49), np.float32), 1, "cipherdm")
+    kernel.for_call_size(mnist * 8)(np.zeros((98, 49), np.float32), 1, "cipherdm")
     assert forms == [(lan, False), (tournament_levels(49, mnist * 8, cipherdm.LAN_NETWORK),
                                     fold_exps_pays(mnist * 8, cipherdm.LAN_NETWORK))]
 
 
-def test_the_lan_softmax_sends_fewer_bytes_in_more_send_actions_on_an_attention_call(rng):
+def test_the_lan_softmax_sends_fewer_bytes_in_more_send_actions_on_an_attention_call(sessions, rng):
     """MNIST's attention call (2 heads of 49 x 49, values of 32, a 1e4 logit in a row) under `cipherdm` and under
     `cipherdm` with the `cipherdm-lan` softmax: the LAN's form within the softmax contract (5e-3 of float64; here on
     the values' weighted sums, whose weights sum to 1 within 1e-2), fewer bytes, more send actions (SPU's link
@@ -329,20 +328,20 @@ def test_the_lan_softmax_sends_fewer_bytes_in_more_send_actions_on_an_attention_
     v = rng.standard_normal((2, 49, 32)).astype(np.float32)
     want = softmax(x.astype(np.float64) * scale) @ v.astype(np.float64)
     costs = {}
-    for kernel in ("cipherdm", "cipherdm-lan"):
-        with SecureSession("cipherdm", {"softmax": kernel}) as session:
+    with SecureSession("cipherdm", {"softmax": "cipherdm-lan"}) as lan:
+        for kernel, session in (("cipherdm", sessions["cipherdm"]), ("cipherdm-lan", lan)):
             y = session.run(lambda a, b: ops.softmax(a, -1, scale=scale, values=b), x, v)
             costs[kernel] = session.last_stats
             ones = session.run(lambda a, b: ops.softmax(a, -1, scale=scale, values=b), x, np.ones_like(v))
-        assert np.abs(y - want).max() <= 5e-3 * np.abs(v).max()
-        assert np.abs(ones - 1).max() <= 1e-2
+            assert np.abs(y - want).max() <= 5e-3 * np.abs(v).max()
+            assert np.abs(ones - 1).max() <= 1e-2
     assert costs["cipherdm-lan"].bytes_sent < costs["cipherdm"].bytes_sent
     assert costs["cipherdm-lan"].send_actions > costs["cipherdm"].send_actions + 10
 
 
 def test_the_cost_model_uses_the_benchmark_networks_and_the_measured_blocks():
-    """REFERENCE_NETWORK is the benchmark's WAN (LAN_NETWORK its LAN), and the blocks' costs are primitives.md's measurements (the committed
-    results of `python scripts/primitive_costs.py`): bytes within 1 %, send actions exactly, and seconds per element
+    """REFERENCE_NETWORK is the benchmark's WAN (LAN_NETWORK its LAN), and the blocks' costs are primitives.md's
+    measurements (the committed results of `python scripts/primitive_costs.py`): bytes within 1 %, send actions exactly, and seconds per element
     of the measured order: within a factor of 4 or 0.1 us, since the machine's speed moves them by tens of % between
     runs and the constants keep the run whose forms the committed benchmarks measure (a conversion's and an AND's
     are the differences of two blocks' runs)."""
