@@ -89,7 +89,7 @@ def _schedule(manifest: Mapping) -> ScheduleConfig:
 def parse_manifest(text: str) -> dict:
     try:
         manifest = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # (nesting past Python's recursion limit: RecursionError)
         raise ValueError(f"not JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"a manifest is an object with format {MANIFEST_FORMAT!r}")
@@ -291,7 +291,7 @@ def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
     """The user's job description, validated (ValueError naming the field)."""
     try:
         raw = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # (nesting past Python's recursion limit: RecursionError)
         raise ValueError(f"the job is not JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"a job is an object with fields {sorted(JOB_FIELDS)}")

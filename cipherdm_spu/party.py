@@ -238,7 +238,7 @@ class PartyService:
             policy = Policy.from_dict(manifest.get("policy") if isinstance(manifest, dict) else None)
             expected = dict(self.judge.run(JUDGE_S, JUDGE_WAIT_S, self.catalog.model_tensors, msg.manifest,
                                            MAX_TENSORS))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # (JSON nested past Python's recursion limit: RecursionError)
             raise PartyError(f"model {msg.model_id!r}: bad manifest: {e}") from None
         if len(expected) > MAX_TENSORS:  # (a catalog that ignored its bound)
             raise PartyError(f"model {msg.model_id!r} has {len(expected)} tensors, more than {MAX_TENSORS}")
@@ -506,12 +506,15 @@ class PartyService:
             raise PartyError(f"party {self.party.id} refuses to run the compiled step: {e}") from None
         compiled_s = time.perf_counter() - started
         executable = hashlib.sha256(program.code).hexdigest()
-        # what the three parties must agree on before any share meets another (whose model, too): checked over the
-        # SPU link
-        agreed = [session.id, session.user, session.model_key, model.owner, model.digest, terms.canonical, executable]
-        agreement = hashlib.sha256(json.dumps(agreed).encode()).hexdigest()
         config = self.cluster.runtime_config(program.runtime_options)
         config.enable_pphlo_profile, config.enable_hal_profile = True, False  # this party's own cost report
+        runtime = config.SerializeToString()
+        # what the three parties must agree on before any share meets another (whose model, too), and the SPU runtime
+        # each will build, whose protocol set's options come from that party's own files (an independent review: a set
+        # shadowed at one party would run mismatched flows under a matching executable): checked over the SPU link
+        agreed = [session.id, session.user, session.model_key, model.owner, model.digest, terms.canonical, executable,
+                  hashlib.sha256(runtime).hexdigest()]
+        agreement = hashlib.sha256(json.dumps(agreed).encode()).hexdigest()
         # the user's shares are held beside the models' (an independent review: uncounted, a job of the default
         # policy's largest batch could take tens of GB a party); reserved with the compiled program, under one lock
         inputs = sum(self._share_bytes(shape) for shape, _ in program.slots.values())
@@ -527,7 +530,7 @@ class PartyService:
                 raise PartyError(f"party {self.party.id} refuses the job: its inputs need {_gib(inputs)} of share "
                                  f"memory, more than {room} {_gib(self.share_memory)}")
             session.input_bytes = inputs
-            session.compiled = (program, agreement, config.SerializeToString())
+            session.compiled = (program, agreement, runtime)
             session.open_report = {
                 "executable_sha256": executable, "agreement_sha256": agreement, "compile_seconds": round(compiled_s, 3),
                 "slots": {k: [list(s), d] for k, (s, d) in program.slots.items()}, "steps": len(program.steps),
@@ -887,8 +890,8 @@ class _Worker:
 def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str, session_id: str,
                  runtime_config: bytes, agreement: str, listen: str):
     """The worker process: build the link (listening at ``listen``, behind the party's `LinkFront`), check that the
-    three parties agree on the session (the same session, user, model, its owner, job and executable), build the
-    runtime, then serve the party's jobs."""
+    three parties agree on the session (the same session, user, model, its owner, job, executable and runtime
+    configuration), build the runtime, then serve the party's jobs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the party process decides when this one ends
     die_with_parent()
     spu_log = SpuLog.get(log_path)
@@ -908,7 +911,8 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
         goodbye = threading.Thread(target=link.stop_link, daemon=True, name="spu-link-goodbye")
         goodbye.start()
         goodbye.join(LINK_GOODBYE_S)
-        conn.send(("error", f"the parties disagree about this session (session, user, model, job or executable): "
+        conn.send(("error", f"the parties disagree about this session (session, user, model, job, executable or "
+                            "runtime): "
                             f"{', '.join(differ)} {'was' if len(differ) == 1 else 'were'} asked for something else"))
         return
     runtime = spu.Runtime(link, config)

@@ -81,14 +81,15 @@ def make_certs(config, clients="owner,user,user-bob,user-carol"):
     assert launch_main(["--config", str(config), "certs", "--clients", clients]) == 0
 
 
-def start(config, log_dir, party=None):
-    """A launcher process; its output goes to log_dir/launcher[-PARTY].out (read it with `output`)."""
+def start(config, log_dir, party=None, env=None):
+    """A launcher process (with ``env``, else this process's environment); its output goes to
+    log_dir/launcher[-PARTY].out (read it with `output`)."""
     cmd = [sys.executable, "-m", "cipherdm_spu.cluster", "--config", str(config), "--log-dir", str(log_dir)]
     if party:
         cmd += ["--party", party]
     log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     out = open(log_dir / f"launcher{'-' + party if party else ''}.out", "a")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     proc.output_path = out.name
     return proc
 

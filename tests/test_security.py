@@ -375,6 +375,27 @@ def test_the_owners_policy_binds_users_and_jobs(cluster):
             carol.until_done("session_open", SessionOpen("carol-1", "tiny", json.dumps(TINY_JOB), "owner"), "opening")
 
 
+def test_json_nested_past_the_recursion_limit_is_refused_as_bad_input(tmp_path):
+    """A manifest or job nested deeper than Python's parser recurses (10 kB of brackets, within the size caps) is
+    refused as malformed, as any bad JSON is, and the party goes on serving (an independent review: it escaped the
+    error handling as a RecursionError, an internal error with a traceback in the party's log)."""
+    from cipherdm_spu.jobs import parse_job, parse_manifest
+    from cipherdm_spu.models import ScheduleConfig
+
+    from .cluster_fixtures import tiny_unet
+
+    nested = '{"overrides": ' + "[" * 5000 + "]" * 5000 + "}"
+    model, _, _ = tiny_unet()
+    with pytest.raises(ValueError, match="the job is not JSON"):
+        parse_job(nested, model, ScheduleConfig())
+    with pytest.raises(ValueError, match="not JSON"):
+        parse_manifest(nested)
+    with _party_in_process(tmp_path, _Catalog()) as service:
+        with pytest.raises(PartyError, match="model 'm': bad manifest"):
+            service.model_begin(OWNER, ModelBegin("m", nested))
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+
+
 def test_each_owners_model_ids_are_its_own(tmp_path):
     """Model ids are per owner: another owner can neither see, take, delete nor stand in for an owner's model of the
     same id (an independent review: in one namespace an owner learnt which ids were taken, and a model uploaded first
@@ -1008,6 +1029,40 @@ def test_the_parties_refuse_a_session_they_were_told_different_things_about(clus
         finally:
             for rank, c in enumerate(callers):
                 c.call(rank, "session_close", SessionRef("mixed"))
+
+
+def test_the_parties_refuse_a_session_one_of_them_would_run_with_other_runtime_options(tmp_path):
+    """A party whose operator shadowed a protocol set (`CIPHERDM_PROTOCOLS_PATH`: the same kernels, so the same
+    executable, but another SPU runtime option) is not run beside the others: the runtime configuration is part of
+    what the three parties agree on over the SPU link, so all three refuse before any share of one meets another's
+    (found by an independent review: the executables' digests alone matched, and mismatched runtimes would have run)."""
+    import os
+
+    from cipherdm_spu.jobs import upload_model
+    from cipherdm_spu.plan import Policy
+
+    from .cluster_fixtures import start, stop, tiny_unet, wait_up
+
+    shadow = tmp_path / "protocols"
+    shadow.mkdir()
+    spec = json.loads((Path(__file__).resolve().parent.parent / "configs/protocols/spu.json").read_text())
+    (shadow / "spu.json").write_text(json.dumps({**spec, "runtime": {"fxp_exp_mode": "EXP_PADE"}}))
+    config = write_config(tmp_path / "3pc.json")
+    make_certs(config)
+    shadowed = {**os.environ, "CIPHERDM_PROTOCOLS_PATH": str(shadow)}
+    procs = [start(config, tmp_path / "logs", party=p, env=shadowed if p == "P2" else None) for p in ("P0", "P1", "P2")]
+    try:
+        wait_up(config, procs)
+        model, params, scheduler = tiny_unet()
+        with PartyClients(cc.load(config), "owner") as owner:
+            upload_model(owner, "tiny", model, params, scheduler, Policy())
+        _, x_t, labels = tiny_inputs()
+        with PartyClients(cc.load(config), "user") as user:
+            with pytest.raises(ClusterError, match="disagree about this session") as refused:
+                sample_on_cluster(user, "tiny", {**TINY_JOB, "protocol_set": "spu"}, x_t, labels, owner="owner")
+            assert "P2 was asked for something else" in str(refused.value) or "P0, P1" in str(refused.value)
+    finally:
+        stop(procs)
 
 
 def test_an_owner_has_a_quota_and_silent_uploads_expire(cluster):
