@@ -199,7 +199,8 @@ def resolve(protocol: Union[str, ProtocolSet], overrides: Optional[Mapping[str, 
     """A protocol set with per-op overrides applied.
 
     An override value is either a kernel name registered for that op or the name of another protocol
-    set, whose kernel for that op is taken: ``{"softmax": "spu"}``.
+    set, whose kernel for that op is taken: ``{"softmax": "spu"}``. Only the kernel: the runtime and compiler
+    options stay ``protocol``'s (``{"exp": "spu-pade"}`` takes that set's kernel, plain JAX, not its Pade exp mode).
     """
     pset = protocol if isinstance(protocol, ProtocolSet) else protocol_set(protocol)
     if not overrides:
