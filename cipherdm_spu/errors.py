@@ -33,6 +33,10 @@ class InputError(ValueError):
     """An input was refused before anything was shared: NaN/inf, an unsupported dtype, untraceable (`session`)."""
 
 
+class CompileCacheError(ValueError):
+    """The compile cache's directory cannot be used, or is not this user's alone (`compile_cache`)."""
+
+
 class ClusterConfigError(ValueError):
     """The cluster config is missing something or has a bad value; the message names it (`cluster_config`)."""
 

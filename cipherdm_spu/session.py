@@ -22,8 +22,8 @@ import spu
 import spu.libspu as libspu
 from spu.utils import frontend as spu_fe
 
-from . import public_constants, registry, spu_config
-from .errors import InputError, SessionError
+from . import compile_cache, public_constants, registry, spu_config
+from .errors import CompileCacheError, InputError, SessionError
 from .profiling import PARTY_PROFILE_FLAGS, RunStats, SpuLog, parse_run
 
 WORLD_SIZE = 3
@@ -156,7 +156,10 @@ def compile_function(fn: Callable, in_tree, specs, protocol_set: registry.Protoc
                      fraction_bits: int) -> CompiledFunction:
     """Compile ``fn`` to an SPU executable for flat inputs ``specs`` ((shape, dtype, visibility) each,
     arranged by ``in_tree``), with ``protocol_set``'s kernels and compiler options. Deterministic: the
-    same function and inputs give the same bytes in any process (the parties of a cluster rely on it)."""
+    same function and inputs give the same bytes in any process (the parties of a cluster rely on it).
+
+    JAX lowers ``fn`` as SPU's frontend lowers it (its `compile`, with SPU's compile split off), and SPU compiles
+    the lowered module's canonical form only where `compile_cache` does not hold the executable already."""
 
     def flat_fn(*flat):
         with registry.use_protocol(protocol_set):
@@ -165,25 +168,24 @@ def compile_function(fn: Callable, in_tree, specs, protocol_set: registry.Protoc
     flat_fn.__name__ = getattr(fn, "__name__", type(fn).__name__)
     abstract = [jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for shape, dtype, _ in specs]
     try:
-        with registry.fixed_point(fraction_bits):
-            executable, out_info = spu_fe.compile(
-                spu_fe.Kind.JAX,
-                flat_fn,
-                abstract,
-                {},
-                [f"in{i}" for i in range(len(specs))],
-                [_VIS[vis] for _, _, vis in specs],
-                lambda outs: [f"out{i}" for i in range(len(outs))],
-                copts=spu_config.compiler_options(protocol_set.compiler),
-            )
+        with registry.fixed_point(fraction_bits), spu_fe._jax_lock:
+            patches = spu_fe._patch_jax()  # SPU's fix of lax.sort for fixed point, process-wide while it lowers
+            try:
+                hlo, out_info = spu_fe._jax_compilation(flat_fn, (), None, abstract, {})
+            finally:
+                spu_fe._restore_jax_patch(patches)
+        code = compile_cache.compiled(compile_cache.canonical_hlo(hlo), [_VIS[vis] for _, _, vis in specs],
+                                      spu_config.compiler_options(protocol_set.compiler))
+    except CompileCacheError:
+        raise
     except (TypeError, ValueError) as e:
         shapes = ", ".join(f"{dtype}{list(shape)}" for shape, dtype, _ in specs)
         raise InputError(f"{flat_fn.__name__} cannot be traced on inputs ({shapes}): {e}") from e
-    public_constants.check(executable.code.decode("utf-8"), fraction_bits, flat_fn.__name__)
+    public_constants.check(code.decode("utf-8"), fraction_bits, flat_fn.__name__)
     out_flat, out_tree = jax.tree_util.tree_flatten(out_info)
     return CompiledFunction(
         name=flat_fn.__name__,
-        code=executable.code,
+        code=code,
         in_specs=specs,
         out_tree=out_tree,
         out_avals=[jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out_flat],

@@ -1,8 +1,27 @@
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
-from cipherdm_spu import SecureSession
+from cipherdm_spu import SecureSession, compile_cache
 from cipherdm_spu.registry import SHIPPED_SETS as PROTOCOL_SETS
+
+_MADE_CACHE = []
+
+
+def pytest_configure(config):
+    """One compile cache for the run, not the user's: made by the first process (xdist's workers, and the cluster
+    parties tests start, inherit it), removed by it at the end; a cache the caller named is used as it is."""
+    if compile_cache.ENV not in os.environ:
+        os.environ[compile_cache.ENV] = tempfile.mkdtemp(prefix="cipherdm-test-compile-cache-")
+        _MADE_CACHE.append(os.environ[compile_cache.ENV])
+
+
+def pytest_unconfigure(config):
+    for directory in _MADE_CACHE:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
