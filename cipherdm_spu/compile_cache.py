@@ -8,28 +8,35 @@ source locations, every constant written out), parsed back into the module SPU c
 what is compiled; with the inputs' visibilities, the compiler options and the versions of SPU and jaxlib.
 docs/results/compile_cache.md measures what it saves.
 
-Trust: an entry is code that will run on secret shares. The directory must be this user's and closed to
-everyone else (created 0700; one owned by another user, or that group or others may write, is refused, as ssh
-refuses such key files): whoever else could write it can already read this user's keys. Each entry carries the
-digest of its code, and one that does not match (a torn or damaged file) is discarded and compiled again. What is
-read back is checked exactly as a fresh compile is (the party's audit of the IR, the parties' agreement on the
-executable's digest), so the cache changes how long a compile takes, never what is accepted to run.
+Trust: an entry is code that will run on secret shares, so no one but this user (and root) may be able to change
+the directory or any directory above it, as ssh demands of its keys' folders: the directory must be this user's and
+writable by no one else, every directory above it root's or this user's and writable by no one else unless sticky
+(as /tmp), and every entry a regular file of this user's; anything else is refused. Missing directories are made
+0700. The directory is opened once, after its path is resolved and checked, and every entry, lock and temporary
+file is reached through that open directory, never through a path that could be swapped afterwards. Each entry
+carries the digest of its code; one that does not match (a torn or damaged file) is discarded and compiled again.
+What is read back is checked exactly as a fresh compile is (a party's audit of the IR, the parties' agreement on
+the executable's digest).
 
 ``$CIPHERDM_COMPILE_CACHE`` names the directory, or ``off`` turns the cache off; by default it is
 ``$XDG_CACHE_HOME/cipherdm-spu/executables`` (``~/.cache/...``). Processes compiling the same input at once (the
-parties of a cluster on one machine) take turns on a lock per entry, so one compiles and the others read.
+parties of a cluster on one machine) take turns on a lock per entry, so one compiles and the others read. A cache
+that cannot store (a full disk, a read-only directory) costs only the time it would have saved: the compile's
+result is returned and a warning says why it was not kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
+import secrets
 import stat
-import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import jaxlib
 import spu
@@ -43,26 +50,36 @@ ENV = "CIPHERDM_COMPILE_CACHE"
 MAX_BYTES = 4 * 2**30
 #: how long a compile waits for another process compiling the same input before compiling it too
 LOCK_WAIT_S = 900.0
+#: after this long waiting, a compile says what it waits for
+LOCK_NOTICE_S = 10.0
+#: a temporary file older than this was left by a process that died writing it, and is removed
+STALE_WRITE_S = 3600.0
 _POLL_S = 0.2
 _HEADER = b"cipherdm-spu executable sha256="
 _SUFFIX = ".spu"
+_WRITING = ".writing-"
+_OFF = ("off", "0", "none", "false", "")
+_FILE_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 def cache_dir() -> Optional[Path]:
-    """The cache's directory from the environment, or None when it is turned off."""
+    """The cache's directory from the environment (absolute), or None when it is turned off."""
     value = os.environ.get(ENV)
-    if value is not None and value.strip().lower() in ("off", "0", "none", "false", ""):
+    if value is not None and value.strip().lower() in _OFF:
         return None
     if value:
-        return Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(os.path.abspath(Path(value).expanduser()))
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec: a relative value is ignored
+        base = str(Path.home() / ".cache")
     return Path(base) / "cipherdm-spu" / "executables"
 
 
 def canonical_hlo(hlo_module_proto: bytes) -> str:
     """A serialized HLO module as canonical text: instructions and computations renamed in order, without ids or
     metadata (source locations), every constant and backend configuration in full. JAX's lowering of one function
-    differs between calls only in what this leaves out."""
+    differs between calls only in what this leaves out. (A -0.0 constant is written as 0, which parses back as +0.0:
+    the same number in fixed point, where SPU computes.)"""
     options = xla_extension.HloPrintOptions.canonical()
     options.print_large_constants = options.print_backend_config = True
     return xla_extension.HloModule.from_serialized_hlo_module_proto(hlo_module_proto).to_string(options)
@@ -93,101 +110,165 @@ def compiled(hlo: str, visibility: Sequence[libspu.Visibility], copts: libspu.Co
     directory = cache_dir()
     if directory is None:
         return compile_now()
-    _private_directory(directory)
-    entry = directory / (source_key(hlo, visibility, copts) + _SUFFIX)
-    code = _read(entry)
-    if code is not None:
-        return code
-    with _turn(entry.with_suffix(".lock")):
-        code = _read(entry)  # compiled by the process whose turn it was
-        if code is None:
-            code = compile_now()
-            _write(entry, code)
-            _evict(directory, keep=entry)
+    name = source_key(hlo, visibility, copts) + _SUFFIX
+    with _private_directory(directory) as dir_fd:
+        code = _read(dir_fd, name, directory)
+        if code is not None:
+            return code
+        try:
+            turn = _turn(dir_fd, name + ".lock")
+        except OSError as e:
+            return _unstored(compile_now(), directory, e)
+        with turn:
+            code = _read(dir_fd, name, directory)  # compiled by the process whose turn it was
+            if code is None:
+                code = compile_now()
+                try:
+                    _write(dir_fd, name, code)
+                    _evict(dir_fd, keep=name)
+                except OSError as e:
+                    return _unstored(code, directory, e)
     return code
 
 
-def _private_directory(directory: Path) -> None:
-    """Make ``directory`` (0700) if it is missing; refuse one that is not this user's alone."""
-    if directory.exists() and not directory.is_dir():
-        raise CompileCacheError(f"compile cache {directory} is not a directory; set {ENV} to one, or to off")
+def _unstored(code: bytes, directory: Path, error: OSError) -> bytes:
+    warnings.warn(f"compile cache {directory}: the executable was compiled but not stored ({error})", RuntimeWarning,
+                  stacklevel=3)
+    return code
+
+
+def _refuse(directory: Path, what: str) -> CompileCacheError:
+    return CompileCacheError(
+        f"compile cache {directory}: {what}; its executables run on secret shares, so no one but this user "
+        f"(uid {os.getuid()}) and root may be able to change it or a directory above it (chmod 700 it, or set {ENV} "
+        "to another directory, or to off)")
+
+
+@contextlib.contextmanager
+def _private_directory(directory: Path) -> Iterator[int]:
+    """``directory`` opened (its descriptor), once it and every directory above it passed the checks in the module's
+    docstring; missing directories are made 0700."""
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = directory.stat()
+        missing = []
+        path = directory
+        while not os.path.lexists(path):
+            missing.append(path)
+            path = path.parent
+        for path in reversed(missing):
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+        real = Path(os.path.realpath(directory))
+        for above in reversed(real.parents):
+            info = os.stat(above)
+            if info.st_uid not in (0, os.getuid()) or (
+                    info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX):
+                raise _refuse(directory, f"{above} is owned by uid {info.st_uid} with mode "
+                                         f"{stat.S_IMODE(info.st_mode):o}")
+        if not real.is_dir():
+            raise CompileCacheError(f"compile cache {directory} is not a directory; set {ENV} to one, or to off")
+        fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | _FILE_FLAGS)
     except OSError as e:
-        raise CompileCacheError(f"compile cache {directory}: {e.strerror or e}; set {ENV}=off to compile without one") from e
-    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise CompileCacheError(
-            f"compile cache {directory} is owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}: "
-            f"its executables would run on secret shares, so it must be this user's (uid {os.getuid()}) and "
-            f"writable by no one else (chmod 700), or set {ENV} to another directory, or to off")
-
-
-def _read(entry: Path) -> Optional[bytes]:
-    """The entry's code, or None when there is none; a damaged entry (its digest does not match) is removed."""
+        raise CompileCacheError(f"compile cache {directory}: {e}; set {ENV}=off to compile without one") from e
     try:
-        data = entry.read_bytes()
+        info = os.fstat(fd)
+        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise _refuse(directory, f"it is owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _read(dir_fd: int, name: str, directory: Path) -> Optional[bytes]:
+    """The entry's code, or None when there is none; a damaged entry (its digest does not match) is removed, and one
+    that is not a regular file of this user's alone is refused."""
+    try:
+        fd = os.open(name, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
+    except OSError as e:  # a symlink (ELOOP), unreadable, ...
+        raise _refuse(directory, f"entry {name} cannot be opened as a file ({e})") from e
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise _refuse(directory, f"entry {name} is not a regular file of this user's alone")
+        data = f.read()
     header, _, code = data.partition(b"\n")
     if not header.startswith(_HEADER) or header[len(_HEADER):].decode("ascii", "replace") != hashlib.sha256(code).hexdigest():
-        entry.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
         return None
-    try:
-        os.utime(entry)  # recently used: kept longest
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        os.utime(name, dir_fd=dir_fd, follow_symlinks=False)  # recently used: kept longest
     return code
 
 
-def _write(entry: Path, code: bytes) -> None:
-    """Store ``code`` under ``entry`` whole or not at all (a file of this user's alone, renamed into place)."""
-    fd, temporary = tempfile.mkstemp(dir=entry.parent, prefix=".writing-")
+def _write(dir_fd: int, name: str, code: bytes) -> None:
+    """Store ``code`` as entry ``name`` whole or not at all (a new file of this user's alone, renamed into place)."""
+    temporary = f"{_WRITING}{os.getpid()}-{secrets.token_hex(8)}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(_HEADER + hashlib.sha256(code).hexdigest().encode() + b"\n" + code)
-        os.replace(temporary, entry)
+        os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=dir_fd)
         raise
 
 
 class _turn:
-    """An exclusive lock on ``path`` among processes (flock), waited for at most LOCK_WAIT_S: past that the caller
-    goes on without it (it then compiles what the holder compiles: the same work twice, never a wrong entry)."""
+    """An exclusive lock on file ``name`` in the directory among processes (flock), waited for at most LOCK_WAIT_S
+    (saying so after LOCK_NOTICE_S): past that the caller goes on without it (it then compiles what the holder
+    compiles: the same work twice, never a wrong entry). Opening the lock file may raise OSError."""
 
-    def __init__(self, path: Path):
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    def __init__(self, dir_fd: int, name: str):
+        self.name = name
+        self.fd = os.open(name, os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600, dir_fd=dir_fd)
 
     def __enter__(self):
-        deadline = time.monotonic() + LOCK_WAIT_S
+        started = time.monotonic()
+        noticed = False
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return self
             except BlockingIOError:
-                if time.monotonic() > deadline:
+                waited = time.monotonic() - started
+                if waited > LOCK_WAIT_S:
                     return self
+                if waited > LOCK_NOTICE_S and not noticed:
+                    noticed = True
+                    warnings.warn(f"compile cache: waiting (up to {LOCK_WAIT_S:.0f} s) for another process compiling "
+                                  f"the same program (lock {self.name})", RuntimeWarning, stacklevel=2)
                 time.sleep(_POLL_S)
 
     def __exit__(self, *exc):
         os.close(self.fd)  # releases the lock if it was taken
 
 
-def _evict(directory: Path, keep: Path) -> None:
-    """Remove the least recently used entries (and their locks) while the entries take more than MAX_BYTES."""
-    entries = []
-    for path in directory.glob("*" + _SUFFIX):
-        try:
-            info = path.stat()
-        except FileNotFoundError:
-            continue
-        entries.append((info.st_mtime, info.st_size, path))
+def _evict(dir_fd: int, keep: str) -> None:
+    """Remove temporary files a dead writer left (older than STALE_WRITE_S), then the least recently used entries
+    (and their locks) while the entries take more than MAX_BYTES."""
+    entries, now = [], time.time()
+    with os.scandir(dir_fd) as listing:
+        for item in listing:
+            try:
+                info = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if item.name.startswith(_WRITING) and now - info.st_mtime > STALE_WRITE_S:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(item.name, dir_fd=dir_fd)
+            elif item.name.endswith(_SUFFIX):
+                entries.append((info.st_mtime, info.st_size, item.name))
     total = sum(size for _, size, _ in entries)
-    for _, size, path in sorted(entries):
+    for _, size, name in sorted(entries):
         if total <= MAX_BYTES:
             break
-        if path != keep:
-            path.unlink(missing_ok=True)
-            path.with_suffix(".lock").unlink(missing_ok=True)
+        if name != keep:
+            for victim in (name, name + ".lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(victim, dir_fd=dir_fd)
             total -= size

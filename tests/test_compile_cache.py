@@ -139,10 +139,57 @@ def test_a_directory_others_could_write_is_refused(tmp_path, monkeypatch, proble
             if os.getuid() != 0:
                 pytest.skip("giving a directory to another user needs root")
             os.chown(directory, 65534, 65534)
-        match = "must be this user's"
+        match = "no one but this user"
     monkeypatch.setenv(compile_cache.ENV, str(directory))
     with SecureSession("spu") as session, pytest.raises(CompileCacheError, match=match):
         session.compile(_silu_twice, np.ones(4, np.float32))
+
+
+def test_a_directory_above_that_others_could_write_is_refused_unless_sticky(tmp_path, monkeypatch):
+    """Whoever can write a directory above the cache can swap the cache for one of its own between a check and a use
+    (an independent review did, with RENAME_EXCHANGE in a loop): every directory above must be root's or this user's
+    and closed to others, or sticky (as /tmp); what is missing is made 0700."""
+    above = tmp_path / "open"
+    above.mkdir()
+    above.chmod(0o777)
+    monkeypatch.setenv(compile_cache.ENV, str(above / "a" / "b"))
+    with SecureSession("spu") as session, pytest.raises(CompileCacheError, match=f"{above} is owned by uid"):
+        session.compile(_silu_twice, np.ones(4, np.float32))
+    above.chmod(0o1777)  # sticky: others cannot rename or remove what is not theirs
+    with SecureSession("spu") as session:
+        session.compile(_silu_twice, np.ones(4, np.float32))
+    assert all((above / d).stat().st_mode & 0o777 == 0o700 for d in ("a", "a/b"))
+
+
+def test_an_entry_that_is_not_a_regular_file_of_this_users_is_refused(cache):
+    directory, _ = cache
+    x = np.ones(4, np.float32)
+    with SecureSession("spu") as session:
+        session.compile(_silu_twice, x)
+    (entry,) = directory.glob("*.spu")
+    elsewhere = directory.parent / "elsewhere.spu"
+    entry.rename(elsewhere)
+    entry.symlink_to(elsewhere)
+    with SecureSession("spu") as session, pytest.raises(CompileCacheError, match="cannot be opened as a file"):
+        session.compile(_silu_twice, x)
+    entry.unlink()
+    elsewhere.rename(entry)
+    entry.chmod(0o666)
+    with SecureSession("spu") as session, pytest.raises(CompileCacheError, match="not a regular file of this user's"):
+        session.compile(_silu_twice, x)
+
+
+def test_a_cache_that_cannot_store_returns_the_compile_with_a_warning(cache, monkeypatch):
+    """A full disk or a read-only directory costs the time the cache would have saved, never the compile."""
+    directory, compiles = cache
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compile_cache, "_write", full_disk)
+    with SecureSession("spu") as session, pytest.warns(RuntimeWarning, match="compiled but not stored"):
+        code = session.compile(_silu_twice, np.ones(4, np.float32)).code
+    assert code and len(compiles) == 1 and not list(directory.glob("*.spu"))
 
 
 def test_off_compiles_without_a_cache(tmp_path, monkeypatch):
@@ -175,8 +222,19 @@ def test_processes_compiling_one_input_at_once_compile_it_once(tmp_path, monkeyp
     assert results == [b"code"] * 3 and len(calls) == 1
 
 
+def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert compile_cache.cache_dir() == tmp_path / ".cache" / "cipherdm-spu" / "executables"
+
+
 def test_the_least_recently_used_entries_go_beyond_the_limit(tmp_path, monkeypatch):
+    """And temporary files that a writer killed mid-write left behind, once they are old."""
     monkeypatch.setenv(compile_cache.ENV, str(tmp_path))
+    (tmp_path / ".writing-1-dead").write_bytes(b"x" * 100)
+    os.utime(tmp_path / ".writing-1-dead", (0, 0))
+    (tmp_path / ".writing-2-busy").write_bytes(b"x" * 100)  # a writer at work
     monkeypatch.setattr(compile_cache, "MAX_BYTES", 2500)
     options = libspu.CompilerOptions()
     sources = [TINY_HLO.replace("constant(2)", f"constant({i})") for i in range(3)]
@@ -186,13 +244,17 @@ def test_the_least_recently_used_entries_go_beyond_the_limit(tmp_path, monkeypat
         os.utime(entry, (i, i))  # written in order, oldest first
     kept = {p.name for p in tmp_path.glob("*.spu")}
     assert kept == {compile_cache.source_key(s, [], options) + ".spu" for s in sources[1:]}
+    assert not (tmp_path / ".writing-1-dead").exists() and (tmp_path / ".writing-2-busy").exists()
 
 
 def test_the_times_script_reports_a_compile_with_the_cache_empty_and_full(tiny_model, tmp_path):  # noqa: F811
     """scripts/compile_cache_times.py on a tiny model: both compiles give the same executable (the script checks
-    it), and the report has the command."""
+    it), two jobs run on a loopback cluster, and the report has the command."""
     out = tmp_path / "report" / "compile_cache"
     assert load_script("compile_cache_times").main(["--sets", "spu", "--model", str(tiny_model), "--out", str(out)]) == 0
-    row = json.loads(out.with_suffix(".json").read_text())["rows"]["spu"]
+    result = json.loads(out.with_suffix(".json").read_text())
+    row, jobs = result["rows"]["spu"], result["cluster"]["spu"]
     assert row["empty_cache_s"] > 0 and row["full_cache_s"] > 0 and row["executable_bytes"] > 0
-    assert "Command: `python scripts/compile_cache_times.py --sets spu" in out.with_suffix(".md").read_text()
+    assert jobs["first_job_s"] > 0 and jobs["second_job_s"] > 0 and len(jobs["step_run_s"]) == 2
+    markdown = out.with_suffix(".md").read_text()
+    assert "Command: `python scripts/compile_cache_times.py --sets spu" in markdown and "| `spu` |" in markdown
