@@ -9,20 +9,23 @@ what is compiled; with the inputs' visibilities, the compiler options and the ve
 docs/results/compile_cache.md measures what it saves.
 
 Trust: an entry is code that will run on secret shares, so no one but this user (and root) may be able to change
-the directory or any directory above it, as ssh demands of its keys' folders: the directory must be this user's and
-writable by no one else, every directory above it root's or this user's and writable by no one else unless sticky
-(as /tmp), and every entry a regular file of this user's; anything else is refused. Missing directories are made
-0700. The directory is opened once, after its path is resolved and checked, and every entry, lock and temporary
-file is reached through that open directory, never through a path that could be swapped afterwards. Each entry
-carries the digest of its code; one that does not match (a torn or damaged file) is discarded and compiled again.
-What is read back is checked exactly as a fresh compile is (a party's audit of the IR, the parties' agreement on
-the executable's digest).
+the directory, an entry, or any directory or symlink on its path, as ssh demands of its keys' folders: the directory
+must be this user's and writable by no one else, every directory on its path root's or this user's and writable by
+no one else unless sticky (as /tmp), every symlink on it root's or this user's, and every entry a regular file of
+this user's with mode 600, as entries are written; anything else is refused. The path is walked from / one component
+at a time through open directories, each checked before anything is made in it (missing directories are made 0700),
+and entries, locks and temporary files are reached through the open directory: nothing can be swapped between a
+check and a use (two independent reviews attacked it: a world-writable parent swapped in a loop, another user's
+symlink on the path). Each entry carries the digest of its code; one that does not match (a torn or damaged file) is
+discarded and compiled again. What is read back is checked exactly as a fresh compile is (a party's audit of the IR,
+the parties' agreement on the executable's digest), though a planted program whose outputs stay secret would pass
+the audit: the directory's checks are the defence.
 
 ``$CIPHERDM_COMPILE_CACHE`` names the directory, or ``off`` turns the cache off; by default it is
 ``$XDG_CACHE_HOME/cipherdm-spu/executables`` (``~/.cache/...``). Processes compiling the same input at once (the
 parties of a cluster on one machine) take turns on a lock per entry, so one compiles and the others read. A cache
-that cannot store (a full disk, a read-only directory) costs only the time it would have saved: the compile's
-result is returned and a warning says why it was not kept.
+that cannot be made or store (no home, a full disk, a read-only directory) costs only the time it would have saved:
+the compile's result is returned and a warning says why it was not kept.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def cache_dir() -> Optional[Path]:
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):  # the XDG spec: a relative value is ignored
         base = str(Path.home() / ".cache")
-    return Path(base) / "cipherdm-spu" / "executables"
+    return Path(os.path.abspath(Path(base) / "cipherdm-spu" / "executables"))
 
 
 def canonical_hlo(hlo_module_proto: bytes) -> str:
@@ -111,70 +114,128 @@ def compiled(hlo: str, visibility: Sequence[libspu.Visibility], copts: libspu.Co
     if directory is None:
         return compile_now()
     name = source_key(hlo, visibility, copts) + _SUFFIX
-    with _private_directory(directory) as dir_fd:
-        code = _read(dir_fd, name, directory)
-        if code is not None:
-            return code
-        try:
-            turn = _turn(dir_fd, name + ".lock")
-        except OSError as e:
-            return _unstored(compile_now(), directory, e)
-        with turn:
-            code = _read(dir_fd, name, directory)  # compiled by the process whose turn it was
-            if code is None:
+    try:
+        with _private_directory(directory) as dir_fd:
+            code = _read(dir_fd, name, directory)
+            if code is not None:
+                return code
+            try:
+                turn = _turn(dir_fd, name + ".lock")
+            except OSError as e:
+                return _unstored(compile_now(), directory, e)
+            with turn:
+                code = _read(dir_fd, name, directory)  # compiled by the process whose turn it was
+                if code is not None:
+                    return code
                 code = compile_now()
                 try:
                     _write(dir_fd, name, code)
-                    _evict(dir_fd, keep=name)
                 except OSError as e:
                     return _unstored(code, directory, e)
+                try:
+                    _evict(dir_fd, keep=name)
+                except OSError as e:
+                    return _unstored(code, directory, e, "stored, but older entries were not removed")
+                return code
+    except _Unusable as e:
+        return _unstored(compile_now(), directory, e.__cause__ or e, "compiled without the cache, which is unusable")
+
+
+def _unstored(code: bytes, directory: Path, error: OSError, what: str = "compiled but not stored") -> bytes:
+    warnings.warn(f"compile cache {directory}: the executable was {what} ({error})", RuntimeWarning, stacklevel=3)
     return code
 
 
-def _unstored(code: bytes, directory: Path, error: OSError) -> bytes:
-    warnings.warn(f"compile cache {directory}: the executable was compiled but not stored ({error})", RuntimeWarning,
-                  stacklevel=3)
-    return code
+class _Unusable(Exception):
+    """The directory cannot be made or reached (no home, a read-only disk): the compile goes on without a cache."""
 
 
 def _refuse(directory: Path, what: str) -> CompileCacheError:
     return CompileCacheError(
-        f"compile cache {directory}: {what}; its executables run on secret shares, so no one but this user "
-        f"(uid {os.getuid()}) and root may be able to change it or a directory above it (chmod 700 it, or set {ENV} "
-        "to another directory, or to off)")
+        f"compile cache {directory}: {what}. Its executables run on secret shares, so no one but this user "
+        f"(uid {os.getuid()}) and root may be able to change it, an entry in it or a directory on its path; "
+        f"set {ENV} to another directory, or to off")
+
+
+def _check_directory(fd: int, where: str, directory: Path, final: bool) -> None:
+    """A directory on the cache's path (``final``: the cache itself) that only this user and root can change."""
+    info = os.fstat(fd)
+    writable_by_others = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if final:
+        if info.st_uid != os.getuid():
+            raise _refuse(directory, f"it is owned by uid {info.st_uid}, not this user")
+        if writable_by_others:
+            raise _refuse(directory, f"its mode {stat.S_IMODE(info.st_mode):o} lets others write it (chmod 700 it)")
+    elif info.st_uid not in (0, os.getuid()):
+        raise _refuse(directory, f"{where} on its path is owned by uid {info.st_uid}")
+    elif writable_by_others and not info.st_mode & stat.S_ISVTX:
+        raise _refuse(directory, f"{where} on its path has mode {stat.S_IMODE(info.st_mode):o}: others may write it "
+                                 "and it is not sticky")
+
+
+def _open_checked(directory: Path) -> int:
+    """``directory`` opened, walked from / one component at a time through open directories (so nothing on the path
+    can be swapped between a check and a use), each checked (`_check_directory`) before anything is made in it;
+    missing directories made 0700; symlinks followed only where root or this user owns them."""
+    def open_dir(name: str, at: Optional[int]) -> int:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | _FILE_FLAGS, dir_fd=at)
+
+    pending = list(reversed(directory.parts[1:]))
+    fd, where, hops = open_dir("/", None), "/", 0
+    try:
+        _check_directory(fd, where, directory, final=False)
+        while pending:
+            part = pending.pop()
+            if part in ("", "."):
+                continue
+            try:
+                info = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(part, 0o700, dir_fd=fd)  # in a directory only this user and root can change
+                except FileExistsError:
+                    pass
+                except OSError as e:
+                    raise _Unusable(e) from e
+                info = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            where = f"{where.rstrip('/')}/{part}"
+            if stat.S_ISLNK(info.st_mode):
+                if info.st_uid not in (0, os.getuid()):
+                    raise _refuse(directory, f"{where} on its path is a symlink owned by uid {info.st_uid}")
+                hops += 1
+                if hops > 40:
+                    raise _refuse(directory, "its path has a loop of symlinks")
+                target = os.readlink(part, dir_fd=fd)
+                where = where.rsplit("/", 1)[0] or "/"  # a relative target goes on from the link's directory
+                if os.path.isabs(target):
+                    os.close(fd)
+                    fd, where = open_dir("/", None), "/"
+                pending.extend(reversed([p for p in Path(target).parts if p != "/"]))
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                raise CompileCacheError(f"compile cache {directory}: {where} is not a directory; set {ENV} to a "
+                                        "directory, or to off")
+            inner = open_dir(part, fd)
+            os.close(fd)
+            fd = inner
+            _check_directory(fd, where, directory, final=False)
+        _check_directory(fd, where, directory, final=True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @contextlib.contextmanager
 def _private_directory(directory: Path) -> Iterator[int]:
-    """``directory`` opened (its descriptor), once it and every directory above it passed the checks in the module's
-    docstring; missing directories are made 0700."""
+    """The cache directory's descriptor (`_open_checked`), closed after the block."""
     try:
-        missing = []
-        path = directory
-        while not os.path.lexists(path):
-            missing.append(path)
-            path = path.parent
-        for path in reversed(missing):
-            try:
-                os.mkdir(path, 0o700)
-            except FileExistsError:
-                pass
-        real = Path(os.path.realpath(directory))
-        for above in reversed(real.parents):
-            info = os.stat(above)
-            if info.st_uid not in (0, os.getuid()) or (
-                    info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX):
-                raise _refuse(directory, f"{above} is owned by uid {info.st_uid} with mode "
-                                         f"{stat.S_IMODE(info.st_mode):o}")
-        if not real.is_dir():
-            raise CompileCacheError(f"compile cache {directory} is not a directory; set {ENV} to one, or to off")
-        fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | _FILE_FLAGS)
-    except OSError as e:
-        raise CompileCacheError(f"compile cache {directory}: {e}; set {ENV}=off to compile without one") from e
+        fd = _open_checked(directory)
+    except (CompileCacheError, _Unusable):
+        raise
+    except OSError as e:  # an unreadable directory on the path, ...
+        raise _Unusable(e) from e
     try:
-        info = os.fstat(fd)
-        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise _refuse(directory, f"it is owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}")
         yield fd
     finally:
         os.close(fd)
@@ -182,17 +243,18 @@ def _private_directory(directory: Path) -> Iterator[int]:
 
 def _read(dir_fd: int, name: str, directory: Path) -> Optional[bytes]:
     """The entry's code, or None when there is none; a damaged entry (its digest does not match) is removed, and one
-    that is not a regular file of this user's alone is refused."""
+    that is not a regular file of this user's with mode 600 (as `_write` makes them) is refused."""
     try:
-        fd = os.open(name, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _FILE_FLAGS, dir_fd=dir_fd)  # a FIFO must not block
     except FileNotFoundError:
         return None
     except OSError as e:  # a symlink (ELOOP), unreadable, ...
         raise _refuse(directory, f"entry {name} cannot be opened as a file ({e})") from e
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise _refuse(directory, f"entry {name} is not a regular file of this user's alone")
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) != 0o600:
+            raise _refuse(directory, f"entry {name} is not a regular file of this user's with mode 600, as entries "
+                                     "are written")
         data = f.read()
     header, _, code = data.partition(b"\n")
     if not header.startswith(_HEADER) or header[len(_HEADER):].decode("ascii", "replace") != hashlib.sha256(code).hexdigest():
@@ -225,7 +287,10 @@ class _turn:
 
     def __init__(self, dir_fd: int, name: str):
         self.name = name
-        self.fd = os.open(name, os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600, dir_fd=dir_fd)
+        self.fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | _FILE_FLAGS, 0o600, dir_fd=dir_fd)
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            raise OSError(f"the lock {name} is not a regular file")
 
     def __enter__(self):
         started = time.monotonic()
@@ -256,10 +321,10 @@ def _evict(dir_fd: int, keep: str) -> None:
         for item in listing:
             try:
                 info = item.stat(follow_symlinks=False)
-            except FileNotFoundError:
+            except OSError:
                 continue
             if item.name.startswith(_WRITING) and now - info.st_mtime > STALE_WRITE_S:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(item.name, dir_fd=dir_fd)
             elif item.name.endswith(_SUFFIX):
                 entries.append((info.st_mtime, info.st_size, item.name))
@@ -269,6 +334,6 @@ def _evict(dir_fd: int, keep: str) -> None:
             break
         if name != keep:
             for victim in (name, name + ".lock"):
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(victim, dir_fd=dir_fd)
             total -= size

@@ -153,12 +153,40 @@ def test_a_directory_above_that_others_could_write_is_refused_unless_sticky(tmp_
     above.mkdir()
     above.chmod(0o777)
     monkeypatch.setenv(compile_cache.ENV, str(above / "a" / "b"))
-    with SecureSession("spu") as session, pytest.raises(CompileCacheError, match=f"{above} is owned by uid"):
+    with SecureSession("spu") as session, pytest.raises(CompileCacheError, match=f"{above} on its path has mode 777"):
         session.compile(_silu_twice, np.ones(4, np.float32))
     above.chmod(0o1777)  # sticky: others cannot rename or remove what is not theirs
     with SecureSession("spu") as session:
         session.compile(_silu_twice, np.ones(4, np.float32))
     assert all((above / d).stat().st_mode & 0o777 == 0o700 for d in ("a", "a/b"))
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="a symlink of another user's needs root to make")
+def test_a_symlink_of_another_users_on_the_path_is_refused(tmp_path, monkeypatch):
+    """A reviewer's bypass of the check above: another user's symlink, in a directory where it may make one (sticky),
+    pointing at a directory of this user's. The path is walked one component at a time, and a symlink is followed
+    only where root or this user owns it."""
+    sticky, mine = tmp_path / "sticky", tmp_path / "mine"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    mine.mkdir(mode=0o700)
+    (sticky / "theirs").symlink_to(mine)
+    os.lchown(sticky / "theirs", 65534, 65534)
+    (sticky / "ours").symlink_to(mine)
+    monkeypatch.setenv(compile_cache.ENV, str(sticky / "theirs"))
+    with SecureSession("spu") as session, pytest.raises(CompileCacheError, match="is a symlink owned by uid 65534"):
+        session.compile(_silu_twice, np.ones(4, np.float32))
+    monkeypatch.setenv(compile_cache.ENV, str(sticky / "ours" / "cache"))
+    with SecureSession("spu") as session:
+        session.compile(_silu_twice, np.ones(4, np.float32))
+    assert len(list((mine / "cache").glob("*.spu"))) == 1
+
+
+def test_a_cache_that_cannot_be_made_compiles_without_it(monkeypatch):
+    """No home, a read-only disk: a warning and the compile (here a directory /proc cannot hold)."""
+    monkeypatch.setenv(compile_cache.ENV, "/proc/cipherdm-compile-cache")
+    with SecureSession("spu") as session, pytest.warns(RuntimeWarning, match="compiled without the cache"):
+        assert session.compile(_silu_twice, np.ones(4, np.float32)).code
 
 
 def test_an_entry_that_is_not_a_regular_file_of_this_users_is_refused(cache):
@@ -174,7 +202,11 @@ def test_an_entry_that_is_not_a_regular_file_of_this_users_is_refused(cache):
         session.compile(_silu_twice, x)
     entry.unlink()
     elsewhere.rename(entry)
-    entry.chmod(0o666)
+    entry.chmod(0o644)
+    with SecureSession("spu") as session, pytest.raises(CompileCacheError, match="not a regular file of this user's"):
+        session.compile(_silu_twice, x)
+    entry.unlink()
+    os.mkfifo(entry, 0o600)  # a FIFO: opening it must not wait for a writer
     with SecureSession("spu") as session, pytest.raises(CompileCacheError, match="not a regular file of this user's"):
         session.compile(_silu_twice, x)
 
