@@ -34,7 +34,8 @@ class InputError(ValueError):
 
 
 class CompileCacheError(ValueError):
-    """The compile cache's directory cannot be used, or is not this user's alone (`compile_cache`)."""
+    """The compile cache's directory, an entry, or something on its path could be changed by someone other than this
+    user and root, or is not a directory (`compile_cache`)."""
 
 
 class ClusterConfigError(ValueError):

@@ -45,11 +45,11 @@ import numpy as np
 import spu
 import spu.libspu as libspu
 
-from . import ir_audit, messages, share_wire, spu_config
+from . import compile_cache, ir_audit, messages, share_wire, spu_config
 from ._version import __version__
 from .cluster_config import ClusterConfig, PartyConfig, split_address
 from .compiler_process import CompilerProcess, die_with_parent
-from .errors import PartyError
+from .errors import CompileCacheError, PartyError
 from .link_front import LinkFront
 from .messages import METHODS, POLL_S
 from .pki import peer_identity, shares_a_key
@@ -498,6 +498,10 @@ class PartyService:
                 raise ValueError(refusal)
             program = self.compiler.run(COMPILE_S, COMPILE_S, self.catalog.program, model.manifest, terms.canonical,
                                         self.cluster.fraction_bits, abandoned=abandoned)
+        except CompileCacheError as e:  # the party's own setup, not the job: its details stay in the party's log
+            log.error("party %s: %s", self.party.id, e)
+            raise PartyError(f"party {self.party.id} cannot compile: its compile cache is refused (its log says why)") \
+                from None
         except ValueError as e:
             raise PartyError(f"party {self.party.id} refuses the job: {e}") from None
         try:
@@ -1175,6 +1179,10 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
     if shares_a_key(party.tls.trusted_ca, party.client_ca):
         raise PartyError(f"party {party.id}: the client CA {party.client_ca} is the party CA {party.tls.trusted_ca} "
                          "(one CA would let a client join the parties' SPU link)")
+    try:
+        compile_cache.check_directory()
+    except CompileCacheError as e:
+        raise PartyError(f"party {party.id}: {e}") from None
     check_port_free(party.spu_address, f"party {party.id}: SPU link address")
     check_port_free(party.control_address, f"party {party.id}: control address")
     service = PartyService(cluster, party, catalog, private_log_file(log_dir, f"spu-{party.id}.log"), share_memory)

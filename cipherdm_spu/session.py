@@ -168,14 +168,16 @@ def compile_function(fn: Callable, in_tree, specs, protocol_set: registry.Protoc
     flat_fn.__name__ = getattr(fn, "__name__", type(fn).__name__)
     abstract = [jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for shape, dtype, _ in specs]
     try:
+        # SPU 0.9.5's frontend (pinned in setup.cfg): its private lock, lax.sort patch and lowering, as its `compile`
+        # uses them
         with registry.fixed_point(fraction_bits), spu_fe._jax_lock:
             patches = spu_fe._patch_jax()  # SPU's fix of lax.sort for fixed point, process-wide while it lowers
             try:
                 hlo, out_info = spu_fe._jax_compilation(flat_fn, (), None, abstract, {})
             finally:
                 spu_fe._restore_jax_patch(patches)
-        code = compile_cache.compiled(compile_cache.canonical_hlo(hlo), [_VIS[vis] for _, _, vis in specs],
-                                      spu_config.compiler_options(protocol_set.compiler))
+        code = compile_cache.executable(compile_cache.canonical_hlo(hlo), [_VIS[vis] for _, _, vis in specs],
+                                        spu_config.compiler_options(protocol_set.compiler))
     except CompileCacheError:
         raise
     except (TypeError, ValueError) as e:

@@ -88,7 +88,7 @@ def test_another_input_to_the_compiler_is_another_entry(cache, change):
         other, arg = SecureSession("cipherdm"), x[:8]
     with other:
         other.compile(_silu_twice, arg)
-    assert len(compiles) == 2 and len(set(compiles)) == 2 and len(list(directory.glob("*.spu"))) == 2
+    assert len(compiles) == 2 and len(list(directory.glob("*.spu"))) == 2  # two keys: two entries
 
 
 def test_a_damaged_entry_is_compiled_again(cache):
@@ -246,7 +246,7 @@ def test_processes_compiling_one_input_at_once_compile_it_once(tmp_path, monkeyp
 
     results = []
     threads = [threading.Thread(target=lambda: results.append(
-        compile_cache.compiled(TINY_HLO, [], libspu.CompilerOptions(), slow_compile))) for _ in range(3)]
+        compile_cache.executable(TINY_HLO, [], libspu.CompilerOptions(), slow_compile))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -261,6 +261,64 @@ def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     assert compile_cache.cache_dir() == tmp_path / ".cache" / "cipherdm-spu" / "executables"
 
 
+def test_a_compile_does_not_wait_for_ever_on_another_processs_lock(tmp_path, monkeypatch):
+    """A stopped process holding an entry's lock delays a compile of the same program by LOCK_WAIT_S at most, with a
+    word after LOCK_NOTICE_S; then it compiles without the lock."""
+    import fcntl
+
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path))
+    monkeypatch.setattr(compile_cache, "LOCK_NOTICE_S", 0.2)
+    monkeypatch.setattr(compile_cache, "LOCK_WAIT_S", 0.6)
+    options = libspu.CompilerOptions()
+    lock = tmp_path / (compile_cache.source_key(TINY_HLO, [], options) + ".spu.lock")
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.warns(RuntimeWarning, match="waiting .* for another process compiling the same program"):
+            assert compile_cache.executable(TINY_HLO, [], options, lambda s, o: b"code") == b"code"
+
+
+def test_without_a_home_the_compile_goes_on_without_a_cache(monkeypatch):
+    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "")
+    with pytest.warns(RuntimeWarning, match="compiled without the cache, which has no home"):
+        assert compile_cache.executable(TINY_HLO, [], libspu.CompilerOptions(), lambda s, o: b"code") == b"code"
+
+
+@pytest.mark.parametrize("protocol", ["spu", "cipherdm"])
+def test_the_canonical_module_compiles_to_what_jaxs_own_module_does(protocol, monkeypatch):
+    """SPU compiles the module parsed back from the canonical text: the same executable bytes as SPU's frontend
+    compiling JAX's module, on a program with every op (a -0.0 constant would differ: written 0, the same in fixed
+    point)."""
+    import jax
+    from spu.utils import frontend as spu_fe
+
+    from cipherdm_spu import registry, spu_config
+    from cipherdm_spu.session import _VIS, compile_function
+
+    monkeypatch.setenv(compile_cache.ENV, "off")
+    pset = registry.protocol_set(protocol)
+
+    def every_op(x, v):
+        h = ops.silu(x) + ops.mish(x) + ops.gelu(x) + ops.sigmoid(x) + ops.exp(-jnp.abs(x))
+        return ops.softmax(h, axis=-1) + ops.rsqrt(h * h + 1.0) + ops.softmax(x, axis=-1, values=v)
+
+    specs = (((4, 8), "float32", "secret"), ((8, 8), "float32", "secret"))
+    in_tree = jax.tree_util.tree_structure((0, 0))
+    ours = compile_function(every_op, in_tree, specs, pset, 18).code
+
+    def flat(*args):
+        with registry.use_protocol(pset):
+            return every_op(*args)
+
+    flat.__name__ = every_op.__name__  # the module's name, in the executable
+    with registry.fixed_point(18):  # as compile_function lowers: the kernels' lowering reads it
+        theirs, _ = spu_fe.compile(spu_fe.Kind.JAX, flat, [jax.ShapeDtypeStruct(s, np.float32) for s, _, _ in specs],
+                                   {}, ["in0", "in1"], [_VIS[v] for _, _, v in specs], lambda outs: ["out0"],
+                                   copts=spu_config.compiler_options(pset.compiler))
+    assert ours == theirs.code
+
+
 def test_the_least_recently_used_entries_go_beyond_the_limit(tmp_path, monkeypatch):
     """And temporary files that a writer killed mid-write left behind, once they are old."""
     monkeypatch.setenv(compile_cache.ENV, str(tmp_path))
@@ -271,7 +329,7 @@ def test_the_least_recently_used_entries_go_beyond_the_limit(tmp_path, monkeypat
     options = libspu.CompilerOptions()
     sources = [TINY_HLO.replace("constant(2)", f"constant({i})") for i in range(3)]
     for i, source in enumerate(sources):
-        compile_cache.compiled(source, [], options, lambda s, o: b"x" * 1000)
+        compile_cache.executable(source, [], options, lambda s, o: b"x" * 1000)
         entry = tmp_path / (compile_cache.source_key(source, [], options) + ".spu")
         os.utime(entry, (i, i))  # written in order, oldest first
     kept = {p.name for p in tmp_path.glob("*.spu")}

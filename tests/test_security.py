@@ -627,6 +627,27 @@ def test_a_party_refuses_a_program_that_reveals(tmp_path):
         assert service.session is None
 
 
+def test_a_refused_compile_cache_is_the_partys_fault_and_its_details_stay_in_its_log(tmp_path, caplog):
+    """A party whose compile cache is refused (`compile_cache`: others could change it) tells the user it cannot
+    compile, not that the job is refused, and keeps the cache's path and uid in its own log (a review: they reached
+    the user)."""
+    from cipherdm_spu.errors import CompileCacheError
+
+    class BadCacheCatalog(_Catalog):
+        def program(self, manifest, job, fraction_bits):
+            raise CompileCacheError("compile cache /home/operator/.cache/x: it is owned by uid 1234, not this user")
+
+    with _party_in_process(tmp_path, BadCacheCatalog()) as service:
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+        service.model_seal(OWNER, ModelRef("m"))
+        with caplog.at_level(logging.ERROR, logger="cipherdm_spu.party"), \
+                pytest.raises(PartyError, match="cannot compile: its compile cache is refused") as refused:
+            for _ in range(10):
+                if service.session_open(_user("user"), SessionOpen("s", "m", "{}", "owner")).state == "done":
+                    break
+        assert "/home/operator" not in str(refused.value) and "uid 1234" in caplog.text
+
+
 def test_a_sessions_inputs_count_against_the_share_memory_budget(tmp_path):
     """A user's shares are held beside the models': a job whose inputs need more share memory than is left of the
     party's budget is refused once compiled, before any input arrives (an independent review: uncounted, a job of
