@@ -21,8 +21,8 @@ from typing import Callable, Optional
 import numpy as np
 from tqdm import tqdm
 
-from . import cluster_config, registry
-from .errors import ClusterConfigError, ClusterError, InputError, ProtocolError, SessionError, UsageError
+from . import cluster_config, private_dir, registry
+from .errors import ClusterConfigError, ClusterError, InputError, PrivatePathError, ProtocolError, SessionError, UsageError
 from .plan import NAME
 from .registry import available_protocol_sets
 from .sampling import SecureDiffusion, is_text_conditional, one_hot
@@ -216,12 +216,18 @@ def load_model_dir(path: Path):
 
 
 def private_output_dir(path: Path) -> Path:
-    """The output folder, created 0700; an existing one of ours is made 0700, anyone else's refused."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise UsageError(f"--out {path} must be a folder of this user's (not a link)")
-    os.chmod(path, 0o700)
+    """The output folder, made 0700 (missing folders above it too) and this user's alone: no one else may be able to
+    change it or anything on its path (`private_dir`), since the image is written into it by path. An existing folder
+    of this user's is made 0700, so that others cannot list it either."""
+    path = Path(path).absolute()
+    try:
+        with private_dir.opened_folder(path) as folder:
+            os.fchmod(folder, 0o700)
+    except PrivatePathError as e:
+        raise UsageError(f"--out {path}: {e}; the image is the user's alone, so no one but this user (uid "
+                         f"{os.getuid()}) and root may be able to change the folder or a folder on its path") from None
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot make or open the folder ({e})") from None
     return path
 
 

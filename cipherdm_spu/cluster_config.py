@@ -27,8 +27,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from . import spu_config
-from .errors import ClusterConfigError
+from . import private_dir, spu_config
+from .errors import ClusterConfigError, PrivatePathError
 from .plan import NAME
 
 #: the protocols a cluster runs: ABY3's replicated shares (party i holds components i and i+1), which the parties'
@@ -60,12 +60,18 @@ class Credentials:
     key: str
 
     def check_files(self, who: str, elsewhere: str = "") -> None:
-        """Refuse, naming the file, where one is missing or the key is readable by others (checked on the
-        host that uses them); ``elsewhere`` says how to pick another identity."""
+        """Refuse, naming the file, where one is missing, could be changed by someone other than this user and root
+        (it or anything on its path: `private_dir.check_file`), or is a key readable by others (checked on the host
+        that uses them); ``elsewhere`` says how to pick another identity."""
         for what, value in dataclasses.asdict(self).items():
             if not Path(value).is_file():
                 raise ClusterConfigError(f"{who}: TLS {what} file {value} does not exist (make them with `spu-launch "
                                          f"certs`{elsewhere})")
+            try:
+                private_dir.check_file(Path(value).absolute())
+            except PrivatePathError as e:
+                raise ClusterConfigError(f"{who}: TLS {what} file {value}: {e}; whoever could change it or a folder on "
+                                         "its path could let itself in, so only this user and root may") from None
         if Path(self.key).stat().st_mode & 0o077:
             raise ClusterConfigError(f"{who}: the key {self.key} is readable by others; chmod 600 it")
 

@@ -9,16 +9,12 @@ inputs' visibilities, the compiler options and the versions of SPU and jaxlib) d
 docs/results/compile_cache.md measures what it saves.
 
 Trust: an entry is code that will run on secret shares, so no one but this user (and root) may be able to change
-the directory, an entry, or any directory or symlink on its path, as ssh demands of its keys' folders: the directory
-must be this user's and writable by no one else, every directory on its path root's or this user's and writable by
-no one else unless sticky (as /tmp), every symlink on it root's or this user's, and every entry a regular file of
-this user's with mode 600, as entries are written; anything else is refused. The path is walked from / one component
-at a time through open directories, each checked before anything is made in it (missing directories are made 0700),
-and entries, locks and temporary files are reached through the open directory: nothing can be swapped between a
-check and a use (two independent reviews attacked it: a world-writable parent swapped in a loop, another user's
-symlink on the path). Each entry carries the digest of its code; one that does not match (a torn or damaged file) is
-discarded and compiled again. What is read back is checked exactly as a fresh compile is (a party's audit of the IR,
-the parties' agreement on the executable's digest), though a planted program whose outputs stay secret would pass
+the directory, an entry, or anything on its path: the directory is opened through `private_dir` (its whole path
+walked and checked from /, missing directories made 0700), and entries, locks and temporary files are reached
+through its descriptor; every entry must be a regular file of this user's with mode 600, as entries are written, and
+anything else is refused. Each entry carries the digest of its code; one that does not match (a torn or damaged file)
+is discarded and compiled again. What is read back is checked exactly as a fresh compile is (a party's audit of the
+IR, the parties' agreement on the executable's digest), though a planted program whose outputs stay secret would pass
 the audit: the directory's checks are the defence.
 
 ``$CIPHERDM_COMPILE_CACHE`` names the directory, or ``off`` turns the cache off; by default it is
@@ -47,7 +43,8 @@ import spu
 import spu.libspu as libspu
 from jaxlib import xla_extension
 
-from .errors import CompileCacheError
+from . import private_dir
+from .errors import CompileCacheError, PrivatePathError
 
 ENV = "CIPHERDM_COMPILE_CACHE"
 #: the entries kept, in bytes: beyond it the least recently used are removed after a write
@@ -188,82 +185,14 @@ def _refuse(directory: Path, what: str) -> CompileCacheError:
         f"set {ENV} to another directory, or to off")
 
 
-def _check_directory(fd: int, where: str, directory: Path, final: bool) -> None:
-    """A directory on the cache's path (``final``: the cache itself) that only this user and root can change."""
-    info = os.fstat(fd)
-    writable_by_others = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    if final:
-        if info.st_uid != os.getuid():
-            raise _refuse(directory, f"it is owned by uid {info.st_uid}, not this user")
-        if writable_by_others:
-            raise _refuse(directory, f"its mode {stat.S_IMODE(info.st_mode):o} lets others write it (chmod 700 it)")
-    elif info.st_uid not in (0, os.getuid()):
-        raise _refuse(directory, f"{where} on its path is owned by uid {info.st_uid}")
-    elif writable_by_others and not info.st_mode & stat.S_ISVTX:
-        raise _refuse(directory, f"{where} on its path has mode {stat.S_IMODE(info.st_mode):o}: others may write it "
-                                 "and it is not sticky")
-
-
-def _open_checked(directory: Path) -> int:
-    """``directory`` opened, walked from / one component at a time through open directories (so nothing on the path
-    can be swapped between a check and a use), each checked (`_check_directory`) before anything is made in it;
-    missing directories made 0700; symlinks followed only where root or this user owns them."""
-    def open_dir(name: str, at: Optional[int]) -> int:
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | _NO_FOLLOW, dir_fd=at)
-
-    pending = list(reversed(directory.parts[1:]))
-    fd, where, hops = open_dir("/", None), "/", 0
-    try:
-        _check_directory(fd, where, directory, final=False)
-        while pending:
-            part = pending.pop()
-            if part in ("", "."):
-                continue
-            try:
-                info = os.stat(part, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                try:
-                    os.mkdir(part, 0o700, dir_fd=fd)  # in a directory only this user and root can change
-                except FileExistsError:
-                    pass
-                except OSError as e:
-                    raise _Unusable(e) from e
-                info = os.stat(part, dir_fd=fd, follow_symlinks=False)
-            where = f"{where.rstrip('/')}/{part}"
-            if stat.S_ISLNK(info.st_mode):
-                if info.st_uid not in (0, os.getuid()):
-                    raise _refuse(directory, f"{where} on its path is a symlink owned by uid {info.st_uid}")
-                hops += 1
-                if hops > 40:
-                    raise _refuse(directory, "its path has a loop of symlinks")
-                target = os.readlink(part, dir_fd=fd)
-                where = where.rsplit("/", 1)[0] or "/"  # a relative target goes on from the link's directory
-                if os.path.isabs(target):
-                    root = open_dir("/", None)
-                    os.close(fd)
-                    fd, where = root, "/"
-                pending.extend(reversed([p for p in Path(target).parts if p != "/"]))
-                continue
-            if not stat.S_ISDIR(info.st_mode):
-                raise CompileCacheError(f"compile cache {directory}: {where} is not a directory; set {ENV} to a "
-                                        "directory, or to off")
-            inner = open_dir(part, fd)
-            os.close(fd)
-            fd = inner
-            _check_directory(fd, where, directory, final=False)
-        _check_directory(fd, where, directory, final=True)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 @contextlib.contextmanager
 def _private_directory(directory: Path) -> Iterator[int]:
-    """The cache directory's descriptor (`_open_checked`), closed after the block."""
+    """The cache directory's descriptor (`private_dir.open_folder`), closed after the block."""
     try:
-        fd = _open_checked(directory)
-    except OSError as e:  # an unreadable directory on the path, too many open files, ...
+        fd = private_dir.open_folder(directory)
+    except PrivatePathError as e:
+        raise _refuse(directory, str(e)) from None
+    except OSError as e:  # no home, a read-only disk, an unreadable directory on the path, too many open files, ...
         raise _Unusable(e) from e
     try:
         yield fd

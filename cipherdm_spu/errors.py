@@ -33,6 +33,11 @@ class InputError(ValueError):
     """An input was refused before anything was shared: NaN/inf, an unsupported dtype, untraceable (`session`)."""
 
 
+class PrivatePathError(ValueError):
+    """A folder or file that someone other than this user and root could change, through it or its path, or that is
+    not what it should be (a directory, a regular file) (`private_dir`)."""
+
+
 class CompileCacheError(ValueError):
     """The compile cache's directory, an entry, or something on its path could be changed by someone other than this
     user and root, or is not a directory (`compile_cache`)."""

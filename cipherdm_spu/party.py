@@ -45,11 +45,11 @@ import numpy as np
 import spu
 import spu.libspu as libspu
 
-from . import compile_cache, ir_audit, messages, share_wire, spu_config
+from . import compile_cache, ir_audit, messages, private_dir, share_wire, spu_config
 from ._version import __version__
 from .cluster_config import ClusterConfig, PartyConfig, split_address
 from .compiler_process import CompilerProcess, die_with_parent
-from .errors import CompileCacheError, PartyError
+from .errors import CompileCacheError, PartyError, PrivatePathError
 from .link_front import LinkFront
 from .messages import METHODS, POLL_S
 from .pki import peer_identity, shares_a_key
@@ -1176,6 +1176,11 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
     party.tls.check_files(f"party {party.id}")
     if not Path(party.client_ca).is_file():
         raise PartyError(f"party {party.id}: the client CA file {party.client_ca} does not exist")
+    try:
+        private_dir.check_file(Path(party.client_ca).absolute())
+    except PrivatePathError as e:  # whoever could swap it could let in clients of its own
+        raise PartyError(f"party {party.id}: the client CA file {party.client_ca}: {e}; only this user and root may "
+                         "be able to change it or a folder on its path") from None
     if shares_a_key(party.tls.trusted_ca, party.client_ca):
         raise PartyError(f"party {party.id}: the client CA {party.client_ca} is the party CA {party.tls.trusted_ca} "
                          "(one CA would let a client join the parties' SPU link)")
@@ -1211,17 +1216,20 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
 
 
 def private_log_file(log_dir: Path, name: str) -> Path:
-    """``log_dir/name``, created 0600 in a folder of this user's that no one else can write into."""
-    log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = os.lstat(log_dir)
-    if not os.path.isdir(log_dir) or os.path.islink(log_dir) or info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise PartyError(f"log folder {log_dir} must be a folder of this user that others cannot write into")
-    path = log_dir / name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-    os.fchmod(fd, 0o600)
-    os.close(fd)
-    return path
+    """``log_dir/name``, created 0600 in a folder of this user's that no one else can change, nor anything on its
+    path (`private_dir`: a party's logs say what it saw of its jobs, and it writes them by path, as SPU does)."""
+    log_dir = Path(log_dir).absolute()
+    try:
+        with private_dir.opened_folder(log_dir) as folder:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600, dir_fd=folder)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+    except PrivatePathError as e:
+        raise PartyError(f"log folder {log_dir}: {e}; no one but this user (uid {os.getuid()}) and root may be able "
+                         "to change it or a folder on its path") from None
+    except OSError as e:
+        raise PartyError(f"log folder {log_dir}: cannot make or open {name} in it ({e})") from None
+    return log_dir / name
 
 
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):

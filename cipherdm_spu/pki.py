@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from . import private_dir
 from .cluster_config import ClusterConfig, is_ip, role_of, split_address
-from .errors import ClusterConfigError
+from .errors import ClusterConfigError, PrivatePathError
 
 #: how long development certificates are valid
 DEVELOPMENT_DAYS = 30
@@ -72,8 +73,19 @@ def make_development_pki(cluster: ClusterConfig, clients: Iterable[str] = ("owne
     written = []
 
     def write(path: Path, data: bytes, private: bool) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600 if private else 0o644)
+        """Into a folder no one else can change, nor anything on its path (`private_dir`): the parties read these
+        files by path, and whoever could swap a CA in would be let in."""
+        parent = Path(path).absolute().parent
+        try:
+            folder = private_dir.open_folder(parent)
+        except PrivatePathError as e:
+            raise ClusterConfigError(f"TLS folder {parent}: {e}; no one but this user (uid {os.getuid()}) and "
+                                     "root may be able to change it or a folder on its path") from None
+        try:
+            fd = os.open(path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600 if private else 0o644,
+                         dir_fd=folder)
+        finally:
+            os.close(folder)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         written.append(path)

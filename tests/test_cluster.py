@@ -16,11 +16,12 @@ import pytest
 
 from cipherdm_spu import SecureSession
 from cipherdm_spu import cluster_config as cc
+from cipherdm_spu import party as party_module
 from cipherdm_spu.client import PartyClients
 from cipherdm_spu.cluster import main as launch_main
-from cipherdm_spu.errors import ClusterConfigError, ClusterError, InputError
-from cipherdm_spu.jobs import (clamped_inputs, make_sampler as make_sampler_for_job, parse_job, sample_on_cluster,
-                               upload_model)
+from cipherdm_spu.errors import ClusterConfigError, ClusterError, InputError, PartyError
+from cipherdm_spu.jobs import (SamplingCatalog, clamped_inputs, make_sampler as make_sampler_for_job, parse_job,
+                               sample_on_cluster, upload_model)
 from cipherdm_spu.models import ScheduleConfig
 from cipherdm_spu.models.schedulers import SCHEDULERS, make_sampler
 from cipherdm_spu.messages import Empty, ModelPut, ModelRef, SessionPut
@@ -287,6 +288,34 @@ def test_certs_are_private_and_never_overwritten(tmp_path, capsys):
     (tls / "user.key").chmod(0o644)  # a key others can read is refused where it is used
     with pytest.raises(ClusterConfigError, match="readable by others"):
         PartyClients(cc.load(config), "user")
+
+
+def test_certs_are_written_and_read_only_where_no_one_else_can_change_them(tmp_path, capsys):
+    """The parties read their CAs by path: whoever could swap the client CA in (it or a folder above it) could let
+    in clients of its own. `spu-launch certs` will not write under a folder others can write; the parties and
+    clients refuse files under one."""
+    open_folder = tmp_path / "open"
+    open_folder.mkdir()
+    open_folder.chmod(0o777)
+    config = write_config(open_folder / "3pc.json")
+    assert launch_main(["--config", str(config), "certs"]) == 2
+    assert f"{open_folder} on its path has mode 777" in capsys.readouterr().err
+    assert not (open_folder / "tls").exists()
+    config = write_config(tmp_path / "3pc.json")
+    make_certs(config)
+    (tmp_path / "tls").chmod(0o775)  # a group that may write the certificates' folder
+    with pytest.raises(ClusterConfigError, match=r"tls on its path has mode 775"):
+        PartyClients(cc.load(config), "user")
+    (tmp_path / "tls").chmod(0o700)
+    (tmp_path / "tls" / "client-ca.pem").chmod(0o666)
+    handlers = list(party_module.log.handlers)
+    try:
+        with pytest.raises(PartyError, match="client-ca.pem has mode 666: others may write it"):
+            party_module.serve(cc.load(config), "P0", SamplingCatalog(), tmp_path / "logs", 2**30)
+    finally:
+        for handler in set(party_module.log.handlers) - set(handlers):  # the log serve started
+            party_module.log.removeHandler(handler)
+            handler.close()
 
 
 @pytest.mark.slow

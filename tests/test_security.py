@@ -8,8 +8,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 import socket
+import stat
 import threading
 import time
 import types
@@ -998,13 +1000,67 @@ def test_log_files_are_private_and_symlinks_are_refused(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == oct(0o600) and oct((tmp_path / "logs").stat().st_mode & 0o777) == oct(0o700)
     (tmp_path / "target").write_text("")
     (tmp_path / "logs" / "evil.log").symlink_to(tmp_path / "target")
-    with pytest.raises(OSError):
+    with pytest.raises(PartyError, match="evil.log"):
         private_log_file(tmp_path / "logs", "evil.log")
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
-    with pytest.raises(PartyError, match="others cannot write into"):
+    with pytest.raises(PartyError, match="its mode 777 lets others write it"):
         private_log_file(shared, "party-P0.log")
+
+
+def test_a_log_folder_under_a_folder_others_can_write_is_refused_before_anything_is_written(tmp_path):
+    """The weakness the compile cache's first review found, in the party's log folder: only the folder itself was
+    checked, by path, and the folders made above it followed the umask. Whoever can write a folder above can swap
+    the log folder for its own between the check and SPU's open of its log by path, and read what a party logs."""
+    above = tmp_path / "open"
+    above.mkdir()
+    above.chmod(0o777)
+    with pytest.raises(PartyError, match=f"{above} on its path has mode 777"):
+        private_log_file(above / "cluster" / "logs", "party-P0.log")
+    assert not (above / "cluster").exists()
+    old = os.umask(0)
+    try:
+        above.chmod(0o1777)  # sticky, as /tmp: others cannot swap what is this user's
+        private_log_file(above / "cluster" / "logs", "party-P0.log")
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE((above / p).stat().st_mode) for p in ("cluster", "cluster/logs")] == [0o700, 0o700]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="a symlink of another user's needs root to make")
+def test_a_log_folder_reached_through_another_users_symlink_is_refused(tmp_path):
+    sticky, mine = tmp_path / "sticky", tmp_path / "mine"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    mine.mkdir(mode=0o700)
+    (sticky / "logs").symlink_to(mine)
+    os.lchown(sticky / "logs", 65534, 65534)  # theirs: they may point it elsewhere between a check and SPU's open
+    with pytest.raises(PartyError, match="is a symlink owned by uid 65534"):
+        private_log_file(sticky / "logs", "party-P0.log")
+    assert not list(mine.iterdir())
+
+
+def test_an_output_folder_others_could_change_is_refused_and_ones_own_closed(tmp_path):
+    """The image is written into --out by path: no one else may be able to change the folder or one above it."""
+    from cipherdm_spu.cli_common import private_output_dir
+    from cipherdm_spu.errors import UsageError
+
+    above = tmp_path / "open"
+    above.mkdir()
+    above.chmod(0o777)
+    with pytest.raises(UsageError, match=f"{above} on its path has mode 777"):
+        private_output_dir(above / "run")
+    assert not (above / "run").exists()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o770)
+    with pytest.raises(UsageError, match="its mode 770 lets others write it"):
+        private_output_dir(shared)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    mine.chmod(0o755)  # others may list it: closed, so that they cannot see the run's files either
+    assert private_output_dir(mine) == mine and stat.S_IMODE(mine.stat().st_mode) == 0o700
 
 
 def test_user_inputs_are_refused_beyond_the_fixed_point_range():

@@ -1,0 +1,151 @@
+"""Folders and files that no one but this user (and root) can change, checked on their whole path.
+
+Whoever can change a folder on the path to a file can swap what is beneath it between a check and a use: an
+independent review of the compile cache swapped the cache for a folder of its own under a world-writable parent
+(RENAME_EXCHANGE in a loop), and another reached the user's folder through its own symlink in a sticky one. So, as
+ssh's StrictModes demands of its keys' folders, the rules hold for every component of the path:
+
+- every folder on it is root's or this user's, and writable by no one else unless sticky (as /tmp, where others
+  cannot rename or remove what is not theirs);
+- every symlink on it is root's or this user's (a symlink cannot be changed, only replaced in its folder);
+- a folder this user keeps things in (`open_folder`) is this user's and writable by no one else; a file read from
+  such a path (`check_file`: keys, certificates) is a regular file of root's or this user's, writable by no one else.
+
+The path is walked from / one component at a time through open folders, each checked before anything is made in
+it (missing folders are made 0700, not to the umask). Once the whole path passes, no one else can change it, so a
+later use by path (a log handler, SPU's own log) reaches what was checked; code that can use the open folder's
+descriptor should (O_NOFOLLOW, ``dir_fd``) all the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+from typing import Iterator
+
+from .errors import PrivatePathError
+
+#: symlinks followed on one path at most (Linux's own limit)
+MAX_SYMLINKS = 40
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_folder(folder: Path, make: bool = True) -> int:
+    """A descriptor of ``folder`` (absolute), whose whole path passes the module's rules; missing folders are made
+    0700 where ``make``. PrivatePathError names the rule a component breaks; OSError where the path cannot be walked
+    or made (FileNotFoundError where a folder is missing and not ``make``)."""
+    fd = _walk(Path(folder), make, file=False)
+    try:
+        _check_own_folder(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def opened_folder(folder: Path, make: bool = True) -> Iterator[int]:
+    """`open_folder`'s descriptor, closed after the block."""
+    fd = open_folder(folder, make)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def check_file(path: Path) -> None:
+    """Refuse (PrivatePathError) a file to be read by path that someone other than this user and root could change:
+    the file, a folder or a symlink on its path. OSError where it cannot be reached."""
+    os.close(_walk(Path(path), make=False, file=True))
+
+
+def _walk(path: Path, make: bool, file: bool) -> int:
+    """The descriptor of the last folder reached walking ``path`` from /: ``path`` itself, or with ``file`` the folder
+    holding the regular file it names. Each folder is checked as a folder on the path before anything in it is used;
+    symlinks are followed only where root or this user owns them."""
+    if not path.is_absolute():
+        raise PrivatePathError(f"{path} is not an absolute path")
+    pending = list(reversed(path.parts[1:]))
+    fd, where, hops = os.open("/", _OPEN_DIR), "/", 0
+    try:
+        _check_folder_on_path(os.fstat(fd), where)
+        while pending:
+            part = pending.pop()
+            if part in ("", "."):
+                continue
+            info = _stat_or_make(fd, part, make)
+            # the real path walked so far: a symlink is never in it (its target is walked instead), so ".." is lexical
+            where = (where.rsplit("/", 1)[0] or "/") if part == ".." else f"{where.rstrip('/')}/{part}"
+            if stat.S_ISLNK(info.st_mode):
+                if info.st_uid not in (0, os.getuid()):
+                    raise PrivatePathError(f"{where} on its path is a symlink owned by uid {info.st_uid}")
+                hops += 1
+                if hops > MAX_SYMLINKS:
+                    raise PrivatePathError("its path has a loop of symlinks")
+                target = os.readlink(part, dir_fd=fd)
+                where = where.rsplit("/", 1)[0] or "/"  # a relative target goes on from the link's folder
+                if os.path.isabs(target):
+                    root = os.open("/", _OPEN_DIR)
+                    os.close(fd)
+                    fd, where = root, "/"
+                    _check_folder_on_path(os.fstat(fd), where)
+                pending.extend(reversed([p for p in Path(target).parts if p != "/"]))
+                continue
+            if file and not pending:
+                _check_file(info, where)
+                return fd
+            if not stat.S_ISDIR(info.st_mode):
+                raise PrivatePathError(f"{where} is not a directory")
+            inner = os.open(part, _OPEN_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+            if pending or file:  # (the folder itself: the caller's stricter rule)
+                _check_folder_on_path(os.fstat(fd), where)
+        if file:
+            raise PrivatePathError(f"{where} is not a regular file")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _stat_or_make(fd: int, name: str, make: bool) -> os.stat_result:
+    """``name``'s lstat in the open folder ``fd``, made a folder 0700 first where missing and ``make``."""
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        if not make:
+            raise
+    with contextlib.suppress(FileExistsError):  # (made by another process meanwhile: checked as any other)
+        os.mkdir(name, 0o700, dir_fd=fd)  # in a folder only this user and root can change
+    return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+
+def _writable_by_others(info: os.stat_result) -> int:
+    return info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _check_folder_on_path(info: os.stat_result, where: str) -> None:
+    if info.st_uid not in (0, os.getuid()):
+        raise PrivatePathError(f"{where} on its path is owned by uid {info.st_uid}")
+    if _writable_by_others(info) and not info.st_mode & stat.S_ISVTX:
+        raise PrivatePathError(f"{where} on its path has mode {stat.S_IMODE(info.st_mode):o}: others may write it "
+                               "and it is not sticky")
+
+
+def _check_own_folder(info: os.stat_result) -> None:
+    if info.st_uid != os.getuid():
+        raise PrivatePathError(f"it is owned by uid {info.st_uid}, not this user")
+    if _writable_by_others(info):
+        raise PrivatePathError(f"its mode {stat.S_IMODE(info.st_mode):o} lets others write it (chmod 700 it)")
+
+
+def _check_file(info: os.stat_result, where: str) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise PrivatePathError(f"{where} is not a regular file")
+    if info.st_uid not in (0, os.getuid()):
+        raise PrivatePathError(f"{where} is owned by uid {info.st_uid}")
+    if _writable_by_others(info):
+        raise PrivatePathError(f"{where} has mode {stat.S_IMODE(info.st_mode):o}: others may write it")
