@@ -216,19 +216,20 @@ def load_model_dir(path: Path):
 
 
 def private_output_dir(path: Path) -> Path:
-    """The output folder, made 0700 (missing folders above it too) and this user's alone: no one else may be able to
-    change it or anything on its path (`private_dir`), since the image is written into it by path. An existing folder
-    of this user's is made 0700, so that others cannot list it either."""
-    path = Path(path).absolute()
+    """The output folder's real path (`private_dir.Folder.path`), the folder made 0700 (missing folders above it too)
+    and this user's alone: no one else may be able to change it or anything on its path (`private_dir`), since the
+    image is written into it by path. An existing folder of this user's is made 0700, so that others cannot list it
+    either."""
     try:
+        path = Path(path).absolute()
         with private_dir.opened_folder(path) as folder:
-            os.fchmod(folder, 0o700)
+            os.fchmod(folder.fd, 0o700)
+            return folder.path
     except PrivatePathError as e:
         raise UsageError(f"--out {path}: {e}; the image is the user's alone, so no one but this user (uid "
                          f"{os.getuid()}) and root may be able to change the folder or a folder on its path") from None
     except OSError as e:
         raise UsageError(f"--out {path}: cannot make or open the folder ({e})") from None
-    return path
 
 
 def write_private(path: Path, write: Callable[[object], None]) -> None:

@@ -64,7 +64,7 @@ class Credentials:
         (it or anything on its path: `private_dir.check_file`), or is a key readable by others (checked on the host
         that uses them); ``elsewhere`` says how to pick another identity."""
         for what, value in dataclasses.asdict(self).items():
-            if not Path(value).is_file():
+            if not Path(value).exists():
                 raise ClusterConfigError(f"{who}: TLS {what} file {value} does not exist (make them with `spu-launch "
                                          f"certs`{elsewhere})")
             try:
@@ -72,6 +72,8 @@ class Credentials:
             except PrivatePathError as e:
                 raise ClusterConfigError(f"{who}: TLS {what} file {value}: {e}; whoever could change it or a folder on "
                                          "its path could let itself in, so only this user and root may") from None
+            except OSError as e:
+                raise ClusterConfigError(f"{who}: TLS {what} file {value} cannot be reached ({e})") from None
         if Path(self.key).stat().st_mode & 0o077:
             raise ClusterConfigError(f"{who}: the key {self.key} is readable by others; chmod 600 it")
 

@@ -189,7 +189,7 @@ def _refuse(directory: Path, what: str) -> CompileCacheError:
 def _private_directory(directory: Path) -> Iterator[int]:
     """The cache directory's descriptor (`private_dir.open_folder`), closed after the block."""
     try:
-        fd = private_dir.open_folder(directory)
+        fd = private_dir.open_folder(directory).fd
     except PrivatePathError as e:
         raise _refuse(directory, str(e)) from None
     except OSError as e:  # no home, a read-only disk, an unreadable directory on the path, too many open files, ...

@@ -1178,7 +1178,7 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
         raise PartyError(f"party {party.id}: the client CA file {party.client_ca} does not exist")
     try:
         private_dir.check_file(Path(party.client_ca).absolute())
-    except PrivatePathError as e:  # whoever could swap it could let in clients of its own
+    except (PrivatePathError, OSError) as e:  # whoever could swap it could let in clients of its own
         raise PartyError(f"party {party.id}: the client CA file {party.client_ca}: {e}; only this user and root may "
                          "be able to change it or a folder on its path") from None
     if shares_a_key(party.tls.trusted_ca, party.client_ca):
@@ -1216,20 +1216,19 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
 
 
 def private_log_file(log_dir: Path, name: str) -> Path:
-    """``log_dir/name``, created 0600 in a folder of this user's that no one else can change, nor anything on its
-    path (`private_dir`: a party's logs say what it saw of its jobs, and it writes them by path, as SPU does)."""
-    log_dir = Path(log_dir).absolute()
+    """The real path (`private_dir.Folder.path`) of ``log_dir/name``, a file of this user's alone, created 0600 in a
+    folder of this user's that no one else can change, nor anything on its path (`private_dir`: a party's logs say
+    what it saw of its jobs, and it writes them by path, as SPU does)."""
     try:
+        log_dir = Path(log_dir).absolute()
         with private_dir.opened_folder(log_dir) as folder:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600, dir_fd=folder)
-            os.fchmod(fd, 0o600)
-            os.close(fd)
+            os.close(private_dir.create_file(folder, name))
+            return folder.path / name
     except PrivatePathError as e:
         raise PartyError(f"log folder {log_dir}: {e}; no one but this user (uid {os.getuid()}) and root may be able "
                          "to change it or a folder on its path") from None
     except OSError as e:
         raise PartyError(f"log folder {log_dir}: cannot make or open {name} in it ({e})") from None
-    return log_dir / name
 
 
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):

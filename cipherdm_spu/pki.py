@@ -77,15 +77,14 @@ def make_development_pki(cluster: ClusterConfig, clients: Iterable[str] = ("owne
         files by path, and whoever could swap a CA in would be let in."""
         parent = Path(path).absolute().parent
         try:
-            folder = private_dir.open_folder(parent)
+            with private_dir.opened_folder(parent) as folder:
+                fd = os.open(path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                             0o600 if private else 0o644, dir_fd=folder.fd)
         except PrivatePathError as e:
             raise ClusterConfigError(f"TLS folder {parent}: {e}; no one but this user (uid {os.getuid()}) and "
                                      "root may be able to change it or a folder on its path") from None
-        try:
-            fd = os.open(path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600 if private else 0o644,
-                         dir_fd=folder)
-        finally:
-            os.close(folder)
+        except OSError as e:
+            raise ClusterConfigError(f"TLS folder {parent}: cannot write {path.name} in it ({e})") from None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         written.append(path)

@@ -11,64 +11,100 @@ ssh's StrictModes demands of its keys' folders, the rules hold for every compone
 - a folder this user keeps things in (`open_folder`) is this user's and writable by no one else; a file read from
   such a path (`check_file`: keys, certificates) is a regular file of root's or this user's, writable by no one else.
 
-The path is walked from / one component at a time through open folders, each checked before anything is made in
-it (missing folders are made 0700, not to the umask). Once the whole path passes, no one else can change it, so a
-later use by path (a log handler, SPU's own log) reaches what was checked; code that can use the open folder's
-descriptor should (O_NOFOLLOW, ``dir_fd``) all the same.
+The path is walked from / one component at a time through open folders (O_PATH: a folder this user may search but
+not list is walked as the kernel walks it), each checked before anything is made in it (missing folders are made
+0700, not to the umask). Once the whole path passes, no one else can change it, so a later use by path (a log
+handler, SPU's own log) reaches what was checked, provided it uses the real path the walk returns (`Folder.path`:
+no symlink, no ``..``; Python's logging drops ``..`` by text, which after a symlink names another folder); code that
+can use the open folder's descriptor should (O_NOFOLLOW, ``dir_fd``) all the same. A folder group-writable by a group
+of this user alone (a user private group, as Fedora's umask 002 leaves folders) counts as closed, as Debian's ssh
+accepts it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
+import pwd
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple, Tuple
 
 from .errors import PrivatePathError
 
 #: symlinks followed on one path at most (Linux's own limit)
 MAX_SYMLINKS = 40
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_WALK_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC  # search, not read, permission needed
+_READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
 
 
-def open_folder(folder: Path, make: bool = True) -> int:
-    """A descriptor of ``folder`` (absolute), whose whole path passes the module's rules; missing folders are made
-    0700 where ``make``. PrivatePathError names the rule a component breaks; OSError where the path cannot be walked
-    or made (FileNotFoundError where a folder is missing and not ``make``)."""
-    fd = _walk(Path(folder), make, file=False)
+class Folder(NamedTuple):
+    """An open private folder: its descriptor (open for reading) and the real path the walk took to it (no symlink,
+    no ``..``), the path to use wherever the folder is reached by path."""
+    fd: int
+    path: Path
+
+
+def open_folder(folder: Path, make: bool = True) -> Folder:
+    """``folder`` (absolute) open, its whole path passing the module's rules; missing folders are made 0700 where
+    ``make``. PrivatePathError names the rule a component breaks; OSError where the path cannot be walked or made
+    (FileNotFoundError where a folder is missing and not ``make``)."""
+    walked, where = _walk(Path(folder), make, file=False)
     try:
-        _check_own_folder(os.fstat(fd))
+        fd = os.open(".", _READ_DIR, dir_fd=walked)
+    finally:
+        os.close(walked)
+    try:
+        _check_own_folder(os.fstat(fd), where)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Folder(fd, Path(where))
+
+
+@contextlib.contextmanager
+def opened_folder(folder: Path, make: bool = True) -> Iterator[Folder]:
+    """`open_folder`'s folder, its descriptor closed after the block."""
+    opened = open_folder(folder, make)
+    try:
+        yield opened
+    finally:
+        os.close(opened.fd)
+
+
+def create_file(folder: Folder, name: str, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
+    """A descriptor of file ``name`` in ``folder`` (``flags`` as os.open's), made 0600 where missing; one that is there
+    must be a regular file of this user's alone (one link, mode 600 set): whoever could write the folder before it
+    was checked may have left a file, or a hard link to one, of its own."""
+    fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, 0o600, dir_fd=folder.fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_nlink != 1:
+            raise PrivatePathError(f"{folder.path / name} is not a regular file of this user's alone (uid "
+                                   f"{info.st_uid}, {info.st_nlink} links): remove it")
+        os.fchmod(fd, 0o600)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-@contextlib.contextmanager
-def opened_folder(folder: Path, make: bool = True) -> Iterator[int]:
-    """`open_folder`'s descriptor, closed after the block."""
-    fd = open_folder(folder, make)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def check_file(path: Path) -> None:
     """Refuse (PrivatePathError) a file to be read by path that someone other than this user and root could change:
     the file, a folder or a symlink on its path. OSError where it cannot be reached."""
-    os.close(_walk(Path(path), make=False, file=True))
+    os.close(_walk(Path(path), make=False, file=True)[0])
 
 
-def _walk(path: Path, make: bool, file: bool) -> int:
-    """The descriptor of the last folder reached walking ``path`` from /: ``path`` itself, or with ``file`` the folder
-    holding the regular file it names. Each folder is checked as a folder on the path before anything in it is used;
-    symlinks are followed only where root or this user owns them."""
+def _walk(path: Path, make: bool, file: bool) -> Tuple[int, str]:
+    """An O_PATH descriptor of the last folder reached walking ``path`` from /, and its real path: ``path`` itself, or
+    with ``file`` the folder holding the regular file it names. Each folder is checked as a folder on the path before
+    anything in it is used; symlinks are followed only where root or this user owns them."""
     if not path.is_absolute():
         raise PrivatePathError(f"{path} is not an absolute path")
     pending = list(reversed(path.parts[1:]))
-    fd, where, hops = os.open("/", _OPEN_DIR), "/", 0
+    fd, where, hops = os.open("/", _WALK_DIR), "/", 0
     try:
         _check_folder_on_path(os.fstat(fd), where)
         while pending:
@@ -87,25 +123,23 @@ def _walk(path: Path, make: bool, file: bool) -> int:
                 target = os.readlink(part, dir_fd=fd)
                 where = where.rsplit("/", 1)[0] or "/"  # a relative target goes on from the link's folder
                 if os.path.isabs(target):
-                    root = os.open("/", _OPEN_DIR)
-                    os.close(fd)
-                    fd, where = root, "/"
+                    previous, fd, where = fd, os.open("/", _WALK_DIR), "/"
+                    os.close(previous)
                     _check_folder_on_path(os.fstat(fd), where)
                 pending.extend(reversed([p for p in Path(target).parts if p != "/"]))
                 continue
             if file and not pending:
                 _check_file(info, where)
-                return fd
+                return fd, where
             if not stat.S_ISDIR(info.st_mode):
                 raise PrivatePathError(f"{where} is not a directory")
-            inner = os.open(part, _OPEN_DIR, dir_fd=fd)
-            os.close(fd)
-            fd = inner
+            previous, fd = fd, os.open(part, _WALK_DIR, dir_fd=fd)
+            os.close(previous)
             if pending or file:  # (the folder itself: the caller's stricter rule)
                 _check_folder_on_path(os.fstat(fd), where)
         if file:
             raise PrivatePathError(f"{where} is not a regular file")
-        return fd
+        return fd, where
     except BaseException:
         os.close(fd)
         raise
@@ -123,23 +157,41 @@ def _stat_or_make(fd: int, name: str, make: bool) -> os.stat_result:
     return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
 
-def _writable_by_others(info: os.stat_result) -> int:
-    return info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+def _writable_by_others(info: os.stat_result) -> bool:
+    """Writable by another user than the owner: by others, or by a group that holds someone else (a group of the
+    owner's alone, a user private group, does not)."""
+    if info.st_mode & stat.S_IWOTH:
+        return True
+    return bool(info.st_mode & stat.S_IWGRP) and not _group_of_owner_alone(info.st_gid, info.st_uid)
+
+
+def _group_of_owner_alone(gid: int, uid: int) -> bool:
+    """Whether no user but ``uid`` is in group ``gid``, by its members and everyone's primary group (an unknown group
+    or owner is not)."""
+    try:
+        group, owner = grp.getgrgid(gid), pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    if set(group.gr_mem) - {owner}:
+        return False
+    return all(user.pw_uid == uid for user in pwd.getpwall() if user.pw_gid == gid)
 
 
 def _check_folder_on_path(info: os.stat_result, where: str) -> None:
     if info.st_uid not in (0, os.getuid()):
-        raise PrivatePathError(f"{where} on its path is owned by uid {info.st_uid}")
+        raise PrivatePathError(f"{where} on its path is owned by uid {info.st_uid} (choose a folder on a path of "
+                               "this user's or root's)")
     if _writable_by_others(info) and not info.st_mode & stat.S_ISVTX:
         raise PrivatePathError(f"{where} on its path has mode {stat.S_IMODE(info.st_mode):o}: others may write it "
-                               "and it is not sticky")
+                               "and it is not sticky (chmod go-w it, or choose a folder elsewhere)")
 
 
-def _check_own_folder(info: os.stat_result) -> None:
+def _check_own_folder(info: os.stat_result, where: str) -> None:
     if info.st_uid != os.getuid():
-        raise PrivatePathError(f"it is owned by uid {info.st_uid}, not this user")
+        raise PrivatePathError(f"{where} is owned by uid {info.st_uid}, not this user")
     if _writable_by_others(info):
-        raise PrivatePathError(f"its mode {stat.S_IMODE(info.st_mode):o} lets others write it (chmod 700 it)")
+        raise PrivatePathError(f"{where} has mode {stat.S_IMODE(info.st_mode):o}: others may write it, and may "
+                               "have left files in it (choose a new folder)")
 
 
 def _check_file(info: os.stat_result, where: str) -> None:

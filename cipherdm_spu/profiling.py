@@ -34,6 +34,7 @@ from typing import Dict, List, Optional
 
 import spu.libspu as libspu
 
+from . import private_dir
 from .errors import ProfileParseError
 
 #: (enable_pphlo_profile, enable_hal_profile) per party; see the module docstring.
@@ -223,9 +224,11 @@ class SpuLog:
     _lock = threading.Lock()
 
     def __init__(self, path: Path):
-        self.path = path
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))  # never through a symlink
+        path = Path(path).absolute()
+        # a file of this user's alone in a private folder (`private_dir`): SPU opens it by path and writes what it ran
+        with private_dir.opened_folder(path.parent) as folder:
+            os.close(private_dir.create_file(folder, path.name))
+            self.path = folder.path / path.name
         opts = libspu.logging.LogOptions()
         opts.enable_console_logger = False
         opts.system_log_path = str(self.path)

@@ -175,7 +175,7 @@ def _judge(images, labels) -> dict | None:
 
 def run(args) -> dict:
     model, params, sampler, labels, batch, overrides, job = prepare(args)
-    private_output_dir(args.out)
+    args.out = private_output_dir(args.out)
     shape = (batch, model.config.in_channels, *_sample_size(model))
     x_t, step_noise = draw_noise(args.seed, sampler, shape)
     started = time.perf_counter()

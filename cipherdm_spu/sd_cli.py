@@ -127,7 +127,7 @@ def prepare(args):
 
 def run(args) -> dict:
     model, params, sampler, shape, overrides, job, user_images = prepare(args)
-    private_output_dir(args.out)
+    args.out = private_output_dir(args.out)
     started = time.perf_counter()
     uncond, cond = stable_diffusion.encode_prompts(args.model, args.prompt, args.negative_prompt, args.batch)
     context = text_condition(uncond, cond, args.guidance_scale)  # the user's, secret-shared below

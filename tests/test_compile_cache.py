@@ -125,7 +125,7 @@ def test_a_planted_entry_is_checked_as_a_compiled_one_is(cache):
         audit(planted.mlir)
 
 
-@pytest.mark.parametrize("problem", ["group-writable", "other owner", "a file"])
+@pytest.mark.parametrize("problem", ["writable by others", "other owner", "a file"])
 def test_a_directory_others_could_write_is_refused(tmp_path, monkeypatch, problem):
     directory = tmp_path / "shared"
     if problem == "a file":
@@ -133,8 +133,8 @@ def test_a_directory_others_could_write_is_refused(tmp_path, monkeypatch, proble
         match = "not a directory"
     else:
         directory.mkdir()
-        if problem == "group-writable":
-            directory.chmod(0o770)
+        if problem == "writable by others":
+            directory.chmod(0o707)
         else:
             if os.getuid() != 0:
                 pytest.skip("giving a directory to another user needs root")

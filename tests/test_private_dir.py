@@ -3,7 +3,10 @@ its path; missing folders are made 0700. The users' own attacks on the compile c
 writes (logs, certificates, images), are tested with their callers (test_compile_cache, test_security, test_cluster)."""
 
 import os
+import shutil
 import stat
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -27,8 +30,9 @@ def _folder(path, mode=0o700):
 def test_missing_folders_are_made_0700_whatever_the_umask(tmp_path):
     old = os.umask(0)
     try:
-        with private_dir.opened_folder(tmp_path / "a" / "b" / "c") as fd:
-            assert os.path.samestat(os.fstat(fd), (tmp_path / "a" / "b" / "c").stat())
+        with private_dir.opened_folder(tmp_path / "a" / "b" / "c") as folder:
+            assert os.path.samestat(os.fstat(folder.fd), (tmp_path / "a" / "b" / "c").stat())
+            assert folder.path == tmp_path / "a" / "b" / "c"
     finally:
         os.umask(old)
     assert [_mode(tmp_path / p) for p in ("a", "a/b", "a/b/c")] == [0o700] * 3
@@ -40,22 +44,51 @@ def test_a_folder_others_can_write_on_the_path_is_refused_before_anything_is_mad
         private_dir.open_folder(above / "mine")
     assert not (above / "mine").exists()
     above.chmod(0o1777)  # sticky: others cannot rename or remove what is not theirs
-    os.close(private_dir.open_folder(above / "mine"))
+    os.close(private_dir.open_folder(above / "mine").fd)
     assert _mode(above / "mine") == 0o700
 
 
-@pytest.mark.parametrize("mode", [0o770, 0o702, 0o1777])
+@pytest.mark.parametrize("mode", [0o702, 0o1777])
 def test_the_folder_itself_must_be_closed_to_others_even_when_sticky(tmp_path, mode):
     folder = _folder(tmp_path / "folder", mode)
-    with pytest.raises(PrivatePathError, match=f"its mode {mode:o} lets others write it"):
+    with pytest.raises(PrivatePathError, match=f"has mode {mode:o}: others may write it, and may have left files"):
         private_dir.open_folder(folder)
+
+
+@needs_root
+def test_a_folder_its_group_can_write_is_refused_where_the_group_holds_another_user(tmp_path):
+    folder = _folder(tmp_path / "folder", 0o770)
+    os.chown(folder, -1, NOBODY)  # nogroup: others' primary group
+    with pytest.raises(PrivatePathError, match="has mode 770: others may write it"):
+        private_dir.open_folder(folder)
+
+
+def test_a_group_of_the_owner_alone_is_no_one_else(monkeypatch):
+    """A user private group (Fedora's umask 002 leaves folders group-writable) lets no one else write, as Debian's
+    ssh accepts; a group with another member, or another user's primary group, does."""
+    import grp
+    import pwd
+
+    me = pwd.struct_passwd(("me", "x", 1000, 1000, "", "/home/me", "/bin/sh"))
+    other = pwd.struct_passwd(("other", "x", 1001, 1000, "", "/home/other", "/bin/sh"))
+    members = {1000: []}
+    monkeypatch.setattr(grp, "getgrgid", lambda gid: grp.struct_group(("me", "x", gid, members[gid])))
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: me)
+    monkeypatch.setattr(pwd, "getpwall", lambda: [me])
+    assert private_dir._group_of_owner_alone(1000, 1000)
+    members[1000] = ["other"]
+    assert not private_dir._group_of_owner_alone(1000, 1000)
+    members[1000] = []
+    monkeypatch.setattr(pwd, "getpwall", lambda: [me, other])
+    assert not private_dir._group_of_owner_alone(1000, 1000)
+    assert not private_dir._group_of_owner_alone(4242, 1000)  # a group no one knows
 
 
 @needs_root
 def test_folders_of_another_user_are_refused_on_the_path_and_as_the_folder(tmp_path):
     theirs = _folder(tmp_path / "theirs", 0o755)
     os.chown(theirs, NOBODY, NOBODY)
-    with pytest.raises(PrivatePathError, match="it is owned by uid 65534, not this user"):
+    with pytest.raises(PrivatePathError, match="theirs is owned by uid 65534, not this user"):
         private_dir.open_folder(theirs, make=False)
     _folder(theirs / "mine")
     with pytest.raises(PrivatePathError, match=f"{theirs} on its path is owned by uid 65534"):
@@ -72,7 +105,7 @@ def test_a_symlink_of_another_users_is_refused_and_ones_own_followed(tmp_path):
         private_dir.open_folder(sticky / "theirs" / "logs")
     assert not (mine / "logs").exists()
     (sticky / "ours").symlink_to(mine)
-    os.close(private_dir.open_folder(sticky / "ours" / "logs"))
+    os.close(private_dir.open_folder(sticky / "ours" / "logs").fd)
     assert (mine / "logs").is_dir()
 
 
@@ -80,8 +113,9 @@ def test_a_relative_symlink_goes_on_from_its_folder_and_is_checked_there(tmp_pat
     base = _folder(tmp_path / "base")
     _folder(base / "real")
     (base / "link").symlink_to("real")
-    with private_dir.opened_folder(base / "link" / "inner") as fd:
-        assert os.path.samestat(os.fstat(fd), (base / "real" / "inner").stat())
+    with private_dir.opened_folder(base / "link" / "inner") as folder:
+        assert os.path.samestat(os.fstat(folder.fd), (base / "real" / "inner").stat())
+        assert folder.path == base / "real" / "inner"  # the real path: a by-path use reaches what was checked
     open_folder = _folder(tmp_path / "open", 0o777)
     _folder(open_folder / "target")
     (base / "away").symlink_to("../open/target")
@@ -112,8 +146,8 @@ def test_a_file_to_read_must_be_a_regular_file_no_one_else_can_change(tmp_path):
     ca.write_text("certificate")
     ca.chmod(0o644)
     private_dir.check_file(ca)
-    ca.chmod(0o664)
-    with pytest.raises(PrivatePathError, match=f"{ca} has mode 664: others may write it"):
+    ca.chmod(0o646)
+    with pytest.raises(PrivatePathError, match=f"{ca} has mode 646: others may write it"):
         private_dir.check_file(ca)
     ca.chmod(0o644)
     (folder / "link.crt").symlink_to("ca.crt")
@@ -130,10 +164,10 @@ def test_a_file_to_read_must_be_a_regular_file_no_one_else_can_change(tmp_path):
 
 def test_a_file_under_a_folder_others_can_write_is_refused_though_the_file_is_closed(tmp_path):
     """Whoever can write the folder can replace the file (a CA of its own) however the file's own mode reads."""
-    folder = _folder(tmp_path / "tls", 0o775)
+    folder = _folder(tmp_path / "tls", 0o757)
     (folder / "ca.crt").write_text("certificate")
     (folder / "ca.crt").chmod(0o644)
-    with pytest.raises(PrivatePathError, match=f"{folder} on its path has mode 775"):
+    with pytest.raises(PrivatePathError, match=f"{folder} on its path has mode 757"):
         private_dir.check_file(folder / "ca.crt")
 
 
@@ -144,3 +178,71 @@ def test_a_file_of_another_users_is_refused(tmp_path):
     os.chown(folder / "ca.crt", NOBODY, NOBODY)
     with pytest.raises(PrivatePathError, match="ca.crt is owned by uid 65534"):
         private_dir.check_file(folder / "ca.crt")
+
+
+def test_the_path_returned_is_the_one_walked_after_a_symlink_and_dotdot(tmp_path):
+    """The attack on the log folder: ``S/link/../logs`` walks the link, then its target's parent; Python's logging
+    drops ``..`` by text and would open ``S/logs``, a folder another user may have made in a sticky S."""
+    sticky, mine = _folder(tmp_path / "sticky", 0o1777), _folder(tmp_path / "home")
+    _folder(mine / "private")
+    (sticky / "link").symlink_to(mine / "private")
+    _folder(sticky / "logs", 0o777)  # theirs, in the attack
+    with private_dir.opened_folder(sticky / "link" / ".." / "logs") as folder:
+        assert folder.path == mine / "logs"
+        assert os.path.samestat(os.fstat(folder.fd), (mine / "logs").stat())
+
+
+def test_a_file_made_in_a_folder_must_be_this_users_alone(tmp_path):
+    """A folder others could write before it was checked (made 0700 since) may hold their file or a hard link."""
+    with private_dir.opened_folder(tmp_path / "out") as folder:
+        os.close(private_dir.create_file(folder, "spu.log"))
+        assert _mode(tmp_path / "out" / "spu.log") == 0o600
+        os.close(private_dir.create_file(folder, "spu.log"))  # one of this user's: reopened
+        os.link(tmp_path / "out" / "spu.log", tmp_path / "elsewhere")
+        with pytest.raises(PrivatePathError, match="2 links"):
+            private_dir.create_file(folder, "spu.log")
+        (tmp_path / "out" / "link.log").symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(OSError):
+            private_dir.create_file(folder, "link.log")
+        os.mkfifo(tmp_path / "out" / "fifo.log")
+        with pytest.raises(OSError):  # ENXIO: opened without blocking, and no reader
+            private_dir.create_file(folder, "fifo.log")
+
+
+@needs_root
+def test_a_planted_file_of_another_users_is_refused(tmp_path):
+    with private_dir.opened_folder(tmp_path / "out") as folder:
+        (tmp_path / "out" / "spu.log").write_text("")
+        os.chown(tmp_path / "out" / "spu.log", NOBODY, NOBODY)
+        with pytest.raises(PrivatePathError, match="uid 65534"):
+            private_dir.create_file(folder, "spu.log")
+
+
+@needs_root
+def test_a_folder_above_that_this_user_may_search_but_not_list_is_walked(request):
+    """As the kernel walks a path (0711 /home, 0710 /etc/ssl/private): search permission is enough."""
+    base = Path(tempfile.mkdtemp())  # (pytest's folders above tmp_path are closed to that user)
+    request.addfinalizer(lambda: shutil.rmtree(base))
+    above = _folder(base / "above", 0o711)
+    base.chmod(0o711)
+    theirs = _folder(above / "theirs")
+    (theirs / "ca.crt").write_text("certificate")
+    os.chown(theirs, NOBODY, NOBODY)
+    os.chown(theirs / "ca.crt", NOBODY, NOBODY)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # as that user: root could list any folder
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            private_dir.check_file(theirs / "ca.crt")
+            os.write(write, str(private_dir.open_folder(theirs / "logs").path).encode())
+        except BaseException as e:
+            os.write(write, f"error: {e!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        said = answer.read()
+    os.waitpid(child, 0)
+    assert said == str(theirs / "logs")

@@ -1005,7 +1005,7 @@ def test_log_files_are_private_and_symlinks_are_refused(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
-    with pytest.raises(PartyError, match="its mode 777 lets others write it"):
+    with pytest.raises(PartyError, match="has mode 777: others may write it"):
         private_log_file(shared, "party-P0.log")
 
 
@@ -1026,6 +1026,49 @@ def test_a_log_folder_under_a_folder_others_can_write_is_refused_before_anything
     finally:
         os.umask(old)
     assert [stat.S_IMODE((above / p).stat().st_mode) for p in ("cluster", "cluster/logs")] == [0o700, 0o700]
+
+
+def test_a_log_is_opened_by_the_path_that_was_checked(tmp_path):
+    """An independent review's attack: ``--log-dir S/link/../logs``, S sticky and the link this user's, was checked
+    where the kernel walks it (the link's target's parent), but Python's logging drops ``..`` by text and wrote to
+    S/logs, a folder another user had made there. The log's real path is what the party opens."""
+    from cipherdm_spu.party import _PrivateRotatingFileHandler
+
+    sticky, home = tmp_path / "sticky", tmp_path / "home"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (home / "private").mkdir(parents=True, mode=0o700)
+    (sticky / "link").symlink_to(home / "private")
+    (sticky / "logs").mkdir()
+    (sticky / "logs").chmod(0o777)  # theirs
+    path = private_log_file(sticky / "link" / ".." / "logs", "party-P0.log")
+    assert path == home / "logs" / "party-P0.log"
+    handler = _PrivateRotatingFileHandler(path, maxBytes=1000, backupCount=1)
+    try:
+        assert handler.baseFilename == str(home / "logs" / "party-P0.log")
+    finally:
+        handler.close()
+    assert not list((sticky / "logs").iterdir())
+
+
+def test_the_spu_log_is_a_file_of_this_users_alone_in_a_private_folder(tmp_path):
+    """SPU opens its log by path (a script's ``--out/spu.log``, ``CIPHERDM_SPU_LOG``): a folder above that others can
+    write is refused, and so is a log file someone left (here a hard link to a file elsewhere) in a folder that was
+    open to others before it was made 0700."""
+    from cipherdm_spu.errors import PrivatePathError
+    from cipherdm_spu.profiling import SpuLog
+
+    above = tmp_path / "open"
+    above.mkdir()
+    above.chmod(0o777)
+    with pytest.raises(PrivatePathError, match="on its path has mode 777"):
+        SpuLog(above / "out" / "spu.log")
+    out = tmp_path / "out"
+    out.mkdir(mode=0o700)
+    (tmp_path / "theirs.log").write_text("")
+    os.link(tmp_path / "theirs.log", out / "spu.log")
+    with pytest.raises(PrivatePathError, match="2 links"):
+        SpuLog(out / "spu.log")
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="a symlink of another user's needs root to make")
@@ -1054,8 +1097,8 @@ def test_an_output_folder_others_could_change_is_refused_and_ones_own_closed(tmp
     assert not (above / "run").exists()
     shared = tmp_path / "shared"
     shared.mkdir()
-    shared.chmod(0o770)
-    with pytest.raises(UsageError, match="its mode 770 lets others write it"):
+    shared.chmod(0o707)
+    with pytest.raises(UsageError, match="has mode 707: others may write it"):
         private_output_dir(shared)
     mine = tmp_path / "mine"
     mine.mkdir()
