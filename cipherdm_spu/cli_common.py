@@ -216,14 +216,12 @@ def load_model_dir(path: Path):
 
 
 def private_output_dir(path: Path) -> Path:
-    """The output folder's real path (`private_dir.Folder.path`), the folder made 0700 (missing folders above it too)
-    and this user's alone: no one else may be able to change it or anything on its path (`private_dir`), since the
-    image is written into it by path. An existing folder of this user's is made 0700, so that others cannot list it
-    either."""
+    """The output folder's real path (`private_dir.Folder.path`), the folder this user's alone: no one else may be able
+    to change it or anything on its path (`private_dir`), since the image is written into it by path. Missing folders
+    are made 0700; an existing one keeps its mode (others may list it, never read what is written in it: 0600)."""
     try:
         path = Path(path).absolute()
         with private_dir.opened_folder(path) as folder:
-            os.fchmod(folder.fd, 0o700)
             return folder.path
     except PrivatePathError as e:
         raise UsageError(f"--out {path}: {e}; the image is the user's alone, so no one but this user (uid "
@@ -255,11 +253,11 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, args, summary: Call
     """Run a command: usage errors print the usage and exit 2; failed secure runs exit 1."""
     try:
         report = run(args)
-    except (UsageError, InputError, ClusterConfigError) as err:
+    except (UsageError, InputError, ClusterConfigError, PrivatePathError) as err:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    except (SessionError, ClusterError) as err:  # a party unreachable, refusing, or lost mid-run
+    except (SessionError, ClusterError, OSError) as err:  # a party unreachable, refusing, or lost mid-run; a full disk
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
     print(summary(report))

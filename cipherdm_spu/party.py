@@ -54,7 +54,7 @@ from .link_front import LinkFront
 from .messages import METHODS, POLL_S
 from .pki import peer_identity, shares_a_key
 from .plan import NAME, JobCatalog, Policy, StepProgram, names_of
-from .profiling import SpuLog, parse_party_run
+from .profiling import SpuLog, parse_party_run, private_log_path
 
 log = logging.getLogger("cipherdm_spu.party")
 
@@ -898,7 +898,11 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
     configuration), build the runtime, then serve the party's jobs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the party process decides when this one ends
     die_with_parent()
-    spu_log = SpuLog.get(log_path)
+    try:
+        spu_log = SpuLog.get(log_path)
+    except (PrivatePathError, OSError) as e:  # (its folder was checked when the party started)
+        conn.send(("error", f"cannot open its SPU log: {e}"))
+        return
     try:
         config = libspu.RuntimeConfig()
         config.ParseFromString(runtime_config)
@@ -1216,14 +1220,11 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
 
 
 def private_log_file(log_dir: Path, name: str) -> Path:
-    """The real path (`private_dir.Folder.path`) of ``log_dir/name``, a file of this user's alone, created 0600 in a
-    folder of this user's that no one else can change, nor anything on its path (`private_dir`: a party's logs say
-    what it saw of its jobs, and it writes them by path, as SPU does)."""
+    """The real path of ``log_dir/name``, a file of this user's alone in a folder that no one else can change, nor
+    anything on its path (`profiling.private_log_path`: a party's logs say what it saw of its jobs, and it writes them
+    by path, as SPU does)."""
     try:
-        log_dir = Path(log_dir).absolute()
-        with private_dir.opened_folder(log_dir) as folder:
-            os.close(private_dir.create_file(folder, name))
-            return folder.path / name
+        return private_log_path(Path(log_dir) / name)
     except PrivatePathError as e:
         raise PartyError(f"log folder {log_dir}: {e}; no one but this user (uid {os.getuid()}) and root may be able "
                          "to change it or a folder on its path") from None

@@ -16,9 +16,9 @@ not list is walked as the kernel walks it), each checked before anything is made
 0700, not to the umask). Once the whole path passes, no one else can change it, so a later use by path (a log
 handler, SPU's own log) reaches what was checked, provided it uses the real path the walk returns (`Folder.path`:
 no symlink, no ``..``; Python's logging drops ``..`` by text, which after a symlink names another folder); code that
-can use the open folder's descriptor should (O_NOFOLLOW, ``dir_fd``) all the same. A folder group-writable by a group
-of this user alone (a user private group, as Fedora's umask 002 leaves folders) counts as closed, as Debian's ssh
-accepts it.
+can use the open folder's descriptor should (O_NOFOLLOW, ``dir_fd``) all the same. A folder group-writable by this
+user's private group (its primary group, named as the user, no other member: as Fedora's umask 002 leaves folders)
+counts as closed, as Debian's ssh accepts it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from .errors import PrivatePathError
 #: symlinks followed on one path at most (Linux's own limit)
 MAX_SYMLINKS = 40
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_WALK_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC  # search, not read, permission needed
+#: O_PATH needs search, not read, permission (where the system has it: macOS reads)
+_WALK_DIR = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
 _READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
 
 
@@ -75,20 +76,27 @@ def opened_folder(folder: Path, make: bool = True) -> Iterator[Folder]:
 
 
 def create_file(folder: Folder, name: str, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
-    """A descriptor of file ``name`` in ``folder`` (``flags`` as os.open's), made 0600 where missing; one that is there
-    must be a regular file of this user's alone (one link, mode 600 set): whoever could write the folder before it
-    was checked may have left a file, or a hard link to one, of its own."""
-    fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, 0o600, dir_fd=folder.fd)
+    """A descriptor of file ``name`` in ``folder`` (``flags`` as os.open's): the file that is there where it is a
+    regular file of this user's alone with mode 600 and one link, as made here, else a new one made 0600, whatever was
+    there moved aside to ``name.old``. Whoever could write the folder, or read the file, before it was checked may have
+    left a file or a hard link of its own, or keep the file open: what is written next must go to a file no one else
+    has ever been able to open."""
+    def open_existing() -> int:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=folder.fd)
+
     try:
+        fd = open_existing()
+    except OSError:  # none, or a symlink (ELOOP), a FIFO without a reader (ENXIO), a folder, another's file: aside
+        fd = None
+    if fd is not None:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_nlink != 1:
-            raise PrivatePathError(f"{folder.path / name} is not a regular file of this user's alone (uid "
-                                   f"{info.st_uid}, {info.st_nlink} links): remove it")
-        os.fchmod(fd, 0o600)
-    except BaseException:
+        if (stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and info.st_nlink == 1
+                and stat.S_IMODE(info.st_mode) == 0o600):
+            return fd
         os.close(fd)
-        raise
-    return fd
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(name, name + ".old", src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+    return os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, 0o600, dir_fd=folder.fd)
 
 
 def check_file(path: Path) -> None:
@@ -158,21 +166,21 @@ def _stat_or_make(fd: int, name: str, make: bool) -> os.stat_result:
 
 
 def _writable_by_others(info: os.stat_result) -> bool:
-    """Writable by another user than the owner: by others, or by a group that holds someone else (a group of the
-    owner's alone, a user private group, does not)."""
+    """Writable by another user than the owner: by others, or by a group other than the owner's private group."""
     if info.st_mode & stat.S_IWOTH:
         return True
     return bool(info.st_mode & stat.S_IWGRP) and not _group_of_owner_alone(info.st_gid, info.st_uid)
 
 
 def _group_of_owner_alone(gid: int, uid: int) -> bool:
-    """Whether no user but ``uid`` is in group ``gid``, by its members and everyone's primary group (an unknown group
-    or owner is not)."""
+    """Whether ``gid`` is the user private group of ``uid``: its primary group, named as the user, with no other member
+    and no one else's primary group (an unknown group or owner is not; nor is a group without members that is not the
+    owner's own, as setgid programs use, nor one of a directory service that does not list every user)."""
     try:
-        group, owner = grp.getgrgid(gid), pwd.getpwuid(uid).pw_name
+        group, owner = grp.getgrgid(gid), pwd.getpwuid(uid)
     except KeyError:
         return False
-    if set(group.gr_mem) - {owner}:
+    if gid != owner.pw_gid or group.gr_name != owner.pw_name or set(group.gr_mem) - {owner.pw_name}:
         return False
     return all(user.pw_uid == uid for user in pwd.getpwall() if user.pw_gid == gid)
 

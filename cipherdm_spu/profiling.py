@@ -214,6 +214,16 @@ def combine_party_runs(parties: List[dict], seconds: float) -> RunStats:
     )
 
 
+def private_log_path(path: os.PathLike) -> Path:
+    """The real path (`private_dir.Folder.path`) of log file ``path``, made a file of this user's alone in a private
+    folder (`private_dir.create_file`): SPU opens its log by path, and a log says what each run did.
+    PrivatePathError where someone else could change the folder or one on its path."""
+    path = Path(path).absolute()
+    with private_dir.opened_folder(path.parent) as folder:
+        os.close(private_dir.create_file(folder, path.name))
+        return folder.path / path.name
+
+
 class SpuLog:
     """SPU's process-wide log, sent to a file; hands out the text each run appended.
 
@@ -224,11 +234,8 @@ class SpuLog:
     _lock = threading.Lock()
 
     def __init__(self, path: Path):
-        path = Path(path).absolute()
-        # a file of this user's alone in a private folder (`private_dir`): SPU opens it by path and writes what it ran
-        with private_dir.opened_folder(path.parent) as folder:
-            os.close(private_dir.create_file(folder, path.name))
-            self.path = folder.path / path.name
+        """``path``: a real path, as `private_log_path` returns."""
+        self.path = path
         opts = libspu.logging.LogOptions()
         opts.enable_console_logger = False
         opts.system_log_path = str(self.path)
@@ -240,16 +247,16 @@ class SpuLog:
         """The process's SpuLog, redirected to ``path`` if one is given."""
         with cls._lock:
             if path is not None:
-                path = Path(path).resolve()
+                path = private_log_path(path)
                 if cls._instance is None or cls._instance.path != path:
                     cls._instance = SpuLog(path)
             elif cls._instance is None:
                 if os.environ.get("CIPHERDM_SPU_LOG"):
-                    cls._instance = SpuLog(Path(os.environ["CIPHERDM_SPU_LOG"]))
+                    cls._instance = SpuLog(private_log_path(os.environ["CIPHERDM_SPU_LOG"]))
                 else:  # a private folder of this process's, removed when it exits
                     folder = tempfile.mkdtemp(prefix="cipherdm-spu-log-")
                     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-                    cls._instance = SpuLog(Path(folder) / "spu.log")
+                    cls._instance = SpuLog(private_log_path(Path(folder) / "spu.log"))
             return cls._instance
 
     def offset(self) -> int:

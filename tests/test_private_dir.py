@@ -63,25 +63,30 @@ def test_a_folder_its_group_can_write_is_refused_where_the_group_holds_another_u
         private_dir.open_folder(folder)
 
 
-def test_a_group_of_the_owner_alone_is_no_one_else(monkeypatch):
+def test_a_user_private_group_is_no_one_else_and_no_other_group_is(monkeypatch):
     """A user private group (Fedora's umask 002 leaves folders group-writable) lets no one else write, as Debian's
-    ssh accepts; a group with another member, or another user's primary group, does."""
+    ssh accepts: the owner's primary group, named as the owner, no other member, no one else's primary group. A group
+    without members that is not the owner's own (setgid programs' groups, a directory service's group whose members
+    it does not list) is not."""
     import grp
     import pwd
 
     me = pwd.struct_passwd(("me", "x", 1000, 1000, "", "/home/me", "/bin/sh"))
     other = pwd.struct_passwd(("other", "x", 1001, 1000, "", "/home/other", "/bin/sh"))
-    members = {1000: []}
-    monkeypatch.setattr(grp, "getgrgid", lambda gid: grp.struct_group(("me", "x", gid, members[gid])))
+    groups = {1000: ("me", []), 50: ("staff", [])}
+    monkeypatch.setattr(grp, "getgrgid", lambda gid: grp.struct_group((groups[gid][0], "x", gid, groups[gid][1])))
     monkeypatch.setattr(pwd, "getpwuid", lambda uid: me)
     monkeypatch.setattr(pwd, "getpwall", lambda: [me])
     assert private_dir._group_of_owner_alone(1000, 1000)
-    members[1000] = ["other"]
+    assert not private_dir._group_of_owner_alone(50, 1000)  # no members, but not the owner's own
+    assert not private_dir._group_of_owner_alone(4242, 1000)  # a group no one knows
+    groups[1000] = ("me", ["other"])
     assert not private_dir._group_of_owner_alone(1000, 1000)
-    members[1000] = []
+    groups[1000] = ("users", [])
+    assert not private_dir._group_of_owner_alone(1000, 1000)  # the primary group, but a shared one by its name
+    groups[1000] = ("me", [])
     monkeypatch.setattr(pwd, "getpwall", lambda: [me, other])
     assert not private_dir._group_of_owner_alone(1000, 1000)
-    assert not private_dir._group_of_owner_alone(4242, 1000)  # a group no one knows
 
 
 @needs_root
@@ -192,30 +197,50 @@ def test_the_path_returned_is_the_one_walked_after_a_symlink_and_dotdot(tmp_path
         assert os.path.samestat(os.fstat(folder.fd), (mine / "logs").stat())
 
 
-def test_a_file_made_in_a_folder_must_be_this_users_alone(tmp_path):
-    """A folder others could write before it was checked (made 0700 since) may hold their file or a hard link."""
-    with private_dir.opened_folder(tmp_path / "out") as folder:
+def test_a_file_made_in_a_folder_is_one_no_one_else_has_been_able_to_open(tmp_path):
+    """A folder open to others before it was checked may hold their file, a hard link or a symlink of theirs, or a file
+    they keep open (it was readable): only a file of this user's alone with mode 600, as made here, is reused; anything
+    else is moved aside and the file made anew."""
+    out = tmp_path / "out"
+    with private_dir.opened_folder(out) as folder:
         os.close(private_dir.create_file(folder, "spu.log"))
-        assert _mode(tmp_path / "out" / "spu.log") == 0o600
-        os.close(private_dir.create_file(folder, "spu.log"))  # one of this user's: reopened
-        os.link(tmp_path / "out" / "spu.log", tmp_path / "elsewhere")
-        with pytest.raises(PrivatePathError, match="2 links"):
-            private_dir.create_file(folder, "spu.log")
-        (tmp_path / "out" / "link.log").symlink_to(tmp_path / "elsewhere")
-        with pytest.raises(OSError):
-            private_dir.create_file(folder, "link.log")
-        os.mkfifo(tmp_path / "out" / "fifo.log")
-        with pytest.raises(OSError):  # ENXIO: opened without blocking, and no reader
-            private_dir.create_file(folder, "fifo.log")
+        assert _mode(out / "spu.log") == 0o600
+        os.write(fd := private_dir.create_file(folder, "spu.log"), b"kept\n")  # this user's own: reopened
+        os.close(fd)
+        assert (out / "spu.log").read_text() == "kept\n" and not (out / "spu.log.old").exists()
+
+        def replaced(plant):
+            for stale in (out / "spu.log", out / "spu.log.old"):
+                if stale.is_dir() and not stale.is_symlink():
+                    stale.rmdir()
+                elif stale.exists() or stale.is_symlink():
+                    stale.unlink()
+            plant(out / "spu.log")
+            planted = os.stat(out / "spu.log", follow_symlinks=False)
+            os.close(private_dir.create_file(folder, "spu.log"))
+            new = os.stat(out / "spu.log", follow_symlinks=False)
+            aside = os.stat(out / "spu.log.old", follow_symlinks=False)
+            return (os.path.samestat(aside, planted) and stat.S_ISREG(new.st_mode) and new.st_nlink == 1
+                    and _mode(out / "spu.log") == 0o600 and new.st_size == 0)
+
+        (tmp_path / "theirs").write_text("")
+        assert replaced(lambda p: os.link(tmp_path / "theirs", p))  # a hard link
+        assert replaced(lambda p: p.symlink_to(tmp_path / "theirs"))
+        assert replaced(lambda p: (p.write_text("once readable"), p.chmod(0o644)))  # someone may hold it open
+        assert replaced(os.mkfifo)
+        assert replaced(lambda p: p.mkdir())
+        assert (tmp_path / "theirs").read_text() == ""
 
 
 @needs_root
-def test_a_planted_file_of_another_users_is_refused(tmp_path):
+def test_a_planted_file_of_another_users_is_moved_aside(tmp_path):
     with private_dir.opened_folder(tmp_path / "out") as folder:
-        (tmp_path / "out" / "spu.log").write_text("")
+        (tmp_path / "out" / "spu.log").write_text("theirs")
         os.chown(tmp_path / "out" / "spu.log", NOBODY, NOBODY)
-        with pytest.raises(PrivatePathError, match="uid 65534"):
-            private_dir.create_file(folder, "spu.log")
+        (tmp_path / "out" / "spu.log").chmod(0o600)
+        os.close(private_dir.create_file(folder, "spu.log"))
+    assert (tmp_path / "out" / "spu.log").stat().st_uid == 0 and (tmp_path / "out" / "spu.log").read_text() == ""
+    assert (tmp_path / "out" / "spu.log.old").stat().st_uid == NOBODY
 
 
 @needs_root

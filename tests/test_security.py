@@ -1000,8 +1000,9 @@ def test_log_files_are_private_and_symlinks_are_refused(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == oct(0o600) and oct((tmp_path / "logs").stat().st_mode & 0o777) == oct(0o700)
     (tmp_path / "target").write_text("")
     (tmp_path / "logs" / "evil.log").symlink_to(tmp_path / "target")
-    with pytest.raises(PartyError, match="evil.log"):
-        private_log_file(tmp_path / "logs", "evil.log")
+    path = private_log_file(tmp_path / "logs", "evil.log")  # the symlink is moved aside, never followed
+    assert not path.is_symlink() and (tmp_path / "logs" / "evil.log.old").is_symlink()
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
@@ -1051,10 +1052,12 @@ def test_a_log_is_opened_by_the_path_that_was_checked(tmp_path):
     assert not list((sticky / "logs").iterdir())
 
 
-def test_the_spu_log_is_a_file_of_this_users_alone_in_a_private_folder(tmp_path):
-    """SPU opens its log by path (a script's ``--out/spu.log``, ``CIPHERDM_SPU_LOG``): a folder above that others can
-    write is refused, and so is a log file someone left (here a hard link to a file elsewhere) in a folder that was
-    open to others before it was made 0700."""
+def test_the_spu_log_is_a_file_of_this_users_alone_in_a_private_folder(tmp_path, monkeypatch):
+    """SPU opens its log by path (a session's ``log_file``, a script's ``--out/spu.log``, ``CIPHERDM_SPU_LOG``): a
+    folder above that others can write is refused, a symlink of another user's on the path too (a review had a
+    session's log follow one into the user's .bashrc: the path was resolved before it was checked), and a log file
+    someone left (here a hard link to a file elsewhere) is moved aside, never written."""
+    from cipherdm_spu import SecureSession
     from cipherdm_spu.errors import PrivatePathError
     from cipherdm_spu.profiling import SpuLog
 
@@ -1062,13 +1065,34 @@ def test_the_spu_log_is_a_file_of_this_users_alone_in_a_private_folder(tmp_path)
     above.mkdir()
     above.chmod(0o777)
     with pytest.raises(PrivatePathError, match="on its path has mode 777"):
-        SpuLog(above / "out" / "spu.log")
+        SpuLog.get(above / "out" / "spu.log")
+    with monkeypatch.context() as m:  # (restored at once: SPU's log stays where the process's SpuLog says)
+        m.setattr(SpuLog, "_instance", None)
+        m.setenv("CIPHERDM_SPU_LOG", str(above / "spu.log"))
+        with pytest.raises(PrivatePathError, match="has mode 777: others may write it"):
+            SpuLog.get()
+    if os.getuid() == 0:
+        sticky, home = tmp_path / "sticky", tmp_path / "home"
+        sticky.mkdir()
+        sticky.chmod(0o1777)
+        home.mkdir(mode=0o700)
+        (home / ".bashrc").write_text("")
+        (sticky / "spu.log").symlink_to(home / ".bashrc")
+        os.lchown(sticky / "spu.log", 65534, 65534)
+        with pytest.raises(PrivatePathError, match="sticky has mode 1777: others may write it"):
+            SecureSession("spu", log_file=str(sticky / "spu.log"))  # a log's own folder is this user's alone
+        (sticky / "link").symlink_to(home)
+        os.lchown(sticky / "link", 65534, 65534)
+        with pytest.raises(PrivatePathError, match="link on its path is a symlink owned by uid 65534"):
+            SecureSession("spu", log_file=str(sticky / "link" / ".bashrc"))
+        assert (home / ".bashrc").read_text() == ""
     out = tmp_path / "out"
     out.mkdir(mode=0o700)
     (tmp_path / "theirs.log").write_text("")
     os.link(tmp_path / "theirs.log", out / "spu.log")
-    with pytest.raises(PrivatePathError, match="2 links"):
-        SpuLog(out / "spu.log")
+    with SecureSession("spu", log_file=str(out / "spu.log")) as session:
+        session.run(lambda v: v + 1.0, np.ones(2, np.float32))
+    assert (tmp_path / "theirs.log").read_text() == "" and (out / "spu.log").stat().st_nlink == 1
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="a symlink of another user's needs root to make")
@@ -1102,8 +1126,9 @@ def test_an_output_folder_others_could_change_is_refused_and_ones_own_closed(tmp
         private_output_dir(shared)
     mine = tmp_path / "mine"
     mine.mkdir()
-    mine.chmod(0o755)  # others may list it: closed, so that they cannot see the run's files either
-    assert private_output_dir(mine) == mine and stat.S_IMODE(mine.stat().st_mode) == 0o700
+    mine.chmod(0o755)  # others may list an existing folder (never read what is written there: 0600), as before
+    assert private_output_dir(mine) == mine and stat.S_IMODE(mine.stat().st_mode) == 0o755
+    assert stat.S_IMODE(private_output_dir(tmp_path / "new" / "run").stat().st_mode) == 0o700
 
 
 def test_user_inputs_are_refused_beyond_the_fixed_point_range():
