@@ -257,7 +257,7 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, args, summary: Call
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    except (SessionError, ClusterError, OSError) as err:  # a party unreachable, refusing, or lost mid-run; a full disk
+    except (SessionError, ClusterError) as err:  # a party unreachable, refusing, or lost mid-run
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
     print(summary(report))

@@ -35,6 +35,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -901,7 +902,8 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
     try:
         spu_log = SpuLog.get(log_path)
     except (PrivatePathError, OSError) as e:  # (its folder was checked when the party started)
-        conn.send(("error", f"cannot open its SPU log: {e}"))
+        print(f"party {party.id}: cannot open its SPU log: {e}", file=sys.stderr, flush=True)
+        conn.send(("error", "cannot open its SPU log (the party's output says why)"))
         return
     try:
         config = libspu.RuntimeConfig()

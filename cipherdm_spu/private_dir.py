@@ -24,6 +24,7 @@ counts as closed, as Debian's ssh accepts it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import os
 import pwd
@@ -58,7 +59,7 @@ def open_folder(folder: Path, make: bool = True) -> Folder:
     finally:
         os.close(walked)
     try:
-        _check_own_folder(os.fstat(fd), where)
+        _check_own_folder(fd, where)
     except BaseException:
         os.close(fd)
         raise
@@ -78,25 +79,35 @@ def opened_folder(folder: Path, make: bool = True) -> Iterator[Folder]:
 def create_file(folder: Folder, name: str, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
     """A descriptor of file ``name`` in ``folder`` (``flags`` as os.open's): the file that is there where it is a
     regular file of this user's alone with mode 600 and one link, as made here, else a new one made 0600, whatever was
-    there moved aside to ``name.old``. Whoever could write the folder, or read the file, before it was checked may have
-    left a file or a hard link of its own, or keep the file open: what is written next must go to a file no one else
-    has ever been able to open."""
-    def open_existing() -> int:
-        return os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=folder.fd)
-
-    try:
-        fd = open_existing()
-    except OSError:  # none, or a symlink (ELOOP), a FIFO without a reader (ENXIO), a folder, another's file: aside
-        fd = None
-    if fd is not None:
-        info = os.fstat(fd)
-        if (stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and info.st_nlink == 1
-                and stat.S_IMODE(info.st_mode) == 0o600):
-            return fd
-        os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        os.replace(name, name + ".old", src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
-    return os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, 0o600, dir_fd=folder.fd)
+    there moved aside to ``name.old``. Whoever could write the folder before it was checked may have left a file, a
+    symlink or a hard link of its own there; what is written next goes to a file that is, now, this user's alone. (A
+    file once readable by others and since made 600 cannot be told from one always 600: someone may still hold it
+    open.) PrivatePathError where what is there cannot be moved aside."""
+    for _ in range(8):  # another process of this user's may be making the same file (a shared --out)
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=folder.fd)
+        except OSError:  # none, or a symlink (ELOOP), a FIFO without a reader (ENXIO), a folder, another's file: aside
+            fd = None
+        if fd is not None:
+            info = os.fstat(fd)
+            if (stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and info.st_nlink == 1
+                    and stat.S_IMODE(info.st_mode) == 0o600):
+                return fd
+            os.close(fd)
+        try:
+            os.replace(name, name + ".old", src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+        except FileNotFoundError:  # nothing there
+            pass
+        except OSError as e:
+            raise PrivatePathError(f"{folder.path / name} is not a file of this user's alone and cannot be moved "
+                                   f"aside to {name}.old ({e.strerror}): remove it") from None
+        try:
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, 0o600, dir_fd=folder.fd)
+        except FileExistsError:
+            continue  # made meanwhile: checked as any other
+        os.fchmod(fd, 0o600)  # whatever the umask
+        return fd
+    raise PrivatePathError(f"{folder.path / name} keeps being replaced while it is made")
 
 
 def check_file(path: Path) -> None:
@@ -114,7 +125,7 @@ def _walk(path: Path, make: bool, file: bool) -> Tuple[int, str]:
     pending = list(reversed(path.parts[1:]))
     fd, where, hops = os.open("/", _WALK_DIR), "/", 0
     try:
-        _check_folder_on_path(os.fstat(fd), where)
+        _check_folder_on_path(fd, where)
         while pending:
             part = pending.pop()
             if part in ("", "."):
@@ -133,18 +144,18 @@ def _walk(path: Path, make: bool, file: bool) -> Tuple[int, str]:
                 if os.path.isabs(target):
                     previous, fd, where = fd, os.open("/", _WALK_DIR), "/"
                     os.close(previous)
-                    _check_folder_on_path(os.fstat(fd), where)
+                    _check_folder_on_path(fd, where)
                 pending.extend(reversed([p for p in Path(target).parts if p != "/"]))
                 continue
             if file and not pending:
-                _check_file(info, where)
+                _check_file(info, where, f"/proc/self/fd/{fd}/{part}")
                 return fd, where
             if not stat.S_ISDIR(info.st_mode):
                 raise PrivatePathError(f"{where} is not a directory")
             previous, fd = fd, os.open(part, _WALK_DIR, dir_fd=fd)
             os.close(previous)
             if pending or file:  # (the folder itself: the caller's stricter rule)
-                _check_folder_on_path(os.fstat(fd), where)
+                _check_folder_on_path(fd, where)
         if file:
             raise PrivatePathError(f"{where} is not a regular file")
         return fd, where
@@ -165,17 +176,33 @@ def _stat_or_make(fd: int, name: str, make: bool) -> os.stat_result:
     return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
 
-def _writable_by_others(info: os.stat_result) -> bool:
-    """Writable by another user than the owner: by others, or by a group other than the owner's private group."""
+def _writable_by_others(info: os.stat_result, inode: str) -> bool:
+    """Writable by another user than the owner: by others, or by a group other than the owner's private group. Where
+    an access ACL is set the group bits are its mask, the most any named user or group may do, so a group bit of w
+    counts as others' (``inode``: a path to the inode itself, for its ACL)."""
     if info.st_mode & stat.S_IWOTH:
         return True
-    return bool(info.st_mode & stat.S_IWGRP) and not _group_of_owner_alone(info.st_gid, info.st_uid)
+    if not info.st_mode & stat.S_IWGRP:
+        return False
+    return not _group_of_owner_alone(info.st_gid, info.st_uid) or _has_access_acl(inode)
+
+
+def _has_access_acl(inode: str) -> bool:
+    """Whether ``inode`` has a POSIX access ACL (where it cannot be told, it is taken to have one)."""
+    if not hasattr(os, "getxattr"):
+        return True
+    try:
+        os.getxattr(inode, "system.posix_acl_access")
+    except OSError as e:
+        return e.errno not in (errno.ENODATA, errno.ENOTSUP)
+    return True
 
 
 def _group_of_owner_alone(gid: int, uid: int) -> bool:
     """Whether ``gid`` is the user private group of ``uid``: its primary group, named as the user, with no other member
-    and no one else's primary group (an unknown group or owner is not; nor is a group without members that is not the
-    owner's own, as setgid programs use, nor one of a directory service that does not list every user)."""
+    and no one else's primary group as far as the user database lists (a directory service may not list its users:
+    the name and the primary gid are what mark a user private group). An unknown group or owner is not; nor is a
+    group without members that is not the owner's own, as setgid programs use."""
     try:
         group, owner = grp.getgrgid(gid), pwd.getpwuid(uid)
     except KeyError:
@@ -185,27 +212,29 @@ def _group_of_owner_alone(gid: int, uid: int) -> bool:
     return all(user.pw_uid == uid for user in pwd.getpwall() if user.pw_gid == gid)
 
 
-def _check_folder_on_path(info: os.stat_result, where: str) -> None:
+def _check_folder_on_path(fd: int, where: str) -> None:
+    info = os.fstat(fd)
     if info.st_uid not in (0, os.getuid()):
         raise PrivatePathError(f"{where} on its path is owned by uid {info.st_uid} (choose a folder on a path of "
                                "this user's or root's)")
-    if _writable_by_others(info) and not info.st_mode & stat.S_ISVTX:
+    if _writable_by_others(info, f"/proc/self/fd/{fd}") and not info.st_mode & stat.S_ISVTX:
         raise PrivatePathError(f"{where} on its path has mode {stat.S_IMODE(info.st_mode):o}: others may write it "
                                "and it is not sticky (chmod go-w it, or choose a folder elsewhere)")
 
 
-def _check_own_folder(info: os.stat_result, where: str) -> None:
+def _check_own_folder(fd: int, where: str) -> None:
+    info = os.fstat(fd)
     if info.st_uid != os.getuid():
         raise PrivatePathError(f"{where} is owned by uid {info.st_uid}, not this user")
-    if _writable_by_others(info):
+    if _writable_by_others(info, f"/proc/self/fd/{fd}"):
         raise PrivatePathError(f"{where} has mode {stat.S_IMODE(info.st_mode):o}: others may write it, and may "
                                "have left files in it (choose a new folder)")
 
 
-def _check_file(info: os.stat_result, where: str) -> None:
+def _check_file(info: os.stat_result, where: str, inode: str) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise PrivatePathError(f"{where} is not a regular file")
     if info.st_uid not in (0, os.getuid()):
         raise PrivatePathError(f"{where} is owned by uid {info.st_uid}")
-    if _writable_by_others(info):
+    if _writable_by_others(info, inode):
         raise PrivatePathError(f"{where} has mode {stat.S_IMODE(info.st_mode):o}: others may write it")

@@ -224,6 +224,11 @@ def private_log_path(path: os.PathLike) -> Path:
         return folder.path / path.name
 
 
+def _file_id(path: Path) -> tuple:
+    info = os.stat(path, follow_symlinks=False)
+    return info.st_dev, info.st_ino
+
+
 class SpuLog:
     """SPU's process-wide log, sent to a file; hands out the text each run appended.
 
@@ -236,6 +241,7 @@ class SpuLog:
     def __init__(self, path: Path):
         """``path``: a real path, as `private_log_path` returns."""
         self.path = path
+        self.file = _file_id(path)  # SPU writes this file; a later one at the path (the log moved aside) is another
         opts = libspu.logging.LogOptions()
         opts.enable_console_logger = False
         opts.system_log_path = str(self.path)
@@ -248,7 +254,7 @@ class SpuLog:
         with cls._lock:
             if path is not None:
                 path = private_log_path(path)
-                if cls._instance is None or cls._instance.path != path:
+                if cls._instance is None or (cls._instance.path, cls._instance.file) != (path, _file_id(path)):
                     cls._instance = SpuLog(path)
             elif cls._instance is None:
                 if os.environ.get("CIPHERDM_SPU_LOG"):

@@ -232,6 +232,59 @@ def test_a_file_made_in_a_folder_is_one_no_one_else_has_been_able_to_open(tmp_pa
         assert (tmp_path / "theirs").read_text() == ""
 
 
+def test_what_cannot_be_moved_aside_is_refused_and_processes_making_one_file_at_once_agree(tmp_path):
+    import threading
+
+    out = tmp_path / "out"
+    with private_dir.opened_folder(out) as folder:
+        (out / "spu.log").mkdir()
+        (out / "spu.log.old").mkdir()
+        (out / "spu.log.old" / "kept").write_text("")
+        with pytest.raises(PrivatePathError, match="cannot be moved aside to spu.log.old"):
+            private_dir.create_file(folder, "spu.log")
+        made, errors = [], []
+
+        def make(name):
+            try:
+                fd = private_dir.create_file(folder, name)
+                made.append(os.fstat(fd).st_ino)
+                os.close(fd)
+            except Exception as e:  # noqa: BLE001 - the test's verdict
+                errors.append(e)
+
+        for round_ in range(20):
+            name = f"shared-{round_}.log"
+            (out / name).write_text("")
+            (out / name).chmod(0o644)  # to be moved aside by whoever comes first
+            threads = [threading.Thread(target=make, args=(name,)) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert not errors and len(made) == 80
+
+
+@needs_root
+def test_group_write_under_an_access_acl_is_others_write(tmp_path):
+    """With a POSIX ACL the group bits are its mask: a 0700 folder of root's plus ``user:65534:rwx`` reads 0770, its
+    group root's own private group (here), yet 65534 may write it (a review swapped a log through one)."""
+    import struct
+
+    folder = _folder(tmp_path / "acl")
+    entries = [(0x01, 7, 0), (0x02, 7, NOBODY), (0x04, 0, 0), (0x10, 7, 0), (0x20, 0, 0)]
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(folder, "system.posix_acl_access", acl)
+    except OSError as e:
+        pytest.skip(f"no POSIX ACLs here ({e})")
+    assert _mode(folder) == 0o770
+    with pytest.raises(PrivatePathError, match="has mode 770: others may write it"):
+        private_dir.open_folder(folder)
+    os.removexattr(folder, "system.posix_acl_access")
+    folder.chmod(0o750)
+    os.close(private_dir.open_folder(folder).fd)
+
+
 @needs_root
 def test_a_planted_file_of_another_users_is_moved_aside(tmp_path):
     with private_dir.opened_folder(tmp_path / "out") as folder:

@@ -48,3 +48,22 @@ def test_per_party_compute_adds_up_and_is_empty_where_not_measured():
     assert total.cpu_seconds_per_party == [2.0, 3.0, 1.0] and total.busy_seconds_per_party == [4.0, 4.0, 4.0]
     unmeasured = combine_party_runs([report] * 3, seconds=1.0)  # reports without compute (an older party)
     assert unmeasured.cpu_seconds_per_party == [] and (RunStats.zero() + unmeasured).cpu_seconds_per_party == []
+
+
+def test_a_log_moved_aside_between_sessions_is_followed(tmp_path):
+    """A session's log reopened after it was chmod-ed (or hard-linked by a backup) is moved aside and made anew
+    (`private_dir.create_file`); SPU must then log to the new file, which each run's profile is read from (a review
+    found SPU still writing the moved file and the next run's profile read from an empty one)."""
+    import numpy as np
+
+    from cipherdm_spu import SecureSession
+
+    log = tmp_path / "spu.log"
+    with SecureSession("spu", log_file=str(log)) as session:
+        session.run(lambda v: v * v, np.ones(4, np.float32))
+        first = session.last_stats.send_actions
+    log.chmod(0o640)
+    with SecureSession("spu", log_file=str(log)) as session:
+        session.run(lambda v: v * v, np.ones(4, np.float32))
+        assert session.last_stats.send_actions == first > 0
+    assert (tmp_path / "spu.log.old").stat().st_size > 0 and log.stat().st_size > 0
