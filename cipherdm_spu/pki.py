@@ -10,6 +10,7 @@ its own key.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -33,7 +34,8 @@ def make_development_pki(cluster: ClusterConfig, clients: Iterable[str] = ("owne
     """Write the CAs, the parties' and the named clients' certificates where ``cluster`` expects them.
 
     Keys are written 0600 (and never over an existing file), so a second run refuses rather than
-    replacing a deployment's keys. Returns the paths written.
+    replacing a deployment's keys. Returns the paths written; where one cannot be written (a folder others could
+    change, `private_dir`), none is left.
     """
     for name in clients:
         cluster.client(name)  # refuses a name the config does not list
@@ -96,28 +98,34 @@ def make_development_pki(cluster: ClusterConfig, clients: Iterable[str] = ("owne
     def pem_cert(cert) -> bytes:
         return cert.public_bytes(serialization.Encoding.PEM)
 
-    cas = {}
-    for label, path in (("party", party_ca_path), ("client", client_ca_path)):
-        key = new_key()
-        cert = certificate(f"cipherdm-spu {label} CA", key, None, None, ca=True)
-        cas[label] = (cert, key)
-        write(path, pem_cert(cert), private=False)  # the CA's key is not kept: nothing more can be signed
+    try:  # all or nothing: files left by a failed run would make the next one refuse to overwrite them
+        cas = {}
+        for label, path in (("party", party_ca_path), ("client", client_ca_path)):
+            key = new_key()
+            cert = certificate(f"cipherdm-spu {label} CA", key, None, None, ca=True)
+            cas[label] = (cert, key)
+            write(path, pem_cert(cert), private=False)  # the CA's key is not kept: nothing more can be signed
 
-    party_cert, party_key = cas["party"]
-    for p in cluster.parties:
-        hosts = {split_address(a, p.id)[0] for a in (p.spu_address, p.control_address)}
-        names = [x509.DNSName(p.id)] + [_general_name(h) for h in sorted(hosts)]
-        key = new_key()
-        cert = certificate(p.id, key, party_cert.subject, party_key, names=names,
-                           usage=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH))
-        write(Path(p.tls.key), pem_key(key), private=True)
-        write(Path(p.tls.cert), pem_cert(cert), private=False)
-    client_cert, client_key = cas["client"]
-    for name in clients:
-        key = new_key()
-        cert = certificate(name, key, client_cert.subject, client_key, usage=(ExtendedKeyUsageOID.CLIENT_AUTH,))
-        write(Path(cluster.clients[name].key), pem_key(key), private=True)
-        write(Path(cluster.clients[name].cert), pem_cert(cert), private=False)
+        party_cert, party_key = cas["party"]
+        for p in cluster.parties:
+            hosts = {split_address(a, p.id)[0] for a in (p.spu_address, p.control_address)}
+            names = [x509.DNSName(p.id)] + [_general_name(h) for h in sorted(hosts)]
+            key = new_key()
+            cert = certificate(p.id, key, party_cert.subject, party_key, names=names,
+                               usage=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH))
+            write(Path(p.tls.key), pem_key(key), private=True)
+            write(Path(p.tls.cert), pem_cert(cert), private=False)
+        client_cert, client_key = cas["client"]
+        for name in clients:
+            key = new_key()
+            cert = certificate(name, key, client_cert.subject, client_key, usage=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+            write(Path(cluster.clients[name].key), pem_key(key), private=True)
+            write(Path(cluster.clients[name].cert), pem_cert(cert), private=False)
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
     return written
 
 

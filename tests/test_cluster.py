@@ -318,6 +318,23 @@ def test_certs_are_written_and_read_only_where_no_one_else_can_change_them(tmp_p
             handler.close()
 
 
+def test_certs_are_made_all_or_none(tmp_path, capsys):
+    """A client's files under a folder others can write are refused after the CAs' and parties' were written: none
+    stays behind, so the run can be repeated once the folder is fixed."""
+    config = write_config(tmp_path / "3pc.json", clients=("owner", "user"))
+    raw = json.loads(config.read_text())
+    raw["tls"]["clients"]["user"] = {"cert": "open/user.pem", "key": "open/user.key"}
+    config.write_text(json.dumps(raw))
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o777)
+    assert launch_main(["--config", str(config), "certs", "--clients", "owner,user"]) == 2
+    assert "open has mode 777: others may write it" in capsys.readouterr().err
+    assert not list((tmp_path / "tls").iterdir()) and not list((tmp_path / "open").iterdir())
+    (tmp_path / "open").chmod(0o700)
+    assert launch_main(["--config", str(config), "certs", "--clients", "owner,user"]) == 0
+    assert (tmp_path / "open" / "user.key").is_file()
+
+
 @pytest.mark.slow
 def test_a_party_killed_or_stalled_mid_run_is_named_and_the_others_recover(tmp_path):
     config = write_config(tmp_path / "3pc.json")
