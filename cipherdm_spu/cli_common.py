@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import stat
 import sys
 from pathlib import Path
@@ -231,14 +232,20 @@ def private_output_dir(path: Path) -> Path:
 
 
 def write_private(path: Path, write: Callable[[object], None]) -> None:
-    """Write ``path`` atomically and 0600 through the file object ``write`` is given: the result is the user's alone."""
-    tmp = path.with_name(f".{path.name}.partial")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
+    """Write ``path`` atomically and 0600 through the file object ``write`` is given: the result is the user's alone.
+    (A folder where the file goes, as one open to others before may hold, is moved aside: `private_dir.aside_name`.)"""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        if path.is_dir() and not path.is_symlink():
+            os.rename(path, path.with_name(private_dir.aside_name(path.name)))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def write_array(path: Path, array: np.ndarray) -> None:

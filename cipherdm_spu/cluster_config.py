@@ -171,12 +171,17 @@ def is_ip(host: str) -> bool:
 
 
 def load(path: os.PathLike) -> ClusterConfig:
-    """Read and validate a cluster config file; relative TLS paths are taken from the file's folder."""
+    """Read and validate a cluster config file (one that someone other than this user and root could change, it or a
+    folder on its path, is refused: `private_dir.check_file`); relative TLS paths are taken from the file's folder."""
     path = Path(path)
     try:
+        private_dir.check_file(path.absolute())  # it names the CAs to trust and the addresses to dial
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ClusterConfigError(f"cluster config {path} does not exist") from None
+    except PrivatePathError as e:
+        raise ClusterConfigError(f"cluster config {path}: {e}; it names the CAs a party trusts, so only this user and "
+                                 "root may be able to change it or a folder on its path") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ClusterConfigError(f"cannot read cluster config {path}: {e}") from None
     except json.JSONDecodeError as e:

@@ -548,7 +548,11 @@ class PartyService:
         with self.lock:
             if self.session is not session:
                 raise PartyError("the session ended while it started")
-            rotate_log(self.log_path)  # (between sessions: a worker reads its runs' costs by offset)
+            try:
+                rotate_log(self.log_path)  # (between sessions: a worker reads its runs' costs by offset)
+            except OSError as e:  # its paths stay in the party's log
+                log.warning("party %s: cannot start its SPU log %s afresh: %s", self.party.id, self.log_path, e)
+                raise PartyError(f"party {self.party.id} cannot start its SPU log (its log says why)") from None
             worker = session.worker = _Worker(self.cluster, self.party, self.log_path, session.id, config, agreement,
                                               self.front.open_session())
         worker.call("ready", None, timeout=self.cluster.connect_timeout_s + 60)
@@ -960,6 +964,9 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
                 result["seconds"], result["cpu_seconds"] = seconds, cpu
             else:
                 raise ValueError(f"unknown job {op!r}")
+        except OSError as e:  # its SPU log (a path of the party's host): told to the party's output, not the client
+            print(f"party {party.id}: {op} failed: {e}", file=sys.stderr, flush=True)
+            reply = ("error", f"{op} failed: the party cannot read its SPU log (the party's output says why)")
         except Exception as e:  # noqa: BLE001 - reported to the client through the party
             reply = ("error", f"{op} failed: {_first_lines(e)}")
         else:

@@ -87,9 +87,12 @@ def make_development_pki(cluster: ClusterConfig, clients: Iterable[str] = ("owne
                                      "root may be able to change it or a folder on its path") from None
         except OSError as e:
             raise ClusterConfigError(f"TLS folder {parent}: cannot write {path.name} in it ({e})") from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        written.append(path)
+        written.append(path)  # (removed if anything after fails, this file's write included)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as e:  # a full disk, a quota
+            raise ClusterConfigError(f"TLS folder {parent}: cannot write {path.name} in it ({e})") from None
 
     def pem_key(key) -> bytes:
         return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -18,7 +18,9 @@ handler, SPU's own log) reaches what was checked, provided it uses the real path
 no symlink, no ``..``; Python's logging drops ``..`` by text, which after a symlink names another folder); code that
 can use the open folder's descriptor should (O_NOFOLLOW, ``dir_fd``) all the same. A folder group-writable by this
 user's private group (its primary group, named as the user, no other member: as Fedora's umask 002 leaves folders)
-counts as closed, as Debian's ssh accepts it.
+counts as closed, as Debian's ssh accepts it, unless a POSIX access ACL is set (the group bits are then its mask).
+Owners and modes are what the file system reports: a folder on another user's FUSE mount is refused (`_FuseMounts`),
+and network file systems are outside what they can promise.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import errno
 import grp
 import os
 import pwd
+import secrets
 import stat
+import time
 from pathlib import Path
-from typing import Iterator, NamedTuple, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 from .errors import PrivatePathError
 
@@ -79,7 +83,7 @@ def opened_folder(folder: Path, make: bool = True) -> Iterator[Folder]:
 def create_file(folder: Folder, name: str, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
     """A descriptor of file ``name`` in ``folder`` (``flags`` as os.open's): the file that is there where it is a
     regular file of this user's alone with mode 600 and one link, as made here, else a new one made 0600, whatever was
-    there moved aside to ``name.old``. Whoever could write the folder before it was checked may have left a file, a
+    there moved aside (`aside_name`). Whoever could write the folder before it was checked may have left a file, a
     symlink or a hard link of its own there; what is written next goes to a file that is, now, this user's alone. (A
     file once readable by others and since made 600 cannot be told from one always 600: someone may still hold it
     open.) PrivatePathError where what is there cannot be moved aside."""
@@ -94,13 +98,14 @@ def create_file(folder: Folder, name: str, flags: int = os.O_WRONLY | os.O_APPEN
                     and stat.S_IMODE(info.st_mode) == 0o600):
                 return fd
             os.close(fd)
+        aside = aside_name(name)
         try:
-            os.replace(name, name + ".old", src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+            os.rename(name, aside, src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
         except FileNotFoundError:  # nothing there
             pass
         except OSError as e:
             raise PrivatePathError(f"{folder.path / name} is not a file of this user's alone and cannot be moved "
-                                   f"aside to {name}.old ({e.strerror}): remove it") from None
+                                   f"aside to {aside} ({e.strerror}): remove it") from None
         try:
             fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, 0o600, dir_fd=folder.fd)
         except FileExistsError:
@@ -108,6 +113,12 @@ def create_file(folder: Folder, name: str, flags: int = os.O_WRONLY | os.O_APPEN
         os.fchmod(fd, 0o600)  # whatever the umask
         return fd
     raise PrivatePathError(f"{folder.path / name} keeps being replaced while it is made")
+
+
+def aside_name(name: str) -> str:
+    """A new name for what is moved aside from ``name``: ``name.moved-<UTC time>-<random>``, so nothing earlier is
+    overwritten."""
+    return f"{name}.moved-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 def check_file(path: Path) -> None:
@@ -124,8 +135,10 @@ def _walk(path: Path, make: bool, file: bool) -> Tuple[int, str]:
         raise PrivatePathError(f"{path} is not an absolute path")
     pending = list(reversed(path.parts[1:]))
     fd, where, hops = os.open("/", _WALK_DIR), "/", 0
+    mounts = _FuseMounts()
     try:
         _check_folder_on_path(fd, where)
+        mounts.check(fd, where)
         while pending:
             part = pending.pop()
             if part in ("", "."):
@@ -145,10 +158,16 @@ def _walk(path: Path, make: bool, file: bool) -> Tuple[int, str]:
                     previous, fd, where = fd, os.open("/", _WALK_DIR), "/"
                     os.close(previous)
                     _check_folder_on_path(fd, where)
+                    mounts.check(fd, where)
                 pending.extend(reversed([p for p in Path(target).parts if p != "/"]))
                 continue
             if file and not pending:
                 _check_file(info, where, f"/proc/self/fd/{fd}/{part}")
+                inode = os.open(part, getattr(os, "O_PATH", os.O_RDONLY) | os.O_NOFOLLOW | _CLOEXEC, dir_fd=fd)
+                try:
+                    mounts.check(inode, where)  # (a file may be a mount point of its own)
+                finally:
+                    os.close(inode)
                 return fd, where
             if not stat.S_ISDIR(info.st_mode):
                 raise PrivatePathError(f"{where} is not a directory")
@@ -156,12 +175,77 @@ def _walk(path: Path, make: bool, file: bool) -> Tuple[int, str]:
             os.close(previous)
             if pending or file:  # (the folder itself: the caller's stricter rule)
                 _check_folder_on_path(fd, where)
+            mounts.check(fd, where)
         if file:
             raise PrivatePathError(f"{where} is not a regular file")
         return fd, where
     except BaseException:
         os.close(fd)
         raise
+
+
+class _FuseMounts:
+    """FUSE mounts by mount id, read once a walk from MOUNTINFO where the walk meets one: a FUSE file system reports
+    whatever owners and modes its daemon likes, so one mounted by another user (``user_id`` in its options) proves
+    nothing of what it holds (a review had a result written to another user's daemon through a folder reported as
+    the victim's, 0700). Where the mount table cannot be read (no /proc), nothing is refused: the rules stand on the
+    owners and modes reported. Network file systems (NFS) are outside what owners and modes can promise."""
+
+    def __init__(self):
+        self._by_id: Optional[Dict[int, int]] = None
+
+    def check(self, fd: int, where: str) -> None:
+        mount = _mount_id(fd)
+        if mount is None:
+            return
+        if self._by_id is None:
+            try:
+                with open(MOUNTINFO, encoding="utf-8", errors="replace") as f:
+                    self._by_id = fuse_mounters(f.read())
+            except OSError:
+                self._by_id = {}
+        mounter = self._by_id.get(mount)
+        if mounter is not None and mounter not in (0, os.getuid()):
+            raise PrivatePathError(f"{where} is on a FUSE file system mounted by uid {mounter}, which reports owners "
+                                   "and modes as it likes (choose a folder elsewhere)")
+
+
+#: the mount table (Linux)
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def fuse_mounters(mountinfo: str) -> Dict[int, int]:
+    """Mount id -> the uid that mounted it (its ``user_id`` option; -1 where none is given) for every FUSE mount
+    (types fuse, fuse.*, fuseblk) of a /proc/PID/mountinfo text."""
+    mounters = {}
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        tail = fields[fields.index("-") + 1:]
+        if not tail or not (tail[0] in ("fuse", "fuseblk") or tail[0].startswith("fuse.")):
+            continue
+        options = dict(o.split("=", 1) for o in (tail[2] if len(tail) > 2 else "").split(",") if "=" in o)
+        try:
+            mount = int(fields[0])
+        except ValueError:
+            continue
+        try:
+            mounters[mount] = int(options.get("user_id", "-1"))
+        except ValueError:
+            mounters[mount] = -1
+    return mounters
+
+
+def _mount_id(fd: int) -> Optional[int]:
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _stat_or_make(fd: int, name: str, make: bool) -> os.stat_result:
@@ -171,8 +255,11 @@ def _stat_or_make(fd: int, name: str, make: bool) -> os.stat_result:
     except FileNotFoundError:
         if not make:
             raise
-    with contextlib.suppress(FileExistsError):  # (made by another process meanwhile: checked as any other)
+    try:
         os.mkdir(name, 0o700, dir_fd=fd)  # in a folder only this user and root can change
+        os.chmod(name, 0o700, dir_fd=fd)  # whatever the umask (one clearing the owner's bits too)
+    except FileExistsError:  # (made by another process meanwhile: checked as any other)
+        pass
     return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
 

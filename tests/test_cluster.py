@@ -331,8 +331,37 @@ def test_certs_are_made_all_or_none(tmp_path, capsys):
     assert "open has mode 777: others may write it" in capsys.readouterr().err
     assert not list((tmp_path / "tls").iterdir()) and not list((tmp_path / "open").iterdir())
     (tmp_path / "open").chmod(0o700)
+    real_fdopen, opened = os.fdopen, []
+
+    def full_disk_on_the_third_file(fd, *args, **kwargs):  # a quota or a full disk, the file made but not written
+        opened.append(fd)
+        if len(opened) == 3:
+            os.close(fd)
+            raise OSError(28, "No space left on device")
+        return real_fdopen(fd, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, "fdopen", full_disk_on_the_third_file)
+        assert launch_main(["--config", str(config), "certs", "--clients", "owner,user"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not list((tmp_path / "tls").iterdir()) and not list((tmp_path / "open").iterdir())
     assert launch_main(["--config", str(config), "certs", "--clients", "owner,user"]) == 0
     assert (tmp_path / "open" / "user.key").is_file()
+
+
+def test_a_cluster_config_others_could_change_is_refused(tmp_path):
+    """It names the CAs a party trusts and the addresses it dials."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    config = write_config(folder / "3pc.json")
+    make_certs(config)
+    folder.chmod(0o757)
+    with pytest.raises(ClusterConfigError, match="shared on its path has mode 757"):
+        cc.load(config)
+    folder.chmod(0o755)
+    config.chmod(0o646)
+    with pytest.raises(ClusterConfigError, match="3pc.json has mode 646: others may write it"):
+        cc.load(config)
 
 
 @pytest.mark.slow

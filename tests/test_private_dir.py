@@ -27,8 +27,9 @@ def _folder(path, mode=0o700):
     return path
 
 
-def test_missing_folders_are_made_0700_whatever_the_umask(tmp_path):
-    old = os.umask(0)
+@pytest.mark.parametrize("umask", [0, 0o277])
+def test_missing_folders_are_made_0700_whatever_the_umask(tmp_path, umask):
+    old = os.umask(umask)
     try:
         with private_dir.opened_folder(tmp_path / "a" / "b" / "c") as folder:
             assert os.path.samestat(os.fstat(folder.fd), (tmp_path / "a" / "b" / "c").stat())
@@ -207,21 +208,18 @@ def test_a_file_made_in_a_folder_is_one_no_one_else_has_been_able_to_open(tmp_pa
         assert _mode(out / "spu.log") == 0o600
         os.write(fd := private_dir.create_file(folder, "spu.log"), b"kept\n")  # this user's own: reopened
         os.close(fd)
-        assert (out / "spu.log").read_text() == "kept\n" and not (out / "spu.log.old").exists()
+        assert (out / "spu.log").read_text() == "kept\n" and not list(out.glob("spu.log.moved-*"))
 
         def replaced(plant):
-            for stale in (out / "spu.log", out / "spu.log.old"):
-                if stale.is_dir() and not stale.is_symlink():
-                    stale.rmdir()
-                elif stale.exists() or stale.is_symlink():
-                    stale.unlink()
+            (out / "spu.log").unlink()
             plant(out / "spu.log")
             planted = os.stat(out / "spu.log", follow_symlinks=False)
+            before = set(out.glob("spu.log.moved-*"))
             os.close(private_dir.create_file(folder, "spu.log"))
             new = os.stat(out / "spu.log", follow_symlinks=False)
-            aside = os.stat(out / "spu.log.old", follow_symlinks=False)
-            return (os.path.samestat(aside, planted) and stat.S_ISREG(new.st_mode) and new.st_nlink == 1
-                    and _mode(out / "spu.log") == 0o600 and new.st_size == 0)
+            (aside,) = set(out.glob("spu.log.moved-*")) - before  # nothing moved earlier is overwritten
+            return (os.path.samestat(os.stat(aside, follow_symlinks=False), planted) and stat.S_ISREG(new.st_mode)
+                    and new.st_nlink == 1 and _mode(out / "spu.log") == 0o600 and new.st_size == 0)
 
         (tmp_path / "theirs").write_text("")
         assert replaced(lambda p: os.link(tmp_path / "theirs", p))  # a hard link
@@ -229,19 +227,14 @@ def test_a_file_made_in_a_folder_is_one_no_one_else_has_been_able_to_open(tmp_pa
         assert replaced(lambda p: (p.write_text("once readable"), p.chmod(0o644)))  # someone may hold it open
         assert replaced(os.mkfifo)
         assert replaced(lambda p: p.mkdir())
-        assert (tmp_path / "theirs").read_text() == ""
+        assert (tmp_path / "theirs").read_text() == "" and len(list(out.glob("spu.log.moved-*"))) == 5
 
 
-def test_what_cannot_be_moved_aside_is_refused_and_processes_making_one_file_at_once_agree(tmp_path):
+def test_processes_making_one_file_at_once_agree(tmp_path):
     import threading
 
     out = tmp_path / "out"
     with private_dir.opened_folder(out) as folder:
-        (out / "spu.log").mkdir()
-        (out / "spu.log.old").mkdir()
-        (out / "spu.log.old" / "kept").write_text("")
-        with pytest.raises(PrivatePathError, match="cannot be moved aside to spu.log.old"):
-            private_dir.create_file(folder, "spu.log")
         made, errors = [], []
 
         def make(name):
@@ -293,7 +286,8 @@ def test_a_planted_file_of_another_users_is_moved_aside(tmp_path):
         (tmp_path / "out" / "spu.log").chmod(0o600)
         os.close(private_dir.create_file(folder, "spu.log"))
     assert (tmp_path / "out" / "spu.log").stat().st_uid == 0 and (tmp_path / "out" / "spu.log").read_text() == ""
-    assert (tmp_path / "out" / "spu.log.old").stat().st_uid == NOBODY
+    (aside,) = (tmp_path / "out").glob("spu.log.moved-*")
+    assert aside.stat().st_uid == NOBODY
 
 
 @needs_root
@@ -324,3 +318,32 @@ def test_a_folder_above_that_this_user_may_search_but_not_list_is_walked(request
         said = answer.read()
     os.waitpid(child, 0)
     assert said == str(theirs / "logs")
+
+
+def test_a_fuse_mount_of_another_users_proves_nothing(tmp_path, monkeypatch):
+    """A FUSE daemon reports owners and modes as it likes: a review mounted one (user_allow_other) that showed the
+    victim's uid and 0700, and a result went to the daemon. Folders on another user's FUSE mount are refused; root's
+    and this user's own are walked as any other."""
+    mountinfo = (
+        "22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
+        "41 22 0:40 / /home/bob/box rw,nosuid,nodev - fuse.sshfs bob@host: rw,user_id=1001,group_id=1001\n"
+        "42 22 0:41 / /mnt/lxc rw - fuse lxcfs rw,user_id=0,group_id=0\n"
+        "43 22 8:2 / /media/usb rw - fuseblk /dev/sdb1 rw,user_id=0,group_id=0,allow_other\n")
+    assert private_dir.fuse_mounters(mountinfo) == {41: 1001, 42: 0, 43: 0}
+    folder = _folder(tmp_path / "box")
+    fd = os.open(folder, os.O_PATH)
+    try:
+        mount = private_dir._mount_id(fd)
+    finally:
+        os.close(fd)
+    if mount is None:
+        pytest.skip("no /proc/self/fdinfo here")
+    table = tmp_path / "mountinfo"
+    monkeypatch.setattr(private_dir, "MOUNTINFO", str(table))
+    table.write_text(f"{mount} 1 0:40 / / rw - fuse.evil evil rw,user_id={NOBODY + 1},group_id=0\n")
+    with pytest.raises(PrivatePathError, match=f"FUSE file system mounted by uid {NOBODY + 1}"):
+        private_dir.open_folder(folder)
+    with pytest.raises(PrivatePathError, match="FUSE file system"):
+        private_dir.check_file(tmp_path / "mountinfo")
+    table.write_text(f"{mount} 1 0:40 / / rw - fuse.mine mine rw,user_id={os.getuid()},group_id=0\n")
+    os.close(private_dir.open_folder(folder).fd)

@@ -66,4 +66,5 @@ def test_a_log_moved_aside_between_sessions_is_followed(tmp_path):
     with SecureSession("spu", log_file=str(log)) as session:
         session.run(lambda v: v * v, np.ones(4, np.float32))
         assert session.last_stats.send_actions == first > 0
-    assert (tmp_path / "spu.log.old").stat().st_size > 0 and log.stat().st_size > 0
+    (aside,) = tmp_path.glob("spu.log.moved-*")
+    assert aside.stat().st_size > 0 and log.stat().st_size > 0

@@ -1001,7 +1001,8 @@ def test_log_files_are_private_and_symlinks_are_refused(tmp_path):
     (tmp_path / "target").write_text("")
     (tmp_path / "logs" / "evil.log").symlink_to(tmp_path / "target")
     path = private_log_file(tmp_path / "logs", "evil.log")  # the symlink is moved aside, never followed
-    assert not path.is_symlink() and (tmp_path / "logs" / "evil.log.old").is_symlink()
+    (aside,) = (tmp_path / "logs").glob("evil.log.moved-*")
+    assert not path.is_symlink() and aside.is_symlink()
     assert oct(path.stat().st_mode & 0o777) == oct(0o600)
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
@@ -1129,6 +1130,12 @@ def test_an_output_folder_others_could_change_is_refused_and_ones_own_closed(tmp
     mine.chmod(0o755)  # others may list an existing folder (never read what is written there: 0600), as before
     assert private_output_dir(mine) == mine and stat.S_IMODE(mine.stat().st_mode) == 0o755
     assert stat.S_IMODE(private_output_dir(tmp_path / "new" / "run").stat().st_mode) == 0o700
+    from cipherdm_spu.cli_common import write_json
+
+    (mine / "report.json").mkdir()  # left where the result goes, in a folder once open to others
+    write_json(mine / "report.json", {"secret": 1})
+    assert json.loads((mine / "report.json").read_text()) == {"secret": 1}
+    assert stat.S_IMODE((mine / "report.json").stat().st_mode) == 0o600 and len(list(mine.glob("report.json.moved-*"))) == 1
 
 
 def test_user_inputs_are_refused_beyond_the_fixed_point_range():
