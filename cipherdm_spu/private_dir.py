@@ -239,9 +239,9 @@ def fuse_mounters(mountinfo: str) -> Dict[int, int]:
 
 def _mount_id(fd: int) -> Optional[int]:
     try:
-        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
             for line in f:
-                if line.startswith("mnt_id:"):
+                if line.startswith(b"mnt_id:"):
                     return int(line.split()[1])
     except (OSError, ValueError):
         pass

@@ -291,6 +291,7 @@ def test_a_planted_file_of_another_users_is_moved_aside(tmp_path):
 
 
 @needs_root
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called")  # the child makes system calls only, then _exit
 def test_a_folder_above_that_this_user_may_search_but_not_list_is_walked(request):
     """As the kernel walks a path (0711 /home, 0710 /etc/ssl/private): search permission is enough."""
     base = Path(tempfile.mkdtemp())  # (pytest's folders above tmp_path are closed to that user)
