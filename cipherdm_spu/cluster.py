@@ -343,15 +343,14 @@ def loopback_cluster(folder: Path, link: Optional[Link] = None,
         for s in sockets:
             s.bind(("127.0.0.1", 0))
         ports = [s.getsockname()[1] for s in sockets]
-    config = folder / "3pc.json"
-    config.write_text(json.dumps({
+    config = cluster_config.write_config(folder / "3pc.json", {
         "parties": [{"id": f"P{i}", "spu_address": f"127.0.0.1:{ports[i]}", "control_address": f"127.0.0.1:{ports[3 + i]}"}
                     for i in range(3)],
         "runtime": {"protocol": "ABY3", "field": "FM64", "fraction_bits": 18},
         "tls": {"party_ca": "tls/party-ca.pem", "client_ca": "tls/client-ca.pem",
                 "parties": {f"P{i}": {"cert": f"tls/P{i}.pem", "key": f"tls/P{i}.key"} for i in range(3)},
                 "clients": {c: {"cert": f"tls/{c}.pem", "key": f"tls/{c}.key"} for c in clients}},
-    }, indent=2))
+    })
     from .pki import make_development_pki
 
     make_development_pki(cluster_config.load(config), clients)

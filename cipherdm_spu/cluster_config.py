@@ -170,6 +170,17 @@ def is_ip(host: str) -> bool:
     return True
 
 
+def write_config(path: os.PathLike, raw: dict) -> Path:
+    """Write ``raw`` as the config file ``path``, mode 644 whatever the umask and never through a symlink, so that
+    `load` accepts it (a config others could write is refused); returns the path."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o644)
+        f.write(json.dumps(raw, indent=2) + "\n")
+    return path
+
+
 def load(path: os.PathLike) -> ClusterConfig:
     """Read and validate a cluster config file (one that someone other than this user and root could change, it or a
     folder on its path, is refused: `private_dir.check_file`); relative TLS paths are taken from the file's folder."""

@@ -165,8 +165,7 @@ class LinkEmulator:
         return raw
 
     def write(self, path: os.PathLike) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.config(), indent=2) + "\n")
+        path = cluster_config.write_config(path, self.config())
         cluster_config.load(path)  # what the parties will read must validate
         return path
 

@@ -632,6 +632,9 @@ class PartyService:
                     self._drop_session(f"its job failed: {e}")
             if isinstance(e, PartyError):
                 raise
+            if isinstance(e, OSError):  # a file or resource of this host: its paths stay in the party's log
+                log.warning("party %s: %s", self.party.id, e)
+                raise PartyError(f"party {self.party.id}: an error on its host (its log says why)") from None
             raise PartyError(f"party {self.party.id}: {_first_lines(e)}") from None
         with self.lock:
             if session.job is job:
@@ -964,9 +967,9 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
                 result["seconds"], result["cpu_seconds"] = seconds, cpu
             else:
                 raise ValueError(f"unknown job {op!r}")
-        except OSError as e:  # its SPU log (a path of the party's host): told to the party's output, not the client
+        except OSError as e:  # a file of the party's host (its SPU log): told to the party's output, not the client
             print(f"party {party.id}: {op} failed: {e}", file=sys.stderr, flush=True)
-            reply = ("error", f"{op} failed: the party cannot read its SPU log (the party's output says why)")
+            reply = ("error", f"{op} failed: an error on the party's host (the party's output says why)")
         except Exception as e:  # noqa: BLE001 - reported to the client through the party
             reply = ("error", f"{op} failed: {_first_lines(e)}")
         else:

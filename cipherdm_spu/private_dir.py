@@ -185,26 +185,27 @@ def _walk(path: Path, make: bool, file: bool) -> Tuple[int, str]:
 
 
 class _FuseMounts:
-    """FUSE mounts by mount id, read once a walk from MOUNTINFO where the walk meets one: a FUSE file system reports
-    whatever owners and modes its daemon likes, so one mounted by another user (``user_id`` in its options) proves
-    nothing of what it holds (a review had a result written to another user's daemon through a folder reported as
-    the victim's, 0700). Where the mount table cannot be read (no /proc), nothing is refused: the rules stand on the
-    owners and modes reported. Network file systems (NFS) are outside what owners and modes can promise."""
+    """The mount table, read from MOUNTINFO where a walk first needs it and again for a mount it does not list: a FUSE
+    file system reports whatever owners and modes its daemon likes, so one mounted by another user (``user_id`` in
+    its options) proves nothing of what it holds (a review had a result written to another user's daemon through a
+    folder reported as the victim's, 0700). A mount the table still does not list once read again (one made after
+    the descriptor was opened cannot be: the descriptor holds it) is refused. Only where /proc is not mounted at all
+    (no /proc/self) nothing is refused: the rules stand on the owners and modes reported. Network file systems (NFS)
+    are outside what owners and modes can promise; ``user_id`` is read as this process's namespace sees it."""
 
     def __init__(self):
-        self._by_id: Optional[Dict[int, int]] = None
+        self._mounters: Optional[Dict[int, Optional[int]]] = None
 
     def check(self, fd: int, where: str) -> None:
         mount = _mount_id(fd)
-        if mount is None:
+        if mount is None:  # no /proc
             return
-        if self._by_id is None:
-            try:
-                with open(MOUNTINFO, encoding="utf-8", errors="replace") as f:
-                    self._by_id = fuse_mounters(f.read())
-            except OSError:
-                self._by_id = {}
-        mounter = self._by_id.get(mount)
+        if self._mounters is None or mount not in self._mounters:
+            with open(MOUNTINFO, "rb") as f:
+                self._mounters = mount_owners(f.read().decode("utf-8", "replace"))
+        if mount not in self._mounters:
+            raise PrivatePathError(f"{where} is on mount {mount}, which the mount table does not list")
+        mounter = self._mounters[mount]
         if mounter is not None and mounter not in (0, os.getuid()):
             raise PrivatePathError(f"{where} is on a FUSE file system mounted by uid {mounter}, which reports owners "
                                    "and modes as it likes (choose a folder elsewhere)")
@@ -214,38 +215,37 @@ class _FuseMounts:
 MOUNTINFO = "/proc/self/mountinfo"
 
 
-def fuse_mounters(mountinfo: str) -> Dict[int, int]:
-    """Mount id -> the uid that mounted it (its ``user_id`` option; -1 where none is given) for every FUSE mount
-    (types fuse, fuse.*, fuseblk) of a /proc/PID/mountinfo text."""
-    mounters = {}
+def mount_owners(mountinfo: str) -> Dict[int, Optional[int]]:
+    """Mount id -> None for every mount of a /proc/PID/mountinfo text, except FUSE mounts (types fuse, fuse.*,
+    fuseblk): the uid that mounted them (their ``user_id`` option; -1 where none can be read)."""
+    owners: Dict[int, Optional[int]] = {}
     for line in mountinfo.splitlines():
         fields = line.split()
-        if "-" not in fields:
+        try:
+            mount = int(fields[0])
+        except (IndexError, ValueError):
             continue
-        tail = fields[fields.index("-") + 1:]
+        tail = fields[fields.index("-") + 1:] if "-" in fields else []
         if not tail or not (tail[0] in ("fuse", "fuseblk") or tail[0].startswith("fuse.")):
+            owners[mount] = None
             continue
         options = dict(o.split("=", 1) for o in (tail[2] if len(tail) > 2 else "").split(",") if "=" in o)
         try:
-            mount = int(fields[0])
+            owners[mount] = int(options.get("user_id", "-1"))
         except ValueError:
-            continue
-        try:
-            mounters[mount] = int(options.get("user_id", "-1"))
-        except ValueError:
-            mounters[mount] = -1
-    return mounters
+            owners[mount] = -1
+    return owners
 
 
 def _mount_id(fd: int) -> Optional[int]:
-    try:
-        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"mnt_id:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+    """The mount ``fd`` is on, from /proc/self/fdinfo; None only where /proc is not mounted (OSError otherwise)."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/fdinfo/{fd} gives no mount id")
 
 
 def _stat_or_make(fd: int, name: str, make: bool) -> os.stat_result:
@@ -324,4 +324,4 @@ def _check_file(info: os.stat_result, where: str, inode: str) -> None:
     if info.st_uid not in (0, os.getuid()):
         raise PrivatePathError(f"{where} is owned by uid {info.st_uid}")
     if _writable_by_others(info, inode):
-        raise PrivatePathError(f"{where} has mode {stat.S_IMODE(info.st_mode):o}: others may write it")
+        raise PrivatePathError(f"{where} has mode {stat.S_IMODE(info.st_mode):o}: others may write it (chmod go-w it)")

@@ -1,7 +1,6 @@
 """A real three-process cluster on loopback, started as the README says: certificates, spu-launch, upload."""
 
 import contextlib
-import json
 import signal
 import socket
 import subprocess
@@ -73,8 +72,7 @@ def write_config(path, ports=None, clients=("owner", "user", "user-bob", "user-c
         "timeouts": {"connect_s": CONNECT_S, "recv_s": RECV_S, **timeouts},
         "tls": tls_section(clients),
     }
-    path.write_text(json.dumps(raw))
-    return path
+    return cc.write_config(path, raw)
 
 
 def make_certs(config, clients="owner,user,user-bob,user-carol"):

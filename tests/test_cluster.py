@@ -362,6 +362,13 @@ def test_a_cluster_config_others_could_change_is_refused(tmp_path):
     config.chmod(0o646)
     with pytest.raises(ClusterConfigError, match="3pc.json has mode 646: others may write it"):
         cc.load(config)
+    old = os.umask(0o002)  # a shared group's umask: what the project writes itself must still load
+    try:
+        written = cc.write_config(tmp_path / "written.json", json.loads(config.read_text()))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644
+    cc.load(written)
 
 
 @pytest.mark.slow

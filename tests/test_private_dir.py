@@ -323,28 +323,46 @@ def test_a_folder_above_that_this_user_may_search_but_not_list_is_walked(request
 
 def test_a_fuse_mount_of_another_users_proves_nothing(tmp_path, monkeypatch):
     """A FUSE daemon reports owners and modes as it likes: a review mounted one (user_allow_other) that showed the
-    victim's uid and 0700, and a result went to the daemon. Folders on another user's FUSE mount are refused; root's
-    and this user's own are walked as any other."""
+    victim's uid and 0700, and a result went to the daemon. A folder or file on another user's FUSE mount is refused
+    (here the mount table and the folder's mount are stood in for: mounting needs FUSE); root's and this user's own
+    are walked as any other; a mount the table does not list is refused."""
     mountinfo = (
         "22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
         "41 22 0:40 / /home/bob/box rw,nosuid,nodev - fuse.sshfs bob@host: rw,user_id=1001,group_id=1001\n"
         "42 22 0:41 / /mnt/lxc rw - fuse lxcfs rw,user_id=0,group_id=0\n"
-        "43 22 8:2 / /media/usb rw - fuseblk /dev/sdb1 rw,user_id=0,group_id=0,allow_other\n")
-    assert private_dir.fuse_mounters(mountinfo) == {41: 1001, 42: 0, 43: 0}
-    folder = _folder(tmp_path / "box")
-    fd = os.open(folder, os.O_PATH)
-    try:
-        mount = private_dir._mount_id(fd)
-    finally:
-        os.close(fd)
-    if mount is None:
-        pytest.skip("no /proc/self/fdinfo here")
+        "43 22 8:2 / /media/usb rw - fuseblk /dev/sdb1 rw,allow_other\n")
+    assert private_dir.mount_owners(mountinfo) == {22: None, 41: 1001, 42: 0, 43: -1}
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here")
+    box = _folder(tmp_path / "box")
+    (box / "ca.pem").write_text("certificate")
+    (box / "inner").mkdir(mode=0o700)
+    real_mount_id, fake = private_dir._mount_id, {}
+
+    def mount_id(fd):  # the box, or a file in it, on mount 4242
+        info = os.fstat(fd)
+        return next((m for target, m in fake.items() if os.path.samestat(info, target.stat())), real_mount_id(fd))
+
+    monkeypatch.setattr(private_dir, "_mount_id", mount_id)
     table = tmp_path / "mountinfo"
+    table.write_text(open("/proc/self/mountinfo").read()
+                     + f"4242 1 0:99 / {box} rw - fuse.evil evil rw,user_id={NOBODY + 1},group_id=0\n")
     monkeypatch.setattr(private_dir, "MOUNTINFO", str(table))
-    table.write_text(f"{mount} 1 0:40 / / rw - fuse.evil evil rw,user_id={NOBODY + 1},group_id=0\n")
-    with pytest.raises(PrivatePathError, match=f"FUSE file system mounted by uid {NOBODY + 1}"):
-        private_dir.open_folder(folder)
-    with pytest.raises(PrivatePathError, match="FUSE file system"):
-        private_dir.check_file(tmp_path / "mountinfo")
-    table.write_text(f"{mount} 1 0:40 / / rw - fuse.mine mine rw,user_id={os.getuid()},group_id=0\n")
-    os.close(private_dir.open_folder(folder).fd)
+    os.close(private_dir.open_folder(tmp_path).fd)  # above it: another mount
+    fake[box] = 4242
+    for walk in (lambda: private_dir.open_folder(box), lambda: private_dir.open_folder(box / "inner"),
+                 lambda: private_dir.check_file(box / "ca.pem")):
+        with pytest.raises(PrivatePathError, match=f"{box} is on a FUSE file system mounted by uid {NOBODY + 1}"):
+            walk()
+    fake.clear()
+    fake[box / "ca.pem"] = 4242  # a file that is a mount point of its own
+    with pytest.raises(PrivatePathError, match=f"{box}/ca.pem is on a FUSE file system mounted by uid {NOBODY + 1}"):
+        private_dir.check_file(box / "ca.pem")
+    fake.clear()
+    fake[box] = 4343
+    with pytest.raises(PrivatePathError, match=f"{box} is on mount 4343, which the mount table does not list"):
+        private_dir.open_folder(box)
+    table.write_text(open("/proc/self/mountinfo").read()
+                     + f"4242 1 0:99 / {box} rw - fuse.mine mine rw,user_id={os.getuid()},group_id=0\n")
+    fake[box] = 4242
+    os.close(private_dir.open_folder(box).fd)
