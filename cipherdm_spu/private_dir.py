@@ -42,7 +42,8 @@ from .errors import PrivatePathError
 MAX_SYMLINKS = 40
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 #: O_PATH needs search, not read, permission (where the system has it: macOS reads)
-_WALK_DIR = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+_PATH_ONLY = getattr(os, "O_PATH", os.O_RDONLY)
+_WALK_DIR = _PATH_ONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
 _READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
 
 
@@ -161,10 +162,10 @@ def _walk(path: Path, make: bool, file: bool) -> Tuple[int, str]:
                     mounts.check(fd, where)
                 pending.extend(reversed([p for p in Path(target).parts if p != "/"]))
                 continue
-            if file and not pending:
-                _check_file(info, where, f"/proc/self/fd/{fd}/{part}")
-                inode = os.open(part, getattr(os, "O_PATH", os.O_RDONLY) | os.O_NOFOLLOW | _CLOEXEC, dir_fd=fd)
+            if file and not pending:  # checked through a descriptor, as the folders are
+                inode = os.open(part, _PATH_ONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=fd)
                 try:
+                    _check_file(inode, where)
                     mounts.check(inode, where)  # (a file may be a mount point of its own)
                 finally:
                     os.close(inode)
@@ -318,10 +319,11 @@ def _check_own_folder(fd: int, where: str) -> None:
                                "have left files in it (choose a new folder)")
 
 
-def _check_file(info: os.stat_result, where: str, inode: str) -> None:
+def _check_file(fd: int, where: str) -> None:
+    info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise PrivatePathError(f"{where} is not a regular file")
     if info.st_uid not in (0, os.getuid()):
         raise PrivatePathError(f"{where} is owned by uid {info.st_uid}")
-    if _writable_by_others(info, inode):
+    if _writable_by_others(info, f"/proc/self/fd/{fd}"):
         raise PrivatePathError(f"{where} has mode {stat.S_IMODE(info.st_mode):o}: others may write it (chmod go-w it)")

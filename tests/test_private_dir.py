@@ -276,6 +276,12 @@ def test_group_write_under_an_access_acl_is_others_write(tmp_path):
     os.removexattr(folder, "system.posix_acl_access")
     folder.chmod(0o750)
     os.close(private_dir.open_folder(folder).fd)
+    ca = folder / "ca.pem"  # a file read by path, checked the same way
+    ca.write_text("certificate")
+    entries = [(0x01, 6, 0), (0x02, 6, NOBODY), (0x04, 0, 0), (0x10, 6, 0), (0x20, 0, 0)]
+    os.setxattr(ca, "system.posix_acl_access", struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries))
+    with pytest.raises(PrivatePathError, match="ca.pem has mode 660: others may write it"):
+        private_dir.check_file(ca)
 
 
 @needs_root
