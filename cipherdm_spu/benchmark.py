@@ -38,6 +38,7 @@ import numpy as np
 
 from . import linalg, ops, registry
 from .floor_kernels import kernel_floor
+from .jobs import sample_shape
 from .models import DDIMSampler, ScheduleConfig, UNet2DModel
 from .profiling import RunStats
 from .protocols.cipherdm import fold_exps_pays, softmax_in_form, tournament_levels
@@ -101,12 +102,13 @@ class StepCase:
 
 
 def mnist_step_case(model_dir: Path, batch: int, seed: int) -> StepCase:
-    """Step 25 of DDIM-50 of a shipped MNIST model (class labels 0, 1, ...), on Gaussian x of ``seed``."""
+    """Step 25 of DDIM-50 of a class-conditional model such as the shipped MNIST ones (class labels 0, 1, ...), on
+    Gaussian x of ``seed`` in the model's sample shape (the shape the cluster samples it in)."""
     model, params = UNet2DModel.from_pretrained(model_dir)
     sampler = DDIMSampler(ScheduleConfig.from_file(model_dir), 50)
     index = 25
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    x = rng.standard_normal((batch, *sample_shape(model))).astype(np.float32)
     labels = np.eye(10, dtype=np.float32)[np.arange(batch) % 10]
     terms = model.apply(params, int(sampler.timesteps[index]), method=model.time_terms)
     terms = jax.tree_util.tree_map(np.asarray, terms)

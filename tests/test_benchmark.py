@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 
 from cipherdm_spu import Public, RunStats, SecureSession, ops, registry
-from cipherdm_spu.benchmark import (COMPARISON_OPS, OVERRIDE_KERNELS, NonlinearCall, StepCase, estimate_latency,
+from cipherdm_spu.benchmark import (COMPARISON_OPS, OVERRIDE_KERNELS, NonlinearCall, estimate_latency,
                                     estimate_terms, linear_floor, measure_override, measure_softmax_forms, measure_step,
-                                    nonlinear_calls, ratios, softmax_call_cost)
+                                    mnist_step_case, nonlinear_calls, ratios, softmax_call_cost)
 from cipherdm_spu.protocols.cipherdm import tournament_levels
 from cipherdm_spu.protocols.coefficients import MASKED_ACTIVATIONS
-from cipherdm_spu.models import UNet2DModel
 
 from .conftest import fewest_send_actions
 from .scripts import load_script
-from .test_sampling import TINY, tiny_model  # noqa: F401 - the fixture
+from .test_sampling import tiny_model  # noqa: F401 - the fixture
 
 
 def test_nonlinear_calls_finds_every_op_with_shape_and_params():
@@ -69,8 +68,13 @@ def test_softmax_forms_are_measured_side_by_side_on_the_same_logits():
     assert pairs["busiest_party_bytes"] < threes["busiest_party_bytes"] < kernel["busiest_party_bytes"]
 
 
+# How far two runs of one program may differ in send actions: SPU's counts move by a few between runs, most on a busy
+# machine (SPU's softmax on 2 x 32 x 256 logits with values: 181-184 quiet, 179 on one run of the suite in full).
+SEND_ACTIONS_NOISE = 5
+
+
 def test_a_softmax_call_is_priced_by_fewer_rows_in_its_own_form(sessions):
-    """A call priced by a quarter of its rows sends the call's bytes (within 2 %) in its send actions (within 3), for
+    """A call priced by a quarter of its rows sends the call's bytes (within 2 %) in its send actions (within 5), for
     SPU's softmax and ours; and a call too large to run here is priced in the form it would take (ours takes another
     for 2**18 elements than for 2**12: the tournament's bits ANDed and the exps apart, more send actions, fewer
     bytes per row)."""
@@ -80,13 +84,13 @@ def test_a_softmax_call_is_priced_by_fewer_rows_in_its_own_form(sessions):
         session = sessions[name]
         session.run(lambda a: ops.softmax(a, axis=2, scale=0.25), x)
         full = session.last_stats
-        # send actions vary by a few from run to run (5 seen once): each side's fewest of a few runs
+        # send actions vary by a few from run to run: each side's fewest of a few runs, within SEND_ACTIONS_NOISE
         fewest = fewest_send_actions(session, lambda a: ops.softmax(a, axis=2, scale=0.25), x)
         pricings = [softmax_call_cost(session, call, max_elements=16 * 256) for _ in range(2)]
         priced = pricings[0]
         assert (priced["rows"], priced["measured_rows"]) == (64, 16)
         assert priced["bytes_sent"] == pytest.approx(full.bytes_sent, rel=0.02), name
-        assert abs(min(p["send_actions"] for p in pricings) - fewest) <= 3, name
+        assert abs(min(p["send_actions"] for p in pricings) - fewest) <= SEND_ACTIONS_NOISE, name
     assert tournament_levels(256, 2**18) != tournament_levels(256, 2**12)
     large = softmax_call_cost(sessions["cipherdm"], NonlinearCall("softmax", (1024, 256), {"axis": 1}), max_elements=2**12)
     small = softmax_call_cost(sessions["cipherdm"], NonlinearCall("softmax", (16, 256), {"axis": 1}), max_elements=2**12)
@@ -97,7 +101,7 @@ def test_a_softmax_call_is_priced_by_fewer_rows_in_its_own_form(sessions):
 
 def test_a_softmax_call_that_weighs_values_is_priced_with_them(sessions):
     """Attention's call (the values handed to the softmax) priced by a quarter of its rows in each batch element, with
-    values of its width: the call's bytes within 2 % and its send actions within 3 (SPU multiplies each batch
+    values of its width: the call's bytes within 2 % and its send actions within 5 (SPU multiplies each batch
     element apart), for SPU's softmax (the product after its probabilities) and ours (before dividing)."""
     call = NonlinearCall("softmax", (2, 32, 256), {"axis": 2, "scale": 0.25}, ((2, 256, 8),))
     rng = np.random.default_rng(0)
@@ -112,7 +116,7 @@ def test_a_softmax_call_that_weighs_values_is_priced_with_them(sessions):
         priced = pricings[0]
         assert (priced["rows"], priced["measured_rows"]) == (64, 16)
         assert priced["bytes_sent"] == pytest.approx(full, rel=0.02), name
-        assert abs(min(p["send_actions"] for p in pricings) - fewest) <= 3, name
+        assert abs(min(p["send_actions"] for p in pricings) - fewest) <= SEND_ACTIONS_NOISE, name
         without = softmax_call_cost(session, call._replace(other_shapes=()), max_elements=16 * 256)
         assert priced["bytes_sent"] != without["bytes_sent"], name
 
@@ -145,24 +149,18 @@ def test_the_softmax_forms_table_names_the_kernels_form_and_prices_each():
     assert cells[6:] == ["1401 / 1901 / 2201", "13.3 / 13.3 / 13.3 |"]  # with the form's seconds
 
 
-def test_measure_step_on_a_tiny_unet():
-    model = UNet2DModel.from_config(TINY)
-    params = model.init_params(jax.random.PRNGKey(0))
-    x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
-    labels = np.eye(10, dtype=np.float32)[[2]]
-    terms = jax.tree_util.tree_map(np.asarray, model.apply(params, 100, method=model.time_terms))
-
-    def step(weights, x, labels, terms):
-        return model.apply(weights, x, class_labels=labels, time_terms=terms)
-
-    case = StepCase("tiny", params, (x, labels, terms), step, lambda: np.asarray(step(params, x, labels, terms)))
+def test_measure_step_on_a_tiny_unet(tiny_model):  # noqa: F811
+    """The benchmark's step case on the tiny model (the programs the script's tests below run again, from the
+    compile cache)."""
+    case = mnist_step_case(tiny_model, 1, 0)
+    assert case.inputs[0].shape == (1, 1, 8, 8)  # the model's sample shape
     rows, ops_in_program = {}, {}
     for name in ("spu", "cipherdm"):
         with SecureSession(name) as session:
             rows[name] = measure_step(session, case)
             # the executable the step ran (the session's cache): the ops the profile counts are its (all but a few)
-            shared = session.share(params)
-            ops_in_program[name] = session.compile(step, shared, x, labels, terms).mlir.count("= pphlo.")
+            shared = session.share(case.weights)
+            ops_in_program[name] = session.compile(case.secure_fn, shared, *case.inputs).mlir.count("= pphlo.")
             session.delete(shared)
     ratios(rows)
     for name, row in rows.items():

@@ -3,7 +3,6 @@ the parser does not understand is refused (fail closed)."""
 
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,9 +10,9 @@ import pytest
 from cipherdm_spu import Public, SecureSession, ops
 from cipherdm_spu.ir_audit import IrAuditError, audit, declassifications
 from cipherdm_spu.registry import available_protocol_sets
-from cipherdm_spu.sampling import SecureDiffusion
-from cipherdm_spu.models import DDPMSampler, ScheduleConfig, UNet2DModel
-from tests.test_sampling import TINY
+from cipherdm_spu.jobs import sample_shape
+from cipherdm_spu.sampling import SecureDiffusion, one_hot
+from tests.test_sampling import prepare_for, tiny_model  # noqa: F401 - the fixture
 
 S4 = "tensor<4x!pphlo.secret<f32>>"
 SECRET_TO_PUBLIC = f"%1 = pphlo.convert %0 : ({S4}) -> tensor<4xf32>"
@@ -40,12 +39,6 @@ def compile_small(session):
     fn = lambda x, w, c: ops.softmax(ops.silu(x @ w) * c) + jnp.max(x, axis=-1, keepdims=True)  # noqa: E731
     return session.compile(fn, np.ones((2, 4), np.float32), np.ones((4, 4), np.float32),
                            Public(np.ones(4, np.float32))).mlir
-
-
-@pytest.fixture(scope="module")
-def tiny_unet():
-    model = UNet2DModel.from_config(TINY)
-    return model, model.init_params(jax.random.PRNGKey(0))
 
 
 def insert_in_main(ir: str, lines: str) -> str:
@@ -138,16 +131,17 @@ def test_compiled_secret_computation_reveals_nothing(sessions):
 
 
 @pytest.mark.parametrize("protocol", available_protocol_sets())
-def test_real_executables_audit_clean(sessions, tiny_unet, protocol):
-    """silu/softmax/max/matmul and the tiny UNet sampling step, as compiled for each protocol set."""
+def test_real_executables_audit_clean(sessions, tiny_model, protocol):  # noqa: F811
+    """silu/softmax/max/matmul and a sampling step, as compiled for each protocol set: the step run_ddim.py runs in
+    test_sampling's end-to-end test (DDIM, eta 0.5, two labels, the tiny model), which then finds it compiled."""
     session = session_for(sessions, protocol)
-    model, params = tiny_unet
-    sampler = DDPMSampler(ScheduleConfig(), 4)
+    model, params, sampler, labels, batch, _, _ = prepare_for(tiny_model, "--scheduler", "ddim", "--steps", "2",
+                                                              "--labels", "1,4", "--eta", "0.5", "--protocol", protocol)
     diffusion = SecureDiffusion(session, model, params, sampler)
     try:
-        args = (diffusion._weights, np.zeros((1, 1, 8, 8), np.float32), np.eye(10, dtype=np.float32)[[3]],
-                diffusion.time_terms(sampler.timesteps[0]), Public(sampler.coefficient_table()[0]),
-                np.zeros((1, 1, 8, 8), np.float32))
+        x = np.zeros((batch, *sample_shape(model)), np.float32)
+        args = (diffusion._weights, x, one_hot(labels, model.config.num_class_embeds),
+                diffusion.time_terms(sampler.timesteps[0]), Public(sampler.coefficient_table()[0]), x)
         step = session.compile(diffusion._step, *args).mlir
         small = compile_small(session)
     finally:

@@ -9,7 +9,7 @@ import pytest
 
 from cipherdm_spu import Public, SecureSession
 from cipherdm_spu.ir_audit import declassifications
-from cipherdm_spu.sampling import SecureDiffusion, draw_noise, sample_plaintext
+from cipherdm_spu.sampling import SecureDiffusion, draw_noise, one_hot, sample_plaintext
 from cipherdm_spu.sampling_cli import DEFAULT_STEPS, MAIN_SAMPLER, build_parser, main, prepare
 from cipherdm_spu.models import DDIMSampler, DDPMSampler, ScheduleConfig, UNet2DModel
 from cipherdm_spu.models.schedulers import initial_state, make_sampler
@@ -20,9 +20,11 @@ TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8,
             norm_num_groups=4, attention_head_dim=8, num_class_embeds=10)
 
 
-def prepare_for(model_dir, *argv):
-    args = build_parser("ddim").parse_args(["--model", str(model_dir), *argv])
-    args.kind = "ddim"
+def prepare_for(model_dir, *argv, kind: str = "ddim"):
+    """What run_ddim.py (run_ddpm.py for ``kind="ddpm"``) makes of its arguments: the model, sampler and labels it
+    samples with."""
+    args = build_parser(kind).parse_args(["--model", str(model_dir), *argv])
+    args.kind = kind
     return prepare(args)
 
 
@@ -129,18 +131,19 @@ def test_malformed_model_directory(tiny_model, tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sampler", [DDPMSampler(ScheduleConfig(), 4), make_sampler("unipc", ScheduleConfig(), 4)],
+@pytest.mark.parametrize("kind, argv", [("ddpm", ["--steps", "3", "--batch", "3", "--labels", "7"]),
+                                        ("ddim", ["--scheduler", "unipc", "--steps", "3", "--labels", "2,5"])],
                          ids=["ddpm", "unipc"])
-def test_step_executable_reveals_nothing(tiny_model, sessions, sampler):
+def test_step_executable_reveals_nothing(tiny_model, sessions, kind, argv):
     """Static check on the SPU IR of the per-step executable: no secret value becomes public (a multistep
-    solver's remembered outputs included)."""
-    model, params = UNet2DModel.from_pretrained(tiny_model)
+    solver's remembered outputs included). The steps of the end-to-end runs above (found in the compile cache)."""
+    model, params, sampler, labels, batch, _, _ = prepare_for(tiny_model, *argv, kind=kind)
     diffusion = SecureDiffusion(sessions["cipherdm"], model, params, sampler)
-    x = initial_state(sampler, np.zeros((1, 1, 8, 8), np.float32))
+    noise = np.zeros((batch, 1, 8, 8), np.float32)
     try:
-        args = (diffusion._weights, x, np.eye(10, dtype=np.float32)[[3]],
+        args = (diffusion._weights, initial_state(sampler, noise), one_hot(labels, model.config.num_class_embeds),
                 diffusion.time_terms(sampler.timesteps[0]), Public(sampler.coefficient_table()[0]),
-                np.zeros((1, 1, 8, 8), np.float32) if sampler.noisy else None)
+                noise if sampler.noisy else None)
         compiled = sessions["cipherdm"].compile(diffusion._step, *args)
     finally:
         diffusion.close()

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cipherdm_spu import Public, SecureSession
+from cipherdm_spu import SecureSession
+from cipherdm_spu import session as session_module
 from cipherdm_spu.ir_audit import declassifications
-from cipherdm_spu.models import ControlledUNet, ControlNetModel, DDIMSampler, ScheduleConfig, UNet2DConditionModel
-from cipherdm_spu.sampling import SecureDiffusion, text_condition
+from cipherdm_spu.session import compile_function
+from cipherdm_spu.models import ScheduleConfig, UNet2DConditionModel
 from cipherdm_spu.sd_cli import main
 
 from .test_sd_cli import tiny_sd  # noqa: F401 (the tiny SD directory fixture)
@@ -112,30 +113,17 @@ def test_bad_image_inputs_fail_clearly_and_share_nothing(tiny_sd, controlnet_dir
     assert not (tmp_path / "out").exists()
 
 
-def test_controlnet_step_keeps_the_control_image_secret(tiny_sd, controlnet_dir):
-    """The compiled guided ControlNet step: the control image is a secret input and nothing secret becomes public."""
-    unet, unet_params = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
-    controlnet, controlnet_params = ControlNetModel.from_pretrained(controlnet_dir)
-    model, params = ControlledUNet.combine(unet, unet_params, controlnet, controlnet_params, 0.8)
-    sampler = DDIMSampler(ScheduleConfig(), 2)
-    context = text_condition(np.zeros((1, 16, 32), np.float32), np.ones((1, 16, 32), np.float32), 7.5)
-    condition = context + (np.zeros((1, 3, 16, 16), np.float32),)
-    with SecureSession("cipherdm") as session:
-        diffusion = SecureDiffusion(session, model, params, sampler, guidance_scale=7.5)
-        try:
-            compiled = session.compile(diffusion._step, diffusion._weights, np.zeros((1, 4, 8, 8), np.float32), condition,
-                                       diffusion.time_terms(sampler.timesteps[0]),
-                                       Public(sampler.coefficient_table()[0]), None)
-        finally:
-            diffusion.close()
-    assert "pphlo.convolution" in compiled.mlir and declassifications(compiled.mlir) == []
-    control_input = compiled.mlir.split("func.func @main(")[1].split(")")[0].split("%arg")
-    assert any("tensor<1x3x16x16x!pphlo.secret<" in arg for arg in control_input)
-
-
 @pytest.mark.slow
-def test_secure_controlnet_img2img_run_matches_plaintext(tiny_sd, controlnet_dir, pictures, tmp_path):
-    """Both image inputs at once, 2 secure steps (4 steps at strength 0.5), against the plaintext port."""
+def test_secure_controlnet_img2img_run_matches_plaintext(tiny_sd, controlnet_dir, pictures, tmp_path, monkeypatch):
+    """Both image inputs at once, 2 secure steps (4 steps at strength 0.5), against the plaintext port; the guided
+    ControlNet step the run compiled takes the control image as a secret input, and nothing secret becomes public."""
+    compiled = []
+
+    def recording(*args, **kwargs):
+        compiled.append(compile_function(*args, **kwargs))
+        return compiled[-1]
+
+    monkeypatch.setattr(session_module, "compile_function", recording)
     assert main(["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "4", "--guidance-scale", "5",
                  "--controlnet", str(controlnet_dir), "--control-image", str(pictures / "control.png"),
                  "--init-image", str(pictures / "init.png"), "--strength", "0.5", "--compare",
@@ -144,6 +132,10 @@ def test_secure_controlnet_img2img_run_matches_plaintext(tiny_sd, controlnet_dir
     assert report["mode"] == "secure" and len(report["per_step"]) == 2 and report["bytes_sent"] > 0
     latent, plain = np.load(tmp_path / "latent.npy"), np.load(tmp_path / "plaintext_latent.npy")
     assert np.abs(latent - plain).max() < 0.1 * np.abs(plain).max()
+    (step,) = [c.mlir for c in compiled if "pphlo.convolution" in c.mlir]
+    assert declassifications(step) == []
+    inputs = step.split("func.func @main(")[1].split(")")[0].split("%arg")
+    assert any("tensor<1x3x16x16x!pphlo.secret<" in arg for arg in inputs)  # the control image
 
 
 def test_a_cluster_job_with_a_strength_runs_the_last_steps(tiny_sd):
