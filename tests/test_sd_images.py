@@ -164,55 +164,33 @@ def sd_cluster(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_img2img_as_a_user_of_the_cluster_matches_plaintext(sd_cluster, tiny_sd, pictures, tmp_path):
-    """The owner uploads the tiny SD's UNet; the user redraws its image on the cluster (2 of 4 steps): only the
-    noised latent is shared, and the result is the embedded plaintext port's."""
-    from cipherdm_spu import cluster_config
-    from cipherdm_spu.client import PartyClients
-    from cipherdm_spu.jobs import upload_model
-    from cipherdm_spu.plan import Policy
-    from cipherdm_spu.stable_diffusion import scheduler_config
-
-    config = sd_cluster
-    model, params = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
-    with PartyClients(cluster_config.load(config), "owner") as owner:
-        upload_model(owner, "tiny-sd", model, params, scheduler_config(tiny_sd), Policy(users=["user"]))
-    argv = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "4", "--guidance-scale", "5", "--seed", "0",
-            "--init-image", str(pictures / "init.png"), "--strength", "0.5"]
-    assert main(argv + ["--cluster", str(config), "--model-id", "tiny-sd", "--model-owner", "owner",
-                        "--out", str(tmp_path / "cluster")]) == 0
-    assert main(argv + ["--plaintext", "--out", str(tmp_path / "plain")]) == 0
-    report = _report(tmp_path / "cluster")
-    assert report["parties"].startswith(f"cluster {config}") and len(report["per_step"]) == 2
-    assert not report["init_image_left_this_machine"]
-    latent, plain = np.load(tmp_path / "cluster" / "latent.npy"), np.load(tmp_path / "plain" / "latent.npy")
-    assert np.abs(latent - plain).max() < 0.1 * np.abs(plain).max()
-
-
-@pytest.mark.slow
-def test_controlnet_as_a_user_of_the_cluster_matches_plaintext(sd_cluster, tiny_sd, controlnet_dir, pictures, tmp_path,
+def test_image_inputs_as_a_user_of_the_cluster_match_plaintext(sd_cluster, tiny_sd, controlnet_dir, pictures, tmp_path,
                                                                capsys):
-    """The owner uploads the tiny SD's UNet with its ControlNet (spu-launch upload --controlnet); the user shares
-    only its control image and text embeddings, and gets the embedded plaintext port's result."""
+    """The owner uploads the tiny SD's UNet with its ControlNet (spu-launch upload --controlnet); the user redraws its
+    init image under its control image on the cluster (2 of 4 steps, guess mode): only the noised latent, the control
+    image and the text embeddings are shared, and the result is the embedded plaintext port's. One job for both
+    image inputs: one SD program for the parties to compile."""
     from cipherdm_spu.cluster import main as launch
 
     config = sd_cluster
     assert launch(["--config", str(config), "upload", "--model", str(tiny_sd), "--controlnet", str(controlnet_dir),
                    "--model-id", "tiny-sd-cn"]) == 0
     assert launch(["--config", str(config), "upload", "--model", str(tiny_sd), "--model-id", "tiny-sd-text"]) == 0
-    argv = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "2", "--guidance-scale", "5", "--seed", "0",
-            "--control-image", str(pictures / "control.png"), "--controlnet-scale", "0.7", "--guess-mode"]
-    assert main(argv + ["--cluster", str(config), "--model-id", "tiny-sd-cn", "--model-owner", "owner",
-                        "--out", str(tmp_path / "cluster")]) == 0
-    assert main(argv[:-5] + ["--controlnet", str(controlnet_dir)] + argv[-5:]
-                + ["--plaintext", "--out", str(tmp_path / "plain")]) == 0
+    common = ["--model", str(tiny_sd), "--prompt", "a red square", "--steps", "4", "--guidance-scale", "5", "--seed", "0",
+              "--init-image", str(pictures / "init.png"), "--strength", "0.5"]
+    control = ["--control-image", str(pictures / "control.png"), "--controlnet-scale", "0.7", "--guess-mode"]
+    on_cluster = ["--cluster", str(config), "--model-owner", "owner"]
+    assert main(common + control + on_cluster + ["--model-id", "tiny-sd-cn", "--out", str(tmp_path / "cluster")]) == 0
+    assert main(common + control + ["--controlnet", str(controlnet_dir), "--plaintext",
+                                    "--out", str(tmp_path / "plain")]) == 0
     report = _report(tmp_path / "cluster")
-    assert report["guess_mode"] and report["controlnet_scale"] == 0.7 and not report["control_image_left_this_machine"]
+    assert report["parties"].startswith(f"cluster {config}") and len(report["per_step"]) == 2
+    assert report["guess_mode"] and report["controlnet_scale"] == 0.7
+    assert not report["control_image_left_this_machine"] and not report["init_image_left_this_machine"]
     latent, plain = np.load(tmp_path / "cluster" / "latent.npy"), np.load(tmp_path / "plain" / "latent.npy")
     assert np.abs(latent - plain).max() < 0.1 * np.abs(plain).max()
     # a model without a ControlNet refuses a control image, and one with it needs one, before anything is shared
-    for model_id, args, message in (("tiny-sd-text", argv[-5:], "uploaded without a ControlNet"),
+    for model_id, args, message in (("tiny-sd-text", control, "uploaded without a ControlNet"),
                                     ("tiny-sd-cn", [], "has a ControlNet: pass --control-image")):
-        assert main(argv[:-5] + args + ["--cluster", str(config), "--model-id", model_id, "--model-owner", "owner",
-                                        "--out", str(tmp_path / "refused")]) == 2
+        assert main(common + args + on_cluster + ["--model-id", model_id, "--out", str(tmp_path / "refused")]) == 2
         assert message in capsys.readouterr().err
