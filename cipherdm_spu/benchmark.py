@@ -38,8 +38,7 @@ import numpy as np
 
 from . import linalg, ops, registry
 from .floor_kernels import kernel_floor
-from .jobs import sample_shape
-from .models import DDIMSampler, ScheduleConfig, UNet2DModel
+from .models import DDIMSampler, ScheduleConfig, UNet2DModel, sample_shape
 from .profiling import RunStats
 from .protocols.cipherdm import fold_exps_pays, softmax_in_form, tournament_levels
 from .protocols.reference import EXTREMES, REFERENCES, encoded, softmax
@@ -108,7 +107,7 @@ def mnist_step_case(model_dir: Path, batch: int, seed: int) -> StepCase:
     sampler = DDIMSampler(ScheduleConfig.from_file(model_dir), 50)
     index = 25
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, *sample_shape(model))).astype(np.float32)
+    x = rng.standard_normal((batch, *sample_shape(model.config))).astype(np.float32)
     labels = np.eye(10, dtype=np.float32)[np.arange(batch) % 10]
     terms = model.apply(params, int(sampler.timesteps[index]), method=model.time_terms)
     terms = jax.tree_util.tree_map(np.asarray, terms)

@@ -40,11 +40,11 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from . import registry, spu_config
 from .client import PartyClients, require_role
 from .errors import ClusterError, InputError, ProtocolError
-from .models import ConfigError
+from .messages import ModelBegin, ModelInfo, ModelPut, ModelRef, SessionOpen, SessionPut, SessionRef, SessionStep
+from .models import (ConfigError, ControlledUNet, ScheduleConfig, UNet2DConditionModel, UNet2DModel, sample_shape,
+                     schedulers)
 from .models.img2img import StrengthSampler
 from .models.schedulers import SchedulerConfigError
-from .messages import ModelBegin, ModelInfo, ModelPut, ModelRef, SessionOpen, SessionPut, SessionRef, SessionStep
-from .models import ControlledUNet, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
 from .plan import JobTerms, Policy, Step, StepProgram
 from .profiling import RunStats, SpuLog, combine_party_runs
 from .ring import bit_times, indicator
@@ -166,7 +166,7 @@ def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
     pset = registry.resolve(spec["protocol_set"], spec["overrides"])
     batch, text = spec["batch"], is_text_conditional(model)
     guidance = spec["guidance_scale"] if text else 1.0
-    latent = (batch, *sample_shape(model))
+    latent = (batch, *sample_shape(model.config))
     slots = {"x": ((sampler.state_size, *latent) if sampler.multistep else latent, "float32")}
     if text:
         context = (batch, spec["tokens"], model.config.cross_attention_dim)
@@ -179,7 +179,7 @@ def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
         slots["condition/0"] = ((batch, model.config.num_class_embeds), "float32")
     noisy = needs_noise(sampler)
     if noisy:
-        slots.update({f"noise/{i}": ((batch, *sample_shape(model)), "float32") for i in range(sampler.num_steps)})
+        slots.update({f"noise/{i}": ((batch, *sample_shape(model.config)), "float32") for i in range(sampler.num_steps)})
     condition_slots = sorted(k for k in slots if k.startswith("condition/"))
 
     # The step's arguments, as the names of the values bound to them (flattened in the same order)
@@ -269,14 +269,6 @@ def _is_named(x) -> bool:
 
 def _unflatten_like(tree, named: Dict[str, _Named]):
     return unflatten_dict({path: named["w/" + "/".join(path)] for path in flatten_dict(tree)})
-
-
-def sample_shape(model) -> Tuple[int, int, int]:
-    size = model.config.sample_size
-    if size is None:
-        raise ValueError("the model config has no sample_size")
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return model.config.in_channels, h, w
 
 
 def _finite_number(value) -> bool:

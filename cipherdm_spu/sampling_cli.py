@@ -20,9 +20,8 @@ from .cli_common import (UserArgumentParser, add_secure_options, check_finite, c
                          model_dirs, private_output_dir, run_main, secure_sample, write_array, write_json,
                          write_private)
 from .errors import UsageError
-from .models import ConfigError
+from .models import ConfigError, ScheduleConfig, UNet2DModel, sample_shape, schedulers
 from .models.schedulers import SchedulerConfigError
-from .models import ScheduleConfig, UNet2DModel, schedulers
 from .sampling import draw_noise, sample_plaintext
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,6 +128,10 @@ def prepare(args):
         sampler = schedulers.make_sampler(name, schedule, steps, eta=eta, options=scheduler_config)
     except SchedulerConfigError as err:
         raise UsageError(f"--scheduler {name}: {err}") from None
+    try:
+        sample_shape(model.config)
+    except ConfigError as err:
+        raise UsageError(f"cannot sample --model {args.model if args.cluster is None else args.model_id}: {err}") from None
     labels, batch = _labels(args, model.config.num_class_embeds)
     job = {"sampler": name, "steps": steps, "eta": eta, "batch": batch, "protocol_set": args.protocol,
            "overrides": overrides}
@@ -176,7 +179,7 @@ def _judge(images, labels) -> dict | None:
 def run(args) -> dict:
     model, params, sampler, labels, batch, overrides, job = prepare(args)
     args.out = private_output_dir(args.out)
-    shape = (batch, model.config.in_channels, *_sample_size(model))
+    shape = (batch, *sample_shape(model.config))
     x_t, step_noise = draw_noise(args.seed, sampler, shape)
     started = time.perf_counter()
     images, total, steps, where = secure_sample(
@@ -217,13 +220,6 @@ def run(args) -> dict:
         write_private(args.out / "plaintext.png", lambda f: image_grid(plain).save(f, format="PNG"))
     write_json(args.out / "report.json", report)
     return report
-
-
-def _sample_size(model) -> tuple[int, int]:
-    size = model.config.sample_size
-    if size is None:
-        raise UsageError("the model config has no sample_size")
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def main(kind: str, argv=None) -> int:

@@ -27,6 +27,16 @@ def _per_block(value, n: int, name: str) -> tuple:
     return (value,) * n
 
 
+def sample_shape(config) -> tuple[int, int, int]:
+    """(channels, height, width) of one sample a UNet of ``config`` denoises (any config with ``sample_size`` and
+    ``in_channels``: diffusers' configs give the size as one side or as (height, width))."""
+    size = config.sample_size
+    if size is None:
+        raise ConfigError("the model config has no sample_size")
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return config.in_channels, height, width
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     CLASS_NAME = ""

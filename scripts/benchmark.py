@@ -56,8 +56,9 @@ from cipherdm_spu.cli_common import load_model_dir
 from cipherdm_spu.client import PartyClients
 from cipherdm_spu.cluster import loopback_cluster
 from cipherdm_spu.errors import ProtocolError
-from cipherdm_spu.jobs import sample_on_cluster, sample_shape, upload_model
-from cipherdm_spu.models import DDIMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, schedulers
+from cipherdm_spu.jobs import sample_on_cluster, upload_model
+from cipherdm_spu.models import (DDIMSampler, ScheduleConfig, UNet2DConditionModel, UNet2DModel, sample_shape,
+                                 schedulers)
 from cipherdm_spu.netem import PRESETS, link_for
 from cipherdm_spu.plan import Policy
 from cipherdm_spu.registry import BASELINE, available_protocol_sets
@@ -182,7 +183,7 @@ def run_network(args, steps: list) -> list:
     model_dir = args.models[0]
     model, params, scheduler = load_model_dir(model_dir)
     sampler = DDIMSampler(ScheduleConfig.from_file(model_dir), args.cluster_steps)
-    x_t, _ = draw_noise(args.seed, sampler, (1, *sample_shape(model)))
+    x_t, _ = draw_noise(args.seed, sampler, (1, *sample_shape(model.config)))
     plain = sample_plaintext(model, params, sampler, x_t, [0])
     embedded = steps[0]["rows"]
     blocks = []

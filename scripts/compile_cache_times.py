@@ -75,13 +75,13 @@ def measure_cluster(protocol_sets, model_dir: Path) -> dict:
     from cipherdm_spu.cli_common import load_model_dir
     from cipherdm_spu.client import PartyClients
     from cipherdm_spu.cluster import loopback_cluster
-    from cipherdm_spu.jobs import sample_on_cluster, sample_shape, upload_model
-    from cipherdm_spu.models import DDIMSampler, ScheduleConfig
+    from cipherdm_spu.jobs import sample_on_cluster, upload_model
+    from cipherdm_spu.models import DDIMSampler, ScheduleConfig, sample_shape
     from cipherdm_spu.plan import Policy
     from cipherdm_spu.sampling import draw_noise, one_hot
 
     model, params, scheduler = load_model_dir(model_dir)
-    x_t, _ = draw_noise(0, DDIMSampler(ScheduleConfig.from_file(model_dir), 1), (1, *sample_shape(model)))
+    x_t, _ = draw_noise(0, DDIMSampler(ScheduleConfig.from_file(model_dir), 1), (1, *sample_shape(model.config)))
     rows = {}
     for name in protocol_sets:
         with fresh_cache() as folder, loopback_cluster(folder / "cluster") as (config, _):  # the parties inherit it

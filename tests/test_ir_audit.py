@@ -9,8 +9,8 @@ import pytest
 
 from cipherdm_spu import Public, SecureSession, ops
 from cipherdm_spu.ir_audit import IrAuditError, audit, declassifications
+from cipherdm_spu.models import sample_shape
 from cipherdm_spu.registry import available_protocol_sets
-from cipherdm_spu.jobs import sample_shape
 from cipherdm_spu.sampling import SecureDiffusion, one_hot
 from tests.test_sampling import prepare_for, tiny_model  # noqa: F401 - the fixture
 
@@ -139,7 +139,7 @@ def test_real_executables_audit_clean(sessions, tiny_model, protocol):  # noqa: 
                                                               "--labels", "1,4", "--eta", "0.5", "--protocol", protocol)
     diffusion = SecureDiffusion(session, model, params, sampler)
     try:
-        x = np.zeros((batch, *sample_shape(model)), np.float32)
+        x = np.zeros((batch, *sample_shape(model.config)), np.float32)
         args = (diffusion._weights, x, one_hot(labels, model.config.num_class_embeds),
                 diffusion.time_terms(sampler.timesteps[0]), Public(sampler.coefficient_table()[0]), x)
         step = session.compile(diffusion._step, *args).mlir

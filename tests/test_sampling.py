@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -129,6 +130,17 @@ def test_malformed_model_directory(tiny_model, tmp_path, capsys):
     (broken / "config.json").write_text("{")
     assert main("ddim", ["--model", str(broken), "--out", str(tmp_path / "out")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_a_model_without_a_sample_size_is_refused_before_anything_is_written(tiny_model, tmp_path, capsys):
+    sizeless = tmp_path / "sizeless"
+    shutil.copytree(tiny_model, sizeless)
+    config = json.loads((sizeless / "config.json").read_text())
+    config["sample_size"] = None
+    (sizeless / "config.json").write_text(json.dumps(config))
+    assert main("ddim", ["--model", str(sizeless), "--out", str(tmp_path / "out")]) == 2
+    assert "has no sample_size" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kind, argv", [("ddpm", ["--steps", "3", "--batch", "3", "--labels", "7"]),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from diffusers import UNet2DModel as TorchUNet2DModel
 
-from cipherdm_spu.models import UNet2DModel
+from cipherdm_spu.models import ConfigError, UNet2DConfig, UNet2DModel, sample_shape
 
 from .diffusers_models import save_random, torch_forward
 
@@ -160,3 +160,11 @@ def test_class_embedding_starts_like_diffusers():
     table = np.asarray(model.init_params(jax.random.PRNGKey(0))["params"]["class_embedding"]["embedding"])
     assert table.shape == (10, model.config.time_embed_dim)
     assert 0.85 < table.std() < 1.15 and abs(table.mean()) < 0.1
+
+
+def test_sample_shape_reads_either_form_of_sample_size():
+    """diffusers gives sample_size as one side or as (height, width); a config without it cannot say what it samples."""
+    assert sample_shape(UNet2DConfig(sample_size=28, in_channels=1)) == (1, 28, 28)
+    assert sample_shape(UNet2DConfig.from_dict({"sample_size": [16, 24], "in_channels": 3})) == (3, 16, 24)
+    with pytest.raises(ConfigError, match="no sample_size"):
+        sample_shape(UNet2DConfig())
