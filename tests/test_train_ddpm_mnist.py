@@ -1,9 +1,11 @@
 """The training script: resumable, deterministic with a seed, writes a diffusers-format model and card."""
 
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+from jax.experimental.compilation_cache import compilation_cache
 
 from .scripts import load_script
 
@@ -11,9 +13,22 @@ evaluate_mnist = load_script("evaluate_mnist")
 train_ddpm_mnist = load_script("train_ddpm_mnist")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def jax_compile_cache(tmp_path_factory):
+    """JAX's persistent compilation cache for this module's runs only (reset after): each run of the script jits its
+    training step anew, and runs with the same batch, steps and learning rate compile the same program, which the
+    cache then compiles once."""
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-compile-cache")))
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()
+
+
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    common = ["--batch", "4", "--checkpoint-every", "1", "--seed", "3"]
+    common = ["--batch", "2", "--checkpoint-every", "1", "--seed", "3"]
     assert train_ddpm_mnist.main(["--out", str(tmp_path / "a"), "--steps", "2", *common]) == 0
     assert train_ddpm_mnist.main(["--out", str(tmp_path / "b"), "--steps", "1", *common]) == 0
     assert train_ddpm_mnist.main(["--out", str(tmp_path / "b"), "--steps", "2", *common]) == 0
