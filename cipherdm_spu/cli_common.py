@@ -1,5 +1,6 @@
 """What the sampling command lines share: the secure-run options, where the parties are, the progress
-bar, private output files, and one error convention (usage errors exit 2, failed runs exit 1).
+bar, private output files, and one error convention (usage errors exit 2, failed runs exit 1, an interrupted run
+128 + the signal's number).
 
 Embedded (default): this process plays the owner, the user and the three parties (`SecureSession`).
 With ``--cluster CONFIG --model-id ID``: this process is the user only; the model is the one its owner
@@ -14,8 +15,10 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import stat
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -256,10 +259,47 @@ def write_json(path: Path, report: dict) -> None:
     write_private(path, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
 
 
-def run_main(parser: argparse.ArgumentParser, run: Callable, args, summary: Callable[[dict], str]) -> int:
-    """Run a command: usage errors print the usage and exit 2; failed secure runs exit 1."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``kill``, ``timeout``, a closed terminal), raised where the run is, as Ctrl-C raises
+    KeyboardInterrupt: what a run does on Ctrl-C (a cluster job closes its session at every party) it then does too,
+    where the signal's default would end the process at once and leave the parties holding the session until their
+    idle timeout (``session_idle_s``), refusing everyone else."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+#: the signals a run ends on as on Ctrl-C
+INTERRUPTS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _interrupts_raised():
+    """INTERRUPTS raise `Interrupted` while the block runs (in the main thread, where Python runs signal handlers;
+    elsewhere the handlers stay as they are); the earlier handlers are put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    earlier = {signum: signal.signal(signum, interrupt) for signum in INTERRUPTS}
     try:
-        report = run(args)
+        yield
+    finally:
+        for signum, handler in earlier.items():
+            signal.signal(signum, handler)
+
+
+def run_main(parser: argparse.ArgumentParser, run: Callable, args, summary: Callable[[dict], str]) -> int:
+    """Run a command: usage errors print the usage and exit 2; failed secure runs exit 1; a run interrupted by
+    Ctrl-C, SIGTERM or SIGHUP stops as on Ctrl-C (`Interrupted`) and exits 128 + the signal's number, with one line
+    instead of a traceback."""
+    try:
+        with _interrupts_raised():
+            report = run(args)
     except (UsageError, InputError, ClusterConfigError, PrivatePathError) as err:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
@@ -267,5 +307,11 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, args, summary: Call
     except (SessionError, ClusterError) as err:  # a party unreachable, refusing, or lost mid-run
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        closed = "; a cluster session it opened was closed at every party that answered" if getattr(
+            args, "cluster", None) else ""
+        print(f"\n{parser.prog}: interrupted by {signal.Signals(signum).name}: the run stopped{closed}", file=sys.stderr)
+        return 128 + signum
     print(summary(report))
     return 0

@@ -48,9 +48,10 @@ def build_parser(kind: str) -> UserArgumentParser:
         secrets="--labels and --seed",
     )
     d = DEFAULTS[kind]
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+    p.add_argument("--model", type=Path, default=None,
                    help="local diffusers-format directory (config.json, diffusion_pytorch_model.safetensors, "
-                        "scheduler_config.json; or a pipeline with unet/ and scheduler/) (default: the shipped MNIST SiLU model)")
+                        "scheduler_config.json; or a pipeline with unet/ and scheduler/) (default: the shipped MNIST SiLU "
+                        "model); not with --cluster, where the parties hold the model --model-id names")
     p.add_argument("--labels", default=None,
                    help=f"comma-separated class labels to draw, cycled to --batch (default: {d['labels']}; "
                         "only for class-conditional models)")
@@ -85,7 +86,9 @@ def _labels(args, num_classes) -> tuple[list | None, int]:
             given = [int(v) for v in text.split(",") if v.strip()]
         except ValueError:
             raise UsageError(f"--labels must be comma-separated integers, got {text!r}") from None
-        if not given or any(not 0 <= v < num_classes for v in given):
+        if not given:
+            raise UsageError("--labels is empty: give comma-separated class labels, such as 3,5")
+        if any(not 0 <= v < num_classes for v in given):
             raise UsageError(f"--labels must be in 0..{num_classes - 1}, got {text!r}")
         batch = len(given) if args.batch is None else args.batch
         labels = [given[i % len(given)] for i in range(max(batch, 0))]
@@ -96,8 +99,13 @@ def _labels(args, num_classes) -> tuple[list | None, int]:
 
 def prepare(args):
     """Validate everything; returns (model, params or None on a cluster, sampler, labels, batch, overrides, job)."""
+    if args.cluster is not None and args.model is not None:
+        raise UsageError(f"--model is a local model's folder; on a cluster the parties hold the model, which --model-id "
+                         f"names, so --model {args.model} would not be sampled")
     overrides = check_secure_options(args)
     if args.cluster is None:
+        if args.model is None:
+            args.model = DEFAULT_MODEL
         unet_dir, scheduler_path = model_dirs(args.model)
         try:
             model, params = UNet2DModel.from_pretrained(unet_dir)
@@ -230,6 +238,8 @@ def main(kind: str, argv=None) -> int:
     def summary(report: dict) -> str:
         text = (f"{report['batch']} samples, {report['sampler']} {report['steps']} steps, {report['seconds']:.0f} s, "
                 f"{report['bytes_sent'] / 1e9:.2f} GB sent (all parties) -> {args.out}")
+        if "secure" in report:  # MNIST-shaped samples: what the classifier reads in them (the files say more)
+            text += f"; the classifier reads {','.join(map(str, report['secure']['classifier_labels']))}"
         if "psnr_vs_plaintext" in report:
             text += f"; PSNR vs plaintext {report['psnr_vs_plaintext']:.1f} dB"
         return text

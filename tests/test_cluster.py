@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,9 @@ from cipherdm_spu.sampling_cli import main as sampling_main
 
 from .cluster_fixtures import (RECV_S, TINY_JOB, free_ports, make_certs, start, stop, tiny_inputs, tiny_unet, wait_up,
                                write_config)
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def user(config, name="user"):
@@ -124,6 +128,35 @@ def test_run_ddim_as_a_user_of_the_cluster_writes_private_files(cluster, tmp_pat
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
 
 
+@pytest.mark.slow
+def test_a_user_run_stopped_by_sigterm_closes_its_session_at_once(cluster, tmp_path):
+    """`kill` (or a closed terminal) ends a cluster run as Ctrl-C does: the session is closed at every party, not held
+    until their idle timeout with everyone else refused, and the run exits 128 + SIGTERM with one line, no traceback."""
+    config, _ = cluster
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        run = subprocess.Popen([sys.executable, str(REPO / "scripts" / "run_ddim.py"), "--cluster", str(config),
+                                "--model-id", "tiny", "--model-owner", "owner", "--steps", "50", "--labels", "3,8",
+                                "--out", str(tmp_path / "out")], stderr=stderr, stdout=subprocess.DEVNULL)
+    try:
+        with user(config, "user-bob") as clients:  # another user of the cluster watches for the session to open
+            while not any(reply.busy for reply in clients.call_all("hello", Empty())):
+                assert run.poll() is None, err.read_text()
+                time.sleep(0.2)
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=300) == 128 + signal.SIGTERM
+    finally:
+        if run.poll() is None:
+            run.kill()
+    message = err.read_text()
+    assert "run_ddim.py: interrupted by SIGTERM: the run stopped; a cluster session it opened was closed" in message
+    assert "Traceback" not in message
+    with user(config, "user-bob") as clients:
+        assert not any(reply.busy for reply in clients.call_all("hello", Empty()))
+    logs = [(config.parent / "logs" / f"party-{p}.log").read_text() for p in ("P0", "P1", "P2")]
+    assert all(re.search(r"session \S+ dropped: closed by its user", log) for log in logs)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model-id", "tiny"], "--model-id and --model-owner are for --cluster runs"),
     (["--model-owner", "owner"], "--model-id and --model-owner are for --cluster runs"),
@@ -136,6 +169,8 @@ def test_run_ddim_as_a_user_of_the_cluster_writes_private_files(cluster, tmp_pat
     (["--cluster", "CONFIG", "--model-id", "tiny", "--model-owner", "owner-a/b"], "is no owner's name"),
     (["--cluster", "CONFIG", "--model-id", "tiny", "--model-owner", "owner"],
      "does not exist (make them with `spu-launch certs`; or act as an identity whose files this host has: --as NAME)"),
+    (["--cluster", "CONFIG", "--model-id", "tiny", "--model-owner", "owner", "--model", "checkpoints/mnist-ddpm-mish"],
+     "--model is a local model's folder; on a cluster the parties hold the model"),
     (["--eta", "nan"], "--eta must be a finite number"),
     (["--seed", "-1"], "--seed must be in"),
 ])

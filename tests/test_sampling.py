@@ -2,13 +2,18 @@
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import threading
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from cipherdm_spu import Public, SecureSession
+from cipherdm_spu.cli_common import INTERRUPTS, run_main
 from cipherdm_spu.ir_audit import declassifications
 from cipherdm_spu.sampling import SecureDiffusion, draw_noise, one_hot, sample_plaintext
 from cipherdm_spu.sampling_cli import DEFAULT_STEPS, MAIN_SAMPLER, build_parser, main, prepare
@@ -111,6 +116,8 @@ def test_run_ddpm_end_to_end(tiny_model, tmp_path):
     (["--steps", "1001"], "--steps"),
     (["--labels", "3,12"], "--labels"),
     (["--labels", "three"], "--labels"),
+    (["--labels", ""], "--labels is empty"),
+    (["--model", __file__], "is not a directory"),
     (["--eta", "-1"], "--eta"),
     (["--scheduler", "unipc", "--eta", "0.5"], "--eta is a DDIM option"),
     (["--protocol", "nonesuch"], "unknown protocol set"),
@@ -199,3 +206,24 @@ def test_the_users_secret_arguments_can_come_from_a_private_file(tiny_model, tmp
     args.kind = "ddim"
     _, _, _, labels, batch, _, _ = prepare(args)
     assert list(labels) == [7, 2] and batch == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_an_interrupted_run_exits_with_one_line_and_the_handlers_are_put_back(signum, capsys):
+    """Ctrl-C, `kill` and a closed terminal stop a run as Ctrl-C does (a cluster job's `finally` closes its session:
+    test_cluster.py), with one line and 128 + the signal's number; afterwards the process's handlers are its own."""
+    assert threading.current_thread() is threading.main_thread()  # where Python runs signal handlers (xdist's too)
+    before = {s: signal.getsignal(s) for s in INTERRUPTS}
+    reached = []
+
+    def run(args):
+        os.kill(os.getpid(), signum)
+        time.sleep(60)  # the signal's exception ends the sleep
+        reached.append("after the signal")
+
+    parser = build_parser("ddim")
+    args = parser.parse_args(["--out", "unused"])
+    assert run_main(parser, run, args, str) == 128 + signum
+    assert not reached
+    assert f"run_ddim.py: interrupted by {signal.Signals(signum).name}: the run stopped" in capsys.readouterr().err
+    assert {s: signal.getsignal(s) for s in INTERRUPTS} == before
