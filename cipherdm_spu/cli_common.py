@@ -260,33 +260,40 @@ def write_json(path: Path, report: dict) -> None:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP (``kill``, ``timeout``, a closed terminal), raised where the run is, as Ctrl-C raises
-    KeyboardInterrupt: what a run does on Ctrl-C (a cluster job closes its session at every party) it then does too,
-    where the signal's default would end the process at once and leave the parties holding the session until their
-    idle timeout (``session_idle_s``), refusing everyone else."""
+    """Ctrl-C, SIGTERM or SIGHUP (``kill``, ``timeout``, a closed terminal) during a cluster run, raised where the run
+    is, as Ctrl-C raises KeyboardInterrupt: the job's cleanup (`jobs.sample_on_cluster` closes its session at every
+    party) then runs, where SIGTERM's and SIGHUP's default would end the process at once and leave the parties
+    holding the session until their idle timeout (``session_idle_s``), refusing everyone else."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-#: the signals a run ends on as on Ctrl-C
-INTERRUPTS = (signal.SIGTERM, signal.SIGHUP)
+#: the signals a cluster run ends on as on Ctrl-C
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
 def _interrupts_raised():
-    """INTERRUPTS raise `Interrupted` while the block runs (in the main thread, where Python runs signal handlers;
-    elsewhere the handlers stay as they are); the earlier handlers are put back after."""
+    """While the block runs, the first of INTERRUPTS raises `Interrupted` and the rest are ignored from then on (a
+    closing terminal sends SIGHUP twice; a second Ctrl-C would cut the cleanup short: the client's calls have
+    deadlines, so the cleanup ends); a signal ignored before (``nohup``'s SIGHUP) stays ignored; the earlier handlers
+    are put back after. Only in the main thread, where Python runs signal handlers; elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    earlier = {}
 
     def interrupt(signum, frame):
+        for other in earlier:
+            signal.signal(other, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    earlier = {signum: signal.signal(signum, interrupt) for signum in INTERRUPTS}
     try:
+        for signum in INTERRUPTS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                earlier[signum] = signal.signal(signum, interrupt)
         yield
     finally:
         for signum, handler in earlier.items():
@@ -294,11 +301,13 @@ def _interrupts_raised():
 
 
 def run_main(parser: argparse.ArgumentParser, run: Callable, args, summary: Callable[[dict], str]) -> int:
-    """Run a command: usage errors print the usage and exit 2; failed secure runs exit 1; a run interrupted by
-    Ctrl-C, SIGTERM or SIGHUP stops as on Ctrl-C (`Interrupted`) and exits 128 + the signal's number, with one line
-    instead of a traceback."""
+    """Run a command: usage errors print the usage and exit 2; failed secure runs exit 1; an interrupted run
+    prints one line instead of a traceback and returns 128 + the signal's number (`exit_status` ends the process as
+    that signal would). A cluster run ends on SIGTERM and SIGHUP as on Ctrl-C (`Interrupted`), closing its session;
+    an embedded one, which has nothing outside this process to clean up, keeps their defaults (an immediate end,
+    where a cleanup would wait for SPU's current step)."""
     try:
-        with _interrupts_raised():
+        with _interrupts_raised() if getattr(args, "cluster", None) is not None else contextlib.nullcontext():
             report = run(args)
     except (UsageError, InputError, ClusterConfigError, PrivatePathError) as err:
         parser.print_usage(sys.stderr)
@@ -309,9 +318,21 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, args, summary: Call
         return 1
     except KeyboardInterrupt as err:
         signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
-        closed = "; a cluster session it opened was closed at every party that answered" if getattr(
-            args, "cluster", None) else ""
-        print(f"\n{parser.prog}: interrupted by {signal.Signals(signum).name}: the run stopped{closed}", file=sys.stderr)
+        closed = "; a cluster session it opened was closed at every party that answered" if isinstance(
+            err, Interrupted) else ""
+        with contextlib.suppress(OSError):  # after a hangup the terminal may be gone
+            print(f"\n{parser.prog}: interrupted by {signal.Signals(signum).name}: the run stopped{closed}",
+                  file=sys.stderr)
         return 128 + signum
     print(summary(report))
     return 0
+
+
+def exit_status(code: int) -> None:
+    """End the process with ``code`` from `run_main`; an interrupted run's (128 + one of INTERRUPTS) by that signal
+    itself, as its default handler would, so that a shell loop running the command stops as it does on Ctrl-C."""
+    if code - 128 in tuple(INTERRUPTS):
+        signum = signal.Signals(code - 128)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    sys.exit(code)

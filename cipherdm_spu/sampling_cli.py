@@ -139,7 +139,8 @@ def prepare(args):
     try:
         sample_shape(model.config)
     except ConfigError as err:
-        raise UsageError(f"cannot sample --model {args.model if args.cluster is None else args.model_id}: {err}") from None
+        named = f"--model {args.model}" if args.cluster is None else f"--model-id {args.model_id}"
+        raise UsageError(f"cannot sample {named}: {err}") from None
     labels, batch = _labels(args, model.config.num_class_embeds)
     job = {"sampler": name, "steps": steps, "eta": eta, "batch": batch, "protocol_set": args.protocol,
            "overrides": overrides}

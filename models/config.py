@@ -33,8 +33,10 @@ def sample_shape(config) -> tuple[int, int, int]:
     size = config.sample_size
     if size is None:
         raise ConfigError("the model config has no sample_size")
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return config.in_channels, height, width
+    sides = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (list, tuple)) else ()
+    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
+        raise ConfigError(f"sample_size must be a positive side or [height, width], not {size!r}")
+    return config.in_channels, *sides
 
 
 @dataclasses.dataclass(frozen=True)

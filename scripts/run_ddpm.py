@@ -1,9 +1,8 @@
 #!/usr/bin/env python
 """Secure ancestral DDPM sampling; see `python scripts/run_ddpm.py --help` and cipherdm_spu/sampling_cli.py."""
 
-import sys
-
+from cipherdm_spu.cli_common import exit_status
 from cipherdm_spu.sampling_cli import main
 
 if __name__ == "__main__":
-    sys.exit(main("ddpm"))
+    exit_status(main("ddpm"))

@@ -208,22 +208,56 @@ def test_the_users_secret_arguments_can_come_from_a_private_file(tiny_model, tmp
     assert list(labels) == [7, 2] and batch == 2
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_an_interrupted_run_exits_with_one_line_and_the_handlers_are_put_back(signum, capsys):
-    """Ctrl-C, `kill` and a closed terminal stop a run as Ctrl-C does (a cluster job's `finally` closes its session:
-    test_cluster.py), with one line and 128 + the signal's number; afterwards the process's handlers are its own."""
+CLUSTER_ARGS = ["--out", "unused", "--cluster", "unused.json", "--model-id", "m", "--model-owner", "owner"]
+
+
+@pytest.mark.parametrize("signum", INTERRUPTS)
+def test_a_cluster_run_interrupted_cleans_up_once_and_puts_the_handlers_back(signum, capsys):
+    """Ctrl-C, `kill` and a closed terminal stop a cluster run as Ctrl-C does, so its cleanup (`sample_on_cluster`
+    closes the session: test_cluster.py) runs, and a second signal meanwhile (a closing terminal sends SIGHUP twice)
+    does not cut it short; one line, 128 + the signal's number; afterwards the process's handlers are its own."""
     assert threading.current_thread() is threading.main_thread()  # where Python runs signal handlers (xdist's too)
     before = {s: signal.getsignal(s) for s in INTERRUPTS}
-    reached = []
+    steps = []
 
     def run(args):
-        os.kill(os.getpid(), signum)
-        time.sleep(60)  # the signal's exception ends the sleep
-        reached.append("after the signal")
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(60)  # the signal's exception ends the sleep
+            steps.append("after the signal")
+        finally:
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored now
+            steps.append("cleaned up")
 
     parser = build_parser("ddim")
-    args = parser.parse_args(["--out", "unused"])
-    assert run_main(parser, run, args, str) == 128 + signum
-    assert not reached
-    assert f"run_ddim.py: interrupted by {signal.Signals(signum).name}: the run stopped" in capsys.readouterr().err
+    assert run_main(parser, run, parser.parse_args(CLUSTER_ARGS), str) == 128 + signum
+    assert steps == ["cleaned up"]
+    assert (f"run_ddim.py: interrupted by {signal.Signals(signum).name}: the run stopped; a cluster session it opened "
+            "was closed at every party that answered") in capsys.readouterr().err
     assert {s: signal.getsignal(s) for s in INTERRUPTS} == before
+
+
+def test_a_signal_ignored_before_stays_ignored():
+    """Under `nohup` SIGHUP is ignored, and a long run must outlive the terminal."""
+    earlier = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        parser = build_parser("ddim")
+        assert run_main(parser, lambda args: os.kill(os.getpid(), signal.SIGHUP) or {}, parser.parse_args(CLUSTER_ARGS),
+                        lambda report: "done") == 0
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, earlier)
+
+
+def test_ctrl_c_in_an_embedded_run_prints_one_line(capsys):
+    """An embedded run keeps SIGTERM's and SIGHUP's defaults (nothing outside the process to clean up); Ctrl-C's
+    KeyboardInterrupt still ends it with one line and 130."""
+    before = {s: signal.getsignal(s) for s in INTERRUPTS}
+
+    def run(args):
+        assert {s: signal.getsignal(s) for s in INTERRUPTS} == before
+        raise KeyboardInterrupt
+
+    parser = build_parser("ddim")
+    assert run_main(parser, run, parser.parse_args(["--out", "unused"]), str) == 128 + signal.SIGINT
+    assert "run_ddim.py: interrupted by SIGINT: the run stopped\n" in capsys.readouterr().err

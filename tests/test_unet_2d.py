@@ -168,3 +168,6 @@ def test_sample_shape_reads_either_form_of_sample_size():
     assert sample_shape(UNet2DConfig.from_dict({"sample_size": [16, 24], "in_channels": 3})) == (3, 16, 24)
     with pytest.raises(ConfigError, match="no sample_size"):
         sample_shape(UNet2DConfig())
+    for bad in ([28], [1, 2, 3], "ab", True, 0, [28, -1], [28.0, 28]):
+        with pytest.raises(ConfigError, match="sample_size must be a positive side or"):
+            sample_shape(UNet2DConfig(sample_size=bad))
