@@ -179,7 +179,7 @@ def _program(manifest: str, job: str, fraction_bits: int) -> StepProgram:
         slots["condition/0"] = ((batch, model.config.num_class_embeds), "float32")
     noisy = needs_noise(sampler)
     if noisy:
-        slots.update({f"noise/{i}": ((batch, *sample_shape(model.config)), "float32") for i in range(sampler.num_steps)})
+        slots.update({f"noise/{i}": (latent, "float32") for i in range(sampler.num_steps)})
     condition_slots = sorted(k for k in slots if k.startswith("condition/"))
 
     # The step's arguments, as the names of the values bound to them (flattened in the same order)

@@ -98,7 +98,8 @@ def load_checkpoint(directory, config_cls):
     """(config, state dict) from a diffusers model directory, with clear errors for what is missing."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ConfigError(f"model directory {directory} " + ("is not a directory" if directory.exists() else "does not exist"))
+        problem = "is not a directory" if directory.exists() else "does not exist"
+        raise ConfigError(f"model directory {directory} {problem}")
     config = config_cls.from_file(directory / CONFIG_NAME)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
