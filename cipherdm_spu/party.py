@@ -106,6 +106,10 @@ MAX_CALLS_PER_CLIENT = 4
 #: convolution takes hundreds of MB of shares)
 RECEIVING_TURNS = {"model_put": 4, "session_put": 2}
 MAX_RECEIVING_BYTES = 1 << 30
+#: how many of a user's ended sessions a party remembers (their ids), so that a call of an ended session that was still
+#: on its way (a user's open poll in flight when it closed the session, or a close that overtook the open) cannot
+#: open it again and hold the cluster for session_idle_s: a client names each session afresh (`jobs`)
+ENDED_SESSIONS_PER_USER = 64
 #: how long a call's request may take to arrive (a manifest's at most), and a share-carrying call's shares after it
 REQUEST_S = 60.0
 RECEIVE_S = 600.0
@@ -200,6 +204,7 @@ class PartyService:
         self.receiving_bytes = dict.fromkeys(RECEIVING_TURNS, 0)
         self.models: Dict[str, _Model] = {}  # by `_model_key`: each owner's ids are its own namespace
         self.session: Optional[_Session] = None
+        self.ended_sessions: Dict[str, Dict[str, None]] = {}  # by user, their ended sessions' ids, oldest first
         self.lock = threading.RLock()
         self.jobs = cf.ThreadPoolExecutor(1, thread_name_prefix=f"party-{party.id}-job")
         # manifests are judged and programs compiled in processes of their own (`compiler_process`): one for owners,
@@ -368,6 +373,8 @@ class PartyService:
                 if session.id != msg.session_id or session.user != caller.name or session.model_key != key:
                     raise PartyError(f"party {self.party.id} is busy with another session; try again later")
             else:
+                if msg.session_id in self.ended_sessions.get(caller.name, ()):
+                    raise PartyError(f"session {msg.session_id!r} has ended; a new session needs a new id")
                 model = self.models.get(key)
                 # a user the owner's policy does not list is told what model_info tells it: no such model
                 if model is None or not model.sealed or (model.policy.users is not None
@@ -470,10 +477,13 @@ class PartyService:
         return messages.Share(meta, share_wire.content_of(chunks))
 
     def session_close(self, caller: Caller, msg: messages.SessionRef) -> messages.Empty:
+        _check_name(msg.session_id, "session id")
         with self.lock:
             session = self.session
             if session is not None and session.id == msg.session_id and session.user == caller.name:
                 self._drop_session("closed by its user")
+            else:  # it may not have reached this party yet: its open, still on its way, must not open it
+                self._remember_ended(caller.name, msg.session_id)
         return messages.Empty()
 
     def shutdown(self) -> None:
@@ -722,6 +732,7 @@ class PartyService:
         session, self.session = self.session, None
         if session is None:
             return
+        self._remember_ended(session.user, session.id)
         _cancel(session.receiving)
         try:
             if session.worker is not None:
@@ -729,6 +740,14 @@ class PartyService:
         finally:
             self.front.end_session()
         log.info("party %s: session %s dropped: %s", self.party.id, session.id, _brief(why))
+
+    def _remember_ended(self, user: str, session_id: str) -> None:
+        """Refuse to open ``session_id`` for ``user`` from now on (the last ENDED_SESSIONS_PER_USER of theirs)."""
+        ended = self.ended_sessions.setdefault(user, {})
+        ended.pop(session_id, None)
+        ended[session_id] = None
+        while len(ended) > ENDED_SESSIONS_PER_USER:
+            del ended[next(iter(ended))]
 
     def _drop_idle_sessions(self) -> None:
         """Drop a session, and an unsealed upload, whose client has been silent for session_idle_s (or, an upload, that

@@ -734,6 +734,53 @@ def test_pinging_a_session_does_not_hold_the_cluster(tmp_path, monkeypatch):
             assert service.session is None and least <= pings <= most, (started, pings)
 
 
+def test_an_ended_session_is_never_opened_again(tmp_path):
+    """A user's open poll still on its way when the user closed the session (stopped while the parties compile), or
+    a close that reaches a party before the open does, must not open the session there and hold the party for
+    session_idle_s (a review's finding): each user's last ENDED_SESSIONS_PER_USER ended ids are refused."""
+    from cipherdm_spu.party import ENDED_SESSIONS_PER_USER
+
+    with _party_in_process(tmp_path, _Catalog()) as service:
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+        service.model_seal(OWNER, ModelRef("m"))
+        service.compiler = CompilerProcess("compiler", lambda: _InProcess(stall="program"))  # opening till it ends
+        alice, bob = _user("user"), _user("user-bob")
+        open_ = lambda user, session_id: service.session_open(user, SessionOpen(session_id, "m", "{}", "owner"))  # noqa: E731
+        # closed while it opened, then an open that was on its way
+        open_(alice, "s")
+        service.session_close(alice, SessionRef("s"))
+        with pytest.raises(PartyError, match="session 's' has ended"):
+            open_(alice, "s")
+        assert service.session is None and not service.hello(alice, Empty()).busy
+        # a close that overtook its open
+        service.session_close(alice, SessionRef("t"))
+        with pytest.raises(PartyError, match="session 't' has ended"):
+            open_(alice, "t")
+        assert service.session is None
+        # a session the party dropped (silence, a failed job, shutdown) is ended too
+        open_(alice, "u")
+        with service.lock:
+            service._drop_session("a test")
+        with pytest.raises(PartyError, match="session 'u' has ended"):
+            open_(alice, "u")
+        # another user's close ends nothing of alice's, and her session stays open meanwhile
+        service.session_close(bob, SessionRef("v"))
+        open_(alice, "v")
+        service.session_close(bob, SessionRef("v"))
+        assert service.session is not None and service.session.id == "v"
+        service.session_close(alice, SessionRef("v"))
+        # bounded: a user's closes keep only the newest ids; a malformed id is refused, not kept
+        for i in range(ENDED_SESSIONS_PER_USER + 10):
+            service.session_close(bob, SessionRef(f"b{i}"))
+        kept = list(service.ended_sessions["user-bob"])
+        assert kept == [f"b{i}" for i in range(10, ENDED_SESSIONS_PER_USER + 10)]
+        with pytest.raises(PartyError, match="must be 1-64"):
+            service.session_close(bob, SessionRef("x" * 65))
+        assert len(service.ended_sessions["user-bob"]) == ENDED_SESSIONS_PER_USER
+        # a new id opens as ever
+        assert open_(alice, "w").state == "running"
+
+
 def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
     """An owner's manifest decides how much share memory its model takes: a party refuses a model that would take
     more than what is left of its budget (--share-memory-gib), counting models still uploading, before any share."""
