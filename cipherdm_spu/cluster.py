@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -120,11 +121,18 @@ def main(argv=None) -> int:
         if args.command in ("info", "delete"):
             return (model_info if args.command == "info" else delete)(cluster, args)
         if args.party:
+            from .compiler_process import warning_line
             from .jobs import SamplingCatalog
             from .party import serve
 
-            return serve(cluster, args.party, SamplingCatalog(), _log_dir(args), _share_memory(args))
-        return supervise(args.config, cluster, _log_dir(args), _share_memory(args))
+            with warnings.catch_warnings():  # (restored for a caller in this process: the tests)
+                warnings.showwarning = warning_line
+                return serve(cluster, args.party, SamplingCatalog(), _log_dir(args), _share_memory(args))
+        log_dir = _log_dir(args)
+        code = supervise(args.config, cluster, log_dir, _share_memory(args))
+        if code and args.log_dir is None:
+            _remove_if_nothing_logged(log_dir)
+        return code
     except (ClusterConfigError, PartyError, ClusterError, InputError, ConfigError, SchedulerConfigError) as e:
         print(f"spu-launch: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ClusterConfigError, PartyError, ValueError)) else 1
@@ -149,9 +157,22 @@ def _share_memory(args) -> int:
 
 
 def _log_dir(args) -> Path:
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="cipherdm-spu-"))
+    """--log-dir, or a new temporary folder (said on the console: it is where the parties' logs go)."""
+    if args.log_dir is not None:
+        return args.log_dir
+    log_dir = Path(tempfile.mkdtemp(prefix="cipherdm-spu-"))
     print(f"spu-launch: party logs in {log_dir}", flush=True)
     return log_dir
+
+
+def _remove_if_nothing_logged(log_dir: Path) -> None:
+    """Remove a temporary log folder whose files are all empty (the parties failed to start: the console says why)."""
+    files = list(log_dir.iterdir())
+    if all(f.is_file() and not f.is_symlink() and f.stat().st_size == 0 for f in files):
+        for f in files:
+            f.unlink()
+        log_dir.rmdir()
+        print(f"spu-launch: nothing was logged; {log_dir} removed", file=sys.stderr, flush=True)
 
 
 def status(cluster: ClusterConfig, identity: str) -> int:

@@ -15,8 +15,10 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
+import warnings
 from typing import Callable, Optional
 
 from .errors import PartyError
@@ -97,7 +99,19 @@ class CompilerProcess:
 
 def _spawned_pool() -> cf.ProcessPoolExecutor:
     """A spawned one-process pool that ends with the party, even when the party is killed."""
-    return cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=die_with_parent)
+    return cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_start_compiler)
+
+
+def _start_compiler() -> None:
+    die_with_parent()
+    warnings.showwarning = warning_line
+
+
+def warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A `warnings.showwarning` for a party and its processes: a warning (a compile cache's notice that it waits for a
+    peer compiling the same program) as one line on the console the launcher echoes, without the Python source line
+    that tells an operator nothing."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
 
 
 def _stop(pool: cf.Executor) -> None:

@@ -38,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -49,7 +50,7 @@ import spu.libspu as libspu
 from . import compile_cache, ir_audit, messages, private_dir, share_wire, spu_config
 from ._version import __version__
 from .cluster_config import ClusterConfig, PartyConfig, split_address
-from .compiler_process import CompilerProcess, die_with_parent
+from .compiler_process import CompilerProcess, die_with_parent, warning_line
 from .errors import CompileCacheError, PartyError, PrivatePathError
 from .link_front import LinkFront
 from .messages import METHODS, POLL_S
@@ -925,6 +926,7 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
     configuration), build the runtime, then serve the party's jobs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the party process decides when this one ends
     die_with_parent()
+    warnings.showwarning = warning_line
     try:
         spu_log = SpuLog.get(log_path)
     except (PrivatePathError, OSError) as e:  # (its folder was checked when the party started)

@@ -338,6 +338,26 @@ def test_port_in_use_is_reported(tmp_path, capsys):
     assert "control address 127.0.0.1:%d cannot be used" % ports[3] in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_a_launch_that_fails_to_start_leaves_no_empty_log_folder(tmp_path):
+    """spu-launch without --log-dir makes a temporary log folder; when a party cannot start (its port taken) the
+    others are stopped, and a folder where nothing was logged is removed (a newcomer found one left per try)."""
+    ports = free_ports(6)
+    config = write_config(tmp_path / "3pc.json", ports)
+    make_certs(config)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[3]))
+        taken.listen()
+        run = subprocess.run([sys.executable, "-m", "cipherdm_spu.cluster", "--config", str(config)], text=True,
+                             capture_output=True, timeout=180, env={**os.environ, "TMPDIR": str(temporary)})
+    assert run.returncode == 2, run.stderr
+    assert "party P0 failed to start" in run.stderr and "nothing was logged" in run.stderr
+    assert list(temporary.iterdir()) == []
+    assert run.stdout.count("party logs in") == 1  # the launcher says where, its parties do not repeat it
+
+
 def test_certs_are_private_and_never_overwritten(tmp_path, capsys):
     config = write_config(tmp_path / "3pc.json")
     make_certs(config)

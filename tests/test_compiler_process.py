@@ -74,3 +74,18 @@ def test_an_overrun_kills_only_its_own_job_and_the_next_runs_on_a_fresh_process(
         assert not status.exists() or "Z" in status.read_text().split("State:")[1][:4]  # gone, or dead unreaped
     finally:
         compiler.close()
+
+
+def test_a_warning_in_the_compiler_process_reaches_the_console_as_one_line(capfd):
+    """A party's console (the launcher echoes it) showed a compile cache's notice as a Python warning with its source
+    line: a waiting peer looked like a failure."""
+    import warnings
+
+    compiler = CompilerProcess("compiler")
+    try:
+        compiler.run(60, 60, warnings.warn, "compile cache /c: waiting for another process", RuntimeWarning)
+    finally:
+        compiler.close()
+    err = capfd.readouterr().err
+    assert "warning: compile cache /c: waiting for another process\n" in err
+    assert "RuntimeWarning" not in err and "warnings.warn" not in err
