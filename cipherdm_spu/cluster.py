@@ -121,18 +121,15 @@ def main(argv=None) -> int:
         if args.command in ("info", "delete"):
             return (model_info if args.command == "info" else delete)(cluster, args)
         if args.party:
-            from .compiler_process import warning_line
+            from .console import warning_line
             from .jobs import SamplingCatalog
             from .party import serve
 
-            with warnings.catch_warnings():  # (restored for a caller in this process: the tests)
+            with warnings.catch_warnings(), _kept_if_logged(args) as log_dir:  # (restored for a caller here: tests)
                 warnings.showwarning = warning_line
-                return serve(cluster, args.party, SamplingCatalog(), _log_dir(args), _share_memory(args))
-        log_dir = _log_dir(args)
-        code = supervise(args.config, cluster, log_dir, _share_memory(args))
-        if code and args.log_dir is None:
-            _remove_if_nothing_logged(log_dir)
-        return code
+                return serve(cluster, args.party, SamplingCatalog(), log_dir, _share_memory(args))
+        with _kept_if_logged(args) as log_dir:
+            return supervise(args.config, cluster, log_dir, _share_memory(args))
     except (ClusterConfigError, PartyError, ClusterError, InputError, ConfigError, SchedulerConfigError) as e:
         print(f"spu-launch: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ClusterConfigError, PartyError, ValueError)) else 1
@@ -156,23 +153,27 @@ def _share_memory(args) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
-def _log_dir(args) -> Path:
-    """--log-dir, or a new temporary folder (said on the console: it is where the parties' logs go)."""
+@contextlib.contextmanager
+def _kept_if_logged(args) -> Iterator[Path]:
+    """--log-dir, or a new temporary folder (said on the console: the parties' logs go there), which is removed again
+    when the parties end without anything logged (they failed to start: the console says why)."""
     if args.log_dir is not None:
-        return args.log_dir
+        yield args.log_dir
+        return
     log_dir = Path(tempfile.mkdtemp(prefix="cipherdm-spu-"))
     print(f"spu-launch: party logs in {log_dir}", flush=True)
-    return log_dir
-
-
-def _remove_if_nothing_logged(log_dir: Path) -> None:
-    """Remove a temporary log folder whose files are all empty (the parties failed to start: the console says why)."""
-    files = list(log_dir.iterdir())
-    if all(f.is_file() and not f.is_symlink() and f.stat().st_size == 0 for f in files):
-        for f in files:
-            f.unlink()
-        log_dir.rmdir()
-        print(f"spu-launch: nothing was logged; {log_dir} removed", file=sys.stderr, flush=True)
+    try:
+        yield log_dir
+    finally:
+        try:
+            files = list(log_dir.iterdir())
+            if all(f.is_file() and not f.is_symlink() and f.stat().st_size == 0 for f in files):
+                for f in files:
+                    f.unlink()
+                log_dir.rmdir()
+                print(f"spu-launch: nothing was logged; {log_dir} removed", file=sys.stderr, flush=True)
+        except OSError:  # changed meanwhile: kept
+            pass
 
 
 def status(cluster: ClusterConfig, identity: str) -> int:

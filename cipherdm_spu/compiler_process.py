@@ -15,12 +15,12 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
 from typing import Callable, Optional
 
+from .console import warning_line
 from .errors import PartyError
 
 #: how often a waiting caller checks whether its job was given up
@@ -103,15 +103,9 @@ def _spawned_pool() -> cf.ProcessPoolExecutor:
 
 
 def _start_compiler() -> None:
+    """The compiler process's start: it ends with the party, and shows warnings as the party's console does."""
     die_with_parent()
     warnings.showwarning = warning_line
-
-
-def warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """A `warnings.showwarning` for a party and its processes: a warning (a compile cache's notice that it waits for a
-    peer compiling the same program) as one line on the console the launcher echoes, without the Python source line
-    that tells an operator nothing."""
-    print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
 
 
 def _stop(pool: cf.Executor) -> None:

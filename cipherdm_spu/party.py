@@ -50,7 +50,8 @@ import spu.libspu as libspu
 from . import compile_cache, ir_audit, messages, private_dir, share_wire, spu_config
 from ._version import __version__
 from .cluster_config import ClusterConfig, PartyConfig, split_address
-from .compiler_process import CompilerProcess, die_with_parent, warning_line
+from .compiler_process import CompilerProcess, die_with_parent
+from .console import warning_line
 from .errors import CompileCacheError, PartyError, PrivatePathError
 from .link_front import LinkFront
 from .messages import METHODS, POLL_S
@@ -111,6 +112,7 @@ MAX_RECEIVING_BYTES = 1 << 30
 #: on its way (a user's open poll in flight when it closed the session, or a close that overtook the open) cannot
 #: open it again and hold the cluster for session_idle_s: a client names each session afresh (`jobs`)
 ENDED_SESSIONS_PER_USER = 64
+CLOSED = "closed by its user"
 #: how long a call's request may take to arrive (a manifest's at most), and a share-carrying call's shares after it
 REQUEST_S = 60.0
 RECEIVE_S = 600.0
@@ -205,7 +207,7 @@ class PartyService:
         self.receiving_bytes = dict.fromkeys(RECEIVING_TURNS, 0)
         self.models: Dict[str, _Model] = {}  # by `_model_key`: each owner's ids are its own namespace
         self.session: Optional[_Session] = None
-        self.ended_sessions: Dict[str, Dict[str, None]] = {}  # by user, their ended sessions' ids, oldest first
+        self.ended_sessions: Dict[str, Dict[str, str]] = {}  # by user, their ended sessions' ids (oldest first): how
         self.lock = threading.RLock()
         self.jobs = cf.ThreadPoolExecutor(1, thread_name_prefix=f"party-{party.id}-job")
         # manifests are judged and programs compiled in processes of their own (`compiler_process`): one for owners,
@@ -374,8 +376,10 @@ class PartyService:
                 if session.id != msg.session_id or session.user != caller.name or session.model_key != key:
                     raise PartyError(f"party {self.party.id} is busy with another session; try again later")
             else:
-                if msg.session_id in self.ended_sessions.get(caller.name, ()):
-                    raise PartyError(f"session {msg.session_id!r} has ended; a new session needs a new id")
+                ended = self.ended_sessions.get(caller.name, {}).get(msg.session_id)
+                if ended is not None:
+                    raise PartyError(f"session {msg.session_id!r} has ended at party {self.party.id} ({ended}); it is "
+                                     "not opened again")
                 model = self.models.get(key)
                 # a user the owner's policy does not list is told what model_info tells it: no such model
                 if model is None or not model.sealed or (model.policy.users is not None
@@ -482,9 +486,9 @@ class PartyService:
         with self.lock:
             session = self.session
             if session is not None and session.id == msg.session_id and session.user == caller.name:
-                self._drop_session("closed by its user")
+                self._drop_session(CLOSED, told=CLOSED)
             else:  # it may not have reached this party yet: its open, still on its way, must not open it
-                self._remember_ended(caller.name, msg.session_id)
+                self._remember_ended(caller.name, msg.session_id, CLOSED)
         return messages.Empty()
 
     def shutdown(self) -> None:
@@ -729,11 +733,12 @@ class PartyService:
     def _info(self, model_id: str, model: _Model) -> messages.ModelInfo:
         return messages.ModelInfo(model_id, model.owner, model.manifest, model.sealed, model.digest)
 
-    def _drop_session(self, why: str) -> None:
+    def _drop_session(self, why: str, told: str = "dropped by the party: its log says why") -> None:
+        """End the session, if any: ``why`` goes to the log, ``told`` to its user should a call of it still come."""
         session, self.session = self.session, None
         if session is None:
             return
-        self._remember_ended(session.user, session.id)
+        self._remember_ended(session.user, session.id, told)
         _cancel(session.receiving)
         try:
             if session.worker is not None:
@@ -742,11 +747,12 @@ class PartyService:
             self.front.end_session()
         log.info("party %s: session %s dropped: %s", self.party.id, session.id, _brief(why))
 
-    def _remember_ended(self, user: str, session_id: str) -> None:
-        """Refuse to open ``session_id`` for ``user`` from now on (the last ENDED_SESSIONS_PER_USER of theirs)."""
+    def _remember_ended(self, user: str, session_id: str, how: str) -> None:
+        """Refuse to open ``session_id`` for ``user`` from now on (the last ENDED_SESSIONS_PER_USER of theirs), saying
+        ``how`` it ended."""
         ended = self.ended_sessions.setdefault(user, {})
         ended.pop(session_id, None)
-        ended[session_id] = None
+        ended[session_id] = how
         while len(ended) > ENDED_SESSIONS_PER_USER:
             del ended[next(iter(ended))]
 
