@@ -37,6 +37,7 @@ from typing import Iterator, List, Optional, Tuple
 from tqdm import tqdm
 
 from . import cluster_config
+from .child_python import module_command, safe_import_path
 from .client import PartyClients, require_role
 from .cluster_config import ClusterConfig
 from .errors import ClusterConfigError, ClusterError, InputError, PartyError
@@ -125,10 +126,10 @@ def main(argv=None) -> int:
             from .jobs import SamplingCatalog
             from .party import serve
 
-            with warnings.catch_warnings(), _kept_if_logged(args) as log_dir:  # (restored for a caller here: tests)
-                warnings.showwarning = warning_line
+            with warnings.catch_warnings(), safe_import_path(), _kept_if_logged(args) as log_dir:  # (all restored
+                warnings.showwarning = warning_line  # for a caller in this process: the tests)
                 return serve(cluster, args.party, SamplingCatalog(), log_dir, _share_memory(args))
-        with _kept_if_logged(args) as log_dir:
+        with safe_import_path(), _kept_if_logged(args) as log_dir:
             return supervise(args.config, cluster, log_dir, _share_memory(args))
     except (ClusterConfigError, PartyError, ClusterError, InputError, ConfigError, SchedulerConfigError) as e:
         print(f"spu-launch: {e}", file=sys.stderr)
@@ -295,7 +296,7 @@ def supervise(config_path: Path, cluster: ClusterConfig, log_dir: Path, share_me
     ready = set()
     for party_id in ids:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cipherdm_spu.cluster", "--config", str(config_path), "--party", party_id,
+            [*module_command("cipherdm_spu.cluster"), "--config", str(config_path), "--party", party_id,
              "--log-dir", str(log_dir), "--share-memory-gib", repr(share_memory / 2**30)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         )
@@ -383,7 +384,7 @@ def loopback_cluster(folder: Path, link: Optional[Link] = None,
             config = emulator.write(folder / "3pc-routed.json")
         log = open(folder / "launcher.out", "a")
         stack.callback(log.close)
-        launcher = subprocess.Popen([sys.executable, "-m", "cipherdm_spu.cluster", "--config", str(config),
+        launcher = subprocess.Popen([*module_command("cipherdm_spu.cluster"), "--config", str(config),
                                      "--log-dir", str(folder / "logs")], stdout=log, stderr=subprocess.STDOUT)
         stack.callback(_stop_all, [launcher])
         _wait_up(cluster_config.load(config), launcher, folder / "launcher.out")

@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Set
 
+from . import private_dir
 from .cluster_config import Credentials, split_address
+from .errors import PrivatePathError
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +163,13 @@ class LinkFront:
                 raise RuntimeError("the SPU link front is closed")
             if self.folder is not None:
                 raise RuntimeError("a session is open on the SPU link front already")
-            self.folder = Path(tempfile.mkdtemp(prefix="cdm-link-"))  # 0700: no other user can reach the socket
+            made = Path(tempfile.mkdtemp(prefix="cdm-link-"))  # 0700: no other user can reach the socket
+            try:  # nor swap the folder for one of theirs: its path must be closed to others (or sticky, as /tmp)
+                with private_dir.opened_folder(made, make=False) as checked:
+                    self.folder = checked.path
+            except (PrivatePathError, OSError) as e:
+                shutil.rmtree(made, ignore_errors=True)
+                raise OSError(f"the SPU link's socket folder {made}: {e}") from None
             self._session += 1
             return f"unix:{self.socket_path}"
 

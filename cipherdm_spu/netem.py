@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Tuple
 
 from . import cluster_config
 from .cluster_config import ClusterConfig, split_address
+from .child_python import module_command, safe_import_path
 from .compiler_process import die_with_parent
 from .errors import ClusterConfigError, LinkEmulatorError
 
@@ -495,20 +496,21 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=50, help="probe: all_gather rounds (default: 50)")
     p.add_argument("--payload-mb", type=float, default=4.0, help="probe: MB sent from P0 to P1 (default: 4)")
     args = p.parse_args(argv)
-    try:
-        if args.command == "probe":
-            return _probe_command(args)
-        if len(args.network) != 1 or args.network[0] == "none":
-            p.error("run takes one emulated network: lan, wan, relay or custom")
-        if args.out is None:
-            p.error("run needs --out, the routed config to write")
-        with LinkEmulator(args.config, link_for(args.network[0], args.delay_ms, args.bandwidth_mbps)) as emulator:
-            emulator.write(args.out)
-            print(f"netem: {emulator.link.describe()} on every party link; routed config {args.out}", flush=True)
-            return _wait_or_launch(args.out, args.launch)
-    except (LinkEmulatorError, ClusterConfigError) as e:
-        print(f"netem: {e}", file=sys.stderr)
-        return 2
+    with safe_import_path():  # its probe links with the parties' keys, and it may start the parties
+        try:
+            if args.command == "probe":
+                return _probe_command(args)
+            if len(args.network) != 1 or args.network[0] == "none":
+                p.error("run takes one emulated network: lan, wan, relay or custom")
+            if args.out is None:
+                p.error("run needs --out, the routed config to write")
+            with LinkEmulator(args.config, link_for(args.network[0], args.delay_ms, args.bandwidth_mbps)) as emulator:
+                emulator.write(args.out)
+                print(f"netem: {emulator.link.describe()} on every party link; routed config {args.out}", flush=True)
+                return _wait_or_launch(args.out, args.launch)
+        except (LinkEmulatorError, ClusterConfigError) as e:
+            print(f"netem: {e}", file=sys.stderr)
+            return 2
 
 
 def _wait_or_launch(config: Path, launch: bool) -> int:
@@ -519,7 +521,7 @@ def _wait_or_launch(config: Path, launch: bool) -> int:
         print("netem: Ctrl-C stops the relays", flush=True)
         stop.wait()
         return 0
-    launcher = subprocess.Popen([sys.executable, "-m", "cipherdm_spu.cluster", "--config", str(config)])
+    launcher = subprocess.Popen([*module_command("cipherdm_spu.cluster"), "--config", str(config)])
     while not stop.wait(0.5) and launcher.poll() is None:
         pass
     if launcher.poll() is None:

@@ -20,7 +20,7 @@ LAYERS = {
     "core": ["errors", "_version", "registry", "ops", "spu_config", "ring", "linalg", "spu_threads"],
     "kernels": ["protocols", "protocols.*", "floor_kernels"],
     "models": ["models", "models.*"],
-    "runtime": ["private_dir", "compile_cache", "session", "profiling", "public_constants", "ir_audit", "cluster_config", "messages", "share_wire", "pki", "plan", "link_front", "compiler_process", "party",
+    "runtime": ["private_dir", "compile_cache", "session", "profiling", "public_constants", "ir_audit", "cluster_config", "messages", "share_wire", "pki", "plan", "link_front", "console", "child_python", "compiler_process", "party",
                 "client", "netem", "control", "driver"],
     "applications": ["sampling", "jobs", "stable_diffusion", "benchmark", "softmax_frontier", "quality", "mnist", "results", "minimax",
                      "cli_common", "sampling_cli", "sd_cli", "sd_images", "launch", "cluster"],

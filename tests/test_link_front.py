@@ -119,6 +119,24 @@ def test_the_private_socket_is_in_a_folder_only_its_user_can_enter(front):
     assert stat.S_IMODE(front.folder.stat().st_mode) == 0o700
 
 
+def test_no_socket_folder_under_a_temporary_folder_others_could_swap_it_in(front, tmp_path, monkeypatch):
+    """Under a TMPDIR that others may write and that is not sticky, another user could rename the socket's folder and
+    put one of theirs in its place (an independent review's finding): refused, and nothing is left behind."""
+    import tempfile
+
+    front, _, _ = front
+    front.end_session()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    with pytest.raises(OSError, match="others may write it and it is not sticky"):
+        front.open_session()
+    assert front.folder is None and list(shared.iterdir()) == []
+    shared.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is not theirs
+    assert front.open_session().startswith(f"unix:{shared}/cdm-link-")
+
+
 def test_a_plaintext_push_never_reaches_the_link(front):
     """What SPU's link server would take from anyone: an HTTP push of a forged message."""
     front, port, received = front

@@ -12,6 +12,8 @@ import os
 import re
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -1383,3 +1385,50 @@ def test_a_partys_compiler_process_ends_with_the_party():
     while Path(f"/proc/{compiler}").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not Path(f"/proc/{compiler}").exists() or "Z" in Path(f"/proc/{compiler}/status").read_text().split("State:")[1][:4]
+
+
+def test_no_party_imports_from_the_folder_it_was_started_in(tmp_path):
+    """A pickle.py that another local user left in the folder the parties were started in (a sticky /tmp takes
+    anyone's new files) ran inside each party's compiler and multiprocessing helper, with the party's shares and key
+    (an independent review's finding): spu-launch, the parties it starts, one started alone, and the processes they
+    spawn leave that folder off their import path."""
+    from cipherdm_spu.jobs import upload_model
+    from cipherdm_spu.plan import Policy
+
+    from .cluster_fixtures import output, stop, tiny_unet, wait_up
+
+    config = write_config(tmp_path / "3pc.json")
+    make_certs(config)
+    planted, marker = tmp_path / "planted", tmp_path / "imported"
+    planted.mkdir()
+    (planted / "pickle.py").write_text(  # notes who imported it, then hands over the real pickle: nothing fails
+        f"import os, sys\nwith open({str(marker)!r}, 'a') as f:\n    f.write(f'{{os.getpid()}} {{sys.argv}}\\n')\n"
+        "here = os.path.dirname(os.path.abspath(__file__))\n"
+        "sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != here]\n"
+        "del sys.modules['pickle']\nimport pickle\nsys.modules['pickle'] = pickle\n")
+    spu_launch = str(Path(sys.executable).parent / "spu-launch")
+
+    def launch(*extra):
+        out = open(tmp_path / f"launcher{len(extra)}.out", "w")
+        proc = subprocess.Popen([spu_launch, "--config", str(config), "--log-dir", str(tmp_path / "logs"), *extra],
+                                cwd=planted, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc.output_path = out.name
+        return proc
+
+    launcher = launch()
+    try:
+        wait_up(config, [launcher])
+        model, params, scheduler = tiny_unet()
+        with PartyClients(cc.load(config), "owner") as owner:  # each party's manifest judge: a spawned process
+            upload_model(owner, "tiny", model, params, scheduler, Policy())
+    finally:
+        stop([launcher])
+    alone = launch("--party", "P0")
+    try:
+        deadline = time.monotonic() + 60
+        while "party P0 ready" not in output(alone) and alone.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "party P0 ready" in output(alone), output(alone)
+    finally:
+        stop([alone])
+    assert not marker.exists(), marker.read_text()
