@@ -47,7 +47,7 @@ import numpy as np
 import spu
 import spu.libspu as libspu
 
-from . import compile_cache, ir_audit, messages, private_dir, share_wire, spu_config
+from . import compile_cache, ir_audit, messages, private_dir, registry, share_wire, spu_config
 from ._version import __version__
 from .cluster_config import ClusterConfig, PartyConfig, split_address
 from .compiler_process import CompilerProcess, die_with_parent
@@ -1233,6 +1233,7 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
         compile_cache.check_directory()
     except CompileCacheError as e:
         raise PartyError(f"party {party.id}: {e}") from None
+    check_protocol_sets(party.id)
     check_port_free(party.spu_address, f"party {party.id}: SPU link address")
     check_port_free(party.control_address, f"party {party.id}: control address")
     service = PartyService(cluster, party, catalog, private_log_file(log_dir, f"spu-{party.id}.log"), share_memory)
@@ -1258,6 +1259,23 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
         service.shutdown()  # first, so that a run blocked inside SPU ends and its gRPC call returns
     server.stop(grace=2).wait()
     return 0
+
+
+def check_protocol_sets(party_id: str) -> None:
+    """Refuse to start where someone other than this user and root could change or add a protocol-set file the party
+    would read (`registry.protocol_set_dirs`: first match wins, so a file added to an earlier folder shadows a shipped
+    set): a set chooses the kernels and the SPU options a session runs with (an independent review's finding)."""
+    for folder in registry.protocol_set_dirs():
+        folder = folder.absolute()
+        if not folder.is_dir():
+            continue
+        try:
+            private_dir.check_folder(folder)
+            for file in sorted(folder.glob("*.json")):
+                private_dir.check_file(file)
+        except (PrivatePathError, OSError) as e:
+            raise PartyError(f"party {party_id}: protocol sets in {folder}: {e}; only this user and root may be able "
+                             "to change them or a folder on their path") from None
 
 
 def private_log_file(log_dir: Path, name: str) -> Path:

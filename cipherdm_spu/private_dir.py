@@ -128,6 +128,22 @@ def check_file(path: Path) -> None:
     os.close(_walk(Path(path), make=False, file=True)[0])
 
 
+def check_folder(path: Path) -> None:
+    """Refuse (PrivatePathError) a folder whose files are looked up by name that someone other than this user and root
+    could change or add a file to: the folder (sticky or not: a sticky folder takes anyone's new files), a folder or a
+    symlink on its path. OSError where it cannot be reached."""
+    fd, where = _walk(Path(path), make=False, file=False)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid not in (0, os.getuid()):
+            raise PrivatePathError(f"{where} is owned by uid {info.st_uid}")
+        if _writable_by_others(info, f"/proc/self/fd/{fd}"):
+            raise PrivatePathError(f"{where} has mode {stat.S_IMODE(info.st_mode):o}: others may add files to it "
+                                   "(chmod go-w it)")
+    finally:
+        os.close(fd)
+
+
 def _walk(path: Path, make: bool, file: bool) -> Tuple[int, str]:
     """An O_PATH descriptor of the last folder reached walking ``path`` from /, and its real path: ``path`` itself, or
     with ``file`` the folder holding the regular file it names. Each folder is checked as a folder on the path before

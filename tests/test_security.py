@@ -1432,3 +1432,27 @@ def test_no_party_imports_from_the_folder_it_was_started_in(tmp_path):
     finally:
         stop([alone])
     assert not marker.exists(), marker.read_text()
+
+
+def test_a_party_refuses_protocol_sets_others_could_change_or_add(tmp_path, capsys, monkeypatch):
+    """Protocol sets are looked up by name, first folder first: a set file another user could write or add (a sticky
+    folder takes anyone's new files) would choose the kernels and SPU options of every session (an independent
+    review's finding). A party refuses to start on one."""
+    from cipherdm_spu.cluster import main as launch_main
+
+    config = write_config(tmp_path / "3pc.json")
+    make_certs(config)
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    monkeypatch.setenv("CIPHERDM_PROTOCOLS_PATH", str(sets))
+    start = ["--config", str(config), "--party", "P0", "--log-dir", str(tmp_path / "logs")]
+    for mode in (0o1777, 0o777):  # sticky, or open to all
+        sets.chmod(mode)
+        assert launch_main(start) == 2
+        err = capsys.readouterr().err
+        assert f"protocol sets in {sets}" in err and f"has mode {mode:o}: others may add files to it" in err, err
+    sets.chmod(0o755)
+    (sets / "mine.json").write_text("{}")
+    (sets / "mine.json").chmod(0o666)
+    assert launch_main(start) == 2
+    assert "mine.json has mode 666: others may write it" in capsys.readouterr().err
