@@ -372,3 +372,32 @@ def test_a_fuse_mount_of_another_users_proves_nothing(tmp_path, monkeypatch):
                      + f"4242 1 0:99 / {box} rw - fuse.mine mine rw,user_id={os.getuid()},group_id=0\n")
     fake[box] = 4242
     os.close(private_dir.open_folder(box).fd)
+
+
+def test_a_folder_whose_files_are_read_by_name_takes_no_one_elses_files(tmp_path):
+    """`check_folder` (protocol sets): the folder root's or this user's, closed to others even when sticky (a sticky
+    folder takes anyone's new files), and its path checked as ever."""
+    folder = tmp_path / "sets"
+    folder.mkdir(mode=0o755)
+    private_dir.check_folder(folder)
+    for mode in (0o1777, 0o777, 0o1773):
+        folder.chmod(mode)
+        with pytest.raises(PrivatePathError, match="others may add files to it"):
+            private_dir.check_folder(folder)
+    folder.chmod(0o755)
+    tmp_path.chmod(0o777)  # a folder on its path others can write
+    try:
+        with pytest.raises(PrivatePathError, match="on its path has mode 777"):
+            private_dir.check_folder(folder)
+    finally:
+        tmp_path.chmod(0o700)
+    with pytest.raises(FileNotFoundError):
+        private_dir.check_folder(tmp_path / "missing")
+
+
+@needs_root
+def test_a_folder_of_another_user_is_refused_for_files_read_by_name(tmp_path):
+    theirs = _folder(tmp_path / "theirs", 0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    with pytest.raises(PrivatePathError, match="theirs is owned by uid 65534"):
+        private_dir.check_folder(theirs)
