@@ -207,7 +207,7 @@ class PartyService:
         self.receiving_bytes = dict.fromkeys(RECEIVING_TURNS, 0)
         self.models: Dict[str, _Model] = {}  # by `_model_key`: each owner's ids are its own namespace
         self.session: Optional[_Session] = None
-        self.ended_sessions: Dict[str, Dict[str, str]] = {}  # by user, their ended sessions' ids (oldest first): how
+        self.ended_sessions: Dict[str, Dict[str, str]] = {}  # user -> {ended session id: how it ended}, oldest first
         self.lock = threading.RLock()
         self.jobs = cf.ThreadPoolExecutor(1, thread_name_prefix=f"party-{party.id}-job")
         # manifests are judged and programs compiled in processes of their own (`compiler_process`): one for owners,
