@@ -37,7 +37,7 @@ from typing import Iterator, List, Optional, Tuple
 from tqdm import tqdm
 
 from . import cluster_config
-from .child_python import module_command, safe_import_path
+from .child_python import check_python_path, module_command, safe_import_path
 from .client import PartyClients, require_role
 from .cluster_config import ClusterConfig
 from .errors import ClusterConfigError, ClusterError, InputError, PartyError
@@ -121,6 +121,7 @@ def main(argv=None) -> int:
             return upload(cluster, args)
         if args.command in ("info", "delete"):
             return (model_info if args.command == "info" else delete)(cluster, args)
+        check_python_path()  # (starting: a party, or the launcher of the local ones)
         if args.party:
             from .console import warning_line
             from .jobs import SamplingCatalog

@@ -45,9 +45,9 @@ from typing import Dict, List, Optional, Tuple
 
 from . import cluster_config
 from .cluster_config import ClusterConfig, split_address
-from .child_python import module_command, safe_import_path
+from .child_python import check_python_path, module_command, safe_import_path
 from .compiler_process import die_with_parent
-from .errors import ClusterConfigError, LinkEmulatorError
+from .errors import ClusterConfigError, LinkEmulatorError, PartyError
 
 #: bytes a relay reads at once (at 400 Mbps one chunk is 5 ms on the wire)
 CHUNK = 256 << 10
@@ -115,7 +115,8 @@ class LinkEmulator:
         self._conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, self.routes, self.reserved, self.link), daemon=True,
                                        name="cipherdm-netem")
-        self.process.start()
+        with safe_import_path():  # (a library caller's current folder: its resource tracker and relays never import it)
+            self.process.start()
         child.close()
         try:
             if not self._conn.poll(START_S):
@@ -401,7 +402,8 @@ def probe(config_path: os.PathLike, rounds: int = 20, payload: int = 1 << 20, se
         parent, child = context.Pipe()
         proc = context.Process(target=_probe_party, args=(child, cluster, rank, rounds, payload, session_id),
                                daemon=True)
-        proc.start()
+        with safe_import_path():  # they hold the parties' keys
+            proc.start()
         child.close()
         pipes.append(parent)
         procs.append(proc)
@@ -498,6 +500,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with safe_import_path():  # its probe links with the parties' keys, and it may start the parties
         try:
+            check_python_path()
             if args.command == "probe":
                 return _probe_command(args)
             if len(args.network) != 1 or args.network[0] == "none":
@@ -508,7 +511,7 @@ def main(argv=None) -> int:
                 emulator.write(args.out)
                 print(f"netem: {emulator.link.describe()} on every party link; routed config {args.out}", flush=True)
                 return _wait_or_launch(args.out, args.launch)
-        except (LinkEmulatorError, ClusterConfigError) as e:
+        except (LinkEmulatorError, ClusterConfigError, PartyError) as e:
             print(f"netem: {e}", file=sys.stderr)
             return 2
 

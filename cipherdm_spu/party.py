@@ -36,6 +36,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -902,7 +903,7 @@ class _Worker:
                 self.conn.send((op, payload))
             deadline = None if timeout is None else time.monotonic() + timeout
             while not self.conn.poll(0.2):
-                if not self.process.is_alive():
+                if not self.process.is_alive() and not self.conn.poll(0):  # (a last reply may wait in the pipe)
                     raise PartyError(
                         f"party {self.party.id}: its SPU runtime ended during {op} (exit code "
                         f"{self.process.exitcode}; SPU's link stops the process when a peer is lost)"
@@ -1234,6 +1235,7 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
     except CompileCacheError as e:
         raise PartyError(f"party {party.id}: {e}") from None
     check_protocol_sets(party.id)
+    check_link_folder(party.id)
     check_port_free(party.spu_address, f"party {party.id}: SPU link address")
     check_port_free(party.control_address, f"party {party.id}: control address")
     service = PartyService(cluster, party, catalog, private_log_file(log_dir, f"spu-{party.id}.log"), share_memory)
@@ -1265,17 +1267,37 @@ def check_protocol_sets(party_id: str) -> None:
     """Refuse to start where someone other than this user and root could change or add a protocol-set file the party
     would read (`registry.protocol_set_dirs`: first match wins, so a file added to an earlier folder shadows a shipped
     set): a set chooses the kernels and the SPU options a session runs with (an independent review's finding)."""
+    named = {Path(p).absolute() for p in os.environ.get("CIPHERDM_PROTOCOLS_PATH", "").split(os.pathsep) if p}
     for folder in registry.protocol_set_dirs():
         folder = folder.absolute()
-        if not folder.is_dir():
-            continue
         try:
+            if not folder.is_dir():
+                if folder in named:
+                    raise PrivatePathError("it does not exist (someone else could make it)")
+                while not folder.is_dir():  # a shipped folder this install lacks: no one else may make it
+                    folder = folder.parent
+                private_dir.check_folder(folder)
+                continue
             private_dir.check_folder(folder)
             for file in sorted(folder.glob("*.json")):
                 private_dir.check_file(file)
         except (PrivatePathError, OSError) as e:
             raise PartyError(f"party {party_id}: protocol sets in {folder}: {e}; only this user and root may be able "
                              "to change them or a folder on their path") from None
+
+
+def check_link_folder(party_id: str) -> None:
+    """Refuse to start where a session's SPU link socket could not be made (`LinkFront.open_session`: a temporary
+    folder whose path others could change), rather than fail every session."""
+    try:
+        made = Path(tempfile.mkdtemp(prefix="cdm-link-"))
+        try:
+            private_dir.check_folder(made)
+        finally:
+            os.rmdir(made)
+    except (PrivatePathError, OSError) as e:
+        raise PartyError(f"party {party_id}: its SPU link's socket folder under {tempfile.gettempdir()}: {e}; choose "
+                         "a TMPDIR no one else can change (or a sticky one, as /tmp)") from None
 
 
 def private_log_file(log_dir: Path, name: str) -> Path:

@@ -4,10 +4,10 @@ import contextlib
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 from cipherdm_spu import cluster_config as cc
+from cipherdm_spu.child_python import module_command
 from cipherdm_spu.client import PartyClients
 from cipherdm_spu.cluster import main as launch_main
 
@@ -82,7 +82,7 @@ def make_certs(config, clients="owner,user,user-bob,user-carol"):
 def start(config, log_dir, party=None, env=None):
     """A launcher process (with ``env``, else this process's environment); its output goes to
     log_dir/launcher[-PARTY].out (read it with `output`)."""
-    cmd = [sys.executable, "-m", "cipherdm_spu.cluster", "--config", str(config), "--log-dir", str(log_dir)]
+    cmd = [*module_command("cipherdm_spu.cluster"), "--config", str(config), "--log-dir", str(log_dir)]
     if party:
         cmd += ["--party", party]
     log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -258,3 +258,24 @@ def test_a_partys_logs_start_afresh_at_their_size_limit_and_stay_private(tmp_pat
 def test_every_share_carrying_method_has_its_own_receiving_turns():
     assert set(party.RECEIVING_TURNS) == {m.name for m in METHODS.values() if m.streams_shares}
     assert sum(party.RECEIVING_TURNS.values()) < party.CONTROL_THREADS
+
+
+def test_a_workers_last_reply_is_read_though_it_ended_just_after():
+    """A session's worker that refuses (the parties disagree) sends why, then its link's goodbye can end it: a reply
+    that arrives between the party's wait and its look at the process is read, not reported as a runtime that ended
+    (a loaded machine's suite once saw that)."""
+    import multiprocessing as mp
+
+    from cipherdm_spu.party import _Worker
+
+    ours, theirs = mp.Pipe()
+    worker = _Worker.__new__(_Worker)  # its process stood in for: the reply comes as the process is seen to be gone
+    worker.party, worker.conn, worker.lock = types.SimpleNamespace(id="P0"), ours, threading.Lock()
+
+    def is_alive():
+        theirs.send(("error", "the parties disagree about this session"))
+        return False
+
+    worker.process = types.SimpleNamespace(is_alive=is_alive, exitcode=0)
+    with pytest.raises(PartyError, match="party P0: the parties disagree about this session"):
+        worker.call("ready", None, timeout=5)

@@ -1456,3 +1456,35 @@ def test_a_party_refuses_protocol_sets_others_could_change_or_add(tmp_path, caps
     (sets / "mine.json").chmod(0o666)
     assert launch_main(start) == 2
     assert "mine.json has mode 666: others may write it" in capsys.readouterr().err
+    # a folder named that does not exist yet: someone else could make it (under a sticky /tmp, say) after the start
+    monkeypatch.setenv("CIPHERDM_PROTOCOLS_PATH", str(tmp_path / "later"))
+    assert launch_main(start) == 2
+    assert "later: it does not exist" in capsys.readouterr().err
+
+
+def test_a_party_refuses_to_start_on_an_import_path_or_a_tmpdir_others_could_change(tmp_path, capsys, monkeypatch):
+    """-P and PYTHONSAFEPATH still honour a PYTHONPATH entry that is empty or relative (the current folder, or one under
+    it), and a session's SPU link socket goes under TMPDIR (an independent review's findings): refused at the start,
+    not at the first session."""
+    import tempfile
+
+    from cipherdm_spu.cluster import main as launch_main
+
+    config = write_config(tmp_path / "3pc.json")
+    make_certs(config)
+    start = ["--config", str(config), "--party", "P0", "--log-dir", str(tmp_path / "logs")]
+    for entries in (f":{tmp_path}", f"{tmp_path}:", "lib"):
+        monkeypatch.setenv("PYTHONPATH", entries)
+        assert launch_main(start) == 2
+        assert "PYTHONPATH has entries" in capsys.readouterr().err
+        assert launch_main(start[:2]) == 2  # the launcher of the local parties too
+        assert "PYTHONPATH has entries" in capsys.readouterr().err
+    monkeypatch.delenv("PYTHONPATH")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    assert launch_main(start) == 2
+    err = capsys.readouterr().err
+    assert f"its SPU link's socket folder under {shared}" in err and "not sticky" in err, err
+    assert [p.name for p in shared.iterdir()] == []
