@@ -950,17 +950,17 @@ def _worker_main(conn, cluster: ClusterConfig, party: PartyConfig, log_path: str
         return
     if len(set(agreed)) != 1:
         differ = [cluster.parties[r].id for r, a in enumerate(agreed) if a != agreement]
-        # honest parties saw the same gathered values, so all refuse, at once: the link's goodbye below can end this
-        # process (SPU's link ends a process whose peer is gone), which once left the party to say only that its
-        # runtime had ended (a loaded test machine). Then the goodbye (each party's sends delivered and acknowledged,
-        # else SPU's link ends a peer still waiting on an ack), bounded: a peer that never says goodbye (it told
-        # others something else, or died) must not keep this process
-        conn.send(("error", f"the parties disagree about this session (session, user, model, job, executable or "
-                            "runtime): "
-                            f"{', '.join(differ)} {'was' if len(differ) == 1 else 'were'} asked for something else"))
+        # honest parties saw the same gathered values, so all refuse; before this worker is ended, the link's goodbye
+        # (each party's sends delivered and acknowledged, else SPU's link ends a peer still waiting on an ack),
+        # bounded: a peer that never says goodbye (it told others something else, or died) must not delay the refusal.
+        # (Refusing first lets the party end this process while its gathered value is still on its way: a peer then
+        # times out in its gather instead of refusing.)
         goodbye = threading.Thread(target=link.stop_link, daemon=True, name="spu-link-goodbye")
         goodbye.start()
         goodbye.join(LINK_GOODBYE_S)
+        conn.send(("error", f"the parties disagree about this session (session, user, model, job, executable or "
+                            "runtime): "
+                            f"{', '.join(differ)} {'was' if len(differ) == 1 else 'were'} asked for something else"))
         return
     runtime = spu.Runtime(link, config)
     conn.send(("ok", None))

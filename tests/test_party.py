@@ -261,9 +261,9 @@ def test_every_share_carrying_method_has_its_own_receiving_turns():
 
 
 def test_a_workers_last_reply_is_read_though_it_ended_just_after():
-    """A session's worker that refuses (the parties disagree) sends why, then its link's goodbye can end it: a reply
-    that arrives between the party's wait and its look at the process is read, not reported as a runtime that ended
-    (a loaded machine's suite once saw that)."""
+    """A session's worker that refuses (the parties disagree) sends why and ends at once: a reply that arrives between
+    the party's wait and its look at the process is read, not reported as a runtime that ended (a loaded machine's
+    suite once saw that)."""
     import multiprocessing as mp
 
     from cipherdm_spu.party import _Worker
