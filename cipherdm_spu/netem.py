@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from . import cluster_config
-from .cluster_config import ClusterConfig, split_address
 from .child_python import check_python_path, module_command, safe_import_path
+from .cluster_config import ClusterConfig, split_address
 from .compiler_process import die_with_parent
 from .errors import ClusterConfigError, LinkEmulatorError, PartyError
 
