@@ -129,6 +129,18 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
         return
 
 
+def new_socket_folder() -> Path:
+    """A new folder for a session's socket (its real path): 0700, so no other user can reach the socket, on a path no
+    one else can change (or sticky, as /tmp), so no one can swap the folder for one of theirs; OSError otherwise."""
+    made = Path(tempfile.mkdtemp(prefix="cdm-link-"))
+    try:
+        with private_dir.opened_folder(made, make=False) as checked:
+            return checked.path
+    except (PrivatePathError, OSError) as e:
+        shutil.rmtree(made, ignore_errors=True)
+        raise OSError(f"its SPU link's socket folder under {made.parent}: {e}") from None
+
+
 class LinkFront:
     """Serve ``address`` (host:port) with mutual TLS for the parties ``peers`` (their ids: their certificates' common
     names), relaying each authenticated connection to the private Unix socket of the session open when it was
@@ -163,13 +175,7 @@ class LinkFront:
                 raise RuntimeError("the SPU link front is closed")
             if self.folder is not None:
                 raise RuntimeError("a session is open on the SPU link front already")
-            made = Path(tempfile.mkdtemp(prefix="cdm-link-"))  # 0700: no other user can reach the socket
-            try:  # nor swap the folder for one of theirs: its path must be closed to others (or sticky, as /tmp)
-                with private_dir.opened_folder(made, make=False) as checked:
-                    self.folder = checked.path
-            except (PrivatePathError, OSError) as e:
-                shutil.rmtree(made, ignore_errors=True)
-                raise OSError(f"the SPU link's socket folder {made}: {e}") from None
+            self.folder = new_socket_folder()
             self._session += 1
             return f"unix:{self.socket_path}"
 

@@ -36,7 +36,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -54,7 +53,7 @@ from .cluster_config import ClusterConfig, PartyConfig, split_address
 from .compiler_process import CompilerProcess, die_with_parent
 from .console import warning_line
 from .errors import CompileCacheError, PartyError, PrivatePathError
-from .link_front import LinkFront
+from .link_front import LinkFront, new_socket_folder
 from .messages import METHODS, POLL_S
 from .pki import peer_identity, shares_a_key
 from .plan import NAME, JobCatalog, Policy, StepProgram, names_of
@@ -1287,17 +1286,13 @@ def check_protocol_sets(party_id: str) -> None:
 
 
 def check_link_folder(party_id: str) -> None:
-    """Refuse to start where a session's SPU link socket could not be made (`LinkFront.open_session`: a temporary
-    folder whose path others could change), rather than fail every session."""
+    """Refuse to start where a session's SPU link socket could not be made (`link_front.new_socket_folder`), rather
+    than fail every session."""
     try:
-        made = Path(tempfile.mkdtemp(prefix="cdm-link-"))
-        try:
-            private_dir.check_folder(made)
-        finally:
-            os.rmdir(made)
-    except (PrivatePathError, OSError) as e:
-        raise PartyError(f"party {party_id}: its SPU link's socket folder under {tempfile.gettempdir()}: {e}; choose "
-                         "a TMPDIR no one else can change (or a sticky one, as /tmp)") from None
+        os.rmdir(new_socket_folder())
+    except OSError as e:
+        raise PartyError(f"party {party_id}: {e}; choose a TMPDIR no one else can change (or a sticky one, as /tmp)"
+                         ) from None
 
 
 def private_log_file(log_dir: Path, name: str) -> Path:
