@@ -34,7 +34,9 @@ it into its own products.
 
 A kernel whose form depends on its call's size may carry ``for_call_size(elements)``: the kernel as a call of that
 many elements runs it, on an input of any size, so that a cost model can price a call too large to run by a smaller
-one in the large call's form.
+one in the large call's form. An rsqrt kernel may carry ``centres_norms_in_one_truncation = True``: the norms that
+call it (`models.normalization`) then take their deviations from the mean in one truncation, scaled by a public
+factor near 1, rather than the mean first (fewer rounds, more bytes).
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ GroupNorm keeps them few:
   2**-18 rather than ~26;
 - means divide by the count precisely and inside the ring (`_mean_of_sums`); the variance's division
   is left to `ops.rsqrt`'s public ``scale`` (`_sum_for_mean`), which our kernel folds into its coefficients;
+- where the rsqrt kernel in force asks for it (``centres_norms_in_one_truncation``, the registry's docstring), the
+  deviations themselves take one truncation instead of the mean's two in a row (`_scaled_deviations`): a round
+  fewer per norm and no error from the mean, for a truncation per element of the input;
 - GroupNorm's affine scale goes to `ops.rsqrt` as its ``times``, so the per-(sample, group) factor already
   carries it (our kernel multiplies it in a round it spends anyway) before it meets the activations, which
   leaves one secret product per element besides the square: the (exactly doubled) deviation times that
@@ -36,11 +39,10 @@ import jax.numpy as jnp
 
 from cipherdm_spu import ops, registry, ring
 
-
-
-
 VARIANCE_SCALE = 16  # a power of four: its square root is applied as two doublings
 PIXELS_PER_CHUNK = 8  # the squares' sums are truncated per chunk of this many pixels (their range)
+MIN_UNITS = 4  # `_scaled_deviations` needs 1/count to keep this many units of 2**-f (SPU keeps smaller constants only
+# as a multiply's own operand: cipherdm_spu.public_constants); past a count of about 2**16 the mean is taken first
 
 
 def _count_shift(count: int) -> int:
@@ -75,6 +77,30 @@ def _sum_for_mean(sums, count: int):
     # (plain kernels multiply s by c after the caller's eps is added, which keeps the compiler from folding the
     # two constants into a 1/count that 18 fraction bits would round)
     return (total * 2.0**-shift if shift else total), 2.0**shift / count
+
+
+def _scaled_deviations(x, axes: tuple, count: int):
+    """(lam * (x - mean over ``axes``), lam) in one truncation, or None where it does not apply: where the rsqrt
+    kernel in force does not ask for it (``centres_norms_in_one_truncation``), in plain JAX, or where 1/count keeps
+    fewer than MIN_UNITS units of 2**-f.
+
+    count * E - sum(E) over the axes is exact on the encodings E (an integer times each, their sum exact in the
+    ring: local), and one public product by c = round(2**f / count) * 2**-f truncates it to lam * (x - mean) with
+    lam = count * c, within count * 2**-(f+1) of 1. The caller's variance is then lam**2 times the deviations' (its
+    eps takes lam**2 too), so the normalised output is the same function; the mean's error (2**-19 * |mean|,
+    `_mean_of_sums`) is gone. Range: |x - mean| below about 2**25 (the product at twice the fraction bits) and
+    count * |x - mean| below 2**45."""
+    fraction_bits = registry.fixed_point_bits()
+    kernel = registry.kernel("rsqrt", registry.active_impl("rsqrt"))
+    if fraction_bits is None or not getattr(kernel, "centres_norms_in_one_truncation", False):
+        return None
+    units = round(2.0**fraction_bits / count)
+    if units < MIN_UNITS:
+        return None
+    encoded = ring.encoding(x)
+    spread = encoded * jnp.asarray(count, encoded.dtype) - jnp.sum(encoded, axis=axes, keepdims=True)
+    c = units * 2.0**-fraction_bits
+    return jax.lax.bitcast_convert_type(spread, x.dtype) * c, count * c
 
 
 def _times_root_variance_scale(d):
@@ -114,13 +140,17 @@ def group_norm(x, num_groups: int, scale=None, bias=None, eps: float = 1e-5):
     grouped = x.reshape(n, -1, num_groups, per_group)
     pixels = grouped.shape[1]
     count = pixels * per_group
-    mean = _mean_of_sums(jnp.sum(grouped, axis=1), count)  # pixel sums are free and exact
-    d = grouped - mean[:, None, :, None]
+    scaled = _scaled_deviations(grouped, (1, 3), count)
+    if scaled is None:
+        mean = _mean_of_sums(jnp.sum(grouped, axis=1), count)  # pixel sums are free and exact
+        d, lam = grouped - mean[:, None, :, None], 1.0
+    else:
+        d, lam = scaled
     sums = _scaled_channel_sums_of_squares(d.reshape(n, pixels, c)).reshape(n, num_groups, per_group)
     total, per_count = _sum_for_mean(sums, count)
     affine = None if scale is None else jnp.reshape(scale, (num_groups, per_group))
     # (N, 1, G, C/G) with the affine scale, else (N, 1, G, 1): tiny
-    factor = ops.rsqrt((total + VARIANCE_SCALE * eps / per_count)[:, None, :, None], affine, scale=per_count)
+    factor = ops.rsqrt((total + VARIANCE_SCALE * eps * lam**2 / per_count)[:, None, :, None], affine, scale=per_count)
     y = (_times_root_variance_scale(d) * factor).reshape(x.shape)
     return y if bias is None else y + bias
 
@@ -135,13 +165,15 @@ def _partial_sums(x, width: int = 16):
 def layer_norm(x, scale=None, bias=None, eps: float = 1e-5):
     """LayerNorm over the last axis."""
     count = x.shape[-1]
-    d = _times_root_variance_scale(x - _mean_of_sums(_partial_sums(x), count)[..., None])
+    scaled = _scaled_deviations(x, (x.ndim - 1,), count)
+    d, lam = (x - _mean_of_sums(_partial_sums(x), count)[..., None], 1.0) if scaled is None else scaled
+    d = _times_root_variance_scale(d)
     if scale is None:
         squares, weighted = d * d, d
     else:  # the squares and the weighted deviation in one product: the weight costs no round of its own
         squares, weighted = jnp.stack([d, d]) * jnp.stack([d, jnp.broadcast_to(scale, d.shape)])
     total, per_count = _sum_for_mean(_partial_sums(squares), count)
-    y = weighted * ops.rsqrt((total + VARIANCE_SCALE * eps / per_count)[..., None], scale=per_count)
+    y = weighted * ops.rsqrt((total + VARIANCE_SCALE * eps * lam**2 / per_count)[..., None], scale=per_count)
     return y if bias is None else y + bias
 
 

@@ -648,6 +648,19 @@ def rsqrt(x, times=None, *, scale: float = 1.0):
     return _octave_polynomial(x, thresholds, RSQRT_PIECES, unit_bits=2, factor=scale**-0.5, times=times)
 
 
+@register_kernel("rsqrt", f"{NAME}-centred")
+def rsqrt_centred(x, times=None, *, scale: float = 1.0):
+    """`rsqrt`, with the norms around it taking their deviations from the mean in one truncation instead of the
+    mean's two in a row (``centres_norms_in_one_truncation``: `models.normalization._scaled_deviations`): a round
+    fewer per norm, and no error from the mean, for one more truncation per element of every norm's input. A user's
+    choice where rounds are scarce (`--override rsqrt=cipherdm-centred`); docs/results/centred-norms/benchmark.md
+    measures it beside `cipherdm`."""
+    return rsqrt(x, times, scale=scale)
+
+
+rsqrt_centred.centres_norms_in_one_truncation = True  # read by models.normalization (see cipherdm_spu.registry)
+
+
 def reciprocal_in_range(x, lo: float, hi: float, times=None):
     """times / x (1 / x without ``times``) for x in [lo, hi] (lo > 0): `_octave_polynomial` with quarter-octave
     pieces over [lo, hi] (their fit's relative error: `coefficients.RECIPROCAL_PIECES`). Used for softmax

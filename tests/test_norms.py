@@ -4,8 +4,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cipherdm_spu.models.normalization import _mean_of_sums, _scaled_channel_sums_of_squares, group_norm, layer_norm
+from cipherdm_spu import registry
+from cipherdm_spu.models.normalization import (
+    MIN_UNITS,
+    _mean_of_sums,
+    _scaled_channel_sums_of_squares,
+    _scaled_deviations,
+    group_norm,
+    layer_norm,
+)
 from cipherdm_spu.protocols.cipherdm import _encoding
+from cipherdm_spu.session import SecureSession
 
 from .conftest import fewest_send_actions
 
@@ -119,3 +128,80 @@ def test_a_norms_affine_scale_costs_no_send_action_under_cipherdm(sessions, rng,
     assert fewest_send_actions(session, fn, x, scale) <= without + 1  # a product of its own would take 3 more
     y = session.run(fn, x, scale)
     assert np.abs(y - ref).max() <= 3e-2
+
+
+@pytest.fixture(scope="module")
+def centred():
+    """A cipherdm session whose rsqrt kernel asks the norms for their deviations in one truncation."""
+    session = SecureSession("cipherdm", {"rsqrt": "cipherdm-centred"})
+    yield session
+    session.close()
+
+
+def _fewest_summed_send_actions(session, fn, *args) -> int:
+    counts = []
+    for _ in range(3):
+        session.run(fn, *args)
+        counts.append(sum(session.last_stats.send_actions_per_party))
+    return min(counts)
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_centred_norms_take_fewer_send_actions_and_no_error_from_a_large_mean(sessions, centred, rng, norm):
+    """`cipherdm-centred`: the deviations in one truncation replace the mean's two in a row: fewer send actions (the
+    parties' sum, each program's fewest of three runs: the busiest party's count varies by one or two between runs,
+    as much as LayerNorm saves there), and a spread of 0.1 around a mean of 1000 comes out close to torch's arithmetic
+    in float64, where the mean first errs by its public 1/count's rounding (2**-19 * |mean| / std; counts of 196 and
+    320: neither is a power of two, for which that constant would be exact)."""
+    shape, fn = {
+        "group": ((2, 7, 7, 16), lambda v, s: group_norm(v, 4, s, eps=1e-6)),
+        "layer": ((2, 8, 320), lambda v, s: layer_norm(v, s, eps=1e-6)),
+    }[norm]
+    x = rng.normal(0, 1, shape).astype(np.float32)
+    x[0] = x[0] * 0.1 + 1000.0
+    x[1] = x[1] * 50.0 - 7.0
+    scale = rng.uniform(0.5, 2.0, shape[-1]).astype(np.float32)
+    if norm == "group":
+        ref = _group_norm_ref(x, 4, 1e-6, scale)
+    else:
+        x64 = x.astype(np.float64)
+        ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6) * scale
+    mean_first = _fewest_summed_send_actions(sessions["cipherdm"], fn, x, scale)
+    assert _fewest_summed_send_actions(centred, fn, x, scale) < mean_first
+    assert np.abs(centred.run(fn, x, scale) - ref).max() <= 5e-3
+    assert np.abs(sessions["cipherdm"].run(fn, x, scale) - ref)[0].max() > 1e-2  # the mean's error, gone above
+
+
+@pytest.mark.parametrize("variance", [1e-4, 1e-2, 1e4])
+def test_centred_group_norm_holds_small_and_large_variances(centred, rng, variance):
+    """On the range the mean-first norms hold (tests above): variances from 1e-4 to 1e4 around a mean of -40."""
+    x = (rng.normal(0, 1, (1, 28, 28, 8)) * np.sqrt(variance) - 40.0).astype(np.float32)
+    y = centred.run(lambda v: group_norm(v, 2, eps=1e-6), x)
+    assert np.abs(y - _group_norm_ref(x, 2, 1e-6)).max() <= 3e-2
+
+
+def test_centred_norms_take_the_mean_first_past_a_count_of_2_to_16(centred, rng):
+    """1/count below MIN_UNITS units of 2**-18 cannot be one public product: the mean is taken first, and the
+    program is the mean-first program (no integer product of the encodings by the count)."""
+    count = 80000
+    assert round(2.0**18 / count) < MIN_UNITS
+    x = (rng.normal(0, 2, (1, count)) + 5.0).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    assert np.abs(centred.run(lambda v: layer_norm(v), x) - ref).max() <= 3e-2
+    assert _scaled_deviations_under(centred, x, count) is None
+
+
+def _scaled_deviations_under(session, x, count):
+    """What `_scaled_deviations` returns while ``session``'s set is in force in an SPU compile."""
+    with registry.use_protocol(session.protocol), registry.fixed_point(18):
+        return _scaled_deviations(jnp.asarray(x), (x.ndim - 1,), count)
+
+
+def test_only_a_kernel_that_asks_for_it_centres_the_norms(sessions, centred, rng):
+    x = rng.normal(0, 1, (1, 64)).astype(np.float32)
+    assert _scaled_deviations_under(sessions["cipherdm"], x, 64) is None
+    deviations, lam = _scaled_deviations_under(centred, x, 64)
+    assert lam == 64 * round(2.0**18 / 64) * 2.0**-18 == 1.0
+    with registry.use_protocol(centred.protocol):  # plain JAX: nothing to save
+        assert _scaled_deviations(jnp.asarray(x), (1,), 64) is None
