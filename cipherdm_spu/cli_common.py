@@ -19,6 +19,7 @@ import signal
 import stat
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import cluster_config, private_dir, registry
+from .console import warning_line
 from .errors import ClusterConfigError, ClusterError, InputError, PrivatePathError, ProtocolError, SessionError, UsageError
 from .plan import NAME
 from .registry import available_protocol_sets
@@ -301,13 +303,16 @@ def _interrupts_raised():
 
 
 def run_main(parser: argparse.ArgumentParser, run: Callable, args, summary: Callable[[dict], str]) -> int:
-    """Run a command: usage errors print the usage and exit 2; failed secure runs exit 1; an interrupted run
+    """Run a command: usage errors print the usage and exit 2; failed secure runs exit 1; warnings are one line each
+    (`console.warning_line`: a party that did not confirm a session's close, a compile cache's wait); an interrupted run
     prints one line instead of a traceback and returns 128 + the signal's number (`exit_status` ends the process as
     that signal would). A cluster run ends on SIGTERM and SIGHUP as on Ctrl-C (`Interrupted`), closing its session;
     an embedded one, which has nothing outside this process to clean up, keeps their defaults (an immediate end,
     where a cleanup would wait for SPU's current step)."""
     try:
-        with _interrupts_raised() if getattr(args, "cluster", None) is not None else contextlib.nullcontext():
+        with _interrupts_raised() if getattr(args, "cluster", None) is not None else contextlib.nullcontext(), \
+                warnings.catch_warnings():
+            warnings.showwarning = warning_line  # a notice to the user is one line, as a party's are
             report = run(args)
     except (UsageError, InputError, ClusterConfigError, PrivatePathError) as err:
         parser.print_usage(sys.stderr)

@@ -26,6 +26,9 @@ from .share_wire import content_of
 
 #: grace added to a polled call's deadline (network, scheduling)
 DEADLINE_GRACE_S = 10.0
+#: a session's close is sent this many times in all to a party that was unreachable, CLOSE_RETRY_S apart
+CLOSE_TRIES = 3
+CLOSE_RETRY_S = 1.0
 
 
 class PartyClients:
@@ -137,6 +140,29 @@ class PartyClients:
             except grpc.RpcError as e:
                 outcomes.append(self.describe(e, rank, method))
         return outcomes
+
+    def close_session(self, session_id: str) -> List[str]:
+        """End session ``session_id`` at every party that can be reached, whatever the others answer. A party that was
+        unreachable (a dropped connection, a restart) is asked again, CLOSE_TRIES times in all, CLOSE_RETRY_S apart:
+        one that never gets the close keeps the user's shares until its ``session_idle_s``. Returns why each party that
+        did not confirm the close did not (a refusal, a deadline passed, or still unreachable), by rank."""
+        unconfirmed, pending = {}, [0, 1, 2]
+        for attempt in range(CLOSE_TRIES):
+            if attempt:
+                time.sleep(CLOSE_RETRY_S)
+            unreachable = []
+            for rank in pending:
+                try:
+                    self.call(rank, "session_close", messages.SessionRef(session_id))
+                    unconfirmed.pop(rank, None)
+                except grpc.RpcError as e:
+                    unconfirmed[rank] = self.describe(e, rank, "session_close")
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        unreachable.append(rank)
+            pending = unreachable
+            if not pending:
+                break
+        return [unconfirmed[rank] for rank in sorted(unconfirmed)]
 
     def hello(self, timeout: Optional[float] = None) -> list:
         """Each party's HelloReply, or a string saying why it did not answer."""

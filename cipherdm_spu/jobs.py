@@ -27,9 +27,9 @@ import functools
 import json
 import math
 import uuid
+import warnings
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
-import grpc
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -496,9 +496,7 @@ def sample_on_cluster(clients: PartyClients, model_id: str, job: dict, x_t: np.n
         image = np.asarray(io.reconstruct(result)).reshape(state)
         image = image if state == x_t.shape else image[0]
     finally:  # every party that can be reached ends the session, whatever the others do
-        for rank in range(3):
-            try:
-                clients.call(rank, "session_close", SessionRef(session_id))
-            except grpc.RpcError:
-                pass  # a party that is gone has nothing to close
+        for reason in clients.close_session(session_id):
+            warnings.warn(f"session {session_id} was not closed there: {reason}; that party drops it, and the shares "
+                          "it holds, after its session_idle_s", stacklevel=2)
     return image, total, reports

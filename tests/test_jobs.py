@@ -136,8 +136,11 @@ class _Parties:
         self.requests.append(request)
         return self.opened if method == "session_open" else None
 
-    def call(self, rank, method, request):
-        self.calls.append(method)
+    def close_session(self, session_id):
+        self.calls += ["session_close"] * 3
+        return self.unclosed
+
+    unclosed = []  # why parties did not confirm a close (PartyClients.close_session)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -154,6 +157,18 @@ def test_a_user_refuses_parties_that_disagree_before_sending_anything(change, me
     with pytest.raises(ClusterError, match=message):
         jobs.sample_on_cluster(parties, "m", TINY_JOB, np.zeros((1, 1, 8, 8), np.float32), owner="owner")
     assert parties.calls == ["session_open"] + ["session_close"] * 3  # never started, nothing put
+
+
+def test_a_user_is_warned_of_a_party_that_did_not_confirm_the_close():
+    """A party that never confirmed the close keeps the user's shares until its session_idle_s: the user is told."""
+    from cipherdm_spu.errors import ClusterError
+
+    one = {"executable_sha256": "e" * 64, "model_owner": "owner", "slots": {"x": [[1, 1, 8, 8], "float32"]}}
+    parties = _Parties([one, one, {**one, "executable_sha256": "f" * 64}])
+    parties.unclosed = ["party P2 at 127.0.0.1:1 is unreachable (session_close): connection refused"]
+    with pytest.warns(UserWarning, match="was not closed there: party P2 .* after its session_idle_s"):
+        with pytest.raises(ClusterError, match="different executables"):
+            jobs.sample_on_cluster(parties, "m", TINY_JOB, np.zeros((1, 1, 8, 8), np.float32), owner="owner")
 
 
 def test_a_user_names_the_owner_and_refuses_a_model_of_another():

@@ -261,3 +261,18 @@ def test_ctrl_c_in_an_embedded_run_prints_one_line(capsys):
     parser = build_parser("ddim")
     assert run_main(parser, run, parser.parse_args(["--out", "unused"]), str) == 128 + signal.SIGINT
     assert "run_ddim.py: interrupted by SIGINT: the run stopped\n" in capsys.readouterr().err
+
+
+def test_a_commands_warnings_are_one_line_each(capsys):
+    """What `jobs.sample_on_cluster` warns of (a party that did not confirm the close) reaches the user as one line."""
+    import warnings
+
+    def run(args):
+        warnings.warn("session s was not closed there: party P2 is unreachable")
+        return {}
+
+    parser = build_parser("ddim")
+    assert run_main(parser, run, parser.parse_args(CLUSTER_ARGS), lambda report: "done") == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: session s was not closed there: party P2 is unreachable (UserWarning, test_sampling")
+    assert err.count("\n") == 1  # no source line under it
