@@ -138,9 +138,10 @@ def check_secure_options(args) -> dict:
     return overrides
 
 
-def check_finite(name: str, value: float, low: Optional[float] = None) -> None:
-    if not np.isfinite(value) or (low is not None and value < low):
-        raise UsageError(f"{name} must be a finite number{'' if low is None else f' >= {low:g}'}, got {value}")
+def check_finite(name: str, value: float, low: Optional[float] = None, high: Optional[float] = None) -> None:
+    if not np.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = "" if low is None else f" in [{low:g}, {high:g}]" if high is not None else f" >= {low:g}"
+        raise UsageError(f"{name} must be a finite number{bounds}, got {value}")
 
 
 @contextlib.contextmanager

@@ -304,6 +304,8 @@ def parse_job(text: str, model, schedule: ScheduleConfig) -> dict:
         value = job[key]
         if not _finite_number(value) or value < low:
             raise ValueError(f"{key} must be a finite number >= {low:g}, got {value!r}")
+    if job["eta"] > 1.0:  # DDIM's sigma would scale the user's noise by up to eta (models.schedulers.DDIMSampler)
+        raise ValueError(f"eta must be in [0, 1], got {job['eta']!r}")
     if not 0.0 < job["strength"] <= 1.0:  # image-to-image: the user shares its noised latent at step strength * T
         raise ValueError(f"strength must be in (0, 1], got {job['strength']!r}")
     scale = job["controlnet_scale"]

@@ -66,7 +66,7 @@ def build_parser(kind: str) -> UserArgumentParser:
                    help="sampling steps = UNet evaluations (default: " +
                         ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items() if kind == "ddim" or k == "ddpm") + ")")
     if kind == "ddim":
-        p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; > 0 adds user-supplied noise per step (default: 0)")
+        p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]; > 0 adds user-supplied noise per step (default: 0)")
     add_secure_options(p, kind)
     p.add_argument("--compare", action="store_true",
                    help="also sample in plaintext from the same noise and report PSNR/SSIM and classifier labels "
@@ -129,7 +129,7 @@ def prepare(args):
     if not 1 <= steps <= schedule.num_train_timesteps:
         raise UsageError(f"--steps must be in 1..{schedule.num_train_timesteps}, got {steps}")
     eta = getattr(args, "eta", 0.0)
-    check_finite("--eta", eta, low=0.0)
+    check_finite("--eta", eta, low=0.0, high=1.0)
     if eta and name != "ddim":
         raise UsageError(f"--eta is a DDIM option (--scheduler {name})")
     try:

@@ -164,11 +164,14 @@ class Sampler:
 
 
 class DDIMSampler(Sampler):
-    """DDIM (Song et al.), eta >= 0 (eta = 0: deterministic), as diffusers' DDIMScheduler.step."""
+    """DDIM (Song et al.), 0 <= eta <= 1 (0: deterministic; 1: DDPM's posterior variance), as diffusers'
+    DDIMScheduler.step. Beyond 1 the step's noise sigma can outgrow sqrt(1 - alpha_prev), where diffusers takes the
+    root of a negative number; and on a cluster a public sigma that large would scale the user's noise past the
+    fixed-point range before the state is clamped (`plan.Policy.input_bound`)."""
 
     def __init__(self, config: ScheduleConfig, num_steps: int, eta: float = 0.0):
-        if eta < 0:
-            raise SchedulerConfigError(f"eta must be >= 0, got {eta}")
+        if not 0.0 <= eta <= 1.0:
+            raise SchedulerConfigError(f"eta must be in [0, 1], got {eta}")
         super().__init__(config, num_steps)
         self.eta = float(eta)
         self.noisy = self.eta > 0

@@ -133,6 +133,9 @@ def test_parse_job_takes_the_samplers_by_name_and_refuses_bad_combinations():
     with pytest.raises(ValueError, match="solver_order"):
         make_sampler_for_job(parse_job(json.dumps({**TINY_JOB, "sampler": "dpmsolver++"}), model, schedule),
                              schedule, {**scheduler, "solver_order": 5})
+    for eta in (1.0 + 1e-6, 1e30):  # DDIM's sigma scales the user's noise by up to eta
+        with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+            parse_job(json.dumps({**TINY_JOB, "eta": eta}), model, schedule)
 
 
 @pytest.mark.slow

@@ -119,6 +119,7 @@ def test_run_ddpm_end_to_end(tiny_model, tmp_path):
     (["--labels", ""], "--labels is empty"),
     (["--model", __file__], "is not a directory"),
     (["--eta", "-1"], "--eta"),
+    (["--eta", "1.5"], "--eta must be a finite number in [0, 1], got 1.5"),
     (["--scheduler", "unipc", "--eta", "0.5"], "--eta is a DDIM option"),
     (["--protocol", "nonesuch"], "unknown protocol set"),
     (["--override", "silu"], "OP=KERNEL"),

@@ -69,6 +69,9 @@ def test_unsupported_options_are_refused():
         ScheduleConfig.from_dict({"beta_schedule": "sigmoid"})
     with pytest.raises(SchedulerConfigError, match="steps"):
         DDIMSampler(ScheduleConfig(), 0)
+    for eta in (-0.1, 1.5):  # beyond 1 the step's noise outgrows sqrt(1 - alpha_prev)
+        with pytest.raises(SchedulerConfigError, match=r"eta must be in \[0, 1\]"):
+            DDIMSampler(ScheduleConfig(), 10, eta=eta)
 
 
 def _secure_ddim_step(x, out, coefficients):

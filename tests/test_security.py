@@ -359,6 +359,8 @@ def test_the_owners_policy_binds_users_and_jobs(cluster):
             "refuses the job: .*runtime": {**TINY_JOB, "runtime": {"enable_runtime_snapshot": True}},
             "refuses the job: .*steps must be": {**TINY_JOB, "steps": 0},
             "refuses the job: .*eta must be": {**TINY_JOB, "eta": float("nan")},
+            # a public sigma of eta * sqrt(variance) would scale the user's noise past the ring before any clamp
+            r"refuses the job: eta must be in \[0, 1\], got 1e\+30": {**TINY_JOB, "eta": 1e30},
             "refuses the job: .*unknown protocol set": {**TINY_JOB, "protocol_set": "my-leaky-set"},
             "refuses the job: unknown protocol set '/tmp/evil'": {**TINY_JOB, "protocol_set": "/tmp/evil"},
         }
