@@ -47,7 +47,7 @@ import dataclasses
 import json
 import os
 import re
-import sys
+import sysconfig
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Mapping, Optional, Union
 
@@ -119,7 +119,9 @@ def protocol_set_dirs() -> list[Path]:
     """Where protocol-set JSON files are looked up, first match wins."""
     dirs = [Path(p) for p in os.environ.get("CIPHERDM_PROTOCOLS_PATH", "").split(os.pathsep) if p]
     dirs.append(Path(__file__).resolve().parent.parent / "configs" / "protocols")  # source checkout
-    dirs.append(Path(sys.prefix) / "share" / "cipherdm-spu" / "protocols")  # wheel install
+    # a wheel's data files (setup.cfg) go under the install scheme's data path: sys.prefix in a venv, /usr/local for
+    # a system Python's pip on Debian
+    dirs.append(Path(sysconfig.get_path("data")) / "share" / "cipherdm-spu" / "protocols")
     return dirs
 
 

@@ -182,3 +182,30 @@ def test_softmax_takes_the_sets_exp(name):
     with registry.use_protocol(name, overrides={"exp": "cipherdm-paper" if name != "cipherdm-paper" else "spu"}):
         other = ops.softmax(logits)
     assert np.abs(np.asarray(own) - np.asarray(other)).max() > 1e-3
+
+
+def test_a_wheel_install_finds_its_shipped_sets(tmp_path):
+    """A wheel's protocol sets are data files (setup.cfg), which pip puts under its install scheme's data path
+    (`sysconfig`: the venv's prefix here, /usr/local for a Debian system Python's pip): the wheel, built from this
+    checkout and installed into a fresh venv (without its dependencies: this one's are on PYTHONPATH), loads them
+    there, with no checkout beside it."""
+    import site
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheel"), str(root)], check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv_python), "install", "--no-deps", "-q",
+                    str(wheel)], check=True, cwd=tmp_path)
+    probe = ("from cipherdm_spu import registry; import sysconfig, sys; "
+             "print(registry.protocol_set('cipherdm').kernels['silu']); print(sysconfig.get_path('data')); "
+             "print(registry.__file__)")
+    out = subprocess.run([str(venv_python), "-P", "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": site.getsitepackages()[0]}).stdout.split()
+    assert out[0] == "cipherdm"
+    assert Path(out[1]) == tmp_path / "venv"
+    assert Path(out[2]).is_relative_to(tmp_path / "venv")  # the wheel's package, not this checkout's
