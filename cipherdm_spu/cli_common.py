@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import cluster_config, private_dir, registry
-from .console import warning_line
+from .console import printable, warning_line
 from .errors import ClusterConfigError, ClusterError, InputError, PrivatePathError, ProtocolError, SessionError, UsageError
 from .plan import NAME
 from .registry import available_protocol_sets
@@ -140,7 +140,10 @@ def check_secure_options(args) -> dict:
 
 def check_finite(name: str, value: float, low: Optional[float] = None, high: Optional[float] = None) -> None:
     if not np.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
-        bounds = "" if low is None else f" in [{low:g}, {high:g}]" if high is not None else f" >= {low:g}"
+        if low is not None and high is not None:
+            bounds = f" in [{low:g}, {high:g}]"
+        else:
+            bounds = f" >= {low:g}" if low is not None else f" <= {high:g}" if high is not None else ""
         raise UsageError(f"{name} must be a finite number{bounds}, got {value}")
 
 
@@ -317,10 +320,10 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, args, summary: Call
             report = run(args)
     except (UsageError, InputError, ClusterConfigError, PrivatePathError) as err:
         parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        print(printable(f"{parser.prog}: error: {err}"), file=sys.stderr)
         return 2
     except (SessionError, ClusterError) as err:  # a party unreachable, refusing, or lost mid-run
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        print(printable(f"{parser.prog}: error: {err}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
         signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT

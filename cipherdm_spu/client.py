@@ -26,9 +26,8 @@ from .share_wire import content_of
 
 #: grace added to a polled call's deadline (network, scheduling)
 DEADLINE_GRACE_S = 10.0
-#: a session's close is sent this many times in all to a party that was unreachable, CLOSE_RETRY_S apart
-CLOSE_TRIES = 3
-CLOSE_RETRY_S = 1.0
+#: how long a session's second close to a party that was unreachable waits for its connection to come back
+CLOSE_WAIT_S = 5.0
 
 
 class PartyClients:
@@ -142,27 +141,31 @@ class PartyClients:
         return outcomes
 
     def close_session(self, session_id: str) -> List[str]:
-        """End session ``session_id`` at every party that can be reached, whatever the others answer. A party that was
-        unreachable (a dropped connection, a restart) is asked again, CLOSE_TRIES times in all, CLOSE_RETRY_S apart:
-        one that never gets the close keeps the user's shares until its ``session_idle_s``. Returns why each party that
-        did not confirm the close did not (a refusal, a deadline passed, or still unreachable), by rank."""
-        unconfirmed, pending = {}, [0, 1, 2]
-        for attempt in range(CLOSE_TRIES):
-            if attempt:
-                time.sleep(CLOSE_RETRY_S)
-            unreachable = []
-            for rank in pending:
+        """End session ``session_id`` at the three parties at once, each whatever the others answer. A party that was
+        unreachable (a dropped connection) is asked once more, its call waiting up to CLOSE_WAIT_S for the connection
+        to come back (gRPC's reconnect backoff refuses calls that do not wait): a party that never gets the close keeps
+        the session, and the user's shares, until its ``session_idle_s`` (one that restarted holds none). Returns why
+        each party that did not confirm the close did not (a refusal, no answer, a reply that is not one), by rank."""
+        request = messages.SessionRef(session_id)
+
+        def close_at(rank: int) -> Optional[str]:
+            try:
                 try:
-                    self.call(rank, "session_close", messages.SessionRef(session_id))
-                    unconfirmed.pop(rank, None)
-                except grpc.RpcError as e:
-                    unconfirmed[rank] = self.describe(e, rank, "session_close")
-                    if e.code() == grpc.StatusCode.UNAVAILABLE:
-                        unreachable.append(rank)
-            pending = unreachable
-            if not pending:
-                break
-        return [unconfirmed[rank] for rank in sorted(unconfirmed)]
+                    self.call(rank, "session_close", request)
+                except grpc.RpcError as unreachable:
+                    if unreachable.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    try:
+                        self.call(rank, "session_close", request, timeout=CLOSE_WAIT_S, wait_for_ready=True)
+                    except grpc.RpcError as again:
+                        if again.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                            raise
+                        return f"{self.describe(unreachable, rank, 'session_close')}; still after {CLOSE_WAIT_S:g} s"
+            except Exception as e:  # noqa: BLE001 (anything: the other parties are closed all the same)
+                return self.describe(e, rank, "session_close")
+            return None
+
+        return [reason for reason in self._pool.map(close_at, range(3)) if reason is not None]
 
     def hello(self, timeout: Optional[float] = None) -> list:
         """Each party's HelloReply, or a string saying why it did not answer."""

@@ -40,6 +40,7 @@ from . import cluster_config
 from .child_python import check_python_path, module_command, safe_import_path
 from .client import PartyClients, require_role
 from .cluster_config import ClusterConfig
+from .console import printable, warning_line
 from .errors import ClusterConfigError, ClusterError, InputError, PartyError
 from .messages import ModelRef
 from .models import ConfigError
@@ -123,7 +124,6 @@ def main(argv=None) -> int:
             return (model_info if args.command == "info" else delete)(cluster, args)
         check_python_path()  # (starting: a party, or the launcher of the local ones)
         if args.party:
-            from .console import warning_line
             from .jobs import SamplingCatalog
             from .party import serve
 
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         with safe_import_path(), _kept_if_logged(args) as log_dir:
             return supervise(args.config, cluster, log_dir, _share_memory(args))
     except (ClusterConfigError, PartyError, ClusterError, InputError, ConfigError, SchedulerConfigError) as e:
-        print(f"spu-launch: {e}", file=sys.stderr)
+        print(printable(f"spu-launch: {e}"), file=sys.stderr)
         return 2 if isinstance(e, (ClusterConfigError, PartyError, ValueError)) else 1
 
 
@@ -185,12 +185,13 @@ def status(cluster: ClusterConfig, identity: str) -> int:
         replies = clients.hello(timeout=min(cluster.connect_timeout_s, 5.0))
     for party, reply in zip(cluster.parties, replies):
         if isinstance(reply, str):
-            print(f"{party.id}  DOWN  {reply}")
+            print(printable(f"{party.id}  DOWN  {reply}"))
             continue
         up += 1
         state = "busy" if reply.busy else "idle"
         agrees = "" if reply.config == cluster.fingerprint else "  (started with a DIFFERENT config)"
-        print(f"{party.id}  UP    {party.control_address}  {state}  cipherdm-spu {reply.package}, spu {reply.spu}{agrees}")
+        print(printable(f"{party.id}  UP    {party.control_address}  {state}  cipherdm-spu {reply.package}, spu {reply.spu}"
+                        f"{agrees}"))
     print(f"{up}/3 parties up")
     return 0 if up == len(cluster.parties) else 1
 
@@ -218,14 +219,14 @@ def model_info(cluster: ClusterConfig, args) -> int:
     held = [o for o in outcomes if not isinstance(o, str)]
     for party, outcome in zip(cluster.parties, outcomes):
         if isinstance(outcome, str):
-            print(f"{party.id}  {outcome}")
+            print(printable(f"{party.id}  {outcome}"))
         else:
             state = "sealed" if outcome.sealed else "uploading"
-            print(f"{party.id}  {state}  owner: {outcome.owner}  manifest: {outcome.digest[:16]}")
+            print(printable(f"{party.id}  {state}  owner: {outcome.owner}  manifest: {outcome.digest[:16]}"))
     agreed = len(held) == 3 and len({(o.owner, o.digest) for o in held}) == 1
     if held:
         manifest = json.loads(held[0].manifest)
-        print(f"kind {manifest.get('kind')}; policy {json.dumps(manifest.get('policy'), sort_keys=True)}")
+        print(printable(f"kind {manifest.get('kind')}; policy {json.dumps(manifest.get('policy'), sort_keys=True)}"))
     if len(held) == 3 and not agreed:
         print("the parties hold DIFFERENT models under this id")
     return 0 if agreed and all(o.sealed for o in held) else 1
@@ -238,7 +239,7 @@ def delete(cluster: ClusterConfig, args) -> int:
         require_role(clients, "owner")
         outcomes = clients.call_each("model_delete", ref)
     for party, outcome in zip(cluster.parties, outcomes):
-        print(f"{party.id}  {outcome if isinstance(outcome, str) else 'deleted'}")
+        print(printable(f"{party.id}  {outcome if isinstance(outcome, str) else 'deleted'}"))
     return 0 if not any(isinstance(o, str) for o in outcomes) else 1
 
 

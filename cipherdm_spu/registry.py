@@ -47,6 +47,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Mapping, Optional, Union
@@ -121,7 +122,8 @@ def protocol_set_dirs() -> list[Path]:
     dirs.append(Path(__file__).resolve().parent.parent / "configs" / "protocols")  # source checkout
     # a wheel's data files (setup.cfg) go under the install scheme's data path: sys.prefix in a venv, /usr/local for
     # a system Python's pip on Debian
-    dirs.append(Path(sysconfig.get_path("data")) / "share" / "cipherdm-spu" / "protocols")
+    for data in dict.fromkeys([sysconfig.get_path("data"), sys.prefix]):
+        dirs.append(Path(data) / "share" / "cipherdm-spu" / "protocols")
     return dirs
 
 

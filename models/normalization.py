@@ -41,8 +41,8 @@ from cipherdm_spu import ops, registry, ring
 
 VARIANCE_SCALE = 16  # a power of four: its square root is applied as two doublings
 PIXELS_PER_CHUNK = 8  # the squares' sums are truncated per chunk of this many pixels (their range)
-MIN_UNITS = 4  # `_scaled_deviations` needs 1/count to keep this many units of 2**-f (SPU keeps smaller constants only
-# as a multiply's own operand: cipherdm_spu.public_constants); past a count of about 2**16 the mean is taken first
+MIN_UNITS = 4  # `_scaled_deviations` needs 1/count to round to at least this many units of 2**-f, so that lam is
+# within 1/8 of 1 (the variance, scaled by lam**2, keeps its range); past a count of 2**(f-2) the mean is taken first
 
 
 def _count_shift(count: int) -> int:

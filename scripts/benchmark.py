@@ -30,6 +30,8 @@ outside the sets, e.g. cipherdm:gelu=cipherdm-masked-square); --only-sd measures
         --override cipherdm:gelu=cipherdm-masked-square   # the SD-shaped step with the masked-square GeLU
     python scripts/benchmark.py --rows step --batches 1 --repeat 3 --sets spu cipherdm \
         --override cipherdm:softmax=cipherdm-lan --out docs/results/lan-softmax   # the softmax priced on the LAN
+    python scripts/benchmark.py --rows step --batches 1 --repeat 3 --sets spu cipherdm \
+        --override cipherdm:rsqrt=cipherdm-centred --out docs/results/centred-norms   # the norms centred in one truncation
 """
 
 from __future__ import annotations

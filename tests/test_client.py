@@ -1,12 +1,14 @@
-"""PartyClients' session close: retried where a party was unreachable, and what was never confirmed is said."""
+"""PartyClients' session close: each party at once, one that was unreachable asked again (waiting for its
+connection), and what was never confirmed said, whatever the others answered."""
 
+import concurrent.futures as cf
+import threading
 import types
 
 import grpc
 import pytest
 
-from cipherdm_spu import client
-from cipherdm_spu.client import PartyClients
+from cipherdm_spu.client import CLOSE_WAIT_S, PartyClients
 
 
 class _Failure(grpc.RpcError):
@@ -21,45 +23,57 @@ class _Failure(grpc.RpcError):
 
 
 def _clients(answers):
-    """PartyClients whose calls answer from ``answers[rank]``: each entry None (done) or a status code raised once."""
+    """PartyClients whose calls answer from ``answers[rank]``, in turn: None (done), a status code (raised as gRPC's
+    error) or an exception (raised as it is, e.g. a reply that does not decode)."""
     parties = [types.SimpleNamespace(id=f"P{r}", control_address=f"127.0.0.1:{9000 + r}") for r in range(3)]
     clients = PartyClients.__new__(PartyClients)
     clients.cluster = types.SimpleNamespace(parties=parties, connect_timeout_s=5.0, recv_timeout_s=60.0)
-    clients.calls = []
+    clients._pool = cf.ThreadPoolExecutor(3)
+    clients.calls, lock = [], threading.Lock()
 
-    def call(rank, method, request):
-        clients.calls.append((rank, method, request.session_id))
-        code = answers[rank].pop(0) if answers[rank] else None
-        if code is not None:
-            raise _Failure(code)
+    def call(rank, method, request, timeout=None, wait_for_ready=False):
+        with lock:
+            clients.calls.append((rank, method, request.session_id, timeout, wait_for_ready))
+            answer = answers[rank].pop(0) if answers[rank] else None
+        if isinstance(answer, grpc.StatusCode):
+            raise _Failure(answer)
+        if isinstance(answer, Exception):
+            raise answer
 
     clients.call = call
     return clients
 
 
-@pytest.fixture(autouse=True)
-def _no_wait(monkeypatch):
-    monkeypatch.setattr(client, "CLOSE_RETRY_S", 0.0)
-
-
 def test_a_close_reaches_every_party_once_when_all_answer():
     clients = _clients([[], [], []])
     assert clients.close_session("s1") == []
-    assert clients.calls == [(0, "session_close", "s1"), (1, "session_close", "s1"), (2, "session_close", "s1")]
+    assert sorted(clients.calls) == [(r, "session_close", "s1", None, False) for r in range(3)]
 
 
-def test_an_unreachable_party_is_asked_again_and_the_others_are_not():
-    clients = _clients([[], [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE], []])
-    assert clients.close_session("s1") == []  # the third try reached it
-    assert [rank for rank, _, _ in clients.calls] == [0, 1, 2, 1, 1]
+def test_an_unreachable_party_is_asked_again_waiting_for_its_connection():
+    clients = _clients([[], [grpc.StatusCode.UNAVAILABLE], []])
+    assert clients.close_session("s1") == []
+    assert [c for c in clients.calls if c[0] == 1] == [(1, "session_close", "s1", None, False),
+                                                     (1, "session_close", "s1", CLOSE_WAIT_S, True)]
+    assert len(clients.calls) == 4  # the others once
 
 
-def test_what_never_confirmed_the_close_is_said_and_a_refusal_is_not_retried():
-    down = [grpc.StatusCode.UNAVAILABLE] * client.CLOSE_TRIES
-    clients = _clients([[grpc.StatusCode.PERMISSION_DENIED], down, [grpc.StatusCode.DEADLINE_EXCEEDED]])
+def test_what_never_confirmed_the_close_is_said_and_the_others_are_closed_all_the_same():
+    clients = _clients([[grpc.StatusCode.PERMISSION_DENIED],
+                        [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED],
+                        [ValueError("not a reply")]])
     reasons = clients.close_session("s1")
-    assert [rank for rank, _, _ in clients.calls] == [0, 1, 2] + [1] * (client.CLOSE_TRIES - 1)
-    assert len(reasons) == 3
-    assert reasons[0] == "party P0 refused session_close: a test's failure"
-    assert reasons[1].startswith("party P1 at 127.0.0.1:9001 is unreachable (session_close)")
-    assert reasons[2].startswith("party P2 at 127.0.0.1:9002 did not answer session_close within")
+    assert sorted(rank for rank, *_ in clients.calls) == [0, 1, 1, 2]  # a refusal is not asked again
+    assert reasons == [
+        "party P0 refused session_close: a test's failure",
+        f"party P1 at 127.0.0.1:9001 is unreachable (session_close): a test's failure; still after {CLOSE_WAIT_S:g} s",
+        "party P2: session_close failed: not a reply",
+    ]
+
+
+@pytest.mark.parametrize("second", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED])
+def test_a_second_failure_of_another_kind_is_said_as_it_is(second):
+    clients = _clients([[], [grpc.StatusCode.UNAVAILABLE, second], []])
+    (reason,) = clients.close_session("s1")
+    assert reason.startswith("party P1 ")
+    assert "still after" not in reason

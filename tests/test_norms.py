@@ -180,9 +180,18 @@ def test_centred_group_norm_holds_small_and_large_variances(centred, rng, varian
     assert np.abs(y - _group_norm_ref(x, 2, 1e-6)).max() <= 3e-2
 
 
+def test_centred_norms_scale_eps_by_lam_squared(centred, rng):
+    """At SD's GroupNorm count, 40960, 1/count rounds to 6 units of 2**-18 and lam to 0.9375: with a variance as
+    small as eps, an eps left unscaled (eps / lam**2 in effect) would err 0.11 here."""
+    x = (rng.normal(0, 0.1, (1, 64, 64, 20)) + 3.0).astype(np.float32)
+    assert 40960 * round(2.0**18 / 40960) * 2.0**-18 == 0.9375
+    y = centred.run(lambda v: group_norm(v, 2, eps=1e-2), x)
+    assert np.abs(y - _group_norm_ref(x, 2, 1e-2)).max() <= 1e-2
+
+
 def test_centred_norms_take_the_mean_first_past_a_count_of_2_to_16(centred, rng):
-    """1/count below MIN_UNITS units of 2**-18 cannot be one public product: the mean is taken first, and the
-    program is the mean-first program (no integer product of the encodings by the count)."""
+    """1/count below MIN_UNITS units of 2**-18 cannot be one public product: the norm takes the mean first, and is
+    still right."""
     count = 80000
     assert round(2.0**18 / count) < MIN_UNITS
     x = (rng.normal(0, 2, (1, count)) + 5.0).astype(np.float32)

@@ -1,5 +1,6 @@
 """The kernel registry: protocol sets, overrides, outside registration, plaintext behaviour."""
 
+import sys
 from pathlib import Path
 
 import jax
@@ -184,14 +185,29 @@ def test_softmax_takes_the_sets_exp(name):
     assert np.abs(np.asarray(own) - np.asarray(other)).max() > 1e-3
 
 
+def test_sets_are_looked_up_under_the_install_schemes_data_path(tmp_path, monkeypatch):
+    """Where pip puts a wheel's data files: the scheme's data path, which is not sys.prefix for a Debian system
+    Python's pip (/usr/local); sys.prefix is looked in after it."""
+    import sysconfig
+
+    folder = tmp_path / "share" / "cipherdm-spu" / "protocols"
+    folder.mkdir(parents=True)
+    (folder / "from-the-data-path.json").write_text(
+        '{"kernels": {"silu": "jax", "mish": "jax", "gelu": "jax", "sigmoid": "jax", "softmax": "jax", "exp": "jax", '
+        '"rsqrt": "jax"}}')
+    monkeypatch.setattr(registry, "_PROTOCOL_SETS", dict(registry._PROTOCOL_SETS))  # forget the set after the test
+    real = sysconfig.get_path
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: str(tmp_path) if name == "data" else real(name, *a, **k))
+    assert registry.protocol_set_dirs()[-2:] == [folder, Path(sys.prefix) / "share" / "cipherdm-spu" / "protocols"]
+    assert registry.protocol_set("from-the-data-path").kernels["silu"] == "jax"
+
+
 def test_a_wheel_install_finds_its_shipped_sets(tmp_path):
-    """A wheel's protocol sets are data files (setup.cfg), which pip puts under its install scheme's data path
-    (`sysconfig`: the venv's prefix here, /usr/local for a Debian system Python's pip): the wheel, built from this
-    checkout and installed into a fresh venv (without its dependencies: this one's are on PYTHONPATH), loads them
-    there, with no checkout beside it."""
+    """A wheel's protocol sets are data files (setup.cfg): the wheel, built from this checkout and installed into a
+    fresh venv (without its dependencies: this one's are on PYTHONPATH), loads them from its data path, with no
+    checkout beside it."""
     import site
     import subprocess
-    import sys
 
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",

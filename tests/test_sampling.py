@@ -277,3 +277,15 @@ def test_a_commands_warnings_are_one_line_each(capsys):
     err = capsys.readouterr().err
     assert err.startswith("warning: session s was not closed there: party P2 is unreachable (UserWarning, test_sampling")
     assert err.count("\n") == 1  # no source line under it
+
+
+def test_a_partys_words_in_an_error_cannot_write_lines_of_their_own(capsys):
+    """A refusal's details come from a party: the command writes its newlines and terminal escapes as escapes."""
+    from cipherdm_spu.errors import ClusterError
+
+    def run(args):
+        raise ClusterError("party P1 refused session_open: no\nrun_ddim.py: done\x1b[1A")
+
+    parser = build_parser("ddim")
+    assert run_main(parser, run, parser.parse_args(CLUSTER_ARGS), str) == 1
+    assert capsys.readouterr().err == "run_ddim.py: error: party P1 refused session_open: no\\nrun_ddim.py: done\\x1b[1A\n"
