@@ -212,8 +212,21 @@ def test_the_users_secret_arguments_can_come_from_a_private_file(tiny_model, tmp
 CLUSTER_ARGS = ["--out", "unused", "--cluster", "unused.json", "--model-id", "m", "--model-owner", "owner"]
 
 
+@pytest.fixture
+def interrupts_not_ignored():
+    """A shell's background job starts with SIGINT ignored, `nohup` with SIGHUP ignored, and a run keeps a signal
+    ignored before (test below): the tests of the handlers start from ones that act (put back after)."""
+    before = {s: signal.getsignal(s) for s in INTERRUPTS}
+    for s in INTERRUPTS:
+        if before[s] is signal.SIG_IGN:
+            signal.signal(s, signal.default_int_handler)
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
 @pytest.mark.parametrize("signum", INTERRUPTS)
-def test_a_cluster_run_interrupted_cleans_up_once_and_puts_the_handlers_back(signum, capsys):
+def test_a_cluster_run_interrupted_cleans_up_once_and_puts_the_handlers_back(signum, capsys, interrupts_not_ignored):
     """Ctrl-C, `kill` and a closed terminal stop a cluster run as Ctrl-C does, so its cleanup (`sample_on_cluster`
     closes the session: test_cluster.py) runs, and a second signal meanwhile (a closing terminal sends SIGHUP twice)
     does not cut it short; one line, 128 + the signal's number; afterwards the process's handlers are its own."""
