@@ -66,6 +66,9 @@ MAX_MODELS = 16
 MAX_MODELS_PER_OWNER = 4
 #: the most tensors one model may have
 MAX_TENSORS = 1_000_000
+#: the part of the share-memory budget kept for a session's inputs (1/SESSION_SHARE_PART of it): models, sealed or
+#: announced, take at most the rest, so that no owner's uploads can refuse every user's sessions
+SESSION_SHARE_PART = 8
 #: what a party holds per model tensor beside its share (meta, chunk list, digests), counted against its budget
 TENSOR_OVERHEAD_BYTES = 1024
 #: how long judging a manifest or a job, and compiling a program, may take from its start (`compiler_process`)
@@ -202,7 +205,7 @@ class PartyService:
     def __init__(self, cluster: ClusterConfig, party: PartyConfig, catalog: JobCatalog, log_path: Path,
                  share_memory: int):
         self.cluster, self.party, self.catalog, self.log_path = cluster, party, catalog, log_path
-        self.share_memory = share_memory  # bytes all models' shares may take, uploaded or announced
+        self.share_memory = share_memory  # bytes models' shares (uploaded or announced) and a session's inputs may take
         # share content the calls receiving now hold, per method (`_reserve_receiving`)
         self.receiving_bytes = dict.fromkeys(RECEIVING_TURNS, 0)
         self.models: Dict[str, _Model] = {}  # by `_model_key`: each owner's ids are its own namespace
@@ -266,22 +269,27 @@ class PartyService:
 
     def _check_room(self, caller: Caller, model_id: str, size: int = 0) -> None:
         """Refuse a model of the caller's that the party has no room for: the caller holds one of that id, too many
-        models, or (``size``: its manifest's and shares' bytes) more share memory than is left of the party's
-        budget."""
+        models, or (``size``: its manifest's and shares' bytes) more share memory than is left of the models' part of
+        the party's budget, or of the whole with the session's inputs."""
         if _model_key(caller.name, model_id) in self.models:
             raise PartyError(f"model {model_id!r} exists; delete it (spu-launch delete) before uploading again")
         if len(self.models) >= MAX_MODELS:
             raise PartyError(f"party {self.party.id} holds {MAX_MODELS} models already; try again later")
         if sum(m.owner == caller.name for m in self.models.values()) >= MAX_MODELS_PER_OWNER:
             raise PartyError(f"{caller.name} holds {MAX_MODELS_PER_OWNER} models on party {self.party.id}; delete one first")
-        if size > self.share_memory:
-            raise PartyError(f"model {model_id!r} needs {_gib(size)} of share memory, more than party {self.party.id}'s "
-                             f"whole budget, {_gib(self.share_memory)}")
-        if self._held_share_memory() + size > self.share_memory:
+        for_models = self.share_memory - self.share_memory // SESSION_SHARE_PART
+        if size > for_models:
+            raise PartyError(f"model {model_id!r} needs {_gib(size)} of share memory, more than the {_gib(for_models)} "
+                             f"of party {self.party.id}'s budget that models may take (1/{SESSION_SHARE_PART} of it is "
+                             "kept for sessions' inputs)")
+        held_by_models = sum(m.size for m in self.models.values())
+        if held_by_models + size > for_models or self._held_share_memory() + size > self.share_memory:
             raise PartyError(f"model {model_id!r} needs {_gib(size)} of share memory, more than party {self.party.id} "
                              f"has free of its {_gib(self.share_memory)}; try again later")
 
     def model_put(self, caller: Caller, msg: messages.ModelPut, parts: "_ShareParts") -> messages.Empty:
+        if not msg.names:  # (it would keep an unsealed model's reservation alive for nothing: an independent review)
+            raise PartyError("model_put names no tensor")
         if len(msg.names) != len(msg.metas):
             raise PartyError("model_put: names and metas differ in length")
         if len(set(msg.names)) != len(msg.names):

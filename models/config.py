@@ -14,6 +14,14 @@ from pathlib import Path
 from cipherdm_spu.errors import ConfigError
 
 
+#: bounds on a model's structure: its blocks, and its layers summed over the down blocks (each ResNet layer with its
+#: attention's transformer layers: sum of layers_per_block * (1 + transformer_layers_per_block)). A party lists a
+#: manifest's tensors by tracing its model (`cipherdm_spu.jobs.SamplingCatalog.model_tensors`), whose time and memory
+#: grow with them, so they are refused before the trace; well above the published configs' (SDXL's: 3 blocks, 32).
+MAX_BLOCKS = 8
+MAX_LAYERS = 128
+
+
 def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
@@ -84,6 +92,17 @@ class _Config:
         # a ControlNet has no up path: its down_block_types alone must match
         if not (len(self.down_block_types) == len(getattr(self, "up_block_types", self.down_block_types)) == n):
             raise ConfigError("down_block_types, up_block_types and block_out_channels must have the same length")
+        if n > MAX_BLOCKS:
+            raise ConfigError(f"{self.CLASS_NAME}: {n} blocks, more than {MAX_BLOCKS}")
+        layers = _per_block(self.layers_per_block, n, "layers_per_block")
+        transformer = _per_block(getattr(self, "transformer_layers_per_block", 1), n, "transformer_layers_per_block")
+        if all(isinstance(v, int) for v in layers + transformer):  # (per-layer values are refused below)
+            if any(v < 0 for v in layers + transformer):
+                raise ConfigError("layers_per_block and transformer_layers_per_block must not be negative")
+            count = sum(a * (1 + b) for a, b in zip(layers, transformer))
+            if count > MAX_LAYERS:
+                raise ConfigError(f"{self.CLASS_NAME}: {count} layers (layers_per_block times one plus "
+                                  f"transformer_layers_per_block, summed over the blocks), more than {MAX_LAYERS}")
         if self.norm_num_groups is None or any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ConfigError(f"every block_out_channels entry must be divisible by norm_num_groups={self.norm_num_groups}")
         from .activations import get_activation

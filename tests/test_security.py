@@ -32,7 +32,7 @@ from cipherdm_spu.jobs import sample_on_cluster
 from cipherdm_spu.messages import (CHANNEL_OPTIONS, METHODS, SERVICE, Empty, ModelBegin, ModelPut, ModelRef, SessionOpen,
                                    SessionRef, SessionStep, SharePart)
 from cipherdm_spu.compiler_process import CompilerProcess
-from cipherdm_spu.party import MAX_MANIFEST_BYTES, TENSOR_OVERHEAD_BYTES, private_log_file
+from cipherdm_spu.party import MAX_MANIFEST_BYTES, SESSION_SHARE_PART, TENSOR_OVERHEAD_BYTES, private_log_file
 from cipherdm_spu.registry import ProtocolSet
 from cipherdm_spu.share_wire import content_of
 
@@ -692,6 +692,51 @@ def test_a_sessions_inputs_count_against_the_share_memory_budget(tmp_path):
             service.model_begin(_owner("owner-eve"), ModelBegin("n", json.dumps({"policy": None})))
 
 
+def test_an_owners_models_cannot_take_the_memory_every_session_needs(tmp_path):
+    """An independent attacker held a whole party's share memory with one announced model that it never uploaded,
+    kept alive by share-less model_put calls, and every user's session was refused for want of room. Now models,
+    sealed or announced, take at most all but 1/SESSION_SHARE_PART of the budget, and a put that carries no tensor is
+    refused (it is no progress)."""
+    from cipherdm_spu import SecureSession
+    from cipherdm_spu.plan import Step, StepProgram
+
+    with SecureSession("spu") as session:
+        code = session.compile(lambda x: x * 2.0, np.ones(3, np.float32)).mlir.encode()
+
+    class Sized(_Catalog):  # a manifest names its one tensor's length, a job its one input slot's
+        def model_tensors(self, manifest, most):
+            elements = json.loads(manifest).get("elements", 0)
+            return {"w": ((elements,), "float32")} if elements else {}
+
+        def program(self, manifest, job, fraction_bits):
+            return StepProgram(code, "step", "spu", {}, 1, {"x": ((json.loads(job)["elements"],), "float32")}, (),
+                               (Step(("slot:x",), (), {}, "x/1"),), "x/1")
+
+    budget = 16 * 8000
+    with _party_in_process(tmp_path, Sized(), share_memory=budget) as service:
+        service.model_begin(OWNER, ModelBegin("m", json.dumps({"policy": None})))
+        service.model_seal(OWNER, ModelRef("m"))
+        evil = _owner("owner-evil")
+        def hog(free):  # a manifest whose model takes about ``free`` bytes
+            return json.dumps({"elements": (free - TENSOR_OVERHEAD_BYTES - 60) // 16, "policy": None})
+
+        with pytest.raises(PartyError, match="'hog' needs .* more than the .* models may take"):  # all that is left
+            service.model_begin(evil, ModelBegin("hog", hog(budget - service.models["owner/m"].size)))
+        for_models = budget - budget // SESSION_SHARE_PART
+        service.model_begin(evil, ModelBegin("hog", hog(for_models - service.models["owner/m"].size)))  # never uploaded
+        with pytest.raises(PartyError, match="more than party P0 has free"):
+            service.model_begin(evil, ModelBegin("more", json.dumps({"elements": 1, "policy": None})))
+        with pytest.raises(PartyError, match="model_put names no tensor"):
+            service.model_put(evil, ModelPut("hog", [], []), None)
+        for _ in range(50):  # a user's session (1000 elements: 16000 bytes, within the part kept for sessions) opens
+            if service.session_open(_user("user"), SessionOpen("s", "m", json.dumps({"elements": 1000}),
+                                                               "owner")).state == "done":
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the session did not open")
+
+
 def test_a_session_abandoned_while_it_compiles_is_dropped(tmp_path):
     """A user who opens a session and goes silent must not hold the cluster for a whole compile (up to COMPILE_S):
     here a compile that never ends, given up once the user has been silent for session_idle_s."""
@@ -796,12 +841,16 @@ def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
             return {"w": ((json.loads(manifest)["elements"],), "float32")}
 
     # 16 bytes per element (FM64, replicated), TENSOR_OVERHEAD_BYTES per tensor and the manifest's bytes: room for
-    # 1000 elements in 2 models of one tensor
-    budget = 16 * 1000 + 2 * (TENSOR_OVERHEAD_BYTES + len(json.dumps({"elements": 600})))
+    # 1000 elements in 2 models of one tensor in the models' part of the budget (all but 1/SESSION_SHARE_PART of it)
+    for_models = 16 * 1000 + 2 * (TENSOR_OVERHEAD_BYTES + len(json.dumps({"elements": 600})))
+    parts = SESSION_SHARE_PART - 1
+    budget = SESSION_SHARE_PART * (for_models // parts) + for_models % parts
+    assert budget - budget // SESSION_SHARE_PART == for_models
     with _party_in_process(tmp_path, SizedCatalog(), share_memory=budget) as service:
         other = _owner("owner-eve")
-        with pytest.raises(PartyError, match=r"'big' needs \S+ GiB of share memory, more than party P0's whole budget, "
-                                             r"\S+ GiB$") as refused:
+        with pytest.raises(PartyError, match=r"'big' needs \S+ GiB of share memory, more than the \S+ GiB of party P0's "
+                                             r"budget that models may take \(1/8 of it is kept for sessions' inputs\)$"
+                           ) as refused:
             service.model_begin(OWNER, ModelBegin("big", json.dumps({"elements": 1067})))
         service.model_begin(OWNER, ModelBegin("a", json.dumps({"elements": 600})))  # unsealed: counted all the same
         # what is free is not said (an independent review: another principal's figure would tell the size of a model
