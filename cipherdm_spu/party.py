@@ -33,6 +33,7 @@ import logging.handlers
 import math
 import multiprocessing as mp
 import os
+import resource
 import signal
 import socket
 import sys
@@ -1245,6 +1246,9 @@ def serve(cluster: ClusterConfig, party_id: str, catalog: JobCatalog, log_dir: P
     check_link_folder(party.id)
     check_port_free(party.spu_address, f"party {party.id}: SPU link address")
     check_port_free(party.control_address, f"party {party.id}: control address")
+    # the party's memory holds shares, its workers' the runtime's copies: no core file may write them to disk (the
+    # processes it starts inherit the limit)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     service = PartyService(cluster, party, catalog, private_log_file(log_dir, f"spu-{party.id}.log"), share_memory)
     server = grpc.server(cf.ThreadPoolExecutor(max_workers=CONTROL_THREADS), maximum_concurrent_rpcs=32,
                          options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
