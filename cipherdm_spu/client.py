@@ -165,7 +165,9 @@ class PartyClients:
                 return self.describe(e, rank, "session_close")
             return None
 
-        return [reason for reason in self._pool.map(close_at, range(3)) if reason is not None]
+        # (threads of its own: the shared pool may still run a failed job's transfers, which would hold the closes)
+        with cf.ThreadPoolExecutor(3, thread_name_prefix=f"close-{self.identity}") as pool:
+            return [reason for reason in pool.map(close_at, range(3)) if reason is not None]
 
     def hello(self, timeout: Optional[float] = None) -> list:
         """Each party's HelloReply, or a string saying why it did not answer."""

@@ -282,8 +282,8 @@ def upload(cluster: ClusterConfig, args) -> int:
             bar.update(done - bar.n)
 
         sealed = upload_model(clients, args.model_id, model, params, scheduler, policy, progress)
-    print(f"model {args.model_id} shared with the three parties (manifest {sealed.digest[:16]}); users name it "
-          f"--model-id {args.model_id} --model-owner {sealed.owner}")
+    print(printable(f"model {args.model_id} shared with the three parties (manifest {sealed.digest[:16]}); users name "
+                    f"it --model-id {args.model_id} --model-owner {sealed.owner}"))
     return 0
 
 

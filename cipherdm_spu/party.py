@@ -286,7 +286,8 @@ class PartyService:
         held_by_models = sum(m.size for m in self.models.values())
         if held_by_models + size > for_models or self._held_share_memory() + size > self.share_memory:
             raise PartyError(f"model {model_id!r} needs {_gib(size)} of share memory, more than party {self.party.id} "
-                             f"has free of its {_gib(self.share_memory)}; try again later")
+                             f"has free of the {_gib(for_models)} models may take of its {_gib(self.share_memory)}; try "
+                             "again later")
 
     def model_put(self, caller: Caller, msg: messages.ModelPut, parts: "_ShareParts") -> messages.Empty:
         if not msg.names:  # (it would keep an unsealed model's reservation alive for nothing: an independent review)

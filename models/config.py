@@ -14,10 +14,10 @@ from pathlib import Path
 from cipherdm_spu.errors import ConfigError
 
 
-#: bounds on a model's structure: its blocks, and its layers summed over the down blocks (each ResNet layer with its
-#: attention's transformer layers: sum of layers_per_block * (1 + transformer_layers_per_block)). A party lists a
-#: manifest's tensors by tracing its model (`cipherdm_spu.jobs.SamplingCatalog.model_tensors`), whose time and memory
-#: grow with them, so they are refused before the trace; well above the published configs' (SDXL's: 3 blocks, 32).
+#: bounds on a model's structure: its blocks, and its ResNets and transformer layers (`_Config._check_layers`). A
+#: party lists a manifest's tensors by tracing its model (`cipherdm_spu.jobs.SamplingCatalog.model_tensors`), whose
+#: time and memory grow with them, so they are refused before the trace; well above the published configs' (SD 1.x
+#: and 2.x: 4 blocks, 43 layers).
 MAX_BLOCKS = 8
 MAX_LAYERS = 128
 
@@ -51,6 +51,7 @@ def sample_shape(config) -> tuple[int, int, int]:
 class _Config:
     CLASS_NAME = ""
     SUPPORTED = {}  # field -> allowed values, for fields with settings the ports do not implement
+    PER_BLOCK_FIELDS = ()  # layer counts the port takes one per block (elsewhere one whole number)
 
     @classmethod
     def from_dict(cls, raw: dict):
@@ -94,15 +95,7 @@ class _Config:
             raise ConfigError("down_block_types, up_block_types and block_out_channels must have the same length")
         if n > MAX_BLOCKS:
             raise ConfigError(f"{self.CLASS_NAME}: {n} blocks, more than {MAX_BLOCKS}")
-        layers = _per_block(self.layers_per_block, n, "layers_per_block")
-        transformer = _per_block(getattr(self, "transformer_layers_per_block", 1), n, "transformer_layers_per_block")
-        if all(isinstance(v, int) for v in layers + transformer):  # (per-layer values are refused below)
-            if any(v < 0 for v in layers + transformer):
-                raise ConfigError("layers_per_block and transformer_layers_per_block must not be negative")
-            count = sum(a * (1 + b) for a, b in zip(layers, transformer))
-            if count > MAX_LAYERS:
-                raise ConfigError(f"{self.CLASS_NAME}: {count} layers (layers_per_block times one plus "
-                                  f"transformer_layers_per_block, summed over the blocks), more than {MAX_LAYERS}")
+        self._check_layers(n)
         if self.norm_num_groups is None or any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ConfigError(f"every block_out_channels entry must be divisible by norm_num_groups={self.norm_num_groups}")
         from .activations import get_activation
@@ -111,6 +104,31 @@ class _Config:
             get_activation(self.act_fn)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def _check_layers(self, n: int) -> None:
+        """Refuse layer counts that are not whole numbers >= 0, and more layers than MAX_LAYERS, counted as the model
+        builds them: per block i, a_i ResNets down and a_i + 1 up (a = layers_per_block), each with its attention's
+        b_i transformer layers (b = transformer_layers_per_block; 1 where the config has none), and the mid block's
+        two ResNets and b_{n-1} transformer layers: sum of (2 a_i + 1)(1 + b_i), plus 2 + b_{n-1} (a ControlNet, which
+        has no up path, is counted as if it had one)."""
+        per_block = {"layers_per_block": _per_block(self.layers_per_block, n, "layers_per_block")}
+        if hasattr(self, "transformer_layers_per_block"):
+            per_block["transformer_layers_per_block"] = _per_block(self.transformer_layers_per_block, n,
+                                                                   "transformer_layers_per_block")
+        for name, values in per_block.items():
+            if isinstance(getattr(self, name), tuple) and name not in self.PER_BLOCK_FIELDS:
+                raise ConfigError(f"{self.CLASS_NAME}: {name} must be one whole number, not one per block")
+            for v in values:
+                if isinstance(v, tuple):
+                    raise ConfigError(f"nested {name} (per-layer values) is not supported")
+                if type(v) is not int or v < 0:
+                    raise ConfigError(f"{name} must be whole numbers >= 0, got {v!r}")
+        a = per_block["layers_per_block"]
+        b = per_block.get("transformer_layers_per_block", (1,) * n)
+        count = sum((2 * a_i + 1) * (1 + b_i) for a_i, b_i in zip(a, b)) + 2 + b[-1]
+        if count > MAX_LAYERS:
+            raise ConfigError(f"{self.CLASS_NAME}: {count} layers (ResNets and transformer layers, down, mid and up), "
+                              f"more than {MAX_LAYERS}")
 
     @property
     def time_embed_dim(self) -> int:
@@ -187,6 +205,7 @@ class UNet2DConditionConfig(_CrossAttentionBlocks, _Config):
     """diffusers ``UNet2DConditionModel`` config (Stable Diffusion 1.x/2.x denoisers)."""
 
     CLASS_NAME = "UNet2DConditionModel"
+    PER_BLOCK_FIELDS = ("layers_per_block", "transformer_layers_per_block")
     SUPPORTED = {
         "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -275,6 +294,7 @@ class ControlNetConfig(_CrossAttentionBlocks, _Config):
     """diffusers ``ControlNetModel`` config (the SD 1.x/2.x ControlNets): the UNet's encoder, no up path."""
 
     CLASS_NAME = "ControlNetModel"
+    PER_BLOCK_FIELDS = ("transformer_layers_per_block",)
     SUPPORTED = {
         "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
         "mid_block_type": ("UNetMidBlock2DCrossAttn",),
@@ -328,5 +348,5 @@ class ControlNetConfig(_CrossAttentionBlocks, _Config):
     def check(self):
         super().check()
         self.check_blocks()
-        if not self.conditioning_embedding_out_channels:
-            raise ConfigError("conditioning_embedding_out_channels must list at least one channel count")
+        if not 1 <= len(self.conditioning_embedding_out_channels) <= MAX_BLOCKS:
+            raise ConfigError(f"conditioning_embedding_out_channels must list 1 to {MAX_BLOCKS} channel counts")

@@ -1,7 +1,6 @@
 """PartyClients' session close: each party at once, one that was unreachable asked again (waiting for its
 connection), and what was never confirmed said, whatever the others answered."""
 
-import concurrent.futures as cf
 import threading
 import types
 
@@ -28,7 +27,7 @@ def _clients(answers):
     parties = [types.SimpleNamespace(id=f"P{r}", control_address=f"127.0.0.1:{9000 + r}") for r in range(3)]
     clients = PartyClients.__new__(PartyClients)
     clients.cluster = types.SimpleNamespace(parties=parties, connect_timeout_s=5.0, recv_timeout_s=60.0)
-    clients._pool = cf.ThreadPoolExecutor(3)
+    clients.identity = "user"
     clients.calls, lock = [], threading.Lock()
 
     def call(rank, method, request, timeout=None, wait_for_ready=False):
@@ -77,3 +76,13 @@ def test_a_second_failure_of_another_kind_is_said_as_it_is(second):
     (reason,) = clients.close_session("s1")
     assert reason.startswith("party P1 ")
     assert "still after" not in reason
+
+
+def test_the_three_closes_run_at_once():
+    """A party that takes its time (a deadline) does not hold the others' closes: each call here waits for the other
+    two to have started."""
+    clients = _clients([[], [], []])
+    started = threading.Barrier(3, timeout=10)
+    call = clients.call
+    clients.call = lambda *args, **kwargs: (started.wait(), call(*args, **kwargs))
+    assert clients.close_session("s1") == []

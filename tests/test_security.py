@@ -856,9 +856,10 @@ def test_models_beyond_the_share_memory_budget_are_refused(tmp_path):
         # what is free is not said (an independent review: another principal's figure would tell the size of a model
         # it may not see, or of a user's job)
         assert str(refused.value).count("GiB") == 2
-        with pytest.raises(PartyError, match="'b' needs .* GiB of share memory, more than party P0 has free of its .* GiB; "
-                                             "try again later$"):
+        with pytest.raises(PartyError, match="'b' needs .* GiB of share memory, more than party P0 has free of the .* "
+                                             "GiB models may take of its .* GiB; try again later$") as full:
             service.model_begin(other, ModelBegin("b", json.dumps({"elements": 401})))
+        assert str(full.value).count("GiB") == 3  # the size asked, the models' part, the budget: never what is free
         service.model_begin(other, ModelBegin("b", json.dumps({"elements": 400})))
         service.model_delete(OWNER, ModelRef("a"))
         service.model_begin(other, ModelBegin("c", json.dumps({"elements": 600})))
