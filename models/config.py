@@ -93,8 +93,8 @@ class _Config:
         # a ControlNet has no up path: its down_block_types alone must match
         if not (len(self.down_block_types) == len(getattr(self, "up_block_types", self.down_block_types)) == n):
             raise ConfigError("down_block_types, up_block_types and block_out_channels must have the same length")
-        if n > MAX_BLOCKS:
-            raise ConfigError(f"{self.CLASS_NAME}: {n} blocks, more than {MAX_BLOCKS}")
+        if not 1 <= n <= MAX_BLOCKS:
+            raise ConfigError(f"{self.CLASS_NAME}: {n} blocks; a model has 1 to {MAX_BLOCKS}")
         self._check_layers(n)
         if self.norm_num_groups is None or any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ConfigError(f"every block_out_channels entry must be divisible by norm_num_groups={self.norm_num_groups}")

@@ -190,9 +190,11 @@ def test_a_config_too_large_to_list_its_tensors_quickly_is_refused_before_any_tr
         UNet2DConfig.from_dict({"sample_size": 8, "layers_per_block": 400})
     with pytest.raises(ConfigError, match=f"500006 layers .* more than {MAX_LAYERS}"):
         UNet2DConditionConfig.from_dict({"sample_size": 8, "layers_per_block": 0, "transformer_layers_per_block": 100000})
-    with pytest.raises(ConfigError, match=f"more than {MAX_BLOCKS}"):
+    with pytest.raises(ConfigError, match=f"9 blocks; a model has 1 to {MAX_BLOCKS}"):
         UNet2DConfig.from_dict({"sample_size": 8, "block_out_channels": [32] * 9, "down_block_types": ["DownBlock2D"] * 9,
                                 "up_block_types": ["UpBlock2D"] * 9})
+    with pytest.raises(ConfigError, match=f"0 blocks; a model has 1 to {MAX_BLOCKS}"):
+        UNet2DConfig.from_dict({"sample_size": 8, "block_out_channels": [], "down_block_types": [], "up_block_types": []})
     for bad in (-1, True, 2.5):
         with pytest.raises(ConfigError, match="layers_per_block must be whole numbers >= 0"):
             UNet2DConfig.from_dict({"sample_size": 8, "layers_per_block": bad})
